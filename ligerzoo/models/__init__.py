@@ -1,0 +1,31 @@
+"""Model registry: HF ``model_type`` -> family module.
+
+A family module provides ``ARCHITECTURES`` (the HF class names written to config.json),
+``config_from_hf(dict) -> ModelConfig``, ``config_to_hf(ModelConfig) -> dict`` and
+``key_map(ModelConfig) -> KeyMap``. The model itself is always ``CausalLM``.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from ligerzoo.models import llama
+from ligerzoo.models.config import ModelConfig
+from ligerzoo.models.transformer import CausalLM, CausalLMOutput, KVCache
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama}
+
+
+def family(model_type: str | None) -> ModuleType:
+    """The family module for ``model_type``; ValueError listing the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"unknown model_type {model_type!r}; supported model types: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """``ModelConfig`` from a config.json dict (transformers 4.x or 5.x layout)."""
+    return family(hf.get("model_type")).config_from_hf(hf)
+
+
+__all__ = ["CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "FAMILIES", "family", "config_from_hf"]

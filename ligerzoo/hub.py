@@ -1,0 +1,280 @@
+"""Hugging Face checkpoints in and out: ``from_hf`` and ``save_hf``.
+
+Files come from a local directory or the hub (``huggingface_hub.snapshot_download``, which
+honours ``HF_HUB_OFFLINE``, the cache and tokens). Tensors are read one at a time from the
+shards the index names (never a glob) into a model built on the meta device, so host
+memory peaks near one tensor, not a second copy of the model. Saving writes safetensors
+shards planned by ``huggingface_hub.split_torch_state_dict_into_shards`` into a temporary
+directory that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ligerzoo.models import CausalLM, family
+from ligerzoo.models.config import dtype_from_str, with_dtype
+from ligerzoo.models.keymap import KeyMap, Slot
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# Files copied next to the weights on save when the model came from an HF directory.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json",
+)
+
+
+def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory holding ``id_or_dir``'s checkpoint.
+
+    A path to an existing directory is returned as is. Anything else is a hub repo id,
+    fetched with ``huggingface_hub.snapshot_download`` in two steps: the JSON and tokenizer
+    files, then only the weight files that the index (or the single-file layout) names.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist, or a repo that is
+            neither cached nor reachable (e.g. with ``HF_HUB_OFFLINE=1``).
+    """
+    path = Path(id_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    text = str(id_or_dir)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{text!r} is not a checkpoint directory (and not a hub repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snap = Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", *SIDE_FILES]))
+        index = snap / INDEX_FILE
+        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [SINGLE_FILE]
+        return Path(snapshot_download(text, revision=revision, allow_patterns=weights))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(
+            f"could not resolve {text!r}: not a local directory, and the hub snapshot is not available "
+            f"({type(e).__name__}: {e})") from e
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    return json.loads(path.read_text())
+
+
+def weight_files(directory: Path) -> dict[str, list[str] | None]:
+    """Shard file name -> tensor names the index assigns to it (None for a single file).
+
+    Raises:
+        FileNotFoundError: no index and no model.safetensors, or a shard the index names is absent.
+    """
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        files: dict[str, list[str] | None] = {}
+        for key, file in json.loads(index.read_text())["weight_map"].items():
+            files.setdefault(file, []).append(key)
+        absent = [f for f in files if not (directory / f).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{INDEX_FILE} in {directory} names shard(s) that are missing: {', '.join(absent)}")
+        return files
+    if (directory / SINGLE_FILE).is_file():
+        return {SINGLE_FILE: None}
+    present = sorted(p.name for p in directory.iterdir())
+    raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {directory}; it holds: {present}")
+
+
+def _slot_shape(param: torch.Tensor, slot: Slot) -> tuple[int, ...]:
+    if slot.start is None:
+        return tuple(param.shape)
+    return (slot.stop - slot.start, *param.shape[1:])
+
+
+def _slot_view(param: torch.Tensor, slot: Slot) -> torch.Tensor:
+    return param if slot.start is None else param[slot.start: slot.stop]
+
+
+def _check_coverage(params: dict[str, torch.Tensor], km: KeyMap) -> None:
+    """Every row of every parameter is filled by exactly one slot (else a family map is wrong)."""
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for slot in km.slots.values():
+        n = params[slot.param].shape[0] if params[slot.param].dim() else 1
+        rows.setdefault(slot.param, []).append((0, n) if slot.start is None else (slot.start, slot.stop))
+    for name, p in params.items():
+        spans, pos = sorted(rows.get(name, [])), 0
+        for a, b in spans:
+            if a != pos:
+                break
+            pos = b
+        if pos != (p.shape[0] if p.dim() else 1):
+            raise RuntimeError(f"internal error: the key map does not cover parameter {name} exactly: {spans}")
+
+
+def _listing(keys, limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+@torch.no_grad()
+def load_weights(model: CausalLM, directory: Path, km: KeyMap) -> None:
+    """Copy every tensor of the checkpoint in ``directory`` into its slot of ``model``.
+
+    Raises:
+        ValueError: a tensor whose shape disagrees with the config (naming the tensor and
+            both shapes), tensors the config does not expect, or expected tensors that no
+            shard holds (naming them).
+    """
+    params = dict(model.named_parameters())
+    _check_coverage(params, km)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for file, listed in weight_files(directory).items():
+        with safe_open(str(Path(directory) / file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if listed is not None:
+                absent = set(listed) - set(keys)
+                if absent:
+                    raise ValueError(f"{file} lacks tensor(s) that {INDEX_FILE} assigns to it: {_listing(absent)}")
+            for key in keys:
+                slot = km.slots.get(key)
+                if slot is None:
+                    if not km.ignored(key):
+                        unexpected.append(key)
+                    continue
+                target = _slot_view(params[slot.param], slot)
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(target.shape):
+                    raise ValueError(
+                        f"tensor {key!r} in {file} has shape {shape}, but the config expects "
+                        f"{tuple(target.shape)} (check config.json against the weights)")
+                target.copy_(f.get_tensor(key))
+                seen.add(key)
+    missing = set(km.slots) - seen
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s) this {model.config.model_type} config does not use: {_listing(unexpected)}")
+        raise ValueError(f"checkpoint {directory} does not match its config: " + "; ".join(parts))
+
+
+def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+            device: torch.device | str | None = None, revision: str | None = None) -> CausalLM:
+    """Load an HF causal-LM checkpoint (local dir or hub id) into a ligerzoo model.
+
+    Args:
+        id_or_dir: a directory with config.json and safetensors weights, or a hub repo id.
+        dtype: parameter dtype; default the checkpoint's (config ``dtype``/``torch_dtype``),
+            else float32.
+        device: where the parameters live (default CPU).
+        revision: hub revision (branch, tag or commit) when ``id_or_dir`` is a repo id.
+
+    Returns:
+        ``CausalLM`` with ``model.config`` read from config.json and ``model.source_dir`` the
+        directory it came from (save_hf copies tokenizer and generation files from it).
+
+    Raises:
+        ValueError: unknown ``model_type`` (listing the supported ones), tensors missing,
+            unexpected, or of the wrong shape.
+        FileNotFoundError: no such directory/repo, no config.json, a missing shard.
+    """
+    directory = resolve(id_or_dir, revision)
+    hf = read_config(directory)
+    config = family(hf.get("model_type")).config_from_hf(hf)
+    dtype = dtype_from_str(dtype) or config.dtype or torch.float32
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.to(dtype=dtype).to_empty(device=torch.device(device) if device is not None else "cpu")
+    model.tie_weights()
+    load_weights(model, directory, family(config.model_type).key_map(config))
+    model.source_dir = directory
+    return model
+
+
+def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+            dtype: torch.dtype | str | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` as an HF checkpoint directory that ``transformers`` loads unchanged.
+
+    Writes config.json (the family's HF schema; the one the model was loaded from, with the
+    dtype updated), safetensors shards of at most ``max_shard_size`` plus
+    ``model.safetensors.index.json`` when there is more than one, tied heads omitted, and the
+    tokenizer/generation files of ``model.source_dir`` if any. Everything is written to a
+    temporary sibling directory and renamed into place at the end: an interruption never
+    leaves a half-written checkpoint.
+
+    Args:
+        dtype: dtype of the saved tensors; default the model's parameter dtype.
+        overwrite: replace an existing non-empty ``save_directory``.
+
+    Returns:
+        the checkpoint directory.
+
+    Raises:
+        FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    target = Path(save_directory).expanduser().absolute()
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    fam = family(model.config.model_type)
+    km = fam.key_map(model.config)
+    params = dict(model.named_parameters())
+    dtype = dtype_from_str(dtype) or model.embed.weight.dtype
+    plan = {k: torch.empty(_slot_shape(params[s.param], s), dtype=dtype, device="meta") for k, s in km.slots.items()}
+    split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        from tqdm.auto import tqdm
+
+        shards = split.filename_to_tensors.items()
+        for file, keys in tqdm(shards, desc="save_hf", unit="shard", disable=len(shards) < 2):
+            tensors = {k: _slot_view(params[km.slots[k].param].detach(), km.slots[k]).to(
+                device="cpu", dtype=dtype, copy=True) for k in keys}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        hf = model.config.hf_config or fam.config_to_hf(model.config)
+        (tmp / CONFIG_FILE).write_text(json.dumps(with_dtype(hf, dtype), indent=2) + "\n")
+        source = getattr(model, "source_dir", None)
+        for name in SIDE_FILES if source is not None else ():
+            if (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, tmp / name)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted
+    only once the new directory is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+

@@ -1,0 +1,218 @@
+"""One typed config for every decoder, read from and written to HF ``config.json``.
+
+Both transformers layouts are read (reference/archs.md §10):
+
+* 4.x: top-level ``rope_theta`` + ``rope_scaling`` (``rope_type`` or legacy ``type``),
+  ``torch_dtype``;
+* 5.x: ``rope_parameters`` (``{"rope_type", "rope_theta", ...}``), ``dtype``.
+
+A config read from a checkpoint keeps the original JSON dict (``hf_config``) so that
+``save_hf`` writes back exactly the schema it came with; a config built in code is written
+in the 4.x layout, which both transformers 4.x and 5.x read.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+# rope types whose inverse frequencies this library computes (models/transformer.py)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def dtype_from_str(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None -> None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_to_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only causal LM, in HF's field names.
+
+    Every family is this one config; family features are fields, not subclasses.
+
+    Attributes:
+        model_type: HF ``model_type`` ("llama", ...), which selects the checkpoint key map.
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers: as in HF.
+        num_attention_heads: query heads.
+        num_key_value_heads: key/value heads (GQA; = heads for MHA, 1 for MQA).
+        head_dim: per-head size; not necessarily ``hidden_size // num_attention_heads``.
+        rms_norm_eps: epsilon of every RMSNorm.
+        rope_theta: RoPE base.
+        rope_scaling: None or a dict with ``rope_type`` and that type's parameters
+            (e.g. llama3: ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+            ``original_max_position_embeddings``).
+        max_position_embeddings: context length the checkpoint was trained for.
+        qkv_bias / o_bias / mlp_bias: bias on the q/k/v, o and MLP projections.
+        tie_word_embeddings: the LM head shares the embedding matrix.
+        hidden_act: MLP activation; "silu" (SwiGLU).
+        dtype: the checkpoint's parameter dtype (None: not recorded; fp32 is used).
+        hf_config: the config.json dict this config was read from (None when built in code).
+    """
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    dtype: torch.dtype | None = None
+    hf_config: dict | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        self.dtype = dtype_from_str(self.dtype)
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", "default")
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(
+                    f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def read_rope(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a config.json dict in the 4.x or 5.x layout.
+
+    Order (archs.md §10): ``rope_parameters`` first, then ``rope_scaling`` with the
+    top-level ``rope_theta``. The legacy key ``type`` is read as ``rope_type``. A scaling
+    of type "default" is returned as None.
+    """
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope_parameters are not supported for this model family")
+    scaling = dict(params) if params else (dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None)
+    theta = hf.get("rope_theta")
+    if scaling is not None:
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        else:
+            scaling.pop("type", None)
+        theta = scaling.pop("rope_theta", theta)
+        if scaling.get("rope_type", "default") == "default":
+            scaling = None
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+def read_common(hf: dict) -> dict[str, Any]:
+    """The fields every decoder family shares, as ModelConfig keyword arguments."""
+    rope_theta, rope_scaling = read_rope(hf)
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json lacks required field(s): {', '.join(missing)}")
+    return dict(
+        model_type=hf["model_type"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        hidden_act=hf.get("hidden_act", "silu"),
+        initializer_range=hf.get("initializer_range", 0.02),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+        dtype=hf.get("dtype") or hf.get("torch_dtype"),
+        hf_config=copy.deepcopy(hf),
+    )
+
+
+def write_common(config: ModelConfig, architectures: list[str]) -> dict[str, Any]:
+    """A 4.x-layout config.json dict for ``config`` (read by transformers 4.x and 5.x)."""
+    rope_scaling = copy.deepcopy(config.rope_scaling)
+    return {
+        "architectures": architectures,
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": config.hidden_act,
+        "initializer_range": config.initializer_range,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": dtype_to_str(config.dtype or torch.float32),
+    }
+
+
+def with_dtype(hf: dict, dtype: torch.dtype) -> dict:
+    """A copy of config.json dict ``hf`` recording ``dtype`` under the key its layout uses."""
+    out = copy.deepcopy(hf)
+    name = dtype_to_str(dtype)
+    if "dtype" in out or "torch_dtype" not in out:
+        out["dtype"] = name
+    if "torch_dtype" in out:
+        out["torch_dtype"] = name
+    return out

@@ -1,0 +1,232 @@
+"""Checkpoint contract: from_hf / save_hf round trips, sharding, hub cache, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ligerzoo
+import ligerzoo.hub
+from ligerzoo.models.config import read_rope
+from tests.helpers import make_hf_llama, read_safetensors_dir
+
+
+def _assert_same_tensors(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_bit_exact_and_transformers_loads_it(tmp_path, dtype, tied):
+    from transformers import LlamaForCausalLM
+
+    hf = make_hf_llama(tmp_path / "hf", dtype=dtype, tie_word_embeddings=tied, attention_bias=True)
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    assert model.embed.weight.dtype == dtype  # the checkpoint's dtype by default
+    ligerzoo.save_hf(model, tmp_path / "out")
+    _assert_same_tensors(read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(tmp_path / "out"))
+    assert ("lm_head.weight" in read_safetensors_dir(tmp_path / "out")) is (not tied)
+
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert back.dtype == dtype
+    ids = torch.randint(0, hf.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+def test_sharded_checkpoints_both_ways(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    hf = make_hf_llama(tmp_path / "hf", save_kwargs=dict(max_shard_size="40KB"))
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="50KB")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((tmp_path / "out" / s).exists() for s in shards)
+    for s in shards:  # every tensor sits in the shard the index names
+        assert set(load_file(tmp_path / "out" / s)) == {k for k, v in index["weight_map"].items() if v == s}
+    _assert_same_tensors(read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(tmp_path / "out"))
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, hf.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+def test_save_dtype_and_config_schema(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf", dtype=torch.bfloat16)
+    ligerzoo.save_hf(model, tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in read_safetensors_dir(tmp_path / "out").values())
+    src = json.loads((tmp_path / "hf" / "config.json").read_text())
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out.pop("dtype") == "bfloat16"
+    src.pop("dtype")
+    assert out == src  # the same schema and fields it came with
+
+
+def test_config_reads_both_transformers_layouts():
+    v4 = {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    v5 = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    assert read_rope(v4) == read_rope(v5)
+    assert read_rope(v4)[1]["rope_type"] == "llama3" and read_rope(v4)[0] == 500000.0
+    assert read_rope({"rope_theta": 1e6, "rope_scaling": None}) == (1e6, None)
+    assert read_rope({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}) == (1e4, None)
+
+
+def test_model_built_in_code_saves_a_loadable_checkpoint(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    cfg = ligerzoo.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    model = ligerzoo.CausalLM(cfg)
+    ligerzoo.save_hf(model, tmp_path / "out")
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, back(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_id_resolves_from_prefilled_cache_offline(tmp_path):
+    """A repo id is fetched through huggingface_hub: here from a pre-filled cache, offline."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-llama"
+    make_hf_llama(repo / "snapshots" / commit, save_kwargs=dict(max_shard_size="40KB"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    code = ("import ligerzoo; m = ligerzoo.from_hf('tiny-org/tiny-llama'); "
+            "print(m.config.num_hidden_layers, m.source_dir)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "2" and commit in r.stdout
+    code = "import ligerzoo; ligerzoo.from_hf('tiny-org/not-cached')"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "FileNotFoundError" in r.stderr and "tiny-org/not-cached" in r.stderr
+
+
+# ---- bad input -------------------------------------------------------------------------
+
+
+def test_missing_shard(tmp_path):
+    make_hf_llama(tmp_path / "hf", save_kwargs=dict(max_shard_size="40KB"))
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def _rewrite(directory: Path, edit):
+    f = directory / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_missing_tensor(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    _rewrite(tmp_path / "hf", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.1\.self_attn\.k_proj\.weight"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_untied_head_missing_is_an_error_not_random_init(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    _rewrite(tmp_path / "hf", lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_unexpected_tensor(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    _rewrite(tmp_path / "hf", lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\).*model\.layers\.0\.mlp\.extra\.weight"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["intermediate_size"] = 96
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight.*\(80, 48\).*\(96, 48\)"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match=r"unknown model_type 'gpt_neox'.*llama"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ligerzoo.from_hf(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ligerzoo.from_hf(tmp_path / "empty")
+
+
+def test_save_refuses_non_empty_dir_unless_overwrite(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ligerzoo.save_hf(model, out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    ligerzoo.save_hf(model, out, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+    (tmp_path / "empty").mkdir()
+    ligerzoo.save_hf(model, tmp_path / "empty")  # an empty directory is fine
+    assert (tmp_path / "empty" / "config.json").exists()
+
+
+def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    calls = []
+
+    def failing_save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash mid-save")
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ligerzoo.hub, "save_file", failing_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="40KB")
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp dir left behind
+
+    # an existing checkpoint survives a failed overwrite untouched
+    monkeypatch.setattr(ligerzoo.hub, "save_file", save_file)
+    ligerzoo.save_hf(model, tmp_path / "out")
+    before = read_safetensors_dir(tmp_path / "out")
+    calls.clear()
+    monkeypatch.setattr(ligerzoo.hub, "save_file", failing_save_file)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="40KB", overwrite=True)
+    _assert_same_tensors(before, read_safetensors_dir(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
