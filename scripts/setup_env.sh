@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (once) and activate the project virtualenv with ligerzoo and its test extra.
+# Sourced by scripts/demo.sh and scripts/test.sh. A CPU build of torch is installed first
+# (pinned, so pip never pulls a multi-GB CUDA build on a machine without a GPU); on a
+# machine that already has torch (e.g. a GPU image), set LIGERZOO_SYSTEM_PYTHON=1 to use it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ "${LIGERZOO_SYSTEM_PYTHON:-0}" = "1" ]; then
+  PY=python3
+else
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  PY="$ROOT/.venv/bin/python"
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    "$PY" -m pip install -q --upgrade pip
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      "$PY" -m pip install -q torch
+    else
+      "$PY" -m pip install -q "torch==2.13.0"
+    fi
+  fi
+  if ! "$PY" -c "import ligerzoo, transformers, gguf, pytest" 2>/dev/null; then
+    "$PY" -m pip install -q -e ".[test]"
+  fi
+fi
+export PY

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite (CPU tier): Triton kernels under the interpreter, model parity against
+# transformers, checkpoint round trips, the real SmolLM2 checkpoint. Extra args go to pytest.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+exec "$PY" -m pytest -q "$@"
