@@ -126,19 +126,9 @@ def _listing(keys, limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-@torch.no_grad()
-def load_weights(model: CausalLM, directory: Path, km: KeyMap) -> None:
-    """Copy every tensor of the checkpoint in ``directory`` into its slot of ``model``.
-
-    Raises:
-        ValueError: a tensor whose shape disagrees with the config (naming the tensor and
-            both shapes), tensors the config does not expect, or expected tensors that no
-            shard holds (naming them).
-    """
-    params = dict(model.named_parameters())
-    _check_coverage(params, km)
-    seen: set[str] = set()
-    unexpected: list[str] = []
+def _file_tensors(directory: Path):
+    """(where, key, shape, read) for every tensor of the checkpoint in ``directory``, shard by
+    shard, reading nothing until ``read()`` is called."""
     for file, listed in weight_files(directory).items():
         with safe_open(str(Path(directory) / file), framework="pt", device="cpu") as f:
             keys = list(f.keys())
@@ -147,19 +137,28 @@ def load_weights(model: CausalLM, directory: Path, km: KeyMap) -> None:
                 if absent:
                     raise ValueError(f"{file} lacks tensor(s) that {INDEX_FILE} assigns to it: {_listing(absent)}")
             for key in keys:
-                slot = km.slots.get(key)
-                if slot is None:
-                    if not km.ignored(key):
-                        unexpected.append(key)
-                    continue
-                target = _slot_view(params[slot.param], slot)
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(target.shape):
-                    raise ValueError(
-                        f"tensor {key!r} in {file} has shape {shape}, but the config expects "
-                        f"{tuple(target.shape)} (check config.json against the weights)")
-                target.copy_(f.get_tensor(key))
-                seen.add(key)
+                yield file, key, tuple(f.get_slice(key).get_shape()), (lambda k=key: f.get_tensor(k))
+
+
+@torch.no_grad()
+def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
+    params = dict(model.named_parameters())
+    _check_coverage(params, km)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for where, key, shape, read in tensors:
+        slot = km.slots.get(key)
+        if slot is None:
+            if not km.ignored(key):
+                unexpected.append(key)
+            continue
+        target = _slot_view(params[slot.param], slot)
+        if shape != tuple(target.shape):
+            raise ValueError(
+                f"tensor {key!r} in {where} has shape {shape}, but the config expects "
+                f"{tuple(target.shape)} (check config.json against the weights)")
+        target.copy_(read())
+        seen.add(key)
     missing = set(km.slots) - seen
     if unexpected or missing:
         parts = []
@@ -167,7 +166,28 @@ def load_weights(model: CausalLM, directory: Path, km: KeyMap) -> None:
             parts.append(f"missing tensor(s): {_listing(missing)}")
         if unexpected:
             parts.append(f"unexpected tensor(s) this {model.config.model_type} config does not use: {_listing(unexpected)}")
-        raise ValueError(f"checkpoint {directory} does not match its config: " + "; ".join(parts))
+        raise ValueError(f"{source} does not match its config: " + "; ".join(parts))
+
+
+def load_weights(model: CausalLM, directory: Path, km: KeyMap | None = None) -> None:
+    """Copy every tensor of the checkpoint in ``directory`` into its slot of ``model``.
+
+    Raises:
+        ValueError: a tensor whose shape disagrees with the config (naming the tensor and
+            both shapes), tensors the config does not expect, or expected tensors that no
+            shard holds (naming them).
+        FileNotFoundError: no weights, or a shard the index names is missing.
+    """
+    km = km or family(model.config.model_type).key_map(model.config)
+    _load(model, km, _file_tensors(directory), f"checkpoint {directory}")
+
+
+def load_hf_state_dict(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy an in-memory state dict with HF names (e.g. ``transformers_model.state_dict()``)
+    into ``model``, with the same checks as ``from_hf`` (shapes, missing, unexpected)."""
+    km = family(model.config.model_type).key_map(model.config)
+    items = (("state_dict", k, tuple(v.shape), (lambda v=v: v)) for k, v in state_dict.items())
+    _load(model, km, items, "state_dict")
 
 
 def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
@@ -198,7 +218,7 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         model = CausalLM(config)
     model.to(dtype=dtype).to_empty(device=torch.device(device) if device is not None else "cpu")
     model.tie_weights()
-    load_weights(model, directory, family(config.model_type).key_map(config))
+    load_weights(model, directory)
     model.source_dir = directory
     return model
 

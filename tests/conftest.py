@@ -1,12 +1,15 @@
-# The Triton interpreter must be switched on before any kernel is defined, so this runs
-# before ligerzoo is imported. CPU tensors then go through the real Triton kernels.
+# Without a GPU, the Triton interpreter is switched on before any kernel is defined (so
+# before ligerzoo is imported): CPU tensors then go through the real Triton kernels. With a
+# GPU the kernels compile for it; set TRITON_INTERPRET=0 explicitly to be sure.
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
