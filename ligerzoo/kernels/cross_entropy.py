@@ -1,0 +1,729 @@
+"""Cross entropy over a vocabulary, with label smoothing, z-loss and logit soft-capping.
+
+Math. For one row of logits ``x`` (length ``V``) with target class ``t``, optional class
+weights ``w`` (``w_c = 1`` when absent), label smoothing ``eps``, z-loss scale ``s`` and
+soft-cap ``c``::
+
+    z      = c * tanh(x / c)           (z = x without a soft-cap; Gemma-2 style capping)
+    lse    = log(sum_c exp(z_c))
+    ce     = (1 - eps) * w_t * (lse - z_t) + (eps / V) * sum_c w_c * (lse - z_c)
+    zloss  = s * lse ** 2              (the PaLM / ST-MoE "z-loss", Chowdhery et al. 2022)
+    loss   = ce + zloss
+
+``ce`` is exactly ``torch.nn.functional.cross_entropy(z, t, weight, label_smoothing=eps)``
+for one row (Szegedy et al. 2016 for the smoothing). Rows whose target equals
+``ignore_index`` contribute nothing. Reductions:
+
+- ``"none"``: the per-row ``loss`` (0 on ignored rows).
+- ``"sum"``:  the sum over rows.
+- ``"mean"``: ``sum(ce) / sum_i w_{t_i}`` (over non-ignored rows, as torch does) plus
+  ``sum(zloss) / n_non_ignored``: the z-loss is a per-token regulariser of ``lse`` and is
+  averaged over tokens, not weighted by class. When every row is ignored the loss and
+  every gradient are 0 (torch would give NaN).
+
+The gradient with respect to ``z`` (then times ``dz/dx = 1 - (z / c) ** 2``) is::
+
+    dce/dz_c   = (1 - eps) * w_t * (p_c - [c == t]) + (eps / V) * (W * p_c - w_c)
+    dzloss/dz_c = 2 * s * lse * p_c,        p = softmax(z),  W = sum_c w_c
+
+Kernel (after the online-softmax idea of Milakov & Gimelshein, 2018): one program per row
+loops over ``V`` in blocks twice: pass 1 keeps a running (max, sum of exp) to get
+``lse``; pass 2 writes ``d(loss)/d(logits)`` in fp32 math, cast to the logits dtype. The
+gradient is produced in the forward (the logits are never needed again), and the
+backward only rescales it by the incoming gradient (a no-op when that is exactly 1).
+With ``inplace=True`` the gradient is written over the caller's logits buffer, so no
+second ``(N, V)`` tensor is allocated.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["cross_entropy", "cross_entropy_reference"]
+
+REDUCTIONS = ("mean", "sum", "none")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Largest block of columns one program holds at once (module-level so tests can shrink it
+# to exercise the multi-block loop at small vocabularies). On an H200, over (8192, 128256)
+# bf16, the lse pass alone ran at ~3.8-4.0 TB/s with 2048-4096 columns x 4 warps per
+# program against ~3.0 TB/s with 16384 x 32 (many small programs per SM hide the per-block
+# reductions), and forward+backward with every option on was fastest at 2048.
+MAX_BLOCK_SIZE = 2048
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _tanh_f32(x):
+        """fp32 tanh to ~1 ulp: odd Taylor polynomial for |x| < 0.5, exp form elsewhere.
+
+        (libdevice's tanh is not available under the interpreter, and ``1 - 2/(e^2x + 1)``
+        alone loses relative precision near 0.)
+        """
+        ax = tl.abs(x)
+        e = tl.exp(-2.0 * ax)
+        big = (1.0 - e) / (1.0 + e)
+        x2 = ax * ax
+        p = 0.000590027440945586
+        p = p * x2 - 0.0014558343870513183
+        p = p * x2 + 0.003592128036572481
+        p = p * x2 - 0.008863235529902197
+        p = p * x2 + 0.021869488536155203
+        p = p * x2 - 0.05396825396825397
+        p = p * x2 + 0.13333333333333333
+        p = p * x2 - 0.3333333333333333
+        small = ax + ax * x2 * p
+        t = tl.where(ax < 0.5, small, big)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
+    def _cross_entropy_kernel(
+        X, stride_x,            # (N, V) logits rows (any float dtype)
+        DX, stride_dx,          # (N, V) out: d(loss)/d(logits) (may be X itself)
+        TARGET,                 # (N,) int64
+        CLASS_W,                # (V,) class weights (read only when HAS_WEIGHT)
+        LOSS,                   # (N,) fp32 out: unreduced ce per row
+        ZLOSS,                  # (N,) fp32 out: unreduced z-loss per row
+        LSE,                    # (N,) fp32 out (in when LSE_GIVEN): log-sum-exp of z
+        SCALES,                 # (3,) fp32: [ce factor, z-loss factor, sum of class weights]
+        ROW_SCALE,              # (N,) fp32 per-row gradient factor (read when HAS_ROW_SCALE)
+        n_cols, ignore_index,
+        label_smoothing, lse_square_scale, softcap,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_SMOOTHING: tl.constexpr,
+        HAS_ZLOSS: tl.constexpr,
+        LSE_GIVEN: tl.constexpr,
+        COMPUTE_LOSS: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr,
+        HAS_ROW_SCALE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        X += row * stride_x
+        DX += row * stride_dx
+        offs = tl.arange(0, BLOCK_SIZE)
+        target = tl.load(TARGET + row)
+
+        if target == ignore_index:
+            if COMPUTE_LOSS:
+                tl.store(LOSS + row, 0.0)
+                tl.store(ZLOSS + row, 0.0)
+            if not LSE_GIVEN:
+                tl.store(LSE + row, 0.0)
+            if COMPUTE_GRAD:
+                zeros = tl.zeros([BLOCK_SIZE], dtype=DX.dtype.element_ty)
+                for start in range(0, n_cols, BLOCK_SIZE):
+                    cols = start + offs
+                    tl.store(DX + cols, zeros, mask=cols < n_cols)
+            return
+
+        # An out-of-range target (only possible when the Python check was skipped under
+        # torch.compile) reads column 0 and makes the row's loss NaN instead of faulting.
+        valid = (target >= 0) & (target < n_cols)
+        safe_t = tl.where(valid, target, 0)
+
+        # ---- pass 1: lse = m + log(d) with a running max m and rescaled sum d
+        if LSE_GIVEN:
+            lse = tl.load(LSE + row)
+        else:
+            m = tl.full([], float("-inf"), tl.float32)
+            d = tl.zeros([], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_SIZE):
+                cols = start + offs
+                mask = cols < n_cols
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    x = softcap * _tanh_f32(x / softcap)
+                x = tl.where(mask, x, float("-inf"))
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(d)
+            tl.store(LSE + row, lse)
+
+        if HAS_WEIGHT:
+            w_t = tl.load(CLASS_W + safe_t).to(tl.float32)
+        else:
+            w_t = 1.0
+        keep = 1.0 - label_smoothing          # weight of the one-hot part
+        eps_v = label_smoothing / n_cols      # weight of the uniform part
+
+        if COMPUTE_LOSS:  # read before pass 2, which may overwrite X with the gradient
+            z_t = tl.load(X + safe_t).to(tl.float32)
+            if HAS_SOFTCAP:
+                z_t = softcap * _tanh_f32(z_t / softcap)
+
+        # ---- pass 2: the gradient (and the smoothing term of the loss, which needs lse)
+        smooth = tl.zeros([], dtype=tl.float32)
+        if COMPUTE_GRAD or (COMPUTE_LOSS and HAS_SMOOTHING):
+            ce_f = tl.load(SCALES)
+            z_f = tl.load(SCALES + 1)
+            if HAS_ROW_SCALE:
+                r = tl.load(ROW_SCALE + row).to(tl.float32)
+                ce_f = ce_f * r
+                z_f = z_f * r
+            coef_p = ce_f * keep * w_t          # multiplies p_c
+            if HAS_SMOOTHING:
+                coef_p += ce_f * eps_v * tl.load(SCALES + 2)
+            if HAS_ZLOSS:
+                coef_p += z_f * 2.0 * lse_square_scale * lse
+            coef_t = ce_f * keep * w_t          # subtracted at the target column
+            for start in range(0, n_cols, BLOCK_SIZE):
+                cols = start + offs
+                mask = cols < n_cols
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    th = _tanh_f32(x / softcap)
+                    z = softcap * th
+                else:
+                    z = x
+                if HAS_WEIGHT:
+                    w_c = tl.load(CLASS_W + cols, mask=mask, other=0.0).to(tl.float32)
+                if COMPUTE_LOSS and HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        smooth += tl.sum(tl.where(mask, w_c * (lse - z), 0.0), axis=0)
+                    else:
+                        smooth += tl.sum(tl.where(mask, lse - z, 0.0), axis=0)
+                if COMPUTE_GRAD:
+                    g = coef_p * tl.exp(z - lse)
+                    if HAS_SMOOTHING:
+                        if HAS_WEIGHT:
+                            g -= (ce_f * eps_v) * w_c
+                        else:
+                            g -= ce_f * eps_v
+                    g = tl.where(cols == target, g - coef_t, g)
+                    if HAS_SOFTCAP:
+                        g = g * (1.0 - th * th)
+                    tl.store(DX + cols, g.to(DX.dtype.element_ty), mask=mask)
+
+        if COMPUTE_LOSS:
+            ce = keep * w_t * (lse - z_t)
+            if HAS_SMOOTHING:
+                ce += eps_v * smooth
+            ce = tl.where(valid, ce, float("nan"))
+            tl.store(LOSS + row, ce)
+            if HAS_ZLOSS:
+                tl.store(ZLOSS + row, lse_square_scale * lse * lse)
+            else:
+                tl.store(ZLOSS + row, 0.0)
+
+
+    @triton.jit
+    def _scale_rows_kernel(
+        G, stride_g,            # (N, V) gradient, scaled in place
+        S,                      # (N,) fp32 per-row factor
+        n_cols,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        ptr = G + row * stride_g + cols
+        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (g * tl.load(S + row)).to(G.dtype.element_ty), mask=mask)
+
+
+def _launch_scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad[i, :] *= scale[i] in place, fp32 math (grad (N, V) with unit column stride)."""
+    n_rows, n_cols = grad.shape
+    if grad.numel() == 0:
+        return
+    block, warps = _block_settings(n_cols)
+    with device_guard(grad):
+        _scale_rows_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            grad, grad.stride(0), scale, n_cols, BLOCK_SIZE=block, num_warps=warps
+        )
+
+
+def _block_settings(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for the row-looping kernel."""
+    block = min(next_power_of_2(n_cols), next_power_of_2(MAX_BLOCK_SIZE))
+    if block >= 32768:
+        warps = 16
+    elif block >= 8192:
+        warps = 8
+    else:
+        warps = 4
+    return block, warps
+
+
+# --------------------------------------------------------------------- shared row engine
+def reduction_scales(
+    target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, reduction: str, n_cols: int
+) -> torch.Tensor:
+    """(3,) fp32 on target's device: [ce factor, z-loss factor, sum of class weights].
+
+    The factors turn per-row values into the reduced loss (``1/sum w_t`` and ``1/count``
+    for "mean", 0 when nothing is counted; 1 otherwise). Computed on the device: no sync.
+    """
+    mask = target != ignore_index
+    count = mask.sum().to(torch.float32)
+    if weight is None:
+        w_sum = count
+        w_all = torch.full((), float(n_cols), dtype=torch.float32, device=target.device)
+    else:
+        wf = weight.to(torch.float32)
+        w_sum = torch.where(mask, wf[target.clamp(0, n_cols - 1)], 0.0).sum()
+        w_all = wf.sum()
+    if reduction == "mean":
+        ce_f = torch.where(w_sum != 0, 1.0 / w_sum, 0.0)
+        z_f = torch.where(count > 0, 1.0 / count, 0.0)
+    else:
+        ce_f = torch.ones((), dtype=torch.float32, device=target.device)
+        z_f = ce_f
+    return torch.stack([ce_f, z_f, w_all]).to(torch.float32)
+
+
+def launch_cross_entropy_rows(
+    logits: torch.Tensor,               # (N, V), last dim contiguous
+    target: torch.Tensor,               # (N,) int64 contiguous
+    weight: Optional[torch.Tensor],     # (V,) or None
+    scales: torch.Tensor,               # (3,) fp32 from reduction_scales
+    lse: torch.Tensor,                  # (N,) fp32: written, or read when lse_given
+    loss_rows: Optional[torch.Tensor],  # (N,) fp32 out, or None (no loss)
+    z_rows: Optional[torch.Tensor],     # (N,) fp32 out, or None
+    grad: Optional[torch.Tensor],       # (N, V) out (may be logits itself), or None
+    row_scale: Optional[torch.Tensor],  # (N,) fp32 per-row factor, or None
+    ignore_index: int,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    lse_given: bool = False,
+) -> None:
+    """Run the Triton row kernel (see the module docstring) on ``logits``."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
+    block, warps = _block_settings(n_cols)
+    compute_loss = loss_rows is not None
+    dummy = lse  # placeholder pointer for unused arguments
+    with device_guard(logits):
+        _cross_entropy_kernel[(n_rows,)](
+            logits, logits.stride(0),
+            grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+            target,
+            weight if weight is not None else dummy,
+            loss_rows if compute_loss else dummy,
+            z_rows if compute_loss else dummy,
+            lse,
+            scales,
+            row_scale if row_scale is not None else dummy,
+            n_cols, ignore_index,
+            float(label_smoothing), float(lse_square_scale), float(softcap) if softcap is not None else 1.0,
+            HAS_WEIGHT=weight is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_SMOOTHING=label_smoothing > 0.0,
+            HAS_ZLOSS=lse_square_scale != 0.0,
+            LSE_GIVEN=lse_given,
+            COMPUTE_LOSS=compute_loss,
+            COMPUTE_GRAD=grad is not None,
+            HAS_ROW_SCALE=row_scale is not None,
+            BLOCK_SIZE=block,
+            num_warps=warps,
+        )
+
+
+def torch_cross_entropy_rows(
+    logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
+    ignore_index, label_smoothing, lse_square_scale, softcap, lse_given=False,
+) -> None:
+    """Plain-torch twin of :func:`launch_cross_entropy_rows` (same arguments, same outputs).
+
+    Used where Triton is unavailable (CPU without the interpreter), e.g. by the chunked
+    fused linear cross entropy. Temporaries are fp32 copies of ``logits``.
+    """
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    x = logits.to(torch.float32)                                    # (N, V)
+    if softcap is not None:
+        th = torch.tanh(x / softcap)
+        z = softcap * th
+    else:
+        z = x
+    mask = target != ignore_index                                   # (N,)
+    valid = mask & (target >= 0) & (target < n_cols)
+    safe_t = torch.where(valid, target, 0)
+    if lse_given:
+        lse_v = lse
+    else:
+        lse_v = torch.where(mask, torch.logsumexp(z, dim=-1), 0.0)   # (N,)
+        lse.copy_(lse_v)
+    if weight is not None:
+        wf = weight.to(torch.float32)
+        w_t = wf[safe_t]
+    else:
+        wf = None
+        w_t = torch.ones_like(lse_v)
+    keep = 1.0 - label_smoothing
+    eps_v = label_smoothing / n_cols
+    maskf = mask.to(torch.float32)
+    if loss_rows is not None:
+        z_t = z.gather(1, safe_t[:, None]).squeeze(1)
+        ce = keep * w_t * (lse_v - z_t)
+        if label_smoothing > 0.0:
+            diff = lse_v[:, None] - z
+            ce = ce + eps_v * (diff * wf if wf is not None else diff).sum(-1)
+        ce = torch.where(valid | ~mask, ce * maskf, float("nan"))
+        loss_rows.copy_(ce)
+        z_rows.copy_(lse_square_scale * lse_v * lse_v * maskf)
+    if grad is not None:
+        ce_f, z_f, w_all = scales[0], scales[1], scales[2]
+        r = maskf if row_scale is None else maskf * row_scale.to(torch.float32)
+        ce_f = ce_f * r                                              # (N,)
+        z_f = z_f * r
+        coef_p = ce_f * keep * w_t + ce_f * eps_v * w_all + z_f * 2.0 * lse_square_scale * lse_v
+        g = coef_p[:, None] * torch.exp(z - lse_v[:, None])
+        if label_smoothing > 0.0:
+            g = g - ce_f[:, None] * eps_v * (wf[None, :] if wf is not None else 1.0)
+        g.scatter_add_(1, safe_t[:, None], -(ce_f * keep * w_t * valid)[:, None])
+        if softcap is not None:
+            g = g * (1.0 - th * th)
+        grad.copy_(torch.where(mask[:, None], g, 0.0))  # ignored rows: exp(z - 0) may overflow
+
+
+def _reduce(loss_rows: torch.Tensor, z_rows: torch.Tensor, scales: torch.Tensor, reduction: str):
+    """(loss, z_loss) from per-row values: fp32, shape () or (N,)."""
+    if reduction == "none":
+        return loss_rows + z_rows, z_rows
+    z = z_rows.sum() * scales[1]
+    return loss_rows.sum() * scales[0] + z, z
+
+
+# ------------------------------------------------------------------ torch.library ops
+def _forward_impl(logits, target, weight, ignore_index, reduction, label_smoothing,
+                  lse_square_scale, softcap, grad):
+    """Loss (and, when ``grad`` is given, the gradient written into it). -> (loss, z, lse)."""
+    n_rows = logits.shape[0]
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    scales = reduction_scales(target, weight, ignore_index, reduction, logits.shape[1])
+    loss_rows = torch.empty(n_rows, **f32)
+    z_rows = torch.empty(n_rows, **f32)
+    lse = torch.empty(n_rows, **f32)
+    launch_cross_entropy_rows(
+        logits, target, weight, scales, lse, loss_rows, z_rows, grad, None,
+        ignore_index, label_smoothing, lse_square_scale, softcap,
+    )
+    loss, z_loss = _reduce(loss_rows, z_rows, scales, reduction)
+    return loss, z_loss, lse
+
+
+def _fake_outputs(logits, reduction):
+    n_rows = logits.shape[0]
+    shape = (n_rows,) if reduction == "none" else ()
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(n_rows, **f32))
+
+
+@torch.library.custom_op("ligerzoo::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, z_loss, lse (N,) fp32, grad (N, V) or empty). Logits are only read."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
+    loss, z_loss, lse = _forward_impl(
+        logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, grad
+    )
+    if grad is None:
+        grad = logits.new_empty(0)
+    return loss, z_loss, lse, grad
+
+
+@_cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+      compute_grad):
+    if compute_grad:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    else:
+        grad = logits.new_empty(0)
+    return (*_fake_outputs(logits, reduction), grad)
+
+
+@torch.library.custom_op("ligerzoo::cross_entropy_inplace", mutates_args=("logits",))
+def _cross_entropy_inplace_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, z_loss, lse); the gradient overwrites ``logits`` (the caller opted in)."""
+    return _forward_impl(
+        logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logits
+    )
+
+
+@_cross_entropy_inplace_op.register_fake
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap):
+    return _fake_outputs(logits, reduction)
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """True for a plain tensor outside any tracing (torch.compile, AOTAutograd, fake modes)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """``grad * grad_output`` for a gradient precomputed in the forward.
+
+    The saved buffer belongs to the op, so in eager it is scaled in place (no second copy;
+    a second backward through the same graph then fails autograd's saved-tensor version
+    check instead of silently rescaling). A scalar ``grad_output`` of exactly 1 skips the
+    multiply (this reads it on the host: one sync). While traced (torch.compile) the
+    product is taken out of place, with no data-dependent branch.
+    """
+    if not (_eager(grad) and _eager(grad_output)):
+        go = grad_output.to(torch.float32)
+        if per_row:
+            go = go.reshape(-1, *([1] * (grad.dim() - 1)))
+        return (grad * go).to(grad.dtype)
+    if per_row:
+        go = grad_output.to(torch.float32).reshape(-1).contiguous()              # (N,)
+        if (grad.dim() == 2 and grad.stride(1) == 1 and grad.dtype in _KERNEL_DTYPES
+                and _utils.use_triton(grad)):
+            _launch_scale_rows(grad, go)
+            return grad
+        return grad.mul_(go.reshape(-1, *([1] * (grad.dim() - 1))))
+    scale = float(grad_output)
+    if scale == 1.0:
+        return grad
+    return grad.mul_(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    reduction = inputs[4]
+    loss, z_loss, lse, grad = output
+    ctx.mark_non_differentiable(z_loss, lse, grad)
+    ctx.per_row = reduction == "none"
+    ctx.save_for_backward(grad)
+
+
+def _backward(ctx, grad_loss, _gz, _glse, _ggrad):
+    (grad,) = ctx.saved_tensors
+    dlogits = None
+    if ctx.needs_input_grad[0]:
+        if grad.numel() == 0 and grad.dim() == 1:
+            raise RuntimeError("cross_entropy: the forward ran without computing the gradient")
+        dlogits = scale_saved_grad(grad, grad_loss, ctx.per_row)
+    return dlogits, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("ligerzoo::cross_entropy", _backward, setup_context=_setup_context)
+
+
+class _CrossEntropyInplaceFunction(torch.autograd.Function):
+    """Autograd wrapper of the mutating op (torch.library cannot attach autograd to it)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing,
+                lse_square_scale, softcap):
+        loss, z_loss, lse = torch.ops.ligerzoo.cross_entropy_inplace(
+            logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+        )
+        ctx.mark_non_differentiable(z_loss, lse)
+        ctx.per_row = reduction == "none"
+        ctx.save_for_backward(logits)  # now holds d(loss)/d(logits)
+        return loss, z_loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _gz, _glse):
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, grad_loss, ctx.per_row), None, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------- reference
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    return_z_loss: bool = False,
+    inplace: bool = False,
+):
+    """Plain-PyTorch cross entropy with the exact semantics of :func:`cross_entropy`.
+
+    Differentiable by torch autograd (``z_loss`` is returned detached, as by the public
+    function: it is already part of ``loss``). Math in fp32 (float64 for float64 logits);
+    returns fp32 (float64) values. ``inplace`` is accepted for signature parity and ignored.
+    """
+    del inplace
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    n_cols = logits.shape[-1]
+    z = logits.to(cdt)                                               # (N, V)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    mask = target != ignore_index                                    # (N,)
+    maskf = mask.to(cdt)
+    safe_t = torch.where(mask, target, 0)
+    lse = torch.logsumexp(z, dim=-1)                                 # (N,)
+    z_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    w_t = weight.to(cdt)[safe_t] * maskf if weight is not None else maskf
+    ce = (1.0 - label_smoothing) * w_t * (lse - z_t)
+    if label_smoothing > 0.0:
+        diff = lse[:, None] - z
+        if weight is not None:
+            diff = diff * weight.to(cdt)
+        ce = ce + (label_smoothing / n_cols) * diff.sum(-1) * maskf
+    z_rows = lse_square_scale * lse.square() * maskf
+    if reduction == "none":
+        loss, z_loss = ce + z_rows, z_rows
+    elif reduction == "sum":
+        z_loss = z_rows.sum()
+        loss = ce.sum() + z_loss
+    else:
+        w_sum = w_t.sum()
+        count = maskf.sum()
+        z_loss = z_rows.sum() / torch.where(count > 0, count, 1.0)
+        loss = ce.sum() / torch.where(w_sum != 0, w_sum, 1.0) + z_loss
+    return (loss, z_loss.detach()) if return_z_loss else loss
+
+
+# ---------------------------------------------------------------------------- checks
+def check_target(target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+    """ValueError if a non-ignored target is outside [0, n_cols). Skipped under compile."""
+    if torch.compiler.is_compiling() or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
+    if bool(bad.any()):
+        value = int(target[bad][0].item())
+        raise ValueError(
+            f"target value {value} is out of range for a vocabulary of V={n_cols} classes "
+            f"(expected 0 <= target < {n_cols}, or ignore_index={ignore_index})"
+        )
+
+
+def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale: float,
+                       softcap: Optional[float]) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(lse_square_scale) < 0.0:
+        raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
+
+
+def check_class_weight(weight: Optional[torch.Tensor], n_cols: int, device: torch.device) -> None:
+    if weight is None:
+        return
+    if weight.dim() != 1 or weight.shape[0] != n_cols:
+        raise ValueError(f"class weight must have shape ({n_cols},), got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"class weight must be a float tensor, got {weight.dtype}")
+    if weight.device != device:
+        raise ValueError(f"class weight is on {weight.device}, expected {device}")
+
+
+def check_target_shape(target: torch.Tensor, n_rows: int, device: torch.device) -> torch.Tensor:
+    if target.dim() != 1 or target.shape[0] != n_rows:
+        raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor (int64), got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device}, expected {device}")
+    return target.to(torch.int64).contiguous()
+
+
+# ---------------------------------------------------------------------------- public
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None,
+    return_z_loss: bool = False,
+    inplace: bool = False,
+):
+    """Cross entropy over ``V`` classes with z-loss and soft-capping, fp32 math.
+
+    Equals ``torch.nn.functional.cross_entropy(z, target, weight, ignore_index=...,
+    reduction=..., label_smoothing=...)`` on ``z = softcap * tanh(logits / softcap)``
+    (``z = logits`` when ``softcap`` is None), plus the z-loss ``lse_square_scale *
+    logsumexp(z) ** 2`` of every non-ignored row (PaLM, Chowdhery et al. 2022), reduced
+    like the loss ("mean" averages it over non-ignored rows). Differences from torch:
+    a batch whose targets are all ``ignore_index`` gives loss 0 and zero gradients
+    for "mean" (torch gives NaN), and the loss is fp32 for every logits dtype (as in
+    Hugging Face, which upcasts logits before the loss).
+
+    Args:
+        logits: (N, V) float (fp32 / bf16 / fp16), any strides.
+        target: (N,) integer class ids (int64); ``ignore_index`` rows are skipped.
+        weight: optional (V,) class weights (no gradient is computed for them).
+        ignore_index: target value that marks a row to ignore.
+        reduction: "mean" | "sum" | "none".
+        label_smoothing: in [0, 1].
+        lse_square_scale: z-loss coefficient (>= 0).
+        softcap: logit soft-cap ``c > 0`` (Gemma 2), or None.
+        return_z_loss: also return the z-loss part (detached, already in ``loss``).
+        inplace: allow the gradient to be written over ``logits`` (saves one (N, V)
+            buffer; the caller must not read ``logits`` after the forward). Ignored
+            under torch.compile.
+
+    Returns:
+        ``loss`` (fp32, shape () or (N,) for "none"), or ``(loss, z_loss)``.
+
+    Raises:
+        ValueError: bad shapes/dtypes/options, or a target outside ``[0, V)`` that is not
+            ``ignore_index`` (the message names the value and ``V``).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
+    n_rows, n_cols = logits.shape
+    check_loss_options(reduction, label_smoothing, lse_square_scale, softcap)
+    target = check_target_shape(target, n_rows, logits.device)
+    check_class_weight(weight, n_cols, logits.device)
+    check_target(target, n_cols, ignore_index)
+    softcap = float(softcap) if softcap is not None else None
+    label_smoothing = float(label_smoothing)
+    lse_square_scale = float(lse_square_scale)
+
+    if not (_utils.use_triton(logits) and logits.dtype in _KERNEL_DTYPES):
+        return cross_entropy_reference(
+            logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+            return_z_loss,
+        )
+
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if weight is not None:
+        weight = weight.contiguous()
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    args = (target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    if inplace and need_grad and not torch.compiler.is_compiling():
+        loss, z_loss, _ = _CrossEntropyInplaceFunction.apply(logits, *args)
+    else:
+        loss, z_loss, _, _ = torch.ops.ligerzoo.cross_entropy(logits, *args, need_grad)
+    return (loss, z_loss.detach()) if return_z_loss else loss

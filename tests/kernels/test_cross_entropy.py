@@ -1,0 +1,404 @@
+"""cross_entropy: loss and gradient against float64 torch, Triton (interpreter) and reference paths."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ligerzoo.kernels import _utils
+ce_mod = importlib.import_module("ligerzoo.kernels.cross_entropy")  # the module, not the function
+from ligerzoo.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+
+N, V = 13, 1000          # odd sizes; V spans 4 blocks (the last partial) with the small block
+IGNORE = -100
+
+OPTIONS = {
+    "plain": dict(),
+    "smooth": dict(label_smoothing=0.1),
+    "zloss": dict(lse_square_scale=1e-2),
+    "softcap": dict(softcap=3.0),
+    "weight": dict(weight="w"),
+    "all": dict(weight="w", label_smoothing=0.2, lse_square_scale=1e-2, softcap=5.0),
+}
+
+
+# Tests of behaviour that only the Triton path has (in-place gradient, in-place rescaling,
+# the kernel itself); the whole file also passes with TRITON_INTERPRET=0 (reference path).
+triton_only = pytest.mark.skipif(not _utils.use_triton(torch.empty(0)), reason="Triton path not active on CPU")
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK_SIZE", 256)
+
+
+@pytest.fixture
+def force_reference(monkeypatch):
+    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+
+
+def make_inputs(dtype, n=N, v=V, scale=3.0, n_ignored=3, ignore_index=IGNORE):
+    logits = (torch.randn(n, v) * scale).to(dtype)
+    target = torch.randint(0, v, (n,))
+    target[torch.randperm(n)[:n_ignored]] = ignore_index
+    weight = torch.rand(v) + 0.5
+    return logits, target, weight
+
+
+def resolve(opts, weight):
+    return {k: (weight if val == "w" else val) for k, val in opts.items()}
+
+
+def oracle(logits, target, weight=None, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0,
+           lse_square_scale=0.0, softcap=None, grad_out=None):
+    """float64 torch: F.cross_entropy on the soft-capped logits plus the z-loss. -> (loss, z, dlogits)."""
+    x = logits.detach().to(torch.float64).requires_grad_()
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    w = weight.to(torch.float64) if weight is not None else None
+    mask = target != ignore_index
+    if reduction == "mean" and not bool(mask.any()):
+        loss_ce = (z * 0).sum()  # torch gives nan here; the contract is 0
+    else:
+        loss_ce = F.cross_entropy(z, target, w, ignore_index=ignore_index, reduction=reduction,
+                                  label_smoothing=label_smoothing)
+    z_rows = lse_square_scale * torch.logsumexp(z, -1) ** 2 * mask
+    if reduction == "none":
+        z_loss = z_rows
+    elif reduction == "sum":
+        z_loss = z_rows.sum()
+    else:
+        z_loss = z_rows.sum() / mask.sum().clamp(min=1)
+    loss = loss_ce + z_loss
+    (loss * grad_out).sum().backward()
+    return loss.detach(), z_loss.detach(), x.grad
+
+
+def grad_output_for(reduction, n):
+    if reduction == "none":
+        return torch.randn(n, dtype=torch.float64)  # a random per-token weighting of the loss
+    return torch.tensor(1.0 if reduction == "mean" else 0.7, dtype=torch.float64)  # 1.0 skips the multiply
+
+
+def run(fn, logits, target, grad_out, **kw):
+    x = logits.clone().requires_grad_()
+    loss, z_loss = fn(x, target, return_z_loss=True, **kw)
+    loss.backward(grad_out.to(loss.dtype) if loss.dim() else grad_out.to(loss.dtype).reshape(()))
+    return loss.detach(), z_loss, x.grad
+
+
+def tols(dtype):
+    # loss: fp32 math on the exact input values -> fp32-level error even for bf16 inputs.
+    # gradient: stored in the logits dtype -> a few ulps of that dtype (bf16: 2^-8 relative).
+    return (1e-5, 1e-5) if dtype == torch.float32 else (1e-5, 8e-3)
+
+
+def check(actual, expected, tol, scale=None):
+    expected = expected.to(torch.float64)
+    scale = float(expected.abs().max()) if scale is None else scale
+    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=tol * max(scale, 1e-30))
+
+
+def compare(fn, dtype, reduction, opts, n_ignored=3, **make_kw):
+    logits, target, weight = make_inputs(dtype, n_ignored=n_ignored, **make_kw)
+    kw = resolve(opts, weight)
+    go = grad_output_for(reduction, logits.shape[0])
+    saved = (logits.clone(), target.clone(), weight.clone())
+    loss, z_loss, grad = run(fn, logits, target, go, reduction=reduction, **kw)
+    ref_loss, ref_z, ref_grad = oracle(logits, target, reduction=reduction, grad_out=go, **kw)
+    loss_tol, grad_tol = tols(dtype)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    check(loss, ref_loss, loss_tol)
+    check(z_loss, ref_z, loss_tol, scale=float(ref_loss.abs().max()))
+    check(grad, ref_grad, grad_tol)
+    assert not z_loss.requires_grad
+    # inputs unchanged after forward + backward
+    for before, after in zip(saved, (logits, target, weight)):
+        assert torch.equal(before, after)
+    return loss, grad
+
+
+# ---------------------------------------------------------------- Triton (interpreter)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_triton_fp32(reduction, opt):
+    compare(cross_entropy, torch.float32, reduction, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+def test_triton_bf16(reduction, opt):
+    compare(cross_entropy, torch.bfloat16, reduction, OPTIONS[opt])
+
+
+def test_triton_single_block(monkeypatch):
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK_SIZE", 16384)  # V=1000 in one masked block of 1024
+    compare(cross_entropy, torch.float32, "mean", OPTIONS["all"])
+
+
+def test_triton_fp16():
+    compare(cross_entropy, torch.float16, "sum", OPTIONS["plain"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+def test_all_ignored(reduction, opt):
+    loss, grad = compare(cross_entropy, torch.float32, reduction, OPTIONS[opt], n_ignored=N)
+    assert float(loss.abs().sum()) == 0.0
+    assert float(grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+def test_extreme_logits(dtype, opt):
+    opts = dict(OPTIONS[opt])
+    if "lse_square_scale" in opts:
+        opts["lse_square_scale"] = 1e-6
+    if "softcap" in opts:
+        opts["softcap"] = 3e4
+    compare(cross_entropy, dtype, "mean", opts, scale=1e4)  # |x| up to ~4e4
+
+
+def test_ignore_index_custom():
+    logits, target, _ = make_inputs(torch.float32, ignore_index=7)
+    go = torch.tensor(1.0, dtype=torch.float64)
+    loss, _, grad = run(cross_entropy, logits, target, go, ignore_index=7)
+    ref_loss, _, ref_grad = oracle(logits, target, ignore_index=7, grad_out=go)
+    check(loss, ref_loss, 1e-5)
+    check(grad, ref_grad, 1e-5)
+
+
+@pytest.mark.parametrize("bad", [V, V + 5, -1, -101])
+def test_target_out_of_range_raises(bad):
+    logits, target, _ = make_inputs(torch.float32)
+    target[4] = bad
+    with pytest.raises(ValueError, match=rf"{bad}.*V={V}"):
+        cross_entropy(logits, target)
+
+
+def test_target_out_of_range_raises_reference_path(force_reference):
+    logits, target, _ = make_inputs(torch.float32)
+    target[2] = V
+    with pytest.raises(ValueError, match=rf"{V}.*V={V}"):
+        cross_entropy(logits, target)
+
+
+def test_bad_arguments_raise():
+    logits, target, weight = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match="2-D"):
+        cross_entropy(logits[None], target)
+    with pytest.raises(ValueError, match="target must have shape"):
+        cross_entropy(logits, target[:-1])
+    with pytest.raises(ValueError, match="integer"):
+        cross_entropy(logits, target.float())
+    with pytest.raises(ValueError, match="class weight"):
+        cross_entropy(logits, target, weight=weight[:-1])
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, target, reduction="avg")
+    with pytest.raises(ValueError, match="softcap"):
+        cross_entropy(logits, target, softcap=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(logits, target, label_smoothing=1.5)
+
+
+@triton_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_writes_gradient_over_logits(reduction):
+    logits, target, weight = make_inputs(torch.float32)
+    opts = resolve(OPTIONS["all"], weight)
+    go = grad_output_for(reduction, N)
+    ref_loss, _, ref_grad = oracle(logits, target, reduction=reduction, grad_out=go, **opts)
+    base = logits.clone().requires_grad_()
+    x = base * 1.0                                   # a non-leaf buffer the caller gives up
+    loss = cross_entropy(x, target, reduction=reduction, inplace=True, **opts)
+    check(loss.detach(), ref_loss, 1e-5)
+    loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
+    check(base.grad, ref_grad, 1e-5)
+    check(x.detach(), ref_grad, 1e-5)                # the buffer now holds the gradient
+    # a leaf that requires grad works too
+    leaf = logits.clone().requires_grad_()
+    loss = cross_entropy(leaf, target, reduction=reduction, inplace=True, **opts)
+    loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
+    check(leaf.grad, ref_grad, 1e-5)
+
+
+@triton_only
+def test_inplace_detects_upstream_saved_tensor():
+    """Overwriting logits that another op saved for its backward is an error, never silent."""
+    logits, target, _ = make_inputs(torch.float32)
+    base = logits.clone().requires_grad_()
+    x = torch.exp(base / 10)                         # exp saves its output
+    loss = cross_entropy(x, target, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_not_inplace_keeps_upstream_saved_tensor():
+    logits, target, _ = make_inputs(torch.float32)
+    base = logits.clone().requires_grad_()
+    loss = cross_entropy(torch.exp(base / 10), target)
+    loss.backward()
+    base64 = logits.double().requires_grad_()
+    ref = F.cross_entropy(torch.exp(base64 / 10), target)
+    ref.backward()
+    check(base.grad, base64.grad, 1e-5)
+
+
+@triton_only
+def test_second_backward_is_not_silently_wrong():
+    logits, target, _ = make_inputs(torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target) * 0.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError):
+        loss.backward()
+
+
+@pytest.mark.parametrize("layout", ["row_stride", "transposed"])
+def test_non_contiguous(layout):
+    logits, target, _ = make_inputs(torch.float32)
+    go = torch.tensor(1.0, dtype=torch.float64)
+    ref_loss, _, ref_grad = oracle(logits, target, grad_out=go, label_smoothing=0.1)
+    if layout == "row_stride":
+        wide = torch.zeros(N, V + 7)
+        wide[:, 3:V + 3] = logits
+        src = wide.requires_grad_()
+        x = src[:, 3:V + 3]
+    else:
+        src = logits.t().contiguous().requires_grad_()
+        x = src.t()
+    assert not x.is_contiguous()
+    loss = cross_entropy(x, target, label_smoothing=0.1)
+    loss.backward()
+    check(loss.detach(), ref_loss, 1e-5)
+    g = src.grad[:, 3:V + 3] if layout == "row_stride" else src.grad.t()
+    check(g, ref_grad, 1e-5)
+
+
+def test_no_grad_and_frozen_logits():
+    logits, target, weight = make_inputs(torch.float32)
+    opts = resolve(OPTIONS["all"], weight)
+    ref_loss, ref_z, _ = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64), **opts)
+    with torch.no_grad():
+        loss, z = cross_entropy(logits.clone().requires_grad_(), target, return_z_loss=True, **opts)
+    check(loss, ref_loss, 1e-5)
+    check(z, ref_z, 1e-5, scale=float(ref_loss))
+    loss = cross_entropy(logits, target, **opts)      # logits does not require grad
+    assert not loss.requires_grad
+    check(loss, ref_loss, 1e-5)
+
+
+def test_return_z_loss_off_returns_tensor():
+    logits, target, _ = make_inputs(torch.float32)
+    out = cross_entropy(logits, target, lse_square_scale=1e-3)
+    assert isinstance(out, torch.Tensor) and out.dim() == 0
+
+
+def test_torch_compile_fullgraph():
+    logits, target, weight = make_inputs(torch.float32)
+    opts = resolve(OPTIONS["all"], weight)
+
+    def f(x, t):
+        return cross_entropy(x, t, reduction="none", **opts)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    go = torch.randn(N)
+    x1 = logits.clone().requires_grad_()
+    out = compiled(x1, target)
+    out.backward(go)
+    x2 = logits.clone().requires_grad_()
+    ref = f(x2, target)
+    ref.backward(go)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ----------------------------------------------------------------------- reference path
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_function(reduction, opt, dtype):
+    compare(cross_entropy_reference, dtype, reduction, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+def test_public_function_reference_dispatch(force_reference, reduction, opt):
+    compare(cross_entropy, torch.float32, reduction, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_reference_dispatch_all_ignored_and_extreme(force_reference, reduction):
+    loss, grad = compare(cross_entropy, torch.float32, reduction, OPTIONS["all"], n_ignored=N)
+    assert float(loss.abs().sum()) == 0.0 and float(grad.abs().sum()) == 0.0
+    compare(cross_entropy, torch.bfloat16, reduction, dict(label_smoothing=0.1), scale=1e4)
+
+
+@triton_only
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_rows_twin_matches_kernel(reduction):
+    """The plain-torch row engine (used by FLCE without Triton) equals the Triton kernel."""
+    logits, target, weight = make_inputs(torch.float32)
+    row_scale = torch.randn(N)
+    outs = []
+    for fn in (ce_mod.launch_cross_entropy_rows, ce_mod.torch_cross_entropy_rows):
+        scales = ce_mod.reduction_scales(target, weight, IGNORE, reduction, V)
+        lse, loss_rows, z_rows = torch.empty(N), torch.empty(N), torch.empty(N)
+        grad = torch.empty(N, V)
+        fn(logits, target, weight, scales, lse, loss_rows, z_rows, grad,
+           row_scale if reduction == "none" else None, IGNORE, 0.1, 1e-2, 4.0)
+        grad2 = torch.empty(N, V)  # gradient pass again from the saved lse
+        fn(logits, target, weight, scales, lse, None, None, grad2, None, IGNORE, 0.1, 1e-2, 4.0, True)
+        outs.append((lse, loss_rows, z_rows, grad, grad2))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+def test_gpu_real_size(dtype, reduction, opt):
+    n, v = 8192, 128256
+    logits = (torch.randn(n, v, device="cuda") * 3).to(dtype)
+    target = torch.randint(0, v, (n,), device="cuda")
+    target[::7] = IGNORE
+    weight = torch.rand(v, device="cuda") + 0.5
+    opts = resolve(OPTIONS[opt], weight)
+    go = grad_output_for(reduction, n).cuda()
+    saved = logits.clone()
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, reduction=reduction, **opts)
+    loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
+    ref_loss, _, ref_grad = oracle(logits, target, reduction=reduction, grad_out=go, **opts)
+    loss_tol, grad_tol = tols(dtype)
+    check(loss.detach(), ref_loss, loss_tol)
+    check(x.grad, ref_grad, grad_tol)
+    assert torch.equal(saved, logits)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_inplace_and_compile():
+    n, v = 4096, 128256
+    logits = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    go = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+    ref_loss, _, ref_grad = oracle(logits, target, grad_out=go)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, inplace=True)
+    loss.backward()
+    check(loss.detach(), ref_loss, 1e-5)
+    check(x.grad, ref_grad, 8e-3)
+    y = logits.clone().requires_grad_()
+    loss = torch.compile(cross_entropy, fullgraph=True)(y, target)
+    loss.backward()
+    check(loss.detach(), ref_loss, 1e-5)
+    check(y.grad, ref_grad, 8e-3)

@@ -1,0 +1,337 @@
+"""fused_linear_cross_entropy: loss and grads of x, weight, bias against float64 torch."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ligerzoo.kernels import _utils
+ce_mod = importlib.import_module("ligerzoo.kernels.cross_entropy")  # the module, not the function
+from ligerzoo.kernels.fused_linear_cross_entropy import (
+    default_chunk_size,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+
+N, H, V = 37, 123, 1000
+CHUNK = 8                 # 5 chunks, the last one partial (5 rows)
+IGNORE = -100
+
+OPTIONS = {
+    "plain": dict(),
+    "bias": dict(bias=True),
+    "smooth": dict(label_smoothing=0.1),
+    "zloss": dict(lse_square_scale=1e-2),
+    "softcap": dict(softcap=3.0),
+    "ce_weight": dict(ce_weight=True),
+    "all": dict(bias=True, ce_weight=True, label_smoothing=0.2, lse_square_scale=1e-2, softcap=5.0),
+}
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK_SIZE", 256)  # V=1000 spans 4 blocks, the last partial
+
+
+@pytest.fixture
+def force_reference(monkeypatch):
+    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+
+
+def make_inputs(dtype, n=N, h=H, v=V, n_ignored=4, x_scale=1.0, w_scale=0.3):
+    x = (torch.randn(n, h) * x_scale).to(dtype)
+    w = (torch.randn(v, h) * w_scale).to(dtype)
+    b = torch.randn(v).to(dtype)
+    target = torch.randint(0, v, (n,))
+    target[torch.randperm(n)[:n_ignored]] = IGNORE
+    ce_weight = torch.rand(v) + 0.5
+    return x, w, b, target, ce_weight
+
+
+def oracle(x, w, b, target, ce_weight=None, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0,
+           softcap=None, grad_out=None, round_logits=None):
+    """float64 torch: F.cross_entropy on logits from float64 x, weight (and bias), plus z-loss.
+
+    ``round_logits=dtype`` rounds the logits to that dtype in the forward only (a straight-through
+    rounding, as the op computes logits in x's dtype): needed where the logits are so large
+    that one bf16 ulp changes the softmax (|logits| ~ 1e4 has a bf16 ulp of 64).
+    """
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    logits = x64 @ w64.T + (b64 if b64 is not None else 0)
+    if round_logits is not None:
+        logits = logits + (logits.detach().to(round_logits).double() - logits.detach())
+    z = softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+    mask = target != IGNORE
+    cw = ce_weight.double() if ce_weight is not None else None
+    if reduction == "mean" and not bool(mask.any()):
+        loss = (z * 0).sum()
+    else:
+        loss = F.cross_entropy(z, target, cw, ignore_index=IGNORE, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    z_rows = lse_square_scale * torch.logsumexp(z, -1) ** 2 * mask
+    z_loss = {"none": z_rows, "sum": z_rows.sum(), "mean": z_rows.sum() / mask.sum().clamp(min=1)}[reduction]
+    loss = loss + z_loss
+    (loss * grad_out).sum().backward()
+    return loss.detach(), z_loss.detach(), x64.grad, w64.grad, (b64.grad if b64 is not None else None)
+
+
+def grad_output_for(reduction, n):
+    if reduction == "none":
+        return torch.randn(n, dtype=torch.float64)
+    return torch.tensor(1.0 if reduction == "mean" else 0.7, dtype=torch.float64)
+
+
+def check(actual, expected, tol, scale=None):
+    expected = expected.to(torch.float64)
+    scale = float(expected.abs().max()) if scale is None else scale
+    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=tol * max(scale, 1e-30))
+
+
+def tols(dtype):
+    """(loss tol, grad tol). bf16: logits are rounded to bf16 before the fp32 loss (as in HF),
+    dlogits and the outputs are bf16: a few bf16 ulps (2^-8) of the magnitude."""
+    return (2e-5, 2e-5) if dtype == torch.float32 else (1e-2, 2e-2)
+
+
+def compare(fn, dtype, reduction, opts, n_ignored=4, chunk_size=CHUNK, requires=(True, True, True),
+            make_kw=None, extra=None, round_logits=None):
+    x, w, b, target, cw = make_inputs(dtype, n_ignored=n_ignored, **(make_kw or {}))
+    use_bias = opts.get("bias", False)
+    kw = {k: v for k, v in opts.items() if k not in ("bias", "ce_weight")}
+    if opts.get("ce_weight"):
+        kw["ce_weight"] = cw
+    saved = [t.clone() for t in (x, w, b, target, cw)]
+    go = grad_output_for(reduction, x.shape[0])
+    xs = x.clone().requires_grad_(requires[0])
+    ws = w.clone().requires_grad_(requires[1])
+    bs = b.clone().requires_grad_(requires[2]) if use_bias else None
+    loss, z_loss = fn(xs, ws, target, bs, reduction=reduction, return_z_loss=True, chunk_size=chunk_size,
+                      **kw, **(extra or {}))
+    loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
+    ref = oracle(x, w, b if use_bias else None, target, reduction=reduction, grad_out=go,
+                 round_logits=round_logits, **kw)
+    ref_loss, ref_z, ref_gx, ref_gw, ref_gb = ref
+    loss_tol, grad_tol = tols(dtype)
+    assert loss.dtype == torch.float32 and not z_loss.requires_grad
+    check(loss.detach(), ref_loss, loss_tol)
+    check(z_loss, ref_z, loss_tol, scale=float(ref_loss.abs().max()))
+    for t, r, req in ((xs, ref_gx, requires[0]), (ws, ref_gw, requires[1]), (bs, ref_gb, requires[2])):
+        if t is None:
+            continue
+        if not req:
+            assert t.grad is None
+            continue
+        assert t.grad.dtype == dtype and torch.isfinite(t.grad).all()
+        check(t.grad, r, grad_tol)
+    for before, after in zip(saved, (x, w, b, target, cw)):
+        assert torch.equal(before, after)
+    return loss.detach(), xs.grad, ws.grad, (bs.grad if bs is not None else None)
+
+
+# ---------------------------------------------------------------- Triton (interpreter)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton(dtype, opt, reduction):
+    compare(fused_linear_cross_entropy, dtype, reduction, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("opt", ["bias", "smooth", "zloss", "softcap", "ce_weight"])
+def test_triton_each_option(opt):
+    compare(fused_linear_cross_entropy, torch.float32, "mean", OPTIONS[opt])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored(reduction):
+    loss, gx, gw, gb = compare(fused_linear_cross_entropy, torch.float32, reduction, OPTIONS["all"], n_ignored=N)
+    assert float(loss.abs().sum()) == 0.0
+    for g in (gx, gw, gb):
+        assert float(g.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 64, None])
+def test_chunk_sizes(chunk_size):
+    compare(fused_linear_cross_entropy, torch.float32, "sum", OPTIONS["bias"], chunk_size=chunk_size)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(8192, 4096, 128256) == 2048  # chunk ~ half of W (0.5 GB bf16)
+    assert default_chunk_size(65536, 4096, 32000) == 16384  # chunk ~ size of x
+    assert default_chunk_size(37, 123, 1000) == 37           # never more than N
+    assert default_chunk_size(1000, 16, 100000) == 8
+    assert default_chunk_size(1, 8, 100000) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("requires", [(True, False, False), (False, True, True)])
+def test_partial_requires_grad(reduction, requires):
+    compare(fused_linear_cross_entropy, torch.float32, reduction, OPTIONS["bias"], requires=requires)
+
+
+def test_accum_dtype_bf16():
+    compare(fused_linear_cross_entropy, torch.bfloat16, "mean", OPTIONS["plain"],
+            extra=dict(accum_dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(dtype):
+    # logits = x @ W.T with |logits| ~ 1e4
+    compare(fused_linear_cross_entropy, dtype, "mean", dict(label_smoothing=0.1, lse_square_scale=1e-6),
+            make_kw=dict(x_scale=30.0, w_scale=30.0), round_logits=dtype)
+
+
+def test_no_grad_computes_only_the_loss():
+    x, w, b, target, cw = make_inputs(torch.float32)
+    ref_loss = oracle(x, w, b, target, grad_out=torch.tensor(1.0, dtype=torch.float64))[0]
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(xs, ws, target, b, chunk_size=CHUNK)
+    check(loss, ref_loss, 2e-5)
+    loss = fused_linear_cross_entropy(x, w, target, b, chunk_size=CHUNK)  # nothing requires grad
+    assert not loss.requires_grad
+    check(loss, ref_loss, 2e-5)
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+def test_target_out_of_range_raises(bad):
+    x, w, b, target, _ = make_inputs(torch.float32)
+    target[5] = bad
+    with pytest.raises(ValueError, match=rf"{bad}.*V={V}"):
+        fused_linear_cross_entropy(x, w, target)
+
+
+def test_bad_arguments_raise():
+    x, w, b, target, cw = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match="same dtype"):
+        fused_linear_cross_entropy(x, w.bfloat16(), target)
+    with pytest.raises(ValueError, match="H differs"):
+        fused_linear_cross_entropy(x[:, :-1], w, target)
+    with pytest.raises(ValueError, match="2-D"):
+        fused_linear_cross_entropy(x[None], w, target)
+    with pytest.raises(ValueError, match="target must have shape"):
+        fused_linear_cross_entropy(x, w, target[:-1])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fused_linear_cross_entropy(x, w, target, b[:-1])
+    with pytest.raises(ValueError, match="bias must match"):
+        fused_linear_cross_entropy(x, w, target, b.double())
+    with pytest.raises(ValueError, match="class weight"):
+        fused_linear_cross_entropy(x, w, target, ce_weight=cw[:-2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_cross_entropy(x, w, target, chunk_size=0)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(x, w, target, reduction="batchmean")
+
+
+def test_non_contiguous_inputs():
+    x, w, b, target, _ = make_inputs(torch.float32)
+    go = torch.tensor(1.0, dtype=torch.float64)
+    ref_loss, _, ref_gx, ref_gw, _ = oracle(x, w, None, target, grad_out=go)
+    xt = x.t().contiguous().requires_grad_()
+    wt = w.t().contiguous().requires_grad_()
+    loss = fused_linear_cross_entropy(xt.t(), wt.t(), target, chunk_size=CHUNK)
+    loss.backward()
+    check(loss.detach(), ref_loss, 2e-5)
+    check(xt.grad.t(), ref_gx, 2e-5)
+    check(wt.grad.t(), ref_gw, 2e-5)
+
+
+def test_torch_compile_fullgraph():
+    x, w, b, target, cw = make_inputs(torch.float32)
+
+    def f(x, w, b, t):
+        return fused_linear_cross_entropy(x, w, t, b, ce_weight=cw, reduction="none", label_smoothing=0.1,
+                                          softcap=4.0, lse_square_scale=1e-3, chunk_size=CHUNK)
+
+    go = torch.randn(N)
+    outs = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        ps = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = fn(*ps, target)
+        out.backward(go)
+        outs.append((out.detach(), *[p.grad for p in ps]))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r)
+
+
+# ----------------------------------------------------------------------- reference path
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_function(dtype, opt, reduction):
+    compare(fused_linear_cross_entropy_reference, dtype, reduction, OPTIONS[opt])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_function_reference_dispatch(force_reference, dtype, opt, reduction):
+    """Without Triton the public function runs the same chunked loop with a torch row engine."""
+    compare(fused_linear_cross_entropy, dtype, reduction, OPTIONS[opt])
+
+
+def test_reference_dispatch_all_ignored_and_extreme(force_reference):
+    loss, gx, gw, gb = compare(fused_linear_cross_entropy, torch.float32, "mean", OPTIONS["all"], n_ignored=N)
+    assert float(loss.abs()) == 0.0 and float(gx.abs().sum() + gw.abs().sum() + gb.abs().sum()) == 0.0
+    compare(fused_linear_cross_entropy, torch.bfloat16, "none", dict(label_smoothing=0.1),
+            make_kw=dict(x_scale=30.0, w_scale=30.0), round_logits=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("opt", ["plain", "all"])
+def test_gpu_real_size(dtype, reduction, opt):
+    n, h, v = 8192, 4096, 128256
+    x = torch.randn(n, h, device="cuda").to(dtype)
+    w = (torch.randn(v, h, device="cuda") * 0.02).to(dtype)
+    b = (torch.randn(v, device="cuda") * 0.1).to(dtype)
+    target = torch.randint(0, v, (n,), device="cuda")
+    target[::5] = IGNORE
+    cw = torch.rand(v, device="cuda") + 0.5
+    opts = dict(OPTIONS[opt])
+    use_bias = opts.pop("bias", False)
+    if opts.pop("ce_weight", False):
+        opts["ce_weight"] = cw
+    go = grad_output_for(reduction, n).cuda()
+    ps = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+    loss = fused_linear_cross_entropy(ps[0], ps[1], target, ps[2] if use_bias else None, reduction=reduction,
+                                      **opts)
+    loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
+    ref_loss, _, ref_gx, ref_gw, ref_gb = oracle(x, w, b if use_bias else None, target, reduction=reduction,
+                                                 grad_out=go, **opts)
+    loss_tol, grad_tol = tols(dtype)
+    check(loss.detach(), ref_loss, loss_tol)
+    check(ps[0].grad, ref_gx, grad_tol)
+    check(ps[1].grad, ref_gw, grad_tol)
+    if use_bias:
+        check(ps[2].grad, ref_gb, grad_tol)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_matches_eager():
+    n, h, v = 2048, 1024, 32000
+    x = torch.randn(n, h, device="cuda").bfloat16()
+    w = (torch.randn(v, h, device="cuda") * 0.05).bfloat16()
+    target = torch.randint(0, v, (n,), device="cuda")
+    target[::3] = IGNORE
+
+    def f(x, w, t):
+        return fused_linear_cross_entropy(x, w, t, reduction="sum", label_smoothing=0.1, softcap=30.0) * 0.5
+
+    outs = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        ps = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        loss = fn(*ps, target)
+        loss.backward()
+        outs.append((loss.detach(), ps[0].grad, ps[1].grad))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r)
