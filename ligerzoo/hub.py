@@ -94,30 +94,24 @@ def weight_files(directory: Path) -> dict[str, list[str] | None]:
     raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {directory}; it holds: {present}")
 
 
-def _slot_shape(param: torch.Tensor, slot: Slot) -> tuple[int, ...]:
-    if slot.start is None:
-        return tuple(param.shape)
-    return (slot.stop - slot.start, *param.shape[1:])
-
-
-def _slot_view(param: torch.Tensor, slot: Slot) -> torch.Tensor:
-    return param if slot.start is None else param[slot.start: slot.stop]
-
-
 def _check_coverage(params: dict[str, torch.Tensor], km: KeyMap) -> None:
     """Every row of every parameter is filled by exactly one slot (else a family map is wrong)."""
-    rows: dict[str, list[tuple[int, int]]] = {}
+    rows: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
     for slot in km.slots.values():
-        n = params[slot.param].shape[0] if params[slot.param].dim() else 1
-        rows.setdefault(slot.param, []).append((0, n) if slot.start is None else (slot.start, slot.stop))
+        n = slot.view(params[slot.param]).shape[0] if slot.start is None else slot.stop
+        rows.setdefault((slot.param, slot.expert), []).append((0, n) if slot.start is None else (slot.start, slot.stop))
     for name, p in params.items():
-        spans, pos = sorted(rows.get(name, [])), 0
-        for a, b in spans:
-            if a != pos:
-                break
-            pos = b
-        if pos != (p.shape[0] if p.dim() else 1):
-            raise RuntimeError(f"internal error: the key map does not cover parameter {name} exactly: {spans}")
+        experts = [e for (n, e) in rows if n == name]
+        if experts != [None] and sorted(experts) != list(range(p.shape[0])):
+            raise RuntimeError(f"internal error: the key map does not cover parameter {name}")
+        for e in experts:
+            spans, pos = sorted(rows[(name, e)]), 0
+            for a, b in spans:
+                if a != pos:
+                    break
+                pos = b
+            if pos != (p if e is None else p[e]).shape[0]:
+                raise RuntimeError(f"internal error: the key map does not cover parameter {name} exactly: {spans}")
 
 
 def _listing(keys, limit: int = 12) -> str:
@@ -146,20 +140,24 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
     _check_coverage(params, km)
     seen: set[str] = set()
     unexpected: list[str] = []
+    alternatives_seen: list[Slot] = []
     for where, key, shape, read in tensors:
         slot = km.slots.get(key)
+        if slot is None and key in km.alternatives:
+            slot = km.alternatives[key]
+            alternatives_seen.append(slot)
         if slot is None:
             if not km.ignored(key):
                 unexpected.append(key)
             continue
-        target = _slot_view(params[slot.param], slot)
+        target = slot.view(params[slot.param])
         if shape != tuple(target.shape):
             raise ValueError(
                 f"tensor {key!r} in {where} has shape {shape}, but the config expects "
                 f"{tuple(target.shape)} (check config.json against the weights)")
         target.copy_(read())
         seen.add(key)
-    missing = set(km.slots) - seen
+    missing = {k for k, s in km.slots.items() if k not in seen and not any(a.covers(s) for a in alternatives_seen)}
     if unexpected or missing:
         parts = []
         if missing:
@@ -253,7 +251,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     km = fam.key_map(model.config)
     params = dict(model.named_parameters())
     dtype = dtype_from_str(dtype) or model.embed.weight.dtype
-    plan = {k: torch.empty(_slot_shape(params[s.param], s), dtype=dtype, device="meta") for k, s in km.slots.items()}
+    plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -264,7 +262,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
 
         shards = split.filename_to_tensors.items()
         for file, keys in tqdm(shards, desc="save_hf", unit="shard", disable=len(shards) < 2):
-            tensors = {k: _slot_view(params[km.slots[k].param].detach(), km.slots[k]).to(
+            tensors = {k: km.slots[k].view(params[km.slots[k].param].detach()).to(
                 device="cpu", dtype=dtype, copy=True) for k in keys}
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         if split.is_sharded:

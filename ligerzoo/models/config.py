@@ -28,7 +28,9 @@ _DTYPES = {
 }
 
 # rope types whose inverse frequencies this library computes (models/transformer.py)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 def dtype_from_str(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -65,7 +67,19 @@ class ModelConfig:
         max_position_embeddings: context length the checkpoint was trained for.
         qkv_bias / o_bias / mlp_bias: bias on the q/k/v, o and MLP projections.
         tie_word_embeddings: the LM head shares the embedding matrix.
-        hidden_act: MLP activation; "silu" (SwiGLU).
+        hidden_act: gated-MLP activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU).
+        layer_types: per layer "full_attention" or "sliding_attention" (None: all full).
+        sliding_window: W for sliding layers; a key is visible iff q - W < k <= q (HF).
+        attn_softcap: attention-logit softcap c: scores -> c * tanh(scores / c) (Gemma2).
+        final_softcap: final-logit softcap (Gemma2), applied inside the loss too.
+        attn_scale: softmax scale; None means head_dim ** -0.5 (Gemma2: query_pre_attn_scalar ** -0.5).
+        norm_offset / norm_casting: RMSNorm weight offset (Gemma: 1.0) and cast order ("llama"/"gemma").
+        embed_scale: multiply embeddings by sqrt(hidden_size) rounded to the activation dtype (Gemma).
+        post_norms: Gemma2's extra norms after attention and around the MLP.
+        partial_rotary_factor: fraction of head_dim that RoPE rotates (Phi3 variants).
+        num_local_experts: experts per MoE layer (0: dense MLP); num_experts_per_tok: top-k.
+        router_aux_loss_coef / output_router_logits / router_jitter_noise: Mixtral's load
+            balancing loss coefficient, whether it is added to the loss, and training jitter.
         dtype: the checkpoint's parameter dtype (None: not recorded; fp32 is used).
         hf_config: the config.json dict this config was read from (None when built in code).
     """
@@ -87,6 +101,21 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    attn_scale: float | None = None
+    norm_offset: float = 0.0
+    norm_casting: str = "llama"
+    embed_scale: bool = False
+    post_norms: bool = False
+    partial_rotary_factor: float = 1.0
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
+    router_jitter_noise: float = 0.0
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -107,12 +136,35 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         self.dtype = dtype_from_str(self.dtype)
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(HIDDEN_ACTS)}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, "
+                                 f"got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("sliding_attention layers need a sliding_window")
+        if self.num_local_experts and not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                             f"[1, num_local_experts={self.num_local_experts}]")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", "default")
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise ValueError(
                     f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
+
+    @property
+    def activation(self) -> str:
+        """"silu" or "gelu_tanh": the gated MLP's activation."""
+        return HIDDEN_ACTS[self.hidden_act]
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types is not None else "full_attention"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_size(self) -> int:
@@ -139,11 +191,16 @@ def read_rope(hf: dict) -> tuple[float, dict | None]:
     scaling = dict(params) if params else (dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None)
     theta = hf.get("rope_theta")
     if scaling is not None:
+        scaling.pop("partial_rotary_factor", None)  # read separately (read_common)
         if "type" in scaling and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")
         else:
             scaling.pop("type", None)
         theta = scaling.pop("rope_theta", theta)
+        if scaling.get("rope_type") == "su":  # the old name of longrope (Phi3)
+            scaling["rope_type"] = "longrope"
+        if scaling.get("rope_type") == "longrope" and "original_max_position_embeddings" not in scaling:
+            scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
         if scaling.get("rope_type", "default") == "default":
             scaling = None
     return float(theta if theta is not None else 10000.0), scaling
@@ -171,6 +228,8 @@ def read_common(hf: dict) -> dict[str, Any]:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         hidden_act=hf.get("hidden_act", "silu"),
+        partial_rotary_factor=float(hf.get("partial_rotary_factor")
+                                    or (hf.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0),
         initializer_range=hf.get("initializer_range", 0.02),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
@@ -178,6 +237,14 @@ def read_common(hf: dict) -> dict[str, Any]:
         dtype=hf.get("dtype") or hf.get("torch_dtype"),
         hf_config=copy.deepcopy(hf),
     )
+
+
+def uniform_layer_types(hf: dict, num_layers: int, window: int | None) -> list[str] | None:
+    """``layer_types`` for families whose window (if any) applies to every layer: the file's
+    own list when it has one (transformers 5.x), else all sliding when ``window`` is set."""
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    return ["sliding_attention"] * num_layers if window else None
 
 
 def write_common(config: ModelConfig, architectures: list[str]) -> dict[str, Any]:

@@ -16,31 +16,55 @@ from ligerzoo.models.config import ModelConfig
 
 @dataclass(frozen=True)
 class Slot:
-    """Rows ``[start, stop)`` of parameter ``param`` (the whole parameter when start is None)."""
+    """Rows ``[start, stop)`` of parameter ``param``, or of its ``expert``-th matrix when the
+    parameter stacks experts (E, rows, cols); the whole (expert) tensor when start is None."""
 
     param: str
     start: int | None = None
     stop: int | None = None
+    expert: int | None = None
+
+    def view(self, tensor):
+        t = tensor if self.expert is None else tensor[self.expert]
+        return t if self.start is None else t[self.start: self.stop]
+
+    def covers(self, other: "Slot") -> bool:
+        """Whether this slot's region contains ``other``'s (same parameter)."""
+        if self.param != other.param:
+            return False
+        if self.expert is None and self.start is None:
+            return True
+        return self.expert == other.expert and (self.start is None or (
+            other.start is not None and self.start <= other.start and other.stop <= self.stop))
 
 
 @dataclass
 class KeyMap:
-    """``slots``: HF key -> Slot, in checkpoint order. ``ignore``: regexes of HF keys that are
-    accepted and dropped (non-persistent buffers old checkpoints carry, a tied duplicate)."""
+    """``slots``: HF key -> Slot, in checkpoint order: the layout save_hf writes and from_hf
+    expects. ``alternatives``: keys of another layout of the same weights that from_hf also
+    accepts (e.g. transformers 5.x fused experts), each covering whole parameters.
+    ``ignore``: regexes of HF keys that are accepted and dropped (non-persistent buffers old
+    checkpoints carry, a tied duplicate)."""
 
     slots: dict[str, Slot] = field(default_factory=dict)
+    alternatives: dict[str, Slot] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
 
     def ignored(self, key: str) -> bool:
         return any(re.fullmatch(p, key) for p in self.ignore)
 
 
-def decoder_key_map(config: ModelConfig, prefix: str = "model.") -> KeyMap:
-    """The Llama-layout decoder map (archs.md §0) shared by the Llama-style families.
+def decoder_key_map(config: ModelConfig, *, prefix: str = "model.", fused_qkv: bool = False,
+                    fused_gate_up: bool = False) -> KeyMap:
+    """The Llama-layout decoder map (archs.md §0), shared by every text family.
 
     HF names: ``{prefix}embed_tokens``, ``{prefix}layers.{i}.input_layernorm``,
-    ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``,
-    ``{prefix}norm``, ``lm_head`` (absent when tied).
+    ``self_attn.{q,k,v,o}_proj`` (or one ``qkv_proj`` with ``fused_qkv``, Phi3),
+    ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj`` (or ``gate_up_proj`` with
+    ``fused_gate_up``), ``{prefix}norm``, ``lm_head`` (absent when tied). With
+    ``config.post_norms`` (Gemma2) ``post_attention_layernorm`` is the norm *after*
+    attention and ``pre_/post_feedforward_layernorm`` surround the MLP. MoE configs get the
+    expert keys of ``moe_key_map`` instead of the MLP's.
     """
     q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
     km = KeyMap(ignore=[rf"{re.escape(prefix)}layers\.\d+\.self_attn\.rotary_emb\.inv_freq"])
@@ -49,26 +73,53 @@ def decoder_key_map(config: ModelConfig, prefix: str = "model.") -> KeyMap:
     for i in range(config.num_hidden_layers):
         hf, ours = f"{prefix}layers.{i}.", f"layers.{i}."
         s[hf + "input_layernorm.weight"] = Slot(ours + "attn_norm.weight")
-        parts = (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv))
-        for name, a, b in parts:
-            s[hf + f"self_attn.{name}.weight"] = Slot(ours + "attn.wqkv.weight", a, b)
-        if config.qkv_bias:
-            for name, a, b in parts:
-                s[hf + f"self_attn.{name}.bias"] = Slot(ours + "attn.wqkv.bias", a, b)
-        s[hf + "self_attn.o_proj.weight"] = Slot(ours + "attn.wo.weight")
-        if config.o_bias:
-            s[hf + "self_attn.o_proj.bias"] = Slot(ours + "attn.wo.bias")
-        s[hf + "post_attention_layernorm.weight"] = Slot(ours + "mlp_norm.weight")
-        s[hf + "mlp.gate_proj.weight"] = Slot(ours + "mlp.w_gate_up.weight", 0, inter)
-        s[hf + "mlp.up_proj.weight"] = Slot(ours + "mlp.w_gate_up.weight", inter, 2 * inter)
-        s[hf + "mlp.down_proj.weight"] = Slot(ours + "mlp.w_down.weight")
-        if config.mlp_bias:
-            s[hf + "mlp.gate_proj.bias"] = Slot(ours + "mlp.w_gate_up.bias", 0, inter)
-            s[hf + "mlp.up_proj.bias"] = Slot(ours + "mlp.w_gate_up.bias", inter, 2 * inter)
-            s[hf + "mlp.down_proj.bias"] = Slot(ours + "mlp.w_down.bias")
+        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+            if fused_qkv:
+                s[hf + f"self_attn.qkv_proj.{kind}"] = Slot(ours + f"attn.wqkv.{kind}")
+            else:
+                for name, a, b in (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)):
+                    s[hf + f"self_attn.{name}.{kind}"] = Slot(ours + f"attn.wqkv.{kind}", a, b)
+        for kind in ("weight", "bias") if config.o_bias else ("weight",):
+            s[hf + f"self_attn.o_proj.{kind}"] = Slot(ours + f"attn.wo.{kind}")
+        if config.post_norms:
+            s[hf + "post_attention_layernorm.weight"] = Slot(ours + "attn_post_norm.weight")
+            s[hf + "pre_feedforward_layernorm.weight"] = Slot(ours + "mlp_norm.weight")
+            s[hf + "post_feedforward_layernorm.weight"] = Slot(ours + "mlp_post_norm.weight")
+        else:
+            s[hf + "post_attention_layernorm.weight"] = Slot(ours + "mlp_norm.weight")
+        if config.num_local_experts:
+            moe_key_map(km, config, hf, ours)
+            continue
+        for kind in ("weight", "bias") if config.mlp_bias else ("weight",):
+            if fused_gate_up:
+                s[hf + f"mlp.gate_up_proj.{kind}"] = Slot(ours + f"mlp.w_gate_up.{kind}")
+            else:
+                s[hf + f"mlp.gate_proj.{kind}"] = Slot(ours + f"mlp.w_gate_up.{kind}", 0, inter)
+                s[hf + f"mlp.up_proj.{kind}"] = Slot(ours + f"mlp.w_gate_up.{kind}", inter, 2 * inter)
+            s[hf + f"mlp.down_proj.{kind}"] = Slot(ours + f"mlp.w_down.{kind}")
     s[f"{prefix}norm.weight"] = Slot("norm.weight")
     if config.tie_word_embeddings:
         km.ignore.append(r"lm_head\.weight")  # HF tolerates a stored duplicate of the tied head
     else:
         s["lm_head.weight"] = Slot("lm_head.weight")
     return km
+
+
+def moe_key_map(km: KeyMap, config: ModelConfig, hf: str, ours: str) -> None:
+    """Mixtral's expert keys for one layer (archs.md §3).
+
+    Saved layout (every released checkpoint, and what transformers 5.x writes back):
+    ``block_sparse_moe.gate.weight`` (E, H) and ``block_sparse_moe.experts.{e}.w1/w3/w2.weight``
+    (gate (I, H), up (I, H), down (H, I)). Also accepted on load: transformers 5.x's in-memory
+    layout ``mlp.gate.weight``, ``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj``.
+    """
+    inter = config.intermediate_size
+    km.slots[hf + "block_sparse_moe.gate.weight"] = Slot(ours + "mlp.router.weight")
+    for e in range(config.num_local_experts):
+        x = hf + f"block_sparse_moe.experts.{e}."
+        km.slots[x + "w1.weight"] = Slot(ours + "mlp.w_gate_up", 0, inter, expert=e)
+        km.slots[x + "w2.weight"] = Slot(ours + "mlp.w_down", expert=e)
+        km.slots[x + "w3.weight"] = Slot(ours + "mlp.w_gate_up", inter, 2 * inter, expert=e)
+    km.alternatives[hf + "mlp.gate.weight"] = Slot(ours + "mlp.router.weight")
+    km.alternatives[hf + "mlp.experts.gate_up_proj"] = Slot(ours + "mlp.w_gate_up")
+    km.alternatives[hf + "mlp.experts.down_proj"] = Slot(ours + "mlp.w_down")

@@ -12,6 +12,10 @@ Parameter layout (the model never sees HF names; each family's key map translate
     layers.{i}.mlp_norm.weight         (H,)
     layers.{i}.mlp.w_gate_up.weight    (2 I, H)               rows: gate | up
     layers.{i}.mlp.w_down.weight       (H, I)
+    layers.{i}.mlp.router.weight       (E, H)                 MoE layers instead of the two above:
+    layers.{i}.mlp.w_gate_up           (E, 2 I, H)            experts' gate | up
+    layers.{i}.mlp.w_down              (E, H, I)
+    layers.{i}.attn_post_norm.weight / mlp_post_norm.weight   with post_norms (Gemma2)
     norm.weight                        (H,)
     lm_head.weight                     (V, H)                 the same Parameter as embed.weight when tied
 
@@ -39,18 +43,23 @@ from ligerzoo.nn import RMSNorm
 IGNORE_INDEX = -100
 
 
-def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (hd/2,) float32 and the cos/sin scale, as HF computes them.
+def rope_inv_freq(config: ModelConfig, long: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rotary_dim/2,) float32 and the cos/sin scale, as HF computes them
+    (transformers ``modeling_rope_utils``), on the CPU.
 
-    Types: "default" (theta^(-2i/d), RoFormer, arXiv 2104.09864), "linear" (positions
-    divided by ``factor``, i.e. inv_freq / factor) and "llama3" (Meta's Llama 3.1 band-wise
-    interpolation; HF ``_compute_llama3_parameters``). Computed on the CPU in float32.
+    Types: "default" (theta^(-2i/d), RoFormer, arXiv 2104.09864); "linear" (inv_freq /
+    factor); "llama3" (Llama 3.1 band-wise interpolation); "yarn" (Peng et al. 2023, arXiv
+    2309.00071: ramp between interpolated and extrapolated frequencies, cos/sin scaled by
+    0.1 ln(factor) + 1); "longrope" (Phi3: per-frequency ``short_factor`` or, with
+    ``long=True``, ``long_factor`` divisors; cos/sin scaled by
+    sqrt(1 + ln(s) / ln(original_max_position_embeddings)), s = max_position / original).
     """
-    dim = config.head_dim
+    dim = config.rotary_dim
     exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (config.rope_theta ** exponent)
     scaling = config.rope_scaling or {}
     rope_type = scaling.get("rope_type", "default")
+    scale = 1.0
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
@@ -64,16 +73,50 @@ def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq, 1.0
+    elif rope_type == "yarn":
+        orig = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or config.max_position_embeddings / orig
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(s, m=1.0):
+            return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+        scale = scaling.get("attention_factor") or (
+            get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor))
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(config.rope_theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        pos_freqs = config.rope_theta ** (torch.arange(0, dim, 2).float() / dim)
+        extrapolation_weight = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    elif rope_type == "longrope":
+        orig = scaling["original_max_position_embeddings"]
+        factor = scaling.get("factor") or config.max_position_embeddings / orig
+        scale = scaling.get("attention_factor") or (
+            1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        inv_freq = 1.0 / (ext * config.rope_theta ** exponent)
+    return inv_freq, scale
 
 
 @dataclass
 class CausalLMOutput:
-    """``loss``: scalar (None without labels). ``logits``: (B, T, V) in the model dtype, None
-    when labels were given (the loss goes through fused linear cross entropy instead)."""
+    """``loss``: 0-d float32 (None without labels); with ``output_router_logits`` it includes
+    ``router_aux_loss_coef * aux_loss``. ``logits``: (B, T, V) in the model dtype, None when
+    labels were given (the loss goes through fused linear cross entropy instead).
+    ``aux_loss``: Mixtral's load-balancing loss (MoE models with output_router_logits)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class KVCache:
@@ -99,9 +142,52 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def attention_mask_for(q_start: int, T: int, S: int, key_valid: torch.Tensor | None, window: int | None,
+                       device) -> torch.Tensor | None:
+    """Bool SDPA mask (B or 1, 1, T, S), True where query t (absolute position q_start + t)
+    may see key s: causal, within the last ``window`` positions when given (HF semantics:
+    q - W < s <= q), and not padding (``key_valid`` (B, S)). A query always sees itself, so
+    padding queries never get an empty (NaN) softmax row. None when plain causal attention
+    (or, for one query after a cache, attention to everything) says it all."""
+    if window is None and key_valid is None and (q_start == 0 or T == 1):
+        return None
+    q_pos = torch.arange(q_start, q_start + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        mask = (mask & key_valid.bool()[:, None, None, :]) | (k_pos == q_pos)
+    return mask
+
+
+def eager_attention(q, k, v, mask, scale: float, softcap: float | None):
+    """Softmax attention written out (for what SDPA cannot express: logit softcapping).
+    q (B, nh, T, hd), k/v (B, nkv, S, hd), mask bool (B|1, 1, T, S) or None (causal).
+    Scores ``scale * q k^T``, then ``softcap * tanh(scores / softcap)``, masked, softmax in fp32
+    (HF ``eager_attention_forward``)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, nh, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)  # (B, nh, T, hd)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads (GQA; MQA when nkv = 1), RoPE and
-    ``torch.nn.functional.scaled_dot_product_attention``."""
+    """Multi-head attention with grouped key/value heads (GQA; MQA when nkv = 1), RoPE,
+    optional sliding window and attention-logit softcap.
+
+    Runs ``F.scaled_dot_product_attention``; with a softcap (Gemma2) it runs
+    ``torch.nn.attention.flex_attention`` on CUDA and ``eager_attention`` elsewhere.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -111,7 +197,8 @@ class Attention(nn.Module):
         self.sizes = [config.q_size, config.kv_size, config.kv_size]
         self.wqkv = nn.Linear(config.hidden_size, sum(self.sizes), bias=config.qkv_bias)
         self.wo = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.attn_scale if config.attn_scale is not None else config.head_dim ** -0.5
+        self.softcap = config.attn_softcap
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -123,41 +210,136 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.softcap is not None:
+            if q.is_cuda and cache is None:
+                from ligerzoo.models.flex import softcap_attention
+
+                y = softcap_attention(q, k, v, attn_mask, self.scale, self.softcap)
+            else:
+                y = eager_attention(q, k, v, attn_mask, self.scale, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh hd)
         return self.wo(y)
 
 
+def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` on a fused (..., 2I) projection (gate first) -> (..., I)."""
+    if activation == "silu":
+        return swiglu_fused(gate_up)
+    from ligerzoo.kernels.geglu import geglu_fused
+
+    return geglu_fused(gate_up)
+
+
 class MLP(nn.Module):
-    """Gated MLP ``down(act(gate(x)) * up(x))`` with gate and up fused in one matmul (SwiGLU,
-    Shazeer 2020, arXiv 2002.05202)."""
+    """Gated MLP ``down(act(gate(x)) * up(x))`` with gate and up fused in one matmul: SwiGLU
+    or tanh-GeGLU (Shazeer 2020, arXiv 2002.05202)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
+        self.activation = config.activation
         self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        return self.w_down(swiglu_fused(self.w_gate_up(x)))  # (B, T, 2I) -> (B, T, I) -> (B, T, H)
+        return self.w_down(gated_act(self.w_gate_up(x), self.activation))  # (.., 2I) -> (.., I) -> (.., H)
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts with a softmax top-k router (Mixtral, arXiv 2401.04088).
+
+    Router: ``p = softmax(x Wr^T)`` in fp32, top-k, weights renormalised to sum 1 (HF
+    ``MixtralTopKRouter``). Tokens are sorted by expert and each expert runs one batched
+    matmul over its contiguous group (a loop over experts, never over tokens).
+
+    Parameters: ``router.weight`` (E, H), ``w_gate_up`` (E, 2I, H) rows gate | up,
+    ``w_down`` (E, H, I).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, H, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts, self.top_k = E, config.num_experts_per_tok
+        self.jitter = config.router_jitter_noise
+        self.activation = config.activation
+        self.router = nn.Linear(H, E, bias=False)
+        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * inter, H))
+        self.w_down = nn.Parameter(torch.empty(E, H, inter))
+        self.router_logits: torch.Tensor | None = None  # (N, E), kept for the aux loss
+
+    def forward(self, x):
+        B, T, H = x.shape
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        x = x.reshape(-1, H)  # (N, H)
+        logits = self.router(x)  # (N, E)
+        self.router_logits = logits
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # (N, k) each
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = experts.reshape(-1)  # (N k,)
+        order = torch.argsort(flat, stable=True)
+        token = order // self.top_k  # token of each sorted assignment
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]  # (N k, H) grouped by expert
+        out = torch.empty(xs.shape[0], H, dtype=x.dtype, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                seg = xs[start:start + n]
+                h = gated_act(F.linear(seg, self.w_gate_up[e]), self.activation)  # (n, I)
+                out[start:start + n] = F.linear(h, self.w_down[e])
+            start += n
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        y = torch.zeros_like(x).index_add_(0, token, out)
+        return y.view(B, T, H)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6) over all MoE layers,
+    as HF ``load_balancing_loss_func``: E * sum_e f_e * P_e, with f_e the fraction of top-k
+    assignments to expert e and P_e its mean router probability, padding rows excluded."""
+    logits = torch.cat(router_logits, dim=0).float()  # (L N, E)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices  # (L N, k)
+    counts = F.one_hot(chosen, num_experts).sum(1).float()  # (L N, E)
+    if attention_mask is None:
+        w = torch.ones(logits.shape[0], device=logits.device)
+    else:
+        w = attention_mask.reshape(-1).float().to(logits.device).repeat(len(router_logits))
+    total = w.sum()
+    tokens_per_expert = (counts * w[:, None]).sum(0) / total
+    prob_per_expert = (probs * w[:, None]).sum(0) / total
+    return num_experts * (tokens_per_expert * prob_per_expert).sum()
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """Pre-norm decoder block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``; with
+    ``post_norms`` (Gemma2) the attention and MLP outputs are normalised before the residual
+    add: ``h = x + norm(attn(norm(x))); out = h + norm(mlp(norm(h)))``."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, config.norm_casting)  # noqa: E731
+        self.layer_type = config.layer_type(layer_idx)
+        self.attn_norm = norm()
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp_norm = norm()
+        self.mlp = MoE(config) if config.num_local_experts else MLP(config)
+        if config.post_norms:
+            self.attn_post_norm, self.mlp_post_norm = norm(), norm()
+        else:
+            self.attn_post_norm = self.mlp_post_norm = None
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        h = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(self, x, cos, sin, masks: dict, cache=None):
+        a = self.attn(self.attn_norm(x), cos, sin, masks[self.layer_type], cache)
+        h = x + (self.attn_post_norm(a) if self.attn_post_norm is not None else a)
+        m = self.mlp(self.mlp_norm(h))
+        return h + (self.mlp_post_norm(m) if self.mlp_post_norm is not None else m)
 
 
 class CausalLM(nn.Module):
@@ -166,8 +348,8 @@ class CausalLM(nn.Module):
     Args:
         config: the architecture (``ModelConfig``), also kept as ``self.config``.
 
-    Build on the meta device and load with ``ligerzoo.from_hf``; or build directly and call
-    ``init_weights()`` for a randomly initialised model.
+    Build on the meta device and load with ``ligerzoo.from_hf``; or build directly (random
+    initialisation as HF's ``_init_weights``).
     """
 
     def __init__(self, config: ModelConfig):
@@ -175,11 +357,13 @@ class CausalLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, config.norm_casting)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self._inv_freq, self._rope_scale = rope_inv_freq(config)
-        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq = {False: rope_inv_freq(config)}
+        if (config.rope_scaling or {}).get("rope_type") == "longrope":
+            self._inv_freq[True] = rope_inv_freq(config, long=True)
+        self._inv_freq_on: dict = {}
         if not self.embed.weight.is_meta:
             self.init_weights()
 
@@ -191,42 +375,65 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for matrices and embeddings, zeros for biases, ones for
-        norm weights (HF ``_init_weights``)."""
+        """Normal(0, initializer_range) for matrices, embeddings and experts, zeros for biases,
+        norm weights 1 (0 where the norm adds an offset of 1, as Gemma stores them)."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(1.0 - self.config.norm_offset)
             elif name.endswith("bias"):
                 p.zero_()
             else:
                 p.normal_(0.0, std, generator=generator)
 
     def rope_cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, hd) float32 for ``position_ids`` (B, T)."""
-        device = position_ids.device
-        if device not in self._inv_freq_on:
-            self._inv_freq_on[device] = self._inv_freq.to(device)
-        return rope_cos_sin(position_ids, self._inv_freq_on[device], self._rope_scale)
+        """cos, sin (B, T, rotary_dim) float32 for ``position_ids`` (B, T).
 
-    def hidden_states(self, input_ids, position_ids=None, attn_mask=None, cache: KVCache | None = None):
+        LongRoPE picks its long factors when ``max(position_ids) + 1`` exceeds
+        ``original_max_position_embeddings``, per call, like HF (so keys cached by an earlier
+        short call keep their short-factor rotation)."""
+        long = False
+        if True in self._inv_freq:
+            long = int(position_ids.max()) + 1 > self.config.rope_scaling["original_max_position_embeddings"]
+        key = (position_ids.device, long)
+        if key not in self._inv_freq_on:
+            inv, scale = self._inv_freq[long]
+            self._inv_freq_on[key] = (inv.to(position_ids.device), scale)
+        inv, scale = self._inv_freq_on[key]
+        return rope_cos_sin(position_ids, inv, scale)
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, H) for ``input_ids`` (B, T).
 
-        ``attn_mask``: None or bool (B, 1, T, S), True where a query may attend. None means
-        causal attention over the T new tokens, or, for one new token (T = 1) after a cache,
-        attention to every cached key; a chunk of T > 1 tokens after a non-empty cache needs
-        an explicit mask.
+        ``attention_mask``: (B, T) (or (B, S) covering the cache too), 1 for real tokens.
         """
         B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        S = start + T
         if position_ids is None:
-            start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        cos, sin = self.rope_cos_sin(position_ids)  # (B, T, hd) each
+            position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope_cos_sin(position_ids)  # (B, T, rotary_dim) each
+        key_valid = None
+        if cache is not None and (attention_mask is not None or not bool(cache.mask[:, :start].all())):
+            if attention_mask is not None:
+                cache.mask[:, start:S] = attention_mask[:, -T:].bool()
+            else:
+                cache.mask[:, start:S] = True
+            key_valid = cache.mask[:, :S]
+        elif cache is not None:
+            cache.mask[:, start:S] = True
+        elif attention_mask is not None:
+            key_valid = attention_mask
+        masks = {t: attention_mask_for(start, T, S, key_valid, self.config.sliding_window if t == "sliding_attention"
+                                       else None, input_ids.device)
+                 for t in {layer.layer_type for layer in self.layers}}
         x = self.embed(input_ids)  # (B, T, H)
+        if self.config.embed_scale:  # sqrt(H) rounded to the activation dtype first (HF Gemma)
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, cache)
+            x = layer(x, cos, sin, masks, cache)
         if cache is not None:
-            cache.length += T
+            cache.length = S
         return self.norm(x)
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None,
@@ -237,7 +444,8 @@ class CausalLM(nn.Module):
             input_ids: (B, T) int64 token ids.
             labels: (B, T) int64, aligned with ``input_ids`` (shifted inside: position t is
                 scored on labels[t + 1]); -100 entries are ignored. With labels the loss goes
-                through fused linear cross entropy and no logits are materialised.
+                through fused linear cross entropy (final softcap included) and no logits are
+                materialised.
             position_ids: (B, T) int64; default ``0..T-1`` for every row.
             attention_mask: (B, T) with 1 for real tokens and 0 for padding (keys at padding
                 positions are masked out); None means no padding.
@@ -246,30 +454,43 @@ class CausalLM(nn.Module):
                 num_items_in_batch. Default: this batch's number of non-ignored targets.
 
         Returns:
-            ``CausalLMOutput(loss, logits)``: loss a 0-d float32 tensor (0 when every target is
-            ignored), logits (B, T, V) in the model dtype only when no labels were given.
+            ``CausalLMOutput(loss, logits, aux_loss)``: loss a 0-d float32 tensor (0 when
+            every target is ignored), logits (B, T, V) in the model dtype only without labels.
 
         Raises:
             ValueError: labels shaped unlike input_ids, or label ids outside [0, vocab_size)
                 other than -100.
         """
-        attn_mask = padding_mask(attention_mask, input_ids.shape[1]) if attention_mask is not None else None
-        h = self.hidden_states(input_ids, position_ids, attn_mask)  # (B, T, H)
+        h = self.hidden_states(input_ids, position_ids, attention_mask)  # (B, T, H)
+        aux = self._aux_loss(attention_mask)
         if labels is None:
-            return CausalLMOutput(logits=self.lm_head(h))
+            logits = self.lm_head(h)
+            if self.config.final_softcap is not None:
+                logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+            return CausalLMOutput(logits=logits, aux_loss=aux)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): targets[t] = labels[t + 1]
         loss_sum = fused_linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum")
+            ignore_index=IGNORE_INDEX, reduction="sum", softcap=self.config.final_softcap)
         if num_items_in_batch is None:
             num_items_in_batch = (targets != IGNORE_INDEX).sum()
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss_sum.device).clamp(min=1)
         else:
             num_items_in_batch = max(int(num_items_in_batch), 1)
-        return CausalLMOutput(loss=loss_sum / num_items_in_batch)
+        loss = loss_sum / num_items_in_batch
+        if aux is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux
+        return CausalLMOutput(loss=loss, aux_loss=aux)
+
+    def _aux_loss(self, attention_mask) -> torch.Tensor | None:
+        if not (self.config.num_local_experts and self.config.output_router_logits):
+            return None
+        logits = [layer.mlp.router_logits for layer in self.layers]
+        return load_balancing_loss(logits, self.config.num_local_experts, self.config.num_experts_per_tok,
+                                   attention_mask)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, eos_token_id=None,
@@ -292,16 +513,16 @@ class CausalLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()
-        padded = not bool(attention_mask.all())
         cache = KVCache(self.config, B, T + max_new_tokens, device, self.embed.weight.dtype)
-        cache.mask[:, :T] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        mask = padding_mask(attention_mask, T) if padded else None
         tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
         next_pos = positions[:, -1:] + 1  # (B, 1)
-        h = self.hidden_states(input_ids, positions, mask, cache)[:, -1]  # (B, H)
+        padded = not bool(attention_mask.all())
+        h = self.hidden_states(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
         for _ in range(max_new_tokens):
             logits = self.lm_head(h).float()  # (B, V)
+            if self.config.final_softcap is not None:
+                logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
             if temperature > 0:
                 logits = logits / temperature
                 if top_k is not None:
@@ -316,17 +537,6 @@ class CausalLM(nn.Module):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if bool(done.all()) or cache.length == cache.max_len:
                 break
-            cache.mask[:, cache.length] = True
-            step_mask = cache.mask[:, None, None, : cache.length + 1] if padded else None  # (B, 1, 1, S)
-            h = self.hidden_states(nxt[:, None], next_pos, step_mask, cache)[:, -1]
+            h = self.hidden_states(nxt[:, None], next_pos, None, cache)[:, -1]
             next_pos = next_pos + 1
         return tokens
-
-
-def padding_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """Bool (B, 1, T, T) SDPA mask: causal and key not padding. A query row always sees its
-    own position, so padding queries never get an empty (NaN) softmax row."""
-    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
-    return (causal & keys) | eye

@@ -1,0 +1,24 @@
+"""Mistral (HF ``model_type`` "mistral"): the Llama decoder with sliding-window attention on
+every layer when ``sliding_window`` is set (7B v0.1: 4096; null from v0.2), and ``head_dim``
+read from the config (Mistral-Nemo: 128 with hidden 5120 / 32 heads)."""
+from __future__ import annotations
+
+from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types, write_common
+from ligerzoo.models.keymap import KeyMap, decoder_key_map
+
+ARCHITECTURES = ["MistralForCausalLM"]
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    common = read_common(hf)
+    window = hf.get("sliding_window")
+    return ModelConfig(**common, sliding_window=window,
+                       layer_types=uniform_layer_types(hf, common["num_hidden_layers"], window))
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    return write_common(config, ARCHITECTURES) | {"sliding_window": config.sliding_window}
+
+
+def key_map(config: ModelConfig) -> KeyMap:
+    return decoder_key_map(config)
