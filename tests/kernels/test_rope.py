@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import ligerzoo.kernels._utils as kutils
-from ligerzoo.kernels import rope as rope_mod
+import importlib
+
+rope_mod = importlib.import_module("ligerzoo.kernels.rope")
 from ligerzoo.kernels.rope import rope, rope_cos_sin, rope_reference
 
 

@@ -1,0 +1,250 @@
+"""Embedding lookup against float64 references, through the Triton kernels (interpreter on
+CPU, see conftest) and through the forced torch-reference dispatch.
+
+Tolerances: the forward is a gather and must be bit-exact. The Triton backward adds the
+bf16/fp16/fp32 output-gradient rows in fp32 and rounds once to the table dtype, so the
+weight gradient is within a few ulps of the table dtype of the float64 sum (fp32 tables:
+the fp32 summation error of at most a few dozen terms). The torch reference's backward
+(``index_select``) accumulates in the table dtype, one rounding per repeated id, so its
+bf16 budget grows with the largest repeat count.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ligerzoo.kernels._utils as kutils
+from ligerzoo.kernels.embedding import embedding, embedding_reference
+
+# The op module itself (the package re-exports functions under the same names).
+emb_mod = importlib.import_module("ligerzoo.kernels.embedding")
+
+V, H = 1000, 123
+
+
+def assert_close_ulps(actual, expected, dtype, ulps):
+    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
+    tol = ulps * torch.finfo(dtype).eps
+    e = expected.detach().double()
+    scale = max(e.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
+
+
+ULPS = {torch.float32: 16, torch.bfloat16: 2, torch.float16: 2}
+
+
+@pytest.fixture(params=["triton", "reference"])
+def path(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
+    return request.param
+
+
+def _grad_ulps(path, dtype, ids):
+    if path == "reference" and dtype != torch.float32:
+        return ULPS[dtype] * int(torch.bincount(ids.reshape(-1)).max())
+    return ULPS[dtype]
+
+
+def _expected_f64(ids, weight, g, padding_idx):
+    """Forward rows and weight gradient in float64 with index_add (independent of F.embedding)."""
+    n_rows = weight.shape[0]
+    ids1 = ids.reshape(-1)
+    out = weight.double()[ids1].view(*ids.shape, weight.shape[1])
+    dw = torch.zeros(weight.shape, dtype=torch.float64).index_add_(0, ids1, g.reshape(-1, weight.shape[1]).double())
+    if padding_idx is not None:
+        dw[padding_idx % n_rows] = 0
+    return out, dw
+
+
+def _check(ids, weight, padding_idx, dtype, path, g=None):
+    ids0, w0 = ids.clone(), weight.detach().clone()
+    w = weight.detach().requires_grad_()          # keeps weight's strides
+    out = embedding(ids, w, padding_idx)
+    assert out.shape == (*ids.shape, weight.shape[1]) and out.dtype == dtype
+    g = torch.randn(out.shape).to(dtype) if g is None else g
+    (dw,) = torch.autograd.grad(out, w, g)
+    out64, dw64 = _expected_f64(ids, w0, g, padding_idx)
+    assert torch.equal(out.double(), out64)                     # a gather is exact
+    assert dw.dtype == dtype and dw.shape == weight.shape
+    assert_close_ulps(dw, dw64, dtype, _grad_ulps(path, dtype, ids))
+    if padding_idx is not None:
+        assert torch.count_nonzero(dw[padding_idx]) == 0
+    assert torch.equal(ids, ids0) and torch.equal(w.detach(), w0)
+    return out, dw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding_idx", [None, 7, -3])
+def test_embedding_matches_float64(path, dtype, padding_idx):
+    weight = torch.randn(V, H).to(dtype)
+    ids = torch.randint(0, 40, (3, 37))          # many repeated ids
+    ids[0, :9] = 0 if padding_idx is None else padding_idx % V     # the padding row, repeated
+    ids[1, 5] = V - 1                            # last row
+    _check(ids, weight, padding_idx, dtype, path)
+
+
+def test_embedding_matches_torch_f_embedding_float64(path):
+    """Same values and gradient as torch's own F.embedding (in float64, no rounding)."""
+    w = torch.randn(V, H, dtype=torch.float64)
+    ids = torch.randint(0, V, (2, 17))
+    ids[:, :4] = 11
+    g = torch.randn(2, 17, H, dtype=torch.float64)
+    for pad in (None, 11):
+        wa = w.clone().requires_grad_()
+        wb = w.clone().requires_grad_()
+        out_a = embedding(ids, wa, pad)
+        out_b = F.embedding(ids, wb, pad)
+        assert torch.equal(out_a, out_b)
+        out_a.backward(g)
+        out_b.backward(g)
+        torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embedding_all_ids_equal_accumulate(path, dtype):
+    """Every id the same: one row receives the sum of all gradient rows (atomics with
+    colliding addresses inside one program and across programs)."""
+    weight = torch.randn(50, H).to(dtype)
+    ids = torch.full((5, 13), 4)
+    g = torch.rand(5, 13, H).to(dtype)           # positive: no cancellation, tight check
+    _, dw = _check(ids, weight, None, dtype, path, g=g)
+    assert torch.count_nonzero(dw[:4]) == 0 and torch.count_nonzero(dw[5:]) == 0
+
+
+def test_embedding_many_blocks(monkeypatch):
+    monkeypatch.setattr(emb_mod, "_TILE_ELEMS", 16)
+    monkeypatch.setattr(emb_mod, "_MAX_BLOCK_H", 8)   # 16 column blocks of H = 123, 2 ids per program
+    weight = torch.randn(V, H)
+    ids = torch.randint(0, 30, (2, 11))
+    _check(ids, weight, 3, torch.float32, "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_strided_inputs(path, dtype):
+    """Transposed ids, int32 ids, a table that is a column slice of a wider buffer, a
+    transposed table, and a non-contiguous output gradient."""
+    ids = torch.randint(0, V, (19, 3)).t()                      # (3, 19), non-contiguous
+    assert not ids.is_contiguous()
+    big = torch.randn(V, H + 9).to(dtype)
+    sliced = big[:, :H]                                         # row stride H + 9
+    g = torch.randn(H, 3, 19).to(dtype).permute(1, 2, 0)        # (3, 19, H), non-contiguous
+    _check(ids, sliced, None, dtype, path, g=g)
+    _check(ids.to(torch.int32), sliced, 5, dtype, path, g=g)
+
+    wt = torch.randn(H, V).to(dtype).t().requires_grad_()        # (V, H) view with column stride V
+    wt0 = wt.detach().clone()
+    out = embedding(ids, wt)
+    out.backward(g)
+    out64, dw64 = _expected_f64(ids, wt0, g, None)
+    assert torch.equal(out.double(), out64)
+    assert_close_ulps(wt.grad, dw64, dtype, _grad_ulps(path, dtype, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_reference_function(dtype):
+    """embedding_reference itself (the CPU fallback), with padding and repeats."""
+    weight = torch.randn(V, H).to(dtype).requires_grad_()
+    ids = torch.randint(0, 25, (4, 9))
+    ids[2, :4] = 13
+    out = embedding_reference(ids, weight, padding_idx=13)
+    g = torch.randn(out.shape).to(dtype)
+    out.backward(g)
+    out64, dw64 = _expected_f64(ids, weight.detach(), g, 13)
+    assert torch.equal(out.double(), out64)
+    assert_close_ulps(weight.grad, dw64, dtype, _grad_ulps("reference", dtype, ids))
+    assert torch.count_nonzero(weight.grad[13]) == 0
+
+
+def test_embedding_tied_weights_accumulate(path):
+    """The table used twice (e.g. tied input embedding): gradients add up."""
+    weight = torch.randn(V, H, requires_grad=True)
+    ids_a, ids_b = torch.randint(0, 20, (2, 5)), torch.randint(0, 20, (3,))
+    (embedding(ids_a, weight).sum() + 2 * embedding(ids_b, weight, padding_idx=ids_b[0].item()).sum()).backward()
+    w64 = weight.detach().double().requires_grad_()
+    (F.embedding(ids_a, w64).sum() + 2 * F.embedding(ids_b, w64, padding_idx=ids_b[0].item()).sum()).backward()
+    assert_close_ulps(weight.grad, w64.grad, torch.float32, 16)
+
+
+def test_embedding_empty_and_errors():
+    w = torch.randn(10, 4, requires_grad=True)
+    out = embedding(torch.zeros(0, 3, dtype=torch.long), w)
+    assert out.shape == (0, 3, 4)
+    out.sum().backward()
+    assert torch.count_nonzero(w.grad) == 0
+    with pytest.raises(ValueError, match="must lie in"):
+        embedding(torch.tensor([0, 10]), w)
+    with pytest.raises(ValueError, match="must lie in"):
+        embedding(torch.tensor([-1, 3]), w)
+    with pytest.raises(ValueError, match="int64 or int32"):
+        embedding(torch.tensor([0.0, 1.0]), w)
+    with pytest.raises(ValueError, match=r"\(V, H\)"):
+        embedding(torch.tensor([0]), w[0])
+    with pytest.raises(ValueError, match="floating point"):
+        embedding(torch.tensor([0]), torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="padding_idx"):
+        embedding(torch.tensor([0]), w, padding_idx=10)
+    with pytest.raises(ValueError, match="padding_idx"):
+        embedding(torch.tensor([0]), w, padding_idx=-11)
+
+
+def test_embedding_opcheck_and_compile():
+    from torch.library import opcheck
+
+    w = torch.randn(30, 12, requires_grad=True)
+    ids = torch.randint(0, 30, (2, 7))
+    ids[0, :3] = 2
+    opcheck(torch.ops.ligerzoo.embedding, (ids, w, 2))
+    opcheck(torch.ops.ligerzoo.embedding_backward, (torch.randn(2, 7, 12), ids, 30, -1, torch.bfloat16))
+
+    def f(w):
+        return (embedding(ids, w, padding_idx=2) * torch.arange(12.0)).sum()
+
+    gc = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(w), w)[0]
+    ge = torch.autograd.grad(f(w), w)[0]
+    torch.testing.assert_close(gc, ge)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_embedding_llama3_table(dtype):
+    """128256 x 4096 table (Llama 3), 2 x 4096 ids with a padded tail (one id repeated
+    1000 times) and a hot id, against float64 index_add."""
+    torch.manual_seed(0)
+    Vg, Hg = 128256, 4096
+    weight = torch.randn(Vg, Hg, device="cuda").to(dtype).requires_grad_()
+    ids = torch.randint(0, Vg, (2, 4096), device="cuda")
+    ids[1, -1000:] = 128004          # padding tail
+    ids[0, ::7] = 42                 # a hot id
+    g = torch.randn(2, 4096, Hg, device="cuda").to(dtype)
+    for pad in (None, 128004):
+        weight.grad = None
+        out = embedding(ids, weight, padding_idx=pad)
+        assert torch.equal(out, weight.detach()[ids])
+        out.backward(g)
+        dw64 = torch.zeros(Vg, Hg, dtype=torch.float64, device="cuda")
+        dw64.index_add_(0, ids.reshape(-1), g.reshape(-1, Hg).double())
+        if pad is not None:
+            dw64[pad] = 0
+        assert weight.grad.dtype == dtype
+        # fp32: sums of up to ~1000 terms in arbitrary order
+        assert_close_ulps(weight.grad, dw64, dtype, 256 if dtype == torch.float32 else 2)
+        del dw64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_embedding_compile():
+    Vg, Hg = 128256, 4096
+    w = torch.randn(Vg, Hg, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, Vg, (8192,), device="cuda")
+
+    def f(w):
+        return embedding(ids, w).float().square().sum()
+
+    gc = torch.autograd.grad(torch.compile(f, fullgraph=True)(w), w)[0]
+    ge = torch.autograd.grad(f(w), w)[0]
+    torch.testing.assert_close(gc, ge)
