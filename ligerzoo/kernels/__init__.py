@@ -6,6 +6,12 @@ from ligerzoo.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from ligerzoo.kernels.embedding import embedding, embedding_reference
+from ligerzoo.kernels.geglu import geglu, geglu_fused, geglu_fused_reference, geglu_reference
+from ligerzoo.kernels.group_norm import group_norm, group_norm_reference
+from ligerzoo.kernels.int2_matmul import int2_matmul, int2_matmul_reference, pack_int2, unpack_int2
+from ligerzoo.kernels.layer_norm import layer_norm, layer_norm_reference
+from ligerzoo.kernels.mrope import mrope, mrope_cos_sin, mrope_cos_sin_reference
 from ligerzoo.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm, rms_norm_reference
 from ligerzoo.kernels.rope import rope, rope_cos_sin, rope_reference
 from ligerzoo.kernels.swiglu import swiglu, swiglu_fused, swiglu_fused_reference, swiglu_reference
@@ -16,4 +22,8 @@ __all__ = [
     "rms_norm", "rms_norm_reference", "fused_add_rms_norm", "fused_add_rms_norm_reference",
     "rope", "rope_cos_sin", "rope_reference",
     "swiglu", "swiglu_reference", "swiglu_fused", "swiglu_fused_reference",
+    "geglu", "geglu_reference", "geglu_fused", "geglu_fused_reference",
+    "layer_norm", "layer_norm_reference", "group_norm", "group_norm_reference",
+    "mrope", "mrope_cos_sin", "mrope_cos_sin_reference", "embedding", "embedding_reference",
+    "int2_matmul", "int2_matmul_reference", "pack_int2", "unpack_int2",
 ]

@@ -60,3 +60,29 @@ def device_guard(t: torch.Tensor):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """(..., n_cols) -> (N, n_cols) with unit column stride: a view whenever the strides
+    allow (e.g. a column slice of a wider tensor), else a contiguous copy."""
+    n_rows = 1
+    for d in t.shape[:-1]:
+        n_rows *= d
+    t2 = t.reshape(n_rows, n_cols)  # explicit row count: -1 is ambiguous when n_cols == 0
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for any other device)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def persistent_programs(device: torch.device, n_items: int, per_sm: int, cpu_programs: int) -> int:
+    """Program count for a persistent kernel over ``n_items`` work items: ``per_sm`` per SM
+    on CUDA, ``cpu_programs`` elsewhere (the interpreter); clamped to [1, n_items]."""
+    programs = multiprocessor_count(device) * per_sm if device.type == "cuda" else cpu_programs
+    return max(1, min(programs, n_items))

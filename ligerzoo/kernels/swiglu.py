@@ -1,4 +1,5 @@
-"""SwiGLU activation: ``silu(gate) * up``.
+"""SwiGLU activation: ``silu(gate) * up``; and the gated-activation machinery it shares
+with GeGLU (:mod:`ligerzoo.kernels.geglu`).
 
 Math (Shazeer, "GLU Variants Improve Transformer", 2020; the Llama MLP
 ``down(silu(gate(x)) * up(x))``), elementwise in fp32 with ``s = sigmoid(gate)``::
@@ -18,13 +19,18 @@ Two entry points:
 - :func:`swiglu_fused` takes the fused ``(..., 2I)`` tensor (gate first, then up, as in
   Phi-3's ``gate_up_proj`` or a model that fuses the two projections into one matmul)
   and its backward writes one ``(..., 2I)`` gradient directly (no ``torch.cat``).
+
+Shared machinery: one forward and one backward kernel for ``act(gate) * up``, with the
+activation chosen by the constexpr ``ACT`` (:data:`ACT_SILU`, :data:`ACT_GELU_TANH`),
+and :func:`_register_gated_ops`, which registers the four ``torch.library`` ops
+(split / fused, forward / backward) of one activation.
 """
 from __future__ import annotations
 
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
+from ligerzoo.kernels._utils import HAS_TRITON, as_rows, device_guard, next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -33,19 +39,63 @@ if HAS_TRITON:
 __all__ = ["swiglu", "swiglu_fused", "swiglu_reference", "swiglu_fused_reference"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Columns per program. Module-level so tests can shrink it below the row length.
+# Columns per program (shared by every gated activation). Module-level so tests can
+# shrink it below the row length.
 _MAX_BLOCK = 2048
+
+# Activation codes of the gated kernels (the ACT constexpr).
+ACT_SILU = 0
+ACT_GELU_TANH = 1
 
 
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
     @triton.jit
-    def _swiglu_fwd_kernel(
+    def _gelu_tanh_sigmoid(a):
+        """For the tanh GELU ``0.5 a (1 + tanh(u))``, ``u = sqrt(2/pi) (a + 0.044715 a^3)``:
+        returns ``s = sigmoid(2u) = 0.5 (1 + tanh(u))`` and ``1 - s``, both without
+        cancellation (from ``e = exp(-2|u|)``), so ``gelu = a * s``."""
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        e = tl.exp(-2.0 * tl.abs(u))
+        r = 1.0 / (1.0 + e)
+        s = tl.where(u >= 0, r, e * r)
+        s_c = tl.where(u >= 0, e * r, r)
+        return s, s_c
+
+    @triton.jit
+    def _gated_act(a, ACT: tl.constexpr):
+        """act(a) in fp32."""
+        if ACT == 0:  # silu
+            out = a * tl.sigmoid(a)
+        else:  # gelu, tanh approximation
+            s, _ = _gelu_tanh_sigmoid(a)
+            out = a * s
+        return out
+
+    @triton.jit
+    def _gated_act_and_grad(a, ACT: tl.constexpr):
+        """(act(a), act'(a)) in fp32."""
+        if ACT == 0:  # silu' = s (1 + a (1 - s))
+            s = tl.sigmoid(a)
+            out = a * s
+            d = s * (1.0 + a * (1.0 - s))
+        else:  # (a s)' = s + a * 2 s (1 - s) * du/da
+            s, s_c = _gelu_tanh_sigmoid(a)
+            out = a * s
+            # Clamped polynomial: where s (1 - s) underflows to 0, 0 * inf would be NaN.
+            ac = tl.minimum(tl.maximum(a, -1.0e4), 1.0e4)
+            du = 0.7978845608028654 * (1.0 + 0.134145 * ac * ac)
+            d = s + a * (2.0 * s * s_c) * du
+        return out, d
+
+    @triton.jit
+    def _gated_fwd_kernel(
         A, stride_a,      # (N, I) gate rows
         B, stride_b,      # (N, I) up rows
         Y, stride_y,      # (N, I) out
         n_cols,
+        ACT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -53,17 +103,18 @@ if HAS_TRITON:
         mask = cols < n_cols
         a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-        y = a * tl.sigmoid(a) * b
+        y = _gated_act(a, ACT) * b
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(
+    def _gated_bwd_kernel(
         DY, stride_dy,    # (N, I)
         A, stride_a,      # (N, I) gate
         B, stride_b,      # (N, I) up
         DA, stride_da,    # (N, I) out: gradient of gate
         DB, stride_db,    # (N, I) out: gradient of up
         n_cols,
+        ACT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -72,30 +123,21 @@ if HAS_TRITON:
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(a)
-        silu = a * s
-        db = dy * silu
-        da = dy * b * s * (1.0 + a * (1.0 - s))
+        act, dact = _gated_act_and_grad(a, ACT)
+        db = dy * act
+        da = dy * b * dact
         tl.store(DA + row * stride_da + cols, da.to(DA.dtype.element_ty), mask=mask)
         tl.store(DB + row * stride_db + cols, db.to(DB.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """(..., I) -> (N, I) with unit column stride; a view whenever strides allow."""
-    t2 = t.reshape(-1, n_cols)
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _settings(n_cols: int) -> tuple[int, int]:
     block = min(next_power_of_2(n_cols), _MAX_BLOCK)
     num_warps = 8 if block >= 2048 else 4
     return block, num_warps
 
 
-def _forward(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int) -> torch.Tensor:
     """a2, b2: (N, I) row views. Returns y (N, I) contiguous."""
     n_rows, n_cols = a2.shape
     y = torch.empty((n_rows, n_cols), dtype=a2.dtype, device=a2.device)
@@ -103,111 +145,100 @@ def _forward(a2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
         return y
     block, num_warps = _settings(n_cols)
     with device_guard(a2):
-        _swiglu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
-            a2, a2.stride(0), b2, b2.stride(0), y, y.stride(0), n_cols, BLOCK=block, num_warps=num_warps
+        _gated_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            a2, a2.stride(0), b2, b2.stride(0), y, y.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=num_warps
         )
     return y
 
 
-def _backward(dy2, a2, b2, da2, db2) -> None:
+def _backward(dy2, a2, b2, da2, db2, act: int) -> None:
     """Writes the gate / up gradients into the (N, I) views da2 / db2."""
     n_rows, n_cols = a2.shape
     if a2.numel() == 0:
         return
     block, num_warps = _settings(n_cols)
     with device_guard(a2):
-        _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        _gated_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
             dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-            da2, da2.stride(0), db2, db2.stride(0), n_cols, BLOCK=block, num_warps=num_warps,
+            da2, da2.stride(0), db2, db2.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=num_warps,
         )
 
 
 # ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("ligerzoo::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    n_cols = gate.shape[-1]
-    return _forward(_as_rows(gate, n_cols), _as_rows(up, n_cols)).view(gate.shape)
+def _register_gated_ops(name: str, act: int) -> None:
+    """Registers ``ligerzoo::<name>(gate, up)`` and ``ligerzoo::<name>_fused(gate_up)``
+    (with their ``*_backward`` ops, fake implementations and autograd) computing
+    ``act(gate) * up`` with the gated kernels above."""
+
+    def split_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        n_cols = gate.shape[-1]
+        return _forward(as_rows(gate, n_cols), as_rows(up, n_cols), act).view(gate.shape)
+
+    def split_fake(gate, up):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+    def split_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_cols = gate.shape[-1]
+        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        _backward(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols),
+                  dgate.view(-1, n_cols), dup.view(-1, n_cols), act)
+        return dgate, dup
+
+    def split_backward_fake(dy, gate, up):
+        return (torch.empty_like(gate, memory_format=torch.contiguous_format),
+                torch.empty_like(up, memory_format=torch.contiguous_format))
+
+    def split_setup_context(ctx, inputs, output):
+        gate, up = inputs
+        ctx.save_for_backward(gate, up)
+
+    def split_autograd(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return getattr(torch.ops.ligerzoo, f"{name}_backward")(dy, gate, up)
+
+    def fused_op(gate_up: torch.Tensor) -> torch.Tensor:
+        two_i = gate_up.shape[-1]
+        n_cols = two_i // 2
+        gu2 = as_rows(gate_up, two_i)                                     # (N, 2I)
+        y = _forward(gu2[:, :n_cols], gu2[:, n_cols:], act)               # (N, I)
+        return y.view(*gate_up.shape[:-1], n_cols)
+
+    def fused_fake(gate_up):
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+    def fused_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        two_i = gate_up.shape[-1]
+        n_cols = two_i // 2
+        gu2 = as_rows(gate_up, two_i)
+        dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        dgu2 = dgu.view(-1, two_i)
+        _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act)
+        return dgu
+
+    def fused_backward_fake(dy, gate_up):
+        return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+
+    def fused_setup_context(ctx, inputs, output):
+        (gate_up,) = inputs
+        ctx.save_for_backward(gate_up)
+
+    def fused_autograd(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        return getattr(torch.ops.ligerzoo, f"{name}_fused_backward")(dy, gate_up)
+
+    for op_name, fn, fake in (
+        (name, split_op, split_fake),
+        (f"{name}_backward", split_backward_op, split_backward_fake),
+        (f"{name}_fused", fused_op, fused_fake),
+        (f"{name}_fused_backward", fused_backward_op, fused_backward_fake),
+    ):
+        torch.library.custom_op(f"ligerzoo::{op_name}", fn, mutates_args=()).register_fake(fake)
+    torch.library.register_autograd(f"ligerzoo::{name}", split_autograd, setup_context=split_setup_context)
+    torch.library.register_autograd(f"ligerzoo::{name}_fused", fused_autograd, setup_context=fused_setup_context)
 
 
-@_swiglu_op.register_fake
-def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("ligerzoo::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n_cols = gate.shape[-1]
-    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    _backward(_as_rows(dy, n_cols), _as_rows(gate, n_cols), _as_rows(up, n_cols),
-              dgate.view(-1, n_cols), dup.view(-1, n_cols))
-    return dgate, dup
-
-
-@_swiglu_backward_op.register_fake
-def _(dy, gate, up):
-    return (torch.empty_like(gate, memory_format=torch.contiguous_format),
-            torch.empty_like(up, memory_format=torch.contiguous_format))
-
-
-def _swiglu_setup_context(ctx, inputs, output):
-    gate, up = inputs
-    ctx.save_for_backward(gate, up)
-
-
-def _swiglu_backward(ctx, dy):
-    gate, up = ctx.saved_tensors
-    return torch.ops.ligerzoo.swiglu_backward(dy, gate, up)
-
-
-torch.library.register_autograd("ligerzoo::swiglu", _swiglu_backward, setup_context=_swiglu_setup_context)
-
-
-@torch.library.custom_op("ligerzoo::swiglu_fused", mutates_args=())
-def _swiglu_fused_op(gate_up: torch.Tensor) -> torch.Tensor:
-    two_i = gate_up.shape[-1]
-    n_cols = two_i // 2
-    gu2 = _as_rows(gate_up, two_i)                                        # (N, 2I)
-    y = _forward(gu2[:, :n_cols], gu2[:, n_cols:])                        # (N, I)
-    return y.view(*gate_up.shape[:-1], n_cols)
-
-
-@_swiglu_fused_op.register_fake
-def _(gate_up):
-    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
-
-
-@torch.library.custom_op("ligerzoo::swiglu_fused_backward", mutates_args=())
-def _swiglu_fused_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    two_i = gate_up.shape[-1]
-    n_cols = two_i // 2
-    gu2 = _as_rows(gate_up, two_i)
-    dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-    dgu2 = dgu.view(-1, two_i)
-    _backward(_as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:])
-    return dgu
-
-
-@_swiglu_fused_backward_op.register_fake
-def _(dy, gate_up):
-    return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
-
-
-def _swiglu_fused_setup_context(ctx, inputs, output):
-    (gate_up,) = inputs
-    ctx.save_for_backward(gate_up)
-
-
-def _swiglu_fused_backward(ctx, dy):
-    (gate_up,) = ctx.saved_tensors
-    return torch.ops.ligerzoo.swiglu_fused_backward(dy, gate_up)
-
-
-torch.library.register_autograd(
-    "ligerzoo::swiglu_fused", _swiglu_fused_backward, setup_context=_swiglu_fused_setup_context
-)
+_register_gated_ops("swiglu", ACT_SILU)
 
 
 # ----------------------------------------------------------------------------- references
@@ -227,7 +258,7 @@ def swiglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:
+def _check_pair(gate: torch.Tensor, up: torch.Tensor, op: str = "swiglu") -> None:
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
     if gate.dtype != up.dtype or not gate.is_floating_point():
@@ -235,7 +266,7 @@ def _check_pair(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.device != up.device:
         raise ValueError(f"gate is on {gate.device} but up is on {up.device}")
     if gate.dim() < 1:
-        raise ValueError("swiglu expects inputs with at least one dimension (..., I)")
+        raise ValueError(f"{op} expects inputs with at least one dimension (..., I)")
 
 
 def _check_fused(gate_up: torch.Tensor) -> None:

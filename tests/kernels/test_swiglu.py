@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import ligerzoo.kernels._utils as kutils
-from ligerzoo.kernels import swiglu as swiglu_mod
+import importlib
+
+swiglu_mod = importlib.import_module("ligerzoo.kernels.swiglu")
 from ligerzoo.kernels.swiglu import swiglu, swiglu_fused, swiglu_fused_reference, swiglu_reference
 
 I = 37  # intermediate size, odd

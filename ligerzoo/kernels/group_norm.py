@@ -1,0 +1,520 @@
+"""Group normalisation.
+
+Math (Wu & He, "Group Normalization", 2018; ``torch.nn.functional.group_norm``): ``x`` is
+(N, C, *spatial) with ``S = prod(spatial)`` (1 without spatial dims), its C channels
+split into G groups of ``Cg = C / G`` consecutive channels; each (sample, group) holds
+``L = Cg * S`` values and is normalised on its own, then each channel gets its affine::
+
+    mean, var = mean / biased variance of the L values of (n, g)   # fp32, cached
+    rstd      = 1 / sqrt(var + eps)
+    y[n, c]   = (x[n, c] - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]
+
+Gradients, with ``xhat = (x - mean) * rstd``, ``g = dy * weight[c]`` and sums over the
+L values of each (n, g)::
+
+    dx      = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L)
+    dweight = sum over n and spatial of dy * xhat
+    dbias   = sum over n and spatial of dy
+
+Layout of the computation. ``x`` is seen as ``N * C`` rows of ``S`` values (contiguous),
+so every row lies in one group and one channel:
+
+- forward: (1) a reduction kernel computes, per row (and per slice of the row when
+  there are too few rows to fill the GPU), the mean and sum of squared deviations with
+  a per-lane Welford update (no ``E[x^2] - mean^2`` cancellation); (2) one program per
+  group merges its rows' partials exactly (Chan et al.'s pairwise formula) into
+  ``mean`` / ``rstd``; (3) an elementwise kernel writes ``y``.
+- backward: (1) per row ``A = sum(dy * xhat)`` and ``B = sum(dy)`` in fp32 (these are
+  also the per-sample ``dweight`` / ``dbias`` contributions, summed over n after);
+  (2) one program per group forms ``sum(g) = sum_c w[c] B`` and ``sum(g * xhat) =
+  sum_c w[c] A``; (3) an elementwise kernel writes ``dx``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, multiprocessor_count, next_power_of_2, row_settings
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["group_norm", "group_norm_reference"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tiles are (BLOCK_R rows, BLOCK_S spatial values) with BLOCK_S <= _MAX_BLOCK_S and about
+# _TILE_ELEMS elements. The reduction kernels aim at _PROGRAMS_PER_SM programs per SM
+# (_REDUCE_PROGRAMS_CPU under the interpreter), splitting rows into slices when there
+# are fewer row blocks than that. Module-level so tests can shrink them.
+_MAX_BLOCK_S = 1024
+_TILE_ELEMS = 4096
+_PROGRAMS_PER_SM = 4
+_REDUCE_PROGRAMS_CPU = 4
+_MAX_BLOCK_PARTIALS = 1024
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _gn_stats_kernel(
+        X,                    # (R, S) contiguous input rows, R = N * C
+        MEAN_P, M2_P,         # (R, n_split) fp32 out: per-slice mean and sum of squared deviations
+        n_rows, n_cols, chunk, n_split,
+        BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_r = pid // n_split
+        pid_s = pid % n_split
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                   # (BLOCK_R,)
+        row_mask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        s_start = pid_s * chunk
+        s_end = tl.minimum(s_start + chunk, n_cols)
+
+        # Welford per lane: every column lane keeps its own (count, mean, M2).
+        mean = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for s in range(s_start, s_end, BLOCK_S):
+            cols = s + tl.arange(0, BLOCK_S)
+            col_mask = cols < s_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(X + rows64[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            cnt += tl.where(col_mask, 1.0, 0.0)
+            inv = 1.0 / tl.maximum(cnt, 1.0)                             # (BLOCK_S,)
+            delta = x - mean
+            mean_new = mean + tl.where(col_mask[None, :], delta * inv[None, :], 0.0)
+            m2 += tl.where(col_mask[None, :], delta * (x - mean_new), 0.0)
+            mean = mean_new
+
+        # Merge the lanes of each row (empty lanes have cnt = 0 and add nothing).
+        total = tl.sum(cnt, axis=0)
+        row_mean = tl.sum(mean * cnt[None, :], axis=1) / total           # (BLOCK_R,)
+        d = mean - row_mean[:, None]
+        row_m2 = tl.sum(m2, axis=1) + tl.sum(d * d * cnt[None, :], axis=1)
+        out = rows64 * n_split + pid_s
+        tl.store(MEAN_P + out, row_mean, mask=row_mask)
+        tl.store(M2_P + out, row_m2, mask=row_mask)
+
+    @triton.jit
+    def _gn_stats_combine_kernel(
+        MEAN_P, M2_P,         # (N * G, Cg * n_split) fp32 partials of each group, in order
+        MEAN, RSTD,           # (N * G,) fp32 out
+        n_part, n_split, chunk, n_cols, group_numel, eps,
+        BLOCK_K: tl.constexpr,
+    ):
+        grp = tl.program_id(0).to(tl.int64)
+        base = grp * n_part
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(0, n_part, BLOCK_K):
+            idx = k + tl.arange(0, BLOCK_K)
+            m = idx < n_part
+            cnt = tl.minimum(chunk, n_cols - (idx % n_split) * chunk).to(tl.float32)
+            mu = tl.load(MEAN_P + base + idx, mask=m, other=0.0)
+            acc += tl.where(m, cnt * mu, 0.0)
+        mean = tl.sum(acc, axis=0) / group_numel
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(0, n_part, BLOCK_K):
+            idx = k + tl.arange(0, BLOCK_K)
+            m = idx < n_part
+            cnt = tl.minimum(chunk, n_cols - (idx % n_split) * chunk).to(tl.float32)
+            mu = tl.load(MEAN_P + base + idx, mask=m, other=0.0)
+            q = tl.load(M2_P + base + idx, mask=m, other=0.0)
+            d = mu - mean
+            acc += tl.where(m, q + cnt * d * d, 0.0)
+        var = tl.sum(acc, axis=0) / group_numel
+        tl.store(MEAN + grp, mean)
+        tl.store(RSTD + grp, tl.rsqrt(var + eps))
+
+    @triton.jit
+    def _gn_fwd_kernel(
+        X, Y,                 # (R, S) contiguous in / out
+        W, B,                 # (C,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
+        MEAN, RSTD,           # (N * G,) fp32
+        n_rows, n_cols, n_channels, ch_per_group, n_sblocks,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_r = pid // n_sblocks
+        pid_s = pid % n_sblocks
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        rows64 = rows.to(tl.int64)
+        grp = rows // ch_per_group                                       # n * G + c // Cg
+        ch = rows % n_channels
+        mean = tl.load(MEAN + grp, mask=row_mask, other=0.0)
+        scale = tl.load(RSTD + grp, mask=row_mask, other=0.0)
+        if HAS_WEIGHT:
+            scale = scale * tl.load(W + ch, mask=row_mask, other=0.0).to(tl.float32)
+        offs = rows64[:, None] * n_cols + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[:, None]) * scale[:, None]
+        if HAS_BIAS:
+            y += tl.load(B + ch, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gn_bwd_reduce_kernel(
+        DY, X,                # (R, S) contiguous
+        MEAN, RSTD,           # (N * G,) fp32
+        A_P, B_P,             # (R, n_split) fp32 out: sum(dy * xhat), sum(dy) per row slice
+        n_rows, n_cols, ch_per_group, chunk, n_split,
+        BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_r = pid // n_split
+        pid_s = pid % n_split
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        grp = rows // ch_per_group
+        mean = tl.load(MEAN + grp, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + grp, mask=row_mask, other=0.0)
+        s_start = pid_s * chunk
+        s_end = tl.minimum(s_start + chunk, n_cols)
+        a_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        b_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        for s in range(s_start, s_end, BLOCK_S):
+            cols = s + tl.arange(0, BLOCK_S)
+            mask = row_mask[:, None] & (cols < s_end)[None, :]
+            offs = rows64[:, None] * n_cols + cols[None, :]
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            a_acc += dy * xhat                                           # dy is 0 where masked
+            b_acc += dy
+        out = rows64 * n_split + pid_s
+        tl.store(A_P + out, tl.sum(a_acc, axis=1), mask=row_mask)
+        tl.store(B_P + out, tl.sum(b_acc, axis=1), mask=row_mask)
+
+    @triton.jit
+    def _gn_bwd_combine_kernel(
+        A_P, B_P,             # (N * G, Cg * n_split) fp32 partials of each group, in order
+        W,                    # (C,) weight (read only when HAS_WEIGHT)
+        SUM_G, SUM_GX,        # (N * G,) fp32 out: sum(dy * w), sum(dy * w * xhat)
+        n_groups, ch_per_group, n_split,
+        HAS_WEIGHT: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        grp = tl.program_id(0)
+        n_part = ch_per_group * n_split
+        base = grp.to(tl.int64) * n_part
+        ch0 = (grp % n_groups) * ch_per_group
+        acc_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(0, n_part, BLOCK_K):
+            idx = k + tl.arange(0, BLOCK_K)
+            m = idx < n_part
+            a = tl.load(A_P + base + idx, mask=m, other=0.0)
+            b = tl.load(B_P + base + idx, mask=m, other=0.0)
+            if HAS_WEIGHT:
+                w = tl.load(W + ch0 + idx // n_split, mask=m, other=0.0).to(tl.float32)
+                a = a * w
+                b = b * w
+            acc_a += a
+            acc_b += b
+        tl.store(SUM_G + grp, tl.sum(acc_b, axis=0))
+        tl.store(SUM_GX + grp, tl.sum(acc_a, axis=0))
+
+    @triton.jit
+    def _gn_bwd_dx_kernel(
+        DY, X, DX,            # (R, S) contiguous
+        W,                    # (C,) weight (read only when HAS_WEIGHT)
+        MEAN, RSTD, SUM_G, SUM_GX,  # (N * G,) fp32
+        n_rows, n_cols, n_channels, ch_per_group, n_sblocks, group_numel,
+        HAS_WEIGHT: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_r = pid // n_sblocks
+        pid_s = pid % n_sblocks
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        rows64 = rows.to(tl.int64)
+        grp = rows // ch_per_group
+        mean = tl.load(MEAN + grp, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + grp, mask=row_mask, other=0.0)
+        k_g = tl.load(SUM_G + grp, mask=row_mask, other=0.0) * rstd / group_numel      # (BLOCK_R,)
+        k_gx = tl.load(SUM_GX + grp, mask=row_mask, other=0.0) * rstd / group_numel
+        scale = rstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(W + (rows % n_channels), mask=row_mask, other=0.0).to(tl.float32)
+        offs = rows64[:, None] * n_cols + cols[None, :]
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        dx = dy * scale[:, None] - k_g[:, None] - xhat * k_gx[:, None]
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+class _Plan:
+    """Tile sizes and grid of one (N, C, S) problem."""
+
+    def __init__(self, x: torch.Tensor, num_groups: int):
+        n, c = x.shape[0], x.shape[1]
+        self.n_rows, self.n_cols = n * c, math.prod(x.shape[2:])
+        self.n_channels, self.n_groups = c, num_groups
+        self.ch_per_group = c // num_groups
+        self.group_numel = self.ch_per_group * self.n_cols
+        self.block_s = min(next_power_of_2(self.n_cols), _MAX_BLOCK_S)
+        self.block_r = max(1, min(next_power_of_2(self.n_rows), _TILE_ELEMS // self.block_s))
+        _, self.num_warps = row_settings(self.block_r * self.block_s, max_block=1 << 30)
+        self.row_blocks = triton.cdiv(self.n_rows, self.block_r)
+        self.n_sblocks = triton.cdiv(self.n_cols, self.block_s)
+        # Reduction kernels: split rows into slices of whole blocks when the row blocks
+        # alone cannot fill the device.
+        target = (
+            multiprocessor_count(x.device) * _PROGRAMS_PER_SM if x.device.type == "cuda" else _REDUCE_PROGRAMS_CPU
+        )
+        split = min(self.n_sblocks, max(1, triton.cdiv(target, self.row_blocks)))
+        blocks_per_chunk = triton.cdiv(self.n_sblocks, split)
+        self.n_split = triton.cdiv(self.n_sblocks, blocks_per_chunk)
+        self.chunk = blocks_per_chunk * self.block_s
+        self.n_part = self.ch_per_group * self.n_split               # partials per group
+        self.block_k = min(next_power_of_2(self.n_part), _MAX_BLOCK_PARTIALS)
+
+
+def _launch_forward(x, num_groups, weight, bias, eps):
+    n = x.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
+    rstd = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    p = _Plan(x, num_groups)
+    xc = x.contiguous()                                                  # (N, C, *) = (R, S) rows
+    mean_p = torch.empty((p.n_rows, p.n_split), dtype=torch.float32, device=x.device)
+    m2_p = torch.empty_like(mean_p)
+    w = weight.contiguous() if weight is not None else xc
+    b = bias.contiguous() if bias is not None else xc
+    with device_guard(x):
+        _gn_stats_kernel[(p.row_blocks * p.n_split,)](
+            xc, mean_p, m2_p, p.n_rows, p.n_cols, p.chunk, p.n_split,
+            BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
+        )
+        _gn_stats_combine_kernel[(n * num_groups,)](
+            mean_p, m2_p, mean, rstd, p.n_part, p.n_split, p.chunk, p.n_cols, float(p.group_numel), float(eps),
+            BLOCK_K=p.block_k, num_warps=4,
+        )
+        _gn_fwd_kernel[(p.row_blocks * p.n_sblocks,)](
+            xc, y, w, b, mean, rstd, p.n_rows, p.n_cols, p.n_channels, p.ch_per_group, p.n_sblocks,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
+        )
+    return y, mean, rstd
+
+
+def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db):
+    """Returns dx (x's shape and dtype, contiguous) and fp32 (C,) dweight / dbias (empty
+    (0,) tensors when not requested)."""
+    c = x.shape[1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.zeros((c if compute_dw else 0,), dtype=torch.float32, device=x.device)
+    db = torch.zeros((c if compute_db else 0,), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return dx, dw, db
+    p = _Plan(x, num_groups)
+    xc, dyc = x.contiguous(), dy.contiguous()
+    mean1, rstd1 = mean.contiguous(), rstd.contiguous()
+    a_p = torch.empty((p.n_rows, p.n_split), dtype=torch.float32, device=x.device)
+    b_p = torch.empty_like(a_p)
+    sum_g = torch.empty(mean.shape, dtype=torch.float32, device=x.device)
+    sum_gx = torch.empty_like(sum_g)
+    w = weight.contiguous() if weight is not None else xc
+    with device_guard(x):
+        _gn_bwd_reduce_kernel[(p.row_blocks * p.n_split,)](
+            dyc, xc, mean1, rstd1, a_p, b_p, p.n_rows, p.n_cols, p.ch_per_group, p.chunk, p.n_split,
+            BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
+        )
+        _gn_bwd_combine_kernel[(mean.numel(),)](
+            a_p, b_p, w, sum_g, sum_gx, p.n_groups, p.ch_per_group, p.n_split,
+            HAS_WEIGHT=weight is not None, BLOCK_K=p.block_k, num_warps=4,
+        )
+        _gn_bwd_dx_kernel[(p.row_blocks * p.n_sblocks,)](
+            dyc, xc, dx, w, mean1, rstd1, sum_g, sum_gx,
+            p.n_rows, p.n_cols, p.n_channels, p.ch_per_group, p.n_sblocks, float(p.group_numel),
+            HAS_WEIGHT=weight is not None, BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
+        )
+    if compute_dw:
+        dw = a_p.view(x.shape[0], c, p.n_split).sum(dim=(0, 2))
+    if compute_db:
+        db = b_p.view(x.shape[0], c, p.n_split).sum(dim=(0, 2))
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("ligerzoo::group_norm", mutates_args=())
+def _group_norm_op(
+    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(x, num_groups, weight, bias, eps)
+
+
+@_group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("ligerzoo::group_norm_backward", mutates_args=())
+def _group_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db)
+
+
+@_group_norm_backward_op.register_fake
+def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db):
+    c = x.shape[1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((c if compute_dw else 0,), dtype=torch.float32),
+        x.new_empty((c if compute_db else 0,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.w_dtype = weight.dtype if weight is not None else None
+    ctx.b_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    compute_dw = ctx.has_weight and ctx.needs_input_grad[2]
+    compute_db = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dw, db = torch.ops.ligerzoo.group_norm_backward(
+        dy, x, ctx.num_groups, weight, mean, rstd, compute_dw, compute_db
+    )
+    return (
+        dx,
+        None,
+        dw.to(ctx.w_dtype) if compute_dw else None,
+        db.to(ctx.b_dtype) if compute_db else None,
+        None,
+    )
+
+
+torch.library.register_autograd("ligerzoo::group_norm", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- reference
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Plain-PyTorch :func:`group_norm` with the same math: statistics and affine in
+    ``promote_types(x.dtype, float32)`` (float64 input gives a float64 reference), one
+    rounding to ``x.dtype`` at the end. Differentiable by torch autograd."""
+    _check_args(x, num_groups, weight, bias)
+    ct = torch.promote_types(x.dtype, torch.float32)
+    n, c = x.shape[0], x.shape[1]
+    xg = x.to(ct).reshape(n, num_groups, (c // num_groups) * math.prod(x.shape[2:]))  # (N, G, L)
+    xc = xg - xg.mean(dim=-1, keepdim=True)
+    y = (xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)).reshape(x.shape)
+    affine_shape = (1, c) + (1,) * (x.dim() - 2)                           # broadcast over N, spatial
+    if weight is not None:
+        y = y * weight.to(ct).view(affine_shape)
+    if bias is not None:
+        y = y + bias.to(ct).view(affine_shape)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_args(
+    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
+) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"group_norm expects a floating-point input, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm expects an input of shape (N, C, *), got {tuple(x.shape)}")
+    c = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dim() != 1 or p.shape[0] != c:
+            raise ValueError(f"{name} must have shape ({c},) to match the channels of x {tuple(x.shape)}, "
+                             f"got {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {p.device}")
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    return _utils.use_triton(x) and x.dtype in _KERNEL_DTYPES
+
+
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Group normalisation (Wu & He, 2018), as
+    ``torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)``.
+
+    Each sample's channels are split into ``num_groups`` groups of consecutive channels;
+    every (sample, group) is normalised by its own mean and biased variance (fp32), then
+    channel ``c`` is scaled by ``weight[c]`` and shifted by ``bias[c]``; the result is
+    rounded once to ``x.dtype``. The backward returns ``dx``, ``dweight`` and ``dbias``
+    (the last two accumulated in fp32, then cast to the parameter dtypes).
+
+    Args:
+        x: (N, C, *) with any number of spatial dims (including none), fp32 / bf16 / fp16
+            (float64 runs the torch reference). Non-contiguous inputs (e.g.
+            channels-last) are copied to the contiguous layout first.
+        num_groups: G, a divisor of C.
+        weight: (C,) any float dtype, or None (no scale).
+        bias: (C,) any float dtype, or None (no shift).
+        eps: added to the variance.
+
+    Returns:
+        y: same shape and dtype as ``x``, contiguous.
+
+    Raises:
+        ValueError: non-float ``x`` or parameters, ``x`` with fewer than 2 dims,
+            ``num_groups`` not a positive divisor of C, ``weight`` / ``bias`` not of
+            shape (C,), or devices differ.
+    """
+    _check_args(x, num_groups, weight, bias)
+    if not _triton_ok(x):
+        return group_norm_reference(x, num_groups, weight, bias, eps)
+    y, _, _ = torch.ops.ligerzoo.group_norm(x, int(num_groups), weight, bias, float(eps))
+    return y

@@ -1,0 +1,358 @@
+"""Layer normalisation over the last dim.
+
+Math (Ba, Kiros & Hinton, "Layer Normalization", 2016; ``torch.nn.functional.layer_norm``
+with ``normalized_shape = (H,)``), per row of ``H`` features, all in fp32::
+
+    mean = sum(x) / H
+    var  = sum((x - mean) ** 2) / H               # biased, as torch
+    rstd = 1 / sqrt(var + eps)                    # mean and rstd cached in fp32
+    xhat = (x - mean) * rstd
+    y    = xhat * weight + bias                   # rounded once to x.dtype
+
+The variance is computed from the centred values held in registers (two passes over
+the row in registers, one read of memory), not as ``E[x^2] - mean^2``.
+
+Gradients, from the saved input and the fp32 ``mean`` / ``rstd``, with ``g = dy * weight``::
+
+    dx     = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    dweight = sum over rows of dy * xhat
+    dbias   = sum over rows of dy
+
+``dweight`` / ``dbias`` are accumulated in fp32: each backward program owns a contiguous
+block of rows and one fp32 partial row of each, and the partial rows are summed after.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import HAS_TRITON, as_rows, device_guard, persistent_programs, row_settings
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["layer_norm", "layer_norm_reference"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# A forward program normalises up to _MAX_BLOCK_ROWS rows at once (when rows are short),
+# a tile holding about _TILE_ELEMS elements. Backward: _BWD_PROGRAMS_PER_SM persistent
+# programs per SM (a fixed count on CPU). Module-level so tests can shrink them.
+_MAX_BLOCK_ROWS = 16
+_TILE_ELEMS = 4096
+_BWD_PROGRAMS_PER_SM = 2
+_BWD_PROGRAMS_CPU = 4
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(
+        X, stride_x,          # (N, H) input rows
+        Y, stride_y,          # (N, H) out
+        W, B,                 # (H,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
+        MEAN, RSTD,           # (N,) fp32 out
+        n_rows, n_cols, eps,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)                     # (BLOCK_M,)
+        cols = tl.arange(0, BLOCK_N)                                     # (BLOCK_N,)
+        row_mask = rows < n_rows
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]                     # (BLOCK_M, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / n_cols                                # (BLOCK_M,)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / n_cols
+        rstd = tl.rsqrt(var + eps)                                       # (BLOCK_M,)
+        y = xc * rstd[:, None]
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = y * w[None, :]
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = y + b[None, :]
+        tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + rows, mean, mask=row_mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
+
+    @triton.jit
+    def _layer_norm_bwd_kernel(
+        DY, stride_dy,        # (N, H) gradient of y
+        X, stride_x,          # (N, H) forward input
+        W,                    # (H,) weight (read only when HAS_WEIGHT)
+        MEAN, RSTD,           # (N,) fp32
+        DX, stride_dx,        # (N, H) out
+        DW_PARTIAL,           # (P, H) fp32 out, one partial row per program (COMPUTE_DW)
+        DB_PARTIAL,           # (P, H) fp32 out (COMPUTE_DB)
+        n_rows, n_cols, rows_per_program,
+        HAS_WEIGHT: tl.constexpr,
+        COMPUTE_DW: tl.constexpr,
+        COMPUTE_DB: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        row_start = pid * rows_per_program
+        row_end = tl.minimum(row_start + rows_per_program, n_rows)
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+
+        dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for m in range(row_start, row_end, BLOCK_M):
+            rows = m + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)
+
+            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_WEIGHT:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            c1 = tl.sum(g, axis=1) / n_cols                              # (BLOCK_M,)
+            c2 = tl.sum(g * xhat, axis=1) / n_cols
+            dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+            tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw_acc += dy * xhat
+            if COMPUTE_DB:
+                db_acc += dy
+
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        if COMPUTE_DB:
+            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _blocks(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N >= H columns, num_warps) of one program's tile. The backward
+    holds about twice the live values per element (dy, x, the two fp32 accumulators, the
+    pointers of three tensors), so it gets twice the warps (H = 4096 bf16 on sm_90: 102
+    registers per thread at 16 warps instead of 190 at 8)."""
+    block_n, _ = row_settings(n_cols)
+    block_m = max(1, min(_MAX_BLOCK_ROWS, _TILE_ELEMS // block_n))
+    _, num_warps = row_settings(block_m * block_n * (2 if backward else 1), max_block=1 << 30)
+    return block_m, block_n, num_warps
+
+
+def _launch_forward(x, weight, bias, eps):
+    n_cols = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, mean.fill_(0.0), rstd.fill_(0.0)
+    x2 = as_rows(x, n_cols)                                              # (N, H)
+    n_rows = x2.shape[0]
+    y2 = y.view(-1, n_cols)
+    w = weight.contiguous() if weight is not None else x2
+    b = bias.contiguous() if bias is not None else x2
+    block_m, block_n, num_warps = _blocks(n_cols)
+    with device_guard(x):
+        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            x2, x2.stride(0), y2, y2.stride(0), w, b, mean, rstd, n_rows, n_cols, float(eps),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y, mean, rstd
+
+
+def _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db):
+    """Returns dx (x's shape and dtype, contiguous) and fp32 (H,) dweight / dbias
+    (empty (0,) tensors when not requested)."""
+    n_cols = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.zeros((n_cols if compute_dw else 0,), dtype=torch.float32, device=x.device)
+    db = torch.zeros((n_cols if compute_db else 0,), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return dx, dw, db
+    x2 = as_rows(x, n_cols)
+    dy2 = as_rows(dy, n_cols)
+    dx2 = dx.view(-1, n_cols)
+    n_rows = x2.shape[0]
+    block_m, block_n, num_warps = _blocks(n_cols, backward=True)
+    programs = persistent_programs(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
+    rows_per_program = math.ceil(n_rows / programs)
+    programs = math.ceil(n_rows / rows_per_program)
+    dw_partial = torch.empty((programs, n_cols) if compute_dw else (0,), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((programs, n_cols) if compute_db else (0,), dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2, dy2.stride(0), x2, x2.stride(0), weight.contiguous() if weight is not None else x2,
+            mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(), dx2, dx2.stride(0),
+            dw_partial if compute_dw else dx2, db_partial if compute_db else dx2,
+            n_rows, n_cols, rows_per_program,
+            HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    if compute_dw:
+        dw = dw_partial.sum(dim=0)
+    if compute_db:
+        db = db_partial.sum(dim=0)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("ligerzoo::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(x, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("ligerzoo::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    compute_dw: bool,
+    compute_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd, compute_dw, compute_db):
+    n_cols = x.shape[-1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((n_cols if compute_dw else 0,), dtype=torch.float32),
+        x.new_empty((n_cols if compute_db else 0,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.w_dtype = weight.dtype if weight is not None else None
+    ctx.b_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    compute_dw = ctx.has_weight and ctx.needs_input_grad[1]
+    compute_db = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.ligerzoo.layer_norm_backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
+    return (
+        dx,
+        dw.to(ctx.w_dtype) if compute_dw else None,
+        db.to(ctx.b_dtype) if compute_db else None,
+        None,
+    )
+
+
+torch.library.register_autograd("ligerzoo::layer_norm", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- reference
+def layer_norm_reference(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Plain-PyTorch :func:`layer_norm` with the same math: statistics and affine in
+    ``promote_types(x.dtype, float32)`` (float64 input gives a float64 reference), one
+    rounding to ``x.dtype`` at the end. Differentiable by torch autograd."""
+    _check_args(x, weight, bias)
+    ct = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(ct)                                                       # (..., H)
+    xc = x32 - x32.mean(dim=-1, keepdim=True)
+    y = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(ct)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_args(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"layer_norm expects a floating-point input, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("layer_norm expects an input with at least one dimension (..., H)")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dim() != 1 or p.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"{name} must have shape ({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}, "
+                f"got {tuple(p.shape)}"
+            )
+        if not p.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"x is on {x.device} but {name} is on {p.device}")
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    return _utils.use_triton(x) and x.dtype in _KERNEL_DTYPES
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Layer normalisation over the last dim (Ba et al., 2016), as
+    ``torch.nn.functional.layer_norm(x, (H,), weight, bias, eps)``.
+
+    Statistics (mean, biased variance) and the affine transform are computed in fp32 and
+    rounded once to ``x.dtype``; the backward returns ``dx``, ``dweight`` and ``dbias``
+    (the last two accumulated in fp32, then cast to the parameter dtypes).
+
+    Args:
+        x: (..., H) fp32 / bf16 / fp16 (float64 runs the torch reference). Any strides;
+            rows are read in place when the last dim has unit stride.
+        weight: (H,) any float dtype, or None (no scale).
+        bias: (H,) any float dtype, or None (no shift).
+        eps: added to the variance.
+
+    Returns:
+        y: same shape and dtype as ``x``, contiguous.
+
+    Raises:
+        ValueError: non-float ``x`` or parameters, ``weight`` / ``bias`` not of shape (H,),
+            devices differ, or H larger than 65536 (one row must fit a block).
+    """
+    _check_args(x, weight, bias)
+    if not _triton_ok(x):
+        return layer_norm_reference(x, weight, bias, eps)
+    row_settings(x.shape[-1])  # raises ValueError for rows that cannot fit one block
+    y, _, _ = torch.ops.ligerzoo.layer_norm(x, weight, bias, float(eps))
+    return y

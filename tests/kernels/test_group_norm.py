@@ -1,0 +1,279 @@
+"""GroupNorm against float64 references (torch's own ``F.group_norm`` in float64), through
+the Triton kernels (interpreter on CPU, see conftest) and through the forced
+torch-reference dispatch.
+
+Tolerances: statistics and affine are fp32 and every output is rounded once to its dtype,
+so outputs and gradients are compared with the float64 result of the same inputs within a
+few ulps of the output dtype, relative to each element and, as a floor, to the largest
+element (the sums cancel). The CPU interpreter truncates fp32 -> bf16 (up to 1 ulp
+instead of 1/2), which the bf16 budget covers.
+"""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ligerzoo.kernels._utils as kutils
+from ligerzoo.kernels.group_norm import group_norm, group_norm_reference
+
+gn_mod = importlib.import_module("ligerzoo.kernels.group_norm")
+
+
+def assert_close_ulps(actual, expected, dtype, ulps):
+    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
+    tol = ulps * torch.finfo(dtype).eps
+    e = expected.detach().double()
+    scale = max(e.abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
+
+
+ULPS = {torch.float32: 64, torch.bfloat16: 2}
+
+
+@pytest.fixture(params=["triton", "reference"])
+def path(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
+    return request.param
+
+
+def _inputs(shape, dtype, shift=1.5, param_dtype=None):
+    x = (3.0 * torch.randn(shape) + shift).to(dtype)
+    pd = param_dtype or dtype
+    w = (1.0 + 0.3 * torch.randn(shape[1])).to(pd)
+    b = (0.5 * torch.randn(shape[1])).to(pd)
+    return x, w, b
+
+
+def _torch64(x, groups, w, b, dy, eps=1e-5):
+    """float64 F.group_norm output and the gradients of every given (non-None) input."""
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    w64 = leaves[1]
+    if w64 is None and b is not None:  # torch's group_norm backward fails for a bias without weight
+        w64 = torch.ones(x.shape[1], dtype=torch.float64, device=x.device)
+    y = F.group_norm(leaves[0], groups, w64, leaves[2], eps)
+    y.backward(dy.double())
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _run(x, groups, w, b, eps=1e-5, dy=None):
+    """Our forward + backward on fresh leaves; returns (y, dy, [grads or None])."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = group_norm(leaves[0], groups, leaves[1], leaves[2], eps)
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    return y, dy, [t.grad if t is not None else None for t in leaves]
+
+
+def _check(x, groups, w, b, dtype, ulps, eps=1e-5):
+    originals = [t.clone() if t is not None else None for t in (x, w, b)]
+    y, dy, grads = _run(x, groups, w, b, eps)
+    y64, grads64 = _torch64(x, groups, w, b, dy, eps)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close_ulps(y, y64, dtype, ulps)
+    for g, g64 in zip(grads, grads64):
+        if g64 is not None:
+            assert_close_ulps(g, g64, dtype, ulps)
+    for t, t0 in zip((x, w, b), originals):  # inputs untouched by forward + backward
+        if t is not None:
+            assert torch.equal(t, t0)
+    return grads
+
+
+SHAPES = [
+    ((3, 6, 5, 7), 3),      # images
+    ((2, 12), 4),           # no spatial dims
+    ((2, 4, 3, 5, 7), 2),   # three spatial dims
+    ((2, 6, 37), 6),        # one channel per group (instance norm)
+    ((2, 5, 9), 1),         # one group (layer norm over C and spatial)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups", SHAPES)
+def test_group_norm_matches_float64(path, dtype, shape, groups):
+    x, w, b = _inputs(shape, dtype)
+    grads = _check(x, groups, w, b, dtype, ULPS[dtype])
+    assert [g.dtype for g in grads] == [dtype] * 3
+
+
+@pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
+def test_group_norm_without_affine(path, affine):
+    x, w, b = _inputs((2, 6, 5, 7), torch.float32)
+    w = w if affine == "weight_only" else None
+    b = b if affine == "bias_only" else None
+    _check(x, 3, w, b, torch.float32, 64)
+
+
+def test_reference_equals_torch_in_float64():
+    x, w, b = (t.double() for t in _inputs((3, 6, 4, 5), torch.float32))
+    for args in ((w, b), (w, None), (None, b), (None, None)):
+        torch.testing.assert_close(group_norm_reference(x, 2, *args, eps=1e-6),
+                                   F.group_norm(x, 2, *args, eps=1e-6), rtol=1e-13, atol=1e-13)
+
+
+def test_group_norm_matches_torch_bf16():
+    """Against torch's own bf16 group norm (fp32 statistics, one rounding)."""
+    x, w, b = _inputs((4, 6, 5, 7), torch.bfloat16)
+    assert_close_ulps(group_norm(x, 3, w, b), F.group_norm(x, 3, w, b), torch.bfloat16, 2)
+
+
+def test_group_norm_large_mean():
+    """Welford statistics: no E[x^2] - mean^2 cancellation."""
+    x = torch.randn(2, 6, 5, 7) + 100.0
+    w, b = 1.0 + 0.3 * torch.randn(6), torch.randn(6)
+    y64, _ = _torch64(x, 3, w, b, torch.zeros_like(x))
+    assert_close_ulps(group_norm(x, 3, w, b), y64, torch.float32, 128)
+
+
+@pytest.mark.parametrize(
+    "shape,groups,max_block_s,tile,programs,max_partials,n_split",
+    [
+        ((2, 4, 37), 2, 8, 16, 64, 2, 5),       # rows split in slices; partials merged over several blocks
+        ((1, 6, 5, 7), 3, 16, 16, 24, 1024, 3),  # few rows: every row split
+        ((3, 8, 3), 4, 4, 8, 1, 4, 1),           # several rows per tile, no split
+    ],
+)
+def test_group_norm_tiling_and_splits(monkeypatch, shape, groups, max_block_s, tile, programs, max_partials,
+                                      n_split):
+    monkeypatch.setattr(gn_mod, "_MAX_BLOCK_S", max_block_s)
+    monkeypatch.setattr(gn_mod, "_TILE_ELEMS", tile)
+    monkeypatch.setattr(gn_mod, "_REDUCE_PROGRAMS_CPU", programs)
+    monkeypatch.setattr(gn_mod, "_MAX_BLOCK_PARTIALS", max_partials)
+    x, w, b = _inputs(shape, torch.float32)
+    plan = gn_mod._Plan(x, groups)
+    assert plan.n_split == n_split and (plan.block_s < plan.n_cols or plan.block_r > 1)
+    if n_split > 1:
+        assert plan.chunk % plan.block_s == 0
+        assert (plan.n_split - 1) * plan.chunk < plan.n_cols <= plan.n_split * plan.chunk
+    _check(x, groups, w, b, torch.float32, 64)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_group_norm_non_contiguous(path, layout):
+    if layout == "channels_last":
+        x = (3 * torch.randn(2, 6, 5, 7) + 1).to(memory_format=torch.channels_last)
+    else:
+        x = (3 * torch.randn(2, 6, 5, 11) + 1)[..., 2:9]
+    assert not x.is_contiguous()
+    w = torch.randn(12)[::2] + 1.0   # strided weight
+    b = torch.randn(6)
+    x0 = x.clone()
+    dy = torch.randn(x.shape).to(memory_format=torch.channels_last)
+    y, _, grads = _run(x, 3, w, b, dy=dy)
+    y64, grads64 = _torch64(x, 3, w, b, dy)
+    assert_close_ulps(y, y64, torch.float32, 64)
+    for g, g64 in zip(grads, grads64):
+        assert_close_ulps(g, g64, torch.float32, 64)
+    assert torch.equal(x, x0)
+
+
+def test_group_norm_mixed_param_dtype(path):
+    """bf16 activations with fp32 weight / bias: output bf16, parameter gradients fp32."""
+    x, w, b = _inputs((2, 6, 5, 7), torch.bfloat16, param_dtype=torch.float32)
+    y, dy, grads = _run(x, 3, w, b)
+    y64, grads64 = _torch64(x, 3, w, b, dy)
+    assert y.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    assert_close_ulps(y, y64, torch.bfloat16, 2)
+    assert_close_ulps(grads[0], grads64[0], torch.bfloat16, 2)
+    for g, g64 in zip(grads[1:], grads64[1:]):
+        assert_close_ulps(g, g64, torch.float32, 64)
+
+
+def test_group_norm_partial_requires_grad(path):
+    x, w, b = _inputs((2, 6, 5), torch.float32)
+    xr = x.clone().requires_grad_()
+    y = group_norm(xr, 2, w, b)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, (xr,), dy)
+    _, grads64 = _torch64(x, 2, w, b, dy)
+    assert_close_ulps(dx, grads64[0], torch.float32, 64)
+    wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+    dw, db = torch.autograd.grad(group_norm(x, 2, wr, br), (wr, br), dy)
+    assert_close_ulps(dw, grads64[1], torch.float32, 64)
+    assert_close_ulps(db, grads64[2], torch.float32, 64)
+
+
+def test_group_norm_empty_and_errors():
+    w = torch.ones(6)
+    assert group_norm(torch.empty(0, 6, 4), 3, w, w).shape == (0, 6, 4)
+    xe = torch.empty(0, 6, 4, requires_grad=True)
+    we = w.clone().requires_grad_()
+    group_norm(xe, 2, we).sum().backward()
+    assert xe.grad.shape == xe.shape and torch.equal(we.grad, torch.zeros(6))
+    with pytest.raises(ValueError, match="num_groups"):
+        group_norm(torch.randn(2, 6, 4), 4)
+    with pytest.raises(ValueError, match="num_groups"):
+        group_norm(torch.randn(2, 6, 4), 0)
+    with pytest.raises(ValueError, match=r"\(N, C, \*\)"):
+        group_norm(torch.randn(6), 3)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        group_norm(torch.randn(2, 6, 4), 3, torch.ones(4))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        group_norm(torch.randn(2, 6, 4), 3, w, torch.ones(6, 1))
+    with pytest.raises(ValueError, match="floating-point"):
+        group_norm(torch.ones(2, 6, 4, dtype=torch.int64), 3)
+
+
+def test_group_norm_opcheck_and_compile():
+    from torch.library import opcheck
+
+    x = torch.randn(2, 6, 3, 5, requires_grad=True)
+    w = torch.randn(6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    opcheck(torch.ops.ligerzoo.group_norm, (x, 3, w, b, 1e-5))
+    opcheck(torch.ops.ligerzoo.group_norm, (x, 2, None, None, 1e-5))
+    _, mean, rstd = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
+    dy = torch.randn(2, 6, 3, 5)
+    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, w.detach(), mean, rstd, True, True))
+    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, None, mean, rstd, False, False))
+
+    g = torch.randn(2, 6, 3, 5)
+
+    def f(x, w, b):
+        return (group_norm(x, 3, w, b) * g).sum() + group_norm(x * 2, 6).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, w, b), (x, w, b))
+    want = torch.autograd.grad(f(x, w, b), (x, w, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((32, 256, 64, 64), 32), ((1, 128, 256, 256), 32), ((8192, 4096), 32), ((4, 320, 7, 9, 11), 8)],
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_group_norm(dtype, shape, groups):
+    torch.manual_seed(0)
+    x, w, b = (t.cuda() for t in _inputs(shape, dtype))
+    y, dy, grads = _run(x, groups, w, b)
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    ulps = {torch.float32: 64, torch.bfloat16: 2}[dtype]
+    assert_close_ulps(y, y64, dtype, ulps)
+    assert_close_ulps(grads[0], grads64[0], dtype, ulps)
+    for g, g64 in zip(grads[1:], grads64[1:]):  # sums over N * spatial values
+        assert_close_ulps(g, g64, dtype, 4 * ulps if dtype == torch.float32 else ulps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_group_norm_compile():
+    x = torch.randn(8, 256, 32, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.zeros(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def f(x, w, b):
+        return (group_norm(x, 32, w, b) * x).float().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    gc = torch.autograd.grad(compiled(x, w, b), (x, w, b))
+    ge = torch.autograd.grad(f(x, w, b), (x, w, b))
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e)
