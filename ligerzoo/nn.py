@@ -1,14 +1,26 @@
 """``nn.Module`` wrappers of the kernels, for composing your own model.
 
 Each module holds only parameters and options; the math is the functional op in
-``ligerzoo.kernels`` (Triton on CUDA, reference torch on CPU unless TRITON_INTERPRET=1).
+``ligerzoo.kernels`` (Triton on CUDA, Triton under the interpreter on CPU when
+TRITON_INTERPRET=1, the torch reference otherwise). Their Liger Kernel counterparts are
+listed in the README.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ligerzoo.kernels.rms_norm import rms_norm
+from ligerzoo.kernels.cross_entropy import cross_entropy
+from ligerzoo.kernels.embedding import embedding
+from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from ligerzoo.kernels.fused_linear_jsd import fused_linear_jsd
+from ligerzoo.kernels.geglu import geglu_fused
+from ligerzoo.kernels.group_norm import group_norm
+from ligerzoo.kernels.jsd import jsd
+from ligerzoo.kernels.kl_div import kl_div
+from ligerzoo.kernels.layer_norm import layer_norm
+from ligerzoo.kernels.rms_norm import fused_add_rms_norm, rms_norm
+from ligerzoo.kernels.swiglu import swiglu_fused
 
 
 class RMSNorm(nn.Module):
@@ -20,18 +32,168 @@ class RMSNorm(nn.Module):
     Args:
         hidden_size: H, the size of the normalised last dim; ``weight`` is (H,).
         eps: added to the mean square.
-        offset: added to the weight (1.0 for Gemma's zero-initialised weights).
+        offset: added to the weight (1.0 for Gemma's zero-initialised weights; the weight then
+            starts at 0).
         casting_mode: "llama", "gemma" or "none".
-    Shapes: x (..., H) -> (..., H), same dtype as x.
+    Shapes: x (..., H) -> (..., H), same dtype as x. ``forward(x, residual)`` adds the
+    residual first and returns ``(normed, x + residual)`` in one kernel.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama"):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
         self.eps, self.offset, self.casting_mode = eps, offset, casting_mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            return fused_add_rms_norm(x, residual, self.weight, self.eps, self.offset, self.casting_mode)
         return rms_norm(x, self.weight, self.eps, self.offset, self.casting_mode)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, casting_mode={self.casting_mode!r}"
+
+
+class LayerNorm(nn.Module):
+    """Layer norm over the last dim (Ba et al. 2016) = ``torch.nn.LayerNorm(hidden_size, eps)``.
+
+    Shapes: x (..., H) -> (..., H); ``weight``/``bias`` (H,) (``bias=False`` drops the bias).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(nn.Module):
+    """Group norm (Wu & He 2018) = ``torch.nn.GroupNorm(num_groups, num_channels, eps)``.
+
+    Shapes: x (N, C, *) -> same; ``weight``/``bias`` (C,).
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _GatedMLP(nn.Module):
+    _act = staticmethod(swiglu_fused)
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.w_gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.w_down = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(self._act(self.w_gate_up(x)))  # (.., H) -> (.., 2I) -> (.., I) -> (.., H)
+
+
+class SwiGLUMLP(_GatedMLP):
+    """``down(silu(gate(x)) * up(x))`` (Shazeer 2020, arXiv 2002.05202), gate and up fused into
+    one (2I, H) matmul (rows gate | up). Shapes: (..., H) -> (..., H)."""
+
+
+class GeGLUMLP(_GatedMLP):
+    """``down(gelu_tanh(gate(x)) * up(x))`` (Gemma's MLP), gate and up fused (rows gate | up)."""
+
+    _act = staticmethod(geglu_fused)
+
+
+class CrossEntropyLoss(nn.Module):
+    """``torch.nn.CrossEntropyLoss`` over (N, V) logits plus ``softcap`` and z-loss
+    (``lse_square_scale``); see ``ligerzoo.kernels.cross_entropy``. Returns the loss, or
+    ``(loss, z_loss)`` with ``return_z_loss``."""
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
+                 return_z_loss: bool = False):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                            lse_square_scale=lse_square_scale, softcap=softcap, return_z_loss=return_z_loss)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor):
+        return cross_entropy(logits, target, self.weight, **self.options)
+
+
+class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
+    """Cross entropy of ``x @ lm_head_weight.T (+ bias)`` without materialising the (N, V)
+    logits; called ``loss(lm_head_weight, x, target, bias=None)`` like Liger's. Extra options:
+    ``accum_dtype`` (fp32 weight-gradient accumulation by default) and ``chunk_size``."""
+
+    def __init__(self, *args, accum_dtype: torch.dtype = torch.float32, chunk_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accum_dtype, self.chunk_size = accum_dtype, chunk_size
+
+    def forward(self, lm_head_weight: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None):
+        return fused_linear_cross_entropy(x, lm_head_weight, target, bias, self.weight, accum_dtype=self.accum_dtype,
+                                          chunk_size=self.chunk_size, **self.options)
+
+
+class KLDivLoss(nn.Module):
+    """``torch.nn.KLDivLoss(reduction, log_target)`` on log-prob ``input`` (N, V)."""
+
+    def __init__(self, reduction: str = "batchmean", log_target: bool = False):
+        super().__init__()
+        self.reduction, self.log_target = reduction, log_target
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return kl_div(input, target, self.reduction, self.log_target)
+
+
+class JSD(nn.Module):
+    """Generalised Jensen-Shannon divergence between student and teacher log-probs (N, V);
+    ``beta`` 0 / 1 give forward / reverse KL; rows whose label is ``ignore_index`` are left out."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100):
+        super().__init__()
+        self.beta, self.ignore_index = beta, ignore_index
+
+    def forward(self, student_logp, teacher_logp, labels=None) -> torch.Tensor:
+        return jsd(student_logp, teacher_logp, labels, self.beta, self.ignore_index)
+
+
+class FusedLinearJSD(nn.Module):
+    """JSD between two LM heads' softmax(x W^T / temperature) without the (N, V) logits;
+    called ``loss(student_x, student_weight, teacher_x, teacher_weight, labels=None)``."""
+
+    def __init__(self, beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
+                 chunk_size: int | None = None):
+        super().__init__()
+        self.beta, self.ignore_index, self.temperature, self.chunk_size = beta, ignore_index, temperature, chunk_size
+
+    def forward(self, student_x, student_weight, teacher_x, teacher_weight, labels=None) -> torch.Tensor:
+        return fused_linear_jsd(student_x, student_weight, teacher_x, teacher_weight, labels, self.beta,
+                                self.ignore_index, self.temperature, self.chunk_size)
+
+
+class Embedding(nn.Module):
+    """``torch.nn.Embedding`` through the fused Triton gather (forward) and scatter-add
+    (backward). Shapes: ids (...) int -> (..., embedding_dim)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
+        self.padding_idx = padding_idx
+        if padding_idx is not None:
+            with torch.no_grad():
+                self.weight[padding_idx].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return embedding(input_ids, self.weight, self.padding_idx)
+
+
+__all__ = ["RMSNorm", "LayerNorm", "GroupNorm", "SwiGLUMLP", "GeGLUMLP", "CrossEntropyLoss",
+           "FusedLinearCrossEntropyLoss", "KLDivLoss", "JSD", "FusedLinearJSD", "Embedding"]

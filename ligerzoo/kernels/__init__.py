@@ -7,9 +7,12 @@ from ligerzoo.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from ligerzoo.kernels.embedding import embedding, embedding_reference
+from ligerzoo.kernels.fused_linear_jsd import fused_linear_jsd, fused_linear_jsd_reference
 from ligerzoo.kernels.geglu import geglu, geglu_fused, geglu_fused_reference, geglu_reference
 from ligerzoo.kernels.group_norm import group_norm, group_norm_reference
 from ligerzoo.kernels.int2_matmul import int2_matmul, int2_matmul_reference, pack_int2, unpack_int2
+from ligerzoo.kernels.jsd import jsd, jsd_reference
+from ligerzoo.kernels.kl_div import kl_div, kl_div_reference
 from ligerzoo.kernels.layer_norm import layer_norm, layer_norm_reference
 from ligerzoo.kernels.mrope import mrope, mrope_cos_sin, mrope_cos_sin_reference
 from ligerzoo.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_reference, rms_norm, rms_norm_reference
@@ -26,4 +29,5 @@ __all__ = [
     "layer_norm", "layer_norm_reference", "group_norm", "group_norm_reference",
     "mrope", "mrope_cos_sin", "mrope_cos_sin_reference", "embedding", "embedding_reference",
     "int2_matmul", "int2_matmul_reference", "pack_int2", "unpack_int2",
+    "kl_div", "kl_div_reference", "jsd", "jsd_reference", "fused_linear_jsd", "fused_linear_jsd_reference",
 ]

@@ -1,0 +1,339 @@
+"""Kullback-Leibler divergence loss, with exactly the semantics of ``torch.nn.functional.kl_div``.
+
+Math (Kullback & Leibler, 1951; PyTorch's ``KLDivLoss`` convention, where ``input`` holds
+the log-probabilities ``x = log q`` of the model and ``target`` the reference
+distribution ``p``, either as probabilities or, with ``log_target=True``, as ``y = log p``),
+elementwise::
+
+    log_target=False:  l = xlogy(p, p) - p * x          (p * log p is 0 where p == 0)
+    log_target=True:   l = exp(y) * (y - x)
+
+and the reduction over all elements: ``"none"`` (the elementwise ``l``), ``"sum"``,
+``"mean"`` (sum / numel) or ``"batchmean"`` (sum / input.size(0): the true KL divergence
+per sample when each row is a distribution). With the optional ``eps`` (Liger Kernel's
+``LigerKLDIVLoss(eps=...)`` behaviour) the non-log target is clamped inside the log only:
+``l = p * (log(max(p, eps)) - x)``.
+
+Gradients (computed in the backward from the saved tensors, fp32 math)::
+
+    dl/dx = -p                     (log_target: -exp(y))
+    dl/dp = log p + 1 - x          (eps: log(max(p, eps)) - x + [p > eps])
+    dl/dy = exp(y) * (y - x + 1)   (log_target)
+
+The input gradient needs only the target, so the backward reads one (N, V) tensor and
+writes one. ``dl/dp`` at ``p == 0`` is the one-sided limit ``-inf`` (torch's autograd gives
+NaN there).
+
+Kernels: a 2-D grid of (row, block of columns) programs, each loading one block of
+``input`` / ``target`` in their own dtypes and computing in fp32. For a reduced loss each
+program writes the fp32 sum of its block into an (N, n_blocks) partial-sum buffer that is
+summed afterwards (deterministic, no atomics); for ``"none"`` it writes ``l`` rounded once
+to the output dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = ["kl_div", "kl_div_reference"]
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Columns per program (module-level so tests can shrink it below the row length).
+MAX_BLOCK_SIZE = 2048
+
+
+# ----------------------------------------------------------------------------- kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _kl_div_fwd_kernel(
+        X, stride_x,            # (N, V) input: log q
+        Y, stride_y,            # (N, V) target: p, or log p when LOG_TARGET
+        OUT, stride_out,        # (N, V) elementwise loss (written when not REDUCED)
+        PARTIAL,                # (N, n_blocks) fp32 block sums (written when REDUCED)
+        n_cols, n_blocks, eps,
+        LOG_TARGET: tl.constexpr,
+        HAS_EPS: tl.constexpr,
+        REDUCED: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        cols = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        if LOG_TARGET:
+            loss = tl.exp(y) * (y - x)
+        elif HAS_EPS:
+            loss = y * (tl.log(tl.maximum(y, eps)) - x)
+        else:
+            loss = y * tl.log(tl.where(y == 0.0, 1.0, y)) - y * x     # xlogy(y, y) - y * x
+        if REDUCED:
+            loss = tl.where(mask, loss, 0.0)
+            tl.store(PARTIAL + row * n_blocks + blk, tl.sum(loss, axis=0))
+        else:
+            tl.store(OUT + row * stride_out + cols, loss.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _kl_div_bwd_kernel(
+        X, stride_x,            # (N, V) input (read only when NEED_DY)
+        Y, stride_y,            # (N, V) target
+        GO, stride_go0, stride_go1,  # incoming gradient: (N, V) any strides, or one fp32 value
+        DX, stride_dx,          # (N, V) out: gradient of input (when NEED_DX)
+        DY, stride_dy,          # (N, V) out: gradient of target (when NEED_DY)
+        n_cols, scale, eps,
+        LOG_TARGET: tl.constexpr,
+        HAS_EPS: tl.constexpr,
+        GO_ELEMENTWISE: tl.constexpr,
+        NEED_DX: tl.constexpr,
+        NEED_DY: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = cols < n_cols
+        if GO_ELEMENTWISE:
+            go = tl.load(GO + row * stride_go0 + cols * stride_go1, mask=mask, other=0.0).to(tl.float32)
+        else:
+            go = tl.load(GO).to(tl.float32)
+        go = go * scale
+        y = tl.load(Y + row * stride_y + cols, mask=mask, other=1.0).to(tl.float32)
+        if LOG_TARGET:
+            p = tl.exp(y)
+        else:
+            p = y
+        if NEED_DX:
+            tl.store(DX + row * stride_dx + cols, (-p * go).to(DX.dtype.element_ty), mask=mask)
+        if NEED_DY:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            if LOG_TARGET:
+                dy = p * (y - x + 1.0)
+            elif HAS_EPS:
+                dy = tl.log(tl.maximum(y, eps)) - x + tl.where(y > eps, 1.0, 0.0)
+            else:
+                dy = tl.log(y) + 1.0 - x
+            tl.store(DY + row * stride_dy + cols, (dy * go).to(DY.dtype.element_ty), mask=mask)
+
+
+def _block_settings(n_cols: int) -> tuple[int, int]:
+    block = min(next_power_of_2(n_cols), next_power_of_2(MAX_BLOCK_SIZE))
+    return block, (8 if block >= 2048 else 4)
+
+
+# ------------------------------------------------------------------ torch.library ops
+@torch.library.custom_op("ligerzoo::kl_div", mutates_args=())
+def _kl_div_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduced: bool,
+    scale: float,
+    log_target: bool,
+    eps: Optional[float],
+) -> torch.Tensor:
+    """input, target: (N, V) with unit column stride. -> fp32 () when ``reduced`` (the sum
+    times ``scale``), else the elementwise (N, V) loss in promote(input, target) dtype."""
+    n_rows, n_cols = input.shape
+    out_dtype = torch.promote_types(input.dtype, target.dtype)
+    block, warps = _block_settings(n_cols)
+    n_blocks = triton.cdiv(n_cols, block) if n_cols else 0
+    if reduced:
+        partial = torch.zeros((n_rows, n_blocks), dtype=torch.float32, device=input.device)
+        out = partial
+    else:
+        out = torch.empty((n_rows, n_cols), dtype=out_dtype, device=input.device)
+        partial = out
+    if input.numel():
+        with device_guard(input):
+            _kl_div_fwd_kernel[(n_rows, n_blocks)](
+                input, input.stride(0), target, target.stride(0), out, out.stride(0), partial,
+                n_cols, n_blocks, float(eps) if eps is not None else 0.0,
+                LOG_TARGET=log_target, HAS_EPS=eps is not None, REDUCED=reduced,
+                BLOCK_SIZE=block, num_warps=warps,
+            )
+    if reduced:
+        return partial.sum() * scale
+    return out
+
+
+@_kl_div_op.register_fake
+def _(input, target, reduced, scale, log_target, eps):
+    if reduced:
+        return input.new_empty((), dtype=torch.float32)
+    return input.new_empty(input.shape, dtype=torch.promote_types(input.dtype, target.dtype))
+
+
+@torch.library.custom_op("ligerzoo::kl_div_backward", mutates_args=())
+def _kl_div_backward_op(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduced: bool,
+    scale: float,
+    log_target: bool,
+    eps: Optional[float],
+    need_input: bool,
+    need_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (grad_input (N, V) or empty, grad_target (N, V) or empty)."""
+    n_rows, n_cols = input.shape
+    gi = torch.empty((n_rows, n_cols), dtype=input.dtype, device=input.device) if need_input else None
+    gt = torch.empty((n_rows, n_cols), dtype=target.dtype, device=target.device) if need_target else None
+    if reduced:
+        go = grad_out.reshape(1).to(torch.float32)                                  # (1,)
+        s0 = s1 = 0
+    else:
+        go = grad_out                                                                # (N, V), any strides
+        s0, s1 = go.stride()
+    if input.numel() and (need_input or need_target):
+        block, warps = _block_settings(n_cols)
+        dummy = gi if gi is not None else gt
+        with device_guard(input):
+            _kl_div_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+                input, input.stride(0), target, target.stride(0), go, s0, s1,
+                gi if gi is not None else dummy, dummy.stride(0) if gi is None else gi.stride(0),
+                gt if gt is not None else dummy, dummy.stride(0) if gt is None else gt.stride(0),
+                n_cols, float(scale), float(eps) if eps is not None else 0.0,
+                LOG_TARGET=log_target, HAS_EPS=eps is not None, GO_ELEMENTWISE=not reduced,
+                NEED_DX=need_input, NEED_DY=need_target, BLOCK_SIZE=block, num_warps=warps,
+            )
+    return (gi if gi is not None else input.new_empty(0), gt if gt is not None else target.new_empty(0))
+
+
+@_kl_div_backward_op.register_fake
+def _(grad_out, input, target, reduced, scale, log_target, eps, need_input, need_target):
+    gi = torch.empty_like(input, memory_format=torch.contiguous_format) if need_input else input.new_empty(0)
+    gt = torch.empty_like(target, memory_format=torch.contiguous_format) if need_target else target.new_empty(0)
+    return gi, gt
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, reduced, scale, log_target, eps = inputs
+    ctx.opts = (reduced, scale, log_target, eps)
+    ctx.save_for_backward(input, target)
+
+
+def _backward(ctx, grad_out):
+    input, target = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gi, gt = torch.ops.ligerzoo.kl_div_backward(grad_out, input, target, *ctx.opts, need_input, need_target)
+    return (gi if need_input else None, gt if need_target else None, None, None, None, None)
+
+
+torch.library.register_autograd("ligerzoo::kl_div", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------- reference
+def _reduction_scale(reduction: str, shape: torch.Size, numel: int) -> float:
+    if reduction == "mean":
+        return 1.0 / numel if numel else float("nan")
+    if reduction == "batchmean":
+        return 1.0 / shape[0] if shape[0] else float("nan")
+    return 1.0
+
+
+def kl_div_reference(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "batchmean",
+    log_target: bool = False,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """Plain-PyTorch :func:`kl_div` (same semantics and output dtypes), differentiable by
+    torch autograd. Math in ``promote(input, target, float32)``. At ``target == 0`` (with
+    ``log_target=False`` and no ``eps``) autograd's target gradient is NaN, not ``-inf``."""
+    cdt = torch.promote_types(torch.promote_types(input.dtype, target.dtype), torch.float32)
+    x = input.to(cdt)
+    y = target.to(cdt)
+    if log_target:
+        loss = torch.exp(y) * (y - x)
+    elif eps is not None:
+        loss = y * (torch.log(y.clamp(min=eps)) - x)
+    else:
+        loss = torch.xlogy(y, y) - y * x
+    if reduction == "none":
+        return loss.to(torch.promote_types(input.dtype, target.dtype))
+    total = loss.sum()
+    if cdt == torch.float32:
+        total = total.to(torch.float32)
+    return total * _reduction_scale(reduction, input.shape, input.numel())
+
+
+# ---------------------------------------------------------------------------- public
+def _check(input: torch.Tensor, target: torch.Tensor, reduction: str, eps: Optional[float]) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if input.dim() < 1:
+        raise ValueError("kl_div expects input with at least one dimension (..., V)")
+    if input.shape != target.shape:
+        raise ValueError(
+            f"input {tuple(input.shape)} and target {tuple(target.shape)} must have the same shape"
+        )
+    if not (input.is_floating_point() and target.is_floating_point()):
+        raise ValueError(f"input and target must be float tensors, got {input.dtype} and {target.dtype}")
+    if input.device != target.device:
+        raise ValueError(f"input is on {input.device} but target is on {target.device}")
+    if eps is not None and not float(eps) > 0.0:
+        raise ValueError(f"eps must be > 0 (or None), got {eps}")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (N, V) with unit column stride (a view when the strides allow)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "batchmean",
+    log_target: bool = False,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """KL divergence loss ``torch.nn.functional.kl_div(input, target, reduction, log_target)``.
+
+    ``input`` holds log-probabilities ``log q``; ``target`` holds ``p`` (or ``log p`` with
+    ``log_target=True``). Elementwise ``xlogy(p, p) - p * log q`` (``exp(log p) * (log p -
+    log q)``), reduced as torch does (see the module docstring; math from PyTorch's
+    ``KLDivLoss``, Kullback & Leibler 1951). Computed in fp32 for every input dtype.
+
+    Args:
+        input: (..., V) float (fp32 / bf16 / fp16; float64 runs the torch reference), any
+            strides. Rows are the leading dims flattened.
+        target: same shape and device as ``input``; any float dtype.
+        reduction: "none" | "sum" | "mean" (over all elements) | "batchmean" (sum divided
+            by ``input.shape[0]``, torch's convention).
+        log_target: ``target`` holds log-probabilities.
+        eps: optional clamp of ``p`` inside the log (``p * (log(max(p, eps)) - log q)``,
+            Liger Kernel's variant); ``None`` (default) is torch's exact ``xlogy``.
+
+    Returns:
+        fp32 scalar for the reductions; for "none" the (..., V) elementwise loss in
+        ``promote_types(input.dtype, target.dtype)`` (torch's dtype).
+
+    Gradients: with respect to ``input`` always (``-p`` times the reduction factor), and
+    with respect to ``target`` when it requires grad (``log p + 1 - log q``, or
+    ``exp(y)(y - log q + 1)`` for a log target; ``-inf`` where ``p == 0``).
+
+    Raises:
+        ValueError: shapes, devices differ, non-float tensors, unknown reduction, eps <= 0.
+    """
+    _check(input, target, reduction, eps)
+    eps = float(eps) if eps is not None else None
+    if not (_utils.use_triton(input) and input.dtype in _KERNEL_DTYPES and target.dtype in _KERNEL_DTYPES):
+        return kl_div_reference(input, target, reduction, log_target, eps)
+    shape = input.shape
+    reduced = reduction != "none"
+    scale = _reduction_scale(reduction, shape, input.numel())
+    out = torch.ops.ligerzoo.kl_div(_rows(input), _rows(target), reduced, scale, bool(log_target), eps)
+    return out if reduced else out.view(shape)

@@ -1,0 +1,244 @@
+"""Kernel benchmark: ligerzoo vs torch eager vs torch.compile vs Liger Kernel (when importable).
+
+For each op at Llama-3-8B sizes (hidden 4096, intermediate 14336, vocab 128256, 32/8 heads
+of 128) and a sweep of token counts: median time (``triton.testing.do_bench``) of the
+forward and of forward + backward (backward = the difference), and the peak memory of one
+forward + backward above what the inputs already hold. Writes ``benchmarks/kernels.csv``
+(op, mode, variant, x_name, x, ms, peak_mib, gpu, date) and ``benchmarks/kernels_<op>.png``.
+
+Usage (GPU): python scripts/bench_kernels.py [--ops rms_norm,cross_entropy] [--tokens 4096,8192,16384]
+             [--dtype bfloat16] [--out benchmarks]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+H, I, V, NH, NKV, D = 4096, 14336, 128256, 32, 8, 128
+
+
+def _liger(name):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # not installed / incompatible: the variant is skipped
+        return None
+
+
+def _torch_rms(x, w, eps=1e-6):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _torch_rope(q, k, cos, sin):
+    def rot(t):
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat((-t2, t1), dim=-1)
+    c, s = cos[:, :, None].to(q.dtype), sin[:, :, None].to(q.dtype)
+    return q * c + rot(q) * s, k * c + rot(k) * s
+
+
+def _torch_flce(x, w, t):
+    return F.cross_entropy((x @ w.T).float(), t)
+
+
+def op_specs(dtype):
+    """op -> (x_name, make(n_tokens) -> (inputs, {variant: fn(*inputs) -> output or tensors}))."""
+    from ligerzoo import kernels as K
+
+    fl = importlib.import_module("ligerzoo.kernels.fused_linear_cross_entropy")
+    lf = _liger("liger_kernel.transformers.functional")
+    dev = "cuda"
+
+    def rnd(*shape, grad=True, scale=1.0):
+        return (torch.randn(*shape, device=dev, dtype=dtype) * scale).requires_grad_(grad)
+
+    specs = {}
+
+    def rms(n):
+        x, w = rnd(n, H), rnd(H)
+        v = {"ligerzoo": lambda x, w: K.rms_norm(x, w, 1e-6), "torch": _torch_rms}
+        if lf:
+            v["liger"] = lambda x, w: lf.liger_rms_norm(x, w, 1e-6, in_place=False)
+        return (x, w), v
+    specs["rms_norm"] = ("tokens", rms)
+
+    def rope(n):
+        q, k = rnd(1, n, NH, D), rnd(1, n, NKV, D)
+        pos = torch.arange(n, device=dev)[None]
+        inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
+        cos, sin = K.rope_cos_sin(pos, inv)
+        v = {"ligerzoo": lambda q, k: K.rope(q, k, cos, sin), "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
+        if lf:  # Liger takes (B, H, T, D) and rotates in place: give it transposed copies
+            v["liger"] = lambda q, k: lf.liger_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
+                                                     cos.to(dtype), sin.to(dtype))
+        return (q, k), v
+    specs["rope"] = ("tokens", rope)
+
+    def glu(act):
+        def make(n):
+            gu = rnd(n, 2 * I)
+            ours = K.swiglu_fused if act == "silu" else importlib.import_module("ligerzoo.kernels.geglu").geglu_fused
+            tf = F.silu if act == "silu" else (lambda a: F.gelu(a, approximate="tanh"))
+            v = {"ligerzoo": ours, "torch": lambda gu: tf(gu[:, :I]) * gu[:, I:]}
+            if lf:
+                f = lf.liger_swiglu if act == "silu" else lf.liger_geglu
+                v["liger"] = lambda gu: f(gu[:, :I], gu[:, I:])
+            return (gu,), v
+        return make
+    specs["swiglu"] = ("tokens", glu("silu"))
+    specs["geglu"] = ("tokens", glu("gelu"))
+
+    def ce(n):
+        logits, t = rnd(n, V), torch.randint(0, V, (n,), device=dev)
+        v = {"ligerzoo": lambda z: K.cross_entropy(z, t), "torch": lambda z: F.cross_entropy(z.float(), t)}
+        if lf:
+            v["liger"] = lambda z: lf.liger_cross_entropy(z.clone(), t)  # Liger overwrites its input
+        return (logits,), v
+    specs["cross_entropy"] = ("tokens", ce)
+
+    def flce(n):
+        x, w, t = rnd(n, H), rnd(V, H, scale=0.02), torch.randint(0, V, (n,), device=dev)
+        v = {"ligerzoo": lambda x, w: fl.fused_linear_cross_entropy(x, w, t),
+             "torch": lambda x, w: _torch_flce(x, w, t)}
+        if lf:
+            v["liger"] = lambda x, w: lf.liger_fused_linear_cross_entropy(x, w, t, accum_dtype=torch.float32)
+        return (x, w), v
+    specs["fused_linear_cross_entropy"] = ("tokens", flce)
+
+    def lnorm(n):
+        x, w, b = rnd(n, H), rnd(H), rnd(H)
+        v = {"ligerzoo": lambda x, w, b: K.layer_norm(x, w, b, 1e-5) if hasattr(K, "layer_norm")
+             else importlib.import_module("ligerzoo.kernels.layer_norm").layer_norm(x, w, b, 1e-5),
+             "torch": lambda x, w, b: F.layer_norm(x, (H,), w, b, 1e-5)}
+        if lf:
+            v["liger"] = lambda x, w, b: lf.liger_layer_norm(x, w, b, 1e-5)
+        return (x, w, b), v
+    specs["layer_norm"] = ("tokens", lnorm)
+
+    def kl(n):
+        x = torch.log_softmax(torch.randn(n, V, device=dev, dtype=dtype), -1).requires_grad_()
+        y = torch.softmax(torch.randn(n, V, device=dev, dtype=dtype), -1)
+        klmod = importlib.import_module("ligerzoo.kernels.kl_div")
+        v = {"ligerzoo": lambda x: klmod.kl_div(x, y), "torch": lambda x: F.kl_div(x, y, reduction="batchmean")}
+        if lf:
+            v["liger"] = lambda x: lf.liger_kl_div(x, y, reduction="batchmean")
+        return (x,), v
+    specs["kl_div"] = ("tokens", kl)
+
+    def jsd_(n):
+        s = torch.log_softmax(torch.randn(n, V, device=dev, dtype=dtype), -1).requires_grad_()
+        t = torch.log_softmax(torch.randn(n, V, device=dev, dtype=dtype), -1)
+        jm = importlib.import_module("ligerzoo.kernels.jsd")
+
+        def torch_jsd(s):
+            m = torch.logsumexp(torch.stack([s.float(), t.float()]) + math.log(0.5), 0)
+            return 0.5 * (F.kl_div(m, s.float(), reduction="sum", log_target=True)
+                          + F.kl_div(m, t.float(), reduction="sum", log_target=True)) / n
+        v = {"ligerzoo": lambda s: jm.jsd(s, t), "torch": torch_jsd}
+        if lf:
+            v["liger"] = lambda s: lf.liger_jsd(s, t)
+        return (s,), v
+    specs["jsd"] = ("tokens", jsd_)
+    return specs
+
+
+def bench(fn, inputs, mode):
+    from triton.testing import do_bench
+
+    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def fwd():
+        with torch.no_grad() if mode == "forward" else torch.enable_grad():
+            return fn(*inputs)
+
+    def full():
+        out = fn(*inputs)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        for g in grads:
+            g.grad = None
+
+    f = fwd if mode == "forward" else full
+    ms = do_bench(f, warmup=25, rep=100, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    f()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", default=None)
+    ap.add_argument("--tokens", default="2048,4096,8192,16384")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--variants", default="ligerzoo,torch,compile,liger")
+    ap.add_argument("--out", default="benchmarks")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    specs = op_specs(dtype)
+    ops = args.ops.split(",") if args.ops else list(specs)
+    gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for op in ops:
+        x_name, make = specs[op]
+        for n in map(int, args.tokens.split(",")):
+            inputs, variants = make(n)
+            if "compile" in args.variants.split(","):
+                variants["compile"] = torch.compile(variants["torch"])
+            for variant, fn in variants.items():
+                if variant not in args.variants.split(","):
+                    continue
+                try:
+                    res = {m: bench(fn, inputs, m) for m in ("forward", "full")}
+                except Exception as e:  # OOM or an unsupported variant: recorded, not fatal
+                    print(f"{op:28s} {variant:9s} {n:6d}  failed: {type(e).__name__}: {str(e)[:80]}")
+                    torch.cuda.empty_cache()
+                    continue
+                res["backward"] = (res["full"][0] - res["forward"][0], float("nan"))
+                for mode, (ms, mib) in res.items():
+                    rows.append(dict(op=op, mode=mode, variant=variant, x_name=x_name, x=n, ms=round(ms, 4),
+                                     peak_mib=round(mib, 1), gpu=gpu, date=date))
+                print(f"{op:28s} {variant:9s} {n:6d}  fwd {res['forward'][0]:8.3f} ms  full {res['full'][0]:8.3f} ms"
+                      f"  peak {res['full'][1]:9.1f} MiB", flush=True)
+            del inputs, variants
+            torch.cuda.empty_cache()
+    path = out / "kernels.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for op in ops:
+            fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+            for variant in sorted({r["variant"] for r in rows if r["op"] == op}):
+                pts = [r for r in rows if r["op"] == op and r["variant"] == variant and r["mode"] == "full"]
+                ax[0].plot([r["x"] for r in pts], [r["ms"] for r in pts], "o-", label=variant)
+                ax[1].plot([r["x"] for r in pts], [r["peak_mib"] for r in pts], "o-", label=variant)
+            ax[0].set(title=f"{op}: forward+backward", xlabel="tokens", ylabel="ms (median)")
+            ax[1].set(title=f"{op}: peak memory", xlabel="tokens", ylabel="MiB above inputs")
+            ax[0].legend()
+            fig.tight_layout()
+            fig.savefig(out / f"kernels_{op}.png", dpi=80)
+            plt.close(fig)
+    except ImportError:
+        pass
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

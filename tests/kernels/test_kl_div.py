@@ -1,0 +1,334 @@
+"""kl_div: loss and gradients (input and target) against float64 torch.nn.functional.kl_div,
+through the Triton kernels (interpreter on CPU, see conftest) and the torch reference.
+
+Tolerances: the kernels compute in fp32 from the exact input values and round once to the
+output dtype, so a result is compared with the float64 one of the same inputs within a
+few ulps of its dtype, relative to each element and, as a floor, to the magnitude of the
+whole result (for a reduced loss: the same reduction of |elementwise loss|, which bounds
+the fp32 summation error). The CPU interpreter truncates fp32 -> bf16 (up to 1 ulp).
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels.kl_div import kl_div, kl_div_reference
+
+kl_mod = importlib.import_module("ligerzoo.kernels.kl_div")
+
+N, V = 13, 1000           # odd sizes; V spans 4 blocks of 256 (the last partial)
+REDUCTIONS = ["none", "sum", "mean", "batchmean"]
+ULPS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 4}
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(kl_mod, "MAX_BLOCK_SIZE", 256)
+
+
+@pytest.fixture
+def force_reference(monkeypatch):
+    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+
+
+def make_inputs(dtype, shape=(N, V), log_target=False, zeros=True, scale=3.0):
+    """input: log-probs of random logits; target: probabilities (with exact zeros) or log-probs."""
+    x = torch.log_softmax(torch.randn(shape) * scale, -1).to(dtype)
+    p = torch.softmax(torch.randn(shape) * 2, -1)
+    if zeros and not log_target:
+        p[..., ::7] = 0.0
+    t = p.log() if log_target else p
+    return x, t.to(dtype)
+
+
+def oracle(x, t, reduction, log_target, grad_out, need_target=False, eps=None, row_chunk=None):
+    """float64: torch's own kl_div (or the explicit clamped formula for eps). -> (loss, |loss|, gx, gt).
+
+    ``row_chunk`` (GPU sizes, no eps) evaluates the elementwise loss a block of rows at a time
+    and applies the reduction's divisor at the end (sum / numel for "mean", / size(0) for
+    "batchmean")."""
+    size = {"none": 1, "sum": 1, "mean": x.numel(), "batchmean": x.shape[0]}[reduction]
+    if row_chunk is not None:
+        gx = torch.empty_like(x, dtype=torch.float64)
+        total, mag, rows = 0.0, 0.0, []
+        for a in range(0, x.shape[0], row_chunk):
+            x64 = x[a:a + row_chunk].double().requires_grad_()
+            t64 = t[a:a + row_chunk].double()
+            pw = F.kl_div(x64, t64, reduction="none", log_target=log_target)
+            go = grad_out[a:a + row_chunk] if reduction == "none" else grad_out / size
+            (pw * go).sum().backward()
+            gx[a:a + row_chunk] = x64.grad
+            if reduction == "none":
+                rows.append(pw.detach())
+            total += float(pw.detach().sum())
+            mag += float(pw.detach().abs().sum())
+        if reduction == "none":
+            pw = torch.cat(rows)
+            return pw, pw.abs(), gx, None
+        return torch.tensor(total / size, dtype=torch.float64), mag / size, gx, None
+    x64 = x.detach().double().requires_grad_()
+    t64 = t.detach().double().requires_grad_(need_target)
+    if eps is None:
+        with warnings.catch_warnings():  # torch warns that "mean" is not "batchmean"
+            warnings.simplefilter("ignore", UserWarning)
+            loss = F.kl_div(x64, t64, reduction=reduction, log_target=log_target)
+        pw = F.kl_div(x64, t64, reduction="none", log_target=log_target)
+    else:
+        pw = t64 * (t64.clamp(min=eps).log() - x64)
+        loss = {"none": pw, "sum": pw.sum(), "mean": pw.mean(), "batchmean": pw.sum() / x.shape[0]}[reduction]
+    mag = pw.detach().abs() if reduction == "none" else pw.detach().abs().sum() / size
+    (loss * grad_out).sum().backward()
+    return loss.detach(), mag, x64.grad, (t64.grad if need_target else None)
+
+
+def check(actual, expected, dtype, scale=None, ulps=None):
+    """|a - e| <= k * eps(dtype) * (|e| + scale), scale = max|e| by default."""
+    tol = (ulps or ULPS[dtype]) * torch.finfo(dtype).eps
+    e = expected.detach().double().to(actual.device)
+    scale = float(e.abs().max()) if scale is None else float(scale)
+    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * max(scale, 1e-30))
+
+
+def grad_out_for(reduction, shape):
+    if reduction == "none":
+        return torch.randn(shape, dtype=torch.float64)
+    return torch.tensor(0.7 if reduction == "sum" else 1.0, dtype=torch.float64)
+
+
+def compare(fn, dtype, reduction, log_target, need_target=False, eps=None, make_kw=None, x=None, t=None):
+    if x is None:
+        x, t = make_inputs(dtype, log_target=log_target, zeros=not need_target, **(make_kw or {}))
+    saved = (x.clone(), t.clone())
+    go = grad_out_for(reduction, x.shape)
+    xs = x.clone().requires_grad_()
+    ts = t.clone().requires_grad_(need_target)
+    kw = {} if eps is None else dict(eps=eps)
+    out = fn(xs, ts, reduction=reduction, log_target=log_target, **kw)
+    out.backward(go.to(out.dtype))
+    ref, mag, gx, gt = oracle(x, t, reduction, log_target, go, need_target, eps)
+    if reduction == "none":
+        assert out.dtype == dtype and out.shape == x.shape
+        check(out, ref, dtype)
+    else:
+        assert out.dtype == torch.float32 and out.dim() == 0
+        check(out, ref, torch.float32, scale=mag)
+    assert xs.grad.dtype == dtype and torch.isfinite(xs.grad).all()
+    check(xs.grad, gx, dtype)
+    if need_target:
+        assert ts.grad.dtype == dtype and torch.isfinite(ts.grad).all()
+        check(ts.grad, gt, dtype)
+    else:
+        assert ts.grad is None
+    assert torch.equal(x, saved[0]) and torch.equal(t, saved[1])
+    return out, xs.grad
+
+
+# ---------------------------------------------------------------- Triton (interpreter)
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_triton_fp32(reduction, log_target):
+    compare(kl_div, torch.float32, reduction, log_target)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_triton_bf16(reduction, log_target):
+    compare(kl_div, torch.bfloat16, reduction, log_target)
+
+
+def test_triton_fp16():
+    compare(kl_div, torch.float16, "sum", True)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_target_gradient(reduction, log_target):
+    compare(kl_div, torch.float32, reduction, log_target, need_target=True)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+def test_target_gradient_at_zero_is_minus_inf():
+    x, t = make_inputs(torch.float32)
+    xs, ts = x.clone().requires_grad_(), t.clone().requires_grad_()
+    kl_div(xs, ts, reduction="sum").backward()
+    zero = t == 0
+    assert zero.any() and bool((ts.grad[zero] == float("-inf")).all())
+    assert torch.isfinite(ts.grad[~zero]).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_eps_clamp(reduction):
+    x, t = make_inputs(torch.float32)
+    t[0, :5] = 1e-12                                          # below eps: clamped inside the log
+    compare(kl_div, torch.float32, reduction, False, need_target=True, eps=1e-10, x=x, t=t.clamp(min=1e-12))
+
+
+def test_single_block(monkeypatch):
+    monkeypatch.setattr(kl_mod, "MAX_BLOCK_SIZE", 4096)       # V=1000 in one masked block of 1024
+    compare(kl_div, torch.float32, "batchmean", False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_inputs(dtype):
+    # log-probs down to ~ -1e4 and probabilities that underflow
+    compare(kl_div, dtype, "sum", True, make_kw=dict(scale=3e3))
+    compare(kl_div, dtype, "none", False, make_kw=dict(scale=3e3))
+
+
+def test_3d_batchmean_divides_by_first_dim():
+    """(B, T, V): "batchmean" divides by B (torch's convention), "mean" by every element."""
+    compare(kl_div, torch.float32, "batchmean", False, make_kw=dict(shape=(3, 5, 37)))
+    compare(kl_div, torch.float32, "mean", True, make_kw=dict(shape=(3, 5, 37)))
+    compare(kl_div, torch.float32, "none", False, make_kw=dict(shape=(3, 5, 37)))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+def test_non_contiguous_and_expanded_grad():
+    x, t = make_inputs(torch.float32)
+    xt = x.t().contiguous().requires_grad_()
+    tt = t.t().contiguous().requires_grad_()
+    out = kl_div(xt.t(), tt.t(), reduction="none")
+    out.sum().backward()                               # incoming gradient: an expanded (stride 0) tensor
+    go = torch.ones(N, V, dtype=torch.float64)
+    ref, _, gx, gt = oracle(x, t, "none", False, go, need_target=False)
+    check(out, ref, torch.float32)
+    check(xt.grad.t(), gx, torch.float32)
+    assert tt.grad is not None                         # zeros in t: -inf there, finite elsewhere
+    assert torch.isfinite(tt.grad.t()[t > 0]).all()
+
+
+def test_no_grad_and_frozen_input():
+    x, t = make_inputs(torch.float32)
+    ref = oracle(x, t, "batchmean", False, torch.tensor(1.0, dtype=torch.float64))[0]
+    with torch.no_grad():
+        out = kl_div(x.clone().requires_grad_(), t)
+    assert not out.requires_grad
+    check(out, ref, torch.float32, scale=abs(float(ref)))
+    out = kl_div(x, t)                                 # nothing requires grad
+    assert not out.requires_grad
+    check(out, ref, torch.float32, scale=abs(float(ref)))
+
+
+def test_second_backward_through_graph():
+    """The backward recomputes from saved inputs, so a retained graph can be reused."""
+    x, t = make_inputs(torch.float32)
+    xs = x.clone().requires_grad_()
+    loss = kl_div(xs, t, reduction="sum")
+    loss.backward(retain_graph=True)
+    g1 = xs.grad.clone()
+    loss.backward()
+    check(xs.grad, 2 * g1, torch.float32)
+
+
+def test_bad_arguments_raise():
+    x, t = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match="same shape"):
+        kl_div(x, t[:-1])
+    with pytest.raises(ValueError, match="reduction"):
+        kl_div(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="float"):
+        kl_div(x, (t > 0).long())
+    with pytest.raises(ValueError, match="eps"):
+        kl_div(x, t, eps=0.0)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        kl_div(x[0, 0], t[0, 0])
+
+
+def test_torch_compile_fullgraph():
+    x, t = make_inputs(torch.float32, log_target=True)
+
+    def f(a, b):
+        return kl_div(a, b, reduction="none", log_target=True)
+
+    go = torch.randn(N, V)
+    outs = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(go)
+        outs.append((out.detach(), a.grad, b.grad))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r)
+
+
+# ----------------------------------------------------------------------- reference path
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_function(dtype, reduction, log_target):
+    compare(kl_div_reference, dtype, reduction, log_target)
+    compare(kl_div_reference, dtype, reduction, log_target, need_target=True)
+
+
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_public_function_reference_dispatch(force_reference, reduction, log_target):
+    compare(kl_div, torch.float32, reduction, log_target)
+
+
+def test_reference_dispatch_eps_and_extreme(force_reference):
+    x, t = make_inputs(torch.float32)
+    compare(kl_div, torch.float32, "sum", False, need_target=True, eps=1e-10, x=x, t=t.clamp(min=1e-12))
+    compare(kl_div, torch.bfloat16, "none", True, make_kw=dict(scale=3e3))
+
+
+def test_float64_runs_reference():
+    x, t = make_inputs(torch.float64)
+    out = kl_div(x, t, reduction="batchmean")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, F.kl_div(x, t, reduction="batchmean"))
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("log_target", [False, True])
+def test_gpu_real_size(dtype, reduction, log_target):
+    n, v = 8192, 128256
+    x = torch.log_softmax(torch.randn(n, v, device="cuda") * 3, -1).to(dtype)
+    t = torch.softmax(torch.randn(n, v, device="cuda") * 2, -1)
+    t = (t.log() if log_target else t).to(dtype)
+    saved = (x.clone(), t.clone())
+    xs = x.clone().requires_grad_()
+    out = kl_div(xs, t, reduction=reduction, log_target=log_target)
+    go = grad_out_for(reduction, x.shape).cuda()
+    out.backward(go.to(out.dtype))
+    ref, mag, gx, _ = oracle(x, t, reduction, log_target, go, row_chunk=1024)
+    check(out, ref, dtype if reduction == "none" else torch.float32, scale=None if reduction == "none" else mag)
+    check(xs.grad, gx, dtype)
+    assert torch.equal(saved[0], x) and torch.equal(saved[1], t)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_compile_and_target_grad():
+    n, v = 4096, 128256
+    x = torch.log_softmax(torch.randn(n, v, device="cuda") * 3, -1).bfloat16()
+    t = torch.log_softmax(torch.randn(n, v, device="cuda") * 2, -1).bfloat16()
+
+    def f(a, b):
+        return kl_div(a, b, reduction="batchmean", log_target=True)
+
+    outs = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
+        out = fn(a, b)
+        out.backward()
+        outs.append((out.detach(), a.grad, b.grad))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r)
+    ref, mag, gx, gt = oracle(x, t, "batchmean", True, torch.tensor(1.0, dtype=torch.float64, device="cuda"),
+                              need_target=True)
+    check(outs[1][0], ref, torch.float32, scale=mag)
+    check(outs[1][1], gx, torch.bfloat16)
+    check(outs[1][2], gt, torch.bfloat16)

@@ -1,0 +1,60 @@
+"""The nn.Module wrappers against their torch counterparts (CPU; Triton under the interpreter)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ligerzoo.nn as lnn
+
+
+def test_norm_modules_match_torch():
+    x = torch.randn(3, 5, 37)
+    ln = lnn.LayerNorm(37)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5), ln.bias.normal_()
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (37,), ln.weight, ln.bias, 1e-5), atol=1e-5, rtol=1e-5)
+    gn = lnn.GroupNorm(6, 3)
+    y = torch.randn(2, 6, 7)
+    torch.testing.assert_close(gn(y), F.group_norm(y, 3, gn.weight, gn.bias, 1e-5), atol=1e-5, rtol=1e-5)
+    rms = lnn.RMSNorm(37, eps=1e-6)
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(rms(x), ref, atol=1e-5, rtol=1e-5)
+    r = torch.randn_like(x)
+    normed, res = rms(x, r)
+    torch.testing.assert_close(res, x + r)
+    torch.testing.assert_close(normed, rms(x + r), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        lnn.GroupNorm(5, 3)
+
+
+@pytest.mark.parametrize("cls,act", [(lnn.SwiGLUMLP, F.silu), (lnn.GeGLUMLP, lambda a: F.gelu(a, approximate="tanh"))])
+def test_gated_mlps_match_torch(cls, act):
+    m = cls(24, 40)
+    x = torch.randn(2, 3, 24)
+    gate, up = m.w_gate_up(x).split(40, dim=-1)
+    torch.testing.assert_close(m(x), m.w_down(act(gate) * up), atol=1e-5, rtol=1e-5)
+
+
+def test_losses_match_torch():
+    logits, target = torch.randn(9, 50), torch.randint(0, 50, (9,))
+    target[2] = -100
+    torch.testing.assert_close(lnn.CrossEntropyLoss()(logits, target), F.cross_entropy(logits, target))
+    x, w = torch.randn(9, 16), torch.randn(50, 16)
+    torch.testing.assert_close(lnn.FusedLinearCrossEntropyLoss()(w, x, target), F.cross_entropy(x @ w.T, target),
+                               atol=1e-5, rtol=1e-5)
+    logp, q = F.log_softmax(torch.randn(9, 50), -1), F.softmax(torch.randn(9, 50), -1)
+    torch.testing.assert_close(lnn.KLDivLoss()(logp, q), F.kl_div(logp, q, reduction="batchmean"))
+    s, t = F.log_softmax(torch.randn(9, 50), -1), F.log_softmax(torch.randn(9, 50), -1)
+    # beta = 0 is forward KL(teacher || student), averaged over rows
+    ref = F.kl_div(s, t, reduction="sum", log_target=True) / 9
+    torch.testing.assert_close(lnn.JSD(beta=0.0)(s, t), ref, atol=1e-5, rtol=1e-5)
+    xs, xt, ws, wt = torch.randn(9, 16), torch.randn(9, 12), torch.randn(50, 16), torch.randn(50, 12)
+    ref = lnn.JSD(beta=0.5)(F.log_softmax(xs @ ws.T, -1), F.log_softmax(xt @ wt.T, -1))
+    torch.testing.assert_close(lnn.FusedLinearJSD(beta=0.5)(xs, ws, xt, wt), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_matches_torch():
+    e = lnn.Embedding(30, 8, padding_idx=0)
+    ids = torch.tensor([[0, 3, 3, 29]])
+    torch.testing.assert_close(e(ids), F.embedding(ids, e.weight))
+    e(ids).sum().backward()
+    assert not e.weight.grad[0].any() and torch.equal(e.weight.grad[3], torch.full((8,), 2.0))
