@@ -20,6 +20,10 @@ BASE = dict(vocab_size=151, hidden_size=48, intermediate_size=72, num_hidden_lay
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        attention_bias=True, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 16})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, head_dim=16)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                              output_router_logits=True, router_aux_loss_coef=0.02)),
@@ -174,3 +178,36 @@ def test_shape_mismatch_names_tensor_and_shapes_for_every_family(tmp_path):
         with pytest.raises(ValueError, match=r"tensor '.*' in model\.safetensors has shape \(.*48.*\), but the config "
                                              r"expects \(.*40.*\)"):
             ligerzoo.from_hf(tmp_path / name)
+
+
+def _to_v4_layout(cfg: dict) -> dict:
+    """A transformers-5 config.json rewritten in the 4.x layout: top-level rope_theta +
+    rope_scaling ("type" key), partial_rotary_factor and original_max_position_embeddings
+    top-level, torch_dtype instead of dtype, no layer_types."""
+    cfg = dict(cfg)
+    rope = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    rope_type = rope.pop("rope_type", "default")
+    cfg["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg.pop("layer_types", None)
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_transformers4_config_layout_reads_the_same(tmp_path, name):
+    make_hf(name, tmp_path / "v5")
+    v5 = json.loads((tmp_path / "v5" / "config.json").read_text())
+    assert "rope_parameters" in v5
+    (tmp_path / "v4").mkdir()
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(_to_v4_layout(v5)))
+    (tmp_path / "v4" / "model.safetensors").symlink_to(tmp_path / "v5" / "model.safetensors")
+    a, b = ligerzoo.from_hf(tmp_path / "v5"), ligerzoo.from_hf(tmp_path / "v4")
+    fields = ("rope_theta", "rope_scaling", "partial_rotary_factor", "layer_types", "sliding_window", "dtype",
+              "head_dim", "tie_word_embeddings", "attn_softcap", "num_local_experts")
+    assert {f: getattr(a.config, f) for f in fields} == {f: getattr(b.config, f) for f in fields}
+    ids = torch.randint(3, BASE["vocab_size"], (1, 20))  # past phi3's original 16: long factors
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
