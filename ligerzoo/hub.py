@@ -9,6 +9,7 @@ directory that is renamed into place only when complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -49,17 +50,17 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     if path.is_dir():
         return path
     text = str(id_or_dir)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if path.exists() or text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1:
         raise FileNotFoundError(f"{text!r} is not a checkpoint directory (and not a hub repo id 'org/name')")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         snap = Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", *SIDE_FILES]))
         index = snap / INDEX_FILE
         weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [SINGLE_FILE]
         return Path(snapshot_download(text, revision=revision, allow_patterns=weights))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
         raise FileNotFoundError(
             f"could not resolve {text!r}: not a local directory, and the hub snapshot is not available "
             f"({type(e).__name__}: {e})") from e
@@ -126,10 +127,11 @@ def _file_tensors(directory: Path):
     for file, listed in weight_files(directory).items():
         with safe_open(str(Path(directory) / file), framework="pt", device="cpu") as f:
             keys = list(f.keys())
-            if listed is not None:
+            if listed is not None:  # the index is the authority: read what it assigns to this file
                 absent = set(listed) - set(keys)
                 if absent:
                     raise ValueError(f"{file} lacks tensor(s) that {INDEX_FILE} assigns to it: {_listing(absent)}")
+                keys = listed
             for key in keys:
                 yield file, key, tuple(f.get_slice(key).get_shape()), (lambda k=key: f.get_tensor(k))
 
@@ -245,7 +247,9 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     from huggingface_hub import split_torch_state_dict_into_shards
 
     target = Path(save_directory).expanduser().absolute()
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file, not a directory; choose another path")
+    if target.exists() and not overwrite and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     fam = family(model.config.model_type)
     km = fam.key_map(model.config)
@@ -268,8 +272,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        hf = model.config.hf_config or fam.config_to_hf(model.config)
-        (tmp / CONFIG_FILE).write_text(json.dumps(with_dtype(hf, dtype), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(with_dtype(hf_config_for(model.config), dtype), indent=2) + "\n")
         source = getattr(model, "source_dir", None)
         for name in SIDE_FILES if source is not None else ():
             if (Path(source) / name).is_file():
@@ -279,6 +282,26 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# Keys that config_to_hf owns in some layout: never carried over from a stale original.
+_OWNED_KEYS = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "layer_types", "dtype",
+               "torch_dtype", "original_max_position_embeddings", "use_sliding_window", "max_window_layers"}
+
+
+def hf_config_for(config) -> dict:
+    """The config.json dict for ``config``: the original file's dict when ``config`` still
+    describes it (so its schema, 4.x or 5.x, and every extra key survive), else one generated
+    from the current fields (4.x layout) plus the original's keys the family does not own."""
+    fam = family(config.model_type)
+    generated = fam.config_to_hf(config)
+    original = config.hf_config
+    if original is None:
+        return generated
+    if dataclasses.replace(fam.config_from_hf(original), dtype=None) == dataclasses.replace(config, dtype=None):
+        return original
+    extra = {k: v for k, v in original.items() if k not in generated and k not in _OWNED_KEYS}
+    return extra | generated
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -119,11 +119,15 @@ def main(argv=None) -> int:
         hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).to(device).eval()
         ids = torch.tensor([tok.encode(CHECK_PROMPT)], device=device)
         with torch.no_grad():
-            diff = (model(ids).logits.float() - hf(ids).logits.float()).abs().max().item()
+            ours_logits, hf_logits = model(ids).logits.float(), hf(ids).logits.float()
+        diff = (ours_logits - hf_logits).abs().max().item()
+        scale = hf_logits.abs().max().item()
     summary["logit_diff"] = diff
     print(f"[4] save_hf -> {out_dir} in {t_save:.2f} s; transformers reloads it: max |logit diff| on "
           f"{CHECK_PROMPT!r} = {diff:.2e}")
-    limit = 1e-4 if dtype == torch.float32 else 5e-2
+    # fp32: the two implementations agree to rounding. bf16: two bf16 pipelines differ by a few
+    # bf16 steps of the largest logits (one step at 32 is 0.125), so the bound is relative to them.
+    limit = 1e-4 if dtype == torch.float32 else 0.03 * scale
     ok = diff < limit and after < before
     print(f"\nsummary: load {summary['load_s']:.2f} s | answer {answer!r} | held-out loss {before:.4f} -> "
           f"{after:.4f} | {summary['tok_s']:.0f} tokens/s | max |logit diff| {diff:.2e} | {'OK' if ok else 'FAILED'}")

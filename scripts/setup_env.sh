@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (once) and activate the project virtualenv with ligerzoo and its test extra.
-# Sourced by scripts/demo.sh and scripts/test.sh. A CPU build of torch is installed first
-# (pinned, so pip never pulls a multi-GB CUDA build on a machine without a GPU); on a
+# Sourced by scripts/demo.sh and scripts/test.sh. Without a GPU, torch is pinned to 2.13.0
+# (this project's machines hold a CPU build of it on disk; elsewhere set PIP_INDEX_URL or
+# PIP_EXTRA_INDEX_URL to a CPU wheel index first, or pip takes PyPI's larger CUDA build). On a
 # machine that already has torch (e.g. a GPU image), set LIGERZOO_SYSTEM_PYTHON=1 to use it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -233,3 +233,47 @@ def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
         ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="40KB", overwrite=True)
     _assert_same_tensors(before, read_safetensors_dir(tmp_path / "out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
+
+
+def test_save_writes_the_models_current_config(tmp_path):
+    """A config changed after loading (or derived with replace) is what save_hf writes."""
+    from transformers import LlamaForCausalLM
+
+    make_hf_llama(tmp_path / "hf")
+    src = ligerzoo.from_hf(tmp_path / "hf")
+    small = ligerzoo.CausalLM(src.config.replace(num_hidden_layers=1))
+    small.config.eos_token_id = 7
+    ligerzoo.save_hf(small, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 and cfg["eos_token_id"] == 7
+    back, info = LlamaForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, 173, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, back(ids).logits, atol=1e-5, rtol=1e-5)
+    assert ligerzoo.from_hf(tmp_path / "out").config.num_hidden_layers == 1
+
+
+def test_float64_and_auto_dtypes(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    ligerzoo.save_hf(ligerzoo.from_hf(tmp_path / "hf", dtype=torch.float64), tmp_path / "f64")
+    assert ligerzoo.from_hf(tmp_path / "f64").embed.weight.dtype == torch.float64
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"dtype": "auto"}))
+    assert ligerzoo.from_hf(tmp_path / "hf").embed.weight.dtype == torch.float32
+
+
+def test_index_is_the_authority_and_paths_are_checked(tmp_path):
+    make_hf_llama(tmp_path / "hf", save_kwargs=dict(max_shard_size="40KB"))
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(tmp_path / "hf" / shard)
+    tensors["model.norm.weight"] = torch.full_like(tensors[next(iter(tensors))][:1].flatten(), 7.0)  # stale extra
+    save_file(tensors, tmp_path / "hf" / shard, metadata={"format": "pt"})
+    model = ligerzoo.from_hf(tmp_path / "hf")  # a tensor the index does not assign here is not read
+    assert not (model.norm.weight == 7.0).any()
+    with pytest.raises(FileNotFoundError):
+        ligerzoo.from_hf("no-such-dir/")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        ligerzoo.save_hf(model, tmp_path / "afile", overwrite=True)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 _DTYPES = {
+    "float64": torch.float64,
+    "double": torch.float64,
     "float32": torch.float32,
     "float": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -34,9 +36,12 @@ HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 
 
 def dtype_from_str(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None -> None."""
+    """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None and
+    ``"auto"`` (transformers' "use the checkpoint's") -> None."""
     if name is None or isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return None
     key = str(name).removeprefix("torch.")
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")

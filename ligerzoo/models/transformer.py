@@ -452,6 +452,7 @@ class CausalLM(nn.Module):
             num_items_in_batch: the number of target tokens in the whole optimizer step
                 (int or 0-d tensor), for gradient accumulation: loss = summed token loss /
                 num_items_in_batch. Default: this batch's number of non-ignored targets.
+                Values below 1 count as 1 (a step without targets has loss 0 anyway).
 
         Returns:
             ``CausalLMOutput(loss, logits, aux_loss)``: loss a 0-d float32 tensor (0 when
@@ -479,7 +480,7 @@ class CausalLM(nn.Module):
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss_sum.device).clamp(min=1)
         else:
-            num_items_in_batch = max(int(num_items_in_batch), 1)
+            num_items_in_batch = max(num_items_in_batch, 1)
         loss = loss_sum / num_items_in_batch
         if aux is not None:
             loss = loss + self.config.router_aux_loss_coef * aux
@@ -502,10 +503,20 @@ class CausalLM(nn.Module):
             max_new_tokens: tokens to add at most.
             attention_mask: (B, T), 1 for real tokens; None means no padding.
             eos_token_id: int or list of ints; a row stops at its first one (later positions
-                are filled with the first eos id). Default: the config's.
+                are filled with the first eos id). Default: the config's; ``[]`` never stops early.
+            temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
+            top_k: when sampling, keep only the k most likely tokens (k >= 1).
         Returns:
             (B, T + n) int64, n <= max_new_tokens.
+
+        Raises:
+            ValueError: input_ids not 2-D, a negative temperature or max_new_tokens, top_k < 1.
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need temperature >= 0, max_new_tokens >= 0 and top_k >= 1 (or None); got "
+                             f"temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")
         B, T = input_ids.shape
         device = input_ids.device
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
