@@ -115,6 +115,13 @@ def _check_coverage(params: dict[str, torch.Tensor], km: KeyMap) -> None:
                 raise RuntimeError(f"internal error: the key map does not cover parameter {name} exactly: {spans}")
 
 
+def _named_params(model) -> dict[str, torch.Tensor]:
+    """Parameters by their plain names, looking through torch.compile and activation
+    checkpointing wrappers (``_orig_mod.``, ``._checkpoint_wrapped_module``)."""
+    return {n.replace("_orig_mod.", "").replace("._checkpoint_wrapped_module", ""): p
+            for n, p in model.named_parameters()}
+
+
 def _listing(keys, limit: int = 12) -> str:
     keys = sorted(keys)
     more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -138,7 +145,7 @@ def _file_tensors(directory: Path):
 
 @torch.no_grad()
 def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
-    params = dict(model.named_parameters())
+    params = _named_params(model)
     _check_coverage(params, km)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -253,7 +260,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     fam = family(model.config.model_type)
     km = fam.key_map(model.config)
-    params = dict(model.named_parameters())
+    params = _named_params(model)
     dtype = dtype_from_str(dtype) or model.embed.weight.dtype
     plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)

@@ -1,0 +1,32 @@
+"""Training-time wrappers applied from outside the model (as torchtitan does): activation
+checkpointing per decoder block and FSDP2 sharding. The model code knows nothing of them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each decoder block's activations in backward instead of storing them
+    (``torch.utils.checkpoint``, non-reentrant): activation memory drops from O(layers) blocks
+    to one block plus the block inputs, for one extra forward of compute. In place; returns model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    return model
+
+
+def apply_fsdp(model: nn.Module, mesh=None, *, mp_dtype: torch.dtype | None = torch.bfloat16,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """Shard with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder block is one
+    unit, then the root (embedding, final norm, head). ``mp_dtype`` sets the parameter dtype
+    for compute (gradients are reduced in fp32). Call after ``torch.distributed`` is
+    initialised (e.g. under ``torchrun``). In place; returns model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model

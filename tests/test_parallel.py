@@ -1,0 +1,32 @@
+"""Activation checkpointing changes memory, not math: same loss and gradients."""
+import torch
+
+import ligerzoo
+from ligerzoo.parallel import apply_activation_checkpointing
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    cfg = ligerzoo.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    torch.manual_seed(0)
+    a = ligerzoo.CausalLM(cfg)
+    b = ligerzoo.CausalLM(cfg)
+    b.load_state_dict(a.state_dict())
+    apply_activation_checkpointing(b)
+    ids = torch.randint(0, 97, (2, 9))
+    la, lb = a(ids, labels=ids).loss, b(ids, labels=ids).loss
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{n}: {m}")
+
+
+def test_save_hf_sees_through_checkpoint_wrappers(tmp_path):
+    from tests.helpers import make_hf_llama, read_safetensors_dir
+
+    make_hf_llama(tmp_path / "hf")
+    model = apply_activation_checkpointing(ligerzoo.from_hf(tmp_path / "hf"))
+    ligerzoo.save_hf(model, tmp_path / "out")
+    src, out = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(tmp_path / "out")
+    assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
