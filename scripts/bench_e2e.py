@@ -1,0 +1,227 @@
+"""End-to-end training step benchmark (GPU): ligerzoo vs transformers eager (SDPA) vs
+transformers + Liger Kernel vs transformers + torch.compile, each variant in its own process.
+
+A step = forward, backward, fused AdamW step, bf16 weights, same random weights and batch.
+Reports tokens/s, model TFLOP/s (matmul FLOPs of the linear layers and attention, not the
+embedding lookup: 6 * N_matmul * tokens + 12 * layers * hidden_q * T * tokens / 2 for causal
+attention), MFU against the bf16 matmul rate measured in the same run (8192^3, median), and
+peak memory. Writes <out>/e2e.csv (model, batch, seq_len, variant, checkpointing,
+tokens_per_s, tflops, mfu, peak_gib, gpu, date) and <out>/e2e.png.
+
+Usage:
+  python scripts/bench_e2e.py                              # the default suite
+  python scripts/bench_e2e.py --models llama3-8b-8l --shapes 8x4096 --variants ligerzoo,liger
+  python scripts/bench_e2e.py --longest llama3-8b-8l       # longest seq_len at batch 1 (doubling from 4096)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {  # HF config kwargs (model_type, fields); layers cut down from the real checkpoints
+    "llama3-8b-8l": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                   num_key_value_heads=8, num_hidden_layers=8, vocab_size=128256,
+                                   max_position_embeddings=262144, rope_theta=500000.0, tie_word_embeddings=False)),
+    "qwen2.5-7b-4l": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                    num_key_value_heads=4, num_hidden_layers=4, vocab_size=152064,
+                                    max_position_embeddings=131072, rope_theta=1e6, tie_word_embeddings=False)),
+    "gemma2-9b-4l": ("gemma2", dict(hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                                    num_key_value_heads=8, head_dim=256, num_hidden_layers=4, vocab_size=256000,
+                                    max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256)),
+    "mixtral-8x7b-2l": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                        num_key_value_heads=8, num_hidden_layers=2, vocab_size=32000,
+                                        num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+                                        max_position_embeddings=32768)),
+}
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+
+
+def matmul_rate() -> float:
+    """bf16 matmul TFLOP/s on random 8192^3 operands (median of do_bench)."""
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+
+
+def model_flops(cfg, B: int, T: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward)."""
+    H, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    experts = getattr(cfg, "num_experts_per_tok", 1) if getattr(cfg, "num_local_experts", 0) else 1
+    per_layer = H * (q + 2 * kv) + q * H + 3 * H * cfg.intermediate_size * experts
+    linear = L * per_layer + V * H  # the LM head; the embedding is a lookup
+    attention = 2 * L * q * T  # per token: QK^T and PV, causal half of 2*T*q each
+    return 6 * linear * B * T + 6 * attention * B * T
+
+
+def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int, warmup: int) -> dict:
+    import transformers
+
+    model_type, fields = MODELS[model]
+    cfg_cls, cls = HF_CLASSES[model_type]
+    cfg = getattr(transformers, cfg_cls)(**fields)
+    cfg._attn_implementation = "eager" if model_type == "gemma2" and variant != "ligerzoo" else "sdpa"
+    torch.manual_seed(0)
+    if variant == "ligerzoo":
+        sys.path.insert(0, str(ROOT))
+        import ligerzoo
+        from ligerzoo.parallel import apply_activation_checkpointing
+
+        config = ligerzoo.models.config_from_hf(cfg.to_dict())
+        with torch.device("cuda"):
+            m = ligerzoo.CausalLM(config).to(torch.bfloat16)
+        if ckpt:
+            apply_activation_checkpointing(m)
+        fwd = lambda ids: m(ids, labels=ids).loss  # noqa: E731
+    else:
+        if variant == "liger":
+            from liger_kernel.transformers import _apply_liger_kernel
+
+            _apply_liger_kernel(model_type)
+        with torch.device("cuda"):
+            m = getattr(transformers, cls)(cfg).to(torch.bfloat16)
+        if ckpt:
+            m.gradient_checkpointing_enable()
+        call = torch.compile(m) if variant == "compile" else m
+        fwd = lambda ids: call(input_ids=ids, labels=ids).loss  # noqa: E731
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+
+    def step():
+        loss = fwd(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    return dict(tokens_per_s=B * T / dt, tflops=model_flops(cfg, B, T) / dt / 1e12,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item())
+
+
+def child(args) -> int:
+    try:
+        r = run_variant(args.model, args.variant, args.batch, args.seq_len, args.ckpt, args.steps, args.warmup)
+    except torch.OutOfMemoryError:
+        r = {"oom": True}
+    print("RESULT " + json.dumps(r), flush=True)
+    return 0
+
+
+def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=900) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--variant", variant, "--batch", str(B),
+           "--seq-len", str(T), "--steps", str(steps), "--warmup", str(warmup)] + (["--ckpt"] if ckpt else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][7:]) if lines else {"error": r.stderr[-800:]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="llama3-8b-8l")
+    ap.add_argument("--variant", default="ligerzoo")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--ckpt", action="store_true")
+    ap.add_argument("--models", default="llama3-8b-8l,qwen2.5-7b-4l,gemma2-9b-4l,mixtral-8x7b-2l")
+    ap.add_argument("--shapes", default="8x4096,4x2048")
+    ap.add_argument("--variants", default="ligerzoo,hf,liger,compile")
+    ap.add_argument("--checkpointing", default="off,on")
+    ap.add_argument("--longest", default=None, help="model to search the longest batch-1 sequence for")
+    ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
+    ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
+    ap.add_argument("--out", default="benchmarks")
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    rate = matmul_rate()
+    gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
+    print(f"bf16 matmul rate (8192^3, median): {rate:.0f} TFLOP/s", flush=True)
+    rows = []
+
+    def record(model, B, T, variant, ckpt, r):
+        row = dict(model=model, batch=B, seq_len=T, variant=variant, checkpointing=ckpt,
+                   tokens_per_s=round(r.get("tokens_per_s", 0)), tflops=round(r.get("tflops", 0), 1),
+                   mfu=round(r.get("tflops", 0) / rate, 3), peak_gib=round(r.get("peak_gib", 0), 2), gpu=gpu, date=date)
+        rows.append(row)
+        status = "OOM" if r.get("oom") else r.get("error", "")[-200:]
+        print(f"{model:16s} {B}x{T:<7d} {variant:9s} ckpt={ckpt!s:5s} {row['tokens_per_s']:>8d} tok/s "
+              f"{row['tflops']:6.1f} TFLOP/s mfu {row['mfu']:.3f} peak {row['peak_gib']:6.2f} GiB {status}", flush=True)
+
+    if args.longest:
+        for variant in args.variants.split(","):
+            T = 4096
+            while True:
+                r = spawn(args.longest, variant, 1, T, False, 2, 1)
+                record(args.longest, 1, T, variant, False, r)
+                if "tokens_per_s" not in r or T >= 1 << 20:
+                    break
+                T *= 2
+    else:
+        for model in args.models.split(","):
+            for shape in args.shapes.split(","):
+                B, T = map(int, shape.split("x"))
+                for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
+                    for variant in args.variants.split(","):
+                        record(model, B, T, variant, ckpt, spawn(model, variant, B, T, ckpt, args.steps, args.warmup))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("e2e_longest.csv" if args.longest else "e2e.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = sorted({(r["model"], r["batch"], r["seq_len"], r["checkpointing"]) for r in rows})
+        variants = sorted({r["variant"] for r in rows})
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+        width = 0.8 / len(variants)
+        for j, v in enumerate(variants):
+            ys = [next((r["tokens_per_s"] for r in rows if (r["model"], r["batch"], r["seq_len"], r["checkpointing"])
+                        == lab and r["variant"] == v), 0) for lab in labels]
+            ax.bar([i + j * width for i in range(len(labels))], ys, width, label=v)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+        ax.set_xticklabels([f"{m}\n{b}x{t}{' ckpt' if c else ''}" for m, b, t, c in labels], fontsize=7)
+        ax.set_ylabel("tokens/s")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".png"), dpi=80)
+    except ImportError:
+        pass
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
