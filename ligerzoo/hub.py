@@ -150,15 +150,24 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
     seen: set[str] = set()
     unexpected: list[str] = []
     alternatives_seen: list[Slot] = []
+    written: list[tuple[str, Slot]] = []
+    duplicates: list[tuple[str, tuple, torch.Tensor]] = []
     for where, key, shape, read in tensors:
         slot = km.slots.get(key)
         if slot is None and key in km.alternatives:
             slot = km.alternatives[key]
             alternatives_seen.append(slot)
         if slot is None:
-            if not km.ignored(key):
+            if key in km.duplicates:
+                duplicates.append((key, shape, read()))  # compared once everything is loaded
+            elif not km.ignored(key):
                 unexpected.append(key)
             continue
+        clash = next((k for k, s in written if s.overlaps(slot)), None)
+        if clash is not None:
+            raise ValueError(f"{source} holds {key!r} and {clash!r}, two copies of the same weights "
+                             f"(e.g. two checkpoint layouts mixed); keep one")
+        written.append((key, slot))
         target = slot.view(params[slot.param])
         if shape != tuple(target.shape):
             raise ValueError(
@@ -166,6 +175,12 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
                 f"{tuple(target.shape)} (check config.json against the weights)")
         target.copy_(read())
         seen.add(key)
+    for key, shape, tensor in duplicates:  # e.g. a tied head stored anyway: must be the same tensor
+        slot = km.duplicates[key]
+        if shape != tuple(slot.view(params[slot.param]).shape) or not torch.equal(
+                tensor.to(params[slot.param].dtype), slot.view(params[slot.param]).cpu()):
+            raise ValueError(f"{source}: config.json ties {key!r} to {slot.param!r} (tie_word_embeddings), but the "
+                             f"stored {key!r} differs from it; set tie_word_embeddings to false for separate weights")
     missing = {k for k, s in km.slots.items() if k not in seen and not any(a.covers(s) for a in alternatives_seen)}
     if unexpected or missing:
         parts = []

@@ -277,3 +277,17 @@ def test_index_is_the_authority_and_paths_are_checked(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         ligerzoo.save_hf(model, tmp_path / "afile", overwrite=True)
+
+
+def test_tied_head_stored_anyway_must_equal_the_embedding(tmp_path):
+    make_hf_llama(tmp_path / "hf", tie_word_embeddings=True)
+    f = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(f)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, f, metadata={"format": "pt"})
+    model = ligerzoo.from_hf(tmp_path / "hf")  # an identical stored copy is fine
+    assert model.lm_head.weight is model.embed.weight
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        ligerzoo.from_hf(tmp_path / "hf")

@@ -158,6 +158,11 @@ class ModelConfig:
                 raise ValueError(
                     f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
+            if rope_type == "longrope":
+                for key in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling.get(key) or ()) != self.rotary_dim // 2:
+                        raise ValueError(f"rope_scaling {key} must list rotary_dim / 2 = {self.rotary_dim // 2} "
+                                         f"factors, got {len(self.rope_scaling.get(key) or ())}")
 
     @property
     def activation(self) -> str:
@@ -202,17 +207,24 @@ def read_rope(hf: dict) -> tuple[float, dict | None]:
         else:
             scaling.pop("type", None)
         theta = scaling.pop("rope_theta", theta)
-        if scaling.get("rope_type") == "su":  # the old name of longrope (Phi3)
-            scaling["rope_type"] = "longrope"
-        if scaling.get("rope_type") == "longrope" and "original_max_position_embeddings" not in scaling:
-            scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+        if scaling.get("rope_type") == "su" or (scaling.get("rope_type") == "yarn" and "short_factor" in scaling):
+            scaling["rope_type"] = "longrope"  # Phi3's old names for LongRoPE
+        if scaling.get("rope_type") in ("llama3", "yarn", "longrope") and scaling.get(
+                "original_max_position_embeddings") is None:  # transformers' fallback order
+            scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
+                                                           or hf.get("max_position_embeddings"))
         if scaling.get("rope_type", "default") == "default":
             scaling = None
     return float(theta if theta is not None else 10000.0), scaling
 
 
-def read_common(hf: dict) -> dict[str, Any]:
-    """The fields every decoder family shares, as ModelConfig keyword arguments."""
+def read_common(hf: dict, defaults: dict | None = None) -> dict[str, Any]:
+    """The fields every decoder family shares, as ModelConfig keyword arguments.
+
+    ``defaults``: the family's transformers class defaults for keys config.json may omit
+    (e.g. Mixtral's rope_theta 1e6); the stored ``hf_config`` stays the file's own dict."""
+    original = hf
+    hf = (defaults or {}) | hf  # only keys the file omits; an explicit null stays null
     rope_theta, rope_scaling = read_rope(hf)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if hf.get(k) is None]
@@ -240,15 +252,13 @@ def read_common(hf: dict) -> dict[str, Any]:
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
         dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        hf_config=copy.deepcopy(hf),
+        hf_config=copy.deepcopy(original),
     )
 
 
-def uniform_layer_types(hf: dict, num_layers: int, window: int | None) -> list[str] | None:
-    """``layer_types`` for families whose window (if any) applies to every layer: the file's
-    own list when it has one (transformers 5.x), else all sliding when ``window`` is set."""
-    if hf.get("layer_types"):
-        return list(hf["layer_types"])
+def uniform_layer_types(num_layers: int, window: int | None) -> list[str] | None:
+    """``layer_types`` for families whose window (if any) applies to every layer (Mistral,
+    Mixtral, Phi3: transformers ignores a ``layer_types`` key in their configs)."""
     return ["sliding_attention"] * num_layers if window else None
 
 

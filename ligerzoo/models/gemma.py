@@ -17,7 +17,7 @@ ARCHITECTURES = ["GemmaForCausalLM"]
 
 def gemma_fields(hf: dict) -> dict:
     """ModelConfig keyword arguments shared by Gemma and Gemma2."""
-    common = read_common(hf)
+    common = read_common(hf, {"head_dim": 256, "rms_norm_eps": 1e-6})  # GemmaConfig / Gemma2Config defaults
     bias = bool(hf.get("attention_bias", False))
     return common | dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=hf.get("tie_word_embeddings", True),
                          norm_offset=1.0, norm_casting="gemma", embed_scale=True, qkv_bias=bias, o_bias=bias)

@@ -28,6 +28,16 @@ class Slot:
         t = tensor if self.expert is None else tensor[self.expert]
         return t if self.start is None else t[self.start: self.stop]
 
+    def overlaps(self, other: "Slot") -> bool:
+        """Whether the two slots share any element of the same parameter."""
+        if self.param != other.param:
+            return False
+        if self.expert is not None and other.expert is not None and self.expert != other.expert:
+            return False
+        if self.start is None or other.start is None:
+            return True
+        return self.start < other.stop and other.start < self.stop
+
     def covers(self, other: "Slot") -> bool:
         """Whether this slot's region contains ``other``'s (same parameter)."""
         if self.param != other.param:
@@ -43,12 +53,14 @@ class KeyMap:
     """``slots``: HF key -> Slot, in checkpoint order: the layout save_hf writes and from_hf
     expects. ``alternatives``: keys of another layout of the same weights that from_hf also
     accepts (e.g. transformers 5.x fused experts), each covering whole parameters.
-    ``ignore``: regexes of HF keys that are accepted and dropped (non-persistent buffers old
-    checkpoints carry, a tied duplicate)."""
+    ``ignore``: regexes of HF keys that are
+    accepted and dropped (non-persistent buffers old checkpoints carry). ``duplicates``: keys a
+    checkpoint may carry as a copy of a slot (a tied head); they must equal it."""
 
     slots: dict[str, Slot] = field(default_factory=dict)
     alternatives: dict[str, Slot] = field(default_factory=dict)
     ignore: list[str] = field(default_factory=list)
+    duplicates: dict[str, Slot] = field(default_factory=dict)
 
     def ignored(self, key: str) -> bool:
         return any(re.fullmatch(p, key) for p in self.ignore)
@@ -99,7 +111,7 @@ def decoder_key_map(config: ModelConfig, *, prefix: str = "model.", fused_qkv: b
             s[hf + f"mlp.down_proj.{kind}"] = Slot(ours + f"mlp.w_down.{kind}")
     s[f"{prefix}norm.weight"] = Slot("norm.weight")
     if config.tie_word_embeddings:
-        km.ignore.append(r"lm_head\.weight")  # HF tolerates a stored duplicate of the tied head
+        km.duplicates["lm_head.weight"] = Slot("embed.weight")  # a stored copy of the tied head must equal it
     else:
         s["lm_head.weight"] = Slot("lm_head.weight")
     return km

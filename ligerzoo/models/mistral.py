@@ -7,13 +7,13 @@ from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types
 from ligerzoo.models.keymap import KeyMap, decoder_key_map
 
 ARCHITECTURES = ["MistralForCausalLM"]
+DEFAULTS = {"sliding_window": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}  # MistralConfig
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    common = read_common(hf)
-    window = hf.get("sliding_window")
-    return ModelConfig(**common, sliding_window=window,
-                       layer_types=uniform_layer_types(hf, common["num_hidden_layers"], window))
+    common = read_common(hf, DEFAULTS)
+    window = hf.get("sliding_window", DEFAULTS["sliding_window"])
+    return ModelConfig(**common, sliding_window=window, layer_types=uniform_layer_types(common["num_hidden_layers"], window))
 
 
 def config_to_hf(config: ModelConfig) -> dict:

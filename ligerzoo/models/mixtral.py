@@ -10,13 +10,14 @@ from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types
 from ligerzoo.models.keymap import KeyMap, decoder_key_map
 
 ARCHITECTURES = ["MixtralForCausalLM"]
+DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096 * 32}  # MixtralConfig
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, DEFAULTS)
     window = hf.get("sliding_window")
     return ModelConfig(
-        **common, sliding_window=window, layer_types=uniform_layer_types(hf, common["num_hidden_layers"], window),
+        **common, sliding_window=window, layer_types=uniform_layer_types(common["num_hidden_layers"], window),
         num_local_experts=hf.get("num_local_experts", 8), num_experts_per_tok=hf.get("num_experts_per_tok", 2),
         router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
         output_router_logits=bool(hf.get("output_router_logits", False)),

@@ -8,9 +8,9 @@ short/long factors) and ``partial_rotary_factor``; a ``sliding_window`` applies 
 
 LongRoPE regime (as transformers): each forward call picks the long factors when
 ``max(position_ids) + 1 > original_max_position_embeddings``, else the short ones, and
-scales cos/sin by the attention factor in both regimes. Keys already in a KV cache keep the
-rotation of the call that produced them (generation that crosses the boundary does not
-re-rotate them; vLLM instead uses the long factors throughout).
+scales cos/sin by the attention factor in both regimes. ``generate`` recomputes its KV cache
+with the long factors at the first step past the boundary, as transformers' Phi3 does (vLLM
+instead uses the long factors throughout).
 """
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types
 from ligerzoo.models.keymap import KeyMap, decoder_key_map
 
 ARCHITECTURES = ["Phi3ForCausalLM"]
+DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096}  # Phi3Config
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, DEFAULTS)
     scaling = common["rope_scaling"]
-    if scaling is not None and scaling.get("rope_type") == "yarn" and "short_factor" in scaling:
-        scaling["rope_type"] = "longrope"  # Phi3's old name for it
+    if scaling is not None and scaling.get("rope_type") == "longrope":
+        # Phi3Config's top-level value (class default 4096) takes priority over rope_scaling's
+        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", 4096)
     window = hf.get("sliding_window")
-    return ModelConfig(**common, sliding_window=window,
-                       layer_types=uniform_layer_types(hf, common["num_hidden_layers"], window))
+    return ModelConfig(**common, sliding_window=window, layer_types=uniform_layer_types(common["num_hidden_layers"], window))
 
 
 def config_to_hf(config: ModelConfig) -> dict:

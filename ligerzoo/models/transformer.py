@@ -446,7 +446,9 @@ class CausalLM(nn.Module):
                 scored on labels[t + 1]); -100 entries are ignored. With labels the loss goes
                 through fused linear cross entropy (final softcap included) and no logits are
                 materialised.
-            position_ids: (B, T) int64; default ``0..T-1`` for every row.
+            position_ids: (B, T) int64; default ``0..T-1`` for every row. Positions that restart
+                inside a row (packed documents) only change RoPE: attention still spans the
+                row (transformers with a cache does the same; without one it masks per document).
             attention_mask: (B, T) with 1 for real tokens and 0 for padding (keys at padding
                 positions are masked out); None means no padding.
             num_items_in_batch: the number of target tokens in the whole optimizer step
@@ -529,6 +531,10 @@ class CausalLM(nn.Module):
         tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
         next_pos = positions[:, -1:] + 1  # (B, 1)
         padded = not bool(attention_mask.all())
+        long_rope_at = None  # the position at which LongRoPE switches to its long factors
+        if True in self._inv_freq and int(positions.max()) + 1 <= self.config.rope_scaling[
+                "original_max_position_embeddings"]:
+            long_rope_at = self.config.rope_scaling["original_max_position_embeddings"]
         h = self.hidden_states(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
         for _ in range(max_new_tokens):
             logits = self.lm_head(h).float()  # (B, V)
@@ -548,6 +554,16 @@ class CausalLM(nn.Module):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if bool(done.all()) or cache.length == cache.max_len:
                 break
-            h = self.hidden_states(nxt[:, None], next_pos, None, cache)[:, -1]
+            if long_rope_at is not None and int(next_pos.max()) >= long_rope_at:
+                # LongRoPE crossing original_max_position_embeddings: like transformers (Phi3's
+                # prepare_inputs_for_generation), drop the short-factor cache and recompute it all
+                # with the long factors.
+                mask = torch.cat([attention_mask, torch.ones_like(tokens[:, T:], dtype=torch.bool)], dim=1)
+                cache = KVCache(self.config, B, T + max_new_tokens, device, self.embed.weight.dtype)
+                pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                h = self.hidden_states(tokens, pos, mask if padded else None, cache)[:, -1]
+                long_rope_at = None
+            else:
+                h = self.hidden_states(nxt[:, None], next_pos, None, cache)[:, -1]
             next_pos = next_pos + 1
         return tokens

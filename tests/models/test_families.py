@@ -173,10 +173,10 @@ def test_shape_mismatch_names_tensor_and_shapes_for_every_family(tmp_path):
         make_hf(name, tmp_path / name)
         cfg_path = tmp_path / name / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["hidden_size"] = 40
+        cfg["intermediate_size"] = 64  # the checkpoint's MLP / experts are 72 wide
         cfg_path.write_text(json.dumps(cfg))
-        with pytest.raises(ValueError, match=r"tensor '.*' in model\.safetensors has shape \(.*48.*\), but the config "
-                                             r"expects \(.*40.*\)"):
+        with pytest.raises(ValueError, match=r"tensor '\S*(mlp|experts)\S*' in model\.safetensors has shape "
+                                             r"\((\d+, )+\d+\), but the config expects \((\d+, )+\d+\)"):
             ligerzoo.from_hf(tmp_path / name)
 
 
@@ -211,3 +211,26 @@ def test_transformers4_config_layout_reads_the_same(tmp_path, name):
     ids = torch.randint(3, BASE["vocab_size"], (1, 20))  # past phi3's original 16: long factors
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_two_layouts_of_the_same_weights_are_refused(tmp_path):
+    hf = make_hf("mixtral")
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}  # transformers-5 fused layout
+    hf.save_pretrained(tmp_path / "hub")  # per-expert hub layout
+    sd.update(read_safetensors_dir(tmp_path / "hub"))
+    (tmp_path / "mixed").mkdir()
+    save_file(sd, tmp_path / "mixed" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "mixed" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    with pytest.raises(ValueError, match="two copies of the same weights"):
+        ligerzoo.from_hf(tmp_path / "mixed")
+
+
+def test_phi3_generation_across_original_context_matches_transformers(tmp_path):
+    """transformers recomputes the cache with the long factors at the first step past
+    original_max_position_embeddings (16 here); so does generate."""
+    hf = make_hf("phi3", tmp_path / "hf")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    ids = torch.randint(3, BASE["vocab_size"], (1, 11))
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert ours.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist() == ref.tolist()
