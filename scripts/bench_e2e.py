@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         fig.tight_layout()
         fig.savefig(path.with_suffix(".png"), dpi=80)
     except ImportError:
-        pass
+        print("matplotlib is not installed: CSV only, no PNG")
     print(f"wrote {path}")
     return 0
 

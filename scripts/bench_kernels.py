@@ -236,7 +236,7 @@ def main(argv=None):
             fig.savefig(out / f"kernels_{op}.png", dpi=80)
             plt.close(fig)
     except ImportError:
-        pass
+        print("matplotlib is not installed: CSV only, no PNG")
     print(f"wrote {path}")
 
 
