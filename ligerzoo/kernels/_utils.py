@@ -6,6 +6,7 @@ plain-PyTorch reference otherwise.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -34,6 +35,16 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and interpreter_enabled()
 
 
+# The dtypes every Triton kernel here takes; other dtypes go to the torch reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_ok(*tensors: torch.Tensor) -> bool:
+    """Whether an op should run its Triton kernel: :func:`use_triton` on the first tensor
+    (the one whose device decides) and every given tensor in :data:`KERNEL_DTYPES`."""
+    return use_triton(tensors[0]) and all(t.dtype in KERNEL_DTYPES for t in tensors)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
@@ -51,6 +62,20 @@ def row_settings(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     elif block >= 2048:
         num_warps = 8
     return block, num_warps
+
+
+def row_tile_settings(n_cols: int, max_block_rows: int, tile_elems: int, warp_scale: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_N >= n_cols columns, num_warps) of a tile of whole rows.
+
+    BLOCK_N is ``n_cols`` rounded up to a power of two (see :func:`row_settings`); BLOCK_M
+    is as many rows as fit in about ``tile_elems`` elements, in [1, max_block_rows]; the
+    warps are :func:`row_settings`' for ``BLOCK_M * BLOCK_N * warp_scale`` elements (a
+    kernel holding more live values per element asks for more warps with ``warp_scale``).
+    """
+    block_n, _ = row_settings(n_cols)
+    block_m = max(1, min(max_block_rows, tile_elems // block_n))
+    _, num_warps = row_settings(block_m * block_n * warp_scale, max_block=1 << 30)
+    return block_m, block_n, num_warps
 
 
 def device_guard(t: torch.Tensor):
@@ -86,3 +111,24 @@ def persistent_programs(device: torch.device, n_items: int, per_sm: int, cpu_pro
     on CUDA, ``cpu_programs`` elsewhere (the interpreter); clamped to [1, n_items]."""
     programs = multiprocessor_count(device) * per_sm if device.type == "cuda" else cpu_programs
     return max(1, min(programs, n_items))
+
+
+def persistent_row_blocks(device: torch.device, n_rows: int, per_sm: int, cpu_programs: int) -> tuple[int, int]:
+    """(programs, rows_per_program) for a persistent kernel in which each program owns a
+    contiguous block of ``rows_per_program`` rows (the last block possibly shorter): the
+    :func:`persistent_programs` count, reduced so that no program is left without rows."""
+    programs = persistent_programs(device, n_rows, per_sm, cpu_programs)
+    rows_per_program = math.ceil(n_rows / programs)
+    return math.ceil(n_rows / rows_per_program), rows_per_program
+
+
+def check_norm_param(name: str, p: torch.Tensor, x: torch.Tensor, size: int, what: str) -> None:
+    """Validate a normalisation's per-feature parameter ``p`` (a weight or bias tensor):
+    shape ``(size,)`` (``what`` names the dim of ``x`` it must match, e.g. "the last dim of
+    x"), floating point, on ``x``'s device. Raises ValueError otherwise."""
+    if p.dim() != 1 or p.shape[0] != size:
+        raise ValueError(f"{name} must have shape ({size},) to match {what} {tuple(x.shape)}, got {tuple(p.shape)}")
+    if not p.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"x is on {x.device} but {name} is on {p.device}")

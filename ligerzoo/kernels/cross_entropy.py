@@ -50,7 +50,6 @@ if HAS_TRITON:
 __all__ = ["cross_entropy", "cross_entropy_reference"]
 
 REDUCTIONS = ("mean", "sum", "none")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Largest block of columns one program holds at once (module-level so tests can shrink it
 # to exercise the multi-block loop at small vocabularies). On an H200, over (8192, 128256)
@@ -502,7 +501,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
         return (grad * go).to(grad.dtype)
     if per_row:
         go = grad_output.to(torch.float32).reshape(-1).contiguous()              # (N,)
-        if (grad.dim() == 2 and grad.stride(1) == 1 and grad.dtype in _KERNEL_DTYPES
+        if (grad.dim() == 2 and grad.stride(1) == 1 and grad.dtype in _utils.KERNEL_DTYPES
                 and _utils.use_triton(grad)):
             _launch_scale_rows(grad, go)
             return grad
@@ -511,6 +510,23 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
     if scale == 1.0:
         return grad
     return grad.mul_(scale)
+
+
+def scale_saved_grads(ctx, grads, grad_loss: torch.Tensor, op_name: str) -> list:
+    """Gradients of an op's first ``len(grads)`` inputs from buffers its forward precomputed
+    for a scalar loss: for input ``i`` that autograd wants (``ctx.needs_input_grad[i]``),
+    ``grads[i]`` scaled by ``grad_loss`` (:func:`scale_saved_grad`); None for the others.
+    ``ctx.need[i]`` says whether the forward prepared buffer ``i``; a wanted gradient it did
+    not prepare raises RuntimeError (naming ``op_name``)."""
+    out = []
+    for i, (g, have) in enumerate(zip(grads, ctx.need)):
+        if not ctx.needs_input_grad[i]:
+            out.append(None)
+            continue
+        if not have:
+            raise RuntimeError(f"{op_name}: a gradient was requested that the forward did not prepare")
+        out.append(scale_saved_grad(g, grad_loss, False))
+    return out
 
 
 def _setup_context(ctx, inputs, output):
@@ -710,7 +726,7 @@ def cross_entropy(
     label_smoothing = float(label_smoothing)
     lse_square_scale = float(lse_square_scale)
 
-    if not (_utils.use_triton(logits) and logits.dtype in _KERNEL_DTYPES):
+    if not _utils.triton_ok(logits):
         return cross_entropy_reference(
             logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
             return_z_loss,

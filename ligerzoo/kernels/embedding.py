@@ -32,7 +32,6 @@ if HAS_TRITON:
 
 __all__ = ["embedding", "embedding_reference"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A program handles a (BLOCK_N ids x BLOCK_H columns) tile of about _TILE_ELEMS elements,
 # at most _MAX_BLOCK_H columns wide. Module-level so tests can shrink them.
 _TILE_ELEMS = 4096
@@ -242,7 +241,7 @@ def embedding(
             faulting.
     """
     pad = _check_args(input_ids, weight, padding_idx)
-    if not (_utils.use_triton(weight) and weight.dtype in _KERNEL_DTYPES):
+    if not _utils.triton_ok(weight):
         return embedding_reference(input_ids, weight, padding_idx)
     _check_ids_in_range(input_ids, weight.shape[0])
     return torch.ops.ligerzoo.embedding(input_ids, weight, pad)

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import next_power_of_2
 from ligerzoo.kernels.cross_entropy import (
-    _KERNEL_DTYPES,
     _reduce,
     check_class_weight,
     check_loss_options,
@@ -101,7 +100,7 @@ def _chunk_loop(
     n_rows, hidden = x.shape
     vocab = weight.shape[0]
     compute_grad = need_x or need_w or need_b
-    use_kernel = _utils.use_triton(x) and x.dtype in _KERNEL_DTYPES
+    use_kernel = _utils.triton_ok(x)
     rows_fn = launch_cross_entropy_rows if use_kernel else torch_cross_entropy_rows
     grad_x = torch.empty_like(x) if need_x else None                              # (N, H)
     grad_w = torch.zeros((vocab, hidden), dtype=accum_dtype, device=x.device) if need_w else None

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo.kernels.cross_entropy import scale_saved_grad
+from ligerzoo.kernels.cross_entropy import scale_saved_grads
 from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm, default_chunk_size
 from ligerzoo.kernels.jsd import _check_beta, check_labels, jsd_mode, jsd_pointwise_torch, jsd_reference, row_scale
 
@@ -56,7 +56,6 @@ if HAS_TRITON:
 
 __all__ = ["fused_linear_jsd", "fused_linear_jsd_reference"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Columns a row program holds at once (module-level so tests can shrink it).
 MAX_BLOCK_SIZE = 2048
@@ -179,7 +178,7 @@ def _chunk_loop(xs, ws, xt, wt, labels, scale, beta, ignore_index, temperature, 
     """-> (loss_rows (N,) fp32, grad_x or None, grad_w (fp32) or None)."""
     n_rows, hidden = xs.shape
     vocab = ws.shape[0]
-    use_kernel = (_utils.use_triton(xs) and xs.dtype in _KERNEL_DTYPES and xt.dtype in _KERNEL_DTYPES)
+    use_kernel = _utils.triton_ok(xs, xt)
     rows_fn = _launch_rows if use_kernel else _torch_rows
     compute_grad = need_x or need_w
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=xs.device)
@@ -251,16 +250,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _ggx, _ggw):
-    gx, gw = ctx.saved_tensors
-    out = []
-    for i, (g, have) in enumerate(zip((gx, gw), ctx.need)):
-        if not ctx.needs_input_grad[i]:
-            out.append(None)
-            continue
-        if not have:
-            raise RuntimeError("fused_linear_jsd: a gradient was requested that the forward did not prepare")
-        out.append(scale_saved_grad(g, grad_loss, False))
-    return (*out, *([None] * 9))
+    return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss, "fused_linear_jsd"), *([None] * 9))
 
 
 torch.library.register_autograd("ligerzoo::fused_linear_jsd", _backward, setup_context=_setup_context)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ligerzoo.kernels.swiglu import ACT_GELU_TANH, _check_fused, _check_pair, _register_gated_ops, _triton_ok
+from ligerzoo.kernels import _utils
+from ligerzoo.kernels.swiglu import ACT_GELU_TANH, _check_fused, _check_pair, _register_gated_ops
 
 __all__ = ["geglu", "geglu_fused", "geglu_reference", "geglu_fused_reference"]
 
@@ -70,7 +71,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, or not float.
     """
     _check_pair(gate, up, "geglu")
-    if not _triton_ok(gate):
+    if not _utils.triton_ok(gate):
         return geglu_reference(gate, up)
     return torch.ops.ligerzoo.geglu(gate, up)
 
@@ -92,6 +93,6 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
         ValueError: odd last dim or non-float input.
     """
     _check_fused(gate_up)
-    if not _triton_ok(gate_up):
+    if not _utils.triton_ok(gate_up):
         return geglu_fused_reference(gate_up)
     return torch.ops.ligerzoo.geglu_fused(gate_up)

@@ -45,7 +45,6 @@ if HAS_TRITON:
 
 __all__ = ["group_norm", "group_norm_reference"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tiles are (BLOCK_R rows, BLOCK_S spatial values) with BLOCK_S <= _MAX_BLOCK_S and about
 # _TILE_ELEMS elements. The reduction kernels aim at _PROGRAMS_PER_SM programs per SM
@@ -465,19 +464,9 @@ def _check_args(
     if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if p.dim() != 1 or p.shape[0] != c:
-            raise ValueError(f"{name} must have shape ({c},) to match the channels of x {tuple(x.shape)}, "
-                             f"got {tuple(p.shape)}")
-        if not p.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {p.device}")
+        if p is not None:
+            _utils.check_norm_param(name, p, x, c, "the channels of x")
 
-
-def _triton_ok(x: torch.Tensor) -> bool:
-    return _utils.use_triton(x) and x.dtype in _KERNEL_DTYPES
 
 
 def group_norm(
@@ -514,7 +503,7 @@ def group_norm(
             shape (C,), or devices differ.
     """
     _check_args(x, num_groups, weight, bias)
-    if not _triton_ok(x):
+    if not _utils.triton_ok(x):
         return group_norm_reference(x, num_groups, weight, bias, eps)
     y, _, _ = torch.ops.ligerzoo.group_norm(x, int(num_groups), weight, bias, float(eps))
     return y

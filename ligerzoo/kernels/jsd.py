@@ -54,7 +54,7 @@ import torch
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo.kernels.cross_entropy import scale_saved_grad
+from ligerzoo.kernels.cross_entropy import scale_saved_grads
 
 if HAS_TRITON:
     import triton
@@ -62,7 +62,6 @@ if HAS_TRITON:
 
 __all__ = ["jsd", "jsd_reference"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Columns per program (module-level so tests can shrink it below the row length).
 MAX_BLOCK_SIZE = 2048
@@ -227,16 +226,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _ggs, _ggt):
-    gs, gt = ctx.saved_tensors
-    out = []
-    for i, (g, have) in enumerate(zip((gs, gt), ctx.need)):
-        if not ctx.needs_input_grad[i]:
-            out.append(None)
-            continue
-        if not have:
-            raise RuntimeError("jsd: a gradient was requested that the forward did not prepare")
-        out.append(scale_saved_grad(g, grad_loss, False))
-    return (*out, None, None, None, None, None)
+    return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss, "jsd"), None, None, None, None, None)
 
 
 torch.library.register_autograd("ligerzoo::jsd", _backward, setup_context=_setup_context)
@@ -376,8 +366,7 @@ def jsd(
     n_rows = student_logp.numel() // n_cols if n_cols else student_logp.shape[:-1].numel()
     labels = check_labels(labels, n_rows, student_logp.shape[:-1], student_logp.device)
     beta = float(beta)
-    if not (_utils.use_triton(student_logp) and student_logp.dtype in _KERNEL_DTYPES
-            and teacher_logp.dtype in _KERNEL_DTYPES):
+    if not _utils.triton_ok(student_logp, teacher_logp):
         return jsd_reference(student_logp, teacher_logp, labels, beta, ignore_index)
 
     def rows(t):

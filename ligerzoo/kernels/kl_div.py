@@ -46,7 +46,6 @@ if HAS_TRITON:
 __all__ = ["kl_div", "kl_div_reference"]
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Columns per program (module-level so tests can shrink it below the row length).
 MAX_BLOCK_SIZE = 2048
@@ -330,7 +329,7 @@ def kl_div(
     """
     _check(input, target, reduction, eps)
     eps = float(eps) if eps is not None else None
-    if not (_utils.use_triton(input) and input.dtype in _KERNEL_DTYPES and target.dtype in _KERNEL_DTYPES):
+    if not _utils.triton_ok(input, target):
         return kl_div_reference(input, target, reduction, log_target, eps)
     shape = input.shape
     reduced = reduction != "none"

@@ -23,13 +23,19 @@ block of rows and one fp32 partial row of each, and the partial rows are summed 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import HAS_TRITON, as_rows, device_guard, persistent_programs, row_settings
+from ligerzoo.kernels._utils import (
+    HAS_TRITON,
+    as_rows,
+    device_guard,
+    persistent_row_blocks,
+    row_settings,
+    row_tile_settings,
+)
 
 if HAS_TRITON:
     import triton
@@ -37,7 +43,6 @@ if HAS_TRITON:
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # A forward program normalises up to _MAX_BLOCK_ROWS rows at once (when rows are short),
 # a tile holding about _TILE_ELEMS elements. Backward: _BWD_PROGRAMS_PER_SM persistent
@@ -150,10 +155,7 @@ def _blocks(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
     holds about twice the live values per element (dy, x, the two fp32 accumulators, the
     pointers of three tensors), so it gets twice the warps (H = 4096 bf16 on sm_90: 102
     registers per thread at 16 warps instead of 190 at 8)."""
-    block_n, _ = row_settings(n_cols)
-    block_m = max(1, min(_MAX_BLOCK_ROWS, _TILE_ELEMS // block_n))
-    _, num_warps = row_settings(block_m * block_n * (2 if backward else 1), max_block=1 << 30)
-    return block_m, block_n, num_warps
+    return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _TILE_ELEMS, warp_scale=2 if backward else 1)
 
 
 def _launch_forward(x, weight, bias, eps):
@@ -192,9 +194,7 @@ def _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db):
     dx2 = dx.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n, num_warps = _blocks(n_cols, backward=True)
-    programs = persistent_programs(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
-    rows_per_program = math.ceil(n_rows / programs)
-    programs = math.ceil(n_rows / rows_per_program)
+    programs, rows_per_program = persistent_row_blocks(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (0,), dtype=torch.float32, device=x.device)
     db_partial = torch.empty((programs, n_cols) if compute_db else (0,), dtype=torch.float32, device=x.device)
     with device_guard(x):
@@ -306,21 +306,9 @@ def _check_args(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     if x.dim() < 1:
         raise ValueError("layer_norm expects an input with at least one dimension (..., H)")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if p.dim() != 1 or p.shape[0] != x.shape[-1]:
-            raise ValueError(
-                f"{name} must have shape ({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}, "
-                f"got {tuple(p.shape)}"
-            )
-        if not p.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"x is on {x.device} but {name} is on {p.device}")
+        if p is not None:
+            _utils.check_norm_param(name, p, x, x.shape[-1], "the last dim of x")
 
-
-def _triton_ok(x: torch.Tensor) -> bool:
-    return _utils.use_triton(x) and x.dtype in _KERNEL_DTYPES
 
 
 def layer_norm(
@@ -351,7 +339,7 @@ def layer_norm(
             devices differ, or H larger than 65536 (one row must fit a block).
     """
     _check_args(x, weight, bias)
-    if not _triton_ok(x):
+    if not _utils.triton_ok(x):
         return layer_norm_reference(x, weight, bias, eps)
     row_settings(x.shape[-1])  # raises ValueError for rows that cannot fit one block
     y, _, _ = torch.ops.ligerzoo.layer_norm(x, weight, bias, float(eps))

@@ -33,13 +33,12 @@ its own fp32 partial row, and the partial rows are summed afterwards.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, row_settings
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings
 
 if HAS_TRITON:
     import triton
@@ -53,7 +52,6 @@ __all__ = [
 ]
 
 CASTING_MODES = {"llama": 0, "gemma": 1, "none": 2}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # A forward program normalises up to this many rows at once (when a row is short), so a
 # tile holds about _TILE_ELEMS elements. Module-level so tests can shrink them.
@@ -183,10 +181,7 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def _blocks(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N >= H columns, num_warps) of one program's tile."""
-    block_n, _ = row_settings(n_cols)
-    block_m = max(1, min(_MAX_BLOCK_ROWS, _TILE_ELEMS // block_n))
-    _, num_warps = row_settings(block_m * block_n, max_block=1 << 30)
-    return block_m, block_n, num_warps
+    return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _TILE_ELEMS)
 
 
 def _launch_forward(x, weight, residual, eps, offset, casting):
@@ -213,15 +208,6 @@ def _launch_forward(x, weight, residual, eps, offset, casting):
     return y, s, rstd
 
 
-def _num_bwd_programs(device: torch.device, n_rows: int) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        programs = sms * _BWD_PROGRAMS_PER_SM
-    else:
-        programs = _BWD_PROGRAMS_CPU
-    return max(1, min(programs, n_rows))
-
-
 def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     """Writes dx into ``dx_out`` (an (..., H) tensor, possibly ``dy``); returns dw."""
     n_cols = x.shape[-1]
@@ -235,9 +221,7 @@ def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     rstd1 = rstd.reshape(-1).contiguous()
 
     block_m, block_n, num_warps = _blocks(n_cols)
-    programs = _num_bwd_programs(x.device, n_rows)
-    rows_per_program = math.ceil(n_rows / programs)
-    programs = math.ceil(n_rows / rows_per_program)
+    programs, rows_per_program = persistent_row_blocks(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     with device_guard(x):
         _rms_norm_bwd_kernel[(programs,)](
@@ -406,15 +390,7 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, casting_mode: str) -> Non
         raise ValueError(f"rms_norm expects a floating-point input, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("rms_norm expects an input with at least one dimension (..., H)")
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"weight must have shape ({x.shape[-1]},) to match the last dim of x {tuple(x.shape)}, "
-            f"got {tuple(weight.shape)}"
-        )
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be floating point, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    _utils.check_norm_param("weight", weight, x, x.shape[-1], "the last dim of x")
 
 
 def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
@@ -425,9 +401,6 @@ def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
             f"residual {tuple(residual.shape)} {residual.dtype} {residual.device}"
         )
 
-
-def _triton_ok(x: torch.Tensor) -> bool:
-    return _utils.use_triton(x) and x.dtype in _KERNEL_DTYPES
 
 
 def rms_norm(
@@ -467,7 +440,7 @@ def rms_norm(
             devices differ, or H larger than 65536 (one row must fit a block).
     """
     _check_args(x, weight, casting_mode)
-    if not _triton_ok(x):
+    if not _utils.triton_ok(x):
         return rms_norm_reference(x, weight, eps, offset, casting_mode)
     row_settings(x.shape[-1])  # raises ValueError for rows that cannot fit one block
     y, _ = torch.ops.ligerzoo.rms_norm(x, weight, float(eps), float(offset), casting_mode, bool(inplace))
@@ -502,7 +475,7 @@ def fused_add_rms_norm(
     """
     _check_args(x, weight, casting_mode)
     _check_residual(x, residual)
-    if not _triton_ok(x):
+    if not _utils.triton_ok(x):
         return fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
     row_settings(x.shape[-1])
     y, s, _ = torch.ops.ligerzoo.fused_add_rms_norm(x, residual, weight, float(eps), float(offset), casting_mode)

@@ -32,7 +32,6 @@ if HAS_TRITON:
 
 __all__ = ["rope", "rope_reference", "rope_cos_sin"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A program (one token) rotates its heads in blocks of at most this many heads, with at
 # most about _TILE_ELEMS elements per half tile. Module-level so tests can shrink them.
 _MAX_BLOCK_HEADS = 16
@@ -312,6 +311,6 @@ def rope(
             or cos/sin requiring grad.
     """
     cos, sin = _check_args(q, k, cos, sin)
-    if not (_utils.use_triton(q) and q.dtype in _KERNEL_DTYPES and k.dtype in _KERNEL_DTYPES):
+    if not _utils.triton_ok(q, k):
         return rope_reference(q, k, cos, sin)
     return torch.ops.ligerzoo.rope(q, k, cos, sin)

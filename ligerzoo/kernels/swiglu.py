@@ -38,7 +38,6 @@ if HAS_TRITON:
 
 __all__ = ["swiglu", "swiglu_fused", "swiglu_reference", "swiglu_fused_reference"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Columns per program (shared by every gated activation). Module-level so tests can
 # shrink it below the row length.
 _MAX_BLOCK = 2048
@@ -276,9 +275,6 @@ def _check_fused(gate_up: torch.Tensor) -> None:
         raise ValueError(f"gate_up must be floating point, got {gate_up.dtype}")
 
 
-def _triton_ok(t: torch.Tensor) -> bool:
-    return _utils.use_triton(t) and t.dtype in _KERNEL_DTYPES
-
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: ``silu(gate) * up`` (Shazeer 2020), computed in fp32.
@@ -296,7 +292,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, or not float.
     """
     _check_pair(gate, up)
-    if not _triton_ok(gate):
+    if not _utils.triton_ok(gate):
         return swiglu_reference(gate, up)
     return torch.ops.ligerzoo.swiglu(gate, up)
 
@@ -318,6 +314,6 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
         ValueError: odd last dim or non-float input.
     """
     _check_fused(gate_up)
-    if not _triton_ok(gate_up):
+    if not _utils.triton_ok(gate_up):
         return swiglu_fused_reference(gate_up)
     return torch.ops.ligerzoo.swiglu_fused(gate_up)

@@ -1,15 +1,22 @@
 """cross_entropy: loss and gradient against float64 torch, Triton (interpreter) and reference paths."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ligerzoo.kernels import _utils
-ce_mod = importlib.import_module("ligerzoo.kernels.cross_entropy")  # the module, not the function
 from ligerzoo.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from tests.kernels.helpers import (
+    assert_close_rel,
+    force_reference,  # noqa: F401 (fixture)
+    kernel_module,
+    parametrize_dtype,
+    small_blocks_fixture,
+)
+
+ce_mod = kernel_module("cross_entropy")  # the module, not the function
 
 N, V = 13, 1000          # odd sizes; V spans 4 blocks (the last partial) with the small block
 IGNORE = -100
@@ -29,14 +36,7 @@ OPTIONS = {
 triton_only = pytest.mark.skipif(not _utils.use_triton(torch.empty(0)), reason="Triton path not active on CPU")
 
 
-@pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    monkeypatch.setattr(ce_mod, "MAX_BLOCK_SIZE", 256)
-
-
-@pytest.fixture
-def force_reference(monkeypatch):
-    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+_small_blocks = small_blocks_fixture(ce_mod, 256)
 
 
 def make_inputs(dtype, n=N, v=V, scale=3.0, n_ignored=3, ignore_index=IGNORE):
@@ -94,12 +94,6 @@ def tols(dtype):
     return (1e-5, 1e-5) if dtype == torch.float32 else (1e-5, 8e-3)
 
 
-def check(actual, expected, tol, scale=None):
-    expected = expected.to(torch.float64)
-    scale = float(expected.abs().max()) if scale is None else scale
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=tol * max(scale, 1e-30))
-
-
 def compare(fn, dtype, reduction, opts, n_ignored=3, **make_kw):
     logits, target, weight = make_inputs(dtype, n_ignored=n_ignored, **make_kw)
     kw = resolve(opts, weight)
@@ -110,9 +104,9 @@ def compare(fn, dtype, reduction, opts, n_ignored=3, **make_kw):
     loss_tol, grad_tol = tols(dtype)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    check(loss, ref_loss, loss_tol)
-    check(z_loss, ref_z, loss_tol, scale=float(ref_loss.abs().max()))
-    check(grad, ref_grad, grad_tol)
+    assert_close_rel(loss, ref_loss, loss_tol)
+    assert_close_rel(z_loss, ref_z, loss_tol, scale=float(ref_loss.abs().max()))
+    assert_close_rel(grad, ref_grad, grad_tol)
     assert not z_loss.requires_grad
     # inputs unchanged after forward + backward
     for before, after in zip(saved, (logits, target, weight)):
@@ -150,7 +144,7 @@ def test_all_ignored(reduction, opt):
     assert float(grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("opt", ["plain", "all"])
 def test_extreme_logits(dtype, opt):
     opts = dict(OPTIONS[opt])
@@ -166,8 +160,8 @@ def test_ignore_index_custom():
     go = torch.tensor(1.0, dtype=torch.float64)
     loss, _, grad = run(cross_entropy, logits, target, go, ignore_index=7)
     ref_loss, _, ref_grad = oracle(logits, target, ignore_index=7, grad_out=go)
-    check(loss, ref_loss, 1e-5)
-    check(grad, ref_grad, 1e-5)
+    assert_close_rel(loss, ref_loss, 1e-5)
+    assert_close_rel(grad, ref_grad, 1e-5)
 
 
 @pytest.mark.parametrize("bad", [V, V + 5, -1, -101])
@@ -213,15 +207,15 @@ def test_inplace_writes_gradient_over_logits(reduction):
     base = logits.clone().requires_grad_()
     x = base * 1.0                                   # a non-leaf buffer the caller gives up
     loss = cross_entropy(x, target, reduction=reduction, inplace=True, **opts)
-    check(loss.detach(), ref_loss, 1e-5)
+    assert_close_rel(loss.detach(), ref_loss, 1e-5)
     loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
-    check(base.grad, ref_grad, 1e-5)
-    check(x.detach(), ref_grad, 1e-5)                # the buffer now holds the gradient
+    assert_close_rel(base.grad, ref_grad, 1e-5)
+    assert_close_rel(x.detach(), ref_grad, 1e-5)                # the buffer now holds the gradient
     # a leaf that requires grad works too
     leaf = logits.clone().requires_grad_()
     loss = cross_entropy(leaf, target, reduction=reduction, inplace=True, **opts)
     loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
-    check(leaf.grad, ref_grad, 1e-5)
+    assert_close_rel(leaf.grad, ref_grad, 1e-5)
 
 
 @triton_only
@@ -243,7 +237,7 @@ def test_not_inplace_keeps_upstream_saved_tensor():
     base64 = logits.double().requires_grad_()
     ref = F.cross_entropy(torch.exp(base64 / 10), target)
     ref.backward()
-    check(base.grad, base64.grad, 1e-5)
+    assert_close_rel(base.grad, base64.grad, 1e-5)
 
 
 @triton_only
@@ -272,9 +266,9 @@ def test_non_contiguous(layout):
     assert not x.is_contiguous()
     loss = cross_entropy(x, target, label_smoothing=0.1)
     loss.backward()
-    check(loss.detach(), ref_loss, 1e-5)
+    assert_close_rel(loss.detach(), ref_loss, 1e-5)
     g = src.grad[:, 3:V + 3] if layout == "row_stride" else src.grad.t()
-    check(g, ref_grad, 1e-5)
+    assert_close_rel(g, ref_grad, 1e-5)
 
 
 def test_no_grad_and_frozen_logits():
@@ -283,11 +277,11 @@ def test_no_grad_and_frozen_logits():
     ref_loss, ref_z, _ = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64), **opts)
     with torch.no_grad():
         loss, z = cross_entropy(logits.clone().requires_grad_(), target, return_z_loss=True, **opts)
-    check(loss, ref_loss, 1e-5)
-    check(z, ref_z, 1e-5, scale=float(ref_loss))
+    assert_close_rel(loss, ref_loss, 1e-5)
+    assert_close_rel(z, ref_z, 1e-5, scale=float(ref_loss))
     loss = cross_entropy(logits, target, **opts)      # logits does not require grad
     assert not loss.requires_grad
-    check(loss, ref_loss, 1e-5)
+    assert_close_rel(loss, ref_loss, 1e-5)
 
 
 def test_return_z_loss_off_returns_tensor():
@@ -318,7 +312,7 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------- reference path
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_reference_function(reduction, opt, dtype):
     compare(cross_entropy_reference, dtype, reduction, OPTIONS[opt])
 
@@ -362,7 +356,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
 def test_gpu_real_size(dtype, reduction, opt):
@@ -379,8 +373,8 @@ def test_gpu_real_size(dtype, reduction, opt):
     loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
     ref_loss, _, ref_grad = oracle(logits, target, reduction=reduction, grad_out=go, **opts)
     loss_tol, grad_tol = tols(dtype)
-    check(loss.detach(), ref_loss, loss_tol)
-    check(x.grad, ref_grad, grad_tol)
+    assert_close_rel(loss.detach(), ref_loss, loss_tol)
+    assert_close_rel(x.grad, ref_grad, grad_tol)
     assert torch.equal(saved, logits)
 
 
@@ -395,10 +389,10 @@ def test_gpu_inplace_and_compile():
     x = logits.clone().requires_grad_()
     loss = cross_entropy(x, target, inplace=True)
     loss.backward()
-    check(loss.detach(), ref_loss, 1e-5)
-    check(x.grad, ref_grad, 8e-3)
+    assert_close_rel(loss.detach(), ref_loss, 1e-5)
+    assert_close_rel(x.grad, ref_grad, 8e-3)
     y = logits.clone().requires_grad_()
     loss = torch.compile(cross_entropy, fullgraph=True)(y, target)
     loss.backward()
-    check(loss.detach(), ref_loss, 1e-5)
-    check(y.grad, ref_grad, 8e-3)
+    assert_close_rel(loss.detach(), ref_loss, 1e-5)
+    assert_close_rel(y.grad, ref_grad, 8e-3)

@@ -8,37 +8,26 @@ the fp32 summation error of at most a few dozen terms). The torch reference's ba
 (``index_select``) accumulates in the table dtype, one rounding per repeated id, so its
 bf16 budget grows with the largest repeat count.
 """
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ligerzoo.kernels._utils as kutils
 from ligerzoo.kernels.embedding import embedding, embedding_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
 
 # The op module itself (the package re-exports functions under the same names).
-emb_mod = importlib.import_module("ligerzoo.kernels.embedding")
+emb_mod = kernel_module("embedding")
 
 V, H = 1000, 123
 
 
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
-
-
 ULPS = {torch.float32: 16, torch.bfloat16: 2, torch.float16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _grad_ulps(path, dtype, ids):
@@ -75,7 +64,7 @@ def _check(ids, weight, padding_idx, dtype, path, g=None):
     return out, dw
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("padding_idx", [None, 7, -3])
 def test_embedding_matches_float64(path, dtype, padding_idx):
     weight = torch.randn(V, H).to(dtype)
@@ -121,7 +110,7 @@ def test_embedding_many_blocks(monkeypatch):
     _check(ids, weight, 3, torch.float32, "triton")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_embedding_strided_inputs(path, dtype):
     """Transposed ids, int32 ids, a table that is a column slice of a wider buffer, a
     transposed table, and a non-contiguous output gradient."""
@@ -142,7 +131,7 @@ def test_embedding_strided_inputs(path, dtype):
     assert_close_ulps(wt.grad, dw64, dtype, _grad_ulps(path, dtype, ids))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_embedding_reference_function(dtype):
     """embedding_reference itself (the CPU fallback), with padding and repeats."""
     weight = torch.randn(V, H).to(dtype).requires_grad_()
@@ -209,7 +198,7 @@ def test_embedding_opcheck_and_compile():
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_gpu_embedding_llama3_table(dtype):
     """128256 x 4096 table (Llama 3), 2 x 4096 ids with a padded tail (one id repeated
     1000 times) and a hot id, against float64 index_add."""

@@ -1,19 +1,26 @@
 """fused_linear_cross_entropy: loss and grads of x, weight, bias against float64 torch."""
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ligerzoo.kernels import _utils
-ce_mod = importlib.import_module("ligerzoo.kernels.cross_entropy")  # the module, not the function
 from ligerzoo.kernels.fused_linear_cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from tests.kernels.helpers import (
+    assert_close_rel,
+    assert_compiled_matches_eager,
+    force_reference,  # noqa: F401 (fixture)
+    kernel_module,
+    parametrize_dtype,
+    small_blocks_fixture,
+)
+
+ce_mod = kernel_module("cross_entropy")  # the module, not the function
 
 N, H, V = 37, 123, 1000
 CHUNK = 8                 # 5 chunks, the last one partial (5 rows)
@@ -30,14 +37,7 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    monkeypatch.setattr(ce_mod, "MAX_BLOCK_SIZE", 256)  # V=1000 spans 4 blocks, the last partial
-
-
-@pytest.fixture
-def force_reference(monkeypatch):
-    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+_small_blocks = small_blocks_fixture(ce_mod, 256)  # V=1000 spans 4 blocks, the last partial
 
 
 def make_inputs(dtype, n=N, h=H, v=V, n_ignored=4, x_scale=1.0, w_scale=0.3):
@@ -84,12 +84,6 @@ def grad_output_for(reduction, n):
     return torch.tensor(1.0 if reduction == "mean" else 0.7, dtype=torch.float64)
 
 
-def check(actual, expected, tol, scale=None):
-    expected = expected.to(torch.float64)
-    scale = float(expected.abs().max()) if scale is None else scale
-    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=tol * max(scale, 1e-30))
-
-
 def tols(dtype):
     """(loss tol, grad tol). bf16: logits are rounded to bf16 before the fp32 loss (as in HF),
     dlogits and the outputs are bf16: a few bf16 ulps (2^-8) of the magnitude."""
@@ -116,8 +110,8 @@ def compare(fn, dtype, reduction, opts, n_ignored=4, chunk_size=CHUNK, requires=
     ref_loss, ref_z, ref_gx, ref_gw, ref_gb = ref
     loss_tol, grad_tol = tols(dtype)
     assert loss.dtype == torch.float32 and not z_loss.requires_grad
-    check(loss.detach(), ref_loss, loss_tol)
-    check(z_loss, ref_z, loss_tol, scale=float(ref_loss.abs().max()))
+    assert_close_rel(loss.detach(), ref_loss, loss_tol)
+    assert_close_rel(z_loss, ref_z, loss_tol, scale=float(ref_loss.abs().max()))
     for t, r, req in ((xs, ref_gx, requires[0]), (ws, ref_gw, requires[1]), (bs, ref_gb, requires[2])):
         if t is None:
             continue
@@ -125,7 +119,7 @@ def compare(fn, dtype, reduction, opts, n_ignored=4, chunk_size=CHUNK, requires=
             assert t.grad is None
             continue
         assert t.grad.dtype == dtype and torch.isfinite(t.grad).all()
-        check(t.grad, r, grad_tol)
+        assert_close_rel(t.grad, r, grad_tol)
     for before, after in zip(saved, (x, w, b, target, cw)):
         assert torch.equal(before, after)
     return loss.detach(), xs.grad, ws.grad, (bs.grad if bs is not None else None)
@@ -134,7 +128,7 @@ def compare(fn, dtype, reduction, opts, n_ignored=4, chunk_size=CHUNK, requires=
 # ---------------------------------------------------------------- Triton (interpreter)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_triton(dtype, opt, reduction):
     compare(fused_linear_cross_entropy, dtype, reduction, OPTIONS[opt])
 
@@ -176,7 +170,7 @@ def test_accum_dtype_bf16():
             extra=dict(accum_dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_extreme_logits(dtype):
     # logits = x @ W.T with |logits| ~ 1e4
     compare(fused_linear_cross_entropy, dtype, "mean", dict(label_smoothing=0.1, lse_square_scale=1e-6),
@@ -189,10 +183,10 @@ def test_no_grad_computes_only_the_loss():
     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
     with torch.no_grad():
         loss = fused_linear_cross_entropy(xs, ws, target, b, chunk_size=CHUNK)
-    check(loss, ref_loss, 2e-5)
+    assert_close_rel(loss, ref_loss, 2e-5)
     loss = fused_linear_cross_entropy(x, w, target, b, chunk_size=CHUNK)  # nothing requires grad
     assert not loss.requires_grad
-    check(loss, ref_loss, 2e-5)
+    assert_close_rel(loss, ref_loss, 2e-5)
 
 
 @pytest.mark.parametrize("bad", [V, -1])
@@ -233,9 +227,9 @@ def test_non_contiguous_inputs():
     wt = w.t().contiguous().requires_grad_()
     loss = fused_linear_cross_entropy(xt.t(), wt.t(), target, chunk_size=CHUNK)
     loss.backward()
-    check(loss.detach(), ref_loss, 2e-5)
-    check(xt.grad.t(), ref_gx, 2e-5)
-    check(wt.grad.t(), ref_gw, 2e-5)
+    assert_close_rel(loss.detach(), ref_loss, 2e-5)
+    assert_close_rel(xt.grad.t(), ref_gx, 2e-5)
+    assert_close_rel(wt.grad.t(), ref_gw, 2e-5)
 
 
 def test_torch_compile_fullgraph():
@@ -246,27 +240,20 @@ def test_torch_compile_fullgraph():
                                           softcap=4.0, lse_square_scale=1e-3, chunk_size=CHUNK)
 
     go = torch.randn(N)
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
-        ps = [t.clone().requires_grad_() for t in (x, w, b)]
-        out = fn(*ps, target)
-        out.backward(go)
-        outs.append((out.detach(), *[p.grad for p in ps]))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (x, w, b), target, grad_out=go, backend="aot_eager")
 
 
 # ----------------------------------------------------------------------- reference path
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_reference_function(dtype, opt, reduction):
     compare(fused_linear_cross_entropy_reference, dtype, reduction, OPTIONS[opt])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_public_function_reference_dispatch(force_reference, dtype, opt, reduction):
     """Without Triton the public function runs the same chunked loop with a torch row engine."""
     compare(fused_linear_cross_entropy, dtype, reduction, OPTIONS[opt])
@@ -285,7 +272,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("opt", ["plain", "all"])
 def test_gpu_real_size(dtype, reduction, opt):
@@ -308,11 +295,11 @@ def test_gpu_real_size(dtype, reduction, opt):
     ref_loss, _, ref_gx, ref_gw, ref_gb = oracle(x, w, b if use_bias else None, target, reduction=reduction,
                                                  grad_out=go, **opts)
     loss_tol, grad_tol = tols(dtype)
-    check(loss.detach(), ref_loss, loss_tol)
-    check(ps[0].grad, ref_gx, grad_tol)
-    check(ps[1].grad, ref_gw, grad_tol)
+    assert_close_rel(loss.detach(), ref_loss, loss_tol)
+    assert_close_rel(ps[0].grad, ref_gx, grad_tol)
+    assert_close_rel(ps[1].grad, ref_gw, grad_tol)
     if use_bias:
-        check(ps[2].grad, ref_gb, grad_tol)
+        assert_close_rel(ps[2].grad, ref_gb, grad_tol)
 
 
 @pytest.mark.gpu
@@ -327,11 +314,4 @@ def test_gpu_compile_matches_eager():
     def f(x, w, t):
         return fused_linear_cross_entropy(x, w, t, reduction="sum", label_smoothing=0.1, softcap=30.0) * 0.5
 
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        ps = [x.clone().requires_grad_(), w.clone().requires_grad_()]
-        loss = fn(*ps, target)
-        loss.backward()
-        outs.append((loss.detach(), ps[0].grad, ps[1].grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (x, w), target)

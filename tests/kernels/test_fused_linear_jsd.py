@@ -10,17 +10,22 @@ in bf16) are held to a few bf16 ulps of their magnitude.
 """
 from __future__ import annotations
 
-import importlib
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from ligerzoo.kernels import _utils
 from ligerzoo.kernels.fused_linear_jsd import fused_linear_jsd, fused_linear_jsd_reference
+from tests.kernels.helpers import (
+    assert_close_rel,
+    assert_compiled_matches_eager,
+    force_reference,  # noqa: F401 (fixture)
+    jsd_rows64,
+    kernel_module,
+    parametrize_dtype,
+    small_blocks_fixture,
+)
 
-fl_mod = importlib.import_module("ligerzoo.kernels.fused_linear_jsd")
+fl_mod = kernel_module("fused_linear_jsd")
 
 N, HS, HT, V = 37, 123, 77, 1000   # student and teacher hidden sizes differ
 CHUNK = 8                          # 5 chunks, the last one partial (5 rows)
@@ -28,14 +33,7 @@ IGNORE = -100
 BETAS = [0.0, 0.3, 0.5, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    monkeypatch.setattr(fl_mod, "MAX_BLOCK_SIZE", 512)   # V=1000 spans 2 blocks, the last partial
-
-
-@pytest.fixture
-def force_reference(monkeypatch):
-    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+_small_blocks = small_blocks_fixture(fl_mod, 512)   # V=1000 spans 2 blocks, the last partial
 
 
 def make_inputs(dtype, n=N, hs=HS, ht=HT, v=V, n_ignored=4, x_scale=1.0, w_scale=0.3, teacher_dtype=None):
@@ -46,17 +44,6 @@ def make_inputs(dtype, n=N, hs=HS, ht=HT, v=V, n_ignored=4, x_scale=1.0, w_scale
     labels = torch.randint(0, v, (n,))
     labels[torch.randperm(n)[:n_ignored]] = IGNORE
     return xs, ws, xt, wt, labels
-
-
-def jsd_rows64(x, y, beta):
-    """float64 per-row generalised JSD from torch's kl_div (kl_div(a, b, log_target) = KL(b || a))."""
-    kl = lambda inp, tgt: F.kl_div(inp, tgt, reduction="none", log_target=True).sum(-1)  # noqa: E731
-    if beta == 0.0:
-        return kl(x, y)
-    if beta == 1.0:
-        return kl(y, x)
-    log_m = torch.logsumexp(torch.stack([y + math.log(beta), x + math.log(1 - beta)]), 0)
-    return beta * kl(log_m, y) + (1 - beta) * kl(log_m, x)
 
 
 def oracle(xs, ws, xt, wt, labels, beta, temperature=1.0, grad_out=1.0, round_logits=True, row_chunk=None):
@@ -87,12 +74,6 @@ def oracle(xs, ws, xt, wt, labels, beta, temperature=1.0, grad_out=1.0, round_lo
     return torch.tensor(total / count, dtype=torch.float64), mag / count, xs64.grad, ws64.grad
 
 
-def check(actual, expected, tol, scale=None):
-    e = expected.detach().double().to(actual.device)
-    scale = float(e.abs().max()) if scale is None else float(scale)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * max(scale, 1e-30))
-
-
 def tols(dtype):
     """(loss tol, grad tol): fp32 ~ 100 fp32 ulps; bf16 gradients 2 bf16 ulps (2^-7 each) of the
     magnitude (0.2-0.5 ulp measured)."""
@@ -113,13 +94,13 @@ def compare(fn, dtype, beta, temperature=1.0, use_labels=True, n_ignored=4, chun
     ref, mag, gx, gw = oracle(xs, ws, xt, wt, labels, beta, temperature, grad_out)
     loss_tol, grad_tol = tols(dtype)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    check(loss, ref, loss_tol, scale=mag)
+    assert_close_rel(loss, ref, loss_tol, scale=mag)
     for t, r, req in ((a, gx, requires[0]), (b, gw, requires[1])):
         if not req:
             assert t.grad is None
             continue
         assert t.grad.dtype == dtype and torch.isfinite(t.grad).all()
-        check(t.grad, r, grad_tol)
+        assert_close_rel(t.grad, r, grad_tol)
     assert tx.grad is None and tw.grad is None
     for before, after in zip(saved, (xs, ws, xt, wt)):
         assert torch.equal(before, after)
@@ -177,9 +158,9 @@ def test_non_contiguous_inputs():
     loss = fused_linear_jsd(a.t(), b.t(), xt.t().contiguous().t(), wt.t().contiguous().t(), labels,
                             chunk_size=4)
     loss.backward()
-    check(loss, ref, 2e-5, scale=mag)
-    check(a.grad.t(), gx, 2e-5)
-    check(b.grad.t(), gw, 2e-5)
+    assert_close_rel(loss, ref, 2e-5, scale=mag)
+    assert_close_rel(a.grad.t(), gx, 2e-5)
+    assert_close_rel(b.grad.t(), gw, 2e-5)
 
 
 def test_no_grad_computes_only_the_loss():
@@ -188,7 +169,7 @@ def test_no_grad_computes_only_the_loss():
     with torch.no_grad():
         loss = fused_linear_jsd(xs.clone().requires_grad_(), ws, xt, wt, labels, 0.3, chunk_size=4)
     assert not loss.requires_grad
-    check(loss, ref, 2e-5, scale=mag)
+    assert_close_rel(loss, ref, 2e-5, scale=mag)
 
 
 def test_second_backward_is_not_silently_wrong():
@@ -230,25 +211,18 @@ def test_torch_compile_fullgraph():
     def f(a, b):
         return fused_linear_jsd(a, b, xt, wt, labels, beta=0.3, temperature=2.0, chunk_size=4) * 2.0
 
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
-        a, b = xs.clone().requires_grad_(), ws.clone().requires_grad_()
-        out = fn(a, b)
-        out.backward()
-        outs.append((out.detach(), a.grad, b.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (xs, ws), backend="aot_eager")
 
 
 # ----------------------------------------------------------------------- reference path
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_reference_function(dtype, beta):
     compare(fused_linear_jsd_reference, dtype, beta, temperature=1.5)
 
 
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_public_function_reference_dispatch(force_reference, dtype, beta):
     """Without Triton the public function runs the same chunked loop with a torch row twin."""
     compare(fused_linear_jsd, dtype, beta, temperature=1.5)
@@ -267,7 +241,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.5, 2.0), (1.0, 1.0)])
 def test_gpu_real_size(dtype, beta, temperature):
     n, h, v = 8192, 4096, 128256
@@ -285,9 +259,9 @@ def test_gpu_real_size(dtype, beta, temperature):
     loss_tol, grad_tol = tols(dtype)
     if dtype == torch.float32:
         loss_tol, grad_tol = 1e-4, 1e-4   # TF32 is off by default, but the GEMM sums 4096 / 128256 terms
-    check(loss, ref, loss_tol, scale=mag)
-    check(a.grad, gx, grad_tol)
-    check(b.grad, gw, grad_tol)
+    assert_close_rel(loss, ref, loss_tol, scale=mag)
+    assert_close_rel(a.grad, gx, grad_tol)
+    assert_close_rel(b.grad, gw, grad_tol)
     for before, after in zip(saved, (xs, ws, xt, wt)):
         assert torch.equal(before, after)
 
@@ -306,11 +280,4 @@ def test_gpu_compile_matches_eager():
     def f(a, b):
         return fused_linear_jsd(a, b, xt, wt, labels, beta=0.3, temperature=2.0) * 0.5
 
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        a, b = xs.clone().requires_grad_(), ws.clone().requires_grad_()
-        loss = fn(a, b)
-        loss.backward()
-        outs.append((loss.detach(), a.grad, b.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (xs, ws))

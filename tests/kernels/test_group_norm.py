@@ -8,34 +8,23 @@ few ulps of the output dtype, relative to each element and, as a floor, to the l
 element (the sums cancel). The CPU interpreter truncates fp32 -> bf16 (up to 1 ulp
 instead of 1/2), which the bf16 budget covers.
 """
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ligerzoo.kernels._utils as kutils
 from ligerzoo.kernels.group_norm import group_norm, group_norm_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
 
-gn_mod = importlib.import_module("ligerzoo.kernels.group_norm")
-
-
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
+gn_mod = kernel_module("group_norm")
 
 
 ULPS = {torch.float32: 64, torch.bfloat16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _inputs(shape, dtype, shift=1.5, param_dtype=None):
@@ -90,7 +79,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("shape,groups", SHAPES)
 def test_group_norm_matches_float64(path, dtype, shape, groups):
     x, w, b = _inputs(shape, dtype)
@@ -243,7 +232,7 @@ def test_group_norm_opcheck_and_compile():
 
 
 # ----------------------------------------------------------------------------- GPU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize(
     "shape,groups",
     [((32, 256, 64, 64), 32), ((1, 128, 256, 256), 32), ((8192, 4096), 32), ((4, 320, 7, 9, 11), 8)],

@@ -1,23 +1,18 @@
 """int8 x packed-ternary matmul: packing helpers and the fused-unpack Triton kernel
 (interpreter on CPU, see conftest) against torch int64 matmul, exact integer equality; the
 forced torch-reference dispatch against the same."""
-import importlib
 
 import pytest
 import torch
 
-import ligerzoo.kernels._utils as kutils
 from ligerzoo.kernels.int2_matmul import int2_matmul, int2_matmul_reference, pack_int2, unpack_int2
+from tests.kernels.helpers import (
+    kernel_module,
+    path,  # noqa: F401 (fixture)
+)
 
 # The op module itself (the package re-exports functions under the same names).
-i2_mod = importlib.import_module("ligerzoo.kernels.int2_matmul")
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
+i2_mod = kernel_module("int2_matmul")
 
 
 def _ternary(N, K, device="cpu"):

@@ -9,17 +9,23 @@ truncates fp32 -> bf16 (up to 1 ulp).
 """
 from __future__ import annotations
 
-import importlib
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels.jsd import jsd, jsd_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    assert_compiled_matches_eager,
+    force_reference,  # noqa: F401 (fixture)
+    jsd_rows64,
+    kernel_module,
+    parametrize_dtype,
+    small_blocks_fixture,
+)
 
-jsd_mod = importlib.import_module("ligerzoo.kernels.jsd")
+jsd_mod = kernel_module("jsd")
 
 N, V = 13, 1000          # odd sizes; V spans 4 blocks of 256 (the last partial)
 IGNORE = -100
@@ -27,14 +33,7 @@ BETAS = [0.0, 0.3, 0.5, 1.0]
 ULPS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 4}
 
 
-@pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    monkeypatch.setattr(jsd_mod, "MAX_BLOCK_SIZE", 256)
-
-
-@pytest.fixture
-def force_reference(monkeypatch):
-    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+_small_blocks = small_blocks_fixture(jsd_mod, 256)
 
 
 def make_inputs(dtype, shape=(N, V), scale=2.0, n_ignored=3, ignore_index=IGNORE):
@@ -44,17 +43,6 @@ def make_inputs(dtype, shape=(N, V), scale=2.0, n_ignored=3, ignore_index=IGNORE
     flat = labels.view(-1)
     flat[torch.randperm(flat.numel())[:n_ignored]] = ignore_index
     return s, t, labels
-
-
-def jsd_rows64(x, y, beta):
-    """float64 per-row generalised JSD from torch's kl_div (kl_div(a, b, log_target) = KL(b || a))."""
-    kl = lambda inp, tgt: F.kl_div(inp, tgt, reduction="none", log_target=True).sum(-1)  # noqa: E731
-    if beta == 0.0:
-        return kl(x, y)                                   # KL(teacher || student)
-    if beta == 1.0:
-        return kl(y, x)                                   # KL(student || teacher)
-    log_m = torch.logsumexp(torch.stack([y + math.log(beta), x + math.log(1 - beta)]), 0)
-    return beta * kl(log_m, y) + (1 - beta) * kl(log_m, x)
 
 
 def oracle(s, t, labels, beta, ignore_index=IGNORE, grad_out=1.0, row_chunk=None):
@@ -81,11 +69,8 @@ def oracle(s, t, labels, beta, ignore_index=IGNORE, grad_out=1.0, row_chunk=None
 
 
 def check(actual, expected, dtype, scale=None, ulps=None):
-    """|a - e| <= k * eps(dtype) * (|e| + scale), scale = max|e| by default."""
-    tol = (ulps or ULPS[dtype]) * torch.finfo(dtype).eps
-    e = expected.detach().double().to(actual.device)
-    scale = float(e.abs().max()) if scale is None else float(scale)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * max(scale, 1e-30))
+    """assert_close_ulps with this file's ULPS[dtype] budget unless ``ulps`` is given."""
+    assert_close_ulps(actual, expected, dtype, ulps or ULPS[dtype], scale=scale)
 
 
 def compare(fn, dtype, beta, use_labels=True, need_teacher=False, grad_out=1.0, n_ignored=3,
@@ -265,19 +250,12 @@ def test_torch_compile_fullgraph():
     def f(a, b):
         return jsd(a, b, labels, beta=0.3) * 2.0
 
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
-        a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
-        out = fn(a, b)
-        out.backward()
-        outs.append((out.detach(), a.grad, b.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (s, t), backend="aot_eager")
 
 
 # ----------------------------------------------------------------------- reference path
 @pytest.mark.parametrize("beta", BETAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_reference_function(dtype, beta):
     compare(jsd_reference, dtype, beta, need_teacher=True)
     compare(jsd_reference, dtype, beta, use_labels=False)
@@ -313,7 +291,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_gpu_real_size(dtype, beta):
     n, v = 8192, 128256
@@ -343,11 +321,4 @@ def test_gpu_compile_matches_eager():
     def f(a, b):
         return jsd(a, b, labels, beta=0.3) * 0.5
 
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        a, b = s.clone().requires_grad_(), t.clone().requires_grad_()
-        out = fn(a, b)
-        out.backward()
-        outs.append((out.detach(), a.grad, b.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (s, t))

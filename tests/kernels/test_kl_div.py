@@ -9,31 +9,30 @@ the fp32 summation error). The CPU interpreter truncates fp32 -> bf16 (up to 1 u
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ligerzoo.kernels import _utils
 from ligerzoo.kernels.kl_div import kl_div, kl_div_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    assert_compiled_matches_eager,
+    force_reference,  # noqa: F401 (fixture)
+    kernel_module,
+    parametrize_dtype,
+    small_blocks_fixture,
+)
 
-kl_mod = importlib.import_module("ligerzoo.kernels.kl_div")
+kl_mod = kernel_module("kl_div")
 
 N, V = 13, 1000           # odd sizes; V spans 4 blocks of 256 (the last partial)
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 ULPS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 4}
 
 
-@pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch):
-    monkeypatch.setattr(kl_mod, "MAX_BLOCK_SIZE", 256)
-
-
-@pytest.fixture
-def force_reference(monkeypatch):
-    monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+_small_blocks = small_blocks_fixture(kl_mod, 256)
 
 
 def make_inputs(dtype, shape=(N, V), log_target=False, zeros=True, scale=3.0):
@@ -87,11 +86,8 @@ def oracle(x, t, reduction, log_target, grad_out, need_target=False, eps=None, r
 
 
 def check(actual, expected, dtype, scale=None, ulps=None):
-    """|a - e| <= k * eps(dtype) * (|e| + scale), scale = max|e| by default."""
-    tol = (ulps or ULPS[dtype]) * torch.finfo(dtype).eps
-    e = expected.detach().double().to(actual.device)
-    scale = float(e.abs().max()) if scale is None else float(scale)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * max(scale, 1e-30))
+    """assert_close_ulps with this file's ULPS[dtype] budget unless ``ulps`` is given."""
+    assert_close_ulps(actual, expected, dtype, ulps or ULPS[dtype], scale=scale)
 
 
 def grad_out_for(reduction, shape):
@@ -173,7 +169,7 @@ def test_single_block(monkeypatch):
     compare(kl_div, torch.float32, "batchmean", False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_extreme_inputs(dtype):
     # log-probs down to ~ -1e4 and probabilities that underflow
     compare(kl_div, dtype, "sum", True, make_kw=dict(scale=3e3))
@@ -246,20 +242,13 @@ def test_torch_compile_fullgraph():
         return kl_div(a, b, reduction="none", log_target=True)
 
     go = torch.randn(N, V)
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
-        a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
-        out = fn(a, b)
-        out.backward(go)
-        outs.append((out.detach(), a.grad, b.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    assert_compiled_matches_eager(f, (x, t), grad_out=go, backend="aot_eager")
 
 
 # ----------------------------------------------------------------------- reference path
 @pytest.mark.parametrize("log_target", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_reference_function(dtype, reduction, log_target):
     compare(kl_div_reference, dtype, reduction, log_target)
     compare(kl_div_reference, dtype, reduction, log_target, need_target=True)
@@ -290,7 +279,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 @pytest.mark.parametrize("log_target", [False, True])
 def test_gpu_real_size(dtype, reduction, log_target):
@@ -319,14 +308,7 @@ def test_gpu_compile_and_target_grad():
     def f(a, b):
         return kl_div(a, b, reduction="batchmean", log_target=True)
 
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        a, b = x.clone().requires_grad_(), t.clone().requires_grad_()
-        out = fn(a, b)
-        out.backward()
-        outs.append((out.detach(), a.grad, b.grad))
-    for a, r in zip(*outs):
-        torch.testing.assert_close(a, r)
+    outs = assert_compiled_matches_eager(f, (x, t))
     ref, mag, gx, gt = oracle(x, t, "batchmean", True, torch.tensor(1.0, dtype=torch.float64, device="cuda"),
                               need_target=True)
     check(outs[1][0], ref, torch.float32, scale=mag)

@@ -8,36 +8,25 @@ few ulps of the output dtype, relative to each element and, as a floor, to the l
 element (the sums cancel). The CPU interpreter truncates fp32 -> bf16 (up to 1 ulp
 instead of 1/2), which the bf16 budget covers.
 """
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ligerzoo.kernels._utils as kutils
 from ligerzoo.kernels.layer_norm import layer_norm, layer_norm_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
 
-ln_mod = importlib.import_module("ligerzoo.kernels.layer_norm")
+ln_mod = kernel_module("layer_norm")
 
 H = 123  # not a power of two
 
 
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
-
-
 ULPS = {torch.float32: 64, torch.bfloat16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _inputs(shape, dtype, shift=1.5, param_dtype=None):
@@ -64,7 +53,7 @@ def _affine(w, b, affine):
             b if affine in ("weight_bias", "bias_only") else None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("affine", AFFINE)
 def test_layer_norm_matches_float64(path, dtype, affine):
     x, w, b = _inputs((3, 13, H), dtype)
@@ -227,7 +216,7 @@ def test_layer_norm_opcheck_and_compile():
 
 
 # ----------------------------------------------------------------------------- GPU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("shape", [(8192, 4096), (4, 2048, 123), (64, 65536)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,6 @@ same fp32 angle and evaluates cos/sin in float64; fp32 cos/sin implementations (
 numpy in the interpreter, libdevice on the GPU) are within ~1 ulp of it. The torch
 reference path reproduces HF's ops in HF's order, so it is compared bit for bit.
 """
-import importlib
 
 import pytest
 import torch
@@ -17,27 +16,18 @@ import torch
 import ligerzoo.kernels._utils as kutils
 from ligerzoo.kernels.mrope import mrope, mrope_cos_sin, mrope_cos_sin_reference
 from ligerzoo.kernels.rope import rope_cos_sin, rope_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
 
 # The op module itself (the package re-exports functions under the same names).
-mrope_mod = importlib.import_module("ligerzoo.kernels.mrope")
-
-
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
+mrope_mod = kernel_module("mrope")
 
 
 ULPS = {torch.float32: 16, torch.bfloat16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _inv_freq(rotary_dim, theta=1_000_000.0):
@@ -189,7 +179,7 @@ def test_mrope_text_only_is_rope(path):
     assert_close_ulps(ko, kr, torch.float32, ULPS[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_mrope_rotation_and_grads_float64(path, dtype):
     """Forward and both input gradients of the rotation with M-RoPE tables, on head views
     of a fused qkv projection (strided input)."""
@@ -304,7 +294,7 @@ def test_gpu_mrope_cos_sin():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_gpu_mrope_rotation(dtype):
     torch.manual_seed(0)
     B, T, Hq, Hk, D = 2, 8192, 28, 4, 128      # Qwen2-VL-7B attention shapes

@@ -11,36 +11,25 @@ the bf16 budgets below cover that.
 import pytest
 import torch
 
-import ligerzoo.kernels._utils as kutils
-import importlib
-
-rms_mod = importlib.import_module("ligerzoo.kernels.rms_norm")
 from ligerzoo.kernels.rms_norm import (
     fused_add_rms_norm,
     fused_add_rms_norm_reference,
     rms_norm,
     rms_norm_reference,
 )
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
+
+rms_mod = kernel_module("rms_norm")
 
 H = 123  # not a power of two
 
 
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
-
-
 ULPS = {torch.float32: 64, torch.bfloat16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _inputs(shape, dtype, offset):
@@ -61,7 +50,7 @@ def _f64_grads(fn, inputs, grads):
 MODES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 1.0), ("gemma", 0.0)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("mode,offset", MODES)
 def test_rms_norm_matches_float64(path, dtype, mode, offset):
     x, w = _inputs((3, 13, H), dtype, offset)
@@ -144,7 +133,7 @@ def test_rms_norm_row_blocking(monkeypatch, block_rows, programs):
     assert_close_ulps(wr.grad, dw64, torch.float32, 64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_rms_norm_inplace_backward(dtype):
     """inplace=True writes dx over the incoming gradient buffer; values are unchanged."""
     x, w = _inputs((3, 11, H), dtype, 0.0)
@@ -164,7 +153,7 @@ def test_rms_norm_inplace_backward(dtype):
     torch.testing.assert_close(dx2, dx2_ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("mode,offset", [("llama", 0.0), ("gemma", 1.0)])
 def test_fused_add_rms_norm_matches_float64(path, dtype, mode, offset):
     x, w = _inputs((2, 19, H), dtype, offset)
@@ -271,7 +260,7 @@ def test_rms_norm_opcheck_and_compile():
 
 
 # ----------------------------------------------------------------------------- GPU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("mode,offset", [("llama", 0.0), ("gemma", 1.0), ("none", 0.0)])
 @pytest.mark.parametrize("shape", [(8192, 4096), (4, 2048, 123)])
 @pytest.mark.gpu
@@ -292,7 +281,7 @@ def test_gpu_rms_norm(dtype, mode, offset, shape):
     assert torch.equal(xr.detach(), x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_add_rms_norm(dtype):

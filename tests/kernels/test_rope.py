@@ -10,29 +10,18 @@ floor). The CPU interpreter truncates fp32 -> bf16 (up to 1 ulp instead of 1/2).
 import pytest
 import torch
 
-import ligerzoo.kernels._utils as kutils
-import importlib
-
-rope_mod = importlib.import_module("ligerzoo.kernels.rope")
 from ligerzoo.kernels.rope import rope, rope_cos_sin, rope_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
 
-
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
+rope_mod = kernel_module("rope")
 
 
 ULPS = {torch.float32: 16, torch.bfloat16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _inv_freq(rotary_dim, theta=10000.0):
@@ -76,7 +65,7 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_rope_matches_float64(path, dtype, name):
     B, T, Hq, Hk, D, R = CONFIGS[name]
@@ -93,7 +82,7 @@ def test_rope_matches_float64(path, dtype, name):
     assert torch.equal(qr.detach(), q0) and torch.equal(kr.detach(), k0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_rope_fused_qkv_views(path, dtype):
     """q and k as head views of one fused (B, T, (Hq + 2Hk) * D) projection output."""
     B, T, Hq, Hk, D = 2, 5, 4, 2, 16
@@ -242,7 +231,7 @@ def test_rope_opcheck_and_compile():
 
 
 # ----------------------------------------------------------------------------- GPU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("rotary_dim", [128, 96])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

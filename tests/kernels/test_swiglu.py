@@ -10,31 +10,22 @@ fp32 -> bf16 (up to 1 ulp instead of 1/2).
 import pytest
 import torch
 
-import ligerzoo.kernels._utils as kutils
-import importlib
-
-swiglu_mod = importlib.import_module("ligerzoo.kernels.swiglu")
 from ligerzoo.kernels.swiglu import swiglu, swiglu_fused, swiglu_fused_reference, swiglu_reference
+from tests.kernels.helpers import (
+    assert_close_ulps,
+    check_gated_fused,
+    check_gated_split,
+    kernel_module,
+    parametrize_dtype,
+    path,  # noqa: F401 (fixture)
+)
+
+swiglu_mod = kernel_module("swiglu")
 
 I = 37  # intermediate size, odd
 
 
-def assert_close_ulps(actual, expected, dtype, ulps):
-    """|a - e| <= ulps * eps(dtype) * (|e| + max|e|)."""
-    tol = ulps * torch.finfo(dtype).eps
-    e = expected.detach().double()
-    scale = max(e.abs().max().item(), 1e-30)
-    torch.testing.assert_close(actual.detach().double(), e, rtol=tol, atol=tol * scale)
-
-
 ULPS = {torch.float32: 16, torch.bfloat16: 2}
-
-
-@pytest.fixture(params=["triton", "reference"])
-def path(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(kutils, "use_triton", lambda t: False)
-    return request.param
 
 
 def _ref64(gate_up, dy):
@@ -44,50 +35,15 @@ def _ref64(gate_up, dy):
     return y64.detach(), gu64.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.parametrize("layout", ["separate", "halves_of_fused"])
 def test_swiglu_matches_float64(path, dtype, layout):
-    gu = (3 * torch.randn(3, 7, 2 * I)).to(dtype)
-    gu0 = gu.clone()
-    if layout == "separate":
-        gate = gu[..., :I].clone().requires_grad_()
-        up = gu[..., I:].clone().requires_grad_()
-        leaves = (gate, up)
-    else:  # strided views of one fused tensor, read in place (row stride 2I)
-        leaf = gu.clone().requires_grad_()
-        gate, up = leaf[..., :I], leaf[..., I:]
-        leaves = (leaf,)
-    y = swiglu(gate, up)
-    assert y.shape == (3, 7, I) and y.dtype == dtype
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, dy)
-    dgate, dup = (grads[0], grads[1]) if layout == "separate" else (grads[0][..., :I], grads[0][..., I:])
-
-    y64, dgu64 = _ref64(gu, dy)
-    assert_close_ulps(y, y64, dtype, ULPS[dtype])
-    assert_close_ulps(dgate, dgu64[..., :I], dtype, ULPS[dtype])
-    assert_close_ulps(dup, dgu64[..., I:], dtype, ULPS[dtype])
-    assert dgate.dtype == dtype and dup.dtype == dtype
-    assert torch.equal(gu, gu0)
-    assert torch.equal(gate.detach(), gu0[..., :I]) and torch.equal(up.detach(), gu0[..., I:])
+    check_gated_split(swiglu, _ref64, dtype, layout, I, ULPS[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 def test_swiglu_fused_matches_float64(path, dtype):
-    gu = (3 * torch.randn(2, 9, 2 * I)).to(dtype)
-    gu0 = gu.clone()
-    leaf = gu.clone().requires_grad_()
-    y = swiglu_fused(leaf)
-    assert y.shape == (2, 9, I) and y.dtype == dtype
-    dy = torch.randn_like(y)
-    (dgu,) = torch.autograd.grad(y, leaf, dy)
-    assert dgu.shape == gu.shape and dgu.dtype == dtype and dgu.is_contiguous()
-    y64, dgu64 = _ref64(gu, dy)
-    assert_close_ulps(y, y64, dtype, ULPS[dtype])
-    assert_close_ulps(dgu, dgu64, dtype, ULPS[dtype])
-    assert torch.equal(gu, gu0) and torch.equal(leaf.detach(), gu0)
-    # the fused and the split entry points agree exactly
-    torch.testing.assert_close(swiglu(gu[..., :I], gu[..., I:]), swiglu_fused(gu), rtol=0, atol=0)
+    check_gated_fused(swiglu, swiglu_fused, _ref64, dtype, I, ULPS[dtype])
 
 
 def test_swiglu_multi_block_and_non_contiguous(monkeypatch):
@@ -164,7 +120,7 @@ def test_swiglu_opcheck_and_compile():
 
 
 # ----------------------------------------------------------------------------- GPU
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@parametrize_dtype
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_swiglu(dtype):
