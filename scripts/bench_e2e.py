@@ -65,8 +65,8 @@ def model_flops(cfg, B: int, T: int) -> float:
     experts = getattr(cfg, "num_experts_per_tok", 1) if getattr(cfg, "num_local_experts", 0) else 1
     per_layer = H * (q + 2 * kv) + q * H + 3 * H * cfg.intermediate_size * experts
     linear = L * per_layer + V * H  # the LM head; the embedding is a lookup
-    attention = 2 * L * q * T  # per token: QK^T and PV, causal half of 2*T*q each
-    return 6 * linear * B * T + 6 * attention * B * T
+    attention = 2 * L * q * T  # forward FLOPs per token: QK^T and PV, causal half of 2*T*q each
+    return 6 * linear * B * T + 3 * attention * B * T
 
 
 def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int, warmup: int) -> dict:
@@ -118,8 +118,17 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
         loss = step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if os.environ.get("PROFILE"):  # one more step under the profiler: where the time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["PROFILE"])),
+              file=sys.stderr, flush=True)
     return dict(tokens_per_s=B * T / dt, tflops=model_flops(cfg, B, T) / dt / 1e12,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item())
+                peak_gib=peak, loss=loss.item())
 
 
 def child(args) -> int:
@@ -138,6 +147,8 @@ def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=900) -> dict:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": "timeout"}
+    if os.environ.get("PROFILE"):
+        print(r.stderr[-30000:], flush=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     return json.loads(lines[-1][7:]) if lines else {"error": r.stderr[-800:]}
 
