@@ -82,6 +82,18 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
         import ligerzoo
         from ligerzoo.parallel import apply_activation_checkpointing
 
+        if os.environ.get("LZ_CHUNK_ROWS"):  # experiment: fixed fused-linear-CE chunk rows
+            import ligerzoo.kernels.fused_linear_cross_entropy as flce
+
+            flce.default_chunk_size = lambda n, h, v: min(int(os.environ["LZ_CHUNK_ROWS"]), n)
+        if os.environ.get("LZ_NO_TARGET_CHECK"):  # experiment: skip the label-range check (a host sync)
+            import ligerzoo.kernels.fused_linear_cross_entropy as flce
+
+            flce.check_target = lambda *a: None
+        if os.environ.get("LZ_UNFUSED"):  # experiment: the plain block composition
+            import ligerzoo.models.fused
+
+            ligerzoo.models.fused.ENABLED = False
         config = ligerzoo.models.config_from_hf(cfg.to_dict())
         with torch.device("cuda"):
             m = ligerzoo.CausalLM(config).to(torch.bfloat16)
@@ -123,12 +135,40 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            w0 = time.perf_counter()
             step()
             torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - w0) * 1e3
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=int(os.environ["PROFILE"])),
               file=sys.stderr, flush=True)
+        try:
+            print_gaps(prof, wall_ms)
+        except Exception as e:  # diagnostics only
+            print(f"gap analysis failed: {e!r}", file=sys.stderr)
     return dict(tokens_per_s=B * T / dt, tflops=model_flops(cfg, B, T) / dt / 1e12,
                 peak_gib=peak, loss=loss.item())
+
+
+def print_gaps(prof, wall_ms: float, top: int = 12) -> None:
+    """Where the GPU sat idle during the profiled step: total idle time between consecutive
+    device operations and the largest gaps with the operations on either side."""
+    dev = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: e.time_range.start)
+    if not dev:
+        return
+    gaps = []
+    end, prev = dev[0].time_range.end, dev[0].name
+    for e in dev[1:]:
+        if e.time_range.start > end:
+            gaps.append((e.time_range.start - end, prev, e.name))
+        if e.time_range.end > end:
+            end, prev = e.time_range.end, e.name
+    busy_span = (end - dev[0].time_range.start) / 1e3
+    idle = sum(g for g, _, _ in gaps) / 1e3
+    print(f"GPU span {busy_span:.1f} ms of a {wall_ms:.1f} ms step; idle inside the span {idle:.1f} ms "
+          f"over {len(gaps)} gaps", file=sys.stderr)
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"  gap {g / 1e3:7.3f} ms  after {a[:60]!r}  before {b[:60]!r}", file=sys.stderr)
 
 
 def child(args) -> int:
@@ -140,13 +180,15 @@ def child(args) -> int:
     return 0
 
 
-def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=900) -> dict:
+def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=int(os.environ.get("SPAWN_TIMEOUT", 900))) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--variant", variant, "--batch", str(B),
            "--seq-len", str(T), "--steps", str(steps), "--warmup", str(warmup)] + (["--ckpt"] if ckpt else [])
+    t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": "timeout"}
+        return {"error": f"timeout after {timeout} s"}
+    print(f"  ({variant} {B}x{T} ckpt={ckpt}: {time.perf_counter() - t0:.0f} s wall)", flush=True)
     if os.environ.get("PROFILE"):
         print(r.stderr[-30000:], flush=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -166,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="ligerzoo,hf,liger,compile")
     ap.add_argument("--checkpointing", default="off,on")
     ap.add_argument("--longest", default=None, help="model to search the longest batch-1 sequence for")
+    ap.add_argument("--longest-from", type=int, default=4096, help="first seq_len of the doubling search")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--out", default="benchmarks")
@@ -188,7 +231,7 @@ def main(argv=None) -> int:
 
     if args.longest:
         for variant in args.variants.split(","):
-            T = 4096
+            T = args.longest_from
             while True:
                 r = spawn(args.longest, variant, 1, T, False, 2, 1)
                 record(args.longest, 1, T, variant, False, r)

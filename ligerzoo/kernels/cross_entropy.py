@@ -490,8 +490,9 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
 
     The saved buffer belongs to the op, so in eager it is scaled in place (no second copy;
     a second backward through the same graph then fails autograd's saved-tensor version
-    check instead of silently rescaling). A scalar ``grad_output`` of exactly 1 skips the
-    multiply (this reads it on the host: one sync). While traced (torch.compile) the
+    check instead of silently rescaling). A CPU scalar ``grad_output`` of exactly 1 skips the
+    multiply; a CUDA one is multiplied in on the device (never read on the host, which would
+    stall the stream). While traced (torch.compile) the
     product is taken out of place, with no data-dependent branch.
     """
     if not (_eager(grad) and _eager(grad_output)):
@@ -506,10 +507,12 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
             _launch_scale_rows(grad, go)
             return grad
         return grad.mul_(go.reshape(-1, *([1] * (grad.dim() - 1))))
-    scale = float(grad_output)
-    if scale == 1.0:
-        return grad
-    return grad.mul_(scale)
+    if not grad_output.is_cuda:  # reading a CPU scalar costs nothing
+        scale = float(grad_output)
+        return grad if scale == 1.0 else grad.mul_(scale)
+    # On the GPU, multiply by the device scalar: reading it on the host would stall the
+    # stream (a sync at the start of every backward).
+    return grad.mul_(grad_output.to(torch.float32))
 
 
 def scale_saved_grads(ctx, grads, grad_loss: torch.Tensor, op_name: str) -> list:

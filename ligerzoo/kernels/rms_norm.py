@@ -284,14 +284,15 @@ def _(dy, x, weight, rstd, offset, casting, dres):
 
 @torch.library.custom_op("ligerzoo::rms_norm_backward_inplace", mutates_args=("dy",))
 def _rms_norm_backward_inplace_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float, casting: str
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float, casting: str,
+    dres: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    # dx overwrites dy (which must be contiguous and of x's dtype); returns dw.
-    return _launch_backward(dy, x, weight, rstd, offset, casting, None, dy)
+    # dx (+ dres when given) overwrites dy (which must be contiguous and of x's dtype); returns dw.
+    return _launch_backward(dy, x, weight, rstd, offset, casting, dres, dy)
 
 
 @_rms_norm_backward_inplace_op.register_fake
-def _(dy, x, weight, rstd, offset, casting):
+def _(dy, x, weight, rstd, offset, casting, dres=None):
     return torch.empty_like(weight)
 
 

@@ -116,16 +116,20 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(q, k, cos, sin, backward: bool):
-    """Rotates q (B,T,Hq,D) and k (B,T,Hk,D) into new contiguous tensors."""
+def _launch(q, k, cos, sin, backward: bool, inplace: bool = False):
+    """Rotates q (B,T,Hq,D) and k (B,T,Hk,D) into new contiguous tensors, or over
+    themselves with ``inplace`` (then q and k must have unit last-dim stride)."""
     B, T, n_qh, D = q.shape
     n_kh = k.shape[2]
     R = cos.shape[-1]
     half, n_pass = R // 2, D - R
-    q, k = _unit_last(q), _unit_last(k)
     cos, sin = _unit_last(cos), _unit_last(sin)
-    qo = torch.empty((B, T, n_qh, D), dtype=q.dtype, device=q.device)
-    ko = torch.empty((B, T, n_kh, D), dtype=k.dtype, device=k.device)
+    if inplace:
+        qo, ko = q, k
+    else:
+        q, k = _unit_last(q), _unit_last(k)
+        qo = torch.empty((B, T, n_qh, D), dtype=q.dtype, device=q.device)
+        ko = torch.empty((B, T, n_kh, D), dtype=k.dtype, device=k.device)
     if B * T == 0:
         return qo, ko
     block_r = next_power_of_2(half)
@@ -174,6 +178,24 @@ def _rope_backward_op(
 def _(dq, dk, cos, sin):
     return (torch.empty_like(dq, memory_format=torch.contiguous_format),
             torch.empty_like(dk, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("ligerzoo::rope_qkv_", mutates_args=("qkv",))
+def _rope_qkv_op(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int, backward: bool
+) -> None:
+    # qkv: (B, T, (Hq + 2 Hk) D), rows q | k | v; rotates the q and k heads over themselves
+    # (backward=True applies the transposed rotation, for gradients).
+    B, T, width = qkv.shape
+    D = width // (n_q_heads + 2 * n_kv_heads)
+    q = qkv[..., : n_q_heads * D].view(B, T, n_q_heads, D)
+    k = qkv[..., n_q_heads * D: (n_q_heads + n_kv_heads) * D].view(B, T, n_kv_heads, D)
+    _launch(q, k, cos, sin, backward=backward, inplace=True)
+
+
+@_rope_qkv_op.register_fake
+def _(qkv, cos, sin, n_q_heads, n_kv_heads, backward):
+    return None
 
 
 def _rope_setup_context(ctx, inputs, output):

@@ -112,10 +112,14 @@ if HAS_TRITON:
         B, stride_b,      # (N, I) up
         DA, stride_da,    # (N, I) out: gradient of gate
         DB, stride_db,    # (N, I) out: gradient of up
+        Y, stride_y,      # (N, I) out: act(gate) * up, recomputed (written only when STORE_Y)
         n_cols,
         ACT: tl.constexpr,
+        STORE_Y: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # Every element is read before it is written, by the same program, so the outputs may
+        # alias the inputs (DA, DB over A, B and Y over DY: the in-place recompute variant).
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -127,6 +131,8 @@ if HAS_TRITON:
         da = dy * b * dact
         tl.store(DA + row * stride_da + cols, da.to(DA.dtype.element_ty), mask=mask)
         tl.store(DB + row * stride_db + cols, db.to(DB.dtype.element_ty), mask=mask)
+        if STORE_Y:
+            tl.store(Y + row * stride_y + cols, (act * b).to(Y.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -150,16 +156,19 @@ def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int) -> torch.Tensor:
     return y
 
 
-def _backward(dy2, a2, b2, da2, db2, act: int) -> None:
-    """Writes the gate / up gradients into the (N, I) views da2 / db2."""
+def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
+    """Writes the gate / up gradients into the (N, I) views da2 / db2 (and, when ``y2`` is
+    given, the recomputed forward output ``act(a) * b`` into it)."""
     n_rows, n_cols = a2.shape
     if a2.numel() == 0:
         return
     block, num_warps = _settings(n_cols)
+    y_arg = y2 if y2 is not None else da2
     with device_guard(a2):
         _gated_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
             dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-            da2, da2.stride(0), db2, db2.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=num_warps,
+            da2, da2.stride(0), db2, db2.stride(0), y_arg, y_arg.stride(0), n_cols,
+            ACT=act, STORE_Y=y2 is not None, BLOCK=block, num_warps=num_warps,
         )
 
 
@@ -218,6 +227,17 @@ def _register_gated_ops(name: str, act: int) -> None:
     def fused_backward_fake(dy, gate_up):
         return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
 
+    def recompute_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
+        # In place, for a caller that owns both buffers: gate_up (..., 2I) becomes its
+        # gradient and dy (..., I) becomes the recomputed forward output act(gate) * up.
+        two_i = gate_up.shape[-1]
+        n_cols = two_i // 2
+        gu2, dy2 = gate_up.view(-1, two_i), dy.view(-1, n_cols)
+        _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act, y2=dy2)
+
+    def recompute_backward_fake(dy, gate_up):
+        return None
+
     def fused_setup_context(ctx, inputs, output):
         (gate_up,) = inputs
         ctx.save_for_backward(gate_up)
@@ -233,6 +253,8 @@ def _register_gated_ops(name: str, act: int) -> None:
         (f"{name}_fused_backward", fused_backward_op, fused_backward_fake),
     ):
         torch.library.custom_op(f"ligerzoo::{op_name}", fn, mutates_args=()).register_fake(fake)
+    torch.library.custom_op(f"ligerzoo::{name}_fused_backward_recompute_", recompute_backward_op,
+                            mutates_args=("dy", "gate_up")).register_fake(recompute_backward_fake)
     torch.library.register_autograd(f"ligerzoo::{name}", split_autograd, setup_context=split_setup_context)
     torch.library.register_autograd(f"ligerzoo::{name}_fused", fused_autograd, setup_context=fused_setup_context)
 

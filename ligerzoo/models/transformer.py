@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from ligerzoo.kernels.rope import rope, rope_cos_sin
-from ligerzoo.kernels.swiglu import swiglu_fused
+from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
+from ligerzoo.models.fused import gated_down, norm_linear, rope_qkv_
 from ligerzoo.nn import RMSNorm
-from ligerzoo.models.moe import MoE, gated_act, load_balancing_loss
+from ligerzoo.models.moe import MoE, load_balancing_loss
 
 IGNORE_INDEX = -100
 
@@ -201,14 +201,14 @@ class Attention(nn.Module):
         self.scale = config.attn_scale if config.attn_scale is not None else config.head_dim ** -0.5
         self.softcap = config.attn_softcap
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
-        B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)  # (B, T, nh hd), (B, T, nkv hd) x2
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = rope(q, k, cos, sin)  # (B, T, nh, hd), (B, T, nkv, hd)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, qkv=None):
+        """x: (B, T, H) normalised input, or None when ``qkv`` (B, T, (nh + 2 nkv) hd), its
+        projection, is given (the block fuses the norm into it). Returns (B, T, H)."""
+        if qkv is None:
+            qkv = self.wqkv(x)
+        B, T, _ = qkv.shape
+        q, k, v = rope_qkv_(qkv, cos, sin, self.num_heads, self.num_kv_heads)  # (B, T, nh|nkv|nkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         if self.softcap is not None:
@@ -236,8 +236,11 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x):
-        return self.w_down(gated_act(self.w_gate_up(x), self.activation))  # (.., 2I) -> (.., I) -> (.., H)
+    def forward(self, x, gate_up=None):
+        """x: (..., H), or None when ``gate_up`` (..., 2I), its projection, is given."""
+        if gate_up is None:
+            gate_up = self.w_gate_up(x)
+        return gated_down(gate_up, self.w_down, self.activation)  # (.., 2I) -> (.., I) -> (.., H)
 
 
 class Block(nn.Module):
@@ -258,11 +261,30 @@ class Block(nn.Module):
         else:
             self.attn_post_norm = self.mlp_post_norm = None
 
-    def forward(self, x, cos, sin, masks: dict, cache=None):
-        a = self.attn(self.attn_norm(x), cos, sin, masks[self.layer_type], cache)
-        h = x + (self.attn_post_norm(a) if self.attn_post_norm is not None else a)
-        m = self.mlp(self.mlp_norm(h))
-        return h + (self.mlp_post_norm(m) if self.mlp_post_norm is not None else m)
+    def forward(self, x, cos, sin, masks: dict, cache=None, delta=None):
+        """One block on the residual stream, with the last residual add left to the caller.
+
+        Args:
+            x: (B, T, H) residual stream; delta: (B, T, H) the previous block's last branch
+                output, still to be added to ``x`` (None for the first block).
+        Returns:
+            ``(h, m)``: the residual stream after the attention branch and this block's MLP
+            branch output; the block's output is ``h + m``, which the next norm computes in
+            its fused add (:func:`ligerzoo.models.fused.norm_linear`).
+        """
+        qkv, x = norm_linear(x, delta, self.attn_norm, self.attn.wqkv)  # x <- x + delta
+        a = self.attn(None, cos, sin, masks[self.layer_type], cache, qkv=qkv)
+        if self.attn_post_norm is not None:
+            a = self.attn_post_norm(a)
+        if isinstance(self.mlp, MLP):
+            gate_up, h = norm_linear(x, a, self.mlp_norm, self.mlp.w_gate_up)  # h = x + a
+            m = self.mlp(None, gate_up)
+        else:
+            n, h = self.mlp_norm(x, a)
+            m = self.mlp(n)
+        if self.mlp_post_norm is not None:
+            m = self.mlp_post_norm(m)
+        return h, m
 
 
 class CausalLM(nn.Module):
@@ -353,11 +375,12 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)  # (B, T, H)
         if self.config.embed_scale:  # sqrt(H) rounded to the activation dtype first (HF Gemma)
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        delta = None  # each block hands its last branch output to the next block's fused add
         for layer in self.layers:
-            x = layer(x, cos, sin, masks, cache)
+            x, delta = layer(x, cos, sin, masks, cache, delta)
         if cache is not None:
             cache.length = S
-        return self.norm(x)
+        return self.norm(x) if delta is None else self.norm(x, delta)[0]
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None,
                 num_items_in_batch=None) -> CausalLMOutput:

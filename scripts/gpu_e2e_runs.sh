@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The device-machine runs behind benchmarks/NOTES.md's e2e section (one call each):
+#   bash scripts/gpu_e2e_runs.sh probe   # ligerzoo variants at 8x4096, checkpointing, longest sequence
+# Carry .gpu3/ (see scripts/gpu_bench.sh).
+set -uo pipefail
+OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu3/whl/*.whl 2>/dev/null || exit 1
+export PYTHONPATH="$PWD:/tmp/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+B="python3 scripts/bench_e2e.py --models llama3-8b-8l --shapes 8x4096"
+case "${1:-probe}" in
+probe)
+  STEPS=4 WARMUP=2 PROFILE=30 $B --variants ligerzoo --checkpointing off --out "$OUT/a" > "$OUT/profile.log" 2>&1
+  grep "tok/s\|rate" "$OUT/profile.log"
+  STEPS=4 WARMUP=2 LZ_CHUNK_ROWS=4096 $B --variants ligerzoo --checkpointing off --out "$OUT/b" 2>&1 | grep "tok/s" | sed 's/^/chunk4096 /'
+  STEPS=4 WARMUP=2 LZ_NO_TARGET_CHECK=1 $B --variants ligerzoo --checkpointing off --out "$OUT/c" 2>&1 | grep "tok/s" | sed 's/^/nocheck /'
+  STEPS=3 WARMUP=1 SPAWN_TIMEOUT=150 $B --variants ligerzoo,liger --checkpointing on --out "$OUT/d" 2>&1 | grep "tok/s\|wall"
+  STEPS=2 WARMUP=1 SPAWN_TIMEOUT=200 python3 scripts/bench_e2e.py --longest llama3-8b-8l --longest-from 65536 --variants ligerzoo --out "$OUT/e" 2>&1 | grep "tok/s\|wall"
+  ;;
+probe2)
+  python3 scripts/check_moe_gpu.py 2>&1 | tail -4
+  STEPS=4 WARMUP=2 PROFILE=25 $B --variants ligerzoo --checkpointing off --out /tmp/a > "$OUT/profile.log" 2>&1
+  grep "tok/s\|rate\|GPU span\|gap " "$OUT/profile.log"
+  STEPS=3 WARMUP=1 PROFILE=25 $B --variants ligerzoo --checkpointing on --out /tmp/b > "$OUT/profile_ckpt.log" 2>&1
+  grep "tok/s\|GPU span\|gap " "$OUT/profile_ckpt.log"
+  STEPS=4 WARMUP=2 python3 scripts/bench_e2e.py --models mixtral-8x7b-2l,qwen2.5-7b-4l --shapes 4x2048 \
+    --checkpointing off --variants ligerzoo --out /tmp/c 2>&1 | grep "tok/s"
+  STEPS=4 WARMUP=2 $B --variants hf,compile --checkpointing off --out /tmp/d 2>&1 | grep "tok/s\|wall"
+  cp /tmp/d/e2e.csv "$OUT/e2e_hf_compile.csv"
+  python3 scripts/bench_load.py --repeats 2 --out /tmp/e 2>&1 | grep -v "Loading\|Warn"
+  cp /tmp/e/load.csv "$OUT/load.csv"
+  ;;
+esac

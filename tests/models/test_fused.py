@@ -1,0 +1,144 @@
+"""The block fusions (ligerzoo/models/fused.py) against the plain composition in float64,
+and the activation memory they save, counted with saved-tensor hooks."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ligerzoo.models import fused
+from ligerzoo.models.config import ModelConfig
+from ligerzoo.models.transformer import Block, rope_cos_sin, rope_inv_freq
+from ligerzoo.nn import RMSNorm
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _rms(x, w, eps, offset):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
+
+
+def _grads(out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_norm_linear_matches_float64(dtype, residual, bias):
+    torch.manual_seed(0)
+    H, O = 72, 40  # not powers of two
+    norm, lin = RMSNorm(H, 1e-5, casting_mode="none" if dtype == torch.float32 else "llama"), nn.Linear(H, O, bias=bias)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm, lin = norm.to(dtype), lin.to(dtype)
+    x = torch.randn(3, 5, H, dtype=dtype, requires_grad=True)
+    r = torch.randn(3, 5, H, dtype=dtype, requires_grad=True) if residual else None
+    params = [norm.weight, lin.weight] + ([lin.bias] if bias else [])
+    y, s = fused.norm_linear(x, r, norm, lin)
+    # the fused function returns the sum it normalised; mix both outputs into the loss
+    out = torch.cat([y, s[..., :O]], -1)
+    got = _grads(out, [x] + ([r] if residual else []) + params)
+
+    x64 = x.detach().double().requires_grad_()
+    r64 = r.detach().double().requires_grad_() if residual else None
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    s64 = x64 + r64 if residual else x64
+    y64 = F.linear(_rms(s64, p64[0], 1e-5, 0.0), p64[1], p64[2] if bias else None)
+    out64 = torch.cat([y64, s64[..., :O]], -1)
+    want = _grads(out64, [x64] + ([r64] if residual else []) + p64)
+    torch.testing.assert_close(out.double(), out64, **TOL[dtype])
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp(min=1)
+        torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_down_matches_float64(dtype, activation):
+    torch.manual_seed(1)
+    inter, H = 50, 24
+    down = nn.Linear(inter, H, bias=True).to(dtype)
+    gu = torch.randn(2, 7, 2 * inter, dtype=dtype) * 2
+    gu_leaf = gu.clone().requires_grad_()
+    y = fused.gated_down(gu_leaf * 1, down, activation)  # the function owns (and overwrites) its input
+    got = _grads(y, [gu_leaf, down.weight, down.bias])
+
+    gu64 = gu.double().requires_grad_()
+    p64 = [down.weight.detach().double().requires_grad_(), down.bias.detach().double().requires_grad_()]
+    g, u = gu64.chunk(2, -1)
+    act = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+    y64 = F.linear(act * u, *p64)
+    want = _grads(y64, [gu64] + p64)
+    torch.testing.assert_close(y.double(), y64, **TOL[dtype])
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp(min=1)
+        torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype])
+
+
+def test_gated_down_backward_twice_is_refused():
+    down = nn.Linear(16, 8)
+    gu = torch.randn(4, 32, requires_grad=True)
+    y = fused.gated_down(gu * 1, down, "silu")
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_rope_qkv_matches_out_of_place_rope():
+    torch.manual_seed(2)
+    B, T, nh, nkv, hd = 2, 6, 4, 2, 8
+    cfg = ModelConfig(vocab_size=10, hidden_size=32, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd)
+    inv, scale = rope_inv_freq(cfg)
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), inv, scale)
+    qkv0 = torch.randn(B, T, (nh + 2 * nkv) * hd, dtype=torch.float64)
+    qkv_leaf = qkv0.float().requires_grad_()
+    q, k, v = fused.rope_qkv_(qkv_leaf * 1, cos, sin, nh, nkv)
+    out = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
+    (dq,) = _grads(out, [qkv_leaf])
+
+    def rot(x):  # HF half-split rotation in float64
+        x1, x2 = x.chunk(2, -1)
+        return x * cos[:, :, None].double() + torch.cat([-x2, x1], -1) * sin[:, :, None].double()
+
+    x64 = qkv0.clone().requires_grad_()
+    q64, k64, v64 = x64.split([nh * hd, nkv * hd, nkv * hd], -1)
+    out64 = torch.cat([rot(q64.view(B, T, nh, hd)).flatten(2), rot(k64.view(B, T, nkv, hd)).flatten(2), v64], -1)
+    (dq64,) = _grads(out64, [x64])
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dq.double(), dq64, atol=1e-5, rtol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd saves while running fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_block_saves_fewer_activations_than_the_plain_composition(monkeypatch):
+    """A Llama block at B*T = 64 tokens, H = 64, nh = 4, nkv = 2, I = 128 (fp32): the fused block
+    keeps x, x + a, qkv, the attention output and gate_up (plus rstd, lse and weights); the plain
+    composition also keeps both normalised inputs, rotated q and k, and act(gate) * up."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    block = Block(cfg, 0)
+    B, T, H = 2, 32, 64
+    inv, scale = rope_inv_freq(cfg)
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), inv, scale)
+    x = torch.randn(B, T, H, requires_grad=True)
+    masks = {"full_attention": None}
+    fused_bytes = _saved_bytes(lambda: block(x, cos, sin, masks))
+    monkeypatch.setattr(fused, "ENABLED", False)  # the plain composition, still on our kernels
+    plain_bytes = _saved_bytes(lambda: block(x, cos, sin, masks))
+    per_token = 4 * B * T  # bytes of one fp32 feature over all tokens
+    # normalised inputs (2 H) + rotated q, k ((nh + nkv) hd = 96) + act output (I = 128)
+    assert plain_bytes - fused_bytes >= per_token * (2 * H + 96 + 128)
