@@ -227,7 +227,8 @@ def main(argv=None) -> int:
         rows.append(row)
         status = "OOM" if r.get("oom") else r.get("error", "")[-200:]
         print(f"{model:16s} {B}x{T:<7d} {variant:9s} ckpt={ckpt!s:5s} {row['tokens_per_s']:>8d} tok/s "
-              f"{row['tflops']:6.1f} TFLOP/s mfu {row['mfu']:.3f} peak {row['peak_gib']:6.2f} GiB {status}", flush=True)
+              f"{row['tflops']:6.1f} TFLOP/s mfu {row['mfu']:.3f} peak {row['peak_gib']:6.2f} GiB "
+              f"loss {r.get('loss', float('nan')):.4f} {status}", flush=True)
 
     if args.longest:
         for variant in args.variants.split(","):

@@ -40,14 +40,17 @@ x = torch.randn(3, 333, 512, generator=g)
 x[..., 0] = 4.0
 dy = torch.randn(x.shape, generator=g)
 x, dy = x.cuda(), dy.cuda()
-ref = run(build(torch.float64, "loop"), x.double(), dy.double())
+# Same dtype on both sides: bf16 routing can differ from a wider dtype's at near-ties, so the
+# grouped path is compared with the loop at bf16 (same routing); each is checked against
+# float64 by the CPU tests.
 names = ["y", "dx", "d_router", "d_w_gate_up", "d_w_down"]
-for impl in ("grouped", "loop"):
-    got = run(build(torch.bfloat16, impl), x.bfloat16(), dy.bfloat16())
-    errs = {n: ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for n, a, b in zip(names, got, ref)}
-    print(f"bf16 {impl:7s} max rel error vs float64:", "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
-    assert all(e < 3e-2 for e in errs.values()), errs
-    assert not got[3][-1].any() and not got[4][-1].any(), "empty expert got a weight gradient"
+got = {impl: run(build(torch.bfloat16, impl), x.bfloat16(), dy.bfloat16()) for impl in ("grouped", "loop")}
+errs = {n: ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+        for n, a, b in zip(names, got["grouped"], got["loop"])}
+print("bf16 grouped vs loop, max rel difference:", "  ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+assert all(e < 2e-2 for e in errs.values()), errs
+for impl, g in got.items():
+    assert not g[3][-1].any() and not g[4][-1].any(), f"{impl}: the empty expert got a weight gradient"
 m = build(torch.bfloat16, "auto")
 assert m.use_grouped(x.bfloat16().reshape(-1, 512)), "auto did not choose the grouped path"
 run(m, x.bfloat16(), dy.bfloat16())

@@ -29,4 +29,18 @@ probe2)
   python3 scripts/bench_load.py --repeats 2 --out /tmp/e 2>&1 | grep -v "Loading\|Warn"
   cp /tmp/e/load.csv "$OUT/load.csv"
   ;;
+final)
+  python3 scripts/check_moe_gpu.py 2>&1 | tail -3
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_fused_linear_cross_entropy.py \
+    -k "compile or (real_size and bfloat16 and plain)" 2>&1 | tail -2
+  export SPAWN_TIMEOUT=120 STEPS=4 WARMUP=2
+  $B --variants ligerzoo,liger --checkpointing off,on --out /tmp/f 2>&1 | grep "tok/s\|rate"
+  cp /tmp/f/e2e.csv "$OUT/e2e_llama.csv"
+  python3 scripts/bench_e2e.py --models llama3-8b-8l,qwen2.5-7b-4l,gemma2-9b-4l,mixtral-8x7b-2l --shapes 4x2048 \
+    --variants ligerzoo,liger --checkpointing off --out /tmp/g 2>&1 | grep "tok/s\|rate"
+  cp /tmp/g/e2e.csv "$OUT/e2e_families.csv"
+  STEPS=2 WARMUP=1 python3 scripts/bench_e2e.py --longest llama3-8b-8l --longest-from 65536 --variants liger \
+    --out /tmp/h 2>&1 | grep "tok/s"
+  cp /tmp/h/e2e_longest.csv "$OUT/e2e_longest_liger.csv"
+  ;;
 esac

@@ -26,7 +26,8 @@ Peak extra memory is one (C, V) chunk plus the gradients themselves.
 Without Triton (CPU without the interpreter) the same chunked loop runs with a plain-torch
 twin of the row kernel, so the full logits are never materialised there either.
 Measured on one H200 (N=8192, H=4096, V=128256, bf16, default chunk, forward+backward):
-44 ms and 3.0 GiB above the inputs (the fp32 dW accumulator and its bf16 copy dominate),
+44 ms and 3.0 GiB above the inputs (the fp32 dW accumulator and its bf16 copy dominate;
+the accumulator now narrows into its own storage, so the copy no longer adds 1 GiB),
 against 54-56 ms and 11.7 GiB for torch's unfused ``F.cross_entropy((x @ W.T).float(), t)``.
 """
 from __future__ import annotations
@@ -91,6 +92,61 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+class _WeightGradAccumulator:
+    """The (V, H) ``dW`` accumulator in ``accum_dtype``, returned in ``out_dtype`` without a
+    second full-size buffer.
+
+    When ``out_dtype`` is half the width of ``accum_dtype`` (bf16/fp16 weights, fp32
+    accumulation) the rows are split in two halves held in two allocations, the first one
+    exactly the byte size of the final (V, H) result. :meth:`finish` narrows the first half
+    into the front of its own storage (in geometrically growing ranges, so that no copy reads
+    bytes an earlier one has overwritten), then writes the second half behind it, and frees
+    the second allocation: the result lives in the first allocation and no fp32 buffer and
+    its cast copy ever coexist (a (V, H) cast would need 1.5x the accumulator at its end).
+    Otherwise it is one buffer, cast by ``.to``.
+    """
+
+    def __init__(self, vocab: int, hidden: int, accum_dtype: torch.dtype, out_dtype: torch.dtype, device):
+        self.shape, self.out_dtype = (vocab, hidden), out_dtype
+        ratio = torch.empty(0, dtype=accum_dtype).element_size() // max(1, torch.empty(0, dtype=out_dtype).element_size())
+        self.split = ratio == 2 and torch.empty(0, dtype=accum_dtype).element_size() == 4 and vocab >= 2
+        if not self.split:
+            self.parts = [torch.zeros((vocab, hidden), dtype=accum_dtype, device=device)]
+            self.rows = [(0, vocab)]
+            return
+        r1 = vocab // 2
+        # first allocation: room for all V*H results of the narrow dtype (= ceil(V*H / 2) wide elements)
+        self.storage = torch.zeros(-(-vocab * hidden // 2), dtype=accum_dtype, device=device)
+        self.parts = [self.storage[: r1 * hidden].view(r1, hidden),
+                      torch.zeros((vocab - r1, hidden), dtype=accum_dtype, device=device)]
+        self.rows = [(0, r1), (r1, vocab)]
+
+    def add_mm(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``dW += a @ b`` for ``a`` (V, C) (any strides), ``b`` (C, H)."""
+        for part, (lo, hi) in zip(self.parts, self.rows):
+            _accumulate_mm(part, a[lo:hi], b)
+
+    def finish(self) -> torch.Tensor:
+        """The accumulated (V, H) gradient in ``out_dtype`` (the accumulator is consumed)."""
+        if not self.split:
+            out = self.parts[0]
+            return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
+        vocab, hidden = self.shape
+        first, second = self.parts
+        src = first.reshape(-1)                                        # (r1 H,) wide
+        dst = self.storage.view(self.out_dtype)[: vocab * hidden]     # (V H,) narrow, same bytes
+        n = src.numel()
+        start = min(n, 1 << 16)
+        dst[:start].copy_(src[:start].to(self.out_dtype))  # the front block overlaps itself: via a copy
+        while start < n:  # [s, 2s): writes bytes [2s, 4s) (wide elements < s, done), reads [4s, 8s)
+            end = min(2 * start, n)
+            dst[start:end].copy_(src[start:end])
+            start = end
+        dst[n:].copy_(second.reshape(-1))  # behind it: bytes whose wide elements are all consumed
+        self.parts = []
+        return dst.view(vocab, hidden)
+
+
 def _chunk_loop(
     x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, row_scale,
     ignore_index, label_smoothing, lse_square_scale, softcap,
@@ -103,10 +159,10 @@ def _chunk_loop(
     use_kernel = _utils.triton_ok(x)
     rows_fn = launch_cross_entropy_rows if use_kernel else torch_cross_entropy_rows
     grad_x = torch.empty_like(x) if need_x else None                              # (N, H)
-    grad_w = torch.zeros((vocab, hidden), dtype=accum_dtype, device=x.device) if need_w else None
+    grad_w = _WeightGradAccumulator(vocab, hidden, accum_dtype, weight.dtype, x.device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_b else None
     if n_rows == 0:
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w.finish() if grad_w is not None else None, grad_b
     chunk = max(1, min(int(chunk_size), n_rows))
     buf = torch.empty((chunk, vocab), dtype=x.dtype, device=x.device)              # (C, V)
     w_t = weight.t()                                                               # (H, V)
@@ -130,10 +186,11 @@ def _chunk_loop(
             if need_x:
                 torch.mm(logits, weight, out=grad_x[start:end])
             if need_w:
-                _accumulate_mm(grad_w, logits.t(), x_c)
+                grad_w.add_mm(logits.t(), x_c)
             if need_b:
                 grad_b += logits.sum(0, dtype=torch.float32)
-    return grad_x, grad_w, grad_b
+    del buf, logits
+    return grad_x, grad_w.finish() if grad_w is not None else None, grad_b
 
 
 # ------------------------------------------------------------------ torch.library ops
@@ -173,7 +230,7 @@ def _flce_op(
     )
     loss, z_loss = _reduce(loss_rows, z_rows, scales, reduction)
     gx = gx if gx is not None else x.new_empty(0)
-    gw = gw.to(weight.dtype) if gw is not None else weight.new_empty(0)
+    gw = gw if gw is not None else weight.new_empty(0)  # already in weight.dtype
     gb = gb.to(bias.dtype) if gb is not None else x.new_empty(0)
     return loss, z_loss, lse, gx, gw, gb
 
@@ -219,7 +276,7 @@ def _flce_backward_op(
         accum_dtype, chunk_size, need_x, need_w, need_b, True,
     )
     gx = gx if gx is not None else x.new_empty(0)
-    gw = gw.to(weight.dtype) if gw is not None else weight.new_empty(0)
+    gw = gw if gw is not None else weight.new_empty(0)  # already in weight.dtype
     gb = gb.to(bias.dtype) if gb is not None else x.new_empty(0)
     return gx, gw, gb
 

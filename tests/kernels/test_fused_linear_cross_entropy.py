@@ -315,3 +315,27 @@ def test_gpu_compile_matches_eager():
         return fused_linear_cross_entropy(x, w, t, reduction="sum", label_smoothing=0.1, softcap=30.0) * 0.5
 
     assert_compiled_matches_eager(f, (x, w), target)
+
+
+@pytest.mark.parametrize("vocab,hidden", [(301, 513), (7, 5), (2, 1), (1, 3), (64, 4096)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_grad_accumulator_narrows_in_place_exactly(vocab, hidden, out_dtype):
+    """The fp32 dW accumulator split in two halves and narrowed into its own storage gives
+    exactly ``sum.to(out_dtype)``, for odd sizes and more than the first 2^16-element block."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import _WeightGradAccumulator
+
+    g = torch.Generator().manual_seed(vocab * hidden)
+    acc = _WeightGradAccumulator(vocab, hidden, torch.float32, out_dtype, "cpu")
+    want = torch.zeros(vocab, hidden, dtype=torch.float32)
+    for c in (3, 5):
+        a = torch.randn(c, vocab, generator=g).t()  # (V, c), transposed strides as in the chunk loop
+        b = torch.randn(c, hidden, generator=g)
+        acc.add_mm(a, b)
+        want += a @ b
+    accumulated = torch.cat([p.clone() for p in acc.parts])  # (V, H) fp32, before narrowing
+    torch.testing.assert_close(accumulated, want, atol=1e-5, rtol=1e-5)
+    got = acc.finish()
+    assert got.shape == (vocab, hidden) and got.dtype == out_dtype
+    torch.testing.assert_close(got, accumulated.to(out_dtype), atol=0, rtol=0)  # narrowing is exact
+    if out_dtype != torch.float32 and vocab >= 2:  # the result lives in the accumulator's first allocation
+        assert got.untyped_storage().nbytes() <= vocab * hidden * got.element_size() + 4
