@@ -195,6 +195,32 @@ def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=int(os.environ.get(
     return json.loads(lines[-1][7:]) if lines else {"error": r.stderr[-800:]}
 
 
+def plot(rows: list[dict], png: Path) -> None:
+    """Bar chart of tokens/s per (model, shape, checkpointing), one bar per variant
+    (skipped with a message when matplotlib is missing; OOM rows are bars of 0)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: CSV only, no PNG")
+        return
+    key = lambda r: (r["model"], int(r["batch"]), int(r["seq_len"]), str(r["checkpointing"]) == "True")  # noqa: E731
+    labels = sorted({key(r) for r in rows})
+    variants = sorted({r["variant"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        ys = [next((float(r["tokens_per_s"]) for r in rows if key(r) == lab and r["variant"] == v), 0) for lab in labels]
+        ax.bar([i + j * width for i in range(len(labels))], ys, width, label=v)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels([f"{m}\n{b}x{t}{' ckpt' if c else ''}" for m, b, t, c in labels], fontsize=7)
+    ax.set_ylabel("tokens/s (bf16 training step, H200)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -212,9 +238,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--plot", default=None, help="only redraw the PNG of an existing CSV")
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
+    if args.plot:
+        with open(args.plot) as f:
+            plot(list(csv.DictReader(f)), Path(args.plot).with_suffix(".png"))
+        return 0
     rate = matmul_rate()
     gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
     print(f"bf16 matmul rate (8192^3, median): {rate:.0f} TFLOP/s", flush=True)
@@ -253,27 +284,7 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        labels = sorted({(r["model"], r["batch"], r["seq_len"], r["checkpointing"]) for r in rows})
-        variants = sorted({r["variant"] for r in rows})
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
-        width = 0.8 / len(variants)
-        for j, v in enumerate(variants):
-            ys = [next((r["tokens_per_s"] for r in rows if (r["model"], r["batch"], r["seq_len"], r["checkpointing"])
-                        == lab and r["variant"] == v), 0) for lab in labels]
-            ax.bar([i + j * width for i in range(len(labels))], ys, width, label=v)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-        ax.set_xticklabels([f"{m}\n{b}x{t}{' ckpt' if c else ''}" for m, b, t, c in labels], fontsize=7)
-        ax.set_ylabel("tokens/s")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path.with_suffix(".png"), dpi=80)
-    except ImportError:
-        print("matplotlib is not installed: CSV only, no PNG")
+    plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")
     return 0
 
