@@ -142,3 +142,25 @@ def test_block_saves_fewer_activations_than_the_plain_composition(monkeypatch):
     per_token = 4 * B * T  # bytes of one fp32 feature over all tokens
     # normalised inputs (2 H) + rotated q, k ((nh + nkv) hd = 96) + act output (I = 128)
     assert plain_bytes - fused_bytes >= per_token * (2 * H + 96 + 128)
+
+
+def test_compiled_model_matches_eager():
+    """torch.compile(fullgraph=True) traces the fused blocks (custom autograd functions over
+    torch.library ops, one of them mutating its input) and gives eager's loss and gradients."""
+    import ligerzoo
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c = compiled(ids, labels=ids).loss
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], atol=1e-6, rtol=1e-5, msg=n)
