@@ -22,6 +22,43 @@ def test_activation_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{n}: {m}")
 
 
+def test_checkpointed_blocks_skip_the_last_matmul_when_recomputing():
+    """In backward, a checkpointed block recomputes its forward up to its last saved tensor.
+    The blocks end with a plain down projection whose input is saved before its matmul runs,
+    so each block recomputes 3 of its 4 projection matmuls (qkv, o, gate|up), as a plain
+    transformers layer does; and the model hands each block one input (the residual sum)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mm = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.out}
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in mm
+            return func(*args, **(kwargs or {}))
+
+    cfg = ligerzoo.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(0, 64, (2, 8))
+    counts, inputs = [], []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = ligerzoo.CausalLM(cfg)
+        if checkpoint:
+            apply_activation_checkpointing(model)
+            assert all(layer.checkpointed for layer in model.layers)
+            model.layers[1].register_forward_pre_hook(lambda mod, args: inputs.append(args[5]))  # delta
+        loss = model(ids, labels=ids).loss
+        with CountMatmuls() as c:
+            loss.backward()
+        counts.append(c.n)
+    assert counts[1] - counts[0] == 3 * cfg.num_hidden_layers
+    assert inputs == [None]
+
+
 def test_save_hf_sees_through_checkpoint_wrappers(tmp_path):
     from tests.helpers import make_hf_llama, read_safetensors_dir
 

@@ -108,6 +108,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) ->
         norm: a :class:`ligerzoo.nn.RMSNorm` (its weight, eps, offset and casting mode).
         linear: an ``nn.Linear`` (H -> O), bias optional.
 
+
     Returns:
         ``y`` (..., O) and ``s`` (..., H) in ``x.dtype``; ``s`` is ``x`` itself when
         ``residual`` is None.
@@ -115,8 +116,8 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) ->
     The backward keeps ``s`` and ``rstd`` only and recomputes ``norm(s)`` (see module doc).
     """
     if not (ENABLED and _utils.triton_ok(x, norm.weight)):
-        s = x if residual is None else x + residual
-        return linear(norm(s)), s
+        n, s = (norm(x), x) if residual is None else norm(x, residual)
+        return linear(n), s
     row_settings(x.shape[-1])
     y, s = _NormLinear.apply(x, residual, norm.weight, linear.weight, linear.bias,
                              float(norm.eps), float(norm.offset), norm.casting_mode)
@@ -188,7 +189,7 @@ class _GatedDown(torch.autograd.Function):
         return gate_up, dw, db, None
 
 
-def gated_down(gate_up: torch.Tensor, down, activation: str) -> torch.Tensor:
+def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = True) -> torch.Tensor:
     """``down(act(gate) * up)`` for a fused (..., 2I) projection, gate first.
 
     Args:
@@ -196,12 +197,18 @@ def gated_down(gate_up: torch.Tensor, down, activation: str) -> torch.Tensor:
             overwrites the saved tensor with its gradient).
         down: ``nn.Linear`` (I -> H), bias optional.
         activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh approximation).
+        recompute: False runs ``down(act(gate) * up)`` as plain ops, which keep the
+            activation output as the projection's saved input. That is the better choice
+            as the last op of an activation-checkpointed block: the checkpoint's
+            recomputation stops as soon as the last saved tensor is saved again, which for
+            the plain ops happens before the down projection's matmul runs, while this
+            function's saved tensors are only recorded after its whole forward.
 
     Returns:
         (..., H) in ``gate_up.dtype``.
     """
     op = _ACT_OPS[activation]
-    if not (ENABLED and _utils.triton_ok(gate_up) and gate_up.is_contiguous()):
+    if not (recompute and ENABLED and _utils.triton_ok(gate_up) and gate_up.is_contiguous()):
         from ligerzoo.models.moe import gated_act
 
         return down(gated_act(gate_up, activation))

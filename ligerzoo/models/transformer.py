@@ -236,17 +236,24 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x, gate_up=None):
-        """x: (..., H), or None when ``gate_up`` (..., 2I), its projection, is given."""
+    def forward(self, x, gate_up=None, recompute: bool = True):
+        """x: (..., H), or None when ``gate_up`` (..., 2I), its projection, is given.
+        ``recompute``: see :func:`ligerzoo.models.fused.gated_down`."""
         if gate_up is None:
             gate_up = self.w_gate_up(x)
-        return gated_down(gate_up, self.w_down, self.activation)  # (.., 2I) -> (.., I) -> (.., H)
+        return gated_down(gate_up, self.w_down, self.activation, recompute)  # (.., 2I) -> (.., I) -> (.., H)
 
 
 class Block(nn.Module):
     """Pre-norm decoder block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``; with
     ``post_norms`` (Gemma2) the attention and MLP outputs are normalised before the residual
     add: ``h = x + norm(attn(norm(x))); out = h + norm(mlp(norm(h)))``."""
+
+    checkpointed: bool = False
+    """Set by :func:`ligerzoo.parallel.apply_activation_checkpointing` on the blocks it wraps:
+    the MLP's down projection then runs as a plain op, so that the checkpoint's recomputation
+    stops before that matmul (see :func:`ligerzoo.models.fused.gated_down`), and the model
+    adds the residual before calling the block, so that the checkpoint keeps one input."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -278,7 +285,7 @@ class Block(nn.Module):
             a = self.attn_post_norm(a)
         if isinstance(self.mlp, MLP):
             gate_up, h = norm_linear(x, a, self.mlp_norm, self.mlp.w_gate_up)  # h = x + a
-            m = self.mlp(None, gate_up)
+            m = self.mlp(None, gate_up, recompute=not self.checkpointed)
         else:
             n, h = self.mlp_norm(x, a)
             m = self.mlp(n)
@@ -377,6 +384,8 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         delta = None  # each block hands its last branch output to the next block's fused add
         for layer in self.layers:
+            if delta is not None and getattr(layer, "checkpointed", False):
+                x, delta = x + delta, None  # the checkpoint then keeps one input, not two
             x, delta = layer(x, cos, sin, masks, cache, delta)
         if cache is not None:
             cache.length = S
