@@ -18,7 +18,9 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
     for i, block in enumerate(model.layers):
         block.checkpointed = True
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        # The recomputed forward must draw the same random numbers (Mixtral's router jitter).
+        random = any(getattr(m, "jitter", 0) > 0 for m in block.modules())
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=random)
     return model
 
 

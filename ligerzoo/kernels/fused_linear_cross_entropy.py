@@ -26,8 +26,9 @@ Peak extra memory is one (C, V) chunk plus the gradients themselves.
 Without Triton (CPU without the interpreter) the same chunked loop runs with a plain-torch
 twin of the row kernel, so the full logits are never materialised there either.
 Measured on one H200 (N=8192, H=4096, V=128256, bf16, default chunk, forward+backward):
-44 ms and 3.0 GiB above the inputs (the fp32 dW accumulator and its bf16 copy dominate;
-the accumulator now narrows into its own storage, so the copy no longer adds 1 GiB),
+44 ms and 3.0 GiB above the inputs (the fp32 dW accumulator and its bf16 copy dominated;
+the accumulator now narrows into its own storage, so the peak is the accumulator plus one
+logits chunk: 0.49 GiB lower in the Llama-3-8B training step of benchmarks/NOTES.md),
 against 54-56 ms and 11.7 GiB for torch's unfused ``F.cross_entropy((x @ W.T).float(), t)``.
 """
 from __future__ import annotations

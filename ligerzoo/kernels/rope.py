@@ -116,9 +116,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(q, k, cos, sin, backward: bool, inplace: bool = False):
-    """Rotates q (B,T,Hq,D) and k (B,T,Hk,D) into new contiguous tensors, or over
-    themselves with ``inplace`` (then q and k must have unit last-dim stride)."""
+def _launch(q, k, cos, sin, backward: bool, inplace: bool = False, out=None):
+    """Rotates q (B,T,Hq,D) and k (B,T,Hk,D) into new contiguous tensors, over themselves
+    with ``inplace``, or into the given ``out = (qo, ko)`` views (then every tensor must have
+    unit last-dim stride)."""
     B, T, n_qh, D = q.shape
     n_kh = k.shape[2]
     R = cos.shape[-1]
@@ -126,6 +127,8 @@ def _launch(q, k, cos, sin, backward: bool, inplace: bool = False):
     cos, sin = _unit_last(cos), _unit_last(sin)
     if inplace:
         qo, ko = q, k
+    elif out is not None:
+        qo, ko = out
     else:
         q, k = _unit_last(q), _unit_last(k)
         qo = torch.empty((B, T, n_qh, D), dtype=q.dtype, device=q.device)
@@ -186,16 +189,40 @@ def _rope_qkv_op(
 ) -> None:
     # qkv: (B, T, (Hq + 2 Hk) D), rows q | k | v; rotates the q and k heads over themselves
     # (backward=True applies the transposed rotation, for gradients).
-    B, T, width = qkv.shape
-    D = width // (n_q_heads + 2 * n_kv_heads)
-    q = qkv[..., : n_q_heads * D].view(B, T, n_q_heads, D)
-    k = qkv[..., n_q_heads * D: (n_q_heads + n_kv_heads) * D].view(B, T, n_kv_heads, D)
+    q, k, _ = _qkv_views(qkv, n_q_heads, n_kv_heads)
     _launch(q, k, cos, sin, backward=backward, inplace=True)
 
 
 @_rope_qkv_op.register_fake
 def _(qkv, cos, sin, n_q_heads, n_kv_heads, backward):
     return None
+
+
+def _qkv_views(qkv: torch.Tensor, n_q_heads: int, n_kv_heads: int):
+    B, T, width = qkv.shape
+    D = width // (n_q_heads + 2 * n_kv_heads)
+    q = qkv[..., : n_q_heads * D].view(B, T, n_q_heads, D)
+    k = qkv[..., n_q_heads * D: (n_q_heads + n_kv_heads) * D].view(B, T, n_kv_heads, D)
+    return q, k, (n_q_heads + n_kv_heads) * D
+
+
+@torch.library.custom_op("ligerzoo::rope_qkv", mutates_args=())
+def _rope_qkv_out_op(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int, backward: bool
+) -> torch.Tensor:
+    # Out-of-place twin of rope_qkv_: a new (B, T, W) tensor, q and k heads rotated, v copied.
+    qkv = qkv.contiguous()
+    out = torch.empty_like(qkv)
+    q, k, v_start = _qkv_views(qkv, n_q_heads, n_kv_heads)
+    qo, ko, _ = _qkv_views(out, n_q_heads, n_kv_heads)
+    out[..., v_start:].copy_(qkv[..., v_start:])
+    _launch(q, k, cos, sin, backward=backward, out=(qo, ko))
+    return out
+
+
+@_rope_qkv_out_op.register_fake
+def _(qkv, cos, sin, n_q_heads, n_kv_heads, backward):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _rope_setup_context(ctx, inputs, output):

@@ -238,6 +238,20 @@ def _register_gated_ops(name: str, act: int) -> None:
     def recompute_backward_fake(dy, gate_up):
         return None
 
+    def recompute_backward_out_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+        # As above but gate_up is only read: its gradient is returned in a new tensor
+        # (dy still becomes act(gate) * up).
+        two_i = gate_up.shape[-1]
+        n_cols = two_i // 2
+        gu2, dy2 = as_rows(gate_up, two_i), dy.view(-1, n_cols)
+        dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        dgu2 = dgu.view(-1, two_i)
+        _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act, y2=dy2)
+        return dgu
+
+    def recompute_backward_out_fake(dy, gate_up):
+        return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+
     def fused_setup_context(ctx, inputs, output):
         (gate_up,) = inputs
         ctx.save_for_backward(gate_up)
@@ -255,6 +269,8 @@ def _register_gated_ops(name: str, act: int) -> None:
         torch.library.custom_op(f"ligerzoo::{op_name}", fn, mutates_args=()).register_fake(fake)
     torch.library.custom_op(f"ligerzoo::{name}_fused_backward_recompute_", recompute_backward_op,
                             mutates_args=("dy", "gate_up")).register_fake(recompute_backward_fake)
+    torch.library.custom_op(f"ligerzoo::{name}_fused_backward_recompute", recompute_backward_out_op,
+                            mutates_args=("dy",)).register_fake(recompute_backward_out_fake)
     torch.library.register_autograd(f"ligerzoo::{name}", split_autograd, setup_context=split_setup_context)
     torch.library.register_autograd(f"ligerzoo::{name}_fused", fused_autograd, setup_context=fused_setup_context)
 

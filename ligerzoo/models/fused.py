@@ -27,18 +27,38 @@ applied only to memory-bound elementwise work, never to a matmul.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels.rms_norm import _check_args as _check_norm_args
+from ligerzoo.kernels.rms_norm import _check_residual, row_settings
+from ligerzoo.kernels.rope import _check_args as _check_rope_args
 from ligerzoo.kernels.rope import rope
-from ligerzoo.kernels.rms_norm import row_settings
+from ligerzoo.kernels.swiglu import _check_fused
 
-__all__ = ["norm_linear", "rope_qkv_", "gated_down"]
+__all__ = ["add_norm", "norm_linear", "rope_qkv_", "gated_down"]
 
 _ACT_OPS = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
 ENABLED = True
 """Set False to run the plain composition everywhere (same math, more saved activations):
 for measuring what the fusions save."""
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """The fused functions run when enabled, on kernel dtypes, and outside autocast (whose
+    per-op casts they would bypass: there the plain composition runs instead)."""
+    return (ENABLED and _utils.triton_ok(*tensors)
+            and not torch.is_autocast_enabled(tensors[0].device.type))
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly an ``nn.Linear`` with no hooks, so that calling it is the
+    same as ``x W^T + b``; anything else (a LoRA or quantised wrapper, a forward hook) is
+    called as a module instead of being fused."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -64,6 +84,30 @@ def _weight_grads(dy: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool)
     return dw, db
 
 
+def _promote(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both summands in their promoted dtype, as ``x + residual`` would compute (under
+    autocast a bf16 branch output meets an fp32 residual stream)."""
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
+
+
+def add_norm(norm, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (or ``x``) and ``norm(s)`` in one kernel; returns ``(norm(s), s)``.
+
+    Args:
+        norm: a :class:`ligerzoo.nn.RMSNorm`.
+        x, residual: (..., H); ``residual`` may be None. Different dtypes are promoted first,
+            as ``x + residual`` does.
+
+    Raises:
+        ValueError: ``residual`` shaped unlike ``x``, or the norm's own argument errors.
+    """
+    if residual is None:
+        return norm(x), x
+    x, residual = _promote(x, residual)
+    return norm(x, residual)
+
+
 class _NormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, norm_weight, weight, bias, eps, offset, casting):
@@ -79,6 +123,7 @@ class _NormLinear(torch.autograd.Function):
         return y, s
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, ds):
         s, rstd, norm_weight, weight = ctx.saved_tensors
         eps, offset, casting = ctx.norm_args
@@ -103,21 +148,30 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) ->
     """``s = x + residual`` (or ``x``), ``y = linear(norm(s))``; returns ``(y, s)``.
 
     Args:
-        x: (..., H) the residual stream; residual: (..., H) the branch output to add first,
-            or None.
+        x: (..., H) the residual stream, fp32 / bf16 / fp16.
+        residual: (..., H) the branch output to add first (promoted with ``x`` as
+            ``x + residual`` would be), or None.
         norm: a :class:`ligerzoo.nn.RMSNorm` (its weight, eps, offset and casting mode).
-        linear: an ``nn.Linear`` (H -> O), bias optional.
-
+        linear: the projection (H -> O). Fused only when it is exactly an ``nn.Linear``
+            without hooks; any other module (an adapter, a quantised layer) is called.
 
     Returns:
-        ``y`` (..., O) and ``s`` (..., H) in ``x.dtype``; ``s`` is ``x`` itself when
-        ``residual`` is None.
+        ``y`` (..., O) and ``s`` (..., H); ``s`` is ``x`` itself when ``residual`` is None.
 
-    The backward keeps ``s`` and ``rstd`` only and recomputes ``norm(s)`` (see module doc).
+    Raises:
+        ValueError: ``residual`` shaped unlike ``x``, or the norm's argument errors (weight
+            not (H,), unknown casting mode, rows too long for one block).
+
+    Fused (Triton, outside autocast): the backward keeps ``s`` and ``rstd`` only and
+    recomputes ``norm(s)`` (see module doc). Backward of backward is not supported (raises).
     """
-    if not (ENABLED and _utils.triton_ok(x, norm.weight)):
-        n, s = (norm(x), x) if residual is None else norm(x, residual)
+    if residual is not None:
+        x, residual = _promote(x, residual)
+        _check_residual(x, residual)
+    if not (_fusable(x, norm.weight) and _plain_linear(linear)):
+        n, s = add_norm(norm, x, residual)
         return linear(n), s
+    _check_norm_args(x, norm.weight, norm.casting_mode)
     row_settings(x.shape[-1])
     y, s = _NormLinear.apply(x, residual, norm.weight, linear.weight, linear.bias,
                              float(norm.eps), float(norm.offset), norm.casting_mode)
@@ -134,13 +188,11 @@ class _RopeQKV(torch.autograd.Function):
         return qkv
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dqkv):
         cos, sin = ctx.saved_tensors
-        # The incoming gradient is the buffer autograd assembled for qkv (the q|k|v pieces of
-        # the attention backward, concatenated); it is rotated back in place.
-        dqkv = dqkv.contiguous() if dqkv.is_contiguous() else dqkv.clone(memory_format=torch.contiguous_format)
-        torch.ops.ligerzoo.rope_qkv_(dqkv, cos, sin, *ctx.heads, True)
-        return dqkv, None, None, None, None
+        # Out of place: autograd may hand the same gradient buffer to other consumers.
+        return torch.ops.ligerzoo.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None
 
 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
@@ -148,68 +200,93 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
     """RoPE on the q and k heads of a fused projection, in place when the kernels run.
 
     Args:
-        qkv: (B, T, (nh + 2 nkv) hd) contiguous, rows q | k | v (the output of the fused
-            projection, owned by the caller: it is overwritten).
+        qkv: (B, T, (nh + 2 nkv) hd), rows q | k | v (the output of the fused projection,
+            owned by the caller: when contiguous it is overwritten).
         cos, sin: (B or 1, T, R) fp32 from :func:`ligerzoo.kernels.rope.rope_cos_sin`.
         n_q_heads, n_kv_heads: nh and nkv.
 
     Returns:
         ``(q, k, v)``: (B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd); views of ``qkv``
         when the kernels run, new tensors from :func:`ligerzoo.kernels.rope.rope` otherwise.
+
+    Raises:
+        ValueError: ``qkv`` not 3-D or its width not a multiple of nh + 2 nkv, or cos/sin
+            shaped unlike (B or 1, T, R) with R even and <= hd.
     """
+    if qkv.dim() != 3 or qkv.shape[-1] % (n_q_heads + 2 * n_kv_heads):
+        raise ValueError(f"qkv must be (B, T, (nh + 2 nkv) hd) with nh={n_q_heads}, nkv={n_kv_heads}, "
+                         f"got shape {tuple(qkv.shape)}")
     B, T, width = qkv.shape
     hd = width // (n_q_heads + 2 * n_kv_heads)
     sizes = [n_q_heads * hd, n_kv_heads * hd, n_kv_heads * hd]
-    if ENABLED and _utils.triton_ok(qkv) and qkv.is_contiguous():
+    q, k, v = qkv.split(sizes, dim=-1)
+    q, k, v = q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
+    if _fusable(qkv) and qkv.is_contiguous():
+        cos, sin = _check_rope_args(q, k, cos, sin)
         qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads)
         q, k, v = qkv.split(sizes, dim=-1)
-        return (q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd))
-    q, k, v = qkv.split(sizes, dim=-1)
-    q, k = rope(q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), cos, sin)
-    return q, k, v.view(B, T, n_kv_heads, hd)
+        return q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
+    q, k = rope(q, k, cos, sin)
+    return q, k, v
 
 
 class _GatedDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up, weight, bias, op):
+    def forward(ctx, gate_up, weight, bias, op, inplace):
         c = getattr(torch.ops.ligerzoo, f"{op}_fused")(gate_up)              # (..., I)
         y = _linear(c, weight, bias)                                         # (..., H)
         ctx.save_for_backward(gate_up, weight)
-        ctx.op, ctx.has_bias = op, bias is not None
+        ctx.op, ctx.has_bias, ctx.inplace = op, bias is not None, inplace
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         gate_up, weight = ctx.saved_tensors
         dc = dy.matmul(weight)                                               # (..., I)
-        # One kernel: gate_up <- d(gate_up), dc <- act(gate) * up (recomputed). Running the
-        # backward twice therefore fails autograd's saved-tensor version check.
-        getattr(torch.ops.ligerzoo, f"{ctx.op}_fused_backward_recompute_")(dc, gate_up)
+        # One kernel: d(gate_up) and, over dc, the recomputed act(gate) * up. In place over
+        # the saved gate_up when the caller said it owns it (then a second backward fails
+        # autograd's saved-tensor version check).
+        if ctx.inplace:
+            getattr(torch.ops.ligerzoo, f"{ctx.op}_fused_backward_recompute_")(dc, gate_up)
+            d_gate_up = gate_up
+        else:
+            d_gate_up = getattr(torch.ops.ligerzoo, f"{ctx.op}_fused_backward_recompute")(dc, gate_up)
         dw, db = _weight_grads(dy, dc, ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
-        return gate_up, dw, db, None
+        return d_gate_up, dw, db, None, None
 
 
-def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = True) -> torch.Tensor:
+def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = True,
+               inplace: bool = False) -> torch.Tensor:
     """``down(act(gate) * up)`` for a fused (..., 2I) projection, gate first.
 
     Args:
-        gate_up: (..., 2I) fp32 / bf16 / fp16, contiguous, owned by the caller (the backward
-            overwrites the saved tensor with its gradient).
-        down: ``nn.Linear`` (I -> H), bias optional.
+        gate_up: (..., 2I) fp32 / bf16 / fp16.
+        down: the projection (I -> H). Fused only when it is exactly an ``nn.Linear`` without
+            hooks; any other module is called on ``act(gate) * up``.
         activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh approximation).
-        recompute: False runs ``down(act(gate) * up)`` as plain ops, which keep the
-            activation output as the projection's saved input. That is the better choice
-            as the last op of an activation-checkpointed block: the checkpoint's
+        recompute: True keeps only ``gate_up`` for the backward and recomputes
+            ``act(gate) * up`` there. False runs ``down(act(gate) * up)`` as plain ops, which
+            keep the activation output as the projection's saved input. That is the better
+            choice as the last op of an activation-checkpointed block: the checkpoint's
             recomputation stops as soon as the last saved tensor is saved again, which for
             the plain ops happens before the down projection's matmul runs, while this
             function's saved tensors are only recorded after its whole forward.
+        inplace: with ``recompute``, the backward writes the gradient of ``gate_up`` over the
+            saved ``gate_up`` itself (one (..., 2I) buffer less). Only for a ``gate_up`` that
+            nothing else reads after the forward (the model's own projection output).
 
     Returns:
         (..., H) in ``gate_up.dtype``.
+
+    Raises:
+        ValueError: unknown ``activation``, or an odd last dim.
     """
-    op = _ACT_OPS[activation]
-    if not (recompute and ENABLED and _utils.triton_ok(gate_up) and gate_up.is_contiguous()):
+    if activation not in _ACT_OPS:
+        raise ValueError(f"activation must be one of {sorted(_ACT_OPS)}, got {activation!r}")
+    _check_fused(gate_up)
+    if not (recompute and _fusable(gate_up) and gate_up.is_contiguous() and _plain_linear(down)):
         from ligerzoo.models.moe import gated_act
 
         return down(gated_act(gate_up, activation))
-    return _GatedDown.apply(gate_up, down.weight, down.bias, op)
+    return _GatedDown.apply(gate_up, down.weight, down.bias, _ACT_OPS[activation], bool(inplace))

@@ -9,14 +9,17 @@ from ligerzoo.models.config import ModelConfig
 
 
 def gated_act(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gate) * up`` on a fused (..., 2I) projection (gate first) -> (..., I)."""
+    """``act(gate) * up`` on a fused (..., 2I) projection (gate first) -> (..., I);
+    ``activation`` "silu" (SwiGLU) or "gelu_tanh" (GeGLU). Raises ValueError for others."""
     if activation == "silu":
         from ligerzoo.kernels.swiglu import swiglu_fused
 
         return swiglu_fused(gate_up)
-    from ligerzoo.kernels.geglu import geglu_fused
+    if activation == "gelu_tanh":
+        from ligerzoo.kernels.geglu import geglu_fused
 
-    return geglu_fused(gate_up)
+        return geglu_fused(gate_up)
+    raise ValueError(f"activation must be 'silu' or 'gelu_tanh', got {activation!r}")
 
 
 def grouped_mm_fast_path_ok(*mats: torch.Tensor) -> bool:
@@ -140,7 +143,9 @@ def experts_grouped(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     The weights are passed as transposed views, (E, H, 2I) and (E, I, H) column-major,
     which the kernel reads in place (no copy). With bf16 on sm90 / sm100 this is one CUTLASS
     grouped GEMM per projection, no host sync; other dtypes / devices use torch's own
-    per-group loop (it reads ``offs`` on the host).
+    per-group loop (it reads ``offs`` on the host). Either way torch requires every operand's
+    row stride to be a multiple of 16 bytes (e.g. H and I multiples of 8 in bf16) and raises
+    RuntimeError otherwise.
     """
     gate_up = torch._grouped_mm(xs, w_gate_up.transpose(-2, -1), offs=offs)  # (M, 2I)
     h = gated_act(gate_up, activation)  # (M, I)
@@ -150,7 +155,10 @@ def experts_grouped(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
 def experts_loop(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, offs: torch.Tensor,
                  activation: str) -> torch.Tensor:
     """:func:`experts_grouped` as a loop over experts (two ``F.linear`` per non-empty group),
-    for any dtype and device; reads ``offs`` on the host (a sync on CUDA).
+    for any dtype, size and device; reads ``offs`` on the host (a sync on CUDA).
+
+    Args and returns: as :func:`experts_grouped` (xs (M, H) sorted by expert, w_gate_up
+    (E, 2I, H), w_down (E, H, I), offs (E,) cumulative group ends, activation) -> (M, H).
 
     The rows are cut with ``split`` and the experts with ``unbind``, so the backward
     assembles each gradient once (a cat / a stack, zeros for an empty expert) rather than
@@ -201,11 +209,24 @@ class MoE(nn.Module):
     def use_grouped(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` runs :func:`experts_grouped` on ``x`` (N, H), by ``impl``.
         "auto": on CUDA bf16 with the fast kernel's layouts (on a GPU other than sm90 /
-        sm100, torch serves ``_grouped_mm`` with its own per-group loop, still correct)."""
+        sm100, torch serves ``_grouped_mm`` with its own per-group loop, still correct).
+
+        Raises:
+            ValueError: ``impl`` not "auto", "grouped" or "loop"; or "grouped" forced where
+                ``torch._grouped_mm`` is missing or the sizes break its 16-byte alignment.
+        """
         if self.impl not in ("auto", "grouped", "loop"):
             raise ValueError(f"MoE.impl must be 'auto', 'grouped' or 'loop', got {self.impl!r}")
-        if self.impl != "auto":
-            return self.impl == "grouped"
+        if self.impl == "grouped":
+            H, inter = self.w_down.shape[1], self.w_down.shape[2]
+            aligned = H * x.element_size() % 16 == 0 and inter * x.element_size() % 16 == 0  # every row stride
+            if not hasattr(torch, "_grouped_mm") or not aligned:
+                raise ValueError("MoE.impl='grouped' needs torch._grouped_mm and rows of a multiple of 16 bytes "
+                                 f"(hidden_size {self.w_down.shape[1]}, intermediate_size {self.w_down.shape[2]}, "
+                                 f"{x.dtype}); use impl='auto' or 'loop'")
+            return True
+        if self.impl == "loop":
+            return False
         return (x.is_cuda and x.shape[0] > 0 and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
                 and grouped_mm_fast_path_ok(self.w_gate_up.transpose(-2, -1), self.w_down.transpose(-2, -1)))
 

@@ -37,7 +37,7 @@ from torch import nn
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.fused import gated_down, norm_linear, rope_qkv_
+from ligerzoo.models.fused import add_norm, gated_down, norm_linear, rope_qkv_
 from ligerzoo.nn import RMSNorm
 from ligerzoo.models.moe import MoE, load_balancing_loss
 
@@ -237,11 +237,12 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x, gate_up=None, recompute: bool = True):
-        """x: (..., H), or None when ``gate_up`` (..., 2I), its projection, is given.
+        """x: (..., H), or None when ``gate_up`` (..., 2I), its projection, is given (it is
+        then consumed: the backward reuses its buffer for its gradient).
         ``recompute``: see :func:`ligerzoo.models.fused.gated_down`."""
         if gate_up is None:
             gate_up = self.w_gate_up(x)
-        return gated_down(gate_up, self.w_down, self.activation, recompute)  # (.., 2I) -> (.., I) -> (.., H)
+        return gated_down(gate_up, self.w_down, self.activation, recompute, inplace=True)  # 2I -> I -> H
 
 
 class Block(nn.Module):
@@ -287,7 +288,7 @@ class Block(nn.Module):
             gate_up, h = norm_linear(x, a, self.mlp_norm, self.mlp.w_gate_up)  # h = x + a
             m = self.mlp(None, gate_up, recompute=not self.checkpointed)
         else:
-            n, h = self.mlp_norm(x, a)
+            n, h = add_norm(self.mlp_norm, x, a)
             m = self.mlp(n)
         if self.mlp_post_norm is not None:
             m = self.mlp_post_norm(m)
@@ -389,7 +390,7 @@ class CausalLM(nn.Module):
             x, delta = layer(x, cos, sin, masks, cache, delta)
         if cache is not None:
             cache.length = S
-        return self.norm(x) if delta is None else self.norm(x, delta)[0]
+        return add_norm(self.norm, x, delta)[0]
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None,
                 num_items_in_batch=None) -> CausalLMOutput:
@@ -444,9 +445,14 @@ class CausalLM(nn.Module):
         return CausalLMOutput(loss=loss, aux_loss=aux)
 
     def _aux_loss(self, attention_mask) -> torch.Tensor | None:
-        if not (self.config.num_local_experts and self.config.output_router_logits):
+        if not self.config.num_local_experts:
             return None
-        logits = [layer.mlp.router_logits for layer in self.layers]
+        logits = []
+        for layer in self.layers:  # taken back from the layers, so no graph stays attached to the model
+            logits.append(layer.mlp.router_logits)
+            layer.mlp.router_logits = None
+        if not self.config.output_router_logits:
+            return None
         return load_balancing_loss(logits, self.config.num_local_experts, self.config.num_experts_per_tok,
                                    attention_mask)
 

@@ -76,13 +76,117 @@ def test_gated_down_matches_float64(dtype, activation):
         torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype])
 
 
-def test_gated_down_backward_twice_is_refused():
+def test_gated_down_inplace_consumes_its_input_and_refuses_a_second_backward():
     down = nn.Linear(16, 8)
     gu = torch.randn(4, 32, requires_grad=True)
-    y = fused.gated_down(gu * 1, down, "silu")
+    y = fused.gated_down(gu * 1, down, "silu", inplace=True)
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_gated_down_default_leaves_the_callers_tensor_alone():
+    down = nn.Linear(16, 8)
+    gu = torch.randn(4, 32, requires_grad=True)
+    before = gu.detach().clone()
+    y = fused.gated_down(gu, down, "silu")
+    y.sum().backward(retain_graph=True)
+    first = gu.grad.clone()
+    y.sum().backward()
+    assert torch.equal(gu.detach(), before)
+    torch.testing.assert_close(gu.grad, 2 * first)
+
+
+def test_second_order_gradients_are_refused():
+    torch.manual_seed(4)
+    norm, lin, down = RMSNorm(16), nn.Linear(16, 32), nn.Linear(16, 16)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    y, _ = fused.norm_linear(x, None, norm, lin)
+    out = fused.gated_down(y, down, "silu")
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # never a silently wrong second derivative
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_bad_arguments_raise_clear_errors():
+    norm, lin = RMSNorm(16), nn.Linear(16, 8)
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="residual must match x"):
+        fused.norm_linear(x, torch.randn(2, 3, 8), norm, lin)
+    with pytest.raises(ValueError, match="residual must match x"):
+        fused.norm_linear(x, torch.randn(1, 3, 16), norm, lin)  # no silent broadcast
+    with pytest.raises(ValueError, match="even last dim"):
+        fused.gated_down(torch.randn(2, 17), nn.Linear(8, 4), "silu")
+    with pytest.raises(ValueError, match="activation must be"):
+        fused.gated_down(torch.randn(2, 16), nn.Linear(8, 4), "relu")
+    cos = sin = torch.ones(1, 3, 8)
+    with pytest.raises(ValueError):
+        fused.rope_qkv_(torch.randn(1, 5, 4 * 8), cos, sin, 2, 1)  # tables for T=3, qkv with T=5
+    with pytest.raises(ValueError, match="qkv must be"):
+        fused.rope_qkv_(torch.randn(1, 5, 30), torch.ones(1, 5, 8), torch.ones(1, 5, 8), 2, 1)
+
+
+def test_rope_qkv_backward_does_not_write_into_a_shared_gradient():
+    """The gradient reaching the in-place RoPE may be shared with another branch (here an add
+    passes the same buffer to both summands): rotating it in place would corrupt the other."""
+    cos, sin = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    a = torch.randn(1, 4, 32, requires_grad=True)
+    b = torch.randn(1, 4, 32, requires_grad=True)
+    qkv = a * 1
+    q, k, v = fused.rope_qkv_(qkv, cos, sin, 2, 1)
+    out = qkv + b  # d(out)/d(qkv) and d(out)/db are the same buffer
+    out.backward(torch.ones_like(out))
+    assert torch.equal(b.grad, torch.ones_like(b))
+
+
+def test_hooked_or_wrapped_projections_are_called_not_bypassed():
+    """A forward hook (or an adapter module in place of nn.Linear) on a projection changes
+    the model exactly as it does on the plain composition."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    import ligerzoo
+
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    base = model(ids, labels=ids).loss
+    fired = []
+    for name in ("wqkv", "w_gate_up", "w_down"):
+        module = getattr(model.layers[0].attn if name == "wqkv" else model.layers[0].mlp, name)
+        module.register_forward_hook(lambda mod, inp, out, n=name: (fired.append(n), out * 1.5)[1])
+    hooked = model(ids, labels=ids).loss
+    assert sorted(fired) == ["w_down", "w_gate_up", "wqkv"]
+    try:
+        fused.ENABLED = False
+        plain = model(ids, labels=ids).loss
+    finally:
+        fused.ENABLED = True
+    assert not torch.allclose(hooked, base)
+    torch.testing.assert_close(hooked, plain)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_autocast_runs_like_the_plain_composition(model_type):
+    """fp32 weights under bf16 autocast: the fused functions step aside (autocast casts per op)
+    and a bf16 branch output is promoted into the fp32 residual stream, as `x + a` does."""
+    import ligerzoo
+
+    extra = dict(num_local_experts=4, num_experts_per_tok=2) if model_type == "mixtral" else {}
+    cfg = ModelConfig(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, **extra)
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    losses = []
+    for enabled in (True, False):
+        fused.ENABLED = enabled
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses.append(model(ids, labels=ids).loss)
+        finally:
+            fused.ENABLED = True
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_rope_qkv_matches_out_of_place_rope():

@@ -286,3 +286,53 @@ def test_mixtral_moe_float64_runs_loop_path():
     torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-10)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], atol=1e-12, rtol=1e-10)
+
+
+def test_mixtral_moe_forced_grouped_path_with_unaligned_sizes_says_why():
+    from ligerzoo.models.config import ModelConfig
+    from ligerzoo.models.moe import MoE
+
+    cfg = ModelConfig(model_type="mixtral", hidden_size=17, intermediate_size=20, num_attention_heads=1, head_dim=8,
+                      num_local_experts=4, num_experts_per_tok=2)
+    m = MoE(cfg)
+    m.impl = "grouped"
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        m(torch.randn(1, 3, 17))
+
+
+def test_mixtral_model_can_be_deep_copied_after_a_training_forward():
+    import copy
+
+    import ligerzoo
+    from ligerzoo.models.config import ModelConfig
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                      output_router_logits=True)
+    model = ligerzoo.CausalLM(cfg)
+    ids = torch.randint(0, 32, (2, 5))
+    model(ids, labels=ids).loss.backward()
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(ids, labels=ids).loss, model(ids, labels=ids).loss)
+
+
+def test_mixtral_router_jitter_under_activation_checkpointing_gives_the_same_gradients():
+    import ligerzoo
+    from ligerzoo.models.config import ModelConfig
+    from ligerzoo.parallel import apply_activation_checkpointing
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=4,
+                      router_jitter_noise=0.3)
+    ids = torch.randint(0, 32, (2, 5))
+    grads = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = ligerzoo.CausalLM(cfg)
+        if checkpoint:
+            apply_activation_checkpointing(model)
+        torch.manual_seed(1)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
