@@ -8,17 +8,21 @@ Three autograd functions, each built from our kernels and cuBLAS matmuls:
   Saves one (N, H) tensor per norm.
 - :func:`rope_qkv_`: RoPE applied in place to the q and k heads of the fused qkv projection,
   so attention reads q, k, v as views of one buffer and no rotated copies are kept.
-  Saves (nh + nkv) hd per token per layer; the backward rotates the gradient in place.
+  Saves (nh + nkv) hd per token per layer; the backward rotates the gradient into a new
+  buffer (the incoming one may be shared by other consumers).
 - :func:`gated_down`: ``y = linear(act(gate) * up)`` from the fused (N, 2I) gate|up
   projection, keeping only that projection: the backward recomputes ``act(gate) * up``
-  in the same kernel that computes the gate/up gradient, writing both over buffers it owns
-  (the gradient over the saved projection, the activation over ``dy @ W``). Saves one
-  (N, I) tensor per layer and the (N, 2I) gradient buffer.
+  in the same kernel that computes the gate/up gradient, writing the activation over
+  ``dy @ W`` (its own buffer) and, with ``inplace=True`` (the model's own projection), the
+  gradient over the saved projection. Saves one (N, I) tensor per layer, and with
+  ``inplace`` the (N, 2I) gradient buffer.
 
 Per Llama-3-8B layer at 32k tokens (bf16) that is 18.25 H -> 11.5 H of saved activations
 per token. The math is exactly the unfused composition's: the same kernels compute the
-same roundings, only in a different order of buffers. Without Triton (CPU with no
-interpreter, float64) each function falls back to that plain composition.
+same roundings, only in a different order of buffers. Each function falls back to that
+plain composition without Triton (CPU with no interpreter, float64), under autocast, and
+when a projection is anything but a plain, hook-free ``nn.Linear`` (an adapter, a quantised
+layer, a hooked module is called, never bypassed). Second-order gradients are refused.
 
 Recompute in backward follows the selective-recomputation idea of Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198), here
