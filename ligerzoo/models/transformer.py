@@ -24,6 +24,9 @@ explicit sizes and the saver cuts them back out (models/keymap.py), bit for bit.
 
 Math follows HF transformers' LlamaForCausalLM (modeling_llama.py): pre-norm blocks,
 RoPE in the half-split layout, causal softmax attention scaled by hd**-0.5, SwiGLU MLP.
+For training memory the blocks run through models/fused.py (each norm fused into the next
+projection, residual adds fused into the norms, RoPE in place on the qkv buffer, the gated
+activation recomputed in backward); the MoE layer lives in models/moe.py.
 """
 from __future__ import annotations
 
@@ -38,8 +41,8 @@ from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entro
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.fused import add_norm, gated_down, norm_linear, rope_qkv_
-from ligerzoo.nn import RMSNorm
 from ligerzoo.models.moe import MoE, load_balancing_loss
+from ligerzoo.nn import RMSNorm
 
 IGNORE_INDEX = -100
 
