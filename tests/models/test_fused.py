@@ -142,13 +142,7 @@ def test_rope_qkv_backward_does_not_write_into_a_shared_gradient():
 def test_hooked_or_wrapped_projections_are_called_not_bypassed():
     """A forward hook (or an adapter module in place of nn.Linear) on a projection changes
     the model exactly as it does on the plain composition."""
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    import ligerzoo
-
-    torch.manual_seed(0)
-    model = ligerzoo.CausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 8))
+    model, ids = _tiny_model()
     base = model(ids, labels=ids).loss
     fired = []
     for name in ("wqkv", "w_gate_up", "w_down"):
@@ -214,6 +208,16 @@ def test_rope_qkv_matches_out_of_place_rope():
     torch.testing.assert_close(dq.double(), dq64, atol=1e-5, rtol=1e-5)
 
 
+def _tiny_model():
+    """A 2-layer GQA Llama (H 32, 4/2 heads of 8, I 48, V 64) and a (2, 8) batch of ids."""
+    import ligerzoo
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    return ligerzoo.CausalLM(cfg), torch.randint(0, 64, (2, 8))
+
+
 def _saved_bytes(fn) -> int:
     """Bytes of distinct storages autograd saves while running fn()."""
     storages = {}
@@ -251,13 +255,7 @@ def test_block_saves_fewer_activations_than_the_plain_composition(monkeypatch):
 def test_compiled_model_matches_eager():
     """torch.compile(fullgraph=True) traces the fused blocks (custom autograd functions over
     torch.library ops, one of them mutating its input) and gives eager's loss and gradients."""
-    import ligerzoo
-
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    torch.manual_seed(0)
-    model = ligerzoo.CausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 8))
+    model, ids = _tiny_model()
     loss = model(ids, labels=ids).loss
     loss.backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
