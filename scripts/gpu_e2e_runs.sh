@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The device-machine runs behind benchmarks/NOTES.md's e2e section (one call each):
 #   bash scripts/gpu_e2e_runs.sh probe   # ligerzoo variants at 8x4096, checkpointing, longest sequence
+#   bash scripts/gpu_e2e_runs.sh probe2  # MoE check, profiles, hf/compile, load time
+#   bash scripts/gpu_e2e_runs.sh final   # ligerzoo vs Liger on every shape, Liger's longest sequence
+#   bash scripts/gpu_e2e_runs.sh recheck # what changed after the final run: checkpointing, review fixes
 # Carry .gpu3/ (see scripts/gpu_bench.sh).
 set -uo pipefail
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
@@ -42,5 +45,12 @@ final)
   STEPS=2 WARMUP=1 python3 scripts/bench_e2e.py --longest llama3-8b-8l --longest-from 65536 --variants liger \
     --out /tmp/h 2>&1 | grep "tok/s"
   cp /tmp/h/e2e_longest.csv "$OUT/e2e_longest_liger.csv"
+  ;;
+recheck)
+  export SPAWN_TIMEOUT=150 STEPS=4 WARMUP=2
+  $B --variants ligerzoo,liger --checkpointing off,on --out /tmp/r 2>&1 | grep "tok/s\|rate"
+  cp /tmp/r/e2e.csv "$OUT/e2e_recheck.csv"
+  STEPS=2 WARMUP=1 python3 scripts/bench_e2e.py --longest llama3-8b-8l --longest-from 131072 --variants ligerzoo \
+    --out /tmp/s 2>&1 | grep "tok/s"
   ;;
 esac
