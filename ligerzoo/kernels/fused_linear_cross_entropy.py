@@ -151,15 +151,17 @@ class _WeightGradAccumulator:
 def _chunk_loop(
     x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, row_scale,
     ignore_index, label_smoothing, lse_square_scale, softcap,
-    accum_dtype, chunk_size, need_x, need_w, need_b, lse_given,
+    accum_dtype, chunk_size, need_x, need_w, need_b, lse_given, grad_x_out=None,
 ):
-    """Run the chunked forward (and/or gradient) pass. -> (grad_x, grad_w, grad_b) or Nones."""
+    """Run the chunked forward (and/or gradient) pass. -> (grad_x, grad_w, grad_b) or Nones.
+    ``grad_x_out``: an (N, H) buffer for grad_x, which may be ``x`` itself (each chunk's rows
+    are read for the last time before its gradient rows are written)."""
     n_rows, hidden = x.shape
     vocab = weight.shape[0]
     compute_grad = need_x or need_w or need_b
     use_kernel = _utils.triton_ok(x)
     rows_fn = launch_cross_entropy_rows if use_kernel else torch_cross_entropy_rows
-    grad_x = torch.empty_like(x) if need_x else None                              # (N, H)
+    grad_x = (grad_x_out if grad_x_out is not None else torch.empty_like(x)) if need_x else None  # (N, H)
     grad_w = _WeightGradAccumulator(vocab, hidden, accum_dtype, weight.dtype, x.device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=x.device) if need_b else None
     if n_rows == 0:
@@ -184,10 +186,10 @@ def _chunk_loop(
             ignore_index, label_smoothing, lse_square_scale, softcap, lse_given,
         )
         if compute_grad:
+            if need_w:  # before dx: dx may be written over x_c
+                grad_w.add_mm(logits.t(), x_c)
             if need_x:
                 torch.mm(logits, weight, out=grad_x[start:end])
-            if need_w:
-                grad_w.add_mm(logits.t(), x_c)
             if need_b:
                 grad_b += logits.sum(0, dtype=torch.float32)
     del buf, logits
@@ -329,6 +331,62 @@ def _backward(ctx, grad_loss, _gz, _glse, _ggx, _ggw, _ggb):
 torch.library.register_autograd(
     "ligerzoo::fused_linear_cross_entropy", _backward, setup_context=_setup_context
 )
+
+
+@torch.library.custom_op("ligerzoo::fused_linear_cross_entropy_sum_", mutates_args=("x",))
+def _flce_sum_inplace_op(
+    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int, softcap: Optional[float],
+    accum_dtype: torch.dtype, chunk_size: int, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # For callers that own x (N, H) and fold the loss into their own autograd function:
+    # reduction="sum" loss, d(loss)/dx written over x, and d(loss)/dW (empty unless need_w).
+    n_rows = x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    scales = reduction_scales(target, None, ignore_index, "sum", weight.shape[0])
+    loss_rows, z_rows, lse = (torch.empty(n_rows, **f32) for _ in range(3))
+    _, gw, _ = _chunk_loop(
+        x, weight, target, None, None, scales, lse, loss_rows, z_rows, None, ignore_index, 0.0, 0.0, softcap,
+        accum_dtype, chunk_size, True, need_w, False, False, grad_x_out=x,
+    )
+    loss, _ = _reduce(loss_rows, z_rows, scales, "sum")
+    return loss, gw if gw is not None else weight.new_empty(0)
+
+
+@_flce_sum_inplace_op.register_fake
+def _(x, weight, target, ignore_index, softcap, accum_dtype, chunk_size, need_w):
+    return x.new_empty((), dtype=torch.float32), (torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
+def fused_linear_cross_entropy_sum_(
+    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+    softcap: Optional[float] = None, accum_dtype: torch.dtype = torch.float32, need_w: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross entropy of ``x @ weight.T`` with its gradients, for fused callers.
+
+    Not differentiable itself: it returns ``(loss, grad_w)`` (fp32 0-d; (V, H) in
+    ``weight.dtype`` with fp32 accumulation, empty unless ``need_w``) and writes
+    ``d(loss)/dx`` over ``x``, which the caller must own (e.g. the output of its own norm).
+    Same math as :func:`fused_linear_cross_entropy` with ``reduction="sum"``.
+
+    Args:
+        x: (N, H) contiguous; weight: (V, H), same dtype; target: (N,) int64 with
+            ``ignore_index`` entries allowed; softcap: final-logit soft-cap or None.
+
+    Raises:
+        ValueError: as :func:`fused_linear_cross_entropy` (shapes, dtypes, targets out of range).
+    """
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != x.dtype:
+        raise ValueError(f"need x (N, H) and weight (V, H) of one dtype, got x {tuple(x.shape)} {x.dtype} and "
+                         f"weight {tuple(weight.shape)} {weight.dtype}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (its gradient is written over it)")
+    check_loss_options("sum", 0.0, 0.0, softcap)
+    target = check_target_shape(target, x.shape[0], x.device)
+    check_target(target, weight.shape[0], ignore_index)
+    chunk = default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
+    return torch.ops.ligerzoo.fused_linear_cross_entropy_sum_(
+        x, weight.contiguous(), target, ignore_index, float(softcap) if softcap is not None else None,
+        accum_dtype, chunk, need_w)
 
 
 # ------------------------------------------------------------------------- reference

@@ -35,13 +35,15 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels.cross_entropy import scale_saved_grad
+from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_sum_
 from ligerzoo.kernels.rms_norm import _check_args as _check_norm_args
 from ligerzoo.kernels.rms_norm import _check_residual, row_settings
 from ligerzoo.kernels.rope import _check_args as _check_rope_args
 from ligerzoo.kernels.rope import rope
 from ligerzoo.kernels.swiglu import _check_fused
 
-__all__ = ["add_norm", "norm_linear", "rope_qkv_", "gated_down"]
+__all__ = ["add_norm", "norm_linear", "norm_linear_cross_entropy", "rope_qkv_", "gated_down"]
 
 _ACT_OPS = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
@@ -180,6 +182,68 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) ->
     y, s = _NormLinear.apply(x, residual, norm.weight, linear.weight, linear.bias,
                              float(norm.eps), float(norm.offset), norm.casting_mode)
     return y, (x if s is None else s)
+
+
+class _NormLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, norm_weight, weight, target, eps, offset, casting, ignore_index, softcap):
+        if residual is not None:
+            n, s, rstd = torch.ops.ligerzoo.fused_add_rms_norm(x, residual, norm_weight, eps, offset, casting)
+        else:
+            n, rstd = torch.ops.ligerzoo.rms_norm(x, norm_weight, eps, offset, casting, False)
+            s = x
+        H = n.shape[-1]
+        loss, gw = fused_linear_cross_entropy_sum_(n.view(-1, H), weight, target.reshape(-1), ignore_index,
+                                                   softcap, need_w=ctx.needs_input_grad[3])  # n <- d loss / d n
+        dnw = torch.ops.ligerzoo.rms_norm_backward_inplace(n, s, norm_weight, rstd, offset, casting, None)  # n <- d s
+        ctx.save_for_backward(n, dnw, gw)
+        ctx.has_residual = residual is not None
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        ds, dnw, gw = ctx.saved_tensors  # gradients of the summed loss, scaled here by g
+        ds = scale_saved_grad(ds, g, False)
+        gw = scale_saved_grad(gw, g, False) if ctx.needs_input_grad[3] else None
+        dnw = (dnw.float() * g.float()).to(dnw.dtype) if ctx.needs_input_grad[2] else None
+        return ds, (ds if ctx.has_residual else None), dnw, gw, None, None, None, None, None, None
+
+
+def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, norm, weight: torch.Tensor,
+                              target: torch.Tensor, ignore_index: int = -100,
+                              softcap: float | None = None) -> torch.Tensor:
+    """Summed cross entropy of ``norm(x + residual) @ weight.T`` (the final norm and LM head).
+
+    Args:
+        x: (..., H) residual stream; residual: (..., H) or None (as :func:`norm_linear`).
+        norm: the final :class:`ligerzoo.nn.RMSNorm`; weight: (V, H) LM-head weight.
+        target: (...) int64 targets, ``ignore_index`` entries skipped; softcap: final-logit
+            soft-cap or None.
+
+    Returns:
+        0-d fp32 loss summed over the counted targets.
+
+    Fused (Triton, outside autocast): :func:`ligerzoo.kernels.fused_linear_cross_entropy`'s
+    chunk loop runs on the normalised rows, writes their gradient over them, and the norm's
+    backward follows at once in the same buffer, so the normalised activations, their
+    gradient and the norm's input are never all kept: one (N, H) buffer (the gradient of
+    ``x``) outlives the forward. Otherwise the plain composition.
+
+    Raises:
+        ValueError: as :func:`norm_linear` and :func:`ligerzoo.kernels.fused_linear_cross_entropy`.
+    """
+    if residual is not None:
+        x, residual = _promote(x, residual)
+        _check_residual(x, residual)
+    if not (_fusable(x, norm.weight, weight) and x.is_contiguous()):
+        n, _ = add_norm(norm, x, residual)
+        return fused_linear_cross_entropy(n.reshape(-1, n.shape[-1]), weight, target.reshape(-1),
+                                          ignore_index=ignore_index, reduction="sum", softcap=softcap)
+    _check_norm_args(x, norm.weight, norm.casting_mode)
+    row_settings(x.shape[-1])
+    return _NormLinearCE.apply(x, residual, norm.weight, weight, target, float(norm.eps), float(norm.offset),
+                               norm.casting_mode, int(ignore_index), softcap)
 
 
 class _RopeQKV(torch.autograd.Function):

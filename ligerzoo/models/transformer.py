@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.fused import add_norm, gated_down, norm_linear, rope_qkv_
+from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, rope_qkv_
 from ligerzoo.models.moe import MoE, load_balancing_loss
 from ligerzoo.nn import RMSNorm
 
@@ -363,6 +362,10 @@ class CausalLM(nn.Module):
 
         ``attention_mask``: (B, T) (or (B, S) covering the cache too), 1 for real tokens.
         """
+        return add_norm(self.norm, *self._trunk(input_ids, position_ids, attention_mask, cache))[0]
+
+    def _trunk(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+        """The decoder blocks: ``(x, delta)``, each (B, T, H), whose sum the final norm takes."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         S = start + T
@@ -393,7 +396,7 @@ class CausalLM(nn.Module):
             x, delta = layer(x, cos, sin, masks, cache, delta)
         if cache is not None:
             cache.length = S
-        return add_norm(self.norm, x, delta)[0]
+        return x, delta
 
     def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None,
                 num_items_in_batch=None) -> CausalLMOutput:
@@ -423,19 +426,19 @@ class CausalLM(nn.Module):
             ValueError: labels shaped unlike input_ids, or label ids outside [0, vocab_size)
                 other than -100.
         """
-        h = self.hidden_states(input_ids, position_ids, attention_mask)  # (B, T, H)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        x, delta = self._trunk(input_ids, position_ids, attention_mask)  # (B, T, H) x2
         aux = self._aux_loss(attention_mask)
         if labels is None:
-            logits = self.lm_head(h)
+            logits = self.lm_head(add_norm(self.norm, x, delta)[0])
             if self.config.final_softcap is not None:
                 logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
             return CausalLMOutput(logits=logits, aux_loss=aux)
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): targets[t] = labels[t + 1]
-        loss_sum = fused_linear_cross_entropy(
-            h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum", softcap=self.config.final_softcap)
+        # final norm + LM head + summed cross entropy, without materialising the logits
+        loss_sum = norm_linear_cross_entropy(x, delta, self.norm, self.lm_head.weight, targets,
+                                             IGNORE_INDEX, self.config.final_softcap)
         if num_items_in_batch is None:
             num_items_in_batch = (targets != IGNORE_INDEX).sum()
         if isinstance(num_items_in_batch, torch.Tensor):

@@ -339,3 +339,25 @@ def test_weight_grad_accumulator_narrows_in_place_exactly(vocab, hidden, out_dty
     torch.testing.assert_close(got, accumulated.to(out_dtype), atol=0, rtol=0)  # narrowing is exact
     if out_dtype != torch.float32 and vocab >= 2:  # the result lives in the accumulator's first allocation
         assert got.untyped_storage().nbytes() <= vocab * hidden * got.element_size() + 4
+
+
+def test_sum_variant_writes_dx_over_x_and_matches_the_op():
+    from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_sum_
+
+    torch.manual_seed(3)
+    x = torch.randn(37, 24)
+    w = torch.randn(53, 24) * 0.2
+    t = torch.randint(0, 53, (37,))
+    t[::4] = IGNORE
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = fused_linear_cross_entropy(xl, wl, t, reduction="sum", softcap=4.0, chunk_size=8)
+    ref.backward()
+    buf = x.clone()
+    loss, gw = fused_linear_cross_entropy_sum_(buf, w, t, softcap=4.0)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(buf, xl.grad, atol=1e-5, rtol=1e-5)  # dx, written over the input
+    torch.testing.assert_close(gw, wl.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_linear_cross_entropy_sum_(x.t().contiguous().t(), w, t)
+    with pytest.raises(ValueError, match="out of range"):
+        fused_linear_cross_entropy_sum_(x.clone(), w, torch.full((37,), 53))

@@ -266,3 +266,55 @@ def test_compiled_model_matches_eager():
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual,softcap", [(True, None), (False, 3.0)])
+def test_norm_linear_cross_entropy_matches_float64(dtype, residual, softcap):
+    """Final norm + LM head + summed CE, with 1/3 of the targets ignored, against float64."""
+    torch.manual_seed(5)
+    H, V, N = 40, 75, 18
+    norm = RMSNorm(H, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    w = (torch.randn(V, H) * 0.3).to(dtype).requires_grad_()
+    x = torch.randn(2, N // 2, H, dtype=dtype, requires_grad=True)
+    r = torch.randn(2, N // 2, H, dtype=dtype, requires_grad=True) if residual else None
+    target = torch.randint(0, V, (2, N // 2))
+    target[:, ::3] = -100
+    loss = fused.norm_linear_cross_entropy(x, r, norm, w, target, -100, softcap)
+    leaves = [x] + ([r] if residual else []) + [norm.weight, w]
+    got = torch.autograd.grad(loss * 0.5, leaves)  # a non-unit incoming gradient
+
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    s64 = l64[0] + l64[1] if residual else l64[0]
+    logits = F.linear(_rms(s64, l64[-2], 1e-5, 0.0), l64[-1])
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss64 = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), reduction="sum")
+    want = torch.autograd.grad(loss64 * 0.5, l64)
+    torch.testing.assert_close(loss.double(), loss64, **TOL[dtype])
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp(min=1)
+        torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype])
+
+
+def test_norm_linear_cross_entropy_keeps_one_buffer_and_leaves_a_frozen_head_alone():
+    torch.manual_seed(6)
+    H, V = 64, 96
+    norm, w = RMSNorm(H), torch.randn(V, H) * 0.1  # frozen head: no gradient asked for it
+    x = torch.randn(4, 16, H, requires_grad=True)
+    r = torch.randn(4, 16, H, requires_grad=True)
+    target = torch.randint(0, V, (4, 16))
+    fused_bytes = _saved_bytes(lambda: fused.norm_linear_cross_entropy(x, r, norm, w, target))
+    (gx,) = torch.autograd.grad(fused.norm_linear_cross_entropy(x, r, norm, w, target), [x])
+    fused.ENABLED = False
+    try:
+        plain_bytes = _saved_bytes(lambda: fused.norm_linear_cross_entropy(x, r, norm, w, target))
+        (gx_plain,) = torch.autograd.grad(fused.norm_linear_cross_entropy(x, r, norm, w, target), [x])
+    finally:
+        fused.ENABLED = True
+    torch.testing.assert_close(gx, gx_plain, atol=1e-5, rtol=1e-5)
+    one = 4 * 4 * 16 * H  # one fp32 (B, T, H) tensor
+    assert fused_bytes <= one + 4 * H + 64  # d(x + r) and the norm weight's gradient
+    assert plain_bytes >= 2 * one  # the plain composition keeps the norm input and d(normed)
