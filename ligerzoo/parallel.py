@@ -10,8 +10,10 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each decoder block's activations in backward instead of storing them
     (``torch.utils.checkpoint``, non-reentrant): activation memory drops from O(layers) blocks
     to one block plus the block inputs, for one extra forward of compute (less the last
-    matmul: the wrapped blocks are marked ``Block.checkpointed``, which runs their down
-    projection as a plain op, so that the checkpoint's recomputation stops before it; it
+    matmul in dense blocks without post-norms: the wrapped blocks are marked
+    ``Block.checkpointed``, which runs their down projection as a plain op, so that the
+    checkpoint's recomputation stops before it; Gemma2's post-norm and MoE layers save
+    tensors after their last matmul, so they recompute the whole block; it
     also makes the model add the residual before each block, so that one (B, T, H) input per
     block is kept rather than two). In place; returns model."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -1,6 +1,6 @@
 """Decoder-block fusions that keep fewer activations for the backward pass.
 
-Three autograd functions, each built from our kernels and cuBLAS matmuls:
+Four autograd functions, each built from our kernels and cuBLAS matmuls:
 
 - :func:`norm_linear`: ``s = x + residual`` (optional), ``y = linear(rms_norm(s))``. It keeps
   ``s`` (which the residual stream needs anyway) and the fp32 ``rstd`` row, not the
@@ -17,9 +17,15 @@ Three autograd functions, each built from our kernels and cuBLAS matmuls:
   gradient over the saved projection. Saves one (N, I) tensor per layer, and with
   ``inplace`` the (N, 2I) gradient buffer.
 
+- :func:`norm_linear_cross_entropy`: the final norm, LM head and summed cross entropy; the
+  loss writes its gradient over the normalised rows and the norm's backward follows in the
+  same buffer, so one (N, H) buffer outlives the forward instead of three.
+
 Per Llama-3-8B layer at 32k tokens (bf16) that is 18.25 H -> 11.5 H of saved activations
-per token. The math is exactly the unfused composition's: the same kernels compute the
-same roundings, only in a different order of buffers. Each function falls back to that
+per token. The math is the unfused composition's: the block functions run the same kernels
+with the same roundings (bitwise equal); :func:`norm_linear_cross_entropy` scales the
+gradients by the incoming one after the norm's backward rather than before, so its results
+differ from the plain composition's in rounding order only. Each function falls back to that
 plain composition without Triton (CPU with no interpreter, float64), under autocast, and
 when a projection is anything but a plain, hook-free ``nn.Linear`` (an adapter, a quantised
 layer, a hooked module is called, never bypassed). Second-order gradients are refused.
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels.cross_entropy import scale_saved_grad
@@ -59,12 +64,25 @@ def _fusable(*tensors: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled(tensors[0].device.type))
 
 
-def _plain_linear(module: nn.Module) -> bool:
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+def plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is exactly an ``nn.Linear`` with no hooks, so that calling it is the
-    same as ``x W^T + b``; anything else (a LoRA or quantised wrapper, a forward hook) is
-    called as a module instead of being fused."""
-    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+    same as ``x W^T + b`` and its output is not seen by anyone else; anything else (a LoRA or
+    quantised wrapper, a forward hook) is called as a module instead of being fused, and its
+    output is never overwritten."""
+    return type(module) is nn.Linear and _no_hooks(module)
+
+
+def _refuse_second_order(name: str) -> None:
+    """Backward of backward is not implemented: raise rather than return a gradient without a
+    graph (``create_graph=True`` runs the backward with grad mode on)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name} does not support second-order gradients (create_graph=True); "
+                           "set ligerzoo.models.fused.ENABLED = False for them")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -129,8 +147,8 @@ class _NormLinear(torch.autograd.Function):
         return y, s
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, ds):
+        _refuse_second_order("norm_linear")
         s, rstd, norm_weight, weight = ctx.saved_tensors
         eps, offset, casting = ctx.norm_args
         if dy is None:
@@ -174,7 +192,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) ->
     if residual is not None:
         x, residual = _promote(x, residual)
         _check_residual(x, residual)
-    if not (_fusable(x, norm.weight) and _plain_linear(linear)):
+    if not (_fusable(x, norm.weight) and plain_linear(linear) and _no_hooks(norm)):
         n, s = add_norm(norm, x, residual)
         return linear(n), s
     _check_norm_args(x, norm.weight, norm.casting_mode)
@@ -201,8 +219,8 @@ class _NormLinearCE(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        _refuse_second_order("norm_linear_cross_entropy")
         ds, dnw, gw = ctx.saved_tensors  # gradients of the summed loss, scaled here by g
         ds = scale_saved_grad(ds, g, False)
         gw = scale_saved_grad(gw, g, False) if ctx.needs_input_grad[3] else None
@@ -224,11 +242,14 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
     Returns:
         0-d fp32 loss summed over the counted targets.
 
-    Fused (Triton, outside autocast): :func:`ligerzoo.kernels.fused_linear_cross_entropy`'s
+    Fused (Triton, grad mode on and something to differentiate, contiguous bf16/fp32 ``x``,
+    a hook-free norm, outside autocast): :func:`ligerzoo.kernels.fused_linear_cross_entropy`'s
     chunk loop runs on the normalised rows, writes their gradient over them, and the norm's
     backward follows at once in the same buffer, so the normalised activations, their
     gradient and the norm's input are never all kept: one (N, H) buffer (the gradient of
-    ``x``) outlives the forward. Otherwise the plain composition.
+    ``x``) outlives the forward. The gradients are those of the summed loss, scaled by the
+    incoming gradient in backward (fp16 is left to the plain composition, whose earlier
+    scaling keeps the norm weight's gradient in range). Otherwise the plain composition.
 
     Raises:
         ValueError: as :func:`norm_linear` and :func:`ligerzoo.kernels.fused_linear_cross_entropy`.
@@ -236,7 +257,10 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
     if residual is not None:
         x, residual = _promote(x, residual)
         _check_residual(x, residual)
-    if not (_fusable(x, norm.weight, weight) and x.is_contiguous()):
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, norm.weight, weight))
+    if not (wants_grad and _fusable(x, norm.weight, weight) and x.is_contiguous() and _no_hooks(norm)
+            and x.dtype != torch.float16):
         n, _ = add_norm(norm, x, residual)
         return fused_linear_cross_entropy(n.reshape(-1, n.shape[-1]), weight, target.reshape(-1),
                                           ignore_index=ignore_index, reduction="sum", softcap=softcap)
@@ -256,15 +280,15 @@ class _RopeQKV(torch.autograd.Function):
         return qkv
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dqkv):
+        _refuse_second_order("rope_qkv_")
         cos, sin = ctx.saved_tensors
         # Out of place: autograd may hand the same gradient buffer to other consumers.
         return torch.ops.ligerzoo.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None
 
 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
-              n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              n_kv_heads: int, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE on the q and k heads of a fused projection, in place when the kernels run.
 
     Args:
@@ -272,6 +296,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
             owned by the caller: when contiguous it is overwritten).
         cos, sin: (B or 1, T, R) fp32 from :func:`ligerzoo.kernels.rope.rope_cos_sin`.
         n_q_heads, n_kv_heads: nh and nkv.
+        inplace: False rotates into new tensors (for a ``qkv`` someone else may hold).
 
     Returns:
         ``(q, k, v)``: (B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd); views of ``qkv``
@@ -289,7 +314,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
     sizes = [n_q_heads * hd, n_kv_heads * hd, n_kv_heads * hd]
     q, k, v = qkv.split(sizes, dim=-1)
     q, k, v = q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
-    if _fusable(qkv) and qkv.is_contiguous():
+    if inplace and _fusable(qkv) and qkv.is_contiguous():
         cos, sin = _check_rope_args(q, k, cos, sin)
         qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads)
         q, k, v = qkv.split(sizes, dim=-1)
@@ -308,8 +333,8 @@ class _GatedDown(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        _refuse_second_order("gated_down")
         gate_up, weight = ctx.saved_tensors
         dc = dy.matmul(weight)                                               # (..., I)
         # One kernel: d(gate_up) and, over dc, the recomputed act(gate) * up. In place over
@@ -353,7 +378,7 @@ def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = T
     if activation not in _ACT_OPS:
         raise ValueError(f"activation must be one of {sorted(_ACT_OPS)}, got {activation!r}")
     _check_fused(gate_up)
-    if not (recompute and _fusable(gate_up) and gate_up.is_contiguous() and _plain_linear(down)):
+    if not (recompute and _fusable(gate_up) and gate_up.is_contiguous() and plain_linear(down)):
         from ligerzoo.models.moe import gated_act
 
         return down(gated_act(gate_up, activation))

@@ -204,7 +204,10 @@ class MoE(nn.Module):
         self.router = nn.Linear(H, E, bias=False)
         self.w_gate_up = nn.Parameter(torch.empty(E, 2 * inter, H))
         self.w_down = nn.Parameter(torch.empty(E, H, inter))
-        self.router_logits: torch.Tensor | None = None  # (N, E), kept for the aux loss
+        # (N, E) router logits of the last forward, kept only while the model collects them for
+        # the aux loss (CausalLM sets it to [] before its blocks and takes it back after), so a
+        # checkpoint's recomputation in backward keeps no graph on the module
+        self.router_logits: list | None = None
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` runs :func:`experts_grouped` on ``x`` (N, H), by ``impl``.
@@ -231,14 +234,16 @@ class MoE(nn.Module):
                 and grouped_mm_fast_path_ok(self.w_gate_up.transpose(-2, -1), self.w_down.transpose(-2, -1)))
 
     def forward(self, x):
-        """x: (B, T, H) -> (B, T, H) in ``x.dtype``; sets ``router_logits`` (B T, E)."""
+        """x: (B, T, H) -> (B, T, H) in ``x.dtype``; appends the (B T, E) router logits to
+        ``router_logits`` when that is a list."""
         B, T, H = x.shape
         k = self.top_k
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         x = x.reshape(-1, H)  # (N, H)
         logits = self.router(x)  # (N, E)
-        self.router_logits = logits
+        if self.router_logits is not None:
+            self.router_logits.append(logits)
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, E)
         weights, experts = torch.topk(probs, k, dim=-1)  # (N, k) each
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -39,7 +39,7 @@ from torch import nn
 
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, rope_qkv_
+from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, plain_linear, rope_qkv_
 from ligerzoo.models.moe import MoE, load_balancing_loss
 from ligerzoo.nn import RMSNorm
 
@@ -209,7 +209,9 @@ class Attention(nn.Module):
         if qkv is None:
             qkv = self.wqkv(x)
         B, T, _ = qkv.shape
-        q, k, v = rope_qkv_(qkv, cos, sin, self.num_heads, self.num_kv_heads)  # (B, T, nh|nkv|nkv, hd)
+        # in place only on a buffer nothing else holds (a hooked or wrapped projection's output may be)
+        q, k, v = rope_qkv_(qkv, cos, sin, self.num_heads, self.num_kv_heads,
+                            inplace=plain_linear(self.wqkv))  # (B, T, nh|nkv|nkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
@@ -240,11 +242,13 @@ class MLP(nn.Module):
 
     def forward(self, x, gate_up=None, recompute: bool = True):
         """x: (..., H), or None when ``gate_up`` (..., 2I), its projection, is given (it is
-        then consumed: the backward reuses its buffer for its gradient).
+        then consumed when ``w_gate_up`` is a plain ``nn.Linear``: the backward reuses its buffer
+        for its gradient).
         ``recompute``: see :func:`ligerzoo.models.fused.gated_down`."""
         if gate_up is None:
             gate_up = self.w_gate_up(x)
-        return gated_down(gate_up, self.w_down, self.activation, recompute, inplace=True)  # 2I -> I -> H
+        return gated_down(gate_up, self.w_down, self.activation, recompute,
+                          inplace=plain_linear(self.w_gate_up))  # 2I -> I -> H
 
 
 class Block(nn.Module):
@@ -255,8 +259,9 @@ class Block(nn.Module):
     checkpointed: bool = False
     """Set by :func:`ligerzoo.parallel.apply_activation_checkpointing` on the blocks it wraps:
     the MLP's down projection then runs as a plain op, so that the checkpoint's recomputation
-    stops before that matmul (see :func:`ligerzoo.models.fused.gated_down`), and the model
-    adds the residual before calling the block, so that the checkpoint keeps one input."""
+    stops before that matmul (see :func:`ligerzoo.models.fused.gated_down`; not with post-norms,
+    whose saved input comes after it), and the model adds the residual before calling the
+    block, so that the checkpoint keeps one input."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -428,6 +433,9 @@ class CausalLM(nn.Module):
         """
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if self.config.num_local_experts and self.config.output_router_logits:
+            for layer in self.layers:
+                layer.mlp.router_logits = []  # collected for the aux loss during this forward only
         x, delta = self._trunk(input_ids, position_ids, attention_mask)  # (B, T, H) x2
         aux = self._aux_loss(attention_mask)
         if labels is None:
@@ -455,7 +463,7 @@ class CausalLM(nn.Module):
             return None
         logits = []
         for layer in self.layers:  # taken back from the layers, so no graph stays attached to the model
-            logits.append(layer.mlp.router_logits)
+            logits.extend(layer.mlp.router_logits or [])
             layer.mlp.router_logits = None
         if not self.config.output_router_logits:
             return None

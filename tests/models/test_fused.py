@@ -103,9 +103,48 @@ def test_second_order_gradients_are_refused():
     x = torch.randn(2, 3, 16, requires_grad=True)
     y, _ = fused.norm_linear(x, None, norm, lin)
     out = fused.gated_down(y, down, "silu")
-    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):  # never a silently wrong second derivative
-        torch.autograd.grad(g.sum(), x)
+    with pytest.raises(RuntimeError, match="second-order"):  # never a silently wrong second derivative
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    # also when the incoming gradient is a constant (a gradient penalty on a plain sum)
+    y, _ = fused.norm_linear(x, None, norm, lin)
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(y.sum(), [x], create_graph=True)
+    target = torch.randint(0, 32, (2, 3))
+    loss = fused.norm_linear_cross_entropy(x, None, norm, lin.weight, target)
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(loss, [x], create_graph=True)
+
+
+def test_no_grad_evaluation_computes_no_gradients(monkeypatch):
+    """Evaluating the loss without grad mode runs the plain loss (no dX / dW work)."""
+    import importlib
+
+    flce = importlib.import_module("ligerzoo.kernels.fused_linear_cross_entropy")  # the module, not the function
+    calls = []
+    real = flce._chunk_loop
+    monkeypatch.setattr(flce, "_chunk_loop", lambda *a, **k: (calls.append(a[16:19]), real(*a, **k))[1])
+    model, ids = _tiny_model()
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert calls == [(False, False, False)] and torch.isfinite(loss)
+
+
+def test_hooks_on_norms_and_projections_see_and_keep_their_tensors():
+    """A hook on the final norm changes the labels-path loss as it changes the logits; the
+    outputs a hook captured from wqkv and w_gate_up are never overwritten."""
+    model, ids = _tiny_model()
+    captured = {}
+    # the final norm also adds the residual: it returns (normed, sum)
+    model.norm.register_forward_hook(lambda m, i, o: (o[0] * 2, o[1]) if isinstance(o, tuple) else o * 2)
+    model.layers[0].attn.wqkv.register_forward_hook(lambda m, i, o: captured.__setitem__("qkv", (o, o.clone())))
+    model.layers[0].mlp.w_gate_up.register_forward_hook(lambda m, i, o: captured.__setitem__("gu", (o, o.clone())))
+    logits = model(ids).logits
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 64).float(), ids[:, 1:].reshape(-1))
+    loss = model(ids, labels=ids).loss
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    for name, (seen, copy) in captured.items():
+        assert torch.equal(seen, copy), name
 
 
 def test_bad_arguments_raise_clear_errors():
