@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -64,9 +66,8 @@ def main(argv=None) -> int:
     files = sorted(directory.glob("*.safetensors"))
     gb = sum(f.stat().st_size for f in files) / 1e9
     for f in files:  # into the page cache, for both loaders alike
-        with open(f, "rb") as fh:
-            while fh.read(1 << 26):
-                pass
+        with open(f, "rb") as fh, open(os.devnull, "wb") as null:
+            shutil.copyfileobj(fh, null, 1 << 26)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     loaders = {
         "ligerzoo.from_hf": lambda: ligerzoo.from_hf(directory, dtype=torch.bfloat16, device=args.device),

@@ -197,6 +197,25 @@ def _chunk_loop(
 
 
 # ------------------------------------------------------------------ torch.library ops
+def _forward(x, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+             softcap, accum_dtype, chunk_size, need_x, need_w, need_b, grad_x_out=None):
+    """The forward pass shared by the ops: -> (loss, z_loss, lse, grad_x, grad_w, grad_b),
+    gradients (None where not computed) only for "mean"/"sum"."""
+    n_rows = x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    scales = reduction_scales(target, ce_weight, ignore_index, reduction, weight.shape[0])
+    loss_rows, z_rows, lse = (torch.empty(n_rows, **f32) for _ in range(3))
+    in_fwd = reduction != "none"
+    gx, gw, gb = _chunk_loop(
+        x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, None,
+        ignore_index, label_smoothing, lse_square_scale, softcap,
+        accum_dtype, chunk_size, need_x and in_fwd, need_w and in_fwd, need_b and in_fwd, False,
+        grad_x_out=grad_x_out,
+    )
+    loss, z_loss = _reduce(loss_rows, z_rows, scales, reduction)
+    return loss, z_loss, lse, gx, gw, gb
+
+
 @torch.library.custom_op("ligerzoo::fused_linear_cross_entropy", mutates_args=())
 def _flce_op(
     x: torch.Tensor,
@@ -219,19 +238,9 @@ def _flce_op(
 
     Gradients are computed here only for "mean"/"sum" (for "none" the backward op does it).
     """
-    n_rows = x.shape[0]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    scales = reduction_scales(target, ce_weight, ignore_index, reduction, weight.shape[0])
-    loss_rows = torch.empty(n_rows, **f32)
-    z_rows = torch.empty(n_rows, **f32)
-    lse = torch.empty(n_rows, **f32)
-    in_fwd = reduction != "none"
-    gx, gw, gb = _chunk_loop(
-        x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, None,
-        ignore_index, label_smoothing, lse_square_scale, softcap,
-        accum_dtype, chunk_size, need_x and in_fwd, need_w and in_fwd, need_b and in_fwd, False,
-    )
-    loss, z_loss = _reduce(loss_rows, z_rows, scales, reduction)
+    loss, z_loss, lse, gx, gw, gb = _forward(
+        x, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+        softcap, accum_dtype, chunk_size, need_x, need_w, need_b)
     gx = gx if gx is not None else x.new_empty(0)
     gw = gw if gw is not None else weight.new_empty(0)  # already in weight.dtype
     gb = gb.to(bias.dtype) if gb is not None else x.new_empty(0)
@@ -340,15 +349,8 @@ def _flce_sum_inplace_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # For callers that own x (N, H) and fold the loss into their own autograd function:
     # reduction="sum" loss, d(loss)/dx written over x, and d(loss)/dW (empty unless need_w).
-    n_rows = x.shape[0]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    scales = reduction_scales(target, None, ignore_index, "sum", weight.shape[0])
-    loss_rows, z_rows, lse = (torch.empty(n_rows, **f32) for _ in range(3))
-    _, gw, _ = _chunk_loop(
-        x, weight, target, None, None, scales, lse, loss_rows, z_rows, None, ignore_index, 0.0, 0.0, softcap,
-        accum_dtype, chunk_size, True, need_w, False, False, grad_x_out=x,
-    )
-    loss, _ = _reduce(loss_rows, z_rows, scales, "sum")
+    loss, _, _, _, gw, _ = _forward(x, weight, target, None, None, ignore_index, "sum", 0.0, 0.0, softcap,
+                                    accum_dtype, chunk_size, True, need_w, False, grad_x_out=x)
     return loss, gw if gw is not None else weight.new_empty(0)
 
 

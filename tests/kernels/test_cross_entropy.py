@@ -33,7 +33,7 @@ OPTIONS = {
 
 # Tests of behaviour that only the Triton path has (in-place gradient, in-place rescaling,
 # the kernel itself); the whole file also passes with TRITON_INTERPRET=0 (reference path).
-triton_only = pytest.mark.skipif(not _utils.use_triton(torch.empty(0)), reason="Triton path not active on CPU")
+triton_only = pytest.mark.skipif(not _utils.use_triton(torch.empty(0)), reason="needs the Triton path: CUDA, or TRITON_INTERPRET=1 on the CPU (the test conftest sets it)")
 
 
 _small_blocks = small_blocks_fixture(ce_mod, 256)
