@@ -8,6 +8,7 @@ forward + backward above what the inputs already hold. Writes ``benchmarks/kerne
 
 Usage (GPU): python scripts/bench_kernels.py [--ops rms_norm,cross_entropy] [--tokens 4096,8192,16384]
              [--dtype bfloat16] [--out benchmarks]
+       (CPU): python scripts/bench_kernels.py --plot benchmarks/kernels.csv   # PNGs from a CSV
 """
 from __future__ import annotations
 
@@ -48,6 +49,47 @@ def _torch_flce(x, w, t):
     return F.cross_entropy((x @ w.T).float(), t)
 
 
+def _chunk_ce_grads(x, w, t, n_total):
+    """One chunk of rows of the linear cross entropy, gradients by hand (compiled below):
+    -> (summed loss / n_total, dx (C, H) in x.dtype, dw (V, H) fp32)."""
+    z = (x @ w.T).float()                                                  # (C, V)
+    lse = torch.logsumexp(z, dim=-1)                                       # (C,)
+    loss = (lse - z.gather(1, t[:, None]).squeeze(1)).sum() / n_total
+    d = torch.exp(z - lse[:, None])
+    d = d - F.one_hot(t, z.shape[1]).to(d.dtype)
+    d = (d / n_total).to(x.dtype)                                          # (C, V)
+    return loss, d @ w, (d.T @ x).float()
+
+
+class _CompiledChunkedCE(torch.autograd.Function):
+    """torch.compile's chunked linear cross entropy, the baseline issue 3 names: the rows go
+    through ``_chunk_ce_grads`` (compiled by torch.compile) one chunk at a time, gradients
+    are taken in the forward (dW accumulated in fp32), the logits are never whole."""
+
+    fn = None
+
+    @staticmethod
+    def forward(ctx, x, w, t, chunk):
+        if _CompiledChunkedCE.fn is None:
+            _CompiledChunkedCE.fn = torch.compile(_chunk_ce_grads, dynamic=False)
+        n = x.shape[0]
+        dx = torch.empty_like(x)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, n, chunk):
+            lc, gx, gw = _CompiledChunkedCE.fn(x[s:s + chunk], w, t[s:s + chunk], n)
+            loss += lc
+            dx[s:s + chunk] = gx
+            dw += gw
+        ctx.save_for_backward(dx, dw.to(w.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dx, dw = ctx.saved_tensors
+        return dx * g.to(dx.dtype), dw * g.to(dw.dtype), None, None
+
+
 def op_specs(dtype):
     """op -> (x_name, make(n_tokens) -> (inputs, {variant: fn(*inputs) -> output or tensors}))."""
     from ligerzoo import kernels as K
@@ -68,6 +110,18 @@ def op_specs(dtype):
             v["liger"] = lambda x, w: lf.liger_rms_norm(x, w, 1e-6, in_place=False)
         return (x, w), v
     specs["rms_norm"] = ("tokens", rms)
+
+    def add_rms(n):
+        x, r, w = rnd(n, H), rnd(n, H), rnd(H)
+
+        def torch_add_rms(x, r, w):
+            s = x + r
+            return _torch_rms(s, w), s
+        v = {"ligerzoo": lambda x, r, w: K.fused_add_rms_norm(x, r, w, 1e-6), "torch": torch_add_rms}
+        if lf:
+            v["liger"] = lambda x, r, w: lf.liger_fused_add_rms_norm(x, r, w, 1e-6, in_place=False)
+        return (x, r, w), v
+    specs["fused_add_rms_norm"] = ("tokens", add_rms)
 
     def rope(n):
         q, k = rnd(1, n, NH, D), rnd(1, n, NKV, D)
@@ -107,6 +161,7 @@ def op_specs(dtype):
         x, w, t = rnd(n, H), rnd(V, H, scale=0.02), torch.randint(0, V, (n,), device=dev)
         v = {"ligerzoo": lambda x, w: fl.fused_linear_cross_entropy(x, w, t),
              "torch": lambda x, w: _torch_flce(x, w, t)}
+        v["compile_chunked"] = lambda x, w: _CompiledChunkedCE.apply(x, w, t, 2048)
         if lf:
             v["liger"] = lambda x, w: lf.liger_fused_linear_cross_entropy(x, w, t, accum_dtype=torch.float32)
         return (x, w), v
@@ -121,6 +176,28 @@ def op_specs(dtype):
             v["liger"] = lambda x, w, b: lf.liger_layer_norm(x, w, b, 1e-5)
         return (x, w, b), v
     specs["layer_norm"] = ("tokens", lnorm)
+
+    def gnorm(n):  # (batch, channels, length) = (n / 128, 4096, 128): n x 4096 elements, 32 groups
+        C, G, L = H, 32, 128
+        x, w, b = rnd(max(n // L, 1), C, L), rnd(C), rnd(C)
+        v = {"ligerzoo": lambda x, w, b: K.group_norm(x, G, w, b, 1e-5),
+             "torch": lambda x, w, b: F.group_norm(x, G, w, b, 1e-5)}
+        if lf:
+            v["liger"] = lambda x, w, b: lf.liger_group_norm(x, w, b, C, G, 1e-5)
+        return (x, w, b), v
+    specs["group_norm"] = ("tokens", gnorm)
+
+    def embed(n):
+        w = rnd(V, H)
+        ids = torch.randint(0, V, (n,), device=dev)
+        v = {"ligerzoo": lambda w: K.embedding(ids, w), "torch": lambda w: F.embedding(ids, w)}
+        try:
+            from liger_kernel.ops import LigerEmbeddingFunction
+            v["liger"] = lambda w: LigerEmbeddingFunction.apply(w, ids)
+        except Exception:
+            pass
+        return (w,), v
+    specs["embedding"] = ("tokens", embed)
 
     def kl(n):
         x = torch.log_softmax(torch.randn(n, V, device=dev, dtype=dtype), -1).requires_grad_()
@@ -146,6 +223,22 @@ def op_specs(dtype):
             v["liger"] = lambda s: lf.liger_jsd(s, t)
         return (s,), v
     specs["jsd"] = ("tokens", jsd_)
+
+    def fljsd(n):
+        xs, ws = rnd(n, H), rnd(V, H, scale=0.02)
+        xt, wt = rnd(n, H, grad=False), rnd(V, H, grad=False, scale=0.02)
+
+        def torch_fljsd(xs, ws):
+            s = torch.log_softmax((xs @ ws.T).float(), -1)
+            t = torch.log_softmax((xt @ wt.T).float(), -1)
+            m = torch.logsumexp(torch.stack([s, t]) + math.log(0.5), 0)
+            return 0.5 * (F.kl_div(m, s, reduction="sum", log_target=True)
+                          + F.kl_div(m, t, reduction="sum", log_target=True)) / n
+        v = {"ligerzoo": lambda xs, ws: K.fused_linear_jsd(xs, ws, xt, wt), "torch": torch_fljsd}
+        if lf:
+            v["liger"] = lambda xs, ws: lf.liger_fused_linear_jsd(xs, ws, xt, wt, accum_dtype=torch.float32)
+        return (xs, ws), v
+    specs["fused_linear_jsd"] = ("tokens", fljsd)
     return specs
 
 
@@ -175,68 +268,85 @@ def bench(fn, inputs, mode):
     return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def plot(rows, ops, out: Path) -> None:
+    """One PNG per op (forward + backward time and peak memory against the token count)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: CSV only, no PNG")
+        return
+    for op in ops:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for variant in sorted({r["variant"] for r in rows if r["op"] == op}):
+            pts = sorted((r for r in rows if r["op"] == op and r["variant"] == variant and r["mode"] == "full"),
+                         key=lambda r: int(r["x"]))
+            ax[0].plot([int(r["x"]) for r in pts], [float(r["ms"]) for r in pts], "o-", label=variant)
+            ax[1].plot([int(r["x"]) for r in pts], [float(r["peak_mib"]) for r in pts], "o-", label=variant)
+        ax[0].set(title=f"{op}: forward+backward", xlabel="tokens", ylabel="ms (median)")
+        ax[1].set(title=f"{op}: peak memory", xlabel="tokens", ylabel="MiB above inputs")
+        ax[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / f"kernels_{op}.png", dpi=80)
+        plt.close(fig)
+
+
+FIELDS = ["op", "mode", "variant", "x_name", "x", "ms", "peak_mib", "gpu", "date"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", default=None)
     ap.add_argument("--tokens", default="2048,4096,8192,16384")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--variants", default="ligerzoo,torch,compile,liger")
+    ap.add_argument("--variants", default="ligerzoo,torch,compile,compile_chunked,liger")
     ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--plot", metavar="CSV", help="only draw the PNGs from an existing kernels.csv (no GPU needed)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.plot:
+        with open(args.plot, newline="") as f:
+            rows = list(csv.DictReader(f))
+        plot(rows, sorted({r["op"] for r in rows}), out)
+        return
     dtype = getattr(torch, args.dtype)
     specs = op_specs(dtype)
     ops = args.ops.split(",") if args.ops else list(specs)
     gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for op in ops:
-        x_name, make = specs[op]
-        for n in map(int, args.tokens.split(",")):
-            inputs, variants = make(n)
-            if "compile" in args.variants.split(","):
-                variants["compile"] = torch.compile(variants["torch"])
-            for variant, fn in variants.items():
-                if variant not in args.variants.split(","):
-                    continue
-                try:
-                    res = {m: bench(fn, inputs, m) for m in ("forward", "full")}
-                except Exception as e:  # OOM or an unsupported variant: recorded, not fatal
-                    print(f"{op:28s} {variant:9s} {n:6d}  failed: {type(e).__name__}: {str(e)[:80]}")
-                    torch.cuda.empty_cache()
-                    continue
-                res["backward"] = (res["full"][0] - res["forward"][0], float("nan"))
-                for mode, (ms, mib) in res.items():
-                    rows.append(dict(op=op, mode=mode, variant=variant, x_name=x_name, x=n, ms=round(ms, 4),
-                                     peak_mib=round(mib, 1), gpu=gpu, date=date))
-                print(f"{op:28s} {variant:9s} {n:6d}  fwd {res['forward'][0]:8.3f} ms  full {res['full'][0]:8.3f} ms"
-                      f"  peak {res['full'][1]:9.1f} MiB", flush=True)
-            del inputs, variants
-            torch.cuda.empty_cache()
     path = out / "kernels.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    rows = []
+    with open(path, "w", newline="") as f:  # rows are written as they come: a cut-short run keeps them
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
         for op in ops:
-            fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-            for variant in sorted({r["variant"] for r in rows if r["op"] == op}):
-                pts = [r for r in rows if r["op"] == op and r["variant"] == variant and r["mode"] == "full"]
-                ax[0].plot([r["x"] for r in pts], [r["ms"] for r in pts], "o-", label=variant)
-                ax[1].plot([r["x"] for r in pts], [r["peak_mib"] for r in pts], "o-", label=variant)
-            ax[0].set(title=f"{op}: forward+backward", xlabel="tokens", ylabel="ms (median)")
-            ax[1].set(title=f"{op}: peak memory", xlabel="tokens", ylabel="MiB above inputs")
-            ax[0].legend()
-            fig.tight_layout()
-            fig.savefig(out / f"kernels_{op}.png", dpi=80)
-            plt.close(fig)
-    except ImportError:
-        print("matplotlib is not installed: CSV only, no PNG")
+            x_name, make = specs[op]
+            for n in map(int, args.tokens.split(",")):
+                inputs, variants = make(n)
+                if "compile" in args.variants.split(","):
+                    variants["compile"] = torch.compile(variants["torch"])
+                for variant, fn in variants.items():
+                    if variant not in args.variants.split(","):
+                        continue
+                    try:
+                        res = {m: bench(fn, inputs, m) for m in ("forward", "full")}
+                    except Exception as e:  # OOM or an unsupported variant: recorded, not fatal
+                        print(f"{op:28s} {variant:9s} {n:6d}  failed: {type(e).__name__}: {str(e)[:80]}")
+                        torch.cuda.empty_cache()
+                        continue
+                    res["backward"] = (res["full"][0] - res["forward"][0], float("nan"))
+                    for mode, (ms, mib) in res.items():
+                        row = dict(op=op, mode=mode, variant=variant, x_name=x_name, x=n, ms=round(ms, 4),
+                                   peak_mib=round(mib, 1), gpu=gpu, date=date)
+                        rows.append(row)
+                        writer.writerow(row)
+                    f.flush()
+                    print(f"{op:28s} {variant:9s} {n:6d}  fwd {res['forward'][0]:8.3f} ms  full {res['full'][0]:8.3f} ms"
+                          f"  peak {res['full'][1]:9.1f} MiB", flush=True)
+                del inputs, variants
+                torch.cuda.empty_cache()
+    plot(rows, ops, out)
     print(f"wrote {path}")
 
 

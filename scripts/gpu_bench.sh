@@ -8,5 +8,6 @@ OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu3/whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 [ -n "${GPU_TESTS:-}" ] && timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider $GPU_TESTS 2>&1 | tee "$OUT/pytest_gpu.log" | tail -8
-timeout "${CONV_TIMEOUT:-150}" python3 scripts/convergence.py --tokenizer .gpu3/tok --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/convergence.log" | tail -14
+[ -n "${PROFILE_OPS:-}" ] && timeout 200 python3 scripts/profile_kernels.py --ops "$PROFILE_OPS" 2>&1 | grep -v Warn | tee "$OUT/profile.log"
+[ -z "${SKIP_CONV:-}" ] && timeout "${CONV_TIMEOUT:-150}" python3 scripts/convergence.py --tokenizer .gpu3/tok --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/convergence.log" | tail -14
 timeout "${BENCH_TIMEOUT:-200}" python3 scripts/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" | tail -60

@@ -6,6 +6,7 @@ plain-PyTorch reference otherwise.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -100,10 +101,15 @@ def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def multiprocessor_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 for any other device)."""
+    """Streaming multiprocessors of a CUDA device (1 for any other device); cached per device."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def persistent_programs(device: torch.device, n_items: int, per_sm: int, cpu_programs: int) -> int:
@@ -132,3 +138,100 @@ def check_norm_param(name: str, p: torch.Tensor, x: torch.Tensor, size: int, wha
         raise ValueError(f"{name} must be floating point, got {p.dtype}")
     if p.device != x.device:
         raise ValueError(f"x is on {x.device} but {name} is on {p.device}")
+
+
+# ----------------------------------------------------------------------------- op registration
+class KernelOp:
+    """A Triton op registered as the torch.library custom op ``ligerzoo::<name>``, with a
+    lean eager path.
+
+    torch.compile, AOTAutograd, fake tensors and tensor subclasses (DTensor, ...) see the
+    custom op, so graphs capture it whole. Plain tensors in eager mode skip the dispatcher:
+    the Python body runs directly, and an op with autograd runs through an equivalent
+    ``torch.autograd.Function`` built from the same ``setup_context`` and ``backward``.
+    The custom-op dispatch costs tens of microseconds per call, about the GPU time of a
+    norm over a few thousand tokens (``scripts/profile_kernels.py`` measures it).
+
+    Use it as the decorator ``@kernel_op(name, mutates_args=...)``; ``register_fake`` and
+    ``register_autograd`` work as on ``torch.library``'s ``CustomOpDef``. Call it with
+    positional arguments (missing trailing ones take the function's defaults).
+
+    In eager mode, an argument named in ``mutates_args`` has its autograd version counter
+    bumped after the call (as the dispatcher does), so a tensor saved for a backward and
+    then overwritten is still caught. The eager backward refuses ``create_graph=True``
+    (RuntimeError): the kernels' backwards are not themselves differentiable.
+    """
+
+    def __init__(self, name: str, fn, mutates_args=()):
+        import inspect
+
+        self.name = name
+        self._fn = fn
+        params = list(inspect.signature(fn).parameters.values())
+        self._n_params = len(params)
+        self._defaults = tuple(p.default for p in params)
+        self._mutated = tuple(i for i, p in enumerate(params) if p.name in tuple(mutates_args))
+        if name in _REGISTRY:
+            raise ValueError(f"a kernel op named ligerzoo::{name} is already registered")
+        self.op = torch.library.custom_op(f"ligerzoo::{name}", fn, mutates_args=mutates_args)
+        self._packet = getattr(torch.ops.ligerzoo, name)
+        self._function = None
+        _REGISTRY[name] = self
+
+    def register_fake(self, fake):
+        self.op.register_fake(fake)
+        return fake
+
+    def register_autograd(self, backward, setup_context) -> None:
+        torch.library.register_autograd(self.op, backward, setup_context=setup_context)
+        fn, name = self._fn, self.name
+
+        def eager_backward(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"ligerzoo::{name} does not support second-order gradients (create_graph=True)")
+            return backward(ctx, *grads)
+
+        self._function = type(
+            f"{name}_function", (torch.autograd.Function,),
+            {"forward": staticmethod(lambda *args: fn(*args)),
+             "setup_context": staticmethod(setup_context),
+             "backward": staticmethod(eager_backward)},
+        )
+
+    def __call__(self, *args):
+        if len(args) < self._n_params:
+            args = args + self._defaults[len(args):]
+        if torch.compiler.is_compiling():
+            return self._packet(*args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(type(t) is not torch.Tensor for t in tensors):
+            return self._packet(*args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            # without a registered autograd, the dispatcher's own handling (it refuses a backward)
+            return self._function.apply(*args) if self._function is not None else self._packet(*args)
+        out = self._fn(*args)
+        for i in self._mutated:
+            if args[i] is not None:
+                torch.autograd.graph.increment_version(args[i])
+        return out
+
+
+_REGISTRY: dict = {}
+
+
+class _Ops:
+    """``ops.<name>`` is the :class:`KernelOp` registered as ``ligerzoo::<name>``."""
+
+    def __getattr__(self, name: str) -> KernelOp:
+        try:
+            return _REGISTRY[name]
+        except KeyError:
+            raise AttributeError(f"no ligerzoo kernel op named {name!r}") from None
+
+
+ops = _Ops()
+
+
+def kernel_op(name: str, mutates_args=()):
+    """Decorator: ``fn`` -> :class:`KernelOp` registered as ``ligerzoo::<name>``."""
+    return lambda fn: KernelOp(name, fn, mutates_args)

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -233,6 +234,34 @@ if HAS_TRITON:
         tl.store(ptr, (g * tl.load(S + row)).to(G.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _scale_kernel(
+        G,                      # (n,) contiguous, scaled in place
+        S,                      # () the factor (any float dtype)
+        n,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        s = tl.load(S).to(tl.float32)
+        if s != 1.0:  # the usual loss.backward() factor: nothing to do, no bytes moved
+            offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+            mask = offs < n
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(G + offs, (g * s).to(G.dtype.element_ty), mask=mask)
+
+
+_SCALE_BLOCK = 8192
+
+
+def _launch_scale(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale in place (grad contiguous, scale a one-element tensor on its device),
+    fp32 math; a factor of exactly 1 is detected on the device and moves no bytes."""
+    n = grad.numel()
+    if n == 0:
+        return
+    with device_guard(grad):
+        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale, n, BLOCK_SIZE=_SCALE_BLOCK, num_warps=8)
+
+
 def _launch_scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad[i, :] *= scale[i] in place, fp32 math (grad (N, V) with unit column stride)."""
     n_rows, n_cols = grad.shape
@@ -401,7 +430,7 @@ def _reduce(loss_rows: torch.Tensor, z_rows: torch.Tensor, scales: torch.Tensor,
     return loss_rows.sum() * scales[0] + z, z
 
 
-# ------------------------------------------------------------------ torch.library ops
+# ------------------------------------------------------------------ ops (torch.library + eager path)
 def _forward_impl(logits, target, weight, ignore_index, reduction, label_smoothing,
                   lse_square_scale, softcap, grad):
     """Loss (and, when ``grad`` is given, the gradient written into it). -> (loss, z, lse)."""
@@ -426,7 +455,7 @@ def _fake_outputs(logits, reduction):
     return (torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(n_rows, **f32))
 
 
-@torch.library.custom_op("ligerzoo::cross_entropy", mutates_args=())
+@kernel_op("cross_entropy", mutates_args=())
 def _cross_entropy_op(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -458,7 +487,7 @@ def _(logits, target, weight, ignore_index, reduction, label_smoothing, lse_squa
     return (*_fake_outputs(logits, reduction), grad)
 
 
-@torch.library.custom_op("ligerzoo::cross_entropy_inplace", mutates_args=("logits",))
+@kernel_op("cross_entropy_inplace", mutates_args=("logits",))
 def _cross_entropy_inplace_op(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -490,28 +519,32 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
 
     The saved buffer belongs to the op, so in eager it is scaled in place (no second copy;
     a second backward through the same graph then fails autograd's saved-tensor version
-    check instead of silently rescaling). A CPU scalar ``grad_output`` of exactly 1 skips the
-    multiply; a CUDA one is multiplied in on the device (never read on the host, which would
-    stall the stream). While traced (torch.compile) the
-    product is taken out of place, with no data-dependent branch.
+    check instead of silently rescaling). The factor is never read on the host (that would
+    stall the stream at the start of every backward): a Triton kernel reads it on the
+    device and skips the pass when it is exactly 1, the factor of a plain
+    ``loss.backward()``. While traced (torch.compile) the product is taken out of place.
     """
     if not (_eager(grad) and _eager(grad_output)):
         go = grad_output.to(torch.float32)
         if per_row:
             go = go.reshape(-1, *([1] * (grad.dim() - 1)))
         return (grad * go).to(grad.dtype)
+    kernel_ok = (_utils.use_triton(grad) and grad.dtype in _utils.KERNEL_DTYPES
+                 and grad_output.device == grad.device)
     if per_row:
         go = grad_output.to(torch.float32).reshape(-1).contiguous()              # (N,)
-        if (grad.dim() == 2 and grad.stride(1) == 1 and grad.dtype in _utils.KERNEL_DTYPES
-                and _utils.use_triton(grad)):
+        if kernel_ok and grad.dim() == 2 and grad.stride(1) == 1:
             _launch_scale_rows(grad, go)
+            torch.autograd.graph.increment_version(grad)  # as an in-place torch op would
             return grad
         return grad.mul_(go.reshape(-1, *([1] * (grad.dim() - 1))))
+    if kernel_ok and grad.is_contiguous() and grad_output.numel() == 1:
+        _launch_scale(grad, grad_output)
+        torch.autograd.graph.increment_version(grad)
+        return grad
     if not grad_output.is_cuda:  # reading a CPU scalar costs nothing
         scale = float(grad_output)
         return grad if scale == 1.0 else grad.mul_(scale)
-    # On the GPU, multiply by the device scalar: reading it on the host would stall the
-    # stream (a sync at the start of every backward).
     return grad.mul_(grad_output.to(torch.float32))
 
 
@@ -533,6 +566,7 @@ def scale_saved_grads(ctx, grads, grad_loss: torch.Tensor, op_name: str) -> list
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled (N, V) gradient for the unused grad output
     reduction = inputs[4]
     loss, z_loss, lse, grad = output
     ctx.mark_non_differentiable(z_loss, lse, grad)
@@ -543,14 +577,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _gz, _glse, _ggrad):
     (grad,) = ctx.saved_tensors
     dlogits = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:
         if grad.numel() == 0 and grad.dim() == 1:
             raise RuntimeError("cross_entropy: the forward ran without computing the gradient")
         dlogits = scale_saved_grad(grad, grad_loss, ctx.per_row)
     return dlogits, None, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("ligerzoo::cross_entropy", _backward, setup_context=_setup_context)
+ops.cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _CrossEntropyInplaceFunction(torch.autograd.Function):
@@ -559,7 +593,7 @@ class _CrossEntropyInplaceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing,
                 lse_square_scale, softcap):
-        loss, z_loss, lse = torch.ops.ligerzoo.cross_entropy_inplace(
+        loss, z_loss, lse = ops.cross_entropy_inplace(
             logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
         )
         ctx.mark_non_differentiable(z_loss, lse)
@@ -744,5 +778,5 @@ def cross_entropy(
     if inplace and need_grad and not torch.compiler.is_compiling():
         loss, z_loss, _ = _CrossEntropyInplaceFunction.apply(logits, *args)
     else:
-        loss, z_loss, _, _ = torch.ops.ligerzoo.cross_entropy(logits, *args, need_grad)
+        loss, z_loss, _, _ = ops.cross_entropy(logits, *args, need_grad)
     return (loss, z_loss.detach()) if return_z_loss else loss

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -129,8 +130,8 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     return dw if dtype == torch.float32 else dw.to(dtype)
 
 
-# ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("ligerzoo::embedding", mutates_args=())
+# ----------------------------------------------------------------------------- ops (torch.library + eager path)
+@kernel_op("embedding", mutates_args=())
 def _embedding_op(input_ids: torch.Tensor, weight: torch.Tensor, padding_idx: int) -> torch.Tensor:
     return _forward(input_ids, weight)
 
@@ -140,7 +141,7 @@ def _(input_ids, weight, padding_idx):
     return weight.new_empty((*input_ids.shape, weight.shape[1]))
 
 
-@torch.library.custom_op("ligerzoo::embedding_backward", mutates_args=())
+@kernel_op("embedding_backward", mutates_args=())
 def _embedding_backward_op(
     grad: torch.Tensor, input_ids: torch.Tensor, num_weights: int, padding_idx: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -162,11 +163,11 @@ def _setup_context(ctx, inputs, output):
 
 def _embedding_backward(ctx, grad):
     (input_ids,) = ctx.saved_tensors
-    dw = torch.ops.ligerzoo.embedding_backward(grad, input_ids, ctx.num_weights, ctx.padding_idx, ctx.w_dtype)
+    dw = ops.embedding_backward(grad, input_ids, ctx.num_weights, ctx.padding_idx, ctx.w_dtype)
     return None, dw, None
 
 
-torch.library.register_autograd("ligerzoo::embedding", _embedding_backward, setup_context=_setup_context)
+ops.embedding.register_autograd(_embedding_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- reference and checks
@@ -244,4 +245,4 @@ def embedding(
     if not _utils.triton_ok(weight):
         return embedding_reference(input_ids, weight, padding_idx)
     _check_ids_in_range(input_ids, weight.shape[0])
-    return torch.ops.ligerzoo.embedding(input_ids, weight, pad)
+    return ops.embedding(input_ids, weight, pad)

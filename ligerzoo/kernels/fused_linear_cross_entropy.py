@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import next_power_of_2
 from ligerzoo.kernels.cross_entropy import (
     _reduce,
@@ -196,7 +197,7 @@ def _chunk_loop(
     return grad_x, grad_w.finish() if grad_w is not None else None, grad_b
 
 
-# ------------------------------------------------------------------ torch.library ops
+# ------------------------------------------------------------------ ops (torch.library + eager path)
 def _forward(x, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
              softcap, accum_dtype, chunk_size, need_x, need_w, need_b, grad_x_out=None):
     """The forward pass shared by the ops: -> (loss, z_loss, lse, grad_x, grad_w, grad_b),
@@ -216,7 +217,7 @@ def _forward(x, weight, target, bias, ce_weight, ignore_index, reduction, label_
     return loss, z_loss, lse, gx, gw, gb
 
 
-@torch.library.custom_op("ligerzoo::fused_linear_cross_entropy", mutates_args=())
+@kernel_op("fused_linear_cross_entropy", mutates_args=())
 def _flce_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -260,7 +261,7 @@ def _(x, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothi
     return torch.empty(shape, **f32), torch.empty(shape, **f32), torch.empty(n_rows, **f32), gx, gw, gb
 
 
-@torch.library.custom_op("ligerzoo::fused_linear_cross_entropy_backward", mutates_args=())
+@kernel_op("fused_linear_cross_entropy_backward", mutates_args=())
 def _flce_backward_op(
     grad_loss: torch.Tensor,
     x: torch.Tensor,
@@ -303,6 +304,7 @@ def _(grad_loss, x, weight, target, bias, ce_weight, lse, ignore_index, label_sm
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs get no zero-filled incoming gradients
     (x, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
      softcap, accum_dtype, chunk_size, need_x, need_w, need_b) = inputs
     loss, z_loss, lse, gx, gw, gb = output
@@ -317,6 +319,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _gz, _glse, _ggx, _ggw, _ggb):
+    if grad_loss is None:
+        return (None,) * 15
     want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
     for w, have in zip(want, ctx.need):
         if w and not have:
@@ -325,7 +329,7 @@ def _backward(ctx, grad_loss, _gz, _glse, _ggx, _ggw, _ggb):
             )
     if ctx.reduction == "none":
         x, weight, target, bias, ce_weight, lse = ctx.saved_tensors
-        gx, gw, gb = torch.ops.ligerzoo.fused_linear_cross_entropy_backward(
+        gx, gw, gb = ops.fused_linear_cross_entropy_backward(
             grad_loss, x, weight, target, bias, ce_weight, lse, *ctx.opts, *want
         )
     else:
@@ -337,12 +341,10 @@ def _backward(ctx, grad_loss, _gz, _glse, _ggx, _ggw, _ggb):
             *([None] * 11))
 
 
-torch.library.register_autograd(
-    "ligerzoo::fused_linear_cross_entropy", _backward, setup_context=_setup_context
-)
+ops.fused_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("ligerzoo::fused_linear_cross_entropy_sum_", mutates_args=("x",))
+@kernel_op("fused_linear_cross_entropy_sum_", mutates_args=("x",))
 def _flce_sum_inplace_op(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int, softcap: Optional[float],
     accum_dtype: torch.dtype, chunk_size: int, need_w: bool,
@@ -386,7 +388,7 @@ def fused_linear_cross_entropy_sum_(
     target = check_target_shape(target, x.shape[0], x.device)
     check_target(target, weight.shape[0], ignore_index)
     chunk = default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
-    return torch.ops.ligerzoo.fused_linear_cross_entropy_sum_(
+    return ops.fused_linear_cross_entropy_sum_(
         x, weight.contiguous(), target, ignore_index, float(softcap) if softcap is not None else None,
         accum_dtype, chunk, need_w)
 
@@ -507,7 +509,7 @@ def fused_linear_cross_entropy(
     need_x = grad_on and x.requires_grad
     need_w = grad_on and weight.requires_grad
     need_b = grad_on and bias is not None and bias.requires_grad
-    loss, z_loss, _, _, _, _ = torch.ops.ligerzoo.fused_linear_cross_entropy(
+    loss, z_loss, _, _, _, _ = ops.fused_linear_cross_entropy(
         x, weight, target, bias, ce_weight, ignore_index, reduction, float(label_smoothing),
         float(lse_square_scale), float(softcap) if softcap is not None else None, accum_dtype,
         int(chunk_size), need_x, need_w, need_b,

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 from ligerzoo.kernels.cross_entropy import scale_saved_grads
 from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm, default_chunk_size
@@ -207,7 +208,7 @@ def _chunk_loop(xs, ws, xt, wt, labels, scale, beta, ignore_index, temperature, 
 
 
 # ------------------------------------------------------------------ torch.library op
-@torch.library.custom_op("ligerzoo::fused_linear_jsd", mutates_args=())
+@kernel_op("fused_linear_jsd", mutates_args=())
 def _fused_linear_jsd_op(
     student_x: torch.Tensor,
     student_weight: torch.Tensor,
@@ -243,6 +244,7 @@ def _(student_x, student_weight, teacher_x, teacher_weight, labels, beta, ignore
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs get no zero-filled incoming gradients
     loss, gx, gw = output
     ctx.mark_non_differentiable(gx, gw)
     ctx.need = (inputs[9], inputs[10])
@@ -250,10 +252,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _ggx, _ggw):
+    if grad_loss is None:
+        return (None,) * 11
     return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss, "fused_linear_jsd"), *([None] * 9))
 
 
-torch.library.register_autograd("ligerzoo::fused_linear_jsd", _backward, setup_context=_setup_context)
+ops.fused_linear_jsd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- reference
@@ -361,7 +365,7 @@ def fused_linear_jsd(
     grad_on = torch.is_grad_enabled()
     need_x = grad_on and student_x.requires_grad
     need_w = grad_on and student_weight.requires_grad
-    loss, _, _ = torch.ops.ligerzoo.fused_linear_jsd(
+    loss, _, _ = ops.fused_linear_jsd(
         student_x.contiguous(), student_weight.contiguous(),
         teacher_x.detach().contiguous(), teacher_weight.detach().contiguous(),
         labels, float(beta), int(ignore_index), float(temperature), int(chunk_size), need_x, need_w,

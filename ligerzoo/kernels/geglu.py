@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import ops
 from ligerzoo.kernels.swiglu import ACT_GELU_TANH, _check_fused, _check_pair, _register_gated_ops
 
 __all__ = ["geglu", "geglu_fused", "geglu_reference", "geglu_fused_reference"]
@@ -73,7 +74,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_pair(gate, up, "geglu")
     if not _utils.triton_ok(gate):
         return geglu_reference(gate, up)
-    return torch.ops.ligerzoo.geglu(gate, up)
+    return ops.geglu(gate, up)
 
 
 def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
@@ -95,4 +96,4 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     _check_fused(gate_up)
     if not _utils.triton_ok(gate_up):
         return geglu_fused_reference(gate_up)
-    return torch.ops.ligerzoo.geglu_fused(gate_up)
+    return ops.geglu_fused(gate_up)

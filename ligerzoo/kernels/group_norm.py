@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, multiprocessor_count, next_power_of_2, row_settings
 
 if HAS_TRITON:
@@ -358,8 +359,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("ligerzoo::group_norm", mutates_args=())
+# ----------------------------------------------------------------------------- ops (torch.library + eager path)
+@kernel_op("group_norm", mutates_args=())
 def _group_norm_op(
     x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -372,7 +373,7 @@ def _(x, num_groups, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("ligerzoo::group_norm_backward", mutates_args=())
+@kernel_op("group_norm_backward", mutates_args=())
 def _group_norm_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -397,6 +398,7 @@ def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean / rstd
     x, num_groups, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
@@ -412,7 +414,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[2]
     compute_db = ctx.has_bias and ctx.needs_input_grad[3]
-    dx, dw, db = torch.ops.ligerzoo.group_norm_backward(
+    dx, dw, db = ops.group_norm_backward(
         dy, x, ctx.num_groups, weight, mean, rstd, compute_dw, compute_db
     )
     return (
@@ -424,7 +426,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     )
 
 
-torch.library.register_autograd("ligerzoo::group_norm", _backward, setup_context=_setup_context)
+ops.group_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -505,5 +507,5 @@ def group_norm(
     _check_args(x, num_groups, weight, bias)
     if not _utils.triton_ok(x):
         return group_norm_reference(x, num_groups, weight, bias, eps)
-    y, _, _ = torch.ops.ligerzoo.group_norm(x, int(num_groups), weight, bias, float(eps))
+    y, _, _ = ops.group_norm(x, int(num_groups), weight, bias, float(eps))
     return y

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -122,7 +123,7 @@ def _launch(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("ligerzoo::int2_matmul", mutates_args=())
+@kernel_op("int2_matmul", mutates_args=())
 def _int2_matmul_op(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     return _launch(x, w_packed)
 
@@ -227,4 +228,4 @@ def int2_matmul(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     _check_args(x, w_packed)
     if not _utils.use_triton(x):
         return int2_matmul_reference(x, w_packed)
-    return torch.ops.ligerzoo.int2_matmul(x, w_packed)
+    return ops.int2_matmul(x, w_packed)

@@ -53,6 +53,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 from ligerzoo.kernels.cross_entropy import scale_saved_grads
 
@@ -170,8 +171,8 @@ def row_scale(labels: Optional[torch.Tensor], n_rows: int, ignore_index: int, de
     return torch.where(count > 0, 1.0 / count.clamp(min=1.0), 0.0)
 
 
-# ------------------------------------------------------------------ torch.library ops
-@torch.library.custom_op("ligerzoo::jsd", mutates_args=())
+# ------------------------------------------------------------------ ops (torch.library + eager path)
+@kernel_op("jsd", mutates_args=())
 def _jsd_op(
     student_logp: torch.Tensor,
     teacher_logp: torch.Tensor,
@@ -219,6 +220,7 @@ def _(student_logp, teacher_logp, labels, beta, ignore_index, need_student, need
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the gradient outputs get no zero-filled incoming gradients
     loss, gs, gt = output
     ctx.mark_non_differentiable(gs, gt)
     ctx.need = (inputs[5], inputs[6])
@@ -226,10 +228,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _ggs, _ggt):
+    if grad_loss is None:
+        return (None,) * 7
     return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss, "jsd"), None, None, None, None, None)
 
 
-torch.library.register_autograd("ligerzoo::jsd", _backward, setup_context=_setup_context)
+ops.jsd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- reference
@@ -374,7 +378,7 @@ def jsd(
         return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
     grad_on = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.ligerzoo.jsd(
+    loss, _, _ = ops.jsd(
         rows(student_logp), rows(teacher_logp), labels, beta, int(ignore_index),
         grad_on and student_logp.requires_grad, grad_on and teacher_logp.requires_grad,
     )

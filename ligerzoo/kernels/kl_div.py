@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -130,8 +131,8 @@ def _block_settings(n_cols: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-# ------------------------------------------------------------------ torch.library ops
-@torch.library.custom_op("ligerzoo::kl_div", mutates_args=())
+# ------------------------------------------------------------------ ops (torch.library + eager path)
+@kernel_op("kl_div", mutates_args=())
 def _kl_div_op(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -172,7 +173,7 @@ def _(input, target, reduced, scale, log_target, eps):
     return input.new_empty(input.shape, dtype=torch.promote_types(input.dtype, target.dtype))
 
 
-@torch.library.custom_op("ligerzoo::kl_div_backward", mutates_args=())
+@kernel_op("kl_div_backward", mutates_args=())
 def _kl_div_backward_op(
     grad_out: torch.Tensor,
     input: torch.Tensor,
@@ -225,11 +226,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     input, target = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gi, gt = torch.ops.ligerzoo.kl_div_backward(grad_out, input, target, *ctx.opts, need_input, need_target)
+    gi, gt = ops.kl_div_backward(grad_out, input, target, *ctx.opts, need_input, need_target)
     return (gi if need_input else None, gt if need_target else None, None, None, None, None)
 
 
-torch.library.register_autograd("ligerzoo::kl_div", _backward, setup_context=_setup_context)
+ops.kl_div.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- reference
@@ -334,5 +335,5 @@ def kl_div(
     shape = input.shape
     reduced = reduction != "none"
     scale = _reduction_scale(reduction, shape, input.numel())
-    out = torch.ops.ligerzoo.kl_div(_rows(input), _rows(target), reduced, scale, bool(log_target), eps)
+    out = ops.kl_div(_rows(input), _rows(target), reduced, scale, bool(log_target), eps)
     return out if reduced else out.view(shape)

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import (
     HAS_TRITON,
     as_rows,
@@ -185,10 +186,9 @@ def _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db):
     (empty (0,) tensors when not requested)."""
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.zeros((n_cols if compute_dw else 0,), dtype=torch.float32, device=x.device)
-    db = torch.zeros((n_cols if compute_db else 0,), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return dx, dw, db
+        return (dx, torch.zeros((n_cols if compute_dw else 0,), dtype=torch.float32, device=x.device),
+                torch.zeros((n_cols if compute_db else 0,), dtype=torch.float32, device=x.device))
     x2 = as_rows(x, n_cols)
     dy2 = as_rows(dy, n_cols)
     dx2 = dx.view(-1, n_cols)
@@ -206,15 +206,13 @@ def _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db):
             HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
-    if compute_dw:
-        dw = dw_partial.sum(dim=0)
-    if compute_db:
-        db = db_partial.sum(dim=0)
+    dw = dw_partial.sum(dim=0) if compute_dw else dw_partial  # (H,) fp32, or the empty placeholder
+    db = db_partial.sum(dim=0) if compute_db else db_partial
     return dx, dw, db
 
 
-# ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("ligerzoo::layer_norm", mutates_args=())
+# ----------------------------------------------------------------------------- ops (torch.library + eager path)
+@kernel_op("layer_norm", mutates_args=())
 def _layer_norm_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,7 +225,7 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("ligerzoo::layer_norm_backward", mutates_args=())
+@kernel_op("layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -251,6 +249,7 @@ def _(dy, x, weight, mean, rstd, compute_dw, compute_db):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean / rstd
     x, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
@@ -265,7 +264,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[1]
     compute_db = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.ligerzoo.layer_norm_backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
+    dx, dw, db = ops.layer_norm_backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
     return (
         dx,
         dw.to(ctx.w_dtype) if compute_dw else None,
@@ -274,7 +273,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     )
 
 
-torch.library.register_autograd("ligerzoo::layer_norm", _backward, setup_context=_setup_context)
+ops.layer_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -342,5 +341,5 @@ def layer_norm(
     if not _utils.triton_ok(x):
         return layer_norm_reference(x, weight, bias, eps)
     row_settings(x.shape[-1])  # raises ValueError for rows that cannot fit one block
-    y, _, _ = torch.ops.ligerzoo.layer_norm(x, weight, bias, float(eps))
+    y, _, _ = ops.layer_norm(x, weight, bias, float(eps))
     return y

@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 from ligerzoo.kernels.rope import rope
 
@@ -112,7 +113,7 @@ def _launch(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: S
     return cos, sin
 
 
-@torch.library.custom_op("ligerzoo::mrope_cos_sin", mutates_args=())
+@kernel_op("mrope_cos_sin", mutates_args=())
 def _mrope_cos_sin_op(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: list[int], attention_scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +212,7 @@ def mrope_cos_sin(
     position_ids, inv_freq, section = _check_args(position_ids, inv_freq, mrope_section)
     if not _utils.use_triton(position_ids):
         return mrope_cos_sin_reference(position_ids, inv_freq, section, attention_scaling)
-    return torch.ops.ligerzoo.mrope_cos_sin(position_ids, inv_freq, section, float(attention_scaling))
+    return ops.mrope_cos_sin(position_ids, inv_freq, section, float(attention_scaling))
 
 
 def mrope(

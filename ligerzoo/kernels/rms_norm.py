@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings
 
 if HAS_TRITON:
@@ -233,8 +234,8 @@ def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     return dw_partial.sum(dim=0).to(weight.dtype)
 
 
-# ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("ligerzoo::rms_norm", mutates_args=())
+# ----------------------------------------------------------------------------- ops (torch.library + eager path)
+@kernel_op("rms_norm", mutates_args=())
 def _rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str, inplace: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +249,7 @@ def _(x, weight, eps, offset, casting, inplace):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("ligerzoo::fused_add_rms_norm", mutates_args=())
+@kernel_op("fused_add_rms_norm", mutates_args=())
 def _fused_add_rms_norm_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, casting: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,7 +263,7 @@ def _(x, residual, weight, eps, offset, casting):
     return y, torch.empty_like(y), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("ligerzoo::rms_norm_backward", mutates_args=())
+@kernel_op("rms_norm_backward", mutates_args=())
 def _rms_norm_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -282,7 +283,7 @@ def _(dy, x, weight, rstd, offset, casting, dres):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
-@torch.library.custom_op("ligerzoo::rms_norm_backward_inplace", mutates_args=("dy",))
+@kernel_op("rms_norm_backward_inplace", mutates_args=("dy",))
 def _rms_norm_backward_inplace_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float, casting: str,
     dres: Optional[torch.Tensor] = None,
@@ -297,6 +298,7 @@ def _(dy, x, weight, rstd, offset, casting, dres=None):
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for rstd
     x, weight, eps, offset, casting, inplace = inputs
     _, rstd = output
     ctx.save_for_backward(x, weight, rstd)
@@ -309,19 +311,18 @@ def _rms_norm_backward(ctx, dy, _drstd):
         dy = torch.zeros_like(x)
     can_overwrite = dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape
     if ctx.inplace and can_overwrite:
-        dw = torch.ops.ligerzoo.rms_norm_backward_inplace(dy, x, weight, rstd, ctx.offset, ctx.casting)
+        dw = ops.rms_norm_backward_inplace(dy, x, weight, rstd, ctx.offset, ctx.casting)
         dx = dy
     else:
-        dx, dw = torch.ops.ligerzoo.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.casting, None)
+        dx, dw = ops.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.casting, None)
     return dx, dw, None, None, None, None
 
 
-torch.library.register_autograd(
-    "ligerzoo::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup_context
-)
+ops.rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
 
 
 def _fused_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for rstd or an unused output
     x, residual, weight, eps, offset, casting = inputs
     _, s, rstd = output
     ctx.save_for_backward(s, weight, rstd)
@@ -332,14 +333,12 @@ def _fused_backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(s)
-    dx, dw = torch.ops.ligerzoo.rms_norm_backward(dy, s, weight, rstd, ctx.offset, ctx.casting, ds)
+    dx, dw = ops.rms_norm_backward(dy, s, weight, rstd, ctx.offset, ctx.casting, ds)
     # d(x + residual)/dx = d/dresidual = identity: both inputs receive the same gradient.
     return dx, dx, dw, None, None, None
 
 
-torch.library.register_autograd(
-    "ligerzoo::fused_add_rms_norm", _fused_backward, setup_context=_fused_setup_context
-)
+ops.fused_add_rms_norm.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
 # ----------------------------------------------------------------------------- references
@@ -444,7 +443,7 @@ def rms_norm(
     if not _utils.triton_ok(x):
         return rms_norm_reference(x, weight, eps, offset, casting_mode)
     row_settings(x.shape[-1])  # raises ValueError for rows that cannot fit one block
-    y, _ = torch.ops.ligerzoo.rms_norm(x, weight, float(eps), float(offset), casting_mode, bool(inplace))
+    y, _ = ops.rms_norm(x, weight, float(eps), float(offset), casting_mode, bool(inplace))
     return y
 
 
@@ -479,5 +478,5 @@ def fused_add_rms_norm(
     if not _utils.triton_ok(x):
         return fused_add_rms_norm_reference(x, residual, weight, eps, offset, casting_mode)
     row_settings(x.shape[-1])
-    y, s, _ = torch.ops.ligerzoo.fused_add_rms_norm(x, residual, weight, float(eps), float(offset), casting_mode)
+    y, s, _ = ops.fused_add_rms_norm(x, residual, weight, float(eps), float(offset), casting_mode)
     return y, s

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -156,8 +157,8 @@ def _launch(q, k, cos, sin, backward: bool, inplace: bool = False, out=None):
     return qo, ko
 
 
-# ----------------------------------------------------------------------------- torch.library ops
-@torch.library.custom_op("ligerzoo::rope", mutates_args=())
+# ----------------------------------------------------------------------------- ops (torch.library + eager path)
+@kernel_op("rope", mutates_args=())
 def _rope_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +171,7 @@ def _(q, k, cos, sin):
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("ligerzoo::rope_backward", mutates_args=())
+@kernel_op("rope_backward", mutates_args=())
 def _rope_backward_op(
     dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +184,7 @@ def _(dq, dk, cos, sin):
             torch.empty_like(dk, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("ligerzoo::rope_qkv_", mutates_args=("qkv",))
+@kernel_op("rope_qkv_", mutates_args=("qkv",))
 def _rope_qkv_op(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int, backward: bool
 ) -> None:
@@ -206,7 +207,7 @@ def _qkv_views(qkv: torch.Tensor, n_q_heads: int, n_kv_heads: int):
     return q, k, (n_q_heads + n_kv_heads) * D
 
 
-@torch.library.custom_op("ligerzoo::rope_qkv", mutates_args=())
+@kernel_op("rope_qkv", mutates_args=())
 def _rope_qkv_out_op(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int, n_kv_heads: int, backward: bool
 ) -> torch.Tensor:
@@ -226,6 +227,7 @@ def _(qkv, cos, sin, n_q_heads, n_kv_heads, backward):
 
 
 def _rope_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused q or k gets a zero gradient below
     q, k, cos, sin = inputs
     ctx.save_for_backward(cos, sin)
     ctx.q_meta = (q.shape, q.dtype)
@@ -239,11 +241,11 @@ def _rope_backward(ctx, dq, dk):
         dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=cos.device)
     if dk is None:
         dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
-    dq_in, dk_in = torch.ops.ligerzoo.rope_backward(dq, dk, cos, sin)
+    dq_in, dk_in = ops.rope_backward(dq, dk, cos, sin)
     return dq_in, dk_in, None, None
 
 
-torch.library.register_autograd("ligerzoo::rope", _rope_backward, setup_context=_rope_setup_context)
+ops.rope.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 # ----------------------------------------------------------------------------- reference and helpers
@@ -362,4 +364,4 @@ def rope(
     cos, sin = _check_args(q, k, cos, sin)
     if not _utils.triton_ok(q, k):
         return rope_reference(q, k, cos, sin)
-    return torch.ops.ligerzoo.rope(q, k, cos, sin)
+    return ops.rope(q, k, cos, sin)

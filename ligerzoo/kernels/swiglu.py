@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import KernelOp, ops
 from ligerzoo.kernels._utils import HAS_TRITON, as_rows, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -203,7 +204,7 @@ def _register_gated_ops(name: str, act: int) -> None:
 
     def split_autograd(ctx, dy):
         gate, up = ctx.saved_tensors
-        return getattr(torch.ops.ligerzoo, f"{name}_backward")(dy, gate, up)
+        return getattr(ops, f"{name}_backward")(dy, gate, up)
 
     def fused_op(gate_up: torch.Tensor) -> torch.Tensor:
         two_i = gate_up.shape[-1]
@@ -258,7 +259,7 @@ def _register_gated_ops(name: str, act: int) -> None:
 
     def fused_autograd(ctx, dy):
         (gate_up,) = ctx.saved_tensors
-        return getattr(torch.ops.ligerzoo, f"{name}_fused_backward")(dy, gate_up)
+        return getattr(ops, f"{name}_fused_backward")(dy, gate_up)
 
     for op_name, fn, fake in (
         (name, split_op, split_fake),
@@ -266,13 +267,13 @@ def _register_gated_ops(name: str, act: int) -> None:
         (f"{name}_fused", fused_op, fused_fake),
         (f"{name}_fused_backward", fused_backward_op, fused_backward_fake),
     ):
-        torch.library.custom_op(f"ligerzoo::{op_name}", fn, mutates_args=()).register_fake(fake)
-    torch.library.custom_op(f"ligerzoo::{name}_fused_backward_recompute_", recompute_backward_op,
-                            mutates_args=("dy", "gate_up")).register_fake(recompute_backward_fake)
-    torch.library.custom_op(f"ligerzoo::{name}_fused_backward_recompute", recompute_backward_out_op,
-                            mutates_args=("dy",)).register_fake(recompute_backward_out_fake)
-    torch.library.register_autograd(f"ligerzoo::{name}", split_autograd, setup_context=split_setup_context)
-    torch.library.register_autograd(f"ligerzoo::{name}_fused", fused_autograd, setup_context=fused_setup_context)
+        KernelOp(op_name, fn).register_fake(fake)
+    KernelOp(f"{name}_fused_backward_recompute_", recompute_backward_op,
+             mutates_args=("dy", "gate_up")).register_fake(recompute_backward_fake)
+    KernelOp(f"{name}_fused_backward_recompute", recompute_backward_out_op,
+             mutates_args=("dy",)).register_fake(recompute_backward_out_fake)
+    getattr(ops, name).register_autograd(split_autograd, setup_context=split_setup_context)
+    getattr(ops, f"{name}_fused").register_autograd(fused_autograd, setup_context=fused_setup_context)
 
 
 _register_gated_ops("swiglu", ACT_SILU)
@@ -332,7 +333,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_pair(gate, up)
     if not _utils.triton_ok(gate):
         return swiglu_reference(gate, up)
-    return torch.ops.ligerzoo.swiglu(gate, up)
+    return ops.swiglu(gate, up)
 
 
 def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
@@ -354,4 +355,4 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     _check_fused(gate_up)
     if not _utils.triton_ok(gate_up):
         return swiglu_fused_reference(gate_up)
-    return torch.ops.ligerzoo.swiglu_fused(gate_up)
+    return ops.swiglu_fused(gate_up)

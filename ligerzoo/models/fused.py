@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ligerzoo.kernels import _utils
+from ligerzoo.kernels._utils import ops
 from ligerzoo.kernels.cross_entropy import scale_saved_grad
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_sum_
 from ligerzoo.kernels.rms_norm import _check_args as _check_norm_args
@@ -136,9 +137,9 @@ class _NormLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, norm_weight, weight, bias, eps, offset, casting):
         if residual is not None:
-            n, s, rstd = torch.ops.ligerzoo.fused_add_rms_norm(x, residual, norm_weight, eps, offset, casting)
+            n, s, rstd = ops.fused_add_rms_norm(x, residual, norm_weight, eps, offset, casting)
         else:
-            n, rstd = torch.ops.ligerzoo.rms_norm(x, norm_weight, eps, offset, casting, False)
+            n, rstd = ops.rms_norm(x, norm_weight, eps, offset, casting, False)
             s = None
         y = _linear(n, weight, bias)                                         # (..., O)
         ctx.save_for_backward(x if s is None else s, rstd, norm_weight, weight)
@@ -156,13 +157,13 @@ class _NormLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         dw = db = None
         if need[3] or need[4]:
-            n, _ = torch.ops.ligerzoo.rms_norm(s, norm_weight, eps, offset, casting, False)  # recomputed
+            n, _ = ops.rms_norm(s, norm_weight, eps, offset, casting, False)  # recomputed
             dw, db = _weight_grads(dy, n, need[3], need[4] and ctx.has_bias)
             del n
         dn = dy.matmul(weight)                                               # (..., H), ours to overwrite
         if ds is not None and ds.dtype != dn.dtype:
             ds = ds.to(dn.dtype)
-        dnw = torch.ops.ligerzoo.rms_norm_backward_inplace(dn, s, norm_weight, rstd, offset, casting,
+        dnw = ops.rms_norm_backward_inplace(dn, s, norm_weight, rstd, offset, casting,
                                                            ds.contiguous() if ds is not None else None)
         # dn now holds d(x + residual): both summands receive it.
         return dn, (dn if ctx.has_residual else None), dnw, dw, db, None, None, None
@@ -206,14 +207,14 @@ class _NormLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, norm_weight, weight, target, eps, offset, casting, ignore_index, softcap):
         if residual is not None:
-            n, s, rstd = torch.ops.ligerzoo.fused_add_rms_norm(x, residual, norm_weight, eps, offset, casting)
+            n, s, rstd = ops.fused_add_rms_norm(x, residual, norm_weight, eps, offset, casting)
         else:
-            n, rstd = torch.ops.ligerzoo.rms_norm(x, norm_weight, eps, offset, casting, False)
+            n, rstd = ops.rms_norm(x, norm_weight, eps, offset, casting, False)
             s = x
         H = n.shape[-1]
         loss, gw = fused_linear_cross_entropy_sum_(n.view(-1, H), weight, target.reshape(-1), ignore_index,
                                                    softcap, need_w=ctx.needs_input_grad[3])  # n <- d loss / d n
-        dnw = torch.ops.ligerzoo.rms_norm_backward_inplace(n, s, norm_weight, rstd, offset, casting, None)  # n <- d s
+        dnw = ops.rms_norm_backward_inplace(n, s, norm_weight, rstd, offset, casting, None)  # n <- d s
         ctx.save_for_backward(n, dnw, gw)
         ctx.has_residual = residual is not None
         return loss
@@ -273,7 +274,7 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
 class _RopeQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_q_heads, n_kv_heads):
-        torch.ops.ligerzoo.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False)
+        ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(cos, sin)
         ctx.heads = (n_q_heads, n_kv_heads)
@@ -284,7 +285,7 @@ class _RopeQKV(torch.autograd.Function):
         _refuse_second_order("rope_qkv_")
         cos, sin = ctx.saved_tensors
         # Out of place: autograd may hand the same gradient buffer to other consumers.
-        return torch.ops.ligerzoo.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None
+        return ops.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None
 
 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
@@ -326,7 +327,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
 class _GatedDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, weight, bias, op, inplace):
-        c = getattr(torch.ops.ligerzoo, f"{op}_fused")(gate_up)              # (..., I)
+        c = getattr(ops, f"{op}_fused")(gate_up)              # (..., I)
         y = _linear(c, weight, bias)                                         # (..., H)
         ctx.save_for_backward(gate_up, weight)
         ctx.op, ctx.has_bias, ctx.inplace = op, bias is not None, inplace
@@ -341,10 +342,10 @@ class _GatedDown(torch.autograd.Function):
         # the saved gate_up when the caller said it owns it (then a second backward fails
         # autograd's saved-tensor version check).
         if ctx.inplace:
-            getattr(torch.ops.ligerzoo, f"{ctx.op}_fused_backward_recompute_")(dc, gate_up)
+            getattr(ops, f"{ctx.op}_fused_backward_recompute_")(dc, gate_up)
             d_gate_up = gate_up
         else:
-            d_gate_up = getattr(torch.ops.ligerzoo, f"{ctx.op}_fused_backward_recompute")(dc, gate_up)
+            d_gate_up = getattr(ops, f"{ctx.op}_fused_backward_recompute")(dc, gate_up)
         dw, db = _weight_grads(dy, dc, ctx.needs_input_grad[1], ctx.needs_input_grad[2] and ctx.has_bias)
         return d_gate_up, dw, db, None, None
 

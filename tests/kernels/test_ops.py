@@ -1,0 +1,142 @@
+"""The op registration shared by every kernel (``_utils.KernelOp``) and the device-side
+gradient scaling shared by the losses (``cross_entropy.scale_saved_grad``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ligerzoo.kernels._utils as kutils
+from ligerzoo.kernels import cross_entropy, rms_norm
+from tests.kernels.helpers import kernel_module
+
+ce_mod = kernel_module("cross_entropy")
+
+
+def _count_dispatcher_calls(monkeypatch, name):
+    """Count calls that go through the torch.library op ``ligerzoo::<name>``."""
+    op = kutils._REGISTRY[name]
+    calls = []
+    real = op._packet
+    monkeypatch.setattr(op, "_packet", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def test_every_op_is_registered_with_torch_library():
+    for name, op in kutils._REGISTRY.items():
+        assert getattr(torch.ops.ligerzoo, name) is op._packet
+    assert kutils.ops.rms_norm is kutils._REGISTRY["rms_norm"]
+    with pytest.raises(AttributeError, match="no ligerzoo kernel op named 'nope'"):
+        kutils.ops.nope
+    with pytest.raises(ValueError, match="already registered"):
+        kutils.KernelOp("rms_norm", lambda x: x)
+
+
+def test_eager_path_skips_the_dispatcher_and_matches_it(monkeypatch):
+    """Plain tensors run the body directly (forward and backward); the result and the
+    gradients equal the torch.library op's."""
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(40)).requires_grad_()
+    calls = _count_dispatcher_calls(monkeypatch, "rms_norm")
+    bwd_calls = _count_dispatcher_calls(monkeypatch, "rms_norm_backward")
+    y = rms_norm(x, w)
+    gy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    assert calls == [] and bwd_calls == []
+
+    y_op, _ = torch.ops.ligerzoo.rms_norm(x, w, 1e-6, 0.0, "llama", False)
+    gx_op, gw_op = torch.autograd.grad(y_op, (x, w), gy)
+    assert torch.equal(y, y_op) and torch.equal(gx, gx_op) and torch.equal(gw, gw_op)
+
+
+def test_tensor_subclasses_and_tracing_go_through_the_dispatcher(monkeypatch):
+    calls = _count_dispatcher_calls(monkeypatch, "rms_norm")
+
+    class Sub(torch.Tensor):
+        pass
+
+    x = torch.randn(2, 40).as_subclass(Sub)
+    rms_norm(x, torch.ones(40))
+    assert calls == [1]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    rms_norm(torch.randn(2, 40), torch.ones(40))
+    assert calls == [1, 1]
+
+
+def test_eager_mutation_bumps_the_version_counter():
+    """A tensor saved for backward and then overwritten by a mutating op is caught, as it
+    is through the dispatcher."""
+    dy = torch.randn(4, 40)
+    x = torch.randn(4, 40)
+    w = torch.ones(40)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
+    before = dy._version
+    kutils.ops.rms_norm_backward_inplace(dy, x, w, rstd, 0.0, "llama", None)
+    assert dy._version > before
+
+    a = torch.randn(4, 40, requires_grad=True)
+    saved = a * 1.0
+    out = saved.exp()  # exp saves its output for backward
+    kutils.ops.rms_norm_backward_inplace(out.detach(), x, w, rstd, 0.0, "llama", None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_eager_backward_refuses_second_order():
+    x = torch.randn(4, 40, requires_grad=True)
+    y = rms_norm(x, torch.ones(40))
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+def test_unused_auxiliary_outputs_get_no_zero_filled_gradient(monkeypatch):
+    """The loss's backward receives None, not a zero tensor, for its non-differentiable
+    outputs (a zero-filled (N, V) gradient would cost a full pass over the logits)."""
+    seen = []
+    real = ce_mod._backward
+
+    def spy(ctx, *grads):
+        seen.append([g is None for g in grads])
+        return real(ctx, *grads)
+
+    monkeypatch.setattr(kutils._REGISTRY["cross_entropy"]._function, "backward",
+                        staticmethod(lambda ctx, *g: spy(ctx, *g)))
+    logits = torch.randn(6, 37, requires_grad=True)
+    cross_entropy(logits, torch.randint(0, 37, (6,))).backward()
+    assert seen == [[False, True, True, True]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factor", [1.0, 0.25, -3.0])
+def test_scale_saved_grad_on_the_device(dtype, factor):
+    """In place, fp32 math, one rounding (within one ulp of bf16: Triton's interpreter
+    rounds toward zero): equals torch's ``grad.mul_(factor)``; a factor of exactly 1 leaves
+    the buffer bit-identical. The version counter moves either way."""
+    g = torch.randn(3, 9000, dtype=dtype)  # more than one block of the scale kernel
+    orig = g.clone()
+    expected = g.double() * factor
+    before = g._version
+    out = ce_mod.scale_saved_grad(g, torch.tensor(factor), per_row=False)
+    assert out is g and g._version > before
+    if factor == 1.0:
+        assert torch.equal(g, orig)
+    else:
+        torch.testing.assert_close(g.double(), expected, rtol=torch.finfo(dtype).eps, atol=0)
+
+
+def test_scale_saved_grad_per_row():
+    g = torch.randn(4, 300)
+    s = torch.tensor([1.0, 0.5, -2.0, 0.0])
+    expected = g * s[:, None]
+    ce_mod.scale_saved_grad(g, s, per_row=True)
+    torch.testing.assert_close(g, expected, rtol=0, atol=0)
+
+
+def test_loss_gradient_scaled_by_the_incoming_factor():
+    """cross_entropy's precomputed gradient times a non-unit incoming gradient (e.g. a loss
+    divided by the accumulation steps) against float64 torch."""
+    logits = torch.randn(5, 33, dtype=torch.float32, requires_grad=True)
+    t = torch.randint(0, 33, (5,))
+    (0.125 * cross_entropy(logits, t)).backward()
+    l64 = logits.detach().double().requires_grad_()
+    (0.125 * torch.nn.functional.cross_entropy(l64, t)).backward()
+    torch.testing.assert_close(logits.grad.double(), l64.grad, rtol=1e-5, atol=1e-7)
