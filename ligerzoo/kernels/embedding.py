@@ -9,13 +9,13 @@ shape and a table ``W`` of shape (V, H)::
     dW[v, :]     = sum over positions p with i[p] == v of dout[p, :]     (v != padding_idx)
     dW[padding_idx, :] = 0
 
-The forward is a pure gather (bit-exact copy of the rows). The backward adds every output
-gradient row into a zero-initialised (V, H) fp32 buffer with atomic adds (so repeated ids
-accumulate, in fp32 even for bf16/fp16 tables), then casts it to the table's dtype (for an
-fp32 table the buffer is the result, no copy). fp32 atomics make the summation order, and
-so the last bits of rows hit by several ids, run-to-run nondeterministic; each row is
-still an fp32 sum of its contributions. Memory: the backward holds a dense (V, H) fp32
-buffer (2.1 GB for 128256 x 4096) plus, for bf16 tables, the (V, H) cast result.
+The forward is a pure gather (bit-exact copy of the rows). The backward sorts the ids
+(stable), so the positions of each distinct id form one contiguous segment; one program
+per segment start sums that id's output-gradient rows in fp32, in position order, and
+writes the row of ``dW`` once, in the table's dtype. Rows no id hits stay zero. This is
+the segment reduction of PyTorch's ``embedding_dense_backward``, fused: deterministic (the
+same sum order every run), fp32 accumulation even for bf16/fp16 tables, and no (V, H) fp32
+buffer: the backward holds the (V, H) result plus O(N) sort buffers.
 """
 from __future__ import annotations
 
@@ -64,22 +64,29 @@ if HAS_TRITON:
 
     @triton.jit
     def _embedding_bwd_kernel(
-        IDS,                 # (N,) token ids
+        SORTED_IDS,          # (N,) int64 ids, sorted ascending (stable)
+        ORDER,               # (N,) int64 position in G of each sorted id
         G, stride_g,         # (N, H) output gradient, unit column stride
-        DW,                  # (V, H) fp32 accumulator, contiguous, zero-initialised
+        DW,                  # (V, H) out in the table's dtype, contiguous, zero-initialised
         n_ids, n_rows_w, n_cols, padding_idx,   # padding_idx < 0: none
-        BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_mask = rows < n_ids
-        ids = tl.load(IDS + rows, mask=r_mask, other=0).to(tl.int64)
-        valid = r_mask & (ids >= 0) & (ids < n_rows_w) & (ids != padding_idx)
+        i = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         c_mask = cols < n_cols
-        mask = valid[:, None] & c_mask[None, :]
-        g = tl.load(G + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], mask=mask, other=0.0)
-        tl.atomic_add(DW + ids[:, None] * n_cols + cols[None, :], g.to(tl.float32), mask=mask, sem="relaxed")
+        idx = tl.load(SORTED_IDS + i)
+        prev = tl.load(SORTED_IDS + i - 1, mask=i > 0, other=-1)
+        # one program per segment: the first position of each distinct, valid id
+        if (idx != prev) & (idx >= 0) & (idx < n_rows_w) & (idx != padding_idx):
+            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+            j = i
+            cur = idx
+            while cur == idx:
+                src = tl.load(ORDER + j)
+                acc += tl.load(G + src * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
+                j += 1
+                cur = tl.load(SORTED_IDS + j, mask=j < n_ids, other=-1)
+            tl.store(DW + idx * n_cols + cols, acc.to(DW.dtype.element_ty), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -115,19 +122,20 @@ def _forward(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
               dtype: torch.dtype) -> torch.Tensor:
     n_cols = grad.shape[-1]
-    ids1 = ids.reshape(-1).contiguous()
+    ids1 = ids.reshape(-1).to(torch.int64)
     n_ids = ids1.numel()
-    dw = torch.zeros((n_rows_w, n_cols), dtype=torch.float32, device=grad.device)
+    dw = torch.zeros((n_rows_w, n_cols), dtype=dtype, device=grad.device)
     if n_ids and n_cols:
         g = _rows(grad.reshape(n_ids, n_cols))
-        block_n, block_h, num_warps = _tiles(n_ids, n_cols)
-        grid = (triton.cdiv(n_ids, block_n), triton.cdiv(n_cols, block_h))
+        sorted_ids, order = torch.sort(ids1, stable=True)                   # (N,), (N,)
+        block_h = min(next_power_of_2(n_cols), _MAX_BLOCK_H)
+        grid = (n_ids, triton.cdiv(n_cols, block_h))
         with device_guard(grad):
             _embedding_bwd_kernel[grid](
-                ids1, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx,
-                BLOCK_N=block_n, BLOCK_H=block_h, num_warps=num_warps,
+                sorted_ids, order, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx,
+                BLOCK_H=block_h, num_warps=4 if block_h >= 512 else 2,
             )
-    return dw if dtype == torch.float32 else dw.to(dtype)
+    return dw
 
 
 # ----------------------------------------------------------------------------- ops (torch.library + eager path)
@@ -220,9 +228,9 @@ def embedding(
     """Look up rows of an embedding table (``torch.nn.functional.embedding``).
 
     Forward: a Triton gather ``out[...] = weight[input_ids[...]]`` (exact copies). Backward:
-    the output gradient rows are added into a (V, H) fp32 buffer with atomics (repeated ids
-    accumulate), rows of ``padding_idx`` get no gradient, and the buffer is cast to
-    ``weight.dtype``. See the module docstring for memory and determinism.
+    the ids are sorted and each distinct id's output-gradient rows are summed in fp32 and
+    written once in ``weight.dtype`` (deterministic; rows of ``padding_idx`` get no
+    gradient). See the module docstring for memory.
 
     Args:
         input_ids: int64 or int32 ids of any shape (...), any strides, values in [0, V).
