@@ -131,6 +131,15 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if os.environ.get("MEMTRACE"):  # one more step with the allocator's history: what is live at the peak
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        print_peak_allocations(snap, base, int(os.environ["MEMTRACE"]))
     if os.environ.get("PROFILE"):  # one more step under the profiler: where the time goes
         from torch.profiler import ProfilerActivity, profile
 
@@ -147,6 +156,47 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
             print(f"gap analysis failed: {e!r}", file=sys.stderr)
     return dict(tokens_per_s=B * T / dt, tflops=model_flops(cfg, B, T) / dt / 1e12,
                 peak_gib=peak, loss=loss.item())
+
+
+def print_peak_allocations(snap: dict, base: int, top: int) -> None:
+    """From an allocator snapshot taken over one step: the moment of most allocated bytes and
+    what is live then (allocations made during the step, grouped by the innermost frame in
+    ligerzoo, the benchmark or transformers; ``base`` = bytes allocated before the step)."""
+    events = [e for trace in snap["device_traces"] for e in trace]
+    live, cur, peak, peak_i = {}, 0, 0, -1
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+        if cur > peak:
+            peak, peak_i = cur, i
+    live = {}
+    for e in events[: peak_i + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+
+    def where(e):
+        frames = e.get("frames") or []
+        for f in frames:
+            if any(k in f["filename"] for k in ("ligerzoo", "bench_e2e", "transformers", "liger_kernel")):
+                return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+        return f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+
+    groups = {}
+    for e in live.values():
+        key = where(e)
+        n, b = groups.get(key, (0, 0))
+        groups[key] = (n + 1, b + e["size"])
+    print(f"memory peak in the step: {(base + peak) / 2**30:.2f} GiB = {base / 2**30:.2f} before the step "
+          f"+ {peak / 2**30:.2f} allocated in it; live at the peak (GiB, count, where):", file=sys.stderr)
+    for key, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {b / 2**30:7.3f} GiB  {n:4d}  {key}", file=sys.stderr)
+    last = events[peak_i]
+    print(f"  (the peak's last allocation: {last['size'] / 2**30:.3f} GiB at {where(last)})", file=sys.stderr)
 
 
 def print_gaps(prof, wall_ms: float, top: int = 12) -> None:
@@ -189,7 +239,7 @@ def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=int(os.environ.get(
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout} s"}
     print(f"  ({variant} {B}x{T} ckpt={ckpt}: {time.perf_counter() - t0:.0f} s wall)", flush=True)
-    if os.environ.get("PROFILE"):
+    if os.environ.get("PROFILE") or os.environ.get("MEMTRACE"):  # the child's reports
         print(r.stderr[-30000:], flush=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     return json.loads(lines[-1][7:]) if lines else {"error": r.stderr[-800:]}

@@ -228,6 +228,14 @@ def _register_gated_ops(name: str, act: int) -> None:
     def fused_backward_fake(dy, gate_up):
         return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
 
+    def fused_backward_inplace_op(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
+        # In place, for a caller that owns gate_up: gate_up (..., 2I, contiguous) becomes its
+        # gradient (each element is read before the same thread overwrites it).
+        two_i = gate_up.shape[-1]
+        n_cols = two_i // 2
+        gu2 = gate_up.view(-1, two_i)
+        _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act)
+
     def recompute_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
         # In place, for a caller that owns both buffers: gate_up (..., 2I) becomes its
         # gradient and dy (..., I) becomes the recomputed forward output act(gate) * up.
@@ -268,6 +276,8 @@ def _register_gated_ops(name: str, act: int) -> None:
         (f"{name}_fused_backward", fused_backward_op, fused_backward_fake),
     ):
         KernelOp(op_name, fn).register_fake(fake)
+    KernelOp(f"{name}_fused_backward_", fused_backward_inplace_op,
+             mutates_args=("gate_up",)).register_fake(recompute_backward_fake)
     KernelOp(f"{name}_fused_backward_recompute_", recompute_backward_op,
              mutates_args=("dy", "gate_up")).register_fake(recompute_backward_fake)
     KernelOp(f"{name}_fused_backward_recompute", recompute_backward_out_op,

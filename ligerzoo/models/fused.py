@@ -273,23 +273,29 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
 
 class _RopeQKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_q_heads, n_kv_heads):
+    def forward(ctx, qkv, cos, sin, n_q_heads, n_kv_heads, backward_inplace):
         ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(cos, sin)
         ctx.heads = (n_q_heads, n_kv_heads)
+        ctx.backward_inplace, ctx.dtype = backward_inplace, qkv.dtype
         return qkv
 
     @staticmethod
     def backward(ctx, dqkv):
         _refuse_second_order("rope_qkv_")
         cos, sin = ctx.saved_tensors
+        if ctx.backward_inplace and dqkv.is_contiguous() and dqkv.dtype == ctx.dtype:
+            # the caller guarantees that this gradient buffer is ours (see rope_qkv_)
+            ops.rope_qkv_(dqkv, cos, sin, *ctx.heads, True)
+            return dqkv, None, None, None, None, None
         # Out of place: autograd may hand the same gradient buffer to other consumers.
-        return ops.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None
+        return ops.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None, None
 
 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
-              n_kv_heads: int, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              n_kv_heads: int, inplace: bool = True,
+              backward_inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE on the q and k heads of a fused projection, in place when the kernels run.
 
     Args:
@@ -298,6 +304,11 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
         cos, sin: (B or 1, T, R) fp32 from :func:`ligerzoo.kernels.rope.rope_cos_sin`.
         n_q_heads, n_kv_heads: nh and nkv.
         inplace: False rotates into new tensors (for a ``qkv`` someone else may hold).
+        backward_inplace: with ``inplace``, the backward also rotates the incoming gradient
+            of ``qkv`` in place instead of into a new (B, T, W) buffer. Only for callers that
+            use nothing but the returned q, k, v afterwards (not ``qkv`` itself): the gradient
+            then arrives as the fresh concatenation of dq, dk, dv that no one else holds.
+            The model's attention does this; by default the backward is out of place.
 
     Returns:
         ``(q, k, v)``: (B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd); views of ``qkv``
@@ -317,7 +328,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
     q, k, v = q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
     if inplace and _fusable(qkv) and qkv.is_contiguous():
         cos, sin = _check_rope_args(q, k, cos, sin)
-        qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads)
+        qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads, bool(backward_inplace))
         q, k, v = qkv.split(sizes, dim=-1)
         return q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
     q, k = rope(q, k, cos, sin)
@@ -350,6 +361,23 @@ class _GatedDown(torch.autograd.Function):
         return d_gate_up, dw, db, None, None
 
 
+class _GatedActInplaceBackward(torch.autograd.Function):
+    """``act(gate) * up`` whose backward writes d(gate_up) over the saved gate_up."""
+
+    @staticmethod
+    def forward(ctx, gate_up, op):
+        ctx.save_for_backward(gate_up)
+        ctx.op = op
+        return getattr(ops, f"{op}_fused")(gate_up)                          # (..., I)
+
+    @staticmethod
+    def backward(ctx, dc):
+        _refuse_second_order("gated_down")
+        (gate_up,) = ctx.saved_tensors
+        getattr(ops, f"{ctx.op}_fused_backward_")(dc.contiguous(), gate_up)  # gate_up <- d(gate_up)
+        return gate_up, None
+
+
 def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = True,
                inplace: bool = False) -> torch.Tensor:
     """``down(act(gate) * up)`` for a fused (..., 2I) projection, gate first.
@@ -366,9 +394,10 @@ def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = T
             recomputation stops as soon as the last saved tensor is saved again, which for
             the plain ops happens before the down projection's matmul runs, while this
             function's saved tensors are only recorded after its whole forward.
-        inplace: with ``recompute``, the backward writes the gradient of ``gate_up`` over the
-            saved ``gate_up`` itself (one (..., 2I) buffer less). Only for a ``gate_up`` that
-            nothing else reads after the forward (the model's own projection output).
+        inplace: the backward writes the gradient of ``gate_up`` over the saved ``gate_up``
+            itself (one (..., 2I) buffer less), with or without ``recompute``. Only for a
+            ``gate_up`` that nothing else reads after the forward (the model's own projection
+            output).
 
     Returns:
         (..., H) in ``gate_up.dtype``.
@@ -380,6 +409,8 @@ def gated_down(gate_up: torch.Tensor, down, activation: str, recompute: bool = T
         raise ValueError(f"activation must be one of {sorted(_ACT_OPS)}, got {activation!r}")
     _check_fused(gate_up)
     if not (recompute and _fusable(gate_up) and gate_up.is_contiguous() and plain_linear(down)):
+        if inplace and _fusable(gate_up) and gate_up.is_contiguous():
+            return down(_GatedActInplaceBackward.apply(gate_up, _ACT_OPS[activation]))
         from ligerzoo.models.moe import gated_act
 
         return down(gated_act(gate_up, activation))

@@ -210,8 +210,8 @@ class Attention(nn.Module):
             qkv = self.wqkv(x)
         B, T, _ = qkv.shape
         # in place only on a buffer nothing else holds (a hooked or wrapped projection's output may be)
-        q, k, v = rope_qkv_(qkv, cos, sin, self.num_heads, self.num_kv_heads,
-                            inplace=plain_linear(self.wqkv))  # (B, T, nh|nkv|nkv, hd)
+        q, k, v = rope_qkv_(qkv, cos, sin, self.num_heads, self.num_kv_heads, inplace=plain_linear(self.wqkv),
+                            backward_inplace=True)  # (B, T, nh|nkv|nkv, hd); qkv is not used again
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
@@ -302,6 +302,39 @@ class Block(nn.Module):
         return h, m
 
 
+class _RecomputedEmbedding:
+    """Saved-tensor hooks that store the embedding output as its recipe (the ids and the
+    table), not its bytes: a backward that needs it gathers it again (one lookup of (B, T)
+    rows, against a (B, T, H) tensor kept from the forward to the end of the backward).
+
+    Only the tensor ``x`` itself is replaced; every other saved tensor passes through. The
+    table's version is recorded: if the table was modified in place between the forward and
+    the backward, unpacking raises RuntimeError instead of recomputing different values.
+    """
+
+    def __init__(self, model: "CausalLM", input_ids: torch.Tensor, x: torch.Tensor):
+        self.model, self.input_ids, self.x = model, input_ids, x
+        self.key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor):
+        if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) == self.key and t._version == self.x._version:
+            return (self, self.model.embed.weight._version)
+        return t
+
+    def _unpack(self, packed):
+        if not isinstance(packed, tuple):
+            return packed
+        _, version = packed
+        if self.model.embed.weight._version != version:
+            raise RuntimeError("the embedding table was modified in place between the forward and the backward: "
+                               "its output cannot be recomputed for the first block's backward")
+        with torch.no_grad():
+            return self.model._embed(self.input_ids)
+
+
 class CausalLM(nn.Module):
     """A decoder-only causal language model for any supported family.
 
@@ -369,6 +402,13 @@ class CausalLM(nn.Module):
         """
         return add_norm(self.norm, *self._trunk(input_ids, position_ids, attention_mask, cache))[0]
 
+    def _embed(self, input_ids):
+        """The residual stream's start: token embeddings (B, T, H), times sqrt(H) for Gemma."""
+        x = self.embed(input_ids)
+        if self.config.embed_scale:  # sqrt(H) rounded to the activation dtype first (HF Gemma)
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        return x
+
     def _trunk(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None):
         """The decoder blocks: ``(x, delta)``, each (B, T, H), whose sum the final norm takes."""
         B, T = input_ids.shape
@@ -391,14 +431,17 @@ class CausalLM(nn.Module):
         masks = {t: attention_mask_for(start, T, S, key_valid, self.config.sliding_window if t == "sliding_attention"
                                        else None, input_ids.device)
                  for t in {layer.layer_type for layer in self.layers}}
-        x = self.embed(input_ids)  # (B, T, H)
-        if self.config.embed_scale:  # sqrt(H) rounded to the activation dtype first (HF Gemma)
-            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        x = self._embed(input_ids)  # (B, T, H)
         delta = None  # each block hands its last branch output to the next block's fused add
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if delta is not None and getattr(layer, "checkpointed", False):
                 x, delta = x + delta, None  # the checkpoint then keeps one input, not two
-            x, delta = layer(x, cos, sin, masks, cache, delta)
+            if i == 0 and cache is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # the first block saves the embedding output as ids + table, recomputed in backward
+                with _RecomputedEmbedding(self, input_ids, x).hooks():
+                    x, delta = layer(x, cos, sin, masks, cache, delta)
+            else:
+                x, delta = layer(x, cos, sin, masks, cache, delta)
         if cache is not None:
             cache.length = S
         return x, delta
@@ -438,6 +481,11 @@ class CausalLM(nn.Module):
                 layer.mlp.router_logits = []  # collected for the aux loss during this forward only
         x, delta = self._trunk(input_ids, position_ids, attention_mask)  # (B, T, H) x2
         aux = self._aux_loss(attention_mask)
+        if labels is not None and delta is not None:
+            # the last residual add on its own, so that the last branch output is freed before
+            # the loss instead of staying referenced through it (one (B, T, H) tensor less at
+            # the loss, where the training step peaks)
+            x, delta = x + delta, None
         if labels is None:
             logits = self.lm_head(add_norm(self.norm, x, delta)[0])
             if self.config.final_softcap is not None:

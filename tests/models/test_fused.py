@@ -222,6 +222,25 @@ def test_autocast_runs_like_the_plain_composition(model_type):
     torch.testing.assert_close(losses[0], losses[1])
 
 
+def test_rope_qkv_backward_inplace_matches_and_reuses_the_gradient_buffer(monkeypatch):
+    """With ``backward_inplace`` (what the model's attention passes) the gradient equals the
+    out-of-place one, and the backward rotates the incoming buffer instead of allocating."""
+    torch.manual_seed(3)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    base = torch.randn(2, 5, 4 * 8 + 2 * 2 * 8)
+    g = torch.randn(2, 5, 4 * 8 + 2 * 2 * 8)
+    grads, out_of_place = [], []
+    real = fused.ops.rope_qkv
+    monkeypatch.setattr(fused.ops, "rope_qkv", lambda *a: (out_of_place.append(1), real(*a))[1], raising=False)
+    for backward_inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        q, k, v = fused.rope_qkv_(leaf * 1, cos, sin, 4, 2, backward_inplace=backward_inplace)
+        torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1).backward(g)
+        grads.append(leaf.grad)
+    assert out_of_place == [1]  # only the default backward allocated a new buffer
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_rope_qkv_matches_out_of_place_rope():
     torch.manual_seed(2)
     B, T, nh, nkv, hd = 2, 6, 4, 2, 8
@@ -357,3 +376,68 @@ def test_norm_linear_cross_entropy_keeps_one_buffer_and_leaves_a_frozen_head_alo
     one = 4 * 4 * 16 * H  # one fp32 (B, T, H) tensor
     assert fused_bytes <= one + 4 * H + 64  # d(x + r) and the norm weight's gradient
     assert plain_bytes >= 2 * one  # the plain composition keeps the norm input and d(normed)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_down_without_recompute_inplace_matches_float64(activation):
+    """The checkpointed blocks' path (``recompute=False``, ``inplace=True``): plain down
+    projection, and the activation's backward writes d(gate_up) over the saved gate_up."""
+    torch.manual_seed(5)
+    inter, H = 40, 16
+    down = nn.Linear(inter, H, bias=False)
+    gu = torch.randn(3, 5, 2 * inter) * 2
+    leaf = gu.clone().requires_grad_()
+    owned = leaf * 1
+    y = fused.gated_down(owned, down, activation, recompute=False, inplace=True)
+    got = _grads(y, [leaf, down.weight])
+    assert not torch.equal(owned, gu)  # the buffer now holds its gradient
+
+    gu64 = gu.double().requires_grad_()
+    w64 = down.weight.detach().double().requires_grad_()
+    g, u = gu64.chunk(2, -1)
+    act = F.silu(g) if activation == "silu" else F.gelu(g, approximate="tanh")
+    want = _grads(F.linear(act * u, w64), [gu64, w64])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **TOL[torch.float32])
+
+
+def test_embedding_output_is_recomputed_not_saved(monkeypatch):
+    """The first block saves the embedding output as ids + table (one (B, T, H) tensor less
+    from the forward to the end of the backward); the gradients are those of saving it."""
+    from ligerzoo.models import transformer
+
+    model, ids = _tiny_model()
+    replaced, recomputed = [], []
+    real_pack, real_unpack = transformer._RecomputedEmbedding._pack, transformer._RecomputedEmbedding._unpack
+
+    def pack(self, t):
+        out = real_pack(self, t)
+        replaced.append(out is not t)
+        return out
+
+    def unpack(self, p):
+        recomputed.append(isinstance(p, tuple))
+        return real_unpack(self, p)
+
+    monkeypatch.setattr(transformer._RecomputedEmbedding, "_pack", pack)
+    monkeypatch.setattr(transformer._RecomputedEmbedding, "_unpack", unpack)
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert sum(replaced) == 1 and sum(recomputed) == 1
+
+    model.zero_grad()
+    import contextlib
+
+    monkeypatch.setattr(transformer._RecomputedEmbedding, "hooks", lambda self: contextlib.nullcontext())
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n
+
+
+def test_embedding_recompute_refuses_a_table_changed_in_place():
+    model, ids = _tiny_model()
+    loss = model(ids, labels=ids).loss
+    with torch.no_grad():
+        model.embed.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="embedding table was modified in place"):
+        loss.backward()
