@@ -313,14 +313,16 @@ class _RecomputedEmbedding:
     """
 
     def __init__(self, model: "CausalLM", input_ids: torch.Tensor, x: torch.Tensor):
-        self.model, self.input_ids, self.x = model, input_ids, x
-        self.key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device)
+        # x itself is not kept (the packed recipe would keep it alive): only what identifies it
+        # while the hooks are active, i.e. while the caller still holds x
+        self.model, self.input_ids = model, input_ids
+        self.key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
-        if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) == self.key and t._version == self.x._version:
+        if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version) == self.key:
             return (self, self.model.embed.weight._version)
         return t
 

@@ -441,3 +441,28 @@ def test_embedding_recompute_refuses_a_table_changed_in_place():
         model.embed.weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="embedding table was modified in place"):
         loss.backward()
+
+
+def test_embedding_output_is_freed_after_the_first_block():
+    """Nothing keeps the embedding output alive once the first block has run (the recipe
+    saved in its place does not reference it)."""
+    import weakref
+
+    from ligerzoo.models import transformer
+
+    model, ids = _tiny_model()
+    refs = []
+    real = transformer.CausalLM._embed
+
+    def embed(self, input_ids):
+        x = real(self, input_ids)
+        refs.append(weakref.ref(x))
+        return x
+
+    transformer.CausalLM._embed, saved = embed, transformer.CausalLM._embed
+    try:
+        loss = model(ids, labels=ids).loss
+    finally:
+        transformer.CausalLM._embed = saved
+    assert refs[0]() is None  # freed before the backward
+    loss.backward()
