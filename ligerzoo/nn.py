@@ -180,8 +180,9 @@ class FusedLinearJSD(nn.Module):
 
 
 class Embedding(nn.Module):
-    """``torch.nn.Embedding`` through the fused Triton gather (forward) and scatter-add
-    (backward). Shapes: ids (...) int -> (..., embedding_dim)."""
+    """``torch.nn.Embedding`` through the fused Triton gather (forward) and sorted segment
+    sum (backward, deterministic, fp32 sums; :mod:`ligerzoo.kernels.embedding`). Shapes: ids
+    (...) int -> (..., embedding_dim)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()

@@ -1,12 +1,14 @@
-"""Shared helpers for the Triton kernels: backend dispatch and launch settings.
+"""Shared helpers for the Triton kernels: backend dispatch, launch settings and the op
+registration every kernel module uses (:class:`KernelOp`).
 
-Dispatch rule (DESIGN.md): CUDA tensors run the Triton kernels; CPU tensors run the same
+Dispatch rule (the project's DESIGN.md): CUDA tensors run the Triton kernels; CPU tensors run the same
 Triton kernels under Triton's interpreter when ``TRITON_INTERPRET=1`` is set, and the
 plain-PyTorch reference otherwise.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 
@@ -141,30 +143,35 @@ def check_norm_param(name: str, p: torch.Tensor, x: torch.Tensor, size: int, wha
 
 
 # ----------------------------------------------------------------------------- op registration
+_EMPTY = inspect.Parameter.empty
+
+
 class KernelOp:
     """A Triton op registered as the torch.library custom op ``ligerzoo::<name>``, with a
     lean eager path.
 
-    torch.compile, AOTAutograd, fake tensors and tensor subclasses (DTensor, ...) see the
-    custom op, so graphs capture it whole. Plain tensors in eager mode skip the dispatcher:
-    the Python body runs directly, and an op with autograd runs through an equivalent
-    ``torch.autograd.Function`` built from the same ``setup_context`` and ``backward``.
+    torch.compile, AOTAutograd, tensor subclasses (DTensor, ...), any active
+    ``TorchDispatchMode`` (fake tensors, ``make_fx``, selective activation checkpointing's
+    policy) and ``torch.jit.trace`` see the custom op, so graphs capture it whole. Plain
+    tensors in eager mode outside those skip the dispatcher: the Python body runs directly,
+    and an op with autograd runs through an equivalent ``torch.autograd.Function`` built from
+    the same ``setup_context`` and ``backward``.
     The custom-op dispatch costs tens of microseconds per call, about the GPU time of a
     norm over a few thousand tokens (``scripts/profile_kernels.py`` measures it).
 
     Use it as the decorator ``@kernel_op(name, mutates_args=...)``; ``register_fake`` and
     ``register_autograd`` work as on ``torch.library``'s ``CustomOpDef``. Call it with
-    positional arguments (missing trailing ones take the function's defaults).
+    positional arguments (missing trailing ones take the function's defaults; a missing
+    argument without a default gets the dispatcher's error).
 
-    In eager mode, an argument named in ``mutates_args`` has its autograd version counter
-    bumped after the call (as the dispatcher does), so a tensor saved for a backward and
-    then overwritten is still caught. The eager backward refuses ``create_graph=True``
+    In eager mode without autograd, an argument named in ``mutates_args`` has its autograd
+    version counter bumped after the call (as the dispatcher does), so a tensor saved for a
+    backward and then overwritten is still caught. (No op here both mutates an input and
+    registers autograd.) The eager backward refuses ``create_graph=True``
     (RuntimeError): the kernels' backwards are not themselves differentiable.
     """
 
     def __init__(self, name: str, fn, mutates_args=()):
-        import inspect
-
         self.name = name
         self._fn = fn
         params = list(inspect.signature(fn).parameters.values())
@@ -205,8 +212,13 @@ class KernelOp:
 
     def __call__(self, *args):
         if len(args) < self._n_params:
-            args = args + self._defaults[len(args):]
-        if torch.compiler.is_compiling():
+            fill = self._defaults[len(args):]
+            if any(d is _EMPTY for d in fill):
+                return self._packet(*args)  # the dispatcher's "missing value for argument" error
+            args = args + fill
+        # graph capture, dispatch modes (FakeTensorMode, selective checkpointing, make_fx) and
+        # jit tracing must see the op itself
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
             return self._packet(*args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if any(type(t) is not torch.Tensor for t in tensors):

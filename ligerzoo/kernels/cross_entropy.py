@@ -333,7 +333,7 @@ def launch_cross_entropy_rows(
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
-    assert logits.stride(1) == 1 and (grad is None or grad.stride(1) == 1)
+    assert (logits.stride(1) == 1 or n_cols <= 1) and (grad is None or grad.stride(1) == 1 or n_cols <= 1)
     block, warps = _block_settings(n_cols)
     compute_loss = loss_rows is not None
     dummy = lse  # placeholder pointer for unused arguments
@@ -518,8 +518,8 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
     """``grad * grad_output`` for a gradient precomputed in the forward.
 
     The saved buffer belongs to the op, so in eager it is scaled in place (no second copy;
-    a second backward through the same graph then fails autograd's saved-tensor version
-    check instead of silently rescaling). The factor is never read on the host (that would
+    the ops call :func:`claim_saved_grads` first, so a second backward through the same graph
+    raises instead of rescaling). The factor is never read on the host (that would
     stall the stream at the start of every backward): a Triton kernel reads it on the
     device and skips the pass when it is exactly 1, the factor of a plain
     ``loss.backward()``. While traced (torch.compile) the product is taken out of place.
@@ -548,12 +548,27 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: boo
     return grad.mul_(grad_output.to(torch.float32))
 
 
+def claim_saved_grads(ctx, op_name: str) -> None:
+    """Mark the gradients an op precomputed in its forward as handed out. They are scaled in
+    place and returned by the first backward (they may become a leaf's ``.grad``), so a
+    second backward through the same graph (``retain_graph=True``) cannot reuse them: it
+    raises RuntimeError instead of returning rescaled buffers."""
+    if getattr(ctx, "saved_grads_claimed", False):
+        raise RuntimeError(
+            f"{op_name}: a second backward through the same graph is not supported: this op computes its "
+            "gradients in the forward and the first backward handed them out. Run the forward again "
+            "(or use the torch reference / reduction='none' where available)."
+        )
+    ctx.saved_grads_claimed = True
+
+
 def scale_saved_grads(ctx, grads, grad_loss: torch.Tensor, op_name: str) -> list:
     """Gradients of an op's first ``len(grads)`` inputs from buffers its forward precomputed
     for a scalar loss: for input ``i`` that autograd wants (``ctx.needs_input_grad[i]``),
     ``grads[i]`` scaled by ``grad_loss`` (:func:`scale_saved_grad`); None for the others.
     ``ctx.need[i]`` says whether the forward prepared buffer ``i``; a wanted gradient it did
-    not prepare raises RuntimeError (naming ``op_name``)."""
+    not prepare raises RuntimeError (naming ``op_name``). Call :func:`claim_saved_grads`
+    before reading ``ctx.saved_tensors``."""
     out = []
     for i, (g, have) in enumerate(zip(grads, ctx.need)):
         if not ctx.needs_input_grad[i]:
@@ -575,6 +590,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _gz, _glse, _ggrad):
+    claim_saved_grads(ctx, "cross_entropy")
     (grad,) = ctx.saved_tensors
     dlogits = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
@@ -603,6 +619,7 @@ class _CrossEntropyInplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _gz, _glse):
+        claim_saved_grads(ctx, "cross_entropy")
         (grad,) = ctx.saved_tensors
         return scale_saved_grad(grad, grad_loss, ctx.per_row), None, None, None, None, None, None, None
 

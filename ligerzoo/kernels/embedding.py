@@ -1,5 +1,5 @@
 """Embedding lookup (``torch.nn.functional.embedding``) with a Triton gather forward and a
-scatter-add backward.
+sorted segment-sum backward.
 
 Math (the lookup table of Bengio et al., "A Neural Probabilistic Language Model", 2003;
 PyTorch ``F.embedding`` semantics without ``max_norm`` / ``sparse``): for ids ``i`` of any
@@ -10,9 +10,12 @@ shape and a table ``W`` of shape (V, H)::
     dW[padding_idx, :] = 0
 
 The forward is a pure gather (bit-exact copy of the rows). The backward sorts the ids
-(stable), so the positions of each distinct id form one contiguous segment; one program
-per segment start sums that id's output-gradient rows in fp32, in position order, and
-writes the row of ``dW`` once, in the table's dtype. Rows no id hits stay zero. This is
+(stable), so the positions of each distinct id form one contiguous segment. One program
+per sorted position and column block is launched; those at the start of a segment sum that
+id's output-gradient rows in fp32, in position order, and write the row of ``dW`` once, in
+the table's dtype (the others exit at once). An id repeated k times is summed serially by
+one program per column block (k row reads), so a batch dominated by one id is slower than
+an atomic scatter would be. Rows no id hits stay zero. This is
 the segment reduction of PyTorch's ``embedding_dense_backward``, fused: deterministic (the
 same sum order every run), fp32 accumulation even for bf16/fp16 tables, and no (V, H) fp32
 buffer: the backward holds the (V, H) result plus O(N) sort buffers.

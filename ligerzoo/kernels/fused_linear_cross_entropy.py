@@ -44,6 +44,7 @@ from ligerzoo.kernels._utils import next_power_of_2
 from ligerzoo.kernels.cross_entropy import (
     _reduce,
     check_class_weight,
+    claim_saved_grads,
     check_loss_options,
     check_target,
     check_target_shape,
@@ -333,6 +334,7 @@ def _backward(ctx, grad_loss, _gz, _glse, _ggx, _ggw, _ggb):
             grad_loss, x, weight, target, bias, ce_weight, lse, *ctx.opts, *want
         )
     else:
+        claim_saved_grads(ctx, "fused_linear_cross_entropy")
         gx, gw, gb = ctx.saved_tensors
         gx = scale_saved_grad(gx, grad_loss, False) if want[0] else None
         gw = scale_saved_grad(gw, grad_loss, False) if want[1] else None

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo.kernels.cross_entropy import scale_saved_grads
+from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grads
 from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm, default_chunk_size
 from ligerzoo.kernels.jsd import _check_beta, check_labels, jsd_mode, jsd_pointwise_torch, jsd_reference, row_scale
 
@@ -254,6 +254,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _ggx, _ggw):
     if grad_loss is None:
         return (None,) * 11
+    claim_saved_grads(ctx, "fused_linear_jsd")  # before the saved tensors are read
     return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss, "fused_linear_jsd"), *([None] * 9))
 
 

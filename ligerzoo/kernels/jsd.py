@@ -55,7 +55,7 @@ import torch
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo.kernels.cross_entropy import scale_saved_grads
+from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grads
 
 if HAS_TRITON:
     import triton
@@ -230,6 +230,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _ggs, _ggt):
     if grad_loss is None:
         return (None,) * 7
+    claim_saved_grads(ctx, "jsd")  # before the saved tensors are read
     return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss, "jsd"), None, None, None, None, None)
 
 

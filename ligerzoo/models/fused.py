@@ -41,7 +41,7 @@ from torch import nn
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import ops
-from ligerzoo.kernels.cross_entropy import scale_saved_grad
+from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grad
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_sum_
 from ligerzoo.kernels.rms_norm import _check_args as _check_norm_args
 from ligerzoo.kernels.rms_norm import _check_residual, row_settings
@@ -222,6 +222,7 @@ class _NormLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         _refuse_second_order("norm_linear_cross_entropy")
+        claim_saved_grads(ctx, "norm_linear_cross_entropy")
         ds, dnw, gw = ctx.saved_tensors  # gradients of the summed loss, scaled here by g
         ds = scale_saved_grad(ds, g, False)
         gw = scale_saved_grad(gw, g, False) if ctx.needs_input_grad[3] else None

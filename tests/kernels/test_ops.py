@@ -140,3 +140,57 @@ def test_loss_gradient_scaled_by_the_incoming_factor():
     l64 = logits.detach().double().requires_grad_()
     (0.125 * torch.nn.functional.cross_entropy(l64, t)).backward()
     torch.testing.assert_close(logits.grad.double(), l64.grad, rtol=1e-5, atol=1e-7)
+
+
+def _second_backward_cases():
+    from ligerzoo.kernels import fused_linear_cross_entropy, jsd
+
+    t = torch.randint(0, 37, (6,))
+    yield "cross_entropy", lambda z: cross_entropy(z, t), (6, 37)
+    yield "cross_entropy", lambda z: cross_entropy(z * 1, t, inplace=True), (6, 37)
+    w = torch.randn(37, 8)
+    yield "fused_linear_cross_entropy", lambda x: fused_linear_cross_entropy(x, w, t), (6, 8)
+    teacher = torch.log_softmax(torch.randn(6, 37), -1)
+    yield "jsd", lambda s: jsd(torch.log_softmax(s, -1), teacher), (6, 37)
+    from ligerzoo.kernels import fused_linear_jsd
+
+    xt, wt = torch.randn(6, 8), torch.randn(37, 8)
+    yield "fused_linear_jsd", lambda x: fused_linear_jsd(x, w, xt, wt), (6, 8)
+
+
+@pytest.mark.parametrize("with_hooks", [False, True])
+def test_second_backward_through_precomputed_gradients_raises(with_hooks):
+    """The losses hand out the gradients they computed in the forward: a second backward
+    through the same graph raises a clear error, with or without saved-tensor hooks (which
+    bypass autograd's version check), never rescaled gradients."""
+    import contextlib
+
+    for name, f, shape in _second_backward_cases():
+        z = torch.randn(*shape, requires_grad=True)
+        ctx = torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x) if with_hooks else contextlib.nullcontext()
+        with ctx:
+            loss = f(z)
+        (0.5 * loss).backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match=f"{name}: a second backward"):
+            (0.5 * loss).backward()
+
+
+def test_dispatch_modes_and_tracing_see_the_op():
+    """make_fx (a dispatch mode) records the custom op, not the kernel launch inside it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w = torch.ones(40)
+    gm = make_fx(lambda x: rms_norm(x, w))(torch.randn(3, 40))
+    assert any("ligerzoo.rms_norm" in str(n.target) for n in gm.graph.nodes)
+
+
+def test_missing_argument_gets_the_dispatchers_error():
+    with pytest.raises(RuntimeError, match="missing value for argument .eps."):
+        kutils.ops.rms_norm(torch.randn(2, 8), torch.ones(8))
+
+
+def test_cross_entropy_single_column_with_odd_strides():
+    z = torch.randn(1, 2)[:, ::2].requires_grad_()  # (1, 1), column stride 2
+    loss = cross_entropy(z, torch.tensor([0]))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(z.grad, torch.zeros(1, 1))
