@@ -303,20 +303,33 @@ class Block(nn.Module):
 
 
 class _RecomputedEmbedding:
-    """Saved-tensor hooks that store the embedding output as its recipe (the ids and the
-    table), not its bytes: a backward that needs it gathers it again (one lookup of (B, T)
-    rows, against a (B, T, H) tensor kept from the forward to the end of the backward).
+    """Saved-tensor hooks that store the embedding output as its recipe (a copy of the ids and
+    the table), not its bytes: a backward that needs it gathers it again (one lookup of
+    (B, T) rows, against a (B, T, H) tensor kept from the forward to the end of the backward).
 
-    Only the tensor ``x`` itself is replaced; every other saved tensor passes through. The
-    table's version is recorded: if the table was modified in place between the forward and
-    the backward, unpacking raises RuntimeError instead of recomputing different values.
+    Only the tensor ``x`` itself is replaced. Every other tensor saved inside the hooks is
+    kept as is, with its version: autograd does not check the version of tensors that pass
+    through saved-tensor hooks, so unpacking does it (a tensor modified in place between the
+    forward and the backward raises RuntimeError, as without the hooks). The table's version
+    is checked the same way before the recompute.
+
+    :meth:`applies` says when it is used: a plain ``nn.Embedding`` without hooks (whose
+    output a second call reproduces exactly), and no saved-tensor hooks of the caller's
+    already active (``save_on_cpu``, offloading: those keep seeing every tensor).
     """
 
     def __init__(self, model: "CausalLM", input_ids: torch.Tensor, x: torch.Tensor):
         # x itself is not kept (the packed recipe would keep it alive): only what identifies it
         # while the hooks are active, i.e. while the caller still holds x
-        self.model, self.input_ids = model, input_ids
+        self.model, self.input_ids = model, input_ids.detach().clone()  # (B, T): the ids may be reused
         self.key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+
+    @staticmethod
+    def applies(model: "CausalLM") -> bool:
+        from ligerzoo.models.fused import _no_hooks
+
+        return (type(model.embed) is nn.Embedding and _no_hooks(model.embed)
+                and torch._C._autograd._top_saved_tensors_default_hooks(True) is None)
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -324,12 +337,17 @@ class _RecomputedEmbedding:
     def _pack(self, t: torch.Tensor):
         if (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version) == self.key:
             return (self, self.model.embed.weight._version)
-        return t
+        return (t, t._version)
 
     def _unpack(self, packed):
-        if not isinstance(packed, tuple):
-            return packed
-        _, version = packed
+        obj, version = packed
+        if obj is not self:
+            if obj._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation (saved by the first decoder block) "
+                    f"has been modified by an inplace operation: {tuple(obj.shape)} {obj.dtype} is at version "
+                    f"{obj._version}; expected version {version}")
+            return obj
         if self.model.embed.weight._version != version:
             raise RuntimeError("the embedding table was modified in place between the forward and the backward: "
                                "its output cannot be recomputed for the first block's backward")
@@ -438,7 +456,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if delta is not None and getattr(layer, "checkpointed", False):
                 x, delta = x + delta, None  # the checkpoint then keeps one input, not two
-            if i == 0 and cache is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if (i == 0 and cache is None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and _RecomputedEmbedding.applies(self)):
                 # the first block saves the embedding output as ids + table, recomputed in backward
                 with _RecomputedEmbedding(self, input_ids, x).hooks():
                     x, delta = layer(x, cos, sin, masks, cache, delta)

@@ -412,11 +412,11 @@ def test_embedding_output_is_recomputed_not_saved(monkeypatch):
 
     def pack(self, t):
         out = real_pack(self, t)
-        replaced.append(out is not t)
+        replaced.append(out[0] is not t)
         return out
 
     def unpack(self, p):
-        recomputed.append(isinstance(p, tuple))
+        recomputed.append(p[0] is self)
         return real_unpack(self, p)
 
     monkeypatch.setattr(transformer._RecomputedEmbedding, "_pack", pack)
@@ -466,3 +466,61 @@ def test_embedding_output_is_freed_after_the_first_block():
         transformer.CausalLM._embed = saved
     assert refs[0]() is None  # freed before the backward
     loss.backward()
+
+
+def test_embedding_recipe_keeps_autograds_checks_and_stands_aside():
+    """Inside the first block's recipe hooks, tensors modified in place between the forward
+    and the backward still raise (as autograd's own version check does); reused ids do not
+    change the recomputed embedding; a hooked embedding (e.g. noise added by a forward hook)
+    or the caller's own saved-tensor hooks turn the recipe off."""
+    model, ids = _tiny_model()
+    loss = model(ids, labels=ids).loss
+    with torch.no_grad():
+        model.layers[0].attn.wqkv.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+    model, ids = _tiny_model()
+    model.embed.weight.requires_grad_(False)
+    reference = {n: g for n, g in zip(*_param_grads(model, ids.clone()))}
+    buf = ids.clone()
+    loss = model(buf, labels=ids).loss
+    buf.copy_(torch.randint(0, 64, ids.shape))  # a reused input buffer
+    model.zero_grad()
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, reference[n]), n
+
+    from ligerzoo.models import transformer
+
+    model, ids = _tiny_model()
+    assert transformer._RecomputedEmbedding.applies(model)
+    handle = model.embed.register_forward_hook(lambda m, i, o: o * 1.5)
+    assert not transformer._RecomputedEmbedding.applies(model)
+    handle.remove()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert not transformer._RecomputedEmbedding.applies(model)
+
+
+def _param_grads(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    return names, [p.grad.clone() for n, p in model.named_parameters() if p.grad is not None]
+
+
+def test_second_backward_through_the_first_block_raises():
+    """A retain_graph second backward through the first block (whose saved tensors pass
+    through the recipe hooks) raises, because its MLP backward consumed its saved gate_up;
+    it never returns gradients computed from an overwritten buffer."""
+    import ligerzoo
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    model, ids = ligerzoo.CausalLM(cfg), torch.randint(0, 64, (2, 8))
+    loss = F.cross_entropy(model(ids).logits.flatten(0, 1).float(), ids.flatten())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
