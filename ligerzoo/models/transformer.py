@@ -328,8 +328,8 @@ class _RecomputedEmbedding:
     def applies(model: "CausalLM") -> bool:
         from ligerzoo.models.fused import _no_hooks
 
-        return (type(model.embed) is nn.Embedding and _no_hooks(model.embed)
-                and torch._C._autograd._top_saved_tensors_default_hooks(True) is None)
+        top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)
+        return type(model.embed) is nn.Embedding and _no_hooks(model.embed) and top_hooks(True) is None
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
