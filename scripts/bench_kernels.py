@@ -191,11 +191,9 @@ def op_specs(dtype):
         w = rnd(V, H)
         ids = torch.randint(0, V, (n,), device=dev)
         v = {"ligerzoo": lambda w: K.embedding(ids, w), "torch": lambda w: F.embedding(ids, w)}
-        try:
-            from liger_kernel.ops import LigerEmbeddingFunction
-            v["liger"] = lambda w: LigerEmbeddingFunction.apply(w, ids)
-        except Exception:
-            pass
+        lops = _liger("liger_kernel.ops")
+        if lops is not None and hasattr(lops, "LigerEmbeddingFunction"):
+            v["liger"] = lambda w: lops.LigerEmbeddingFunction.apply(w, ids)
         return (w,), v
     specs["embedding"] = ("tokens", embed)
 
@@ -242,14 +240,10 @@ def op_specs(dtype):
     return specs
 
 
-def bench(fn, inputs, mode):
-    from triton.testing import do_bench
-
+def full_step(fn, inputs):
+    """The "full" mode: one forward of ``fn(*inputs)`` and a backward with all-ones output
+    gradients, the inputs' ``.grad`` cleared afterwards (so repeated calls never accumulate)."""
     grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def fwd():
-        with torch.no_grad() if mode == "forward" else torch.enable_grad():
-            return fn(*inputs)
 
     def full():
         out = fn(*inputs)
@@ -258,7 +252,17 @@ def bench(fn, inputs, mode):
         for g in grads:
             g.grad = None
 
-    f = fwd if mode == "forward" else full
+    return full
+
+
+def bench(fn, inputs, mode):
+    from triton.testing import do_bench
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    f = fwd if mode == "forward" else full_step(fn, inputs)
     ms = do_bench(f, warmup=25, rep=100, return_mode="median")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -32,19 +32,6 @@ def _load_bench():
     return mod
 
 
-def _step(fn, inputs):
-    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def full():
-        out = fn(*inputs)
-        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-        for g in grads:
-            g.grad = None
-
-    return full
-
-
 def host_ms(f, iters=50):
     """CPU milliseconds per call of ``f`` while the GPU is busy with a queued sleep."""
     for _ in range(3):
@@ -96,7 +83,7 @@ def main(argv=None):
             for variant in args.variants.split(","):
                 if variant not in variants:
                     continue
-                f = _step(variants[variant], inputs)
+                f = bench.full_step(variants[variant], inputs)
                 wall = do_bench(f, warmup=25, rep=100, return_mode="median")
                 host = host_ms(f)
                 dev, kernels = device_ms(f)
