@@ -2,8 +2,9 @@
 
 For each op at Llama-3-8B sizes (hidden 4096, intermediate 14336, vocab 128256, 32/8 heads
 of 128) and a sweep of token counts: median time (``triton.testing.do_bench``) of the
-forward and of forward + backward (backward = the difference), and the peak memory of one
-forward + backward above what the inputs already hold. Writes ``benchmarks/kernels.csv``
+forward and of forward + backward (backward = the difference), the best of ``ROUNDS``
+(default 3) rounds that interleave the variants, and the peak memory of one forward +
+backward above what the inputs already hold. Writes ``benchmarks/kernels.csv``
 (op, mode, variant, x_name, x, ms, peak_mib, gpu, date) and ``benchmarks/kernels_<op>.png``.
 
 Usage (GPU): python scripts/bench_kernels.py [--ops rms_norm,cross_entropy] [--tokens 4096,8192,16384]
@@ -17,6 +18,7 @@ import csv
 import datetime
 import importlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -128,7 +130,9 @@ def op_specs(dtype):
         pos = torch.arange(n, device=dev)[None]
         inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
         cos, sin = K.rope_cos_sin(pos, inv)
-        v = {"ligerzoo": lambda q, k: K.rope(q, k, cos, sin), "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
+        # backward_inplace: rotate the output gradients over themselves, as Liger's rope does
+        v = {"ligerzoo": lambda q, k: K.rope(q, k, cos, sin, backward_inplace=True),
+             "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
         if lf:  # Liger takes (B, H, T, D) and rotates in place: give it transposed copies
             v["liger"] = lambda q, k: lf.liger_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
                                                      cos.to(dtype), sin.to(dtype))
@@ -255,21 +259,31 @@ def full_step(fn, inputs):
     return full
 
 
-def bench(fn, inputs, mode):
-    from triton.testing import do_bench
-
+def _step(fn, inputs, mode):
     def fwd():
         with torch.no_grad():
             return fn(*inputs)
 
-    f = fwd if mode == "forward" else full_step(fn, inputs)
-    ms = do_bench(f, warmup=25, rep=100, return_mode="median")
+    return fwd if mode == "forward" else full_step(fn, inputs)
+
+
+def time_ms(fn, inputs, mode):
+    """Median milliseconds of one call (``triton.testing.do_bench``: L2 flushed before each)."""
+    from triton.testing import do_bench
+
+    return do_bench(_step(fn, inputs, mode), warmup=25, rep=100, return_mode="median")
+
+
+def peak_mib(fn, inputs, mode):
+    """MiB allocated at the call's peak above what was allocated before it."""
+    f = _step(fn, inputs, mode)
+    f()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     f()
     torch.cuda.synchronize()
-    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def plot(rows, ops, out: Path) -> None:
@@ -297,6 +311,7 @@ def plot(rows, ops, out: Path) -> None:
 
 
 FIELDS = ["op", "mode", "variant", "x_name", "x", "ms", "peak_mib", "gpu", "date"]
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
 
 def main(argv=None):
@@ -330,24 +345,34 @@ def main(argv=None):
                 inputs, variants = make(n)
                 if "compile" in args.variants.split(","):
                     variants["compile"] = torch.compile(variants["torch"])
-                for variant, fn in variants.items():
-                    if variant not in args.variants.split(","):
-                        continue
+                chosen = {v: fn for v, fn in variants.items() if v in args.variants.split(",")}
+                # Timings in ROUNDS interleaved rounds (every variant once per round), the
+                # fastest round's median kept: the small ops are bound by the host CPU,
+                # whose speed drifts during a run.
+                res = {v: {"forward": [float("inf"), 0.0], "full": [float("inf"), 0.0]} for v in chosen}
+                for v, fn in list(chosen.items()):
                     try:
-                        res = {m: bench(fn, inputs, m) for m in ("forward", "full")}
+                        for m in ("forward", "full"):
+                            res[v][m][1] = peak_mib(fn, inputs, m)
                     except Exception as e:  # OOM or an unsupported variant: recorded, not fatal
-                        print(f"{op:28s} {variant:9s} {n:6d}  failed: {type(e).__name__}: {str(e)[:80]}")
+                        print(f"{op:28s} {v:9s} {n:6d}  failed: {type(e).__name__}: {str(e)[:80]}")
                         torch.cuda.empty_cache()
-                        continue
-                    res["backward"] = (res["full"][0] - res["forward"][0], float("nan"))
-                    for mode, (ms, mib) in res.items():
-                        row = dict(op=op, mode=mode, variant=variant, x_name=x_name, x=n, ms=round(ms, 4),
+                        del chosen[v], res[v]
+                for _ in range(ROUNDS):
+                    for v, fn in chosen.items():
+                        for m in ("forward", "full"):
+                            res[v][m][0] = min(res[v][m][0], time_ms(fn, inputs, m))
+                for v in chosen:
+                    r = res[v]
+                    r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
+                    for mode, (ms, mib) in r.items():
+                        row = dict(op=op, mode=mode, variant=v, x_name=x_name, x=n, ms=round(ms, 4),
                                    peak_mib=round(mib, 1), gpu=gpu, date=date)
                         rows.append(row)
                         writer.writerow(row)
                     f.flush()
-                    print(f"{op:28s} {variant:9s} {n:6d}  fwd {res['forward'][0]:8.3f} ms  full {res['full'][0]:8.3f} ms"
-                          f"  peak {res['full'][1]:9.1f} MiB", flush=True)
+                    print(f"{op:28s} {v:9s} {n:6d}  fwd {r['forward'][0]:8.3f} ms  full {r['full'][0]:8.3f} ms"
+                          f"  peak {r['full'][1]:9.1f} MiB", flush=True)
                 del inputs, variants
                 torch.cuda.empty_cache()
     plot(rows, ops, out)

@@ -32,8 +32,10 @@ def _load_bench():
     return mod
 
 
-def host_ms(f, iters=50):
-    """CPU milliseconds per call of ``f`` while the GPU is busy with a queued sleep."""
+def host_ms(f, iters=20):
+    """CPU milliseconds per call of ``f`` while the GPU is busy with a queued sleep. Few
+    iterations: past about a thousand queued launches the CUDA launch queue is full and the
+    host blocks, which would read as host time."""
     for _ in range(3):
         f()
     torch.cuda.synchronize()

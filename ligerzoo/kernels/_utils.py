@@ -7,6 +7,7 @@ plain-PyTorch reference otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -17,6 +18,8 @@ import torch
 try:  # Triton is optional at import time: without it every op uses its reference.
     import triton
     import triton.language as tl  # noqa: F401
+
+    from triton import knobs as _knobs
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without triton
@@ -48,10 +51,17 @@ def triton_ok(*tensors: torch.Tensor) -> bool:
     return use_triton(tensors[0]) and all(t.dtype in KERNEL_DTYPES for t in tensors)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of ints on the host (``triton.cdiv`` is a JIT callable there, and
+    costs microseconds per call)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=1024)
 def row_settings(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for a kernel that keeps one row of ``n_cols`` in registers."""
     block = next_power_of_2(n_cols)
@@ -67,6 +77,7 @@ def row_settings(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     return block, num_warps
 
 
+@functools.lru_cache(maxsize=1024)
 def row_tile_settings(n_cols: int, max_block_rows: int, tile_elems: int, warp_scale: int = 1) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N >= n_cols columns, num_warps) of a tile of whole rows.
 
@@ -81,13 +92,15 @@ def row_tile_settings(n_cols: int, max_block_rows: int, tile_elems: int, warp_sc
     return block_m, block_n, num_warps
 
 
-def device_guard(t: torch.Tensor):
-    """Context manager that makes ``t``'s device current for the launch (multi-GPU safety)."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
+_NO_GUARD = contextlib.nullcontext()
 
-    return contextlib.nullcontext()
+
+def device_guard(t: torch.Tensor):
+    """Context manager that makes ``t``'s device current for the launch (multi-GPU safety);
+    a no-op when it already is, or for a CPU tensor."""
+    if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD
 
 
 def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -100,6 +113,18 @@ def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     if t2.stride(-1) != 1:
         t2 = t2.contiguous()
     return t2
+
+
+def non_overlapping(t: torch.Tensor) -> bool:
+    """Whether no two elements of ``t`` share memory (so a kernel may write it in place):
+    sorted by stride, every dim of size > 1 steps past the whole extent of the smaller ones.
+    (A sufficient test: False for some exotic non-overlapping layouts.)"""
+    extent = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < extent:
+            return False
+        extent += (size - 1) * stride
+    return True
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -142,8 +167,142 @@ def check_norm_param(name: str, p: torch.Tensor, x: torch.Tensor, size: int, wha
         raise ValueError(f"x is on {x.device} but {name} is on {p.device}")
 
 
+# ----------------------------------------------------------------------------- kernel launch
+# Triton's ``kernel[grid](...)`` binds and specialises every argument, builds a string
+# cache key, reads its runtime knobs and checks the kernel's globals on every call: about
+# 12 us of the 19 us a launch costs the H200 machine's CPU (benchmarks/NOTES.md), where the
+# compiled kernel's own launcher takes 7 us. For a norm over a few thousand tokens that is
+# more than the GPU time, so the launched kernels here go through DirectLaunch.
+_DIRECT_LAUNCH = os.environ.get("LIGERZOO_DIRECT_LAUNCH", "1") != "0"
+_I32_MIN, _I32_MAX = -(2**31), 2**31
+
+
+def _arg_key(args) -> tuple:
+    """What Triton specialises a launch on, per positional argument: a tensor's dtype and
+    whether its address is 16-byte aligned; an int's width and whether it equals 1 or is a
+    multiple of 16; the type of anything else (float, bool, None). Two launches with equal
+    keys (and equal keyword arguments) run the same compiled kernel."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append(a.dtype)
+            key.append(a.data_ptr() & 15 == 0)
+        elif type(a) is int:
+            key.append(1 if a == 1 else (2 if a & 15 == 0 else 3) if _I32_MIN <= a < _I32_MAX else
+                       (4 if a & 15 == 0 else 5))
+        else:
+            key.append(type(a))
+    return tuple(key)
+
+
+class DirectLaunch:
+    """A ``@triton.jit`` kernel that relaunches its compiled binary directly.
+
+    ``kernel[grid](*args, **kwargs)`` works as on the Triton kernel. The first launch of
+    each specialisation goes through Triton (which compiles and caches); later launches
+    with the same specialisation key (:func:`_arg_key` of the positional arguments, the
+    keyword arguments, the device) call the compiled kernel's launcher with the current
+    stream, skipping Triton's per-call binding. Falls back to Triton's path under the
+    interpreter, while a Triton launch hook is set (profilers), for keyword arguments that
+    do not cover the kernel's remaining parameters, and when ``LIGERZOO_DIRECT_LAUNCH=0``.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._cache: dict = {}
+        from triton.runtime.jit import JITFunction
+
+        self._direct = _DIRECT_LAUNCH and type(fn) is JITFunction
+        self._arg_names = tuple(getattr(fn, "arg_names", ()))
+
+    def __getattr__(self, name):  # warmup, arg_names, ... of the Triton kernel
+        return getattr(self.fn, name)
+
+    def __getitem__(self, grid):
+        if not self._direct:
+            return self.fn[grid]
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **kwargs):
+        device = torch._C._cuda_getDevice()
+        key = (device, _arg_key(args), tuple(kwargs.items()))
+        entry = self._cache.get(key)
+        if entry is None or _launch_hooked():
+            kernel = self.fn[grid](*args, **kwargs)
+            if entry is None:
+                names = self._arg_names[len(args):]
+                ok = all(n in kwargs for n in names) and hasattr(kernel, "packed_metadata")
+                self._cache[key] = (kernel, tuple(kwargs[n] for n in names)) if ok else False
+            return kernel
+        if entry is False:
+            return self.fn[grid](*args, **kwargs)
+        kernel, tail = entry
+        n = len(grid)
+        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                   torch._C._cuda_getCurrentRawStream(device), kernel.function, kernel.packed_metadata,
+                   None, None, None, *args, *tail)
+        return kernel
+
+
+def _launch_hooked() -> bool:
+    """Whether a Triton launch hook is installed (Triton >= 3.7 keeps an empty HookChain)."""
+    rt = _knobs.runtime
+    return any(h is not None and getattr(h, "calls", True) != [] for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def jit(fn):
+    """``triton.jit`` for a kernel launched from Python (``kernel[grid](...)``), wrapped in
+    :class:`DirectLaunch`. Device functions called from inside kernels use ``triton.jit``."""
+    return DirectLaunch(triton.jit(fn))
+
+
+# ----------------------------------------------------------------------------- partial-row sums
+if HAS_TRITON:
+    import triton.language as tl
+
+    @jit
+    def _sum_partials_kernel(
+        P,                    # (G, R, C) fp32 partial rows, contiguous
+        OUT,                  # (G, C) out: column sums, in OUT's dtype
+        n_rows, n_cols,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        col_block, group = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        cols = col_block * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        base = P + group * n_rows * n_cols
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, n_rows, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            mask = (rows[:, None] < n_rows) & col_mask[None, :]
+            acc += tl.load(base + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+        tl.store(OUT + group * n_cols + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+
+
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column sums of fp32 partial rows, rounded once to ``dtype``: ``(G, R, C) -> (G, C)``
+    (or ``(R, C) -> (C,)``). One launch in place of ``partial.sum(-2).to(dtype)`` (two
+    torch ops, each costing more host time than the launch). Sums in fp32 in a fixed order
+    (deterministic). ``partial`` must be a contiguous fp32 tensor on a device the kernels
+    run on (:func:`use_triton`)."""
+    squeeze = partial.dim() == 2
+    groups, n_rows, n_cols = (1, *partial.shape) if squeeze else partial.shape
+    out = torch.empty((n_cols,) if squeeze else (groups, n_cols), dtype=dtype, device=partial.device)
+    if n_cols == 0:
+        return out
+    if n_rows == 0:
+        return out.zero_()
+    block_c = min(max(16, next_power_of_2(n_cols)), 64)  # H = 4096: 64 programs per group
+    with device_guard(partial):
+        _sum_partials_kernel[(cdiv(n_cols, block_c), groups)](
+            partial, out, n_rows, n_cols, BLOCK_R=16, BLOCK_C=block_c, num_warps=4,
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- op registration
 _EMPTY = inspect.Parameter.empty
+_Parameter = torch.nn.Parameter  # a plain tensor to the dispatcher (no __torch_dispatch__)
 
 
 class KernelOp:
@@ -218,12 +377,15 @@ class KernelOp:
             args = args + fill
         # graph capture, dispatch modes (FakeTensorMode, selective checkpointing, make_fx) and
         # jit tracing must see the op itself
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._is_tracing():
             return self._packet(*args)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if any(type(t) is not torch.Tensor for t in tensors):
-            return self._packet(*args)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        needs_grad = False
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) is not torch.Tensor and type(a) is not _Parameter:
+                    return self._packet(*args)  # tensor subclasses (DTensor, ...) dispatch
+                needs_grad = needs_grad or a.requires_grad
+        if needs_grad and torch.is_grad_enabled():
             # without a registered autograd, the dispatcher's own handling (it refuses a backward)
             return self._function.apply(*args) if self._function is not None else self._packet(*args)
         out = self._fn(*args)

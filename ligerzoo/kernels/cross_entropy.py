@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -86,7 +86,7 @@ if HAS_TRITON:
         t = tl.where(ax < 0.5, small, big)
         return tl.where(x < 0, -t, t)
 
-    @triton.jit
+    @jit
     def _cross_entropy_kernel(
         X, stride_x,            # (N, V) logits rows (any float dtype)
         DX, stride_dx,          # (N, V) out: d(loss)/d(logits) (may be X itself)
@@ -219,7 +219,7 @@ if HAS_TRITON:
                 tl.store(ZLOSS + row, 0.0)
 
 
-    @triton.jit
+    @jit
     def _scale_rows_kernel(
         G, stride_g,            # (N, V) gradient, scaled in place
         S,                      # (N,) fp32 per-row factor
@@ -234,7 +234,7 @@ if HAS_TRITON:
         tl.store(ptr, (g * tl.load(S + row)).to(G.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
+    @jit
     def _scale_kernel(
         G,                      # (n,) contiguous, scaled in place
         S,                      # () the factor (any float dtype)
@@ -259,7 +259,7 @@ def _launch_scale(grad: torch.Tensor, scale: torch.Tensor) -> None:
     if n == 0:
         return
     with device_guard(grad):
-        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale, n, BLOCK_SIZE=_SCALE_BLOCK, num_warps=8)
+        _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](grad, scale, n, BLOCK_SIZE=_SCALE_BLOCK, num_warps=8)
 
 
 def _launch_scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -269,7 +269,7 @@ def _launch_scale_rows(grad: torch.Tensor, scale: torch.Tensor) -> None:
         return
     block, warps = _block_settings(n_cols)
     with device_guard(grad):
-        _scale_rows_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        _scale_rows_kernel[(n_rows, cdiv(n_cols, block))](
             grad, grad.stride(0), scale, n_cols, BLOCK_SIZE=block, num_warps=warps
         )
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grads
 from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm, default_chunk_size
@@ -65,7 +65,7 @@ MAX_BLOCK_SIZE = 2048
 # ----------------------------------------------------------------------------- kernel
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _fused_jsd_rows_kernel(
         S, stride_s,            # (C, V) student logits; overwritten with d(loss)/d(logits)
         T, stride_t,            # (C, V) teacher logits (read only)

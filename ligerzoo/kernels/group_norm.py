@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, multiprocessor_count, next_power_of_2, row_settings
 
 if HAS_TRITON:
@@ -61,7 +61,7 @@ _MAX_BLOCK_PARTIALS = 1024
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _gn_stats_kernel(
         X,                    # (R, S) contiguous input rows, R = N * C
         MEAN_P, M2_P,         # (R, n_split) fp32 out: per-slice mean and sum of squared deviations
@@ -103,7 +103,7 @@ if HAS_TRITON:
         tl.store(MEAN_P + out, row_mean, mask=row_mask)
         tl.store(M2_P + out, row_m2, mask=row_mask)
 
-    @triton.jit
+    @jit
     def _gn_stats_combine_kernel(
         MEAN_P, M2_P,         # (N * G, Cg * n_split) fp32 partials of each group, in order
         MEAN, RSTD,           # (N * G,) fp32 out
@@ -133,7 +133,7 @@ if HAS_TRITON:
         tl.store(MEAN + grp, mean)
         tl.store(RSTD + grp, tl.rsqrt(var + eps))
 
-    @triton.jit
+    @jit
     def _gn_fwd_kernel(
         X, Y,                 # (R, S) contiguous in / out
         W, B,                 # (C,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
@@ -165,7 +165,7 @@ if HAS_TRITON:
             y += tl.load(B + ch, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @jit
     def _gn_bwd_reduce_kernel(
         DY, X,                # (R, S) contiguous
         MEAN, RSTD,           # (N * G,) fp32
@@ -200,7 +200,7 @@ if HAS_TRITON:
         tl.store(A_P + out, tl.sum(a_acc, axis=1), mask=row_mask)
         tl.store(B_P + out, tl.sum(b_acc, axis=1), mask=row_mask)
 
-    @triton.jit
+    @jit
     def _gn_bwd_combine_kernel(
         A_P, B_P,             # (N * G, Cg * n_split) fp32 partials of each group, in order
         W,                    # (C,) weight (read only when HAS_WEIGHT)
@@ -229,7 +229,7 @@ if HAS_TRITON:
         tl.store(SUM_G + grp, tl.sum(acc_b, axis=0))
         tl.store(SUM_GX + grp, tl.sum(acc_a, axis=0))
 
-    @triton.jit
+    @jit
     def _gn_bwd_dx_kernel(
         DY, X, DX,            # (R, S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT)
@@ -276,16 +276,16 @@ class _Plan:
         self.block_s = min(next_power_of_2(self.n_cols), _MAX_BLOCK_S)
         self.block_r = max(1, min(next_power_of_2(self.n_rows), _TILE_ELEMS // self.block_s))
         _, self.num_warps = row_settings(self.block_r * self.block_s, max_block=1 << 30)
-        self.row_blocks = triton.cdiv(self.n_rows, self.block_r)
-        self.n_sblocks = triton.cdiv(self.n_cols, self.block_s)
+        self.row_blocks = cdiv(self.n_rows, self.block_r)
+        self.n_sblocks = cdiv(self.n_cols, self.block_s)
         # Reduction kernels: split rows into slices of whole blocks when the row blocks
         # alone cannot fill the device.
         target = (
             multiprocessor_count(x.device) * _PROGRAMS_PER_SM if x.device.type == "cuda" else _REDUCE_PROGRAMS_CPU
         )
-        split = min(self.n_sblocks, max(1, triton.cdiv(target, self.row_blocks)))
-        blocks_per_chunk = triton.cdiv(self.n_sblocks, split)
-        self.n_split = triton.cdiv(self.n_sblocks, blocks_per_chunk)
+        split = min(self.n_sblocks, max(1, cdiv(target, self.row_blocks)))
+        blocks_per_chunk = cdiv(self.n_sblocks, split)
+        self.n_split = cdiv(self.n_sblocks, blocks_per_chunk)
         self.chunk = blocks_per_chunk * self.block_s
         self.n_part = self.ch_per_group * self.n_split               # partials per group
         self.block_k = min(next_power_of_2(self.n_part), _MAX_BLOCK_PARTIALS)

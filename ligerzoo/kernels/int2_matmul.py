@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -48,7 +48,7 @@ _MIN_DOT_K = 32   # int8 tl.dot needs K >= 32 on NVIDIA GPUs
 # ----------------------------------------------------------------------------- kernel
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _int2_matmul_kernel(
         X, sx_m,            # (M, K) int8, unit column stride
         W, sw_n,            # (N, K // 4) uint8 packed codes, unit column stride
@@ -113,7 +113,7 @@ def _launch(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     block_n = _block(N, _BLOCK_N)
     block_kp = max(_MIN_DOT_K, _block(K4, _BLOCK_KP))
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    grid = (cdiv(M, block_m) * cdiv(N, block_n),)
     with device_guard(x):
         _int2_matmul_kernel[grid](
             x, x.stride(0), w, w.stride(0), out, out.stride(0), M, N, K4,

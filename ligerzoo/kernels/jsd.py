@@ -53,7 +53,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grads
 
@@ -114,7 +114,7 @@ if HAS_TRITON:
             loss = gy + gx
         return loss, gx, gy
 
-    @triton.jit
+    @jit
     def _jsd_kernel(
         X, stride_x,            # (N, V) student log-probs
         Y, stride_y,            # (N, V) teacher log-probs
@@ -188,7 +188,7 @@ def _jsd_op(
     device = student_logp.device
     mode = jsd_mode(beta)
     block, warps = _block_settings(n_cols)
-    n_blocks = triton.cdiv(n_cols, block) if n_cols else 0
+    n_blocks = cdiv(n_cols, block) if n_cols else 0
     scale = row_scale(labels, n_rows, ignore_index, device)
     partial = torch.zeros((n_rows, n_blocks), dtype=torch.float32, device=device)
     gs = torch.empty((n_rows, n_cols), dtype=student_logp.dtype, device=device) if need_student else None

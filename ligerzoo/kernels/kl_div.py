@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -55,7 +55,7 @@ MAX_BLOCK_SIZE = 2048
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _kl_div_fwd_kernel(
         X, stride_x,            # (N, V) input: log q
         Y, stride_y,            # (N, V) target: p, or log p when LOG_TARGET
@@ -85,7 +85,7 @@ if HAS_TRITON:
         else:
             tl.store(OUT + row * stride_out + cols, loss.to(OUT.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @jit
     def _kl_div_bwd_kernel(
         X, stride_x,            # (N, V) input (read only when NEED_DY)
         Y, stride_y,            # (N, V) target
@@ -146,7 +146,7 @@ def _kl_div_op(
     n_rows, n_cols = input.shape
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     block, warps = _block_settings(n_cols)
-    n_blocks = triton.cdiv(n_cols, block) if n_cols else 0
+    n_blocks = cdiv(n_cols, block) if n_cols else 0
     if reduced:
         partial = torch.zeros((n_rows, n_blocks), dtype=torch.float32, device=input.device)
         out = partial
@@ -199,7 +199,7 @@ def _kl_div_backward_op(
         block, warps = _block_settings(n_cols)
         dummy = gi if gi is not None else gt
         with device_guard(input):
-            _kl_div_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            _kl_div_bwd_kernel[(n_rows, cdiv(n_cols, block))](
                 input, input.stride(0), target, target.stride(0), go, s0, s1,
                 gi if gi is not None else dummy, dummy.stride(0) if gi is None else gi.stride(0),
                 gt if gt is not None else dummy, dummy.stride(0) if gt is None else gt.stride(0),

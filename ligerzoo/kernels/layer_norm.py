@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops, sum_partials
 from ligerzoo.kernels._utils import (
     HAS_TRITON,
     as_rows,
@@ -57,7 +57,7 @@ _BWD_PROGRAMS_CPU = 4
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _layer_norm_fwd_kernel(
         X, stride_x,          # (N, H) input rows
         Y, stride_y,          # (N, H) out
@@ -93,15 +93,15 @@ if HAS_TRITON:
         tl.store(MEAN + rows, mean, mask=row_mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
-    @triton.jit
+    @jit
     def _layer_norm_bwd_kernel(
         DY, stride_dy,        # (N, H) gradient of y
         X, stride_x,          # (N, H) forward input
         W,                    # (H,) weight (read only when HAS_WEIGHT)
         MEAN, RSTD,           # (N,) fp32
         DX, stride_dx,        # (N, H) out
-        DW_PARTIAL,           # (P, H) fp32 out, one partial row per program (COMPUTE_DW)
-        DB_PARTIAL,           # (P, H) fp32 out (COMPUTE_DB)
+        PARTIAL,              # (G, P, H) fp32 out: one partial row per program of dw
+                              # (COMPUTE_DW) then of db (COMPUTE_DB), G = their count
         n_rows, n_cols, rows_per_program,
         HAS_WEIGHT: tl.constexpr,
         COMPUTE_DW: tl.constexpr,
@@ -145,9 +145,13 @@ if HAS_TRITON:
                 db_acc += dy
 
         if COMPUTE_DW:
-            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+            tl.store(PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
         if COMPUTE_DB:
-            tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+            if COMPUTE_DW:
+                db_partial = PARTIAL + tl.num_programs(0) * n_cols
+            else:
+                db_partial = PARTIAL
+            tl.store(db_partial + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -173,7 +177,7 @@ def _launch_forward(x, weight, bias, eps):
     b = bias.contiguous() if bias is not None else x2
     block_m, block_n, num_warps = _blocks(n_cols)
     with device_guard(x):
-        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        _layer_norm_fwd_kernel[(cdiv(n_rows, block_m),)](
             x2, x2.stride(0), y2, y2.stride(0), w, b, mean, rstd, n_rows, n_cols, float(eps),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -181,34 +185,31 @@ def _launch_forward(x, weight, bias, eps):
     return y, mean, rstd
 
 
-def _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db):
-    """Returns dx (x's shape and dtype, contiguous) and fp32 (H,) dweight / dbias
-    (empty (0,) tensors when not requested)."""
+def _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db, param_dtype):
+    """Returns dx (x's shape and dtype, contiguous) and the (G, H) parameter gradients in
+    ``param_dtype``: dweight then dbias, each only when requested (G = 0, 1 or 2)."""
     n_cols = x.shape[-1]
+    groups = int(compute_dw) + int(compute_db)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return (dx, torch.zeros((n_cols if compute_dw else 0,), dtype=torch.float32, device=x.device),
-                torch.zeros((n_cols if compute_db else 0,), dtype=torch.float32, device=x.device))
+        return dx, torch.zeros((groups, n_cols), dtype=param_dtype, device=x.device)
     x2 = as_rows(x, n_cols)
     dy2 = as_rows(dy, n_cols)
     dx2 = dx.view(-1, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n, num_warps = _blocks(n_cols, backward=True)
     programs, rows_per_program = persistent_row_blocks(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
-    dw_partial = torch.empty((programs, n_cols) if compute_dw else (0,), dtype=torch.float32, device=x.device)
-    db_partial = torch.empty((programs, n_cols) if compute_db else (0,), dtype=torch.float32, device=x.device)
+    partial = torch.empty((groups, programs, n_cols), dtype=torch.float32, device=x.device)
     with device_guard(x):
         _layer_norm_bwd_kernel[(programs,)](
             dy2, dy2.stride(0), x2, x2.stride(0), weight.contiguous() if weight is not None else x2,
-            mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(), dx2, dx2.stride(0),
-            dw_partial if compute_dw else dx2, db_partial if compute_db else dx2,
+            mean if mean.is_contiguous() else mean.contiguous(), rstd if rstd.is_contiguous() else rstd.contiguous(),
+            dx2, dx2.stride(0), partial if groups else dx2,
             n_rows, n_cols, rows_per_program,
             HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
-    dw = dw_partial.sum(dim=0) if compute_dw else dw_partial  # (H,) fp32, or the empty placeholder
-    db = db_partial.sum(dim=0) if compute_db else db_partial
-    return dx, dw, db
+    return dx, sum_partials(partial, param_dtype)
 
 
 # ----------------------------------------------------------------------------- ops (torch.library + eager path)
@@ -234,18 +235,15 @@ def _layer_norm_backward_op(
     rstd: torch.Tensor,
     compute_dw: bool,
     compute_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
+    param_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward(dy, x, weight, mean, rstd, compute_dw, compute_db, param_dtype)
 
 
 @_layer_norm_backward_op.register_fake
-def _(dy, x, weight, mean, rstd, compute_dw, compute_db):
-    n_cols = x.shape[-1]
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty((n_cols if compute_dw else 0,), dtype=torch.float32),
-        x.new_empty((n_cols if compute_db else 0,), dtype=torch.float32),
-    )
+def _(dy, x, weight, mean, rstd, compute_dw, compute_db, param_dtype):
+    groups = int(compute_dw) + int(compute_db)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((groups, x.shape[-1]), dtype=param_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -264,13 +262,15 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[1]
     compute_db = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = ops.layer_norm_backward(dy, x, weight, mean, rstd, compute_dw, compute_db)
-    return (
-        dx,
-        dw.to(ctx.w_dtype) if compute_dw else None,
-        db.to(ctx.b_dtype) if compute_db else None,
-        None,
-    )
+    # one rounding from the fp32 sums to the parameters' dtype (fp32 kept when they differ)
+    same = not (compute_dw and compute_db) or ctx.w_dtype == ctx.b_dtype
+    param_dtype = (ctx.w_dtype if compute_dw else ctx.b_dtype) if same else torch.float32
+    if not (compute_dw or compute_db):
+        param_dtype = torch.float32
+    dx, params = ops.layer_norm_backward(dy, x, weight, mean, rstd, compute_dw, compute_db, param_dtype)  # (G, H)
+    dw = params[0].to(ctx.w_dtype) if compute_dw else None
+    db = params[-1].to(ctx.b_dtype) if compute_db else None
+    return dx, dw, db, None
 
 
 ops.layer_norm.register_autograd(_backward, setup_context=_setup_context)

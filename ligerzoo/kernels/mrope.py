@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 from ligerzoo.kernels.rope import rope
 
@@ -52,7 +52,7 @@ _MAX_BLOCK_R = 128
 # ----------------------------------------------------------------------------- kernel
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _mrope_cos_sin_kernel(
         P, sp_a, sp_b, sp_t,     # (3, B, T) position ids (any int or float dtype)
         INV,                     # (R/2,) fp32 inverse frequencies
@@ -102,7 +102,7 @@ def _launch(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: S
     block_r = min(next_power_of_2(half), _MAX_BLOCK_R)
     block_t = max(1, min(next_power_of_2(n_tokens), _TILE_ELEMS // block_r))
     num_warps = 8 if block_t * block_r >= 4096 else 4
-    grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(half, block_r))
+    grid = (cdiv(n_tokens, block_t), cdiv(half, block_r))
     with device_guard(position_ids):
         _mrope_cos_sin_kernel[grid](
             position_ids, position_ids.stride(0), position_ids.stride(1), position_ids.stride(2),

@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings
+from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings, sum_partials
 
 if HAS_TRITON:
     import triton
@@ -67,7 +67,7 @@ _BWD_PROGRAMS_CPU = 4
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
-    @triton.jit
+    @jit
     def _rms_norm_fwd_kernel(
         X, stride_x,          # (N, H) input rows
         RES, stride_res,      # (N, H) residual rows (read only when HAS_RESIDUAL)
@@ -116,7 +116,7 @@ if HAS_TRITON:
         tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(dtype), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
-    @triton.jit
+    @jit
     def _rms_norm_bwd_kernel(
         DY, stride_dy,        # (N, H) gradient of y
         X, stride_x,          # (N, H) forward input (x + residual for the fused op)
@@ -198,7 +198,7 @@ def _launch_forward(x, weight, residual, eps, offset, casting):
     y2 = y.view(-1, n_cols)
     r2 = _as_rows(residual, n_cols) if residual is not None else x2
     s2 = s.view(-1, n_cols) if s is not None else y2
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (cdiv(n_rows, block_m),)
     with device_guard(x):
         _rms_norm_fwd_kernel[grid](
             x2, x2.stride(0), r2, r2.stride(0), s2, s2.stride(0), y2, y2.stride(0),
@@ -219,7 +219,7 @@ def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     dy2 = _as_rows(dy, n_cols)
     dx2 = dx_out.view(-1, n_cols)
     dres2 = _as_rows(dres, n_cols) if dres is not None else dy2
-    rstd1 = rstd.reshape(-1).contiguous()
+    rstd1 = rstd if rstd.is_contiguous() else rstd.contiguous()  # (...) fp32, one per row
 
     block_m, block_n, num_warps = _blocks(n_cols)
     programs, rows_per_program = persistent_row_blocks(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
@@ -231,7 +231,7 @@ def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
             CASTING=CASTING_MODES[casting], HAS_DRES=dres is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
-    return dw_partial.sum(dim=0).to(weight.dtype)
+    return sum_partials(dw_partial, weight.dtype)
 
 
 # ----------------------------------------------------------------------------- ops (torch.library + eager path)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import kernel_op, ops
+from ligerzoo.kernels._utils import jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -74,7 +74,7 @@ if HAS_TRITON:
                 p = tl.load(X + heads[:, None] * sx_h + 2 * half + offs_p[None, :], mask=pmask, other=0.0)
                 tl.store(O + heads[:, None] * so_h + 2 * half + offs_p[None, :], p.to(O.dtype.element_ty), mask=pmask)
 
-    @triton.jit
+    @jit
     def _rope_kernel(
         Q, sq_b, sq_t, sq_h,          # (B, T, Hq, D) input (or output gradient)
         K, sk_b, sk_t, sk_h,          # (B, T, Hk, D)
@@ -160,13 +160,14 @@ def _launch(q, k, cos, sin, backward: bool, inplace: bool = False, out=None):
 # ----------------------------------------------------------------------------- ops (torch.library + eager path)
 @kernel_op("rope", mutates_args=())
 def _rope_op(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward_inplace: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # ``backward_inplace`` only changes the backward (see rope's docstring).
     return _launch(q, k, cos, sin, backward=False)
 
 
 @_rope_op.register_fake
-def _(q, k, cos, sin):
+def _(q, k, cos, sin, backward_inplace):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format))
 
@@ -182,6 +183,17 @@ def _rope_backward_op(
 def _(dq, dk, cos, sin):
     return (torch.empty_like(dq, memory_format=torch.contiguous_format),
             torch.empty_like(dk, memory_format=torch.contiguous_format))
+
+
+@kernel_op("rope_backward_", mutates_args=("dq", "dk"))
+def _rope_backward_inplace_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    # rotates the gradients back over themselves (unit last-dim strides)
+    _launch(dq, dk, cos, sin, backward=True, inplace=True)
+
+
+@_rope_backward_inplace_op.register_fake
+def _(dq, dk, cos, sin):
+    return None
 
 
 @kernel_op("rope_qkv_", mutates_args=("qkv",))
@@ -228,10 +240,11 @@ def _(qkv, cos, sin, n_q_heads, n_kv_heads, backward):
 
 def _rope_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused q or k gets a zero gradient below
-    q, k, cos, sin = inputs
+    q, k, cos, sin, backward_inplace = inputs
     ctx.save_for_backward(cos, sin)
     ctx.q_meta = (q.shape, q.dtype)
     ctx.k_meta = (k.shape, k.dtype)
+    ctx.backward_inplace = backward_inplace
 
 
 def _rope_backward(ctx, dq, dk):
@@ -241,8 +254,14 @@ def _rope_backward(ctx, dq, dk):
         dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=cos.device)
     if dk is None:
         dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
+    if (ctx.backward_inplace and dq.stride(-1) == 1 and dk.stride(-1) == 1 and dq is not dk
+            and _utils.non_overlapping(dq) and _utils.non_overlapping(dk)):
+        ops.rope_backward_(dq, dk, cos, sin)
+        # fresh views: the caller may still hold dq / dk (autograd would copy a gradient
+        # that is referenced elsewhere before making it a leaf's .grad)
+        return dq.view(dq.shape), dk.view(dk.shape), None, None, None
     dq_in, dk_in = ops.rope_backward(dq, dk, cos, sin)
-    return dq_in, dk_in, None, None
+    return dq_in, dk_in, None, None, None
 
 
 ops.rope.register_autograd(_rope_backward, setup_context=_rope_setup_context)
@@ -339,7 +358,7 @@ def _check_args(q, k, cos, sin):
 
 
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward_inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply rotary position embeddings to queries and keys (RoFormer, HF half-split layout).
 
@@ -353,6 +372,12 @@ def rope(
         k: (B, T, Hk, D), Hk may differ from Hq (GQA, MQA with Hk = 1).
         cos, sin: (B, T, R), (1, T, R) or (T, R), usually fp32 from :func:`rope_cos_sin`;
             R even, R <= D. Rows may carry different positions. No gradient flows to them.
+        backward_inplace: the backward rotates the incoming output gradients over
+            themselves (when their last dim has unit stride) and returns them as the
+            gradients of q and k, instead of allocating new ones (what Liger Kernel's rope
+            always does: one (q + k)-sized buffer less at the backward's peak). Only for
+            callers whose output gradients are not read again, e.g. q and k feeding
+            attention; never when they are tensors you passed to ``backward`` yourself.
 
     Returns:
         ``(q_out, k_out)``: new contiguous tensors shaped and typed like q and k.
@@ -364,4 +389,4 @@ def rope(
     cos, sin = _check_args(q, k, cos, sin)
     if not _utils.triton_ok(q, k):
         return rope_reference(q, k, cos, sin)
-    return ops.rope(q, k, cos, sin)
+    return ops.rope(q, k, cos, sin, bool(backward_inplace))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ligerzoo.kernels import _utils
-from ligerzoo.kernels._utils import KernelOp, ops
+from ligerzoo.kernels._utils import cdiv, jit, KernelOp, ops
 from ligerzoo.kernels._utils import HAS_TRITON, as_rows, device_guard, next_power_of_2
 
 if HAS_TRITON:
@@ -89,7 +89,7 @@ if HAS_TRITON:
             d = s + a * (2.0 * s * s_c) * du
         return out, d
 
-    @triton.jit
+    @jit
     def _gated_fwd_kernel(
         A, stride_a,      # (N, I) gate rows
         B, stride_b,      # (N, I) up rows
@@ -106,7 +106,7 @@ if HAS_TRITON:
         y = _gated_act(a, ACT) * b
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @jit
     def _gated_bwd_kernel(
         DY, stride_dy,    # (N, I)
         A, stride_a,      # (N, I) gate
@@ -151,7 +151,7 @@ def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int) -> torch.Tensor:
         return y
     block, num_warps = _settings(n_cols)
     with device_guard(a2):
-        _gated_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        _gated_fwd_kernel[(n_rows, cdiv(n_cols, block))](
             a2, a2.stride(0), b2, b2.stride(0), y, y.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=num_warps
         )
     return y
@@ -166,7 +166,7 @@ def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
     block, num_warps = _settings(n_cols)
     y_arg = y2 if y2 is not None else da2
     with device_guard(a2):
-        _gated_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        _gated_bwd_kernel[(n_rows, cdiv(n_cols, block))](
             dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
             da2, da2.stride(0), db2, db2.stride(0), y_arg, y_arg.stride(0), n_cols,
             ACT=act, STORE_Y=y2 is not None, BLOCK=block, num_warps=num_warps,

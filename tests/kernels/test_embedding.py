@@ -119,9 +119,27 @@ def test_embedding_backward_is_deterministic():
 def test_embedding_many_blocks(monkeypatch):
     monkeypatch.setattr(emb_mod, "_TILE_ELEMS", 16)
     monkeypatch.setattr(emb_mod, "_MAX_BLOCK_H", 8)   # 16 column blocks of H = 123, 2 ids per program
+    monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", 256)
+    monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", 64)  # backward tiles of 4 rows x 64 columns
     weight = torch.randn(V, H)
     ids = torch.randint(0, 30, (2, 11))
     _check(ids, weight, 3, torch.float32, "triton")
+
+
+@pytest.mark.parametrize("tile", [(16, 8), (64, 128), (16384, 1024)])
+@pytest.mark.parametrize("shape", [(1,), (2, 1), (5, 13), (300,)])
+def test_embedding_backward_tiles(monkeypatch, tile, shape):
+    """The backward writes dW in (rows x columns) tiles found by a binary search of the
+    sorted ids: tiny tiles (2 rows x 8 columns: many row blocks, ids at their edges, several
+    column blocks), mid-size and the default, a single id included."""
+    monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", tile[0])
+    monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", tile[1])
+    weight = torch.randn(80, H)                     # a small table: the interpreter visits every tile
+    ids = torch.randint(0, 9, shape)
+    ids.view(-1)[-1] = 79
+    if ids.numel() > 3:
+        ids.view(-1)[1] = 50
+    _check(ids, weight, 2, torch.float32, "triton")
 
 
 @parametrize_dtype
@@ -236,6 +254,27 @@ def test_gpu_embedding_llama3_table(dtype):
         # fp32: sums of up to ~1000 terms in arbitrary order
         assert_close_ulps(weight.grad, dw64, dtype, 256 if dtype == torch.float32 else 2)
         del dw64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_ids", [1, 16385, 40000])
+def test_gpu_embedding_sizes_and_invalid_ids(n_ids):
+    """A single id and many; ids outside [0, V) read zero rows and send no gradient."""
+    torch.manual_seed(0)
+    Vg, Hg = 128256, 256
+    weight = torch.randn(Vg, Hg, device="cuda").requires_grad_()
+    ids = torch.randint(0, 50, (n_ids,), device="cuda")
+    if n_ids > 2:
+        ids[1], ids[2] = -5, Vg + 3
+    out = embedding(ids, weight)
+    valid = (ids >= 0) & (ids < Vg)
+    assert torch.equal(out[valid], weight.detach()[ids[valid]]) and torch.count_nonzero(out[~valid]) == 0
+    g = torch.randn(n_ids, Hg, device="cuda")
+    out.backward(g)
+    dw64 = torch.zeros(Vg, Hg, dtype=torch.float64, device="cuda")
+    dw64.index_add_(0, ids[valid], g[valid].double())
+    assert_close_ulps(weight.grad, dw64, torch.float32, 256)
 
 
 @pytest.mark.gpu

@@ -200,8 +200,8 @@ def test_layer_norm_opcheck_and_compile():
     opcheck(torch.ops.ligerzoo.layer_norm, (x, None, None, 1e-5))
     _, mean, rstd = torch.ops.ligerzoo.layer_norm(x.detach(), w.detach(), b.detach(), 1e-5)
     dy = torch.randn(5, 13)
-    opcheck(torch.ops.ligerzoo.layer_norm_backward, (dy, x.detach(), w.detach(), mean, rstd, True, True))
-    opcheck(torch.ops.ligerzoo.layer_norm_backward, (dy, x.detach(), None, mean, rstd, False, False))
+    opcheck(torch.ops.ligerzoo.layer_norm_backward, (dy, x.detach(), w.detach(), mean, rstd, True, True, torch.float32))
+    opcheck(torch.ops.ligerzoo.layer_norm_backward, (dy, x.detach(), None, mean, rstd, False, False, torch.float32))
 
     g = torch.randn(5, 13)
 

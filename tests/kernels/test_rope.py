@@ -210,13 +210,50 @@ def test_rope_errors():
         rope_cos_sin(torch.zeros(1, 2, 3), _inv_freq(8))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded"])
+def test_rope_backward_inplace(layout):
+    """backward_inplace=True: the same gradients, written over the incoming output
+    gradients when they can be (unit last-dim stride, no overlapping elements); expanded
+    gradients (stride 0) are never written."""
+    B, T, Hq, Hk, D, R = 2, 5, 4, 2, 16, 12
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(R))
+    q = torch.randn(B, T, Hq, D, requires_grad=True)
+    k = torch.randn(B, T, Hk, D, requires_grad=True)
+    if layout == "contiguous":
+        gq, gk = torch.randn(B, T, Hq, D), torch.randn(B, T, Hk, D)
+    elif layout == "transposed":  # what attention's backward hands back: (B, H, T, D) storage
+        gq, gk = torch.randn(B, Hq, T, D).transpose(1, 2), torch.randn(B, Hk, T, D).transpose(1, 2)
+    else:
+        gq, gk = torch.randn(1, 1, 1, D).expand(B, T, Hq, D), torch.randn(1, T, 1, D).expand(B, T, Hk, D)
+    gq0, gk0 = gq.clone(), gk.clone()
+    expected = torch.autograd.grad(rope(q, k, cos, sin), (q, k), (gq.clone(), gk.clone()))
+    dq, dk = torch.autograd.grad(rope(q, k, cos, sin, backward_inplace=True), (q, k), (gq, gk))
+    torch.testing.assert_close(dq, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(dk, expected[1], rtol=0, atol=0)
+    if layout == "expanded":
+        assert torch.equal(gq, gq0) and torch.equal(gk, gk0)
+    else:
+        assert dq.data_ptr() == gq.data_ptr() and dk.data_ptr() == gk.data_ptr()
+
+
+def test_non_overlapping():
+    from ligerzoo.kernels._utils import non_overlapping
+
+    t = torch.randn(2, 3, 4, 5)
+    assert non_overlapping(t) and non_overlapping(t.transpose(1, 2)) and non_overlapping(t[:, :, ::2])
+    assert not non_overlapping(torch.randn(1, 5).expand(3, 5))
+    assert not non_overlapping(torch.randn(10).as_strided((3, 4), (2, 1)))
+    assert non_overlapping(torch.randn(1, 1, 3).expand(1, 1, 3))  # size-1 dims do not count
+
+
 def test_rope_opcheck_and_compile():
     from torch.library import opcheck
 
     q = torch.randn(2, 3, 4, 8, requires_grad=True)
     k = torch.randn(2, 3, 1, 8, requires_grad=True)
     cos, sin = rope_cos_sin(_positions(2, 3), _inv_freq(6))
-    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin))
+    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin, False))
+    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin, True))
     opcheck(torch.ops.ligerzoo.rope_backward, (q.detach(), k.detach(), cos, sin))
 
     def f(q, k):
