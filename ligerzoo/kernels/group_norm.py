@@ -39,6 +39,7 @@ import torch
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, multiprocessor_count, next_power_of_2, row_settings
+from ligerzoo.kernels._utils import sum_partials
 
 if HAS_TRITON:
     import triton
@@ -56,6 +57,11 @@ _TILE_ELEMS = 4096
 _PROGRAMS_PER_SM = 4
 _REDUCE_PROGRAMS_CPU = 4
 _MAX_BLOCK_PARTIALS = 1024
+# With at least this many (sample, group) pairs per SM (or _WHOLE_GROUP_PROGRAMS_CPU under
+# the interpreter), one program per pair does the whole group: one launch forward, two
+# backward (the parameter-gradient sums), instead of three and three plus sums.
+_WHOLE_GROUP_PROGRAMS_PER_SM = 2
+_WHOLE_GROUP_PROGRAMS_CPU = 4
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -263,6 +269,120 @@ if HAS_TRITON:
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+if HAS_TRITON:
+
+    # Whole-group kernels: one program per (sample, group) reads its Cg x S values
+    # (channel rows of S, tiles of BLOCK_C x BLOCK_S) several times, from L2 after the
+    # first pass. Used when there are enough (sample, group) pairs to fill the GPU.
+    @jit
+    def _gn_group_fwd_kernel(
+        X, Y,                 # (N * G, Cg, S) contiguous
+        W, B,                 # (C,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
+        MEAN, RSTD,           # (N * G,) fp32 out
+        n_groups, ch_per_group, n_cols, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        base = pid.to(tl.int64) * ch_per_group * n_cols
+        ch0 = (pid % n_groups) * ch_per_group
+        numel = ch_per_group * n_cols
+        cc, ss = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_S)
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for c0 in range(0, ch_per_group, BLOCK_C):
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = ((c0 + cc) < ch_per_group)[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
+                acc += tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(acc) / numel
+        acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        for c0 in range(0, ch_per_group, BLOCK_C):                   # second pass: no cancellation
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = ((c0 + cc) < ch_per_group)[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
+                d = tl.where(mask, tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
+                acc += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(acc) / numel + eps)
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
+        for c0 in range(0, ch_per_group, BLOCK_C):
+            c_mask = (c0 + cc) < ch_per_group
+            scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+            if HAS_WEIGHT:
+                scale = scale * tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+            shift = -mean * scale
+            if HAS_BIAS:
+                shift = shift + tl.load(B + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
+                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                y = x * scale[:, None] + shift[:, None]
+                tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @jit
+    def _gn_group_bwd_kernel(
+        DY, X, DX,            # (N * G, Cg, S) contiguous
+        W,                    # (C,) weight (read only when HAS_WEIGHT)
+        MEAN, RSTD,           # (N * G,) fp32
+        PARTIAL,              # (P, N, C) fp32 out: per-sample sum(dy * xhat) (COMPUTE_DW) then
+                              # sum(dy) (COMPUTE_DB) of every channel
+        n_samples, n_groups, ch_per_group, n_cols,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        base = pid.to(tl.int64) * ch_per_group * n_cols
+        ch0 = (pid % n_groups) * ch_per_group
+        n_channels = n_groups * ch_per_group
+        row0 = pid.to(tl.int64) * ch_per_group             # = n * C + ch0: this group's rows of (N, C)
+        db_part = PARTIAL + (n_samples * n_channels if COMPUTE_DW else 0)
+        numel = ch_per_group * n_cols
+        mean = tl.load(MEAN + pid)
+        rstd = tl.load(RSTD + pid)
+        cc, ss = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_S)
+        # pass 1: per channel A = sum(dy * xhat), B = sum(dy); sum(g) = sum_c w A... (see module doc)
+        sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, ch_per_group, BLOCK_C):
+            c_mask = (c0 + cc) < ch_per_group
+            a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
+                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                a += dy * tl.where(mask, (x - mean) * rstd, 0.0)
+                b += dy
+            a_c, b_c = tl.sum(a, axis=1), tl.sum(b, axis=1)                  # (BLOCK_C,)
+            if COMPUTE_DW:
+                tl.store(PARTIAL + row0 + c0 + cc, a_c, mask=c_mask)
+            if COMPUTE_DB:
+                tl.store(db_part + row0 + c0 + cc, b_c, mask=c_mask)
+            if HAS_WEIGHT:
+                w = tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+                a_c, b_c = a_c * w, b_c * w
+            sum_gx += a_c
+            sum_g += b_c
+        k_g = tl.sum(sum_g) / numel
+        k_gx = tl.sum(sum_gx) / numel
+        # pass 2: dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L)
+        for c0 in range(0, ch_per_group, BLOCK_C):
+            c_mask = (c0 + cc) < ch_per_group
+            scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+            if HAS_WEIGHT:
+                scale = scale * tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
+                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                dx = dy * scale[:, None] - rstd * (k_g + xhat * k_gx)
+                tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 class _Plan:
     """Tile sizes and grid of one (N, C, S) problem."""
@@ -291,13 +411,43 @@ class _Plan:
         self.block_k = min(next_power_of_2(self.n_part), _MAX_BLOCK_PARTIALS)
 
 
+def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of the whole-group kernels."""
+    block_s = min(next_power_of_2(n_cols), _MAX_BLOCK_S)
+    return max(1, min(next_power_of_2(ch_per_group), _TILE_ELEMS // block_s)), block_s
+
+
+def _whole_groups(x: torch.Tensor, num_groups: int) -> bool:
+    """Whether one program per (sample, group) fills the device (else the split kernels)."""
+    programs = x.shape[0] * num_groups
+    if x.device.type == "cuda":
+        return programs >= multiprocessor_count(x.device) * _WHOLE_GROUP_PROGRAMS_PER_SM
+    return programs >= _WHOLE_GROUP_PROGRAMS_CPU
+
+
 def _launch_forward(x, num_groups, weight, bias, eps):
     n = x.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return y, x.new_zeros((n, num_groups), dtype=torch.float32), x.new_zeros((n, num_groups), dtype=torch.float32)
+    if _whole_groups(x, num_groups):
+        mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+        rstd = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+        xc = x if x.is_contiguous() else x.contiguous()
+        ch_per_group = x.shape[1] // num_groups
+        n_cols = xc.numel() // (n * x.shape[1])
+        block_c, block_s = _group_tiles(ch_per_group, n_cols)
+        with device_guard(x):
+            _gn_group_fwd_kernel[(n * num_groups,)](
+                xc, y, weight.contiguous() if weight is not None else xc, bias.contiguous() if bias is not None else xc,
+                mean, rstd,
+                num_groups, ch_per_group, n_cols, float(eps),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+            )
+        return y, mean, rstd
     mean = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
-    if x.numel() == 0:
-        return y, mean, rstd
     p = _Plan(x, num_groups)
     xc = x.contiguous()                                                  # (N, C, *) = (R, S) rows
     mean_p = torch.empty((p.n_rows, p.n_split), dtype=torch.float32, device=x.device)
@@ -321,15 +471,30 @@ def _launch_forward(x, num_groups, weight, bias, eps):
     return y, mean, rstd
 
 
-def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db):
-    """Returns dx (x's shape and dtype, contiguous) and fp32 (C,) dweight / dbias (empty
-    (0,) tensors when not requested)."""
-    c = x.shape[1]
+def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype):
+    """Returns dx (x's shape and dtype, contiguous) and the (P, C) parameter gradients in
+    ``param_dtype``: dweight then dbias, each only when requested (P = 0, 1 or 2)."""
+    n, c = x.shape[0], x.shape[1]
+    n_params = int(compute_dw) + int(compute_db)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.zeros((c if compute_dw else 0,), dtype=torch.float32, device=x.device)
-    db = torch.zeros((c if compute_db else 0,), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return dx, dw, db
+        return dx, torch.zeros((n_params, c), dtype=param_dtype, device=x.device)
+    if _whole_groups(x, num_groups):
+        xc = x if x.is_contiguous() else x.contiguous()
+        dyc = dy if dy.is_contiguous() else dy.contiguous()
+        ch_per_group = c // num_groups
+        n_cols = xc.numel() // (n * c)
+        block_c, block_s = _group_tiles(ch_per_group, n_cols)
+        partial = torch.empty((n_params, n, c), dtype=torch.float32, device=x.device)
+        with device_guard(x):
+            _gn_group_bwd_kernel[(n * num_groups,)](
+                dyc, xc, dx, weight.contiguous() if weight is not None else xc,
+                mean if mean.is_contiguous() else mean.contiguous(), rstd if rstd.is_contiguous() else rstd.contiguous(),
+                partial if n_params else dx, n, num_groups, ch_per_group, n_cols,
+                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+            )
+        return dx, sum_partials(partial, param_dtype)
     p = _Plan(x, num_groups)
     xc, dyc = x.contiguous(), dy.contiguous()
     mean1, rstd1 = mean.contiguous(), rstd.contiguous()
@@ -352,11 +517,13 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
             p.n_rows, p.n_cols, p.n_channels, p.ch_per_group, p.n_sblocks, float(p.group_numel),
             HAS_WEIGHT=weight is not None, BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
         )
+    sums = []
     if compute_dw:
-        dw = a_p.view(x.shape[0], c, p.n_split).sum(dim=(0, 2))
+        sums.append(a_p.view(n, c, p.n_split).sum(dim=(0, 2)))
     if compute_db:
-        db = b_p.view(x.shape[0], c, p.n_split).sum(dim=(0, 2))
-    return dx, dw, db
+        sums.append(b_p.view(n, c, p.n_split).sum(dim=(0, 2)))
+    params = torch.stack(sums) if sums else torch.empty((0, c), dtype=torch.float32, device=x.device)
+    return dx, params.to(param_dtype)
 
 
 # ----------------------------------------------------------------------------- ops (torch.library + eager path)
@@ -383,18 +550,15 @@ def _group_norm_backward_op(
     rstd: torch.Tensor,
     compute_dw: bool,
     compute_db: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db)
+    param_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype)
 
 
 @_group_norm_backward_op.register_fake
-def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db):
-    c = x.shape[1]
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty((c if compute_dw else 0,), dtype=torch.float32),
-        x.new_empty((c if compute_db else 0,), dtype=torch.float32),
-    )
+def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype):
+    n_params = int(compute_dw) + int(compute_db)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((n_params, x.shape[1]), dtype=param_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -414,14 +578,19 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[2]
     compute_db = ctx.has_bias and ctx.needs_input_grad[3]
-    dx, dw, db = ops.group_norm_backward(
-        dy, x, ctx.num_groups, weight, mean, rstd, compute_dw, compute_db
-    )
+    # one rounding from the fp32 sums to the parameters' dtype (fp32 kept when they differ)
+    if compute_dw and compute_db and ctx.w_dtype != ctx.b_dtype:
+        param_dtype = torch.float32
+    else:
+        param_dtype = ctx.w_dtype if compute_dw else ctx.b_dtype if compute_db else torch.float32
+    dx, params = ops.group_norm_backward(
+        dy, x, ctx.num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype
+    )                                                                    # (P, C)
     return (
         dx,
         None,
-        dw.to(ctx.w_dtype) if compute_dw else None,
-        db.to(ctx.b_dtype) if compute_db else None,
+        params[0].to(ctx.w_dtype) if compute_dw else None,
+        params[-1].to(ctx.b_dtype) if compute_db else None,
         None,
     )
 

@@ -24,6 +24,14 @@ from tests.kernels.helpers import (
 gn_mod = kernel_module("group_norm")
 
 
+@pytest.fixture(params=["whole_group", "split"])
+def kernels(request, monkeypatch):
+    """The two Triton layouts: one program per (sample, group), or the split reductions
+    (chosen by the (sample, group) count; forced here)."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0 if request.param == "whole_group" else 10**9)
+    return request.param
+
+
 ULPS = {torch.float32: 64, torch.bfloat16: 2}
 
 
@@ -81,14 +89,14 @@ SHAPES = [
 
 @parametrize_dtype
 @pytest.mark.parametrize("shape,groups", SHAPES)
-def test_group_norm_matches_float64(path, dtype, shape, groups):
+def test_group_norm_matches_float64(path, kernels, dtype, shape, groups):
     x, w, b = _inputs(shape, dtype)
     grads = _check(x, groups, w, b, dtype, ULPS[dtype])
     assert [g.dtype for g in grads] == [dtype] * 3
 
 
 @pytest.mark.parametrize("affine", ["weight_only", "bias_only", "none"])
-def test_group_norm_without_affine(path, affine):
+def test_group_norm_without_affine(path, kernels, affine):
     x, w, b = _inputs((2, 6, 5, 7), torch.float32)
     w = w if affine == "weight_only" else None
     b = b if affine == "bias_only" else None
@@ -108,7 +116,7 @@ def test_group_norm_matches_torch_bf16():
     assert_close_ulps(group_norm(x, 3, w, b), F.group_norm(x, 3, w, b), torch.bfloat16, 2)
 
 
-def test_group_norm_large_mean():
+def test_group_norm_large_mean(kernels):
     """Welford statistics: no E[x^2] - mean^2 cancellation."""
     x = torch.randn(2, 6, 5, 7) + 100.0
     w, b = 1.0 + 0.3 * torch.randn(6), torch.randn(6)
@@ -130,6 +138,7 @@ def test_group_norm_tiling_and_splits(monkeypatch, shape, groups, max_block_s, t
     monkeypatch.setattr(gn_mod, "_TILE_ELEMS", tile)
     monkeypatch.setattr(gn_mod, "_REDUCE_PROGRAMS_CPU", programs)
     monkeypatch.setattr(gn_mod, "_MAX_BLOCK_PARTIALS", max_partials)
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 10**9)
     x, w, b = _inputs(shape, torch.float32)
     plan = gn_mod._Plan(x, groups)
     assert plan.n_split == n_split and (plan.block_s < plan.n_cols or plan.block_r > 1)
@@ -137,6 +146,21 @@ def test_group_norm_tiling_and_splits(monkeypatch, shape, groups, max_block_s, t
         assert plan.chunk % plan.block_s == 0
         assert (plan.n_split - 1) * plan.chunk < plan.n_cols <= plan.n_split * plan.chunk
     _check(x, groups, w, b, torch.float32, 64)
+
+
+@pytest.mark.parametrize("shape,groups,max_block_s,tile", [
+    ((3, 8, 37), 2, 8, 16),     # 4 channels x 37 values per group in 2 x 8 tiles: loops over both
+    ((2, 12), 4, 1024, 2),      # no spatial dims, 3 channels per group in tiles of 2
+    ((2, 6, 5, 7), 3, 16, 16),  # one channel per tile row, 35 values in 3 spatial blocks
+])
+def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, tile):
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_MAX_BLOCK_S", max_block_s)
+    monkeypatch.setattr(gn_mod, "_TILE_ELEMS", tile)
+    x, w, b = _inputs(shape, torch.float32)
+    _check(x, groups, w, b, torch.float32, 64)
+    _check(x, groups, w, None, torch.float32, 64)
+    _check(x, groups, None, b, torch.float32, 64)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
@@ -216,8 +240,8 @@ def test_group_norm_opcheck_and_compile():
     opcheck(torch.ops.ligerzoo.group_norm, (x, 2, None, None, 1e-5))
     _, mean, rstd = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
     dy = torch.randn(2, 6, 3, 5)
-    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, w.detach(), mean, rstd, True, True))
-    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, None, mean, rstd, False, False))
+    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, w.detach(), mean, rstd, True, True, torch.float32))
+    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, None, mean, rstd, False, False, torch.float32))
 
     g = torch.randn(2, 6, 3, 5)
 
