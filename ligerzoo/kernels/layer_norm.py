@@ -50,7 +50,7 @@ __all__ = ["layer_norm", "layer_norm_reference"]
 # programs per SM (a fixed count on CPU). Module-level so tests can shrink them.
 _MAX_BLOCK_ROWS = 16
 _TILE_ELEMS = 4096
-_BWD_PROGRAMS_PER_SM = 2
+_BWD_PROGRAMS_PER_SM = 1
 _BWD_PROGRAMS_CPU = 4
 
 

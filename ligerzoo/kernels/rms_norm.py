@@ -59,8 +59,9 @@ CASTING_MODES = {"llama": 0, "gemma": 1, "none": 2}
 _MAX_BLOCK_ROWS = 16
 _TILE_ELEMS = 4096
 # Backward programs per streaming multiprocessor (each owns a contiguous block of rows
-# and one fp32 partial row of dw). On CPU (interpreter) a fixed small count is used.
-_BWD_PROGRAMS_PER_SM = 2
+# and one fp32 partial row of dw; one per SM keeps the partial rows as small as Liger's).
+# On CPU (interpreter) a fixed small count is used.
+_BWD_PROGRAMS_PER_SM = 1
 _BWD_PROGRAMS_CPU = 4
 
 
