@@ -106,6 +106,8 @@ def device_guard(t: torch.Tensor):
 def as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(..., n_cols) -> (N, n_cols) with unit column stride: a view whenever the strides
     allow (e.g. a column slice of a wider tensor), else a contiguous copy."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t
     n_rows = 1
     for d in t.shape[:-1]:
         n_rows *= d

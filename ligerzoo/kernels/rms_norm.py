@@ -175,6 +175,8 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- launchers
 def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """(..., H) -> (N, H) view with unit column stride (copies only when it must)."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t  # already rows (each reshape / view costs host time)
     t2 = t.reshape(-1, n_cols)
     if t2.stride(-1) != 1:
         t2 = t2.contiguous()
@@ -196,9 +198,9 @@ def _launch_forward(x, weight, residual, eps, offset, casting):
     if n_rows == 0:
         return y, s, rstd
     block_m, block_n, num_warps = _blocks(n_cols)
-    y2 = y.view(-1, n_cols)
+    y2 = _as_rows(y, n_cols)
     r2 = _as_rows(residual, n_cols) if residual is not None else x2
-    s2 = s.view(-1, n_cols) if s is not None else y2
+    s2 = _as_rows(s, n_cols) if s is not None else y2
     grid = (cdiv(n_rows, block_m),)
     with device_guard(x):
         _rms_norm_fwd_kernel[grid](
@@ -218,7 +220,7 @@ def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     if n_rows == 0:
         return torch.zeros_like(weight)
     dy2 = _as_rows(dy, n_cols)
-    dx2 = dx_out.view(-1, n_cols)
+    dx2 = _as_rows(dx_out, n_cols)
     dres2 = _as_rows(dres, n_cols) if dres is not None else dy2
     rstd1 = rstd if rstd.is_contiguous() else rstd.contiguous()  # (...) fp32, one per row
 
