@@ -61,7 +61,6 @@ def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=1024)
 def row_settings(n_cols: int, max_block: int = 65536) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps) for a kernel that keeps one row of ``n_cols`` in registers."""
     block = next_power_of_2(n_cols)
@@ -129,6 +128,18 @@ def non_overlapping(t: torch.Tensor) -> bool:
     return True
 
 
+def disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` (first to last element) do not meet, so
+    writing one cannot change the other. Conservative: interleaved views count as meeting.
+    Needs real tensors (data pointers)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return True
+    pa, pb = a.data_ptr(), b.data_ptr()
+    ea = pa + (sum((sz - 1) * st for sz, st in zip(a.shape, a.stride())) + 1) * a.element_size()
+    eb = pb + (sum((sz - 1) * st for sz, st in zip(b.shape, b.stride())) + 1) * b.element_size()
+    return ea <= pb or eb <= pa
+
+
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 for any other device); cached per device."""
     if device.type == "cuda":
@@ -176,22 +187,23 @@ def check_norm_param(name: str, p: torch.Tensor, x: torch.Tensor, size: int, wha
 # compiled kernel's own launcher takes 7 us. For a norm over a few thousand tokens that is
 # more than the GPU time, so the launched kernels here go through DirectLaunch.
 _DIRECT_LAUNCH = os.environ.get("LIGERZOO_DIRECT_LAUNCH", "1") != "0"
-_I32_MIN, _I32_MAX = -(2**31), 2**31
+_I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31, 2**63
 
 
 def _arg_key(args) -> tuple:
-    """What Triton specialises a launch on, per positional argument: a tensor's dtype and
-    whether its address is 16-byte aligned; an int's width and whether it equals 1 or is a
-    multiple of 16; the type of anything else (float, bool, None). Two launches with equal
-    keys (and equal keyword arguments) run the same compiled kernel."""
+    """What Triton specialises a launch on, per positional (runtime) argument: a tensor's
+    dtype and whether its address is 16-byte aligned; an int's value class (== 1, which
+    Triton makes a constant; i32, i64 or u64; a multiple of 16 or not); the type of
+    anything else (float, bool, None). Two launches with equal keys (and equal keyword
+    arguments, which must hold every constexpr) run the same compiled kernel."""
     key = []
     for a in args:
         if isinstance(a, torch.Tensor):
             key.append(a.dtype)
             key.append(a.data_ptr() & 15 == 0)
-        elif type(a) is int:
-            key.append(1 if a == 1 else (2 if a & 15 == 0 else 3) if _I32_MIN <= a < _I32_MAX else
-                       (4 if a & 15 == 0 else 5))
+        elif isinstance(a, int) and not isinstance(a, bool):  # int subclasses by value, as Triton
+            width = 0 if _I32_MIN <= a < _I32_MAX else (1 if a < _U64_MIN else 2)
+            key.append(-1 if a == 1 else width * 2 + (a & 15 == 0))
         else:
             key.append(type(a))
     return tuple(key)
@@ -205,8 +217,11 @@ class DirectLaunch:
     with the same specialisation key (:func:`_arg_key` of the positional arguments, the
     keyword arguments, the device) call the compiled kernel's launcher with the current
     stream, skipping Triton's per-call binding. Falls back to Triton's path under the
-    interpreter, while a Triton launch hook is set (profilers), for keyword arguments that
-    do not cover the kernel's remaining parameters, and when ``LIGERZOO_DIRECT_LAUNCH=0``.
+    interpreter, while a Triton launch hook is set (profilers), when the positional
+    arguments reach into the constexpr parameters or the keyword arguments do not cover
+    the remaining parameters, and when ``LIGERZOO_DIRECT_LAUNCH=0``. Tensors must be
+    passed by position (TypeError otherwise). Triton settings changed after a kernel's
+    first launch (``knobs``, environment) do not reach its later direct launches.
     """
 
     def __init__(self, fn):
@@ -216,6 +231,9 @@ class DirectLaunch:
 
         self._direct = _DIRECT_LAUNCH and type(fn) is JITFunction
         self._arg_names = tuple(getattr(fn, "arg_names", ()))
+        params = getattr(fn, "params", ())
+        # how many leading parameters are runtime values (constexprs must come by keyword)
+        self._n_runtime = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
 
     def __getattr__(self, name):  # warmup, arg_names, ... of the Triton kernel
         return getattr(self.fn, name)
@@ -230,10 +248,13 @@ class DirectLaunch:
         key = (device, _arg_key(args), tuple(kwargs.items()))
         entry = self._cache.get(key)
         if entry is None or _launch_hooked():
+            if entry is None and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+                raise TypeError(f"{getattr(self.fn, '__name__', 'kernel')}: pass tensors by position to a DirectLaunch kernel")
             kernel = self.fn[grid](*args, **kwargs)
             if entry is None:
                 names = self._arg_names[len(args):]
-                ok = all(n in kwargs for n in names) and hasattr(kernel, "packed_metadata")
+                ok = (len(args) <= self._n_runtime and all(n in kwargs for n in names)
+                      and hasattr(kernel, "packed_metadata"))
                 self._cache[key] = (kernel, tuple(kwargs[n] for n in names)) if ok else False
             return kernel
         if entry is False:
@@ -247,7 +268,8 @@ class DirectLaunch:
 
 
 def _launch_hooked() -> bool:
-    """Whether a Triton launch hook is installed (Triton >= 3.7 keeps an empty HookChain)."""
+    """Whether a Triton launch hook is installed (recent Tritons keep an empty HookChain
+    where older ones had None)."""
     rt = _knobs.runtime
     return any(h is not None and getattr(h, "calls", True) != [] for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
@@ -314,7 +336,7 @@ class KernelOp:
     torch.compile, AOTAutograd, tensor subclasses (DTensor, ...), any active
     ``TorchDispatchMode`` (fake tensors, ``make_fx``, selective activation checkpointing's
     policy) and ``torch.jit.trace`` see the custom op, so graphs capture it whole. Plain
-    tensors in eager mode outside those skip the dispatcher: the Python body runs directly,
+    tensors and ``nn.Parameter`` in eager mode outside those skip the dispatcher: the Python body runs directly,
     and an op with autograd runs through an equivalent ``torch.autograd.Function`` built from
     the same ``setup_context`` and ``backward``.
     The custom-op dispatch costs tens of microseconds per call, about the GPU time of a

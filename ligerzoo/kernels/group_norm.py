@@ -16,8 +16,14 @@ L values of each (n, g)::
     dweight = sum over n and spatial of dy * xhat
     dbias   = sum over n and spatial of dy
 
-Layout of the computation. ``x`` is seen as ``N * C`` rows of ``S`` values (contiguous),
-so every row lies in one group and one channel:
+Layout of the computation. When there are at least two (sample, group) pairs per SM
+(the usual case in training), one program per pair does the whole group, reading its
+``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
+variance of the deviations (two passes, no cancellation), then ``y``; backward, per
+channel ``A = sum(dy * xhat)`` and ``B = sum(dy)`` (written as per-sample fp32 partial rows
+of ``dweight`` / ``dbias``, summed over samples by one more launch), then ``dx``.
+Otherwise (few, large groups) ``x`` is seen as ``N * C`` rows of ``S`` values
+(contiguous), so every row lies in one group and one channel, and the work is split:
 
 - forward: (1) a reduction kernel computes, per row (and per slice of the row when
   there are too few rows to fill the GPU), the mean and sum of squared deviations with
@@ -341,7 +347,7 @@ if HAS_TRITON:
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
         cc, ss = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_S)
-        # pass 1: per channel A = sum(dy * xhat), B = sum(dy); sum(g) = sum_c w A... (see module doc)
+        # pass 1: per channel A = sum(dy * xhat), B = sum(dy); sum(g) = sum_c w B, sum(g * xhat) = sum_c w A
         sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, ch_per_group, BLOCK_C):

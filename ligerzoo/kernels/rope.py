@@ -247,6 +247,16 @@ def _rope_setup_context(ctx, inputs, output):
     ctx.backward_inplace = backward_inplace
 
 
+def _can_overwrite(dq: torch.Tensor, dk: torch.Tensor) -> bool:
+    """Whether the backward may rotate the output gradients over themselves: real tensors
+    (not traced: compiled graphs get the out-of-place op), unit last-dim strides, no
+    element shared inside either or between them (e.g. two views of one buffer)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or type(dq) is not torch.Tensor:
+        return False
+    return (dq.stride(-1) == 1 and dk.stride(-1) == 1 and _utils.non_overlapping(dq)
+            and _utils.non_overlapping(dk) and _utils.disjoint(dq, dk))
+
+
 def _rope_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
     # An output that did not reach the loss has a zero gradient.
@@ -254,8 +264,7 @@ def _rope_backward(ctx, dq, dk):
         dq = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=cos.device)
     if dk is None:
         dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
-    if (ctx.backward_inplace and dq.stride(-1) == 1 and dk.stride(-1) == 1 and dq is not dk
-            and _utils.non_overlapping(dq) and _utils.non_overlapping(dk)):
+    if ctx.backward_inplace and _can_overwrite(dq, dk):
         ops.rope_backward_(dq, dk, cos, sin)
         # fresh views: the caller may still hold dq / dk (autograd would copy a gradient
         # that is referenced elsewhere before making it a leaf's .grad)

@@ -23,10 +23,16 @@ class _Compiled:
         self.runs.append(launch)
 
 
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
 class _FakeJIT:
     """Stands for a JITFunction of ``kernel(X, n, eps, BLOCK: constexpr, FLAG: constexpr)``."""
 
     arg_names = ["X", "n", "eps", "BLOCK", "FLAG"]
+    params = [_Param(n, n in ("BLOCK", "FLAG")) for n in arg_names]
 
     def __init__(self):
         self.triton_launches = []
@@ -61,8 +67,16 @@ def test_arg_key_follows_triton_specialisation():
     assert key((16,)) == key((4096,)) and key((3,)) == key((4095,))
     assert key((2**31 - 1,)) != key((2**31,))  # i32 -> i64
     assert key((-16,)) == key((16,))
+    assert key((2**62,)) != key((2**63,))      # i64 -> u64
     # bool is not int, float is its own type, None too
     assert len({key((True,)), key((1,)), key((1.0,)), key((None,))}) == 4
+    # int subclasses are keyed by value, as Triton does (an IntEnum member of 1 is a constant)
+    import enum
+
+    class E(enum.IntEnum):
+        ONE, SEVENTEEN = 1, 17
+
+    assert key((E.ONE,)) == key((1,)) and key((E.SEVENTEEN,)) == key((17,)) != key((E.ONE,))
 
 
 def test_relaunch_skips_triton_with_the_same_specialisation(fake):
@@ -112,6 +126,17 @@ def test_launch_hook_and_partial_kwargs_use_triton(fake, monkeypatch):
     monkeypatch.setattr(_utils, "_launch_hooked", lambda: True)  # e.g. a profiler's hook
     k[(1,)](x, 128, 0.5, BLOCK=64, FLAG=True)
     assert len(jit_fn.triton_launches) == 4
+
+
+def test_constexpr_by_position_or_tensor_by_keyword(fake):
+    k, jit_fn = fake
+    x = torch.zeros(64)
+    for block in (32, 64):  # a constexpr passed by position: never relaunched directly
+        k[(1,)](x, 128, 0.5, block, FLAG=True)
+        k[(1,)](x, 128, 0.5, block, FLAG=True)
+    assert len(jit_fn.triton_launches) == 4
+    with pytest.raises(TypeError, match="by position"):
+        k[(1,)](x, 128, eps=x, BLOCK=64, FLAG=True)
 
 
 def test_interpreter_kernels_keep_triton_launch():

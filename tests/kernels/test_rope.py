@@ -210,7 +210,7 @@ def test_rope_errors():
         rope_cos_sin(torch.zeros(1, 2, 3), _inv_freq(8))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded", "shared"])
 def test_rope_backward_inplace(layout):
     """backward_inplace=True: the same gradients, written over the incoming output
     gradients when they can be (unit last-dim stride, no overlapping elements); expanded
@@ -223,14 +223,18 @@ def test_rope_backward_inplace(layout):
         gq, gk = torch.randn(B, T, Hq, D), torch.randn(B, T, Hk, D)
     elif layout == "transposed":  # what attention's backward hands back: (B, H, T, D) storage
         gq, gk = torch.randn(B, Hq, T, D).transpose(1, 2), torch.randn(B, Hk, T, D).transpose(1, 2)
-    else:
+    elif layout == "expanded":
         gq, gk = torch.randn(1, 1, 1, D).expand(B, T, Hq, D), torch.randn(1, T, 1, D).expand(B, T, Hk, D)
+    else:  # two views of one buffer (what autograd hands over when the outputs meet in a reshape)
+        k = torch.randn(B, T, Hq, D, requires_grad=True)
+        g = torch.randn(B, T, Hq, D)
+        gq, gk = g.view(B, T, Hq, D), g.view(B, T, Hq, D)
     gq0, gk0 = gq.clone(), gk.clone()
     expected = torch.autograd.grad(rope(q, k, cos, sin), (q, k), (gq.clone(), gk.clone()))
     dq, dk = torch.autograd.grad(rope(q, k, cos, sin, backward_inplace=True), (q, k), (gq, gk))
     torch.testing.assert_close(dq, expected[0], rtol=0, atol=0)
     torch.testing.assert_close(dk, expected[1], rtol=0, atol=0)
-    if layout == "expanded":
+    if layout in ("expanded", "shared"):
         assert torch.equal(gq, gq0) and torch.equal(gk, gk0)
     else:
         assert dq.data_ptr() == gq.data_ptr() and dk.data_ptr() == gk.data_ptr()
@@ -244,6 +248,14 @@ def test_non_overlapping():
     assert not non_overlapping(torch.randn(1, 5).expand(3, 5))
     assert not non_overlapping(torch.randn(10).as_strided((3, 4), (2, 1)))
     assert non_overlapping(torch.randn(1, 1, 3).expand(1, 1, 3))  # size-1 dims do not count
+
+
+def test_disjoint():
+    from ligerzoo.kernels._utils import disjoint
+
+    t = torch.randn(4, 6)
+    assert disjoint(t[:2], t[2:]) and disjoint(t, torch.randn(3)) and disjoint(t[:0], t)
+    assert not disjoint(t, t.view(24)) and not disjoint(t[:, :3], t[:, 3:])  # interleaved: conservative
 
 
 def test_rope_opcheck_and_compile():
