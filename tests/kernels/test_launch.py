@@ -164,6 +164,8 @@ def test_direct_relaunch_matches_triton_on_gpu():
                 out = torch.empty_like(x)
                 _axpy_kernel[(triton.cdiv(n, 1024),)](x, y, out, n, 2.0, BLOCK=1024)
                 torch.testing.assert_close(out, (2.0 * x.float() + y.float()).to(dtype), rtol=0, atol=0)
+    # the relaunches above went direct: every cached specialisation is launchable
+    assert _axpy_kernel._cache and all(entry is not False for entry in _axpy_kernel._cache.values())
     # on a side stream the direct launch uses that stream
     s = torch.cuda.Stream()
     x = torch.randn(1 << 20, device="cuda")
