@@ -17,7 +17,7 @@ import torch
 
 try:  # Triton is optional at import time: without it every op uses its reference.
     import triton
-    import triton.language as tl  # noqa: F401
+    import triton.language as tl
 
     from triton import knobs as _knobs
 
@@ -249,7 +249,8 @@ class DirectLaunch:
         entry = self._cache.get(key)
         if entry is None or _launch_hooked():
             if entry is None and any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-                raise TypeError(f"{getattr(self.fn, '__name__', 'kernel')}: pass tensors by position to a DirectLaunch kernel")
+                name = getattr(self.fn, "__name__", "kernel")
+                raise TypeError(f"{name}: pass tensors by position to a DirectLaunch kernel")
             kernel = self.fn[grid](*args, **kwargs)
             if entry is None:
                 names = self._arg_names[len(args):]
@@ -282,7 +283,6 @@ def jit(fn):
 
 # ----------------------------------------------------------------------------- partial-row sums
 if HAS_TRITON:
-    import triton.language as tl
 
     @jit
     def _sum_partials_kernel(
@@ -336,9 +336,9 @@ class KernelOp:
     torch.compile, AOTAutograd, tensor subclasses (DTensor, ...), any active
     ``TorchDispatchMode`` (fake tensors, ``make_fx``, selective activation checkpointing's
     policy) and ``torch.jit.trace`` see the custom op, so graphs capture it whole. Plain
-    tensors and ``nn.Parameter`` in eager mode outside those skip the dispatcher: the Python body runs directly,
-    and an op with autograd runs through an equivalent ``torch.autograd.Function`` built from
-    the same ``setup_context`` and ``backward``.
+    tensors and ``nn.Parameter`` in eager mode outside those skip the dispatcher: the Python
+    body runs directly, and an op with autograd runs through an equivalent
+    ``torch.autograd.Function`` built from the same ``setup_context`` and ``backward``.
     The custom-op dispatch costs tens of microseconds per call, about the GPU time of a
     norm over a few thousand tokens (``scripts/profile_kernels.py`` measures it).
 

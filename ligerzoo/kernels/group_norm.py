@@ -495,7 +495,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
         with device_guard(x):
             _gn_group_bwd_kernel[(n * num_groups,)](
                 dyc, xc, dx, weight.contiguous() if weight is not None else xc,
-                mean if mean.is_contiguous() else mean.contiguous(), rstd if rstd.is_contiguous() else rstd.contiguous(),
+                mean if mean.is_contiguous() else mean.contiguous(),
+                rstd if rstd.is_contiguous() else rstd.contiguous(),
                 partial if n_params else dx, n, num_groups, ch_per_group, n_cols,
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
@@ -564,7 +565,8 @@ def _group_norm_backward_op(
 @_group_norm_backward_op.register_fake
 def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype):
     n_params = int(compute_dw) + int(compute_db)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((n_params, x.shape[1]), dtype=param_dtype)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, x.new_empty((n_params, x.shape[1]), dtype=param_dtype)
 
 
 def _setup_context(ctx, inputs, output):

@@ -243,7 +243,8 @@ def _layer_norm_backward_op(
 @_layer_norm_backward_op.register_fake
 def _(dy, x, weight, mean, rstd, compute_dw, compute_db, param_dtype):
     groups = int(compute_dw) + int(compute_db)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((groups, x.shape[-1]), dtype=param_dtype)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, x.new_empty((groups, x.shape[-1]), dtype=param_dtype)
 
 
 def _setup_context(ctx, inputs, output):

@@ -39,7 +39,8 @@ import torch
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings, sum_partials
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings
+from ligerzoo.kernels._utils import sum_partials
 
 if HAS_TRITON:
     import triton
