@@ -382,7 +382,8 @@ def rope(
         cos, sin: (B, T, R), (1, T, R) or (T, R), usually fp32 from :func:`rope_cos_sin`;
             R even, R <= D. Rows may carry different positions. No gradient flows to them.
         backward_inplace: the backward rotates the incoming output gradients over
-            themselves (when their last dim has unit stride) and returns them as the
+            themselves (when it can: unit last-dim strides, no memory shared within or
+            between them, not under tracing; else as usual) and returns them as the
             gradients of q and k, instead of allocating new ones (what Liger Kernel's rope
             always does: one (q + k)-sized buffer less at the backward's peak). Only for
             callers whose output gradients are not read again, e.g. q and k feeding
