@@ -324,6 +324,15 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def param_grad_dtype(w_dtype, b_dtype) -> torch.dtype:
+    """The dtype a norm's backward rounds its fp32 weight / bias gradient sums to (one
+    rounding): the parameters' dtype, given as None for a parameter whose gradient is not
+    computed; fp32 when both are computed and their dtypes differ, or neither is."""
+    if w_dtype is not None and b_dtype is not None and w_dtype != b_dtype:
+        return torch.float32
+    return w_dtype or b_dtype or torch.float32
+
+
 # ----------------------------------------------------------------------------- op registration
 _EMPTY = inspect.Parameter.empty
 _Parameter = torch.nn.Parameter  # a plain tensor to the dispatcher (no __torch_dispatch__)

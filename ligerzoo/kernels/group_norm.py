@@ -586,11 +586,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[2]
     compute_db = ctx.has_bias and ctx.needs_input_grad[3]
-    # one rounding from the fp32 sums to the parameters' dtype (fp32 kept when they differ)
-    if compute_dw and compute_db and ctx.w_dtype != ctx.b_dtype:
-        param_dtype = torch.float32
-    else:
-        param_dtype = ctx.w_dtype if compute_dw else ctx.b_dtype if compute_db else torch.float32
+    param_dtype = _utils.param_grad_dtype(ctx.w_dtype if compute_dw else None, ctx.b_dtype if compute_db else None)
     dx, params = ops.group_norm_backward(
         dy, x, ctx.num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype
     )                                                                    # (P, C)

@@ -263,11 +263,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[1]
     compute_db = ctx.has_bias and ctx.needs_input_grad[2]
-    # one rounding from the fp32 sums to the parameters' dtype (fp32 kept when they differ)
-    same = not (compute_dw and compute_db) or ctx.w_dtype == ctx.b_dtype
-    param_dtype = (ctx.w_dtype if compute_dw else ctx.b_dtype) if same else torch.float32
-    if not (compute_dw or compute_db):
-        param_dtype = torch.float32
+    param_dtype = _utils.param_grad_dtype(ctx.w_dtype if compute_dw else None, ctx.b_dtype if compute_db else None)
     dx, params = ops.layer_norm_backward(dy, x, weight, mean, rstd, compute_dw, compute_db, param_dtype)  # (G, H)
     dw = params[0].to(ctx.w_dtype) if compute_dw else None
     db = params[-1].to(ctx.b_dtype) if compute_db else None

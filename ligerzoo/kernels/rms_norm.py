@@ -39,8 +39,8 @@ import torch
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, persistent_row_blocks, row_settings, row_tile_settings
-from ligerzoo.kernels._utils import sum_partials
+from ligerzoo.kernels._utils import HAS_TRITON, as_rows, device_guard, persistent_row_blocks, row_settings
+from ligerzoo.kernels._utils import row_tile_settings, sum_partials
 
 if HAS_TRITON:
     import triton
@@ -174,16 +174,6 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """(..., H) -> (N, H) view with unit column stride (copies only when it must)."""
-    if t.dim() == 2 and t.stride(1) == 1:
-        return t  # already rows (each reshape / view costs host time)
-    t2 = t.reshape(-1, n_cols)
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _blocks(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N >= H columns, num_warps) of one program's tile."""
     return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _TILE_ELEMS)
@@ -191,7 +181,7 @@ def _blocks(n_cols: int) -> tuple[int, int, int]:
 
 def _launch_forward(x, weight, residual, eps, offset, casting):
     n_cols = x.shape[-1]
-    x2 = _as_rows(x, n_cols)
+    x2 = as_rows(x, n_cols)
     n_rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -199,9 +189,9 @@ def _launch_forward(x, weight, residual, eps, offset, casting):
     if n_rows == 0:
         return y, s, rstd
     block_m, block_n, num_warps = _blocks(n_cols)
-    y2 = _as_rows(y, n_cols)
-    r2 = _as_rows(residual, n_cols) if residual is not None else x2
-    s2 = _as_rows(s, n_cols) if s is not None else y2
+    y2 = as_rows(y, n_cols)
+    r2 = as_rows(residual, n_cols) if residual is not None else x2
+    s2 = as_rows(s, n_cols) if s is not None else y2
     grid = (cdiv(n_rows, block_m),)
     with device_guard(x):
         _rms_norm_fwd_kernel[grid](
@@ -216,13 +206,13 @@ def _launch_forward(x, weight, residual, eps, offset, casting):
 def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     """Writes dx into ``dx_out`` (an (..., H) tensor, possibly ``dy``); returns dw."""
     n_cols = x.shape[-1]
-    x2 = _as_rows(x, n_cols)
+    x2 = as_rows(x, n_cols)
     n_rows = x2.shape[0]
     if n_rows == 0:
         return torch.zeros_like(weight)
-    dy2 = _as_rows(dy, n_cols)
-    dx2 = _as_rows(dx_out, n_cols)
-    dres2 = _as_rows(dres, n_cols) if dres is not None else dy2
+    dy2 = as_rows(dy, n_cols)
+    dx2 = as_rows(dx_out, n_cols)
+    dres2 = as_rows(dres, n_cols) if dres is not None else dy2
     rstd1 = rstd if rstd.is_contiguous() else rstd.contiguous()  # (...) fp32, one per row
 
     block_m, block_n, num_warps = _blocks(n_cols)
