@@ -367,12 +367,12 @@ def main(argv=None):
                     r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
                     for mode, (ms, mib) in r.items():
                         row = dict(op=op, mode=mode, variant=v, x_name=x_name, x=n, ms=round(ms, 4),
-                                   peak_mib=round(mib, 1), gpu=gpu, date=date)
+                                   peak_mib=round(mib, 2), gpu=gpu, date=date)
                         rows.append(row)
                         writer.writerow(row)
                     f.flush()
                     print(f"{op:28s} {v:9s} {n:6d}  fwd {r['forward'][0]:8.3f} ms  full {r['full'][0]:8.3f} ms"
-                          f"  peak {r['full'][1]:9.1f} MiB", flush=True)
+                          f"  peak {r['full'][1]:9.2f} MiB", flush=True)
                 del inputs, variants
                 torch.cuda.empty_cache()
     plot(rows, ops, out)

@@ -19,9 +19,12 @@ L values of each (n, g)::
 Layout of the computation. When there are at least two (sample, group) pairs per SM
 (the usual case in training), one program per pair does the whole group, reading its
 ``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
-variance of the deviations (two passes, no cancellation), then ``y``; backward, per
-channel ``A = sum(dy * xhat)`` and ``B = sum(dy)`` (written as per-sample fp32 partial rows
-of ``dweight`` / ``dbias``, summed over samples by one more launch), then ``dx``.
+variance of the deviations (two passes, no cancellation), then ``y``; backward (one
+program per chunk of samples of a group), per channel ``A = sum(dy * xhat)`` and ``B =
+sum(dy)``, then ``dx``. A program's fp32 sums of A and B over its samples are its share of
+``dweight`` / ``dbias``; the chunks of a group add their shares into one fp32 buffer in
+chunk order (each waits for its predecessor's turn, a ticket in global memory), so the
+summation order is fixed (deterministic) and no per-sample partial rows are stored.
 Otherwise (few, large groups) ``x`` is seen as ``N * C`` rows of ``S`` values
 (contiguous), so every row lies in one group and one channel, and the work is split:
 
@@ -45,7 +48,6 @@ import torch
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, multiprocessor_count, next_power_of_2, row_settings
-from ligerzoo.kernels._utils import sum_partials
 
 if HAS_TRITON:
     import triton
@@ -68,6 +70,20 @@ _MAX_BLOCK_PARTIALS = 1024
 # backward (the parameter-gradient sums), instead of three and three plus sums.
 _WHOLE_GROUP_PROGRAMS_PER_SM = 2
 _WHOLE_GROUP_PROGRAMS_CPU = 4
+# The whole-group backward: each program takes a chunk of _MAX_SAMPLES_PER_PROGRAM
+# samples of one group (fewer if that would leave under _GROUP_BWD_PROGRAMS_PER_SM
+# programs per SM; _SAMPLES_PER_PROGRAM_CPU under the interpreter), in tiles of all the
+# group's channels (at most _MAX_GROUP_CHANNELS, else the split kernels) x a few values,
+# _GROUP_BWD_TILE_ELEMS in all, under _GROUP_BWD_WARPS warps. H200, (N, 4096, 128) bf16,
+# 32 groups, N = 64: 2 samples, 8192-element tiles, 16 warps took 83 us; 1 sample 4096
+# elements 4 warps 159 us (benchmarks/NOTES.md).
+_GROUP_BWD_PROGRAMS_PER_SM = 2
+_MAX_SAMPLES_PER_PROGRAM = 2
+_SAMPLES_PER_PROGRAM_CPU = 2
+_SAMPLES_PER_PROGRAM = None  # a fixed count instead (tests)
+_GROUP_BWD_TILE_ELEMS = 8192
+_GROUP_BWD_WARPS = 16
+_MAX_GROUP_CHANNELS = 4096
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -331,62 +347,103 @@ if HAS_TRITON:
         DY, X, DX,            # (N * G, Cg, S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT)
         MEAN, RSTD,           # (N * G,) fp32
-        PARTIAL,              # (P, N, C) fp32 out: per-sample sum(dy * xhat) (COMPUTE_DW) then
-                              # sum(dy) (COMPUTE_DB) of every channel
-        n_samples, n_groups, ch_per_group, n_cols,
+        ACC,                  # (P, C) fp32: running sums over sample chunks of dweight
+                              # (COMPUTE_DW) then dbias (COMPUTE_DB); may be OUT itself
+        OUT,                  # (P, C) out, in the parameters' dtype
+        TICKET,               # (G,) int32, zeroed: the sample chunk whose turn it is to add
+        n_samples, n_groups, ch_per_group, n_cols, samples_per_program,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        base = pid.to(tl.int64) * ch_per_group * n_cols
-        ch0 = (pid % n_groups) * ch_per_group
+        grp = pid % n_groups
+        chunk = pid // n_groups                             # this program's samples: a chunk
+        n_chunks = (n_samples + samples_per_program - 1) // samples_per_program
+        n_start = chunk * samples_per_program
+        n_end = tl.minimum(n_start + samples_per_program, n_samples)
+        ch0 = grp * ch_per_group
         n_channels = n_groups * ch_per_group
-        row0 = pid.to(tl.int64) * ch_per_group             # = n * C + ch0: this group's rows of (N, C)
-        db_part = PARTIAL + (n_samples * n_channels if COMPUTE_DW else 0)
         numel = ch_per_group * n_cols
-        mean = tl.load(MEAN + pid)
-        rstd = tl.load(RSTD + pid)
-        cc, ss = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_S)
-        # pass 1: per channel A = sum(dy * xhat), B = sum(dy); sum(g) = sum_c w B, sum(g * xhat) = sum_c w A
-        sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sum_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for c0 in range(0, ch_per_group, BLOCK_C):
-            c_mask = (c0 + cc) < ch_per_group
-            a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-            b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+        cc, ss = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_S)   # all Cg channels x BLOCK_S
+        c_mask = cc < ch_per_group
+        if HAS_WEIGHT:
+            w = tl.load(W + ch0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(c_mask, 1.0, 0.0)
+        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sum over the chunk of A, B
+        sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for n in range(n_start, n_end):
+            pair = n * n_groups + grp
+            base = pair.to(tl.int64) * numel
+            mean = tl.load(MEAN + pair)
+            rstd = tl.load(RSTD + pair)
+            # pass 1: per channel A = sum(dy * xhat), B = sum(dy);
+            # sum(g) = sum_c w B, sum(g * xhat) = sum_c w A
+            if X.dtype.element_ty != tl.float32:
+                # 16-bit inputs: reduce each tile over its values (fewer live registers;
+                # H200, (64, 4096, 128) bf16: 78 us against 105 for the form below)
+                a_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+                b_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for s0 in range(0, n_cols, BLOCK_S):
+                    mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                    offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
+                    dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                    a_c += tl.sum(dy * tl.where(mask, (x - mean) * rstd, 0.0), axis=1)
+                    b_c += tl.sum(dy, axis=1)
+            else:
+                # fp32 inputs: (BLOCK_C, BLOCK_S) accumulators (Triton 3.6 fails to compile
+                # the per-tile form above for fp32 loads: "PassManager::run failed")
+                a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+                b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+                for s0 in range(0, n_cols, BLOCK_S):
+                    mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                    offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
+                    dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                    a += dy * tl.where(mask, (x - mean) * rstd, 0.0)
+                    b += dy
+                a_c, b_c = tl.sum(a, axis=1), tl.sum(b, axis=1)              # (BLOCK_C,)
+            sum_a += a_c
+            sum_b += b_c
+            k_gx = tl.sum(a_c * w) / numel
+            k_g = tl.sum(b_c * w) / numel
+            # pass 2 (from L2): dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L)
+            scale = w * rstd
             for s0 in range(0, n_cols, BLOCK_S):
                 mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
-                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                a += dy * tl.where(mask, (x - mean) * rstd, 0.0)
-                b += dy
-            a_c, b_c = tl.sum(a, axis=1), tl.sum(b, axis=1)                  # (BLOCK_C,)
-            if COMPUTE_DW:
-                tl.store(PARTIAL + row0 + c0 + cc, a_c, mask=c_mask)
-            if COMPUTE_DB:
-                tl.store(db_part + row0 + c0 + cc, b_c, mask=c_mask)
-            if HAS_WEIGHT:
-                w = tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
-                a_c, b_c = a_c * w, b_c * w
-            sum_gx += a_c
-            sum_g += b_c
-        k_g = tl.sum(sum_g) / numel
-        k_gx = tl.sum(sum_gx) / numel
-        # pass 2: dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L)
-        for c0 in range(0, ch_per_group, BLOCK_C):
-            c_mask = (c0 + cc) < ch_per_group
-            scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-            if HAS_WEIGHT:
-                scale = scale * tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
-            for s0 in range(0, n_cols, BLOCK_S):
-                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
+                offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
                 dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
                 x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
                 xhat = (x - mean) * rstd
                 dx = dy * scale[:, None] - rstd * (k_g + xhat * k_gx)
                 tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+        if COMPUTE_DW or COMPUTE_DB:
+            # The chunks of a group add their sums into ACC one after another, in chunk
+            # order (a fixed summation order: deterministic), the last one rounding the
+            # total into OUT. Chunk k waits for chunk k - 1, which was launched earlier.
+            while tl.atomic_add(TICKET + grp, 0) != chunk:
+                pass
+            tl.debug_barrier()
+            db_off = n_channels if COMPUTE_DW else 0
+            if chunk > 0:
+                if COMPUTE_DW:
+                    sum_a += tl.load(ACC + ch0 + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
+                if COMPUTE_DB:
+                    sum_b += tl.load(ACC + db_off + ch0 + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
+            if chunk == n_chunks - 1:
+                if COMPUTE_DW:
+                    tl.store(OUT + ch0 + cc, sum_a.to(OUT.dtype.element_ty), mask=c_mask)
+                if COMPUTE_DB:
+                    tl.store(OUT + db_off + ch0 + cc, sum_b.to(OUT.dtype.element_ty), mask=c_mask)
+            else:
+                if COMPUTE_DW:
+                    tl.store(ACC + ch0 + cc, sum_a, mask=c_mask)
+                if COMPUTE_DB:
+                    tl.store(ACC + db_off + ch0 + cc, sum_b, mask=c_mask)
+            tl.debug_barrier()
+            tl.atomic_xchg(TICKET + grp, chunk + 1)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -423,12 +480,25 @@ def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int]:
     return max(1, min(next_power_of_2(ch_per_group), _TILE_ELEMS // block_s)), block_s
 
 
-def _whole_groups(x: torch.Tensor, num_groups: int) -> bool:
-    """Whether one program per (sample, group) fills the device (else the split kernels)."""
+def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
+    """Whether one program per (sample, group) fills the device (else the split kernels).
+    The backward's whole-group kernel also needs a group's channels in one tile."""
+    if backward and next_power_of_2(x.shape[1] // num_groups) > _MAX_GROUP_CHANNELS:
+        return False
     programs = x.shape[0] * num_groups
     if x.device.type == "cuda":
         return programs >= multiprocessor_count(x.device) * _WHOLE_GROUP_PROGRAMS_PER_SM
     return programs >= _WHOLE_GROUP_PROGRAMS_CPU
+
+
+def _samples_per_program(x: torch.Tensor, num_groups: int) -> int:
+    """Samples each program of the whole-group backward takes (a chunk; see the kernel)."""
+    if _SAMPLES_PER_PROGRAM is not None:
+        return _SAMPLES_PER_PROGRAM
+    if x.device.type != "cuda":
+        return _SAMPLES_PER_PROGRAM_CPU
+    target = multiprocessor_count(x.device) * _GROUP_BWD_PROGRAMS_PER_SM
+    return max(1, min(_MAX_SAMPLES_PER_PROGRAM, (x.shape[0] * num_groups) // target))
 
 
 def _launch_forward(x, num_groups, weight, bias, eps):
@@ -485,23 +555,28 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return dx, torch.zeros((n_params, c), dtype=param_dtype, device=x.device)
-    if _whole_groups(x, num_groups):
+    if _whole_groups(x, num_groups, backward=True):
         xc = x if x.is_contiguous() else x.contiguous()
         dyc = dy if dy.is_contiguous() else dy.contiguous()
         ch_per_group = c // num_groups
         n_cols = xc.numel() // (n * c)
-        block_c, block_s = _group_tiles(ch_per_group, n_cols)
-        partial = torch.empty((n_params, n, c), dtype=torch.float32, device=x.device)
+        block_c = next_power_of_2(ch_per_group)
+        block_s = max(1, min(next_power_of_2(n_cols), _GROUP_BWD_TILE_ELEMS // block_c))
+        spp = _samples_per_program(x, num_groups)
+        out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
+        acc = out if param_dtype == torch.float32 or spp >= n else torch.empty(out.shape, dtype=torch.float32, device=x.device)
+        ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
         with device_guard(x):
-            _gn_group_bwd_kernel[(n * num_groups,)](
+            _gn_group_bwd_kernel[(cdiv(n, spp) * num_groups,)](
                 dyc, xc, dx, weight.contiguous() if weight is not None else xc,
                 mean if mean.is_contiguous() else mean.contiguous(),
                 rstd if rstd.is_contiguous() else rstd.contiguous(),
-                partial if n_params else dx, n, num_groups, ch_per_group, n_cols,
+                acc if n_params else dx, out if n_params else dx, ticket,
+                n, num_groups, ch_per_group, n_cols, spp,
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_GROUP_BWD_WARPS,
             )
-        return dx, sum_partials(partial, param_dtype)
+        return dx, out
     p = _Plan(x, num_groups)
     xc, dyc = x.contiguous(), dy.contiguous()
     mean1, rstd1 = mean.contiguous(), rstd.contiguous()

@@ -50,6 +50,7 @@ __all__ = ["layer_norm", "layer_norm_reference"]
 # programs per SM (a fixed count on CPU). Module-level so tests can shrink them.
 _MAX_BLOCK_ROWS = 16
 _TILE_ELEMS = 4096
+_BWD_TILE_ELEMS = 8192  # two rows of 4096 per tile; see rms_norm.py's _BWD_TILE_ELEMS
 _BWD_PROGRAMS_PER_SM = 1
 _BWD_PROGRAMS_CPU = 4
 
@@ -119,14 +120,24 @@ if HAS_TRITON:
 
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # register double buffering, as in rms_norm's backward
+        rows = row_start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        dy_next = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+        x_next = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)
 
-            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            x = x_next.to(tl.float32)
+            nrows64 = rows64 + BLOCK_M
+            nmask = (rows + BLOCK_M < row_end)[:, None] & col_mask[None, :]
+            dy_next = tl.load(DY + nrows64[:, None] * stride_dy + cols[None, :], mask=nmask, other=0.0)
+            x_next = tl.load(X + nrows64[:, None] * stride_x + cols[None, :], mask=nmask, other=0.0)
             mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
 
@@ -157,10 +168,12 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------- launchers
 def _blocks(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N >= H columns, num_warps) of one program's tile. The backward
-    holds about twice the live values per element (dy, x, the two fp32 accumulators, the
-    pointers of three tensors), so it gets twice the warps (H = 4096 bf16 on sm_90: 102
-    registers per thread at 16 warps instead of 190 at 8)."""
-    return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _TILE_ELEMS, warp_scale=2 if backward else 1)
+    tile is _BWD_TILE_ELEMS and holds about twice the live values per element of the
+    forward's (dy, x, the next tile's dy and x, the two fp32 accumulators), so it asks for
+    the warps of twice its size (H = 4096: 2 rows under 16 warps)."""
+    if backward:
+        return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _BWD_TILE_ELEMS, warp_scale=2)
+    return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _TILE_ELEMS)
 
 
 def _launch_forward(x, weight, bias, eps):

@@ -61,7 +61,12 @@ _MAX_BLOCK_ROWS = 16
 _TILE_ELEMS = 4096
 # Backward programs per streaming multiprocessor (each owns a contiguous block of rows
 # and one fp32 partial row of dw; one per SM keeps the partial rows as small as Liger's).
-# On CPU (interpreter) a fixed small count is used.
+# On CPU (interpreter) a fixed small count is used. With one program per SM, the loads of
+# the next tile are issued before the current tile is reduced (register double
+# buffering) and a tile holds _BWD_TILE_ELEMS elements (2 rows of 4096 under 16 warps).
+# H200, (8192, 4096) bf16, backward + dw sum: 100 us with 1-row tiles and no double
+# buffering, 75 us at two programs per SM, 67 us like this (benchmarks/NOTES.md).
+_BWD_TILE_ELEMS = 8192
 _BWD_PROGRAMS_PER_SM = 1
 _BWD_PROGRAMS_CPU = 4
 
@@ -146,14 +151,25 @@ if HAS_TRITON:
             w_eff = w_eff.to(x_dtype).to(tl.float32)
 
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # register double buffering: the next tile's loads are issued before this tile's
+        # reductions, so each program keeps two tiles of reads in flight
+        rows = row_start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        dy_next = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+        x_next = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             rows64 = rows.to(tl.int64)
 
-            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            x = x_next.to(tl.float32)
+            nrows64 = rows64 + BLOCK_M
+            nmask = (rows + BLOCK_M < row_end)[:, None] & col_mask[None, :]
+            dy_next = tl.load(DY + nrows64[:, None] * stride_dy + cols[None, :], mask=nmask, other=0.0)
+            x_next = tl.load(X + nrows64[:, None] * stride_x + cols[None, :], mask=nmask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
 
             xhat = x * rstd[:, None]
@@ -174,9 +190,9 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _blocks(n_cols: int) -> tuple[int, int, int]:
+def _blocks(n_cols: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N >= H columns, num_warps) of one program's tile."""
-    return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _TILE_ELEMS)
+    return row_tile_settings(n_cols, _MAX_BLOCK_ROWS, _BWD_TILE_ELEMS if backward else _TILE_ELEMS)
 
 
 def _launch_forward(x, weight, residual, eps, offset, casting):
@@ -215,7 +231,7 @@ def _launch_backward(dy, x, weight, rstd, offset, casting, dres, dx_out):
     dres2 = as_rows(dres, n_cols) if dres is not None else dy2
     rstd1 = rstd if rstd.is_contiguous() else rstd.contiguous()  # (...) fp32, one per row
 
-    block_m, block_n, num_warps = _blocks(n_cols)
+    block_m, block_n, num_warps = _blocks(n_cols, backward=True)
     programs, rows_per_program = persistent_row_blocks(x.device, n_rows, _BWD_PROGRAMS_PER_SM, _BWD_PROGRAMS_CPU)
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
     with device_guard(x):

@@ -157,10 +157,43 @@ def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, t
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_MAX_BLOCK_S", max_block_s)
     monkeypatch.setattr(gn_mod, "_TILE_ELEMS", tile)
+    monkeypatch.setattr(gn_mod, "_GROUP_BWD_TILE_ELEMS", 2 * tile)  # backward: all channels x a few values
     x, w, b = _inputs(shape, torch.float32)
     _check(x, groups, w, b, torch.float32, 64)
     _check(x, groups, w, None, torch.float32, 64)
     _check(x, groups, None, b, torch.float32, 64)
+
+
+@pytest.mark.parametrize("samples_per_program", [1, 2, 3, 5])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, param_dtype):
+    """The whole-group backward with each program taking a chunk of samples: the chunks of
+    a group add their parameter-gradient sums in turn (1, 2, 3 or 5 chunks of 5 samples;
+    fp32 parameters accumulate in the output itself, bf16 ones in an fp32 buffer)."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
+    x, w, b = _inputs((5, 6, 7), torch.float32, param_dtype=param_dtype)
+    ulps = {torch.float32: 64, torch.bfloat16: 2}[param_dtype]
+    y, dy, grads = _run(x, 3, w, b)
+    y64, grads64 = _torch64(x, 3, w, b, dy)
+    assert_close_ulps(grads[0], grads64[0], torch.float32, 64)
+    for g, g64 in zip(grads[1:], grads64[1:]):
+        assert g.dtype == param_dtype
+        assert_close_ulps(g, g64, param_dtype, ulps)
+    _, _, again = _run(x, 3, w, b, dy=dy)
+    assert all(torch.equal(g, h) for g, h in zip(grads, again))  # a fixed summation order
+    for with_w, with_b in ((True, False), (False, True)):         # one parameter gradient only
+        _check(x, 3, w.float() if with_w else None, b.float() if with_b else None, torch.float32, 64)
+
+
+def test_group_norm_backward_wide_groups_split(monkeypatch):
+    """Groups with more channels than the whole-group backward holds in one tile take the
+    split kernels in the backward (the forward stays whole-group)."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_MAX_GROUP_CHANNELS", 2)
+    x, w, b = _inputs((3, 8, 5), torch.float32)
+    assert gn_mod._whole_groups(x, 2) and not gn_mod._whole_groups(x, 2, backward=True)
+    _check(x, 2, w, b, torch.float32, 64)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
@@ -273,6 +306,8 @@ def test_gpu_group_norm(dtype, shape, groups):
     assert_close_ulps(grads[0], grads64[0], dtype, ulps)
     for g, g64 in zip(grads[1:], grads64[1:]):  # sums over N * spatial values
         assert_close_ulps(g, g64, dtype, 4 * ulps if dtype == torch.float32 else ulps)
+    _, _, again = _run(x, groups, w, b, dy=dy)  # the chunks add in a fixed order: same bits
+    assert all(torch.equal(g, h) for g, h in zip(grads, again))
 
 
 @pytest.mark.gpu
