@@ -66,21 +66,26 @@ _PROGRAMS_PER_SM = 4
 _REDUCE_PROGRAMS_CPU = 4
 _MAX_BLOCK_PARTIALS = 1024
 # With at least this many (sample, group) pairs per SM (or _WHOLE_GROUP_PROGRAMS_CPU under
-# the interpreter), one program per pair does the whole group: one launch forward, two
-# backward (the parameter-gradient sums), instead of three and three plus sums.
+# the interpreter), the whole-group kernels run: one launch forward and one backward (plus
+# the zero fill of the backward's tickets), instead of three and three plus sums.
 _WHOLE_GROUP_PROGRAMS_PER_SM = 2
 _WHOLE_GROUP_PROGRAMS_CPU = 4
+# The whole-group forward: one program per (sample, group), tiles of channels x up to
+# _MAX_BLOCK_S values, _GROUP_FWD_TILE_ELEMS in all, under _GROUP_FWD_WARPS warps. H200,
+# (64, 4096, 128) bf16: 46 us, against 53 with 4096-element tiles under 4 warps.
+_GROUP_FWD_TILE_ELEMS = 8192
+_GROUP_FWD_WARPS = 8
 # The whole-group backward: each program takes a chunk of _MAX_SAMPLES_PER_PROGRAM
 # samples of one group (fewer if that would leave under _GROUP_BWD_PROGRAMS_PER_SM
-# programs per SM; _SAMPLES_PER_PROGRAM_CPU under the interpreter), in tiles of all the
-# group's channels (at most _MAX_GROUP_CHANNELS, else the split kernels) x a few values,
-# _GROUP_BWD_TILE_ELEMS in all, under _GROUP_BWD_WARPS warps. H200, (N, 4096, 128) bf16,
-# 32 groups, N = 64: 2 samples, 8192-element tiles, 16 warps took 83 us; 1 sample 4096
-# elements 4 warps 159 us (benchmarks/NOTES.md).
+# programs per SM; _SAMPLES_PER_PROGRAM_CPU under the interpreter, _SAMPLES_PER_PROGRAM
+# when set), in tiles of all the group's channels (at most _MAX_GROUP_CHANNELS, else the
+# split kernels) x a few values, _GROUP_BWD_TILE_ELEMS in all, under _GROUP_BWD_WARPS
+# warps. H200, same shape: 2 samples, 8192-element tiles, 16 warps took 83 us per call;
+# 1 sample, 4096 elements, 4 warps 159 us (benchmarks/NOTES.md).
 _GROUP_BWD_PROGRAMS_PER_SM = 2
 _MAX_SAMPLES_PER_PROGRAM = 2
 _SAMPLES_PER_PROGRAM_CPU = 2
-_SAMPLES_PER_PROGRAM = None  # a fixed count instead (tests)
+_SAMPLES_PER_PROGRAM = None
 _GROUP_BWD_TILE_ELEMS = 8192
 _GROUP_BWD_WARPS = 16
 _MAX_GROUP_CHANNELS = 4096
@@ -475,9 +480,9 @@ class _Plan:
 
 
 def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S) of the whole-group kernels."""
+    """(BLOCK_C, BLOCK_S) of the whole-group forward."""
     block_s = min(next_power_of_2(n_cols), _MAX_BLOCK_S)
-    return max(1, min(next_power_of_2(ch_per_group), _TILE_ELEMS // block_s)), block_s
+    return max(1, min(next_power_of_2(ch_per_group), _GROUP_FWD_TILE_ELEMS // block_s)), block_s
 
 
 def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
@@ -519,7 +524,7 @@ def _launch_forward(x, num_groups, weight, bias, eps):
                 mean, rstd,
                 num_groups, ch_per_group, n_cols, float(eps),
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_GROUP_FWD_WARPS,
             )
         return y, mean, rstd
     mean = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)

@@ -156,7 +156,7 @@ def test_group_norm_tiling_and_splits(monkeypatch, shape, groups, max_block_s, t
 def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, tile):
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_MAX_BLOCK_S", max_block_s)
-    monkeypatch.setattr(gn_mod, "_TILE_ELEMS", tile)
+    monkeypatch.setattr(gn_mod, "_GROUP_FWD_TILE_ELEMS", tile)
     monkeypatch.setattr(gn_mod, "_GROUP_BWD_TILE_ELEMS", 2 * tile)  # backward: all channels x a few values
     x, w, b = _inputs(shape, torch.float32)
     _check(x, groups, w, b, torch.float32, 64)
