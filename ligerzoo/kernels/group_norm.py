@@ -25,7 +25,8 @@ sum(dy)``, then ``dx``. A program's fp32 sums of A and B over its samples are it
 ``dweight`` / ``dbias``; the chunks of a group add their shares into one fp32 buffer in
 chunk order (each waits for its predecessor's turn, a ticket in global memory), so the
 summation order is fixed (deterministic) and no per-sample partial rows are stored.
-Otherwise (few, large groups) ``x`` is seen as ``N * C`` rows of ``S`` values
+Otherwise (few, large groups, or a backward with more than ``_MAX_GROUP_CHANNELS``
+channels per group) ``x`` is seen as ``N * C`` rows of ``S`` values
 (contiguous), so every row lies in one group and one channel, and the work is split:
 
 - forward: (1) a reduction kernel computes, per row (and per slice of the row when
@@ -89,6 +90,10 @@ _SAMPLES_PER_PROGRAM = None
 _GROUP_BWD_TILE_ELEMS = 8192
 _GROUP_BWD_WARPS = 16
 _MAX_GROUP_CHANNELS = 4096
+# At most this many chunks per group (more samples per program for large N): the chunks
+# hand off to each other in turn (about a microsecond each), so (8192, 4096) with 32 groups
+# has 64 hand-offs per group instead of 4096.
+_MAX_CHUNKS = 64
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -298,9 +303,10 @@ if HAS_TRITON:
 
 if HAS_TRITON:
 
-    # Whole-group kernels: one program per (sample, group) reads its Cg x S values
-    # (channel rows of S, tiles of BLOCK_C x BLOCK_S) several times, from L2 after the
-    # first pass. Used when there are enough (sample, group) pairs to fill the GPU.
+    # Whole-group kernels, used when there are enough (sample, group) pairs to fill the
+    # GPU. Forward: one program per pair reads its Cg x S values (channel rows of S, tiles
+    # of BLOCK_C x BLOCK_S) several times, from L2 after the first pass. Backward: one
+    # program per chunk of samples of a group, all Cg channels in each tile.
     @jit
     def _gn_group_fwd_kernel(
         X, Y,                 # (N * G, Cg, S) contiguous
@@ -386,7 +392,8 @@ if HAS_TRITON:
             # sum(g) = sum_c w B, sum(g * xhat) = sum_c w A
             if X.dtype.element_ty != tl.float32:
                 # 16-bit inputs: reduce each tile over its values (fewer live registers;
-                # H200, (64, 4096, 128) bf16: 78 us against 105 for the form below)
+                # H200, (64, 4096, 128) bf16, same tiles and warps, kernel time under the
+                # profiler: 78 us against 105 for the form below)
                 a_c = tl.zeros([BLOCK_C], dtype=tl.float32)
                 b_c = tl.zeros([BLOCK_C], dtype=tl.float32)
                 for s0 in range(0, n_cols, BLOCK_S):
@@ -427,7 +434,10 @@ if HAS_TRITON:
         if COMPUTE_DW or COMPUTE_DB:
             # The chunks of a group add their sums into ACC one after another, in chunk
             # order (a fixed summation order: deterministic), the last one rounding the
-            # total into OUT. Chunk k waits for chunk k - 1, which was launched earlier.
+            # total into OUT. Chunk k waits for chunk k - 1, which has a lower program id
+            # and so was dispatched before it: CUDA dispatches the blocks of a 1-D grid in
+            # increasing order in practice (not a documented guarantee; split-K GEMMs with
+            # serial reduction rely on the same). Under the interpreter, programs run in order.
             while tl.atomic_add(TICKET + grp, 0) != chunk:
                 pass
             tl.debug_barrier()
@@ -486,8 +496,9 @@ def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int]:
 
 
 def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
-    """Whether one program per (sample, group) fills the device (else the split kernels).
-    The backward's whole-group kernel also needs a group's channels in one tile."""
+    """Whether the whole-group kernels run (enough (sample, group) pairs to fill the
+    device; else the split kernels). The backward's also needs a group's channels in one
+    tile (at most _MAX_GROUP_CHANNELS)."""
     if backward and next_power_of_2(x.shape[1] // num_groups) > _MAX_GROUP_CHANNELS:
         return False
     programs = x.shape[0] * num_groups
@@ -502,8 +513,16 @@ def _samples_per_program(x: torch.Tensor, num_groups: int) -> int:
         return _SAMPLES_PER_PROGRAM
     if x.device.type != "cuda":
         return _SAMPLES_PER_PROGRAM_CPU
-    target = multiprocessor_count(x.device) * _GROUP_BWD_PROGRAMS_PER_SM
-    return max(1, min(_MAX_SAMPLES_PER_PROGRAM, (x.shape[0] * num_groups) // target))
+    return chunk_samples(x.shape[0], num_groups, multiprocessor_count(x.device))
+
+
+def chunk_samples(n_samples: int, num_groups: int, sm_count: int) -> int:
+    """Samples per program of the whole-group backward on a GPU with ``sm_count`` SMs:
+    _MAX_SAMPLES_PER_PROGRAM, fewer when that would leave under _GROUP_BWD_PROGRAMS_PER_SM
+    programs per SM, more when a group would have over _MAX_CHUNKS chunks."""
+    target = sm_count * _GROUP_BWD_PROGRAMS_PER_SM
+    spp = max(1, min(_MAX_SAMPLES_PER_PROGRAM, (n_samples * num_groups) // target))
+    return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds each group's chain of hand-offs
 
 
 def _launch_forward(x, num_groups, weight, bias, eps):
@@ -569,7 +588,10 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
         block_s = max(1, min(next_power_of_2(n_cols), _GROUP_BWD_TILE_ELEMS // block_c))
         spp = _samples_per_program(x, num_groups)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
-        acc = out if param_dtype == torch.float32 or spp >= n else torch.empty(out.shape, dtype=torch.float32, device=x.device)
+        if param_dtype == torch.float32 or spp >= n:
+            acc = out                                          # one chunk, or fp32 sums: no buffer
+        else:
+            acc = torch.empty(out.shape, dtype=torch.float32, device=x.device)
         ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
         with device_guard(x):
             _gn_group_bwd_kernel[(cdiv(n, spp) * num_groups,)](

@@ -186,6 +186,18 @@ def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, par
         _check(x, 3, w.float() if with_w else None, b.float() if with_b else None, torch.float32, 64)
 
 
+@pytest.mark.parametrize("n,groups,expected", [
+    (64, 32, 2),      # the benchmark at 8192 tokens: 2 samples, 32 chunks per group
+    (32, 32, 2),
+    (4, 32, 1),       # too few (sample, group) pairs for 2 per program
+    (8192, 32, 128),  # (8192, C) inputs: capped at 64 chunks (hand-offs) per group
+    (1000, 1, 16),
+])
+def test_group_norm_chunk_samples(n, groups, expected):
+    assert gn_mod.chunk_samples(n, groups, 132) == expected
+    assert gn_mod.cdiv(n, expected) <= gn_mod._MAX_CHUNKS
+
+
 def test_group_norm_backward_wide_groups_split(monkeypatch):
     """Groups with more channels than the whole-group backward holds in one tile take the
     split kernels in the backward (the forward stays whole-group)."""
@@ -273,7 +285,8 @@ def test_group_norm_opcheck_and_compile():
     opcheck(torch.ops.ligerzoo.group_norm, (x, 2, None, None, 1e-5))
     _, mean, rstd = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
     dy = torch.randn(2, 6, 3, 5)
-    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, w.detach(), mean, rstd, True, True, torch.float32))
+    opcheck(torch.ops.ligerzoo.group_norm_backward,
+            (dy, x.detach(), 3, w.detach(), mean, rstd, True, True, torch.float32))
     opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, None, mean, rstd, False, False, torch.float32))
 
     g = torch.randn(2, 6, 3, 5)
