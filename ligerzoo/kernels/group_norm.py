@@ -592,7 +592,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
             acc = out                                          # one chunk, or fp32 sums: no buffer
         else:
             acc = torch.empty(out.shape, dtype=torch.float32, device=x.device)
-        ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
+        # the tickets start at 0; without parameter gradients the kernel never reads them
+        ticket = (torch.zeros if n_params else torch.empty)(num_groups, dtype=torch.int32, device=x.device)
         with device_guard(x):
             _gn_group_bwd_kernel[(cdiv(n, spp) * num_groups,)](
                 dyc, xc, dx, weight.contiguous() if weight is not None else xc,
