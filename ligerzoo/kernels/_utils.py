@@ -281,6 +281,23 @@ def jit(fn):
     return DirectLaunch(triton.jit(fn))
 
 
+# ----------------------------------------------------------------------------- row tiles
+if HAS_TRITON:
+
+    @triton.jit
+    def load_row_tiles(A, stride_a, B, stride_b, row0, row_end, cols, col_mask, BLOCK_M: tl.constexpr):
+        """Rows [row0, row0 + BLOCK_M) of two (N, H) tensors, masked to rows < row_end and
+        ``col_mask``, in their own dtypes: ((BLOCK_M, BLOCK_N), (BLOCK_M, BLOCK_N)). The
+        norm backwards call it one tile ahead of the one they reduce (register double
+        buffering: the next tile's loads are in flight during this tile's reductions)."""
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        a = tl.load(A + rows64[:, None] * stride_a + cols[None, :], mask=mask, other=0.0)
+        b = tl.load(B + rows64[:, None] * stride_b + cols[None, :], mask=mask, other=0.0)
+        return a, b
+
+
 # ----------------------------------------------------------------------------- partial-row sums
 if HAS_TRITON:
 

@@ -439,7 +439,7 @@ if HAS_TRITON:
             # increasing order in practice (not a documented guarantee; split-K GEMMs with
             # serial reduction rely on the same). Under the interpreter, programs run in order.
             while tl.atomic_add(TICKET + grp, 0) != chunk:
-                pass
+                pass  # spin until the previous chunk hands over (nothing else to do meanwhile)
             tl.debug_barrier()
             db_off = n_channels if COMPUTE_DW else 0
             if chunk > 0:

@@ -46,6 +46,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ligerzoo.kernels._utils import load_row_tiles
+
 __all__ = [
     "rms_norm",
     "fused_add_rms_norm",
@@ -153,11 +155,7 @@ if HAS_TRITON:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # register double buffering: the next tile's loads are issued before this tile's
         # reductions, so each program keeps two tiles of reads in flight
-        rows = row_start + tl.arange(0, BLOCK_M)
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)
-        dy_next = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
-        x_next = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy_next, x_next = load_row_tiles(DY, stride_dy, X, stride_x, row_start, row_end, cols, col_mask, BLOCK_M)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -166,10 +164,7 @@ if HAS_TRITON:
 
             dy = dy_next.to(tl.float32)
             x = x_next.to(tl.float32)
-            nrows64 = rows64 + BLOCK_M
-            nmask = (rows + BLOCK_M < row_end)[:, None] & col_mask[None, :]
-            dy_next = tl.load(DY + nrows64[:, None] * stride_dy + cols[None, :], mask=nmask, other=0.0)
-            x_next = tl.load(X + nrows64[:, None] * stride_x + cols[None, :], mask=nmask, other=0.0)
+            dy_next, x_next = load_row_tiles(DY, stride_dy, X, stride_x, m + BLOCK_M, row_end, cols, col_mask, BLOCK_M)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
 
             xhat = x * rstd[:, None]
