@@ -9,19 +9,28 @@ shape and a table ``W`` of shape (V, H)::
     dW[v, :]     = sum over positions p with i[p] == v of dout[p, :]     (v != padding_idx)
     dW[padding_idx, :] = 0
 
-The forward is a pure gather (bit-exact copy of the rows). The backward sorts the ids
-(stable, ``torch.sort``), so the positions of each distinct id form one contiguous segment,
-then writes ``dW`` in one pass, each element once: a program owns a tile of R rows x a
-column block, finds the sorted positions of ids in its rows (a binary search, done for
-all row blocks by one small kernel beforehand), sums each such id's output-gradient rows
-in fp32 in position order, and stores the tile: zeros except those sums, in the table's
-dtype. So there is no separate zero fill of the (V, H) table (the largest cost of the
-backward: 1 GiB for Llama 3), no atomics and no (V, H) fp32 buffer. An id repeated k times
-is summed serially by one program per column block (k row reads), so a batch dominated by
-one id is slower than an atomic scatter would be. This is the segment reduction of
-PyTorch's ``embedding_dense_backward``, fused: deterministic (the same sum order every
-run), fp32 accumulation even for bf16/fp16 tables; the backward holds the (V, H) result
-plus O(N) sort buffers.
+The forward is a pure gather (bit-exact copy of the rows). The backward writes ``dW`` in
+one pass, each element once: a program owns a tile of R rows x a column block and stores
+zeros except, for each id in its rows, the fp32 sum of that id's output-gradient rows in
+position order, rounded once to the table's dtype. So there is no separate zero fill of
+the (V, H) table (the largest cost: 1 GiB for Llama 3), no atomics and no (V, H) fp32
+buffer: deterministic (the same sum order every run), fp32 accumulation even for bf16/fp16
+tables (the segment reduction of PyTorch's ``embedding_dense_backward``, fused).
+
+To find the ids of each tile, the ids are sorted in chunks of 1024 positions, each chunk
+in registers by one program (key ``id << 31 | position``: ascending id, then position),
+and a second small kernel binary-searches, for every row block and chunk, where the
+block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
+id's rows in increasing position order. These keys and starts (8 bytes per id plus 4 per
+(row block of 4 rows, chunk); 1 MiB for 8192 ids and V = 128256) are kept in the last bytes of
+the dW being written (new buffers instead when they would take over half of it): the
+tiles below them are written first, then the last row blocks are written by programs that
+find their ids by scanning all of them. So the backward allocates nothing but dW (no sort
+buffers, no host-side ``torch.sort``: four launches). Batches of more than 32 chunks
+(32768 ids) and tables of 2^32 rows or more use one stable ``torch.sort`` and O(N)
+buffers instead. An id repeated k times is summed serially by one program per
+column block (k row reads), so a batch dominated by one id is slower than an atomic
+scatter would be.
 """
 from __future__ import annotations
 
@@ -47,6 +56,19 @@ _MAX_BLOCK_H = 1024
 # _BWD_BLOCK_H columns wide (module-level so tests can shrink them).
 _BWD_TILE_ELEMS = 16384
 _BWD_BLOCK_H = 1024
+# The backward sorts the ids in chunks of _SORT_CHUNK positions (in registers), up to
+# _MAX_SORT_CHUNKS chunks (32768 ids); larger batches use torch.sort. The sorted keys and
+# the block starts are kept in the last bytes of the dW being written when they take at
+# most half of it (None), or forced there / into new buffers (True / False: tests).
+_SORT_CHUNK = 1024
+_MAX_SORT_CHUNKS = 32
+# Its writer holds an fp32 (BLOCK_R, BLOCK_H) tile of about _ACC_TILE_ELEMS elements (on an
+# H200, (V, H) = (128256, 4096) bf16: 4 x 1024 under 4 warps took 326 / 344 / 379 us at
+# 4096 / 8192 / 16384 ids, 16 x 1024 under 8 warps 415 / 503 / 672 us).
+_ACC_TILE_ELEMS = 4096
+_ACC_BLOCK_H = 1024
+_SCAN_BLOCK_N = 1024
+_SCRATCH_IN_DW: Optional[bool] = None
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -126,6 +148,124 @@ if HAS_TRITON:
                  mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
 
 
+    @jit
+    def _chunk_sort_kernel(
+        IDS,                 # (N,) int32 / int64 token ids
+        KEYS,                # (n_chunks * CHUNK,) int64 out: each chunk's (id << 31 | position), sorted
+        n_ids, n_rows_w,
+        CHUNK: tl.constexpr,
+    ):
+        # One chunk of CHUNK positions sorted in registers: ascending id, then position (the
+        # positions are unique, so this is the stable order). Ids outside [0, V) and the
+        # padding past N get the largest int64 and sort last, beyond every row block.
+        pos = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        m = pos < n_ids
+        ids = tl.load(IDS + pos, mask=m, other=0).to(tl.int64)
+        ok = m & (ids >= 0) & (ids < n_rows_w)
+        key = tl.where(ok, (ids << 31) | pos, 9223372036854775807)
+        tl.store(KEYS + pos, tl.sort(key))
+
+    @jit
+    def _chunk_starts_kernel(
+        KEYS,                # (n_chunks * CHUNK,) int64 from _chunk_sort_kernel
+        STARTS,              # ((n_blocks + 1) * n_chunks,) int32 out, block-major
+        n_entries, n_chunks, rows_per_block,
+        CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # STARTS[b, c]: the first index of chunk c whose id is >= b * rows_per_block (a
+        # vectorised lower-bound binary search, one lane per (b, c)).
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        em = e < n_entries
+        b = (e // n_chunks).to(tl.int64)
+        c = (e % n_chunks).to(tl.int64)
+        target = (b * rows_per_block) << 31
+        lo = tl.zeros([BLOCK], dtype=tl.int32)
+        hi = tl.zeros([BLOCK], dtype=tl.int32) + CHUNK
+        for _ in range(LOG_CHUNK + 1):
+            open_ = lo < hi
+            mid = (lo + hi) // 2
+            v = tl.load(KEYS + c * CHUNK + mid, mask=open_ & em, other=0)
+            lo = tl.where(open_ & (v < target), mid + 1, lo)
+            hi = tl.where(open_ & (v >= target), mid, hi)
+        tl.store(STARTS + e, lo, mask=em)
+
+    @jit
+    def _embedding_bwd_chunks_kernel(
+        KEYS,                # (n_chunks * CHUNK,) int64 sorted per chunk
+        STARTS,              # ((n_blocks + 1) * n_chunks,) int32 from _chunk_starts_kernel
+        G, stride_g,         # (N, H) output gradient, unit column stride
+        DW,                  # (V, H) out in the table's dtype, contiguous
+        n_rows_w, n_cols, padding_idx, n_chunks,
+        CHUNK: tl.constexpr,
+        NC_P2: tl.constexpr,    # n_chunks rounded up to a power of two
+        BLOCK_R: tl.constexpr,  # rows of dW per program (the rows_per_block of STARTS)
+        BLOCK_H: tl.constexpr,
+    ):
+        # One program writes a (BLOCK_R, BLOCK_H) tile of dW exactly once: the fp32 sum of
+        # the gradient rows of each id in the tile's rows, zeros elsewhere. The ids of the
+        # tile sit in one contiguous range of every sorted chunk; taking the chunks in
+        # order adds each id's rows in increasing position order (deterministic).
+        blk = tl.program_id(0).to(tl.int64)
+        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        c_mask = cols < n_cols
+        cs = tl.arange(0, NC_P2)
+        cm = cs < n_chunks
+        lo = tl.load(STARTS + blk * n_chunks + cs, mask=cm, other=0)
+        hi = tl.load(STARTS + (blk + 1) * n_chunks + cs, mask=cm, other=0)
+        todo = hi > lo                                   # chunks holding ids of this tile
+        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+        while tl.max(todo.to(tl.int32), axis=0) > 0:
+            c = tl.min(tl.where(todo, cs, NC_P2), axis=0)
+            j = tl.sum(tl.where(cs == c, lo, 0), axis=0)
+            end = tl.sum(tl.where(cs == c, hi, 0), axis=0)
+            while j < end:
+                key = tl.load(KEYS + c.to(tl.int64) * CHUNK + j)
+                idx = key >> 31
+                src = key & 2147483647
+                g = tl.load(G + src * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
+                acc = tl.where(rows[:, None] == idx, acc + g[None, :], acc)
+                j += 1
+            todo = todo & (cs != c)
+        acc = tl.where((rows == padding_idx)[:, None], 0.0, acc)
+        tl.store(DW + rows[:, None] * n_cols + cols[None, :], acc.to(DW.dtype.element_ty),
+                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
+
+    @jit
+    def _embedding_bwd_scan_kernel(
+        IDS,                 # (N,) int32 / int64 token ids
+        G, stride_g,         # (N, H) output gradient, unit column stride
+        DW,                  # (V, H) out in the table's dtype, contiguous
+        n_ids, n_rows_w, n_cols, padding_idx, row0,
+        BLOCK_R: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # The same tile as _embedding_bwd_chunks_kernel, rows from row0 on, found by
+        # scanning every id (no sorted keys): for the few last row blocks of dW whose memory
+        # held the keys and starts while the other tiles were written.
+        r0 = row0 + tl.program_id(0).to(tl.int64) * BLOCK_R
+        rows = r0 + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        c_mask = cols < n_cols
+        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+        for n0 in range(0, n_ids, BLOCK_N):
+            p = n0 + tl.arange(0, BLOCK_N)
+            ids = tl.load(IDS + p, mask=p < n_ids, other=-1).to(tl.int64)
+            hit = (ids >= r0) & (ids < r0 + BLOCK_R) & (ids < n_rows_w)
+            n_hit = tl.sum(hit.to(tl.int32), axis=0)
+            while n_hit > 0:                              # in increasing position order
+                q = tl.min(tl.where(hit, p, n_ids), axis=0)
+                idx = tl.sum(tl.where(p == q, ids, 0), axis=0)
+                g = tl.load(G + q.to(tl.int64) * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
+                acc = tl.where(rows[:, None] == idx, acc + g[None, :], acc)
+                hit = hit & (p != q)
+                n_hit -= 1
+        acc = tl.where((rows == padding_idx)[:, None], 0.0, acc)
+        tl.store(DW + rows[:, None] * n_cols + cols[None, :], acc.to(DW.dtype.element_ty),
+                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
+
+
 # ----------------------------------------------------------------------------- launchers
 def _tiles(n_ids: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_H, num_warps) of one program's tile."""
@@ -156,17 +296,82 @@ def _forward(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, n_cols)
 
 
+def _bwd_tiles(n_cols: int, tile_elems: int, max_block_h: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_H, num_warps) of one backward program's tile of dW."""
+    block_h = min(next_power_of_2(n_cols), max_block_h)
+    block_r = max(1, min(tile_elems // block_h, 64))
+    return block_r, block_h, 8 if block_r * block_h >= 8192 else 4
+
+
+def _scratch(dw: torch.Tensor, keys_n: int, starts_n: int):
+    """(keys (keys_n,) int64, starts (starts_n,) int32, first dW row they overlap): in the
+    last bytes of ``dw`` when they take at most half of it (or as forced by
+    ``_SCRATCH_IN_DW``), else new buffers (first row = V)."""
+    need = keys_n * 8 + starts_n * 4
+    total = dw.numel() * dw.element_size()
+    in_dw = _SCRATCH_IN_DW if _SCRATCH_IN_DW is not None else 2 * need <= total
+    if not in_dw or need > total:
+        return (torch.empty(keys_n, dtype=torch.int64, device=dw.device),
+                torch.empty(starts_n, dtype=torch.int32, device=dw.device), dw.shape[0])
+    byte0 = (total - need) // 8 * 8
+    raw = dw.view(-1).view(torch.uint8)                                  # dW's bytes
+    keys = raw[byte0: byte0 + keys_n * 8].view(torch.int64)
+    starts = raw[byte0 + keys_n * 8: byte0 + need].view(torch.int32)
+    return keys, starts, byte0 // (dw.shape[1] * dw.element_size())
+
+
 def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
               dtype: torch.dtype) -> torch.Tensor:
     n_cols = grad.shape[-1]
     n_ids = ids.numel()
     if n_ids == 0 or n_cols == 0 or n_rows_w == 0:
         return torch.zeros((n_rows_w, n_cols), dtype=dtype, device=grad.device)
+    chunk = _SORT_CHUNK
+    if _utils.interpreter_enabled():  # its sort costs ~2 ms per element: no padding to 1024
+        chunk = min(chunk, next_power_of_2(n_ids))
+    n_chunks = cdiv(n_ids, chunk)
+    if n_chunks > _MAX_SORT_CHUNKS or n_rows_w >= 2**32:
+        return _backward_torch_sort(grad, ids, n_rows_w, padding_idx, dtype)
+    dw = torch.empty((n_rows_w, n_cols), dtype=dtype, device=grad.device)
+    g = _rows(grad.reshape(n_ids, n_cols))
+    ids1 = ids.reshape(-1)
+    ids1 = ids1 if ids1.is_contiguous() else ids1.contiguous()
+    block_r, block_h, warps = _bwd_tiles(n_cols, _ACC_TILE_ELEMS, _ACC_BLOCK_H)
+    n_blocks = cdiv(n_rows_w, block_r)
+    starts_n = (n_blocks + 1) * n_chunks
+    keys, starts, first_row = _scratch(dw, n_chunks * chunk, starts_n)
+    sorted_blocks = min(n_blocks, first_row // block_r)  # blocks wholly below the scratch
+    col_blocks = cdiv(n_cols, block_h)
+    with device_guard(grad):
+        _chunk_sort_kernel[(n_chunks,)](ids1, keys, n_ids, n_rows_w, CHUNK=chunk, num_warps=4)
+        _chunk_starts_kernel[(cdiv(starts_n, 1024),)](
+            keys, starts, starts_n, n_chunks, block_r,
+            CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1, BLOCK=1024, num_warps=4,
+        )
+        if sorted_blocks:
+            _embedding_bwd_chunks_kernel[(sorted_blocks, col_blocks)](
+                keys, starts, g, g.stride(0), dw, n_rows_w, n_cols, padding_idx, n_chunks,
+                CHUNK=chunk, NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h,
+                num_warps=warps,
+            )
+        if sorted_blocks < n_blocks:  # after the writer above: these rows held the scratch
+            _embedding_bwd_scan_kernel[(n_blocks - sorted_blocks, col_blocks)](
+                ids1, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx, sorted_blocks * block_r,
+                BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_N=_SCAN_BLOCK_N, num_warps=warps,
+            )
+    return dw
+
+
+def _backward_torch_sort(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """The backward for batches of more than _MAX_SORT_CHUNKS chunks of ids: one stable
+    ``torch.sort`` of all ids (O(N) extra buffers), then the same one-pass writer."""
+    n_cols = grad.shape[-1]
+    n_ids = ids.numel()
     dw = torch.empty((n_rows_w, n_cols), dtype=dtype, device=grad.device)
     g = _rows(grad.reshape(n_ids, n_cols))
     sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)          # (N,), (N,) int64
-    block_h = min(next_power_of_2(n_cols), _BWD_BLOCK_H)
-    block_r = max(1, min(_BWD_TILE_ELEMS // block_h, 64))
+    block_r, block_h, warps = _bwd_tiles(n_cols, _BWD_TILE_ELEMS, _BWD_BLOCK_H)
     n_blocks = cdiv(n_rows_w, block_r)
     starts = torch.empty(n_blocks + 1, dtype=torch.int32, device=grad.device)
     with device_guard(grad):
@@ -175,7 +380,7 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
         )
         _embedding_bwd_kernel[(n_blocks, cdiv(n_cols, block_h))](
             sorted_ids, order, starts, g, g.stride(0), dw, n_rows_w, n_cols, padding_idx,
-            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=8 if block_r * block_h >= 8192 else 4,
+            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
         )
     return dw
 
@@ -270,9 +475,10 @@ def embedding(
     """Look up rows of an embedding table (``torch.nn.functional.embedding``).
 
     Forward: a Triton gather ``out[...] = weight[input_ids[...]]`` (exact copies). Backward:
-    the ids are sorted and each distinct id's output-gradient rows are summed in fp32 and
-    written once in ``weight.dtype`` (deterministic; rows of ``padding_idx`` get no
-    gradient). See the module docstring for memory.
+    the ids are sorted (in chunks, on the device) and each distinct id's output-gradient
+    rows are summed in fp32 in position order and written once in ``weight.dtype``
+    (deterministic; rows of ``padding_idx`` get no gradient). It allocates only the (V, H)
+    gradient for up to 32768 ids (see the module docstring).
 
     Args:
         input_ids: int64 or int32 ids of any shape (...), any strides, values in [0, V).

@@ -120,7 +120,9 @@ def test_embedding_many_blocks(monkeypatch):
     monkeypatch.setattr(emb_mod, "_TILE_ELEMS", 16)
     monkeypatch.setattr(emb_mod, "_MAX_BLOCK_H", 8)   # 16 column blocks of H = 123, 2 ids per program
     monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", 256)
+    monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 256)
     monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", 64)  # backward tiles of 4 rows x 64 columns
+    monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)
     weight = torch.randn(V, H)
     ids = torch.randint(0, 30, (2, 11))
     _check(ids, weight, 3, torch.float32, "triton")
@@ -133,13 +135,68 @@ def test_embedding_backward_tiles(monkeypatch, tile, shape):
     sorted ids: tiny tiles (2 rows x 8 columns: many row blocks, ids at their edges, several
     column blocks), mid-size and the default, a single id included."""
     monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", tile[0])
+    monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", tile[0])
     monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", tile[1])
+    monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", tile[1])
     weight = torch.randn(80, H)                     # a small table: the interpreter visits every tile
     ids = torch.randint(0, 9, shape)
     ids.view(-1)[-1] = 79
     if ids.numel() > 3:
         ids.view(-1)[1] = 50
     _check(ids, weight, 2, torch.float32, "triton")
+
+
+
+@pytest.mark.parametrize("n_ids, chunk, max_chunks, scratch", [
+    (300, 16, 64, None), (300, 16, 64, True), (300, 16, 64, False),   # 19 chunks
+    (37, 16, 64, True),                                                # 3 chunks, the last partial
+    (1, 1024, 64, True),                                               # the default chunk, one id
+    (37, 16, 2, None),                                                 # over max_chunks: torch.sort
+])
+def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks, scratch):
+    """The backward sorts the ids in chunks (several chunks here: chunk 16 or 64), keeps
+    the sorted keys and block starts in the last rows of dW (scratch True / None) or in new
+    buffers (False), writes those last rows afterwards by scanning the ids, and falls back
+    to one torch.sort beyond max_chunks chunks. Every way gives
+    the float64 sum within ulps, and bit-identical results to the torch.sort path (the same
+    fp32 additions in the same order)."""
+    monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
+    monkeypatch.setattr(emb_mod, "_MAX_SORT_CHUNKS", max_chunks)
+    monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
+    monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", 512)
+    monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 512)
+    monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", 64)   # 8-row blocks: the scratch spans several
+    monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)
+    n_rows = 90
+    weight = torch.randn(n_rows, H)
+    ids = torch.randint(0, 12, (n_ids,))
+    ids[::4] = 5                                   # one id repeated across every chunk
+    ids[-1] = n_rows - 1                           # the last row: inside the scratch rows
+    if n_ids > 2:
+        ids[1] = 0
+    _, dw = _check(ids, weight, 3, torch.float32, "triton")
+    g = torch.randn(n_ids, H).to(torch.bfloat16)
+    for pad in (-1, 5):
+        got = emb_mod._backward(g, ids, n_rows, pad, torch.bfloat16)
+        want = emb_mod._backward_torch_sort(g, ids, n_rows, pad, torch.bfloat16)
+        assert torch.equal(got, want)
+    if scratch:
+        keys, starts, first_row = emb_mod._scratch(torch.empty(n_rows, H), 64, 40)
+        assert first_row < n_rows and keys.dtype == torch.int64 and starts.dtype == torch.int32
+
+
+def test_embedding_backward_ignores_out_of_range_ids(monkeypatch):
+    """Ids outside [0, V) (only possible on CUDA, where they are not checked on the host)
+    add no gradient anywhere, in the chunked path and in the torch.sort path."""
+    monkeypatch.setattr(emb_mod, "_SORT_CHUNK", 16)
+    monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", True)
+    ids = torch.tensor([3, -1, 40, 3, 39, -7, 41, 0] * 5)
+    g = torch.randn(ids.numel(), 16)
+    keep = (ids >= 0) & (ids < 40)
+    want = torch.zeros(40, 16, dtype=torch.float64).index_add_(0, ids[keep], g[keep].double())
+    for fn in (emb_mod._backward, emb_mod._backward_torch_sort):
+        got = fn(g, ids, 40, -1, torch.float32)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
 @parametrize_dtype
@@ -275,6 +332,30 @@ def test_gpu_embedding_sizes_and_invalid_ids(n_ids):
     dw64 = torch.zeros(Vg, Hg, dtype=torch.float64, device="cuda")
     dw64.index_add_(0, ids[valid], g[valid].double())
     assert_close_ulps(weight.grad, dw64, torch.float32, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n_ids", [4096, 16384, 40000])
+def test_gpu_embedding_backward_allocates_only_dw(n_ids):
+    """Up to 32768 ids the backward's peak is dW itself (the sorted keys and starts live in
+    dW's last rows); beyond, the torch.sort path adds O(N) buffers. Both give the same bits."""
+    torch.manual_seed(0)
+    Vg, Hg = 128256, 4096
+    ids = torch.randint(0, Vg, (n_ids,), device="cuda")
+    ids[::9] = 77
+    g = torch.randn(n_ids, Hg, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dw = emb_mod._backward(g, ids, Vg, -1, torch.bfloat16)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - dw.untyped_storage().nbytes()
+    if n_ids <= 32768:
+        assert extra == 0
+    else:
+        assert 0 < extra < 64 * n_ids
+    assert torch.equal(dw, emb_mod._backward_torch_sort(g, ids, Vg, -1, torch.bfloat16))
 
 
 @pytest.mark.gpu
