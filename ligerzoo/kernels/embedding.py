@@ -21,16 +21,21 @@ To find the ids of each tile, the ids are sorted in chunks of 1024 positions, ea
 in registers by one program (key ``id << 31 | position``: ascending id, then position),
 and a second small kernel binary-searches, for every row block and chunk, where the
 block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
-id's rows in increasing position order. These keys and starts (8 bytes per id plus 4 per
-(row block of 4 rows, chunk); 1 MiB for 8192 ids and V = 128256) are kept in the last bytes of
-the dW being written (new buffers instead when they would take over half of it): the
-tiles below them are written first, then the last row blocks are written by programs that
-find their ids by scanning all of them. So the backward allocates nothing but dW (no sort
-buffers, no host-side ``torch.sort``: four launches). Batches of more than 32 chunks
-(32768 ids) and tables of 2^32 rows or more use one stable ``torch.sort`` and O(N)
-buffers instead. An id repeated k times is summed serially by one program per
-column block (k row reads), so a batch dominated by one id is slower than an atomic
-scatter would be.
+id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
+rounded up to whole chunks, plus 4 bytes per (row block, chunk), a row block being 4 rows
+when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of the
+dW being written (new buffers instead when they would take over half of it): the tiles
+below them are written first, then the last row blocks are written by programs that find
+their ids by scanning all of them. So the backward allocates nothing but dW (besides
+contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
+``torch.sort``, three or four launches. Batches of more than 32 chunks (32768 ids) and
+tables of 2^32 rows or more use one stable ``torch.sort`` and O(N) buffers instead.
+
+An id repeated k times is summed serially by one program per column block (k dependent
+row reads), so batches dominated by one id are slower than Liger's atomic scatter: with a
+quarter of 8192 ids on one pad token (no ``padding_idx``) forward + backward took 1.42 ms
+on an H200 against Liger's 0.47 (``benchmarks/NOTES.md``). Pass ``padding_idx`` for
+padding: its rows are skipped, not summed.
 """
 from __future__ import annotations
 
@@ -306,13 +311,13 @@ def _bwd_tiles(n_cols: int, tile_elems: int, max_block_h: int) -> tuple[int, int
 def _scratch(dw: torch.Tensor, keys_n: int, starts_n: int):
     """(keys (keys_n,) int64, starts (starts_n,) int32, first dW row they overlap): in the
     last bytes of ``dw`` when they take at most half of it (or as forced by
-    ``_SCRATCH_IN_DW``), else new buffers (first row = V)."""
+    ``_SCRATCH_IN_DW``), else new buffers (first row None)."""
     need = keys_n * 8 + starts_n * 4
     total = dw.numel() * dw.element_size()
     in_dw = _SCRATCH_IN_DW if _SCRATCH_IN_DW is not None else 2 * need <= total
     if not in_dw or need > total:
         return (torch.empty(keys_n, dtype=torch.int64, device=dw.device),
-                torch.empty(starts_n, dtype=torch.int32, device=dw.device), dw.shape[0])
+                torch.empty(starts_n, dtype=torch.int32, device=dw.device), None)
     byte0 = (total - need) // 8 * 8
     raw = dw.view(-1).view(torch.uint8)                                  # dW's bytes
     keys = raw[byte0: byte0 + keys_n * 8].view(torch.int64)
@@ -340,7 +345,8 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     n_blocks = cdiv(n_rows_w, block_r)
     starts_n = (n_blocks + 1) * n_chunks
     keys, starts, first_row = _scratch(dw, n_chunks * chunk, starts_n)
-    sorted_blocks = min(n_blocks, first_row // block_r)  # blocks wholly below the scratch
+    # the blocks wholly below the scratch (all of them when it is not in dW)
+    sorted_blocks = n_blocks if first_row is None else first_row // block_r
     col_blocks = cdiv(n_cols, block_h)
     with device_guard(grad):
         _chunk_sort_kernel[(n_chunks,)](ids1, keys, n_ids, n_rows_w, CHUNK=chunk, num_warps=4)
@@ -477,8 +483,9 @@ def embedding(
     Forward: a Triton gather ``out[...] = weight[input_ids[...]]`` (exact copies). Backward:
     the ids are sorted (in chunks, on the device) and each distinct id's output-gradient
     rows are summed in fp32 in position order and written once in ``weight.dtype``
-    (deterministic; rows of ``padding_idx`` get no gradient). It allocates only the (V, H)
-    gradient for up to 32768 ids (see the module docstring).
+    (deterministic; rows of ``padding_idx`` get no gradient). For up to 32768 ids and a
+    table at least twice the size of the sort keys it allocates only the (V, H) gradient
+    (see the module docstring, also for the cost of one id repeated thousands of times).
 
     Args:
         input_ids: int64 or int32 ids of any shape (...), any strides, values in [0, V).

@@ -150,11 +150,11 @@ def test_embedding_backward_tiles(monkeypatch, tile, shape):
 @pytest.mark.parametrize("n_ids, chunk, max_chunks, scratch", [
     (300, 16, 64, None), (300, 16, 64, True), (300, 16, 64, False),   # 19 chunks
     (37, 16, 64, True),                                                # 3 chunks, the last partial
-    (1, 1024, 64, True),                                               # the default chunk, one id
+    (1, 1024, 64, True),                                               # one id (chunk of 1 here)
     (37, 16, 2, None),                                                 # over max_chunks: torch.sort
 ])
 def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks, scratch):
-    """The backward sorts the ids in chunks (several chunks here: chunk 16 or 64), keeps
+    """The backward sorts the ids in chunks (several chunks here: chunk 16), keeps
     the sorted keys and block starts in the last rows of dW (scratch True / None) or in new
     buffers (False), writes those last rows afterwards by scanning the ids, and falls back
     to one torch.sort beyond max_chunks chunks. Every way gives
