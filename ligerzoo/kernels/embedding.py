@@ -57,8 +57,8 @@ __all__ = ["embedding", "embedding_reference"]
 # at most _MAX_BLOCK_H columns wide. Module-level so tests can shrink them.
 _TILE_ELEMS = 4096
 _MAX_BLOCK_H = 1024
-# A backward program writes a tile of dW of about _BWD_TILE_ELEMS elements, at most
-# _BWD_BLOCK_H columns wide (module-level so tests can shrink them).
+# The torch.sort path's writer (over 32768 ids) writes tiles of dW of about _BWD_TILE_ELEMS
+# elements, at most _BWD_BLOCK_H columns wide (module-level so tests can shrink them).
 _BWD_TILE_ELEMS = 16384
 _BWD_BLOCK_H = 1024
 # The backward sorts the ids in chunks of _SORT_CHUNK positions (in registers), up to
@@ -67,7 +67,7 @@ _BWD_BLOCK_H = 1024
 # most half of it (None), or forced there / into new buffers (True / False: tests).
 _SORT_CHUNK = 1024
 _MAX_SORT_CHUNKS = 32
-# Its writer holds an fp32 (BLOCK_R, BLOCK_H) tile of about _ACC_TILE_ELEMS elements (on an
+# The chunked path's writer holds an fp32 (BLOCK_R, BLOCK_H) tile of about _ACC_TILE_ELEMS elements (on an
 # H200, (V, H) = (128256, 4096) bf16: 4 x 1024 under 4 warps took 326 / 344 / 379 us at
 # 4096 / 8192 / 16384 ids, 16 x 1024 under 8 warps 415 / 503 / 672 us).
 _ACC_TILE_ELEMS = 4096
