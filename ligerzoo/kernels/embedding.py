@@ -370,8 +370,9 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
 
 def _backward_torch_sort(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
                          dtype: torch.dtype) -> torch.Tensor:
-    """The backward for batches of more than _MAX_SORT_CHUNKS chunks of ids: one stable
-    ``torch.sort`` of all ids (O(N) extra buffers), then the same one-pass writer."""
+    """The backward for batches of more than _MAX_SORT_CHUNKS chunks of ids (and tables of
+    2^32 rows or more): one stable ``torch.sort`` of all ids (O(N) extra buffers), then a
+    one-pass writer that adds each id's rows in the same position order (same bits)."""
     n_cols = grad.shape[-1]
     n_ids = ids.numel()
     dw = torch.empty((n_rows_w, n_cols), dtype=dtype, device=grad.device)
