@@ -28,8 +28,8 @@ dW being written (new buffers instead when they would take over half of it): the
 below them are written first, then the last row blocks are written by programs that find
 their ids by scanning all of them. So the backward allocates nothing but dW (besides
 contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
-``torch.sort``, three or four launches. Batches of more than 32 chunks (32768 ids) and
-tables of 2^32 rows or more use one stable ``torch.sort`` and O(N) buffers instead.
+``torch.sort``, three or four launches. Batches of more than 32 chunks (32768 ids) sort
+the same keys with one ``torch.sort`` (O(N) buffers) and go through the same kernels.
 
 An id repeated k times is summed serially by one program per column block (k dependent
 row reads), so batches dominated by one id are slower than Liger's atomic scatter: with a
@@ -57,19 +57,17 @@ __all__ = ["embedding", "embedding_reference"]
 # at most _MAX_BLOCK_H columns wide. Module-level so tests can shrink them.
 _TILE_ELEMS = 4096
 _MAX_BLOCK_H = 1024
-# The torch.sort path's writer (over 32768 ids) writes tiles of dW of about _BWD_TILE_ELEMS
-# elements, at most _BWD_BLOCK_H columns wide (module-level so tests can shrink them).
-_BWD_TILE_ELEMS = 16384
-_BWD_BLOCK_H = 1024
 # The backward sorts the ids in chunks of _SORT_CHUNK positions (in registers), up to
-# _MAX_SORT_CHUNKS chunks (32768 ids); larger batches use torch.sort. The sorted keys and
+# _MAX_SORT_CHUNKS chunks (32768 ids); larger batches sort the same keys with torch.sort
+# (new buffers) and use the same kernels. The sorted keys and
 # the block starts are kept in the last bytes of the dW being written when they take at
 # most half of it (None), or forced there / into new buffers (True / False: tests).
 _SORT_CHUNK = 1024
 _MAX_SORT_CHUNKS = 32
-# The chunked path's writer holds an fp32 (BLOCK_R, BLOCK_H) tile of about _ACC_TILE_ELEMS elements (on an
-# H200, (V, H) = (128256, 4096) bf16: 4 x 1024 under 4 warps took 326 / 344 / 379 us at
-# 4096 / 8192 / 16384 ids, 16 x 1024 under 8 warps 415 / 503 / 672 us).
+# A backward program writes an fp32 (BLOCK_R, BLOCK_H) tile of dW of about _ACC_TILE_ELEMS
+# elements, at most _ACC_BLOCK_H columns wide (on an H200, (V, H) = (128256, 4096) bf16:
+# 4 x 1024 under 4 warps took 326 / 344 / 379 us at 4096 / 8192 / 16384 ids, 16 x 1024
+# under 8 warps 415 / 503 / 672 us). Module-level so tests can shrink them.
 _ACC_TILE_ELEMS = 4096
 _ACC_BLOCK_H = 1024
 _SCAN_BLOCK_N = 1024
@@ -100,60 +98,6 @@ if HAS_TRITON:
                  mask=r_mask[:, None] & c_mask[None, :])
 
     @jit
-    def _row_block_starts_kernel(
-        SORTED,              # (N,) ids sorted ascending
-        STARTS,              # (n_blocks + 1,) int32 out: first sorted position with id >= b * R
-        n_ids, n_bounds, rows_per_block, n_steps,   # n_steps = bit length of N (binary search)
-        BLOCK: tl.constexpr,
-    ):
-        b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        target = b.to(tl.int64) * rows_per_block
-        lo = tl.zeros([BLOCK], dtype=tl.int32)
-        hi = tl.zeros([BLOCK], dtype=tl.int32) + n_ids
-        for _ in range(n_steps + 1):  # lower bound: the first position whose id is >= target
-            open_ = lo < hi
-            mid = (lo + hi) // 2
-            v = tl.load(SORTED + mid, mask=open_, other=0).to(tl.int64)
-            right = open_ & (v < target)
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(open_ & (v >= target), mid, hi)
-        tl.store(STARTS + b, lo, mask=b < n_bounds)
-
-    @jit
-    def _embedding_bwd_kernel(
-        SORTED,              # (N,) ids sorted ascending (stable)
-        ORDER,               # (N,) int64 position in G of each sorted id
-        STARTS,              # (n_blocks + 1,) int32 from _row_block_starts_kernel
-        G, stride_g,         # (N, H) output gradient, unit column stride
-        DW,                  # (V, H) out in the table's dtype, contiguous, written whole
-        n_rows_w, n_cols, padding_idx,   # padding_idx < 0: none
-        BLOCK_R: tl.constexpr,  # rows of dW per program (the rows_per_block of STARTS)
-        BLOCK_H: tl.constexpr,
-    ):
-        # One program writes a (BLOCK_R, BLOCK_H) tile of dW exactly once: zeros, except the
-        # rows whose id occurs, which get the fp32 sum of their gradient rows (in position order).
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        c_mask = cols < n_cols
-        tile = tl.zeros([BLOCK_R, BLOCK_H], dtype=DW.dtype.element_ty)
-        j = tl.load(STARTS + tl.program_id(0))
-        end = tl.load(STARTS + tl.program_id(0) + 1)
-        while j < end:
-            idx = tl.load(SORTED + j).to(tl.int64)
-            acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-            cur = idx
-            while cur == idx:
-                src = tl.load(ORDER + j)
-                acc += tl.load(G + src * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
-                j += 1
-                cur = tl.load(SORTED + j, mask=j < end, other=-1).to(tl.int64)
-            if (idx < n_rows_w) & (idx != padding_idx):
-                tile = tl.where(rows[:, None] == idx, acc.to(DW.dtype.element_ty)[None, :], tile)
-        tl.store(DW + rows[:, None] * n_cols + cols[None, :], tile,
-                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
-
-
-    @jit
     def _chunk_sort_kernel(
         IDS,                 # (N,) int32 / int64 token ids
         KEYS,                # (n_chunks * CHUNK,) int64 out: each chunk's (id << 31 | position), sorted
@@ -172,10 +116,11 @@ if HAS_TRITON:
 
     @jit
     def _chunk_starts_kernel(
-        KEYS,                # (n_chunks * CHUNK,) int64 from _chunk_sort_kernel
+        KEYS,                # (n_chunks * chunk_len,) int64, each chunk sorted
         STARTS,              # ((n_blocks + 1) * n_chunks,) int32 out, block-major
-        n_entries, n_chunks, rows_per_block,
-        CHUNK: tl.constexpr, LOG_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+        n_entries, n_chunks, chunk_len, rows_per_block,
+        N_STEPS: tl.constexpr,   # bit length of chunk_len (binary-search steps)
+        BLOCK: tl.constexpr,
     ):
         # STARTS[b, c]: the first index of chunk c whose id is >= b * rows_per_block (a
         # vectorised lower-bound binary search, one lane per (b, c)).
@@ -185,23 +130,30 @@ if HAS_TRITON:
         c = (e % n_chunks).to(tl.int64)
         target = (b * rows_per_block) << 31
         lo = tl.zeros([BLOCK], dtype=tl.int32)
-        hi = tl.zeros([BLOCK], dtype=tl.int32) + CHUNK
-        for _ in range(LOG_CHUNK + 1):
+        hi = tl.zeros([BLOCK], dtype=tl.int32) + chunk_len
+        for _ in range(N_STEPS + 1):
             open_ = lo < hi
             mid = (lo + hi) // 2
-            v = tl.load(KEYS + c * CHUNK + mid, mask=open_ & em, other=0)
+            v = tl.load(KEYS + c * chunk_len + mid, mask=open_ & em, other=0)
             lo = tl.where(open_ & (v < target), mid + 1, lo)
             hi = tl.where(open_ & (v >= target), mid, hi)
         tl.store(STARTS + e, lo, mask=em)
 
+    @triton.jit
+    def _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols, padding_idx):
+        """A (BLOCK_R, BLOCK_H) fp32 tile of dW rounded once to its dtype, the padding row
+        zeroed; rows past V and columns past H masked."""
+        acc = tl.where((rows == padding_idx)[:, None], 0.0, acc)
+        tl.store(DW + rows[:, None] * n_cols + cols[None, :], acc.to(DW.dtype.element_ty),
+                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
+
     @jit
     def _embedding_bwd_chunks_kernel(
-        KEYS,                # (n_chunks * CHUNK,) int64 sorted per chunk
+        KEYS,                # (n_chunks * chunk_len,) int64, each chunk sorted
         STARTS,              # ((n_blocks + 1) * n_chunks,) int32 from _chunk_starts_kernel
         G, stride_g,         # (N, H) output gradient, unit column stride
         DW,                  # (V, H) out in the table's dtype, contiguous
-        n_rows_w, n_cols, padding_idx, n_chunks,
-        CHUNK: tl.constexpr,
+        n_rows_w, n_cols, padding_idx, n_chunks, chunk_len,
         NC_P2: tl.constexpr,    # n_chunks rounded up to a power of two
         BLOCK_R: tl.constexpr,  # rows of dW per program (the rows_per_block of STARTS)
         BLOCK_H: tl.constexpr,
@@ -225,16 +177,14 @@ if HAS_TRITON:
             j = tl.sum(tl.where(cs == c, lo, 0), axis=0)
             end = tl.sum(tl.where(cs == c, hi, 0), axis=0)
             while j < end:
-                key = tl.load(KEYS + c.to(tl.int64) * CHUNK + j)
+                key = tl.load(KEYS + c.to(tl.int64) * chunk_len + j)
                 idx = key >> 31
                 src = key & 2147483647
                 g = tl.load(G + src * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
                 acc = tl.where(rows[:, None] == idx, acc + g[None, :], acc)
                 j += 1
             todo = todo & (cs != c)
-        acc = tl.where((rows == padding_idx)[:, None], 0.0, acc)
-        tl.store(DW + rows[:, None] * n_cols + cols[None, :], acc.to(DW.dtype.element_ty),
-                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
+        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols, padding_idx)
 
     @jit
     def _embedding_bwd_scan_kernel(
@@ -266,9 +216,7 @@ if HAS_TRITON:
                 acc = tl.where(rows[:, None] == idx, acc + g[None, :], acc)
                 hit = hit & (p != q)
                 n_hit -= 1
-        acc = tl.where((rows == padding_idx)[:, None], 0.0, acc)
-        tl.store(DW + rows[:, None] * n_cols + cols[None, :], acc.to(DW.dtype.element_ty),
-                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
+        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols, padding_idx)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -301,10 +249,10 @@ def _forward(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, n_cols)
 
 
-def _bwd_tiles(n_cols: int, tile_elems: int, max_block_h: int) -> tuple[int, int, int]:
+def _bwd_tiles(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_H, num_warps) of one backward program's tile of dW."""
-    block_h = min(next_power_of_2(n_cols), max_block_h)
-    block_r = max(1, min(tile_elems // block_h, 64))
+    block_h = min(next_power_of_2(n_cols), _ACC_BLOCK_H)
+    block_r = max(1, min(_ACC_TILE_ELEMS // block_h, 64))
     return block_r, block_h, 8 if block_r * block_h >= 8192 else 4
 
 
@@ -331,64 +279,44 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     n_ids = ids.numel()
     if n_ids == 0 or n_cols == 0 or n_rows_w == 0:
         return torch.zeros((n_rows_w, n_cols), dtype=dtype, device=grad.device)
-    chunk = _SORT_CHUNK
-    if _utils.interpreter_enabled():  # its sort costs ~2 ms per element: no padding to 1024
-        chunk = min(chunk, next_power_of_2(n_ids))
-    n_chunks = cdiv(n_ids, chunk)
-    if n_chunks > _MAX_SORT_CHUNKS or n_rows_w >= 2**32:
-        return _backward_torch_sort(grad, ids, n_rows_w, padding_idx, dtype)
     dw = torch.empty((n_rows_w, n_cols), dtype=dtype, device=grad.device)
     g = _rows(grad.reshape(n_ids, n_cols))
     ids1 = ids.reshape(-1)
     ids1 = ids1 if ids1.is_contiguous() else ids1.contiguous()
-    block_r, block_h, warps = _bwd_tiles(n_cols, _ACC_TILE_ELEMS, _ACC_BLOCK_H)
+    block_r, block_h, warps = _bwd_tiles(n_cols)
     n_blocks = cdiv(n_rows_w, block_r)
-    starts_n = (n_blocks + 1) * n_chunks
-    keys, starts, first_row = _scratch(dw, n_chunks * chunk, starts_n)
-    # the blocks wholly below the scratch (all of them when it is not in dW)
-    sorted_blocks = n_blocks if first_row is None else first_row // block_r
-    col_blocks = cdiv(n_cols, block_h)
+    chunk = _SORT_CHUNK
+    if _utils.interpreter_enabled():  # its sort costs ~2 ms per element: no padding to 1024
+        chunk = min(chunk, next_power_of_2(n_ids))
+    n_chunks = cdiv(n_ids, chunk)
     with device_guard(grad):
-        _chunk_sort_kernel[(n_chunks,)](ids1, keys, n_ids, n_rows_w, CHUNK=chunk, num_warps=4)
+        if n_chunks <= _MAX_SORT_CHUNKS:
+            keys, starts, first_row = _scratch(dw, n_chunks * chunk, (n_blocks + 1) * n_chunks)
+            _chunk_sort_kernel[(n_chunks,)](ids1, keys, n_ids, n_rows_w, CHUNK=chunk, num_warps=4)
+        else:  # the same keys, all ids as one chunk sorted by torch.sort, in new buffers
+            keys = ids1.to(torch.int64) << 31
+            keys |= torch.arange(n_ids, device=grad.device)
+            keys.masked_fill_((ids1 < 0) | (ids1 >= n_rows_w), torch.iinfo(torch.int64).max)
+            keys = torch.sort(keys).values
+            chunk, n_chunks, first_row = n_ids, 1, None
+            starts = torch.empty(n_blocks + 1, dtype=torch.int32, device=grad.device)
+        starts_n = (n_blocks + 1) * n_chunks
         _chunk_starts_kernel[(cdiv(starts_n, 1024),)](
-            keys, starts, starts_n, n_chunks, block_r,
-            CHUNK=chunk, LOG_CHUNK=chunk.bit_length() - 1, BLOCK=1024, num_warps=4,
+            keys, starts, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
         )
+        # the blocks wholly below the scratch (all of them when it is not in dW)
+        sorted_blocks = n_blocks if first_row is None else first_row // block_r
+        col_blocks = cdiv(n_cols, block_h)
         if sorted_blocks:
             _embedding_bwd_chunks_kernel[(sorted_blocks, col_blocks)](
-                keys, starts, g, g.stride(0), dw, n_rows_w, n_cols, padding_idx, n_chunks,
-                CHUNK=chunk, NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h,
-                num_warps=warps,
+                keys, starts, g, g.stride(0), dw, n_rows_w, n_cols, padding_idx, n_chunks, chunk,
+                NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
             )
         if sorted_blocks < n_blocks:  # after the writer above: these rows held the scratch
             _embedding_bwd_scan_kernel[(n_blocks - sorted_blocks, col_blocks)](
                 ids1, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx, sorted_blocks * block_r,
                 BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_N=_SCAN_BLOCK_N, num_warps=warps,
             )
-    return dw
-
-
-def _backward_torch_sort(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """The backward for batches of more than _MAX_SORT_CHUNKS chunks of ids (and tables of
-    2^32 rows or more): one stable ``torch.sort`` of all ids (O(N) extra buffers), then a
-    one-pass writer that adds each id's rows in the same position order (same bits)."""
-    n_cols = grad.shape[-1]
-    n_ids = ids.numel()
-    dw = torch.empty((n_rows_w, n_cols), dtype=dtype, device=grad.device)
-    g = _rows(grad.reshape(n_ids, n_cols))
-    sorted_ids, order = torch.sort(ids.reshape(-1), stable=True)          # (N,), (N,) int64
-    block_r, block_h, warps = _bwd_tiles(n_cols, _BWD_TILE_ELEMS, _BWD_BLOCK_H)
-    n_blocks = cdiv(n_rows_w, block_r)
-    starts = torch.empty(n_blocks + 1, dtype=torch.int32, device=grad.device)
-    with device_guard(grad):
-        _row_block_starts_kernel[(cdiv(n_blocks + 1, 1024),)](
-            sorted_ids, starts, n_ids, n_blocks + 1, block_r, n_ids.bit_length(), BLOCK=1024, num_warps=4,
-        )
-        _embedding_bwd_kernel[(n_blocks, cdiv(n_cols, block_h))](
-            sorted_ids, order, starts, g, g.stride(0), dw, n_rows_w, n_cols, padding_idx,
-            BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
-        )
     return dw
 
 
@@ -500,13 +428,15 @@ def embedding(
 
     Raises:
         ValueError: ``weight`` not 2-D floating point, ``input_ids`` not int64/int32,
-            devices differ, ``padding_idx`` outside [-V, V), or (CPU tensors) ids outside
-            [0, V). On CUDA ids are not checked on the host (that would cost a device
+            devices differ, ``padding_idx`` outside [-V, V), V >= 2^32 (Triton path), or
+            (CPU tensors) ids outside [0, V). On CUDA ids are not checked on the host (that would cost a device
             sync): out-of-range ids read as zero rows and add no gradient instead of
             faulting.
     """
     pad = _check_args(input_ids, weight, padding_idx)
     if not _utils.triton_ok(weight):
         return embedding_reference(input_ids, weight, padding_idx)
+    if weight.shape[0] >= 2**32:  # the backward's sort keys hold an id in 33 bits
+        raise ValueError(f"weight has {weight.shape[0]} rows; the Triton embedding supports fewer than 2^32")
     _check_ids_in_range(input_ids, weight.shape[0])
     return ops.embedding(input_ids, weight, pad)

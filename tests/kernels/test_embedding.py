@@ -47,6 +47,25 @@ def _expected_f64(ids, weight, g, padding_idx):
     return out, dw
 
 
+def _ordered_sum(g, ids, n_rows, padding_idx):
+    """The backward's exact fp32 arithmetic, independently: each id's gradient rows added
+    in position order to a zero row (ids outside [0, V) and the padding row add nothing)."""
+    dw = torch.zeros(n_rows, g.shape[-1], dtype=torch.float32)
+    for p, i in enumerate(ids.reshape(-1).tolist()):
+        if 0 <= i < n_rows and i != padding_idx:
+            dw[i] += g[p].float()
+    return dw
+
+
+def _torch_sort_path(g, ids, n_rows, padding_idx, dtype):
+    """The backward forced onto its path for large batches (one torch.sort of all ids)."""
+    saved, emb_mod._MAX_SORT_CHUNKS = emb_mod._MAX_SORT_CHUNKS, 0
+    try:
+        return emb_mod._backward(g, ids, n_rows, padding_idx, dtype)
+    finally:
+        emb_mod._MAX_SORT_CHUNKS = saved
+
+
 def _check(ids, weight, padding_idx, dtype, path, g=None):
     ids0, w0 = ids.clone(), weight.detach().clone()
     w = weight.detach().requires_grad_()          # keeps weight's strides
@@ -119,9 +138,7 @@ def test_embedding_backward_is_deterministic():
 def test_embedding_many_blocks(monkeypatch):
     monkeypatch.setattr(emb_mod, "_TILE_ELEMS", 16)
     monkeypatch.setattr(emb_mod, "_MAX_BLOCK_H", 8)   # 16 column blocks of H = 123, 2 ids per program
-    monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", 256)
     monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 256)
-    monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", 64)  # backward tiles of 4 rows x 64 columns
     monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)
     weight = torch.randn(V, H)
     ids = torch.randint(0, 30, (2, 11))
@@ -134,9 +151,7 @@ def test_embedding_backward_tiles(monkeypatch, tile, shape):
     """The backward writes dW in (rows x columns) tiles found by a binary search of the
     sorted ids: tiny tiles (2 rows x 8 columns: many row blocks, ids at their edges, several
     column blocks), mid-size and the default, a single id included."""
-    monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", tile[0])
     monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", tile[0])
-    monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", tile[1])
     monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", tile[1])
     weight = torch.randn(80, H)                     # a small table: the interpreter visits every tile
     ids = torch.randint(0, 9, shape)
@@ -157,15 +172,12 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
     """The backward sorts the ids in chunks (several chunks here: chunk 16), keeps
     the sorted keys and block starts in the last rows of dW (scratch True / None) or in new
     buffers (False), writes those last rows afterwards by scanning the ids, and falls back
-    to one torch.sort beyond max_chunks chunks. Every way gives
-    the float64 sum within ulps, and bit-identical results to the torch.sort path (the same
-    fp32 additions in the same order)."""
+    to one torch.sort beyond max_chunks chunks. Every way gives the float64 sum within ulps
+    and exactly the fp32 sums in position order (also what the torch.sort path gives)."""
     monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
     monkeypatch.setattr(emb_mod, "_MAX_SORT_CHUNKS", max_chunks)
     monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
-    monkeypatch.setattr(emb_mod, "_BWD_TILE_ELEMS", 512)
     monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 512)
-    monkeypatch.setattr(emb_mod, "_BWD_BLOCK_H", 64)   # 8-row blocks: the scratch spans several
     monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)
     n_rows = 90
     weight = torch.randn(n_rows, H)
@@ -175,11 +187,11 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
     if n_ids > 2:
         ids[1] = 0
     _, dw = _check(ids, weight, 3, torch.float32, "triton")
-    g = torch.randn(n_ids, H).to(torch.bfloat16)
+    g = torch.randn(n_ids, H)
     for pad in (-1, 5):
-        got = emb_mod._backward(g, ids, n_rows, pad, torch.bfloat16)
-        want = emb_mod._backward_torch_sort(g, ids, n_rows, pad, torch.bfloat16)
-        assert torch.equal(got, want)
+        got = emb_mod._backward(g, ids, n_rows, pad, torch.float32)
+        assert torch.equal(got, _ordered_sum(g, ids, n_rows, pad))
+        assert torch.equal(got, _torch_sort_path(g, ids, n_rows, pad, torch.float32))
     if scratch:
         keys, starts, first_row = emb_mod._scratch(torch.empty(n_rows, H), 64, 40)
         assert first_row < n_rows and keys.dtype == torch.int64 and starts.dtype == torch.int32
@@ -194,7 +206,7 @@ def test_embedding_backward_ignores_out_of_range_ids(monkeypatch):
     g = torch.randn(ids.numel(), 16)
     keep = (ids >= 0) & (ids < 40)
     want = torch.zeros(40, 16, dtype=torch.float64).index_add_(0, ids[keep], g[keep].double())
-    for fn in (emb_mod._backward, emb_mod._backward_torch_sort):
+    for fn in (emb_mod._backward, _torch_sort_path):
         got = fn(g, ids, 40, -1, torch.float32)
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
@@ -265,6 +277,10 @@ def test_embedding_empty_and_errors():
         embedding(torch.tensor([0]), w, padding_idx=10)
     with pytest.raises(ValueError, match="padding_idx"):
         embedding(torch.tensor([0]), w, padding_idx=-11)
+    huge = torch.zeros(1, 4).expand(2**32, 4)       # 2^32 rows, no memory: over the key range
+    if emb_mod._utils.triton_ok(huge):                # the limit is the Triton path's
+        with pytest.raises(ValueError, match="fewer than 2\\^32"):
+            embedding(torch.tensor([0]), huge)
 
 
 def test_embedding_opcheck_and_compile():
@@ -339,7 +355,8 @@ def test_gpu_embedding_sizes_and_invalid_ids(n_ids):
 @pytest.mark.parametrize("n_ids", [4096, 16384, 40000])
 def test_gpu_embedding_backward_allocates_only_dw(n_ids):
     """Up to 32768 ids the backward's peak is dW itself (the sorted keys and starts live in
-    dW's last rows); beyond, the torch.sort path adds O(N) buffers. Both give the same bits."""
+    dW's last rows), with the same bits as the torch.sort path; beyond, that path adds O(N)
+    buffers and gives the same bits on a rerun."""
     torch.manual_seed(0)
     Vg, Hg = 128256, 4096
     ids = torch.randint(0, Vg, (n_ids,), device="cuda")
@@ -355,7 +372,8 @@ def test_gpu_embedding_backward_allocates_only_dw(n_ids):
         assert extra == 0
     else:
         assert 0 < extra < 64 * n_ids
-    assert torch.equal(dw, emb_mod._backward_torch_sort(g, ids, Vg, -1, torch.bfloat16))
+    other = _torch_sort_path if n_ids <= 32768 else emb_mod._backward
+    assert torch.equal(dw, other(g, ids, Vg, -1, torch.bfloat16))
 
 
 @pytest.mark.gpu
