@@ -186,6 +186,7 @@ def check_norm_param(name: str, p: torch.Tensor, x: torch.Tensor, size: int, wha
 # 12 us of the 19 us a launch costs the H200 machine's CPU (benchmarks/NOTES.md), where the
 # compiled kernel's own launcher takes 7 us. For a norm over a few thousand tokens that is
 # more than the GPU time, so the launched kernels here go through DirectLaunch.
+_Parameter = torch.nn.Parameter  # a plain tensor to the dispatcher (no __torch_dispatch__)
 _DIRECT_LAUNCH = os.environ.get("LIGERZOO_DIRECT_LAUNCH", "1") != "0"
 _I32_MIN, _I32_MAX, _U64_MIN = -(2**31), 2**31, 2**63
 
@@ -197,15 +198,17 @@ def _arg_key(args) -> tuple:
     anything else (float, bool, None). Two launches with equal keys (and equal keyword
     arguments, which must hold every constexpr) run the same compiled kernel."""
     key = []
+    add = key.append
     for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append(a.dtype)
-            key.append(a.data_ptr() & 15 == 0)
-        elif isinstance(a, int) and not isinstance(a, bool):  # int subclasses by value, as Triton
-            width = 0 if _I32_MIN <= a < _I32_MAX else (1 if a < _U64_MIN else 2)
-            key.append(-1 if a == 1 else width * 2 + (a & 15 == 0))
+        t = type(a)
+        if t is int or (t is not bool and isinstance(a, int)):  # int subclasses by value, as Triton
+            # == 1 (a constant); else i32 / i64 / u64, times two, plus one for a multiple of 16
+            add(-1 if a == 1 else (0 if _I32_MIN <= a < _I32_MAX else (2 if a < _U64_MIN else 4)) + (a & 15 == 0))
+        elif t is torch.Tensor or t is _Parameter or isinstance(a, torch.Tensor):
+            add(a.dtype)
+            add(a.data_ptr() & 15 == 0)
         else:
-            key.append(type(a))
+            add(t)
     return tuple(key)
 
 
@@ -352,7 +355,6 @@ def param_grad_dtype(w_dtype, b_dtype) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- op registration
 _EMPTY = inspect.Parameter.empty
-_Parameter = torch.nn.Parameter  # a plain tensor to the dispatcher (no __torch_dispatch__)
 
 
 class KernelOp:

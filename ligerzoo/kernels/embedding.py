@@ -18,13 +18,15 @@ buffer: deterministic (the same sum order every run), fp32 accumulation even for
 tables (the segment reduction of PyTorch's ``embedding_dense_backward``, fused).
 
 To find the ids of each tile, the ids are sorted in chunks of 1024 positions, each chunk
-in registers by one program (key ``id << 31 | position``: ascending id, then position),
-and a second small kernel binary-searches, for every row block and chunk, where the
+in registers by one program (key ``id << 31 | position``: ascending id, then position;
+the padding id and ids outside [0, V) sort past every row, so their gradient rows are
+never read), and a second small kernel binary-searches, for every row block and chunk, where the
 block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
 rounded up to whole chunks, plus 4 bytes per (row block, chunk), a row block being 4 rows
 when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of the
-dW being written (new buffers instead when they would take over half of it): the tiles
+dW being written (a new buffer instead when they would take over half of it; the kernels
+reach them through pointer casts, so the host builds no views): the tiles
 below them are written first, then the last row blocks are written by programs that find
 their ids by scanning all of them. So the backward allocates nothing but dW (besides
 contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
@@ -33,9 +35,10 @@ the same keys with one ``torch.sort`` (O(N) buffers) and go through the same ker
 
 An id repeated k times is summed serially by one program per column block (k dependent
 row reads), so batches dominated by one id are slower than Liger's atomic scatter: with a
-quarter of 8192 ids on one pad token (no ``padding_idx``) forward + backward took 1.42 ms
-on an H200 against Liger's 0.47 (``benchmarks/NOTES.md``). Pass ``padding_idx`` for
-padding: its rows are skipped, not summed.
+quarter of 8192 ids on one pad token and no ``padding_idx``, the backward alone took 1.29
+ms on an H200 (uniform ids: 0.35 ms; Liger's forward + backward: 0.47 ms;
+``benchmarks/NOTES.md``). Pass ``padding_idx`` for padding: its ids are dropped by the
+sort, so a padded batch costs what its real tokens cost (0.34 ms in that case).
 """
 from __future__ import annotations
 
@@ -97,33 +100,43 @@ if HAS_TRITON:
         tl.store(O + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], w,
                  mask=r_mask[:, None] & c_mask[None, :])
 
+    @triton.jit
+    def _scratch_ptrs(SCR, scr_byte0, n_keys):
+        """(KEYS, STARTS): the int64 sort keys at byte ``scr_byte0`` of ``SCR`` (any dtype: the
+        tail of dW, or a byte buffer) and the int32 block starts right after its n_keys keys."""
+        base = SCR.to(tl.pointer_type(tl.int8)) + scr_byte0
+        return base.to(tl.pointer_type(tl.int64)), (base + n_keys * 8).to(tl.pointer_type(tl.int32))
+
     @jit
     def _chunk_sort_kernel(
         IDS,                 # (N,) int32 / int64 token ids
-        KEYS,                # (n_chunks * CHUNK,) int64 out: each chunk's (id << 31 | position), sorted
-        n_ids, n_rows_w,
+        SCR, scr_byte0,      # scratch: out (n_chunks * CHUNK,) int64 keys, each chunk sorted
+        n_ids, n_rows_w, padding_idx,
         CHUNK: tl.constexpr,
     ):
         # One chunk of CHUNK positions sorted in registers: ascending id, then position (the
-        # positions are unique, so this is the stable order). Ids outside [0, V) and the
-        # padding past N get the largest int64 and sort last, beyond every row block.
+        # positions are unique, so this is the stable order). Ids outside [0, V), the padding
+        # id and the padding past N get the largest int64 and sort last, beyond every row
+        # block: they add nothing.
+        KEYS, _ = _scratch_ptrs(SCR, scr_byte0, 0)
         pos = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
         m = pos < n_ids
         ids = tl.load(IDS + pos, mask=m, other=0).to(tl.int64)
-        ok = m & (ids >= 0) & (ids < n_rows_w)
+        ok = m & (ids >= 0) & (ids < n_rows_w) & (ids != padding_idx)
         key = tl.where(ok, (ids << 31) | pos, 9223372036854775807)
         tl.store(KEYS + pos, tl.sort(key))
 
     @jit
     def _chunk_starts_kernel(
-        KEYS,                # (n_chunks * chunk_len,) int64, each chunk sorted
-        STARTS,              # ((n_blocks + 1) * n_chunks,) int32 out, block-major
+        SCR, scr_byte0,      # scratch: (n_chunks * chunk_len,) int64 keys, each chunk sorted,
+                             # then out ((n_blocks + 1) * n_chunks,) int32 starts, block-major
         n_entries, n_chunks, chunk_len, rows_per_block,
         N_STEPS: tl.constexpr,   # bit length of chunk_len (binary-search steps)
         BLOCK: tl.constexpr,
     ):
         # STARTS[b, c]: the first index of chunk c whose id is >= b * rows_per_block (a
         # vectorised lower-bound binary search, one lane per (b, c)).
+        KEYS, STARTS = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len)
         e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         em = e < n_entries
         b = (e // n_chunks).to(tl.int64)
@@ -140,20 +153,17 @@ if HAS_TRITON:
         tl.store(STARTS + e, lo, mask=em)
 
     @triton.jit
-    def _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols, padding_idx):
-        """A (BLOCK_R, BLOCK_H) fp32 tile of dW rounded once to its dtype, the padding row
-        zeroed; rows past V and columns past H masked."""
-        acc = tl.where((rows == padding_idx)[:, None], 0.0, acc)
-        tl.store(DW + rows[:, None] * n_cols + cols[None, :], acc.to(DW.dtype.element_ty),
-                 mask=(rows < n_rows_w)[:, None] & c_mask[None, :])
+    def _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols):
+        """A (BLOCK_R, BLOCK_H) fp32 tile of dW (``rows`` (BLOCK_R, 1), ``cols`` (1, BLOCK_H))
+        rounded once to its dtype; rows past V and columns past H masked."""
+        tl.store(DW + rows * n_cols + cols, acc.to(DW.dtype.element_ty), mask=(rows < n_rows_w) & c_mask)
 
     @jit
     def _embedding_bwd_chunks_kernel(
-        KEYS,                # (n_chunks * chunk_len,) int64, each chunk sorted
-        STARTS,              # ((n_blocks + 1) * n_chunks,) int32 from _chunk_starts_kernel
+        SCR, scr_byte0,      # scratch: the sorted keys and the starts of _chunk_starts_kernel
         G, stride_g,         # (N, H) output gradient, unit column stride
         DW,                  # (V, H) out in the table's dtype, contiguous
-        n_rows_w, n_cols, padding_idx, n_chunks, chunk_len,
+        n_rows_w, n_cols, n_chunks, chunk_len,
         NC_P2: tl.constexpr,    # n_chunks rounded up to a power of two
         BLOCK_R: tl.constexpr,  # rows of dW per program (the rows_per_block of STARTS)
         BLOCK_H: tl.constexpr,
@@ -161,10 +171,13 @@ if HAS_TRITON:
         # One program writes a (BLOCK_R, BLOCK_H) tile of dW exactly once: the fp32 sum of
         # the gradient rows of each id in the tile's rows, zeros elsewhere. The ids of the
         # tile sit in one contiguous range of every sorted chunk; taking the chunks in
-        # order adds each id's rows in increasing position order (deterministic).
+        # order adds each id's rows in increasing position order (deterministic). Rows and
+        # columns are kept 2-D, (BLOCK_R, 1) and (1, BLOCK_H), so a gradient row loads
+        # straight into the accumulator's layout (vectorised, no layout conversion).
+        KEYS, STARTS = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len)
         blk = tl.program_id(0).to(tl.int64)
-        rows = blk * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rows = (blk * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]                  # (R, 1)
+        cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]     # (1, BH)
         c_mask = cols < n_cols
         cs = tl.arange(0, NC_P2)
         cm = cs < n_chunks
@@ -178,13 +191,11 @@ if HAS_TRITON:
             end = tl.sum(tl.where(cs == c, hi, 0), axis=0)
             while j < end:
                 key = tl.load(KEYS + c.to(tl.int64) * chunk_len + j)
-                idx = key >> 31
-                src = key & 2147483647
-                g = tl.load(G + src * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
-                acc = tl.where(rows[:, None] == idx, acc + g[None, :], acc)
+                g = tl.load(G + (key & 2147483647) * stride_g + cols, mask=c_mask, other=0.0)
+                acc = tl.where(rows == (key >> 31), acc + g.to(tl.float32), acc)
                 j += 1
             todo = todo & (cs != c)
-        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols, padding_idx)
+        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
 
     @jit
     def _embedding_bwd_scan_kernel(
@@ -200,23 +211,23 @@ if HAS_TRITON:
         # scanning every id (no sorted keys): for the few last row blocks of dW whose memory
         # held the keys and starts while the other tiles were written.
         r0 = row0 + tl.program_id(0).to(tl.int64) * BLOCK_R
-        rows = r0 + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rows = (r0 + tl.arange(0, BLOCK_R))[:, None]                             # (R, 1)
+        cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]     # (1, BH)
         c_mask = cols < n_cols
         acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
         for n0 in range(0, n_ids, BLOCK_N):
             p = n0 + tl.arange(0, BLOCK_N)
             ids = tl.load(IDS + p, mask=p < n_ids, other=-1).to(tl.int64)
-            hit = (ids >= r0) & (ids < r0 + BLOCK_R) & (ids < n_rows_w)
+            hit = (ids >= r0) & (ids < r0 + BLOCK_R) & (ids < n_rows_w) & (ids != padding_idx)
             n_hit = tl.sum(hit.to(tl.int32), axis=0)
             while n_hit > 0:                              # in increasing position order
                 q = tl.min(tl.where(hit, p, n_ids), axis=0)
                 idx = tl.sum(tl.where(p == q, ids, 0), axis=0)
-                g = tl.load(G + q.to(tl.int64) * stride_g + cols, mask=c_mask, other=0.0).to(tl.float32)
-                acc = tl.where(rows[:, None] == idx, acc + g[None, :], acc)
+                g = tl.load(G + q.to(tl.int64) * stride_g + cols, mask=c_mask, other=0.0)
+                acc = tl.where(rows == idx, acc + g.to(tl.float32), acc)
                 hit = hit & (p != q)
                 n_hit -= 1
-        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols, padding_idx)
+        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -256,21 +267,17 @@ def _bwd_tiles(n_cols: int) -> tuple[int, int, int]:
     return block_r, block_h, 8 if block_r * block_h >= 8192 else 4
 
 
-def _scratch(dw: torch.Tensor, keys_n: int, starts_n: int):
-    """(keys (keys_n,) int64, starts (starts_n,) int32, first dW row they overlap): in the
-    last bytes of ``dw`` when they take at most half of it (or as forced by
-    ``_SCRATCH_IN_DW``), else new buffers (first row None)."""
-    need = keys_n * 8 + starts_n * 4
+def _scratch(dw: torch.Tensor, need: int):
+    """Where the backward keeps ``need`` bytes of sort keys and block starts: ``(base,
+    byte offset, first dW row they overlap)``. The last bytes of ``dw`` (8-byte aligned) when
+    they take at most half of it (or as forced by ``_SCRATCH_IN_DW``), else a new byte buffer
+    (first row None). The kernels address it through pointer casts: no host-side views."""
     total = dw.numel() * dw.element_size()
     in_dw = _SCRATCH_IN_DW if _SCRATCH_IN_DW is not None else 2 * need <= total
     if not in_dw or need > total:
-        return (torch.empty(keys_n, dtype=torch.int64, device=dw.device),
-                torch.empty(starts_n, dtype=torch.int32, device=dw.device), None)
+        return torch.empty(need, dtype=torch.uint8, device=dw.device), 0, None
     byte0 = (total - need) // 8 * 8
-    raw = dw.view(-1).view(torch.uint8)                                  # dW's bytes
-    keys = raw[byte0: byte0 + keys_n * 8].view(torch.int64)
-    starts = raw[byte0 + keys_n * 8: byte0 + need].view(torch.int32)
-    return keys, starts, byte0 // (dw.shape[1] * dw.element_size())
+    return dw, byte0, byte0 // (dw.shape[1] * dw.element_size())
 
 
 def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
@@ -291,25 +298,25 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     n_chunks = cdiv(n_ids, chunk)
     with device_guard(grad):
         if n_chunks <= _MAX_SORT_CHUNKS:
-            keys, starts, first_row = _scratch(dw, n_chunks * chunk, (n_blocks + 1) * n_chunks)
-            _chunk_sort_kernel[(n_chunks,)](ids1, keys, n_ids, n_rows_w, CHUNK=chunk, num_warps=4)
-        else:  # the same keys, all ids as one chunk sorted by torch.sort, in new buffers
+            scr, byte0, first_row = _scratch(dw, n_chunks * chunk * 8 + (n_blocks + 1) * n_chunks * 4)
+            _chunk_sort_kernel[(n_chunks,)](ids1, scr, byte0, n_ids, n_rows_w, padding_idx, CHUNK=chunk, num_warps=4)
+        else:  # the same keys, all ids as one chunk sorted by torch.sort, in a new buffer
             keys = ids1.to(torch.int64) << 31
             keys |= torch.arange(n_ids, device=grad.device)
-            keys.masked_fill_((ids1 < 0) | (ids1 >= n_rows_w), torch.iinfo(torch.int64).max)
-            keys = torch.sort(keys).values
-            chunk, n_chunks, first_row = n_ids, 1, None
-            starts = torch.empty(n_blocks + 1, dtype=torch.int32, device=grad.device)
+            keys.masked_fill_((ids1 < 0) | (ids1 >= n_rows_w) | (ids1 == padding_idx), torch.iinfo(torch.int64).max)
+            chunk, n_chunks, byte0, first_row = n_ids, 1, 0, None
+            scr = torch.empty(n_ids * 8 + (n_blocks + 1) * 4, dtype=torch.uint8, device=grad.device)
+            scr[: n_ids * 8].view(torch.int64).copy_(torch.sort(keys).values)
         starts_n = (n_blocks + 1) * n_chunks
         _chunk_starts_kernel[(cdiv(starts_n, 1024),)](
-            keys, starts, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
+            scr, byte0, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
         )
         # the blocks wholly below the scratch (all of them when it is not in dW)
         sorted_blocks = n_blocks if first_row is None else first_row // block_r
         col_blocks = cdiv(n_cols, block_h)
         if sorted_blocks:
             _embedding_bwd_chunks_kernel[(sorted_blocks, col_blocks)](
-                keys, starts, g, g.stride(0), dw, n_rows_w, n_cols, padding_idx, n_chunks, chunk,
+                scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk,
                 NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
             )
         if sorted_blocks < n_blocks:  # after the writer above: these rows held the scratch
@@ -412,7 +419,7 @@ def embedding(
     Forward: a Triton gather ``out[...] = weight[input_ids[...]]`` (exact copies). Backward:
     the ids are sorted (in chunks, on the device) and each distinct id's output-gradient
     rows are summed in fp32 in position order and written once in ``weight.dtype``
-    (deterministic; rows of ``padding_idx`` get no gradient). For up to 32768 ids and a
+    (deterministic; ids equal to ``padding_idx`` are dropped, never read). For up to 32768 ids and a
     table at least twice the size of the sort keys it allocates only the (V, H) gradient
     (see the module docstring, also for the cost of one id repeated thousands of times).
 

@@ -192,9 +192,28 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
         got = emb_mod._backward(g, ids, n_rows, pad, torch.float32)
         assert torch.equal(got, _ordered_sum(g, ids, n_rows, pad))
         assert torch.equal(got, _torch_sort_path(g, ids, n_rows, pad, torch.float32))
-    if scratch:
-        keys, starts, first_row = emb_mod._scratch(torch.empty(n_rows, H), 64, 40)
-        assert first_row < n_rows and keys.dtype == torch.int64 and starts.dtype == torch.int32
+    dw = torch.empty(n_rows, H)
+    base, byte0, first_row = emb_mod._scratch(dw, 64 * 8 + 40 * 4)
+    if scratch:   # the last 8-byte-aligned bytes of dW
+        assert base is dw and byte0 % 8 == 0 and first_row == byte0 // (H * 4) < n_rows
+        assert dw.numel() * 4 - (64 * 8 + 40 * 4) - 8 < byte0 <= dw.numel() * 4 - (64 * 8 + 40 * 4)
+    elif scratch is False:
+        assert base.dtype == torch.uint8 and base.numel() == 64 * 8 + 40 * 4 and first_row is None
+
+
+def test_embedding_sort_keys_drop_padding_and_out_of_range_ids():
+    """The chunk sort's keys, against an independent Python sort: (id << 31 | position) in
+    ascending order, with the padding id, ids outside [0, V) and the positions past N all
+    mapped to the largest int64, so the writer never reads their gradient rows (a batch
+    padded with ``padding_idx`` costs no more than its real tokens)."""
+    n_rows, pad, chunk = 40, 7, 64
+    ids = torch.tensor([7, 3, -1, 7, 39, 40, 0, 7, 3, 12] * 5)          # 50 ids, one chunk of 64
+    scr = torch.zeros(chunk * 8, dtype=torch.uint8)
+    emb_mod._chunk_sort_kernel[(1,)](ids, scr, 0, ids.numel(), n_rows, pad, CHUNK=chunk, num_warps=4)
+    big = torch.iinfo(torch.int64).max
+    want = sorted((i << 31) | p for p, i in enumerate(ids.tolist()) if 0 <= i < n_rows and i != pad)
+    want += [big] * (chunk - len(want))
+    assert scr.view(torch.int64).tolist() == want
 
 
 def test_embedding_backward_ignores_out_of_range_ids(monkeypatch):
