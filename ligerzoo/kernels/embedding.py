@@ -293,7 +293,7 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     block_r, block_h, warps = _bwd_tiles(n_cols)
     n_blocks = cdiv(n_rows_w, block_r)
     chunk = _SORT_CHUNK
-    if _utils.interpreter_enabled():  # its sort costs ~2 ms per element: no padding to 1024
+    if not grad.is_cuda and _utils.interpreter_enabled():  # its sort: ~2 ms per element, no padding to 1024
         chunk = min(chunk, next_power_of_2(n_ids))
     n_chunks = cdiv(n_ids, chunk)
     with device_guard(grad):
