@@ -137,7 +137,7 @@ if HAS_TRITON:
         # STARTS[b, c]: the first index of chunk c whose id is >= b * rows_per_block (a
         # vectorised lower-bound binary search, one lane per (b, c)).
         KEYS, STARTS = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len)
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # (V / R + 1) * chunks can pass 2^31
         em = e < n_entries
         b = (e // n_chunks).to(tl.int64)
         c = (e % n_chunks).to(tl.int64)
