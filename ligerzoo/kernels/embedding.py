@@ -23,10 +23,10 @@ the padding id and ids outside [0, V) sort past every row, so their gradient row
 never read), and a second small kernel binary-searches, for every row block and chunk, where the
 block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
-rounded up to whole chunks, plus 4 bytes per (row block, chunk), a row block being 4 rows
-when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of the
+rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
+rows when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of the
 dW being written (a new buffer instead when they would take over half of it; the kernels
-reach them through pointer casts, so the host builds no views): the tiles
+reach them through pointer casts, so this path builds no host-side views): the tiles
 below them are written first, then the last row blocks are written by programs that find
 their ids by scanning all of them. So the backward allocates nothing but dW (besides
 contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
@@ -62,9 +62,9 @@ _TILE_ELEMS = 4096
 _MAX_BLOCK_H = 1024
 # The backward sorts the ids in chunks of _SORT_CHUNK positions (in registers), up to
 # _MAX_SORT_CHUNKS chunks (32768 ids); larger batches sort the same keys with torch.sort
-# (new buffers) and use the same kernels. The sorted keys and
-# the block starts are kept in the last bytes of the dW being written when they take at
-# most half of it (None), or forced there / into new buffers (True / False: tests).
+# (into a new buffer) and use the same kernels. The sorted keys and the block starts are
+# kept in the last bytes of the dW being written when they take at most half of it (None),
+# or there whenever they fit / in a new byte buffer (True / False: tests).
 _SORT_CHUNK = 1024
 _MAX_SORT_CHUNKS = 32
 # A backward program writes an fp32 (BLOCK_R, BLOCK_H) tile of dW of about _ACC_TILE_ELEMS
@@ -105,7 +105,8 @@ if HAS_TRITON:
         """(KEYS, STARTS): the int64 sort keys at byte ``scr_byte0`` of ``SCR`` (any dtype: the
         tail of dW, or a byte buffer) and the int32 block starts right after its n_keys keys."""
         base = SCR.to(tl.pointer_type(tl.int8)) + scr_byte0
-        return base.to(tl.pointer_type(tl.int64)), (base + n_keys * 8).to(tl.pointer_type(tl.int32))
+        starts = base + tl.cast(n_keys, tl.int64) * 8              # in int64: n_keys * 8 may pass 2^31
+        return base.to(tl.pointer_type(tl.int64)), starts.to(tl.pointer_type(tl.int32))
 
     @jit
     def _chunk_sort_kernel(
@@ -146,7 +147,7 @@ if HAS_TRITON:
         hi = tl.zeros([BLOCK], dtype=tl.int32) + chunk_len
         for _ in range(N_STEPS + 1):
             open_ = lo < hi
-            mid = (lo + hi) // 2
+            mid = lo + (hi - lo) // 2                     # lo + hi may pass 2^31
             v = tl.load(KEYS + c * chunk_len + mid, mask=open_ & em, other=0)
             lo = tl.where(open_ & (v < target), mid + 1, lo)
             hi = tl.where(open_ & (v >= target), mid, hi)
@@ -330,6 +331,7 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
 # ----------------------------------------------------------------------------- ops (torch.library + eager path)
 @kernel_op("embedding", mutates_args=())
 def _embedding_op(input_ids: torch.Tensor, weight: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    # padding_idx: a row in [0, V), or -1 for none (embedding() normalises and checks it)
     return _forward(input_ids, weight)
 
 
@@ -419,8 +421,9 @@ def embedding(
     Forward: a Triton gather ``out[...] = weight[input_ids[...]]`` (exact copies). Backward:
     the ids are sorted (in chunks, on the device) and each distinct id's output-gradient
     rows are summed in fp32 in position order and written once in ``weight.dtype``
-    (deterministic; ids equal to ``padding_idx`` are dropped, never read). For up to 32768 ids and a
-    table at least twice the size of the sort keys it allocates only the (V, H) gradient
+    (deterministic; ids equal to ``padding_idx`` are dropped, never read). For up to 32768
+    ids and a table at least twice the size of the sort keys and block starts (about 1 MiB
+    for 8192 ids and V = 128256) it allocates only the (V, H) gradient
     (see the module docstring, also for the cost of one id repeated thousands of times).
 
     Args:
@@ -435,7 +438,9 @@ def embedding(
 
     Raises:
         ValueError: ``weight`` not 2-D floating point, ``input_ids`` not int64/int32,
-            devices differ, ``padding_idx`` outside [-V, V), V >= 2^32 (Triton path), or
+            devices differ, ``padding_idx`` outside [-V, V), V >= 2^32 or 2^31 ids or
+            more (Triton path: the backward's sort keys pack an id in 33 bits and a
+            position in 31), or
             (CPU tensors) ids outside [0, V). On CUDA ids are not checked on the host (that would cost a device
             sync): out-of-range ids read as zero rows and add no gradient instead of
             faulting.
@@ -445,5 +450,7 @@ def embedding(
         return embedding_reference(input_ids, weight, padding_idx)
     if weight.shape[0] >= 2**32:  # the backward's sort keys hold an id in 33 bits
         raise ValueError(f"weight has {weight.shape[0]} rows; the Triton embedding supports fewer than 2^32")
+    if input_ids.numel() >= 2**31:  # ... and a position in 31
+        raise ValueError(f"input_ids has {input_ids.numel()} ids; the Triton embedding supports fewer than 2^31")
     _check_ids_in_range(input_ids, weight.shape[0])
     return ops.embedding(input_ids, weight, pad)

@@ -170,8 +170,8 @@ def test_embedding_backward_tiles(monkeypatch, tile, shape):
 ])
 def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks, scratch):
     """The backward sorts the ids in chunks (several chunks here: chunk 16), keeps
-    the sorted keys and block starts in the last rows of dW (scratch True / None) or in new
-    buffers (False), writes those last rows afterwards by scanning the ids, and falls back
+    the sorted keys and block starts in the last rows of dW (scratch True / None) or in a new
+    byte buffer (False), writes those last rows afterwards by scanning the ids, and falls back
     to one torch.sort beyond max_chunks chunks. Every way gives the float64 sum within ulps
     and exactly the fp32 sums in position order (also what the torch.sort path gives)."""
     monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
@@ -300,6 +300,10 @@ def test_embedding_empty_and_errors():
     if emb_mod._utils.triton_ok(huge):                # the limit is the Triton path's
         with pytest.raises(ValueError, match="fewer than 2\\^32"):
             embedding(torch.tensor([0]), huge)
+    many = torch.zeros(1, dtype=torch.long).expand(2**31)   # 2^31 ids, no memory: over 31-bit positions
+    if emb_mod._utils.triton_ok(w):
+        with pytest.raises(ValueError, match="fewer than 2\\^31"):
+            embedding(many, w)
 
 
 def test_embedding_opcheck_and_compile():
