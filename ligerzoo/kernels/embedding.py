@@ -18,17 +18,17 @@ buffer: deterministic (the same sum order every run), fp32 accumulation even for
 tables (the segment reduction of PyTorch's ``embedding_dense_backward``, fused).
 
 To find the ids of each tile, the ids are sorted in chunks of 1024 positions, each chunk
-in registers by one program (key ``id << 31 | position``: ascending id, then position;
-the padding id and ids outside [0, V) sort past every row, so their gradient rows are
-never read), and a second small kernel binary-searches, for every row block and chunk, where the
+in registers by one program (key ``id << 31 | position``: ascending id, then position; the
+padding id and ids outside [0, V) sort past every row, so their gradient rows are never
+read), and a second small kernel binary-searches, for every row block and chunk, where the
 block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
 rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
-rows when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of the
-dW being written (a new buffer instead when they would take over half of it; the kernels
-reach them through pointer casts, so this path builds no host-side views): the tiles
-below them are written first, then the last row blocks are written by programs that find
-their ids by scanning all of them. So the backward allocates nothing but dW (besides
+rows when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of
+the dW being written (a new buffer instead when they would take over half of it; the
+kernels reach them through pointer casts, so this path builds no host-side views): the
+tiles below them are written first, then the last row blocks are written by programs that
+find their ids by scanning all of them. So the backward allocates nothing but dW (besides
 contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
 ``torch.sort``, three or four launches. Batches of more than 32 chunks (32768 ids) sort
 the same keys with one ``torch.sort`` (O(N) buffers) and go through the same kernels.
