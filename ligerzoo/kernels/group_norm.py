@@ -765,8 +765,9 @@ def group_norm(
 
     Args:
         x: (N, C, *) with any number of spatial dims (including none), fp32 / bf16 / fp16
-            (float64 runs the torch reference). Non-contiguous inputs (e.g.
-            channels-last) are copied to the contiguous layout first.
+            (float64, and planes of 2^30 values or more per (sample, channel), run the
+            torch reference). Non-contiguous inputs (e.g. channels-last) are copied to the
+            contiguous layout first.
         num_groups: G, a divisor of C.
         weight: (C,) any float dtype, or None (no scale).
         bias: (C,) any float dtype, or None (no shift).
@@ -781,7 +782,14 @@ def group_norm(
             shape (C,), or devices differ.
     """
     _check_args(x, num_groups, weight, bias)
-    if not _utils.triton_ok(x):
+    if not _utils.triton_ok(x) or not _plane_fits(x):
         return group_norm_reference(x, num_groups, weight, bias, eps)
     y, _, _ = ops.group_norm(x, int(num_groups), weight, bias, float(eps))
     return y
+
+
+def _plane_fits(x: torch.Tensor) -> bool:
+    """Whether the kernels' 32-bit column arithmetic covers ``x``: fewer than 2^30 values per
+    (sample, channel) plane (the split kernels' slice starts and column indices are int32).
+    Larger planes (4 GiB of bf16 per channel) run the torch reference."""
+    return x.numel() == 0 or x.numel() // (x.shape[0] * x.shape[1]) < 2**30

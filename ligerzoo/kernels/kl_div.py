@@ -194,6 +194,8 @@ def _kl_div_backward_op(
         s0 = s1 = 0
     else:
         go = grad_out                                                                # (N, V), any strides
+        if go.stride(1) not in (0, 1):  # e.g. the gradient of a transposed loss: the kernel's
+            go = go.contiguous()        # column offsets (cols * stride) are 32-bit
         s0, s1 = go.stride()
     if input.numel() and (need_input or need_target):
         block, warps = _block_settings(n_cols)

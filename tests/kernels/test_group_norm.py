@@ -275,6 +275,16 @@ def test_group_norm_empty_and_errors():
         group_norm(torch.ones(2, 6, 4, dtype=torch.int64), 3)
 
 
+
+def test_group_norm_huge_planes_route_to_reference():
+    """Planes of 2^30 values or more per (sample, channel) exceed the split kernels' int32
+    column arithmetic and run the torch reference (checked on expanded tensors: no memory)."""
+    assert gn_mod._plane_fits(torch.zeros(2, 3, 1).expand(2, 3, 2**30 - 1))
+    assert not gn_mod._plane_fits(torch.zeros(2, 3, 1).expand(2, 3, 2**30))
+    assert not gn_mod._plane_fits(torch.zeros(1, 1, 1, 1).expand(1, 1, 2**15, 2**15))
+    assert gn_mod._plane_fits(torch.zeros(0, 3, 5))
+
+
 def test_group_norm_opcheck_and_compile():
     from torch.library import opcheck
 

@@ -198,6 +198,32 @@ def test_non_contiguous_and_expanded_grad():
     assert torch.isfinite(tt.grad.t()[t > 0]).all()
 
 
+def test_transposed_incoming_grad(monkeypatch):
+    """reduction="none" with an incoming gradient whose column stride is not 0 or 1 (the
+    gradient of a transposed loss): copied to rows before the kernel, whose column offsets
+    are 32-bit (a column stride of N tokens would pass 2^31 at V = 128256, N >= 16744)."""
+    launched = []
+    kernel = kl_mod._kl_div_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(args[6])                        # stride_go1
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kl_mod, "_kl_div_bwd_kernel", Spy())
+    x, t = make_inputs(torch.float32)
+    x.requires_grad_()
+    out = kl_div(x, t, reduction="none")
+    go = torch.randn(V, N).t()                                  # (N, V), strides (1, N)
+    out.backward(go)
+    assert launched == [1]
+    ref, _, gx, _ = oracle(x.detach(), t, "none", False, go.double(), need_target=False)
+    check(out, ref, torch.float32)
+    check(x.grad, gx, torch.float32)
+
+
 def test_no_grad_and_frozen_input():
     x, t = make_inputs(torch.float32)
     ref = oracle(x, t, "batchmean", False, torch.tensor(1.0, dtype=torch.float64))[0]
