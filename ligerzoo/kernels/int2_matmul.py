@@ -188,8 +188,8 @@ def _check_args(x: torch.Tensor, w_packed: torch.Tensor) -> None:
     K = x.shape[1]
     if K % 4:
         raise ValueError(f"K = {K} must be divisible by 4 (four 2-bit weights per byte)")
-    if K > 2**23:
-        raise ValueError(f"K = {K} must be at most 2^23, so that every output fits in int32 (|out| <= 256 * K)")
+    if K >= 2**23:
+        raise ValueError(f"K = {K} must be below 2^23, so that every output fits in int32 (|out| <= 256 * K)")
     if w_packed.shape[1] != K // 4:
         raise ValueError(f"w_packed {tuple(w_packed.shape)} must be (N, K // 4) = (N, {K // 4}) for x {tuple(x.shape)}")
     if x.device != w_packed.device:
@@ -224,8 +224,8 @@ def int2_matmul(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
         (M, N) int32, exact (|out| <= 256 * K).
 
     Raises:
-        ValueError: wrong ranks or dtypes, K not divisible by 4 or over 2^23 (the int32
-            output bound), ``w_packed.shape[1] != K // 4``, or devices differ.
+        ValueError: wrong ranks or dtypes, K not divisible by 4 or not below 2^23 (the
+            int32 output bound), ``w_packed.shape[1] != K // 4``, or devices differ.
     """
     _check_args(x, w_packed)
     if not _utils.use_triton(x):

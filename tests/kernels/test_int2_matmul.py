@@ -130,8 +130,8 @@ def test_int2_errors():
         int2_matmul(torch.zeros(2, 6, dtype=torch.int8), p)
     with pytest.raises(ValueError, match="K // 4"):
         int2_matmul(torch.zeros(2, 12, dtype=torch.int8), p)
-    big_k = 2**23 + 4                                   # |out| <= 256 K would pass int32
-    with pytest.raises(ValueError, match="at most 2\\^23"):
+    big_k = 2**23                                       # |out| <= 256 K would reach 2^31
+    with pytest.raises(ValueError, match="below 2\\^23"):
         int2_matmul(torch.zeros(1, 1, dtype=torch.int8).expand(1, big_k),
                     torch.zeros(1, 1, dtype=torch.uint8).expand(1, big_k // 4))
     with pytest.raises(ValueError, match="int8"):
