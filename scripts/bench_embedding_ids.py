@@ -53,12 +53,19 @@ def variants(ids: torch.Tensor, padding_idx: int | None) -> dict:
 
     out = {"ligerzoo": lambda w: K.embedding(ids, w, padding_idx),
            "torch": lambda w: F.embedding(ids, w, padding_idx)}
-    try:
-        lops = importlib.import_module("liger_kernel.ops")
+    lops = _optional_module("liger_kernel.ops")
+    if lops is not None and hasattr(lops, "LigerEmbeddingFunction"):
         out["liger"] = lambda w: lops.LigerEmbeddingFunction.apply(w, ids)
-    except Exception:  # not installed: the variant is skipped
-        pass
     return out
+
+
+def _optional_module(name: str):
+    """The module, or None when it is not installed or fails to import (its variant is
+    then left out of the run)."""
+    try:
+        return importlib.import_module(name)
+    except Exception:
+        return None
 
 
 def full_step(fn, w):
