@@ -30,15 +30,22 @@ kernels reach them through pointer casts, so this path builds no host-side views
 tiles below them are written first, then the last row blocks are written by programs that
 find their ids by scanning all of them. So the backward allocates nothing but dW (besides
 contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
-``torch.sort``, three or four launches. Batches of more than 32 chunks (32768 ids) sort
+``torch.sort``, three to five launches. Batches of more than 32 chunks (32768 ids) sort
 the same keys with one ``torch.sort`` (O(N) buffers) and go through the same kernels.
 
-An id repeated k times is summed serially by one program per column block (k dependent
-row reads), so batches dominated by one id are slower than Liger's atomic scatter: with a
-quarter of 8192 ids on one pad token and no ``padding_idx``, the backward alone took 1.29
-ms on an H200 (uniform ids: 0.35 ms; Liger's forward + backward: 0.47 ms;
-``benchmarks/NOTES.md``). Pass ``padding_idx`` for padding: its ids are dropped by the
-sort, so a padded batch costs what its real tokens cost (0.34 ms in that case).
+Repeated ids. The tile writer reads one gradient row per id, each read waiting for the
+one before, so a tile holding k ids (a pad token, one id everywhere) would cost each of its
+column-block programs k dependent reads. A tile with 64 ids or more is therefore left
+by the writer (appended to a list kept after the starts) to a second kernel, which shares
+(tile, 8-column block) work items over a fixed grid and reads the gradient rows of 512
+ids at once; the scan of the last rows likewise reads the rows of up to 32 of its ids at
+once. There an id's sum is a tree sum within each group of ids and the groups are added
+in position order: still fp32, still the same order every run, but not bit-identical to
+the one-by-one order of the other tiles. On an H200 (V = 128256, H = 4096, bf16, backward
+alone, 8192 ids): uniform ids 0.35 ms; a quarter of the ids on one id 0.37 ms (1.25 ms
+before this kernel; on an id among the last rows, 0.56 ms); every id the same 0.35 ms
+(4.1 ms before). ``padding_idx`` ids are dropped by the sort and cost nothing
+(``benchmarks/NOTES.md``).
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ import torch
 
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
+from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2, persistent_programs
 
 if HAS_TRITON:
     import triton
@@ -74,6 +81,18 @@ _MAX_SORT_CHUNKS = 32
 _ACC_TILE_ELEMS = 4096
 _ACC_BLOCK_H = 1024
 _SCAN_BLOCK_N = 1024
+# Tiles holding _HOT_MIN ids or more are written by a second kernel in (BLOCK_R, _HOT_BLOCK_H)
+# work items over _HOT_PROGRAMS_PER_SM programs per SM, the gradient rows of _HOT_SEG ids
+# at a time; the scan kernel's tiles are at most _SCAN_BLOCK_H wide and read _SCAN_SEG rows
+# at a time.
+_HOT_MIN = 64
+_HOT_BLOCK_H = 8
+_HOT_SEG = 512
+_HOT_WARPS = 4
+_HOT_PROGRAMS_PER_SM = 4
+_SCAN_BLOCK_H = 128
+_SCAN_TILE_ELEMS = 4096
+_SCAN_SEG = 32
 _SCRATCH_IN_DW: Optional[bool] = None
 
 
@@ -101,12 +120,31 @@ if HAS_TRITON:
                  mask=r_mask[:, None] & c_mask[None, :])
 
     @triton.jit
-    def _scratch_ptrs(SCR, scr_byte0, n_keys):
-        """(KEYS, STARTS): the int64 sort keys at byte ``scr_byte0`` of ``SCR`` (any dtype: the
-        tail of dW, or a byte buffer) and the int32 block starts right after its n_keys keys."""
+    def _scratch_ptrs(SCR, scr_byte0, n_keys, n_starts):
+        """(KEYS, STARTS, HOT): the int64 sort keys at byte ``scr_byte0`` of ``SCR`` (any dtype:
+        the tail of dW, or a byte buffer), the int32 block starts right after its n_keys keys,
+        and the int32 hot-tile list right after its n_starts starts (HOT[0] counts the entries
+        HOT[1:], row-block indices)."""
         base = SCR.to(tl.pointer_type(tl.int8)) + scr_byte0
         starts = base + tl.cast(n_keys, tl.int64) * 8              # in int64: n_keys * 8 may pass 2^31
-        return base.to(tl.pointer_type(tl.int64)), starts.to(tl.pointer_type(tl.int32))
+        hot = starts + tl.cast(n_starts, tl.int64) * 4
+        return (base.to(tl.pointer_type(tl.int64)), starts.to(tl.pointer_type(tl.int32)),
+                hot.to(tl.pointer_type(tl.int32)))
+
+    @triton.jit
+    def _add_rows(acc, G, stride_g, pos, rel, valid, cols, c_mask, BLOCK_R: tl.constexpr):
+        """``acc`` (BLOCK_R, BLOCK_H) fp32 plus, for each row r, the sum of the gradient rows
+        ``G[pos[k], cols]`` over the k with ``valid[k]`` and ``rel[k] == r``: the S rows load
+        at once, as one (S, BLOCK_H) tile, and each row's share is a tree sum over them."""
+        g = tl.load(G + pos[:, None] * stride_g + cols, mask=valid[:, None] & c_mask, other=0.0)  # (S, BH)
+        g = g.to(tl.float32)
+        rr = tl.arange(0, BLOCK_R)[:, None]                                      # (R, 1)
+        r = tl.min(tl.where(valid, rel, BLOCK_R), axis=0)
+        while r < BLOCK_R:                                # the rows present, usually one
+            s = tl.sum(tl.where((valid & (rel == r))[:, None], g, 0.0), axis=0)   # (BH,)
+            acc = tl.where(rr == r, acc + s[None, :], acc)
+            r = tl.min(tl.where(valid & (rel > r), rel, BLOCK_R), axis=0)
+        return acc
 
     @jit
     def _chunk_sort_kernel(
@@ -119,7 +157,7 @@ if HAS_TRITON:
         # positions are unique, so this is the stable order). Ids outside [0, V), the padding
         # id and the padding past N get the largest int64 and sort last, beyond every row
         # block: they add nothing.
-        KEYS, _ = _scratch_ptrs(SCR, scr_byte0, 0)
+        KEYS, _, _ = _scratch_ptrs(SCR, scr_byte0, 0, 0)
         pos = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
         m = pos < n_ids
         ids = tl.load(IDS + pos, mask=m, other=0).to(tl.int64)
@@ -136,8 +174,11 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         # STARTS[b, c]: the first index of chunk c whose id is >= b * rows_per_block (a
-        # vectorised lower-bound binary search, one lane per (b, c)).
-        KEYS, STARTS = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len)
+        # vectorised lower-bound binary search, one lane per (b, c)). Program 0 also empties
+        # the hot-tile list that the writer fills.
+        KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len, n_entries)
+        if tl.program_id(0) == 0:
+            tl.store(HOT, 0)
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # (V / R + 1) * chunks can pass 2^31
         em = e < n_entries
         b = (e // n_chunks).to(tl.int64)
@@ -161,10 +202,12 @@ if HAS_TRITON:
 
     @jit
     def _embedding_bwd_chunks_kernel(
-        SCR, scr_byte0,      # scratch: the sorted keys and the starts of _chunk_starts_kernel
+        SCR, scr_byte0,      # scratch: the sorted keys, the starts of _chunk_starts_kernel and
+                             # the hot-tile list (its count zeroed by that kernel)
         G, stride_g,         # (N, H) output gradient, unit column stride
         DW,                  # (V, H) out in the table's dtype, contiguous
-        n_rows_w, n_cols, n_chunks, chunk_len,
+        n_rows_w, n_cols, n_chunks, chunk_len, n_starts,
+        hot_min,             # tiles with this many ids or more are left to the hot kernel
         NC_P2: tl.constexpr,    # n_chunks rounded up to a power of two
         BLOCK_R: tl.constexpr,  # rows of dW per program (the rows_per_block of STARTS)
         BLOCK_H: tl.constexpr,
@@ -174,29 +217,71 @@ if HAS_TRITON:
         # tile sit in one contiguous range of every sorted chunk; taking the chunks in
         # order adds each id's rows in increasing position order (deterministic). Rows and
         # columns are kept 2-D, (BLOCK_R, 1) and (1, BLOCK_H), so a gradient row loads
-        # straight into the accumulator's layout (vectorised, no layout conversion).
-        KEYS, STARTS = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len)
+        # straight into the accumulator's layout (vectorised, no layout conversion). The
+        # row reads are serial (one per id), so a tile holding hot_min ids or more is not
+        # written here but appended to the hot list (by its first column block).
+        KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len, n_starts)
         blk = tl.program_id(0).to(tl.int64)
-        rows = (blk * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]                  # (R, 1)
-        cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]     # (1, BH)
-        c_mask = cols < n_cols
         cs = tl.arange(0, NC_P2)
         cm = cs < n_chunks
         lo = tl.load(STARTS + blk * n_chunks + cs, mask=cm, other=0)
         hi = tl.load(STARTS + (blk + 1) * n_chunks + cs, mask=cm, other=0)
-        todo = hi > lo                                   # chunks holding ids of this tile
-        acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-        while tl.max(todo.to(tl.int32), axis=0) > 0:
-            c = tl.min(tl.where(todo, cs, NC_P2), axis=0)
-            j = tl.sum(tl.where(cs == c, lo, 0), axis=0)
-            end = tl.sum(tl.where(cs == c, hi, 0), axis=0)
-            while j < end:
-                key = tl.load(KEYS + c.to(tl.int64) * chunk_len + j)
-                g = tl.load(G + (key & 2147483647) * stride_g + cols, mask=c_mask, other=0.0)
-                acc = tl.where(rows == (key >> 31), acc + g.to(tl.float32), acc)
-                j += 1
-            todo = todo & (cs != c)
-        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
+        if tl.sum(hi - lo, axis=0) >= hot_min:
+            if tl.program_id(1) == 0:
+                slot = tl.atomic_add(HOT, 1)
+                tl.store(HOT + 1 + slot, blk.to(tl.int32))
+        else:
+            rows = (blk * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]                  # (R, 1)
+            cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]     # (1, BH)
+            c_mask = cols < n_cols
+            todo = hi > lo                               # chunks holding ids of this tile
+            acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+            while tl.max(todo.to(tl.int32), axis=0) > 0:
+                c = tl.min(tl.where(todo, cs, NC_P2), axis=0)
+                j = tl.sum(tl.where(cs == c, lo, 0), axis=0)
+                end = tl.sum(tl.where(cs == c, hi, 0), axis=0)
+                while j < end:
+                    key = tl.load(KEYS + c.to(tl.int64) * chunk_len + j)
+                    g = tl.load(G + (key & 2147483647) * stride_g + cols, mask=c_mask, other=0.0)
+                    acc = tl.where(rows == (key >> 31), acc + g.to(tl.float32), acc)
+                    j += 1
+                todo = todo & (cs != c)
+            _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
+
+    @jit
+    def _embedding_bwd_hot_kernel(
+        SCR, scr_byte0,      # scratch, as for _embedding_bwd_chunks_kernel (after it ran)
+        G, stride_g,         # (N, H) output gradient, unit column stride
+        DW,                  # (V, H) out in the table's dtype, contiguous
+        n_rows_w, n_cols, n_chunks, chunk_len, n_starts,
+        BLOCK_R: tl.constexpr,  # the writer's rows per tile
+        BLOCK_H: tl.constexpr,  # columns per work item (narrower than the writer's)
+        SEG: tl.constexpr,      # ids whose gradient rows load at once
+    ):
+        # The tiles of the hot list (those the writer left), as (tile, column block) work
+        # items shared out over a fixed grid. Each item walks its tile's range in every
+        # chunk, chunks in order, SEG ids at a time: their rows load together (SEG reads in
+        # flight instead of one) and each id's share of a segment is a tree sum, added to
+        # the fp32 accumulator in position order of the segments (deterministic).
+        KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len, n_starts)
+        n_cb = tl.cdiv(n_cols, BLOCK_H)
+        n_items = tl.load(HOT) * n_cb
+        k = tl.arange(0, SEG)
+        for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            blk = tl.load(HOT + 1 + item // n_cb).to(tl.int64)
+            rows = (blk * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]                       # (R, 1)
+            cols = ((item % n_cb) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]             # (1, BH)
+            c_mask = cols < n_cols
+            acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
+            for c in range(0, n_chunks):
+                j = tl.load(STARTS + blk * n_chunks + c)
+                end = tl.load(STARTS + (blk + 1) * n_chunks + c)
+                for j0 in range(j, end, SEG):
+                    valid = j0 + k < end
+                    key = tl.load(KEYS + tl.cast(c, tl.int64) * chunk_len + j0 + k, mask=valid, other=0)  # (SEG,)
+                    acc = _add_rows(acc, G, stride_g, key & 2147483647, (key >> 31) - blk * BLOCK_R, valid,
+                                    cols, c_mask, BLOCK_R)
+            _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
 
     @jit
     def _embedding_bwd_scan_kernel(
@@ -206,28 +291,46 @@ if HAS_TRITON:
         n_ids, n_rows_w, n_cols, padding_idx, row0,
         BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr,  # ids tested at once
+        SEG: tl.constexpr,      # ids whose gradient rows load at once (a divisor of BLOCK_N)
     ):
-        # The same tile as _embedding_bwd_chunks_kernel, rows from row0 on, found by
-        # scanning every id (no sorted keys): for the few last row blocks of dW whose memory
-        # held the keys and starts while the other tiles were written.
+        # A (BLOCK_R, BLOCK_H) tile of dW, rows from row0 on, its ids found by scanning every
+        # id (no sorted keys): for the few last row blocks of dW whose memory held the keys
+        # and starts while the other tiles were written. In a block of BLOCK_N ids holding
+        # some of the tile's, their positions are taken in order (picked out one by one when
+        # there are at most SEG, else sorted to the front) and their gradient rows read SEG
+        # at a time, as in the hot kernel.
         r0 = row0 + tl.program_id(0).to(tl.int64) * BLOCK_R
         rows = (r0 + tl.arange(0, BLOCK_R))[:, None]                             # (R, 1)
         cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :]     # (1, BH)
         c_mask = cols < n_cols
+        k = tl.arange(0, SEG)
+        seg_of = tl.arange(0, BLOCK_N // SEG)[:, None]                            # (N / SEG, 1)
         acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
         for n0 in range(0, n_ids, BLOCK_N):
             p = n0 + tl.arange(0, BLOCK_N)
             ids = tl.load(IDS + p, mask=p < n_ids, other=-1).to(tl.int64)
             hit = (ids >= r0) & (ids < r0 + BLOCK_R) & (ids < n_rows_w) & (ids != padding_idx)
             n_hit = tl.sum(hit.to(tl.int32), axis=0)
-            while n_hit > 0:                              # in increasing position order
-                q = tl.min(tl.where(hit, p, n_ids), axis=0)
-                idx = tl.sum(tl.where(p == q, ids, 0), axis=0)
-                g = tl.load(G + q.to(tl.int64) * stride_g + cols, mask=c_mask, other=0.0)
-                acc = tl.where(rows == idx, acc + g.to(tl.float32), acc)
-                hit = hit & (p != q)
-                n_hit -= 1
+            if n_hit > SEG:
+                # the hit positions first, ascending, as (N / SEG, SEG) rows of SEG
+                front = tl.reshape(tl.sort(tl.where(hit, p, 2147483647)), (BLOCK_N // SEG, SEG))
+                for s0 in range(0, tl.cdiv(n_hit, SEG)):
+                    q = tl.sum(tl.where(seg_of == s0, front, 0), axis=0)                   # (SEG,)
+                    valid = s0 * SEG + k < n_hit
+                    qi = tl.load(IDS + q, mask=valid, other=0).to(tl.int64)
+                    acc = _add_rows(acc, G, stride_g, q.to(tl.int64), qi - r0, valid, cols, c_mask, BLOCK_R)
+            elif n_hit > 0:
+                # few (the usual case): picked out in order, one reduction each, no sort
+                rest = tl.where(hit, p, 2147483647)
+                q = tl.zeros([SEG], dtype=tl.int32)
+                for i in range(0, n_hit):
+                    first = tl.min(rest, axis=0)
+                    q = tl.where(k == i, first, q)
+                    rest = tl.where(rest == first, 2147483647, rest)
+                valid = k < n_hit
+                qi = tl.load(IDS + q, mask=valid, other=0).to(tl.int64)
+                acc = _add_rows(acc, G, stride_g, q.to(tl.int64), qi - r0, valid, cols, c_mask, BLOCK_R)
         _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
 
 
@@ -297,33 +400,46 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     if not grad.is_cuda and _utils.interpreter_enabled():  # its sort: ~2 ms per element, no padding to 1024
         chunk = min(chunk, next_power_of_2(n_ids))
     n_chunks = cdiv(n_ids, chunk)
+    starts_n = (n_blocks + 1) * n_chunks
+    # the hot list: a count, then room for every tile that can hold _HOT_MIN ids
+    max_hot = min(n_blocks, n_ids // _HOT_MIN)
+    hot_b = 4 * (1 + max_hot)
     with device_guard(grad):
         if n_chunks <= _MAX_SORT_CHUNKS:
-            scr, byte0, first_row = _scratch(dw, n_chunks * chunk * 8 + (n_blocks + 1) * n_chunks * 4)
+            scr, byte0, first_row = _scratch(dw, n_chunks * chunk * 8 + starts_n * 4 + hot_b)
             _chunk_sort_kernel[(n_chunks,)](ids1, scr, byte0, n_ids, n_rows_w, padding_idx, CHUNK=chunk, num_warps=4)
         else:  # the same keys, all ids as one chunk sorted by torch.sort, in a new buffer
             keys = ids1.to(torch.int64) << 31
             keys |= torch.arange(n_ids, device=grad.device)
             keys.masked_fill_((ids1 < 0) | (ids1 >= n_rows_w) | (ids1 == padding_idx), torch.iinfo(torch.int64).max)
             chunk, n_chunks, byte0, first_row = n_ids, 1, 0, None
-            scr = torch.empty(n_ids * 8 + (n_blocks + 1) * 4, dtype=torch.uint8, device=grad.device)
+            starts_n = n_blocks + 1
+            scr = torch.empty(n_ids * 8 + starts_n * 4 + hot_b, dtype=torch.uint8, device=grad.device)
             scr[: n_ids * 8].view(torch.int64).copy_(torch.sort(keys).values)
-        starts_n = (n_blocks + 1) * n_chunks
         _chunk_starts_kernel[(cdiv(starts_n, 1024),)](
             scr, byte0, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
         )
         # the blocks wholly below the scratch (all of them when it is not in dW)
         sorted_blocks = n_blocks if first_row is None else first_row // block_r
-        col_blocks = cdiv(n_cols, block_h)
         if sorted_blocks:
-            _embedding_bwd_chunks_kernel[(sorted_blocks, col_blocks)](
-                scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk,
+            _embedding_bwd_chunks_kernel[(sorted_blocks, cdiv(n_cols, block_h))](
+                scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n, _HOT_MIN,
                 NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
             )
-        if sorted_blocks < n_blocks:  # after the writer above: these rows held the scratch
-            _embedding_bwd_scan_kernel[(n_blocks - sorted_blocks, col_blocks)](
-                ids1, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx, sorted_blocks * block_r,
-                BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_N=_SCAN_BLOCK_N, num_warps=warps,
+            if max_hot:  # the tiles the writer left (none, usually: then each program reads a count)
+                hot_h = min(block_h, _HOT_BLOCK_H)
+                items = min(max_hot, sorted_blocks) * cdiv(n_cols, hot_h)
+                _embedding_bwd_hot_kernel[(persistent_programs(grad.device, items, _HOT_PROGRAMS_PER_SM, 4),)](
+                    scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n,
+                    BLOCK_R=block_r, BLOCK_H=hot_h, SEG=_HOT_SEG, num_warps=_HOT_WARPS,
+                )
+        if sorted_blocks < n_blocks:  # after the writers above: these rows held the scratch
+            scan_h = min(block_h, _SCAN_BLOCK_H)
+            scan_r = max(1, _SCAN_TILE_ELEMS // scan_h)
+            row0 = sorted_blocks * block_r
+            _embedding_bwd_scan_kernel[(cdiv(n_rows_w - row0, scan_r), cdiv(n_cols, scan_h))](
+                ids1, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx, row0,
+                BLOCK_R=scan_r, BLOCK_H=scan_h, BLOCK_N=_SCAN_BLOCK_N, SEG=_SCAN_SEG, num_warps=4,
             )
     return dw
 

@@ -173,7 +173,9 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
     the sorted keys and block starts in the last rows of dW (scratch True / None) or in a new
     byte buffer (False), writes those last rows afterwards by scanning the ids, and falls back
     to one torch.sort beyond max_chunks chunks. Every way gives the float64 sum within ulps
-    and exactly the fp32 sums in position order (also what the torch.sort path gives)."""
+    and, with the hot-tile kernel off, exactly the fp32 sums in position order (also what the
+    torch.sort path gives)."""
+    monkeypatch.setattr(emb_mod, "_HOT_MIN", 10**9)
     monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
     monkeypatch.setattr(emb_mod, "_MAX_SORT_CHUNKS", max_chunks)
     monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
@@ -199,6 +201,71 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
         assert dw.numel() * 4 - (64 * 8 + 40 * 4) - 8 < byte0 <= dw.numel() * 4 - (64 * 8 + 40 * 4)
     elif scratch is False:
         assert base.dtype == torch.uint8 and base.numel() == 64 * 8 + 40 * 4 and first_row is None
+
+
+def _fp32_sum_bound(g, ids, n_rows, padding_idx):
+    """(float64 sums, bound): per element, an fp32 sum of k terms in any order is within
+    (k - 1) * 2^-24 * sum|terms| (+ a sliver) of the exact sum (Higham, "Accuracy and
+    Stability of Numerical Algorithms", 2002, eq. 4.4)."""
+    keep = (ids >= 0) & (ids < n_rows) & (ids != padding_idx)
+    g64 = g.reshape(-1, g.shape[-1]).double()[keep]
+    exact = torch.zeros(n_rows, g.shape[-1], dtype=torch.float64).index_add_(0, ids[keep], g64)
+    mag = torch.zeros_like(exact).index_add_(0, ids[keep], g64.abs())
+    k = torch.bincount(ids[keep], minlength=n_rows).double()[:, None]
+    return exact, (k - 1).clamp(min=0) * 2.0**-24 * mag * 1.001 + 1e-30
+
+
+@pytest.mark.parametrize("hot_min, seg, hot_h, scan_h, scan_seg, chunk, max_chunks, scratch", [
+    # every tile with an id is hot: 4-id segments, scratch in dW
+    (1, 4, 16, 16, 4, 16, 64, True),
+    (1, 4, 16, 16, 4, 16, 2, None),           # the torch.sort path (one chunk)
+    (8, 16, 64, 32, 2, 16, 64, False),        # hot and sequential tiles side by side, byte scratch
+    (8, 16, 64, 32, 2, 16, 64, True),
+    (64, 512, 8, 128, 32, 16, 64, True),      # the defaults
+])
+def test_embedding_backward_hot_tiles(monkeypatch, hot_min, seg, hot_h, scan_h, scan_seg, chunk, max_chunks, scratch):
+    """Tiles holding hot_min ids or more are written by the hot kernel (segments of ids, rows
+    of one segment spread over several rows of a tile, several column work items), the
+    scratch rows by the scan kernel (a hot id among them). Integer-valued gradients sum
+    exactly in any order, so dW must equal the float64 sum; random ones must lie within the
+    fp32 summation bound of it; reruns give the same bits; padding and invalid ids add nothing."""
+    monkeypatch.setattr(emb_mod, "_HOT_MIN", hot_min)
+    monkeypatch.setattr(emb_mod, "_HOT_SEG", seg)
+    monkeypatch.setattr(emb_mod, "_HOT_BLOCK_H", hot_h)
+    monkeypatch.setattr(emb_mod, "_SCAN_BLOCK_H", scan_h)
+    monkeypatch.setattr(emb_mod, "_SCAN_SEG", scan_seg)
+    monkeypatch.setattr(emb_mod, "_SCAN_BLOCK_N", 64)
+    monkeypatch.setattr(emb_mod, "_SCAN_TILE_ELEMS", 64)        # scan tiles of 4 / 2 / 1 rows
+    monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
+    monkeypatch.setattr(emb_mod, "_MAX_SORT_CHUNKS", max_chunks)
+    monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
+    monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 512)
+    monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)            # tiles of 8 rows x 64 columns
+    n_rows, n_ids, h = 90, 240, 40          # 3 hot column items of 16, one partial
+    ids = torch.randint(0, 30, (n_ids,))
+    ids[::3] = 5                                   # hot, in every chunk
+    ids[1::5] = 6                                  # a second hot row in the same tile
+    ids[2::7] = n_rows - 1                         # hot, in the scratch rows
+    ids[4::11] = 13                                # padding (when asked)
+    ids[10], ids[20] = -2, n_rows + 4              # invalid: no gradient
+    for pad in (-1, 13):
+        gi = torch.randint(-8, 9, (n_ids, h)).float()
+        exact, _ = _fp32_sum_bound(gi, ids, n_rows, pad)
+        assert torch.equal(emb_mod._backward(gi, ids, n_rows, pad, torch.float32).double(), exact)
+        g = torch.randn(n_ids, h)
+        got = emb_mod._backward(g, ids, n_rows, pad, torch.float32)
+        exact, bound = _fp32_sum_bound(g, ids, n_rows, pad)
+        assert ((got.double() - exact).abs() <= bound).all()
+        if pad < 0:
+            assert torch.equal(got, emb_mod._backward(g, ids, n_rows, pad, torch.float32))
+        if pad >= 0:
+            assert torch.count_nonzero(got[pad]) == 0
+        # bf16: the fp32 sum rounded once, within one bf16 ulp (2^-7 relative: the
+        # interpreter truncates where the GPU rounds to nearest)
+        gb = g.bfloat16()
+        exact, bound = _fp32_sum_bound(gb.float(), ids, n_rows, pad)
+        gotb = emb_mod._backward(gb, ids, n_rows, pad, torch.bfloat16).double()
+        assert ((gotb - exact).abs() <= bound + exact.abs() * 2.0**-7).all()
 
 
 def test_embedding_sort_keys_drop_padding_and_out_of_range_ids():
@@ -329,13 +396,15 @@ def test_embedding_opcheck_and_compile():
 @parametrize_dtype
 def test_gpu_embedding_llama3_table(dtype):
     """128256 x 4096 table (Llama 3), 2 x 4096 ids with a padded tail (one id repeated
-    1000 times) and a hot id, against float64 index_add."""
+    1000 times), a hot id and a hot id among the last rows of dW (hot-tile and scan
+    kernels), against float64 index_add."""
     torch.manual_seed(0)
     Vg, Hg = 128256, 4096
     weight = torch.randn(Vg, Hg, device="cuda").to(dtype).requires_grad_()
     ids = torch.randint(0, Vg, (2, 4096), device="cuda")
     ids[1, -1000:] = 128004          # padding tail
     ids[0, ::7] = 42                 # a hot id
+    ids[0, 3::5] = Vg - 3            # a hot id in the scratch rows
     g = torch.randn(2, 4096, Hg, device="cuda").to(dtype)
     for pad in (None, 128004):
         weight.grad = None
@@ -378,8 +447,9 @@ def test_gpu_embedding_sizes_and_invalid_ids(n_ids):
 @pytest.mark.parametrize("n_ids", [4096, 16384, 40000])
 def test_gpu_embedding_backward_allocates_only_dw(n_ids):
     """Up to 32768 ids the backward's peak is dW itself (the sorted keys and starts live in
-    dW's last rows), with the same bits as the torch.sort path; beyond, that path adds O(N)
-    buffers and gives the same bits on a rerun."""
+    dW's last rows), with the same bits as the torch.sort path outside the hot tile of id 77
+    (there the two paths group the ids differently: within one bf16 ulp); beyond, that path
+    adds O(N) buffers and gives the same bits on a rerun."""
     torch.manual_seed(0)
     Vg, Hg = 128256, 4096
     ids = torch.randint(0, Vg, (n_ids,), device="cuda")
@@ -395,8 +465,14 @@ def test_gpu_embedding_backward_allocates_only_dw(n_ids):
         assert extra == 0
     else:
         assert 0 < extra < 64 * n_ids
-    other = _torch_sort_path if n_ids <= 32768 else emb_mod._backward
-    assert torch.equal(dw, other(g, ids, Vg, -1, torch.bfloat16))
+    if n_ids <= 32768:
+        ref = _torch_sort_path(g, ids, Vg, -1, torch.bfloat16)
+        rest = torch.ones(Vg, dtype=torch.bool, device="cuda")
+        rest[76:80] = False                       # the hot tile (4-row tiles at H = 4096)
+        assert torch.equal(dw[rest], ref[rest])
+        assert ((dw[76:80].float() - ref[76:80].float()).abs() <= ref[76:80].float().abs() * 2.0**-7).all()
+    else:
+        assert torch.equal(dw, emb_mod._backward(g, ids, Vg, -1, torch.bfloat16))
 
 
 @pytest.mark.gpu
