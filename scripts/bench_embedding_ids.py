@@ -2,7 +2,8 @@
 
 The sorted segment-sum backward of ``ligerzoo.kernels.embedding`` writes each tile of dW
 in one program per column block; tiles holding many ids go to its hot-tile kernel, and
-the last rows of dW (where the sort keys were kept) to its scan kernel, so its time
+the rows of dW from the middle of the table on where the sort keys were kept (the
+"scratch rows") to its scan kernel, so its time
 depends on how often an id repeats and where that id lies; Liger Kernel's atomic scatter
 does not. This times forward + backward (all-ones
 output gradient, median of ``triton.testing.do_bench``, best of ``ROUNDS`` interleaved
@@ -11,8 +12,9 @@ rows ignore it) and torch's ``F.embedding`` at Llama 3 sizes (V 128256, H 4096) 
 
 - ``uniform``: ids drawn uniformly from [0, V);
 - ``pad25`` / ``pad75``: one id (the pad token, 7) on a random 25% / 75% of the positions;
-- ``tail25``: the same with the id V - 5 (among the last rows of dW: Llama 3's and Qwen2's
-  special tokens lie there);
+- ``tail25``: the same with the id V - 5 (Llama 3's and Qwen2's special tokens lie in the
+  last rows);
+- ``mid25``: the same with the id V / 2 + 2, among the scratch rows;
 - ``pad25_pidx`` / ``pad75_pidx``: the same with ``padding_idx=7`` (ligerzoo and torch drop
   those rows from the gradient);
 - ``one_id``: every position the same id.
@@ -38,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 V, H, PAD = 128256, 4096, 7
-KINDS = ("uniform", "pad25", "pad25_pidx", "pad75", "pad75_pidx", "tail25", "one_id")
+KINDS = ("uniform", "pad25", "pad25_pidx", "pad75", "pad75_pidx", "tail25", "mid25", "one_id")
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 
 
@@ -47,8 +49,8 @@ def make_ids(kind: str, n: int, device) -> tuple[torch.Tensor, int | None]:
     ids = torch.randint(0, V, (n,), device=device)
     if kind.startswith("pad"):
         ids[torch.rand(n, device=device) < (0.25 if kind.startswith("pad25") else 0.75)] = PAD
-    elif kind == "tail25":
-        ids[torch.rand(n, device=device) < 0.25] = V - 5
+    elif kind in ("tail25", "mid25"):
+        ids[torch.rand(n, device=device) < 0.25] = V - 5 if kind == "tail25" else V // 2 + 2
     elif kind == "one_id":
         ids.fill_(PAD)
     return ids, (PAD if kind.endswith("_pidx") else None)

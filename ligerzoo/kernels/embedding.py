@@ -24,11 +24,11 @@ read), and a second small kernel binary-searches, for every row block and chunk,
 block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
 rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
-rows when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the last bytes of
-the dW being written (a new buffer instead when they would take over half of it; the
-kernels reach them through pointer casts, so this path builds no host-side views): the
-tiles below them are written first, then the last row blocks are written by programs that
-find their ids by scanning all of them. So the backward allocates nothing but dW (besides
+rows when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the rows of the
+dW being written from the middle of the table on (a new buffer instead when they would
+take over half of it; the kernels reach them through pointer casts, so this path builds no
+host-side views): the tiles around them are written first, then their row blocks are
+written by programs that find their ids by scanning all of them. So the backward allocates nothing but dW (besides
 contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
 ``torch.sort``, three to five launches. Batches of more than 32 chunks (32768 ids) sort
 the same keys with one ``torch.sort`` (O(N) buffers) and go through the same kernels.
@@ -38,12 +38,12 @@ one before, so a tile holding k ids (a pad token, one id everywhere) would cost 
 column-block programs k dependent reads. A tile with 64 ids or more is therefore left
 by the writer (appended to a list kept after the starts) to a second kernel, which shares
 (tile, 8-column block) work items over a fixed grid and reads the gradient rows of 512
-ids at once; the scan of the last rows likewise reads the rows of up to 32 of its ids at
-once. There an id's sum is a tree sum within each group of ids and the groups are added
+ids at once; the scan of the scratch rows likewise reads the rows of up to 32 of its ids
+at once. There an id's sum is a tree sum within each group of ids and the groups are added
 in position order: still fp32, still the same order every run, but not bit-identical to
 the one-by-one order of the other tiles. On an H200 (V = 128256, H = 4096, bf16, backward
 alone, 8192 ids): uniform ids 0.35 ms; a quarter of the ids on one id 0.37 ms (1.25 ms
-before this kernel; on an id among the last rows, 0.56 ms); every id the same 0.35 ms
+before this kernel; on an id among the scratch rows, 0.56 ms); every id the same 0.35 ms
 (4.1 ms before). ``padding_idx`` ids are dropped by the sort and cost nothing
 (``benchmarks/NOTES.md``).
 """
@@ -70,7 +70,7 @@ _MAX_BLOCK_H = 1024
 # The backward sorts the ids in chunks of _SORT_CHUNK positions (in registers), up to
 # _MAX_SORT_CHUNKS chunks (32768 ids); larger batches sort the same keys with torch.sort
 # (into a new buffer) and use the same kernels. The sorted keys and the block starts are
-# kept in the last bytes of the dW being written when they take at most half of it (None),
+# kept in rows of the dW being written (see _scratch) when they take at most half of it (None),
 # or there whenever they fit / in a new byte buffer (True / False: tests).
 _SORT_CHUNK = 1024
 _MAX_SORT_CHUNKS = 32
@@ -208,6 +208,7 @@ if HAS_TRITON:
         DW,                  # (V, H) out in the table's dtype, contiguous
         n_rows_w, n_cols, n_chunks, chunk_len, n_starts,
         hot_min,             # tiles with this many ids or more are left to the hot kernel
+        skip0, n_skip,       # the row blocks [skip0, skip0 + n_skip) hold the scratch: not here
         NC_P2: tl.constexpr,    # n_chunks rounded up to a power of two
         BLOCK_R: tl.constexpr,  # rows of dW per program (the rows_per_block of STARTS)
         BLOCK_H: tl.constexpr,
@@ -221,7 +222,8 @@ if HAS_TRITON:
         # row reads are serial (one per id), so a tile holding hot_min ids or more is not
         # written here but appended to the hot list (by its first column block).
         KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len, n_starts)
-        blk = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0)
+        blk = tl.where(pid >= skip0, pid + n_skip, pid).to(tl.int64)
         cs = tl.arange(0, NC_P2)
         cm = cs < n_chunks
         lo = tl.load(STARTS + blk * n_chunks + cs, mask=cm, other=0)
@@ -288,14 +290,14 @@ if HAS_TRITON:
         IDS,                 # (N,) int32 / int64 token ids
         G, stride_g,         # (N, H) output gradient, unit column stride
         DW,                  # (V, H) out in the table's dtype, contiguous
-        n_ids, n_rows_w, n_cols, padding_idx, row0,
+        n_ids, row_end, n_cols, padding_idx, row0,   # the rows [row0, row_end) of dW
         BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr,  # ids tested at once
         SEG: tl.constexpr,      # ids whose gradient rows load at once (a divisor of BLOCK_N)
     ):
         # A (BLOCK_R, BLOCK_H) tile of dW, rows from row0 on, its ids found by scanning every
-        # id (no sorted keys): for the few last row blocks of dW whose memory held the keys
+        # id (no sorted keys): for the few row blocks of dW whose memory held the keys
         # and starts while the other tiles were written. In a block of BLOCK_N ids holding
         # some of the tile's, their positions are taken in order (picked out one by one when
         # there are at most SEG, else sorted to the front) and their gradient rows read SEG
@@ -310,7 +312,7 @@ if HAS_TRITON:
         for n0 in range(0, n_ids, BLOCK_N):
             p = n0 + tl.arange(0, BLOCK_N)
             ids = tl.load(IDS + p, mask=p < n_ids, other=-1).to(tl.int64)
-            hit = (ids >= r0) & (ids < r0 + BLOCK_R) & (ids < n_rows_w) & (ids != padding_idx)
+            hit = (ids >= r0) & (ids < r0 + BLOCK_R) & (ids < row_end) & (ids != padding_idx)
             n_hit = tl.sum(hit.to(tl.int32), axis=0)
             if n_hit > SEG:
                 # the hit positions first, ascending, as (N / SEG, SEG) rows of SEG
@@ -331,7 +333,7 @@ if HAS_TRITON:
                 valid = k < n_hit
                 qi = tl.load(IDS + q, mask=valid, other=0).to(tl.int64)
                 acc = _add_rows(acc, G, stride_g, q.to(tl.int64), qi - r0, valid, cols, c_mask, BLOCK_R)
-        _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
+        _store_tile(DW, acc, rows, cols, c_mask, row_end, n_cols)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -371,17 +373,25 @@ def _bwd_tiles(n_cols: int) -> tuple[int, int, int]:
     return block_r, block_h, 8 if block_r * block_h >= 8192 else 4
 
 
-def _scratch(dw: torch.Tensor, need: int):
-    """Where the backward keeps ``need`` bytes of sort keys and block starts: ``(base,
-    byte offset, first dW row they overlap)``. The last bytes of ``dw`` (8-byte aligned) when
-    they take at most half of it (or as forced by ``_SCRATCH_IN_DW``), else a new byte buffer
-    (first row None). The kernels address it through pointer casts: no host-side views."""
+def _scratch(dw: torch.Tensor, need: int, block_r: int):
+    """Where the backward keeps ``need`` bytes of sort keys, block starts and hot list:
+    ``(base, byte offset, b0, b1)``, the scratch overlapping dW's row blocks [b0, b1) of
+    ``block_r`` rows. In dW when it takes at most half of it (or as forced by
+    ``_SCRATCH_IN_DW``), from the start of the row block nearest the middle of the table
+    (8-byte aligned; pushed back from the end when it would not fit): tokenizers put their
+    special and padding tokens, often the most repeated ids, at either end of the table,
+    and the ids of the scratch rows are summed by the slower scan kernel. Else a new byte
+    buffer (b0 == b1 == 0). The kernels address it through pointer casts: no host-side views."""
     total = dw.numel() * dw.element_size()
     in_dw = _SCRATCH_IN_DW if _SCRATCH_IN_DW is not None else 2 * need <= total
     if not in_dw or need > total:
-        return torch.empty(need, dtype=torch.uint8, device=dw.device), 0, None
-    byte0 = (total - need) // 8 * 8
-    return dw, byte0, byte0 // (dw.shape[1] * dw.element_size())
+        return torch.empty(need, dtype=torch.uint8, device=dw.device), 0, 0, 0
+    row_bytes = dw.shape[1] * dw.element_size()
+    mid = dw.shape[0] // 2 // block_r * block_r * row_bytes
+    byte0 = min((mid + 7) // 8 * 8, (total - need) // 8 * 8)
+    b0 = byte0 // row_bytes // block_r
+    b1 = min(cdiv(cdiv(byte0 + need, row_bytes), block_r), cdiv(dw.shape[0], block_r))
+    return dw, byte0, b0, b1
 
 
 def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
@@ -406,24 +416,24 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     hot_b = 4 * (1 + max_hot)
     with device_guard(grad):
         if n_chunks <= _MAX_SORT_CHUNKS:
-            scr, byte0, first_row = _scratch(dw, n_chunks * chunk * 8 + starts_n * 4 + hot_b)
+            scr, byte0, b0, b1 = _scratch(dw, n_chunks * chunk * 8 + starts_n * 4 + hot_b, block_r)
             _chunk_sort_kernel[(n_chunks,)](ids1, scr, byte0, n_ids, n_rows_w, padding_idx, CHUNK=chunk, num_warps=4)
         else:  # the same keys, all ids as one chunk sorted by torch.sort, in a new buffer
             keys = ids1.to(torch.int64) << 31
             keys |= torch.arange(n_ids, device=grad.device)
             keys.masked_fill_((ids1 < 0) | (ids1 >= n_rows_w) | (ids1 == padding_idx), torch.iinfo(torch.int64).max)
-            chunk, n_chunks, byte0, first_row = n_ids, 1, 0, None
+            chunk, n_chunks, byte0, b0, b1 = n_ids, 1, 0, 0, 0
             starts_n = n_blocks + 1
             scr = torch.empty(n_ids * 8 + starts_n * 4 + hot_b, dtype=torch.uint8, device=grad.device)
             scr[: n_ids * 8].view(torch.int64).copy_(torch.sort(keys).values)
         _chunk_starts_kernel[(cdiv(starts_n, 1024),)](
             scr, byte0, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
         )
-        # the blocks wholly below the scratch (all of them when it is not in dW)
-        sorted_blocks = n_blocks if first_row is None else first_row // block_r
+        # the row blocks outside the scratch: all of them when it is not in dW
+        sorted_blocks = n_blocks - (b1 - b0)
         if sorted_blocks:
             _embedding_bwd_chunks_kernel[(sorted_blocks, cdiv(n_cols, block_h))](
-                scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n, _HOT_MIN,
+                scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n, _HOT_MIN, b0, b1 - b0,
                 NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
             )
             if max_hot:  # the tiles the writer left (none, usually: then each program reads a count)
@@ -433,12 +443,12 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
                     scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n,
                     BLOCK_R=block_r, BLOCK_H=hot_h, SEG=_HOT_SEG, num_warps=_HOT_WARPS,
                 )
-        if sorted_blocks < n_blocks:  # after the writers above: these rows held the scratch
+        if b1 > b0:  # after the writers above: these rows held the scratch
             scan_h = min(block_h, _SCAN_BLOCK_H)
             scan_r = max(1, _SCAN_TILE_ELEMS // scan_h)
-            row0 = sorted_blocks * block_r
-            _embedding_bwd_scan_kernel[(cdiv(n_rows_w - row0, scan_r), cdiv(n_cols, scan_h))](
-                ids1, g, g.stride(0), dw, n_ids, n_rows_w, n_cols, padding_idx, row0,
+            row0, row_end = b0 * block_r, min(b1 * block_r, n_rows_w)
+            _embedding_bwd_scan_kernel[(cdiv(row_end - row0, scan_r), cdiv(n_cols, scan_h))](
+                ids1, g, g.stride(0), dw, n_ids, row_end, n_cols, padding_idx, row0,
                 BLOCK_R=scan_r, BLOCK_H=scan_h, BLOCK_N=_SCAN_BLOCK_N, SEG=_SCAN_SEG, num_warps=4,
             )
     return dw

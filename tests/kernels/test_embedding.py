@@ -170,8 +170,8 @@ def test_embedding_backward_tiles(monkeypatch, tile, shape):
 ])
 def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks, scratch):
     """The backward sorts the ids in chunks (several chunks here: chunk 16), keeps
-    the sorted keys and block starts in the last rows of dW (scratch True / None) or in a new
-    byte buffer (False), writes those last rows afterwards by scanning the ids, and falls back
+    the sorted keys and block starts in rows of dW from the middle on (scratch True / None) or
+    in a new byte buffer (False), writes those rows afterwards by scanning the ids, and falls back
     to one torch.sort beyond max_chunks chunks. Every way gives the float64 sum within ulps
     and, with the hot-tile kernel off, exactly the fp32 sums in position order (also what the
     torch.sort path gives)."""
@@ -185,9 +185,9 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
     weight = torch.randn(n_rows, H)
     ids = torch.randint(0, 12, (n_ids,))
     ids[::4] = 5                                   # one id repeated across every chunk
-    ids[-1] = n_rows - 1                           # the last row: inside the scratch rows
+    ids[-1] = n_rows // 2 + 1                      # inside the scratch rows (from row 40 on)
     if n_ids > 2:
-        ids[1] = 0
+        ids[1], ids[-2] = 0, n_rows - 1            # the first and last rows
     _, dw = _check(ids, weight, 3, torch.float32, "triton")
     g = torch.randn(n_ids, H)
     for pad in (-1, 5):
@@ -195,12 +195,17 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
         assert torch.equal(got, _ordered_sum(g, ids, n_rows, pad))
         assert torch.equal(got, _torch_sort_path(g, ids, n_rows, pad, torch.float32))
     dw = torch.empty(n_rows, H)
-    base, byte0, first_row = emb_mod._scratch(dw, 64 * 8 + 40 * 4)
-    if scratch:   # the last 8-byte-aligned bytes of dW
-        assert base is dw and byte0 % 8 == 0 and first_row == byte0 // (H * 4) < n_rows
-        assert dw.numel() * 4 - (64 * 8 + 40 * 4) - 8 < byte0 <= dw.numel() * 4 - (64 * 8 + 40 * 4)
-    elif scratch is False:
-        assert base.dtype == torch.uint8 and base.numel() == 64 * 8 + 40 * 4 and first_row is None
+    need, row_b = 64 * 8 + 40 * 4, H * 4
+    base, byte0, b0, b1 = emb_mod._scratch(dw, need, 8)
+    if scratch is False:
+        assert base.dtype == torch.uint8 and base.numel() == need and b0 == b1 == 0
+    else:         # from the 8-row block nearest the middle (row 40), 8-byte aligned
+        assert base is dw and byte0 == 40 * row_b and (b0, b1) == (5, 6)
+        assert b0 * 8 * row_b <= byte0 and byte0 + need <= b1 * 8 * row_b
+    if scratch:   # forced in, over half of dW: pushed back from the end
+        need = dw.numel() * 4 - 100
+        base, byte0, b0, b1 = emb_mod._scratch(dw, need, 8)
+        assert base is dw and byte0 == 96 and (b0, b1) == (0, 12)
 
 
 def _fp32_sum_bound(g, ids, n_rows, padding_idx):
@@ -245,7 +250,8 @@ def test_embedding_backward_hot_tiles(monkeypatch, hot_min, seg, hot_h, scan_h, 
     ids = torch.randint(0, 30, (n_ids,))
     ids[::3] = 5                                   # hot, in every chunk
     ids[1::5] = 6                                  # a second hot row in the same tile
-    ids[2::7] = n_rows - 1                         # hot, in the scratch rows
+    ids[2::7] = n_rows // 2 + 2                    # hot, in the scratch rows (from row 40 on)
+    ids[6::13] = n_rows - 1                        # after the scratch rows (hot below 18)
     ids[4::11] = 13                                # padding (when asked)
     ids[10], ids[20] = -2, n_rows + 4              # invalid: no gradient
     for pad in (-1, 13):
@@ -396,15 +402,16 @@ def test_embedding_opcheck_and_compile():
 @parametrize_dtype
 def test_gpu_embedding_llama3_table(dtype):
     """128256 x 4096 table (Llama 3), 2 x 4096 ids with a padded tail (one id repeated
-    1000 times), a hot id and a hot id among the last rows of dW (hot-tile and scan
-    kernels), against float64 index_add."""
+    1000 times), a hot id, a hot id in the scratch rows (the middle of the table) and one
+    in the last rows (hot-tile and scan kernels), against float64 index_add."""
     torch.manual_seed(0)
     Vg, Hg = 128256, 4096
     weight = torch.randn(Vg, Hg, device="cuda").to(dtype).requires_grad_()
     ids = torch.randint(0, Vg, (2, 4096), device="cuda")
     ids[1, -1000:] = 128004          # padding tail
     ids[0, ::7] = 42                 # a hot id
-    ids[0, 3::5] = Vg - 3            # a hot id in the scratch rows
+    ids[0, 3::5] = Vg // 2 + 3       # a hot id in the scratch rows
+    ids[1, 1::11] = Vg - 3           # a hot id after them
     g = torch.randn(2, 4096, Hg, device="cuda").to(dtype)
     for pad in (None, 128004):
         weight.grad = None
@@ -447,7 +454,7 @@ def test_gpu_embedding_sizes_and_invalid_ids(n_ids):
 @pytest.mark.parametrize("n_ids", [4096, 16384, 40000])
 def test_gpu_embedding_backward_allocates_only_dw(n_ids):
     """Up to 32768 ids the backward's peak is dW itself (the sorted keys and starts live in
-    dW's last rows), with the same bits as the torch.sort path outside the hot tile of id 77
+    rows of dW), with the same bits as the torch.sort path outside the hot tile of id 77
     (there the two paths group the ids differently: within one bf16 ulp); beyond, that path
     adds O(N) buffers and gives the same bits on a rerun."""
     torch.manual_seed(0)
