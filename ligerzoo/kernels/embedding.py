@@ -12,7 +12,7 @@ shape and a table ``W`` of shape (V, H)::
 The forward is a pure gather (bit-exact copy of the rows). The backward writes ``dW`` in
 one pass, each element once: a program owns a tile of R rows x a column block and stores
 zeros except, for each id in its rows, the fp32 sum of that id's output-gradient rows in
-position order, rounded once to the table's dtype. So there is no separate zero fill of
+position order (in groups, for repeated ids: below), rounded once to the table's dtype. So there is no separate zero fill of
 the (V, H) table (the largest cost: 1 GiB for Llama 3), no atomics and no (V, H) fp32
 buffer: deterministic (the same sum order every run), fp32 accumulation even for bf16/fp16
 tables (the segment reduction of PyTorch's ``embedding_dense_backward``, fused).
@@ -24,7 +24,8 @@ read), and a second small kernel binary-searches, for every row block and chunk,
 block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
 rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
-rows when H > 512; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the rows of the
+rows when H > 512, plus the hot list below, 4 bytes per 64 ids; 1 MiB for 8192 ids, V =
+128256, H = 4096) are kept in the rows of the
 dW being written from the middle of the table on (a new buffer instead when they would
 take over half of it; the kernels reach them through pointer casts, so this path builds no
 host-side views): the tiles around them are written first, then their row blocks are
@@ -42,10 +43,10 @@ ids at once; the scan of the scratch rows likewise reads the rows of up to 32 of
 at once. There an id's sum is a tree sum within each group of ids and the groups are added
 in position order: still fp32, still the same order every run, but not bit-identical to
 the one-by-one order of the other tiles. On an H200 (V = 128256, H = 4096, bf16, backward
-alone, 8192 ids): uniform ids 0.35 ms; a quarter of the ids on one id 0.37 ms (1.25 ms
-before this kernel; on an id among the scratch rows, 0.56 ms); every id the same 0.35 ms
-(4.1 ms before). ``padding_idx`` ids are dropped by the sort and cost nothing
-(``benchmarks/NOTES.md``).
+alone, 8192 ids): uniform ids 0.36 ms; a quarter of the ids on one id 0.37 ms (1.28 ms
+with every tile by the writer; on an id among the scratch rows, 0.58 ms); every id the
+same 0.36 ms (4.2 ms). ``padding_idx`` ids are dropped by the sort and cost nothing
+(``benchmarks/NOTES.md``, session 8).
 """
 from __future__ import annotations
 
@@ -277,10 +278,12 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
             for c in range(0, n_chunks):
                 j = tl.load(STARTS + blk * n_chunks + c)
-                end = tl.load(STARTS + (blk + 1) * n_chunks + c)
-                for j0 in range(j, end, SEG):
-                    valid = j0 + k < end
-                    key = tl.load(KEYS + tl.cast(c, tl.int64) * chunk_len + j0 + k, mask=valid, other=0)  # (SEG,)
+                n = tl.load(STARTS + (blk + 1) * n_chunks + c) - j          # ids of the tile here
+                base = KEYS + tl.cast(c, tl.int64) * chunk_len + j
+                # by segment index: no int32 sum here passes j + n (torch.sort path: up to 2^31 - 1)
+                for s0 in range(0, tl.where(n > 0, (n - 1) // SEG + 1, 0)):
+                    valid = k < n - s0 * SEG
+                    key = tl.load(base + s0 * SEG + k, mask=valid, other=0)                       # (SEG,)
                     acc = _add_rows(acc, G, stride_g, key & 2147483647, (key >> 31) - blk * BLOCK_R, valid,
                                     cols, c_mask, BLOCK_R)
             _store_tile(DW, acc, rows, cols, c_mask, n_rows_w, n_cols)
@@ -546,8 +549,10 @@ def embedding(
 
     Forward: a Triton gather ``out[...] = weight[input_ids[...]]`` (exact copies). Backward:
     the ids are sorted (in chunks, on the device) and each distinct id's output-gradient
-    rows are summed in fp32 in position order and written once in ``weight.dtype``
-    (deterministic; ids equal to ``padding_idx`` are dropped, never read). For up to 32768
+    rows are summed in fp32 in position order (tiles of the table with 64 ids or more, and
+    the rows that held the sort keys: tree sums within groups of ids, the groups in
+    position order) and written once in ``weight.dtype`` (deterministic; ids equal to
+    ``padding_idx`` are dropped, never read). For up to 32768
     ids and a table at least twice the size of the sort keys and block starts (about 1 MiB
     for 8192 ids and V = 128256) it allocates only the (V, H) gradient
     (see the module docstring, also for the cost of one id repeated thousands of times).
@@ -565,7 +570,7 @@ def embedding(
     Raises:
         ValueError: ``weight`` not 2-D floating point, ``input_ids`` not int64/int32,
             devices differ, ``padding_idx`` outside [-V, V), V >= 2^32 or 2^31 ids or
-            more (Triton path: the backward's sort keys pack an id in 33 bits and a
+            more (Triton path: the backward's sort keys pack an id in 32 bits and a
             position in 31), or
             (CPU tensors) ids outside [0, V). On CUDA ids are not checked on the host (that would cost a device
             sync): out-of-range ids read as zero rows and add no gradient instead of
@@ -574,7 +579,7 @@ def embedding(
     pad = _check_args(input_ids, weight, padding_idx)
     if not _utils.triton_ok(weight):
         return embedding_reference(input_ids, weight, padding_idx)
-    if weight.shape[0] >= 2**32:  # the backward's sort keys hold an id in 33 bits
+    if weight.shape[0] >= 2**32:  # the backward's sort keys hold an id in 32 bits
         raise ValueError(f"weight has {weight.shape[0]} rows; the Triton embedding supports fewer than 2^32")
     if input_ids.numel() >= 2**31:  # ... and a position in 31
         raise ValueError(f"input_ids has {input_ids.numel()} ids; the Triton embedding supports fewer than 2^31")
