@@ -12,10 +12,11 @@ shape and a table ``W`` of shape (V, H)::
 The forward is a pure gather (bit-exact copy of the rows). The backward writes ``dW`` in
 one pass, each element once: a program owns a tile of R rows x a column block and stores
 zeros except, for each id in its rows, the fp32 sum of that id's output-gradient rows in
-position order (in groups, for repeated ids: below), rounded once to the table's dtype. So there is no separate zero fill of
-the (V, H) table (the largest cost: 1 GiB for Llama 3), no atomics and no (V, H) fp32
-buffer: deterministic (the same sum order every run), fp32 accumulation even for bf16/fp16
-tables (the segment reduction of PyTorch's ``embedding_dense_backward``, fused).
+position order (in groups, for repeated ids: below), rounded once to the table's dtype. So
+there is no separate zero fill of the (V, H) table (the largest cost: 1 GiB for Llama 3),
+no atomics and no (V, H) fp32 buffer: deterministic (the same sum order every run), fp32
+accumulation even for bf16/fp16 tables (the segment reduction of PyTorch's
+``embedding_dense_backward``, fused).
 
 To find the ids of each tile, the ids are sorted in chunks of 1024 positions, each chunk
 in registers by one program (key ``id << 31 | position``: ascending id, then position; the
@@ -25,24 +26,24 @@ block's ids start. A tile walks its range in each chunk, chunks in order, which 
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
 rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
 rows when H > 512, plus the hot list below, 4 bytes per 64 ids; 1 MiB for 8192 ids, V =
-128256, H = 4096) are kept in the rows of the
-dW being written from the middle of the table on (a new buffer instead when they would
-take over half of it; the kernels reach them through pointer casts, so this path builds no
-host-side views): the tiles around them are written first, then their row blocks are
-written by programs that find their ids by scanning all of them. So the backward allocates nothing but dW (besides
-contiguous copies of non-contiguous ids or gradients): no sort buffers, no host-side
-``torch.sort``, three to five launches. Batches of more than 32 chunks (32768 ids) sort
-the same keys with one ``torch.sort`` (O(N) buffers) and go through the same kernels.
+128256, H = 4096) are kept in the rows of the dW being written from the middle of the
+table on (a new buffer instead when they would take over half of it; the kernels reach
+them through pointer casts, so this path builds no host-side views): the tiles around them
+are written first, then their row blocks are written by programs that find their ids by
+scanning all of them. So the backward allocates nothing but dW (besides contiguous copies
+of non-contiguous ids or gradients): no sort buffers, no host-side ``torch.sort``, three
+to five launches. Batches of more than 32 chunks (32768 ids) sort the same keys with one
+``torch.sort`` (O(N) buffers) and go through the same kernels.
 
-Repeated ids. The tile writer reads one gradient row per id, each read waiting for the
-one before, so a tile holding k ids (a pad token, one id everywhere) would cost each of its
-column-block programs k dependent reads. A tile with 64 ids or more is therefore left
-by the writer (appended to a list kept after the starts) to a second kernel, which shares
-(tile, 8-column block) work items over a fixed grid and reads the gradient rows of 512
-ids at once; the scan of the scratch rows likewise reads the rows of up to 32 of its ids
-at once. There an id's sum is a tree sum within each group of ids and the groups are added
-in position order: still fp32, still the same order every run, but not bit-identical to
-the one-by-one order of the other tiles. On an H200 (V = 128256, H = 4096, bf16, backward
+Repeated ids. The tile writer reads one gradient row per id, each read waiting for the one
+before, so a tile holding k ids (a pad token, one id everywhere) would cost each of its
+column-block programs k dependent reads. A tile with 64 ids or more is therefore left by
+the writer (appended to a list kept after the starts) to a second kernel, which shares
+(tile, 8-column block) work items over a fixed grid and reads the gradient rows of 512 ids
+at once; the scan of the scratch rows likewise reads the rows of up to 32 of its ids at
+once. There an id's sum is a tree sum within each group of ids and the groups are added in
+position order: still fp32, still the same order every run, but not bit-identical to the
+one-by-one order of the other tiles. On an H200 (V = 128256, H = 4096, bf16, backward
 alone, 8192 ids): uniform ids 0.36 ms; a quarter of the ids on one id 0.37 ms (1.28 ms
 with every tile by the writer; on an id among the scratch rows, 0.58 ms); every id the
 same 0.36 ms (4.2 ms). ``padding_idx`` ids are dropped by the sort and cost nothing
@@ -123,7 +124,7 @@ if HAS_TRITON:
     @triton.jit
     def _scratch_ptrs(SCR, scr_byte0, n_keys, n_starts):
         """(KEYS, STARTS, HOT): the int64 sort keys at byte ``scr_byte0`` of ``SCR`` (any dtype:
-        the tail of dW, or a byte buffer), the int32 block starts right after its n_keys keys,
+        rows of dW, or a byte buffer), the int32 block starts right after its n_keys keys,
         and the int32 hot-tile list right after its n_starts starts (HOT[0] counts the entries
         HOT[1:], row-block indices)."""
         base = SCR.to(tl.pointer_type(tl.int8)) + scr_byte0
