@@ -251,7 +251,7 @@ def test_embedding_backward_hot_tiles(monkeypatch, hot_min, seg, hot_h, scan_h, 
     ids[::3] = 5                                   # hot, in every chunk
     ids[1::5] = 6                                  # a second hot row in the same tile
     ids[2::7] = n_rows // 2 + 2                    # hot, in the scratch rows (from row 40 on)
-    ids[6::13] = n_rows - 1                        # after the scratch rows (hot below 18)
+    ids[6::13] = n_rows - 1                        # after the scratch rows: ~18 ids, hot for hot_min 1, 8
     ids[4::11] = 13                                # padding (when asked)
     ids[10], ids[20] = -2, n_rows + 4              # invalid: no gradient
     for pad in (-1, 13):
@@ -264,7 +264,7 @@ def test_embedding_backward_hot_tiles(monkeypatch, hot_min, seg, hot_h, scan_h, 
         assert ((got.double() - exact).abs() <= bound).all()
         if pad < 0:
             assert torch.equal(got, emb_mod._backward(g, ids, n_rows, pad, torch.float32))
-        if pad >= 0:
+        else:
             assert torch.count_nonzero(got[pad]) == 0
         # bf16: the fp32 sum rounded once, within one bf16 ulp (2^-7 relative: the
         # interpreter truncates where the GPU rounds to nearest)
