@@ -1,14 +1,13 @@
 """Embedding backward against the distribution of the ids (GPU benchmark).
 
 The sorted segment-sum backward of ``ligerzoo.kernels.embedding`` writes each tile of dW
-in one program per column block; tiles holding many ids go to its hot-tile kernel, and
-the rows of dW from the middle of the table on where the sort keys were kept (the
-"scratch rows") to its scan kernel, so its time
-depends on how often an id repeats and where that id lies; Liger Kernel's atomic scatter
-does not. This times forward + backward (all-ones
+in one program per column block; tiles holding many ids go to its hot-tile kernel, and the
+rows of dW from the middle of the table on where the sort keys were kept (the "scratch
+rows") to its scan kernel, so its time depends on how often an id repeats and where that
+id lies; Liger Kernel's atomic scatter does not. This times forward + backward (all-ones
 output gradient, median of ``triton.testing.do_bench``, best of ``ROUNDS`` interleaved
-rounds) of ligerzoo, Liger Kernel 0.8.5 (when importable; it has no ``padding_idx``, so its
-rows ignore it) and torch's ``F.embedding`` at Llama 3 sizes (V 128256, H 4096) for:
+rounds) of ligerzoo, Liger Kernel 0.8.5 (when importable; it has no ``padding_idx``, so
+its rows ignore it) and torch's ``F.embedding`` at Llama 3 sizes (V 128256, H 4096) for:
 
 - ``uniform``: ids drawn uniformly from [0, V);
 - ``pad25`` / ``pad75``: one id (the pad token, 7) on a random 25% / 75% of the positions;
