@@ -5,7 +5,7 @@ Math (Wu & He, "Group Normalization", 2018; ``torch.nn.functional.group_norm``):
 split into G groups of ``Cg = C / G`` consecutive channels; each (sample, group) holds
 ``L = Cg * S`` values and is normalised on its own, then each channel gets its affine::
 
-    mean, var = mean / biased variance of the L values of (n, g)   # fp32, cached
+    mean, var = mean / biased variance of the L values of (n, g)   # fp32
     rstd      = 1 / sqrt(var + eps)
     y[n, c]   = (x[n, c] - mean[n, g]) * rstd[n, g] * weight[c] + bias[c]
 
@@ -16,15 +16,24 @@ L values of each (n, g)::
     dweight = sum over n and spatial of dy * xhat
     dbias   = sum over n and spatial of dy
 
+Only the fp32 mean is kept for the backward, which recomputes the variance (the sum of
+squared deviations from that mean, in the pass that reads ``x`` anyway): 4 bytes per
+(sample, group), as Liger Kernel's 16-bit mean and rstd, with fp32 accuracy.
+
 Layout of the computation. When there are at least two (sample, group) pairs per SM
 (the usual case in training), one program per pair does the whole group, reading its
 ``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
 variance of the deviations (two passes, no cancellation), then ``y``; backward (one
-program per chunk of samples of a group), per channel ``A = sum(dy * xhat)`` and ``B =
-sum(dy)``, then ``dx``. A program's fp32 sums of A and B over its samples are its share of
-``dweight`` / ``dbias``; the chunks of a group add their shares into one fp32 buffer in
-chunk order (each waits for its predecessor's turn, a ticket in global memory), so the
-summation order is fixed (deterministic) and no per-sample partial rows are stored.
+program per chunk of samples of a group), per channel ``A = sum(dy * (x - mean))``,
+``B = sum(dy)`` and the squared deviations (so rstd; then ``A *= rstd``), then ``dx``. A
+program's fp32 sums of A and B over its samples are its share of ``dweight`` /
+``dbias``; the chunks of a group add their shares into one fp32 accumulator in chunk
+order (each waits for its predecessor's turn, a ticket in global memory), so the
+summation order is fixed (deterministic) and no per-sample partial rows are stored. The
+tickets and the accumulator live in the first bytes of each group's last-sample values of
+``dx``, which the last chunk writes only after it has read them (else, for groups of too
+few values, in two small buffers): the backward allocates only ``dx`` and the parameter
+gradients.
 Otherwise (few, large groups, or a backward with more than ``_MAX_GROUP_CHANNELS``
 channels per group) ``x`` is seen as ``N * C`` rows of ``S`` values
 (contiguous), so every row lies in one group and one channel, and the work is split:
@@ -34,10 +43,11 @@ channels per group) ``x`` is seen as ``N * C`` rows of ``S`` values
   a per-lane Welford update (no ``E[x^2] - mean^2`` cancellation); (2) one program per
   group merges its rows' partials exactly (Chan et al.'s pairwise formula) into
   ``mean`` / ``rstd``; (3) an elementwise kernel writes ``y``.
-- backward: (1) per row ``A = sum(dy * xhat)`` and ``B = sum(dy)`` in fp32 (these are
-  also the per-sample ``dweight`` / ``dbias`` contributions, summed over n after);
-  (2) one program per group forms ``sum(g) = sum_c w[c] B`` and ``sum(g * xhat) =
-  sum_c w[c] A``; (3) an elementwise kernel writes ``dx``.
+- backward: (1) per row ``A = sum(dy * (x - mean))``, ``B = sum(dy)`` and the sum of
+  squared deviations in fp32; (2) one program per group forms rstd, scales its rows' A
+  by it (they are then the per-sample ``dweight`` contributions, as B are ``dbias``'s,
+  summed over n after), and forms ``sum(g) = sum_c w[c] B`` and ``sum(g * xhat) = sum_c
+  w[c] A``; (3) an elementwise kernel writes ``dx``.
 """
 from __future__ import annotations
 
@@ -206,8 +216,9 @@ if HAS_TRITON:
     @jit
     def _gn_bwd_reduce_kernel(
         DY, X,                # (R, S) contiguous
-        MEAN, RSTD,           # (N * G,) fp32
-        A_P, B_P,             # (R, n_split) fp32 out: sum(dy * xhat), sum(dy) per row slice
+        MEAN,                 # (N * G,) fp32
+        A_P, B_P, V_P,        # (R, n_split) fp32 out per row slice: sum(dy * (x - mean)),
+                              # sum(dy), sum((x - mean)^2)
         n_rows, n_cols, ch_per_group, chunk, n_split,
         BLOCK_R: tl.constexpr,
         BLOCK_S: tl.constexpr,
@@ -220,30 +231,34 @@ if HAS_TRITON:
         rows64 = rows.to(tl.int64)
         grp = rows // ch_per_group
         mean = tl.load(MEAN + grp, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + grp, mask=row_mask, other=0.0)
         s_start = pid_s * chunk
         s_end = tl.minimum(s_start + chunk, n_cols)
         a_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
         b_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
+        v_acc = tl.zeros((BLOCK_R, BLOCK_S), dtype=tl.float32)
         for s in range(s_start, s_end, BLOCK_S):
             cols = s + tl.arange(0, BLOCK_S)
             mask = row_mask[:, None] & (cols < s_end)[None, :]
             offs = rows64[:, None] * n_cols + cols[None, :]
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            a_acc += dy * xhat                                           # dy is 0 where masked
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            a_acc += dy * d
             b_acc += dy
+            v_acc += d * d
         out = rows64 * n_split + pid_s
         tl.store(A_P + out, tl.sum(a_acc, axis=1), mask=row_mask)
         tl.store(B_P + out, tl.sum(b_acc, axis=1), mask=row_mask)
+        tl.store(V_P + out, tl.sum(v_acc, axis=1), mask=row_mask)
 
     @jit
     def _gn_bwd_combine_kernel(
-        A_P, B_P,             # (N * G, Cg * n_split) fp32 partials of each group, in order
+        A_P, B_P, V_P,        # (N * G, Cg * n_split) fp32 partials of each group, in order;
+                              # A_P is scaled by rstd in place (the dweight contributions)
         W,                    # (C,) weight (read only when HAS_WEIGHT)
+        RSTD,                 # (N * G,) fp32 out: 1 / sqrt(var + eps), as in the forward
         SUM_G, SUM_GX,        # (N * G,) fp32 out: sum(dy * w), sum(dy * w * xhat)
-        n_groups, ch_per_group, n_split,
+        n_groups, ch_per_group, n_split, group_numel, eps,
         HAS_WEIGHT: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -251,12 +266,18 @@ if HAS_TRITON:
         n_part = ch_per_group * n_split
         base = grp.to(tl.int64) * n_part
         ch0 = (grp % n_groups) * ch_per_group
+        acc_v = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k in range(0, n_part, BLOCK_K):
+            idx = k + tl.arange(0, BLOCK_K)
+            acc_v += tl.load(V_P + base + idx, mask=idx < n_part, other=0.0)
+        rstd = tl.rsqrt(tl.sum(acc_v, axis=0) / group_numel + eps)
         acc_a = tl.zeros((BLOCK_K,), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, n_part, BLOCK_K):
             idx = k + tl.arange(0, BLOCK_K)
             m = idx < n_part
-            a = tl.load(A_P + base + idx, mask=m, other=0.0)
+            a = tl.load(A_P + base + idx, mask=m, other=0.0) * rstd
+            tl.store(A_P + base + idx, a, mask=m)
             b = tl.load(B_P + base + idx, mask=m, other=0.0)
             if HAS_WEIGHT:
                 w = tl.load(W + ch0 + idx // n_split, mask=m, other=0.0).to(tl.float32)
@@ -264,6 +285,7 @@ if HAS_TRITON:
                 b = b * w
             acc_a += a
             acc_b += b
+        tl.store(RSTD + grp, rstd)
         tl.store(SUM_G + grp, tl.sum(acc_b, axis=0))
         tl.store(SUM_GX + grp, tl.sum(acc_a, axis=0))
 
@@ -353,17 +375,35 @@ if HAS_TRITON:
                 y = x * scale[:, None] + shift[:, None]
                 tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S: tl.constexpr):
+        """dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L) of one (sample, group) at
+        ``base``, all its channels x BLOCK_S values per tile (``k_g = sum(g) / L``, ``k_gx =
+        sum(g * xhat) / L``; the values from L2 after pass 1)."""
+        scale = w * rstd
+        for s0 in range(0, n_cols, BLOCK_S):
+            mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+            offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
+            dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd
+            dx = dy * scale[:, None] - rstd * (k_g + xhat * k_gx)
+            tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
     @jit
     def _gn_group_bwd_kernel(
         DY, X, DX,            # (N * G, Cg, S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT)
-        MEAN, RSTD,           # (N * G,) fp32
+        MEAN,                 # (N * G,) fp32 (rstd is recomputed here)
         ACC,                  # (P, C) fp32: running sums over sample chunks of dweight
-                              # (COMPUTE_DW) then dbias (COMPUTE_DB); may be OUT itself
+                              # (COMPUTE_DW) then dbias (COMPUTE_DB); may be OUT itself.
+                              # Unused when SCRATCH_IN_DX and not ACC_IS_OUT.
         OUT,                  # (P, C) out, in the parameters' dtype
         TICKET,               # (G,) int32, zeroed: the sample chunk whose turn it is to add
-        n_samples, n_groups, ch_per_group, n_cols, samples_per_program,
+                              # (unused when SCRATCH_IN_DX)
+        n_samples, n_groups, ch_per_group, n_cols, samples_per_program, eps,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        SCRATCH_IN_DX: tl.constexpr, ACC_IS_OUT: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -383,70 +423,98 @@ if HAS_TRITON:
             w = tl.where(c_mask, 1.0, 0.0)
         sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sum over the chunk of A, B
         sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+        # the last sample's statistics, kept for its dx when SCRATCH_IN_DX
+        mean = tl.sum(sum_a, axis=0)
+        rstd = mean
+        k_g = mean
+        k_gx = mean
         for n in range(n_start, n_end):
             pair = n * n_groups + grp
             base = pair.to(tl.int64) * numel
             mean = tl.load(MEAN + pair)
-            rstd = tl.load(RSTD + pair)
-            # pass 1: per channel A = sum(dy * xhat), B = sum(dy);
-            # sum(g) = sum_c w B, sum(g * xhat) = sum_c w A
+            # pass 1: per channel A' = sum(dy * (x - mean)), B = sum(dy) and the squared
+            # deviations (rstd, as in the forward); A = A' * rstd; sum(g) = sum_c w B,
+            # sum(g * xhat) = sum_c w A
             if X.dtype.element_ty != tl.float32:
                 # 16-bit inputs: reduce each tile over its values (fewer live registers;
                 # H200, (64, 4096, 128) bf16, same tiles and warps, kernel time under the
                 # profiler: 78 us against 105 for the form below)
                 a_c = tl.zeros([BLOCK_C], dtype=tl.float32)
                 b_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+                v_c = tl.zeros([BLOCK_C], dtype=tl.float32)
                 for s0 in range(0, n_cols, BLOCK_S):
                     mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
                     offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
                     dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
                     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                    a_c += tl.sum(dy * tl.where(mask, (x - mean) * rstd, 0.0), axis=1)
+                    d = tl.where(mask, x - mean, 0.0)
+                    a_c += tl.sum(dy * d, axis=1)
                     b_c += tl.sum(dy, axis=1)
+                    v_c += tl.sum(d * d, axis=1)
             else:
                 # fp32 inputs: (BLOCK_C, BLOCK_S) accumulators (Triton 3.6 fails to compile
                 # the per-tile form above for fp32 loads: "PassManager::run failed")
                 a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                 b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+                v = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
                 for s0 in range(0, n_cols, BLOCK_S):
                     mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
                     offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
                     dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
                     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                    a += dy * tl.where(mask, (x - mean) * rstd, 0.0)
+                    d = tl.where(mask, x - mean, 0.0)
+                    a += dy * d
                     b += dy
-                a_c, b_c = tl.sum(a, axis=1), tl.sum(b, axis=1)              # (BLOCK_C,)
+                    v += d * d
+                a_c, b_c, v_c = tl.sum(a, axis=1), tl.sum(b, axis=1), tl.sum(v, axis=1)    # (BLOCK_C,)
+            rstd = 1.0 / tl.sqrt(tl.sum(v_c, axis=0) / numel + eps)
+            a_c = a_c * rstd
             sum_a += a_c
             sum_b += b_c
             k_gx = tl.sum(a_c * w) / numel
             k_g = tl.sum(b_c * w) / numel
-            # pass 2 (from L2): dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L)
-            scale = w * rstd
-            for s0 in range(0, n_cols, BLOCK_S):
-                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
-                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat = (x - mean) * rstd
-                dx = dy * scale[:, None] - rstd * (k_g + xhat * k_gx)
-                tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            # pass 2 (from L2): dx. With SCRATCH_IN_DX, the group's last sample waits until
+            # after the hand-off below (its first values hold the scratch)
+            if SCRATCH_IN_DX:
+                if n != n_samples - 1:
+                    _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
+            else:
+                _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
 
         if COMPUTE_DW or COMPUTE_DB:
-            # The chunks of a group add their sums into ACC one after another, in chunk
-            # order (a fixed summation order: deterministic), the last one rounding the
-            # total into OUT. Chunk k waits for chunk k - 1, which has a lower program id
-            # and so was dispatched before it: CUDA dispatches the blocks of a 1-D grid in
-            # increasing order in practice (not a documented guarantee; split-K GEMMs with
-            # serial reduction rely on the same). Under the interpreter, programs run in order.
-            while tl.atomic_add(TICKET + grp, 0) != chunk:
-                pass  # spin until the previous chunk hands over (nothing else to do meanwhile)
-            tl.debug_barrier()
+            # The chunks of a group add their sums into the fp32 accumulator one after
+            # another, in chunk order (a fixed summation order: deterministic), the last one
+            # rounding the total into OUT. Chunk k waits for chunk k - 1, which has a lower
+            # program id and so was dispatched before it: CUDA dispatches the blocks of a
+            # 1-D grid in increasing order in practice (not a documented guarantee; split-K
+            # GEMMs with serial reduction rely on the same). Under the interpreter, programs
+            # run in order. With SCRATCH_IN_DX, the ticket (then the accumulator, from byte
+            # 16) lies in the dx values of the group's last sample, which only the last
+            # chunk writes, after it has read them.
             db_off = n_channels if COMPUTE_DW else 0
+            if SCRATCH_IN_DX:
+                region = DX + ((n_samples - 1) * n_groups + grp).to(tl.int64) * numel
+                tick = region.to(tl.pointer_type(tl.int32))
+                acc_w = (tick + 4).to(tl.pointer_type(tl.float32))
+                acc_b = acc_w
+                if COMPUTE_DW:
+                    acc_b = acc_w + ch_per_group
+            else:
+                tick = TICKET + grp
+                acc_w = ACC + ch0
+                acc_b = ACC + db_off + ch0
+            if ACC_IS_OUT:
+                acc_w = OUT + ch0
+                acc_b = OUT + db_off + ch0
+            if n_chunks > 1:
+                while tl.atomic_add(tick, 0) != chunk:
+                    pass  # spin until the previous chunk hands over (nothing else to do meanwhile)
+                tl.debug_barrier()
             if chunk > 0:
                 if COMPUTE_DW:
-                    sum_a += tl.load(ACC + ch0 + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
+                    sum_a += tl.load(acc_w + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
                 if COMPUTE_DB:
-                    sum_b += tl.load(ACC + db_off + ch0 + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
+                    sum_b += tl.load(acc_b + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
             if chunk == n_chunks - 1:
                 if COMPUTE_DW:
                     tl.store(OUT + ch0 + cc, sum_a.to(OUT.dtype.element_ty), mask=c_mask)
@@ -454,11 +522,18 @@ if HAS_TRITON:
                     tl.store(OUT + db_off + ch0 + cc, sum_b.to(OUT.dtype.element_ty), mask=c_mask)
             else:
                 if COMPUTE_DW:
-                    tl.store(ACC + ch0 + cc, sum_a, mask=c_mask)
+                    tl.store(acc_w + cc, sum_a, mask=c_mask)
                 if COMPUTE_DB:
-                    tl.store(ACC + db_off + ch0 + cc, sum_b, mask=c_mask)
-            tl.debug_barrier()
-            tl.atomic_xchg(TICKET + grp, chunk + 1)
+                    tl.store(acc_b + cc, sum_b, mask=c_mask)
+                tl.debug_barrier()
+                tl.atomic_xchg(tick, chunk + 1)
+
+        if SCRATCH_IN_DX:
+            if chunk == n_chunks - 1:
+                # the last sample's dx, over the scratch this program has just read
+                tl.debug_barrier()
+                base = ((n_samples - 1) * n_groups + grp).to(tl.int64) * numel
+                _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -525,6 +600,20 @@ def chunk_samples(n_samples: int, num_groups: int, sm_count: int) -> int:
     return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds each group's chain of hand-offs
 
 
+_SCRATCH_IN_DX = None  # tests: force (True / False) where the whole-group backward keeps its scratch
+
+
+def _scratch_in_dx(dx: torch.Tensor, num_groups: int, scratch_bytes: int) -> bool:
+    """Whether the whole-group backward keeps its tickets and fp32 accumulator
+    (``scratch_bytes`` per group) in the first bytes of each group's last-sample values of
+    ``dx`` (written last, by the program that reads them), rather than in two new buffers:
+    when those values span at least ``scratch_bytes`` and each group's span starts 4-byte
+    aligned (or as forced by ``_SCRATCH_IN_DX``, where it fits)."""
+    group_bytes = dx.numel() // (dx.shape[0] * num_groups) * dx.element_size()
+    fits = group_bytes >= scratch_bytes and group_bytes % 4 == 0 and dx.data_ptr() % 16 == 0
+    return fits if _SCRATCH_IN_DX is None else fits and _SCRATCH_IN_DX
+
+
 def _launch_forward(x, num_groups, weight, bias, eps):
     n = x.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -571,9 +660,10 @@ def _launch_forward(x, num_groups, weight, bias, eps):
     return y, mean, rstd
 
 
-def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype):
+def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_db, param_dtype):
     """Returns dx (x's shape and dtype, contiguous) and the (P, C) parameter gradients in
-    ``param_dtype``: dweight then dbias, each only when requested (P = 0, 1 or 2)."""
+    ``param_dtype``: dweight then dbias, each only when requested (P = 0, 1 or 2). ``mean``
+    is the forward's (N, G) fp32 mean; rstd is recomputed from it (with ``eps``)."""
     n, c = x.shape[0], x.shape[1]
     n_params = int(compute_dw) + int(compute_db)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -587,43 +677,54 @@ def _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_
         block_c = next_power_of_2(ch_per_group)
         block_s = max(1, min(next_power_of_2(n_cols), _GROUP_BWD_TILE_ELEMS // block_c))
         spp = _samples_per_program(x, num_groups)
+        n_chunks = cdiv(n, spp)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
-        if param_dtype == torch.float32 or spp >= n:
-            acc = out                                          # one chunk, or fp32 sums: no buffer
+        acc_is_out = param_dtype == torch.float32 or n_chunks == 1        # one chunk, or fp32 sums
+        scratch_bytes = 16 + (0 if acc_is_out else 4 * n_params * ch_per_group)  # ticket, fp32 sums
+        in_dx = _scratch_in_dx(dx, num_groups, scratch_bytes) if n_params and n_chunks > 1 else False
+        acc = ticket = dx                                                  # placeholders when unused
+        if in_dx:
+            # the tickets: the first 4 bytes of each group's last-sample values
+            dx.view(n, num_groups, -1)[n - 1, :, : cdiv(4, dx.element_size())].zero_()
         else:
-            acc = torch.empty(out.shape, dtype=torch.float32, device=x.device)
-        # the tickets start at 0; without parameter gradients the kernel never reads them
-        ticket = (torch.zeros if n_params else torch.empty)(num_groups, dtype=torch.int32, device=x.device)
+            if n_params and not acc_is_out:
+                acc = torch.empty(out.shape, dtype=torch.float32, device=x.device)
+            if n_params and n_chunks > 1:
+                ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
         with device_guard(x):
-            _gn_group_bwd_kernel[(cdiv(n, spp) * num_groups,)](
+            _gn_group_bwd_kernel[(n_chunks * num_groups,)](
                 dyc, xc, dx, weight.contiguous() if weight is not None else xc,
                 mean if mean.is_contiguous() else mean.contiguous(),
-                rstd if rstd.is_contiguous() else rstd.contiguous(),
-                acc if n_params else dx, out if n_params else dx, ticket,
-                n, num_groups, ch_per_group, n_cols, spp,
+                acc, out if n_params else dx, ticket,
+                n, num_groups, ch_per_group, n_cols, spp, float(eps),
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_GROUP_BWD_WARPS,
+                SCRATCH_IN_DX=in_dx, ACC_IS_OUT=acc_is_out,
+                BLOCK_C=block_c, BLOCK_S=block_s,
+                num_warps=_GROUP_BWD_WARPS,
             )
         return dx, out
     p = _Plan(x, num_groups)
     xc, dyc = x.contiguous(), dy.contiguous()
-    mean1, rstd1 = mean.contiguous(), rstd.contiguous()
+    mean1 = mean.contiguous()
     a_p = torch.empty((p.n_rows, p.n_split), dtype=torch.float32, device=x.device)
     b_p = torch.empty_like(a_p)
-    sum_g = torch.empty(mean.shape, dtype=torch.float32, device=x.device)
-    sum_gx = torch.empty_like(sum_g)
+    v_p = torch.empty_like(a_p)
+    rstd = torch.empty(mean.shape, dtype=torch.float32, device=x.device)
+    sum_g = torch.empty_like(rstd)
+    sum_gx = torch.empty_like(rstd)
     w = weight.contiguous() if weight is not None else xc
     with device_guard(x):
         _gn_bwd_reduce_kernel[(p.row_blocks * p.n_split,)](
-            dyc, xc, mean1, rstd1, a_p, b_p, p.n_rows, p.n_cols, p.ch_per_group, p.chunk, p.n_split,
+            dyc, xc, mean1, a_p, b_p, v_p, p.n_rows, p.n_cols, p.ch_per_group, p.chunk, p.n_split,
             BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
         )
         _gn_bwd_combine_kernel[(mean.numel(),)](
-            a_p, b_p, w, sum_g, sum_gx, p.n_groups, p.ch_per_group, p.n_split,
+            a_p, b_p, v_p, w, rstd, sum_g, sum_gx, p.n_groups, p.ch_per_group, p.n_split,
+            float(p.group_numel), float(eps),
             HAS_WEIGHT=weight is not None, BLOCK_K=p.block_k, num_warps=4,
         )
         _gn_bwd_dx_kernel[(p.row_blocks * p.n_sblocks,)](
-            dyc, xc, dx, w, mean1, rstd1, sum_g, sum_gx,
+            dyc, xc, dx, w, mean1, rstd, sum_g, sum_gx,
             p.n_rows, p.n_cols, p.n_channels, p.ch_per_group, p.n_sblocks, float(p.group_numel),
             HAS_WEIGHT=weight is not None, BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
         )
@@ -657,16 +758,16 @@ def _group_norm_backward_op(
     num_groups: int,
     weight: Optional[torch.Tensor],
     mean: torch.Tensor,
-    rstd: torch.Tensor,
+    eps: float,
     compute_dw: bool,
     compute_db: bool,
     param_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_backward(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype)
+    return _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_db, param_dtype)
 
 
 @_group_norm_backward_op.register_fake
-def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype):
+def _(dy, x, num_groups, weight, mean, eps, compute_dw, compute_db, param_dtype):
     n_params = int(compute_dw) + int(compute_db)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     return dx, x.new_empty((n_params, x.shape[1]), dtype=param_dtype)
@@ -675,23 +776,23 @@ def _(dy, x, num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype
 def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for mean / rstd
     x, num_groups, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.num_groups = num_groups
+    _, mean, _ = output
+    ctx.save_for_backward(x, weight, mean)  # not rstd: the backward recomputes it (less memory)
+    ctx.num_groups, ctx.eps = num_groups, eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.w_dtype = weight.dtype if weight is not None else None
     ctx.b_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, mean = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     compute_dw = ctx.has_weight and ctx.needs_input_grad[2]
     compute_db = ctx.has_bias and ctx.needs_input_grad[3]
     param_dtype = _utils.param_grad_dtype(ctx.w_dtype if compute_dw else None, ctx.b_dtype if compute_db else None)
     dx, params = ops.group_norm_backward(
-        dy, x, ctx.num_groups, weight, mean, rstd, compute_dw, compute_db, param_dtype
+        dy, x, ctx.num_groups, weight, mean, ctx.eps, compute_dw, compute_db, param_dtype
     )                                                                    # (P, C)
     return (
         dx,

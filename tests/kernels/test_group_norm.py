@@ -186,6 +186,39 @@ def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, par
         _check(x, 3, w.float() if with_w else None, b.float() if with_b else None, torch.float32, 64)
 
 
+@pytest.mark.parametrize("shape,groups,dtype,param_dtype,in_dx", [
+    ((5, 6, 9), 3, torch.float32, torch.float32, True),     # tickets only (fp32 sums in the output)
+    ((5, 6, 9), 3, torch.float32, torch.bfloat16, True),    # tickets + accumulator, across channels
+    ((3, 512, 8), 2, torch.bfloat16, torch.bfloat16, True),  # 2064 bytes of scratch in 4096
+    ((3, 6, 5, 7), 3, torch.bfloat16, torch.float32, True),
+    ((5, 12), 4, torch.float32, torch.bfloat16, False),     # 12 bytes per group: too few
+    ((5, 2, 17), 2, torch.bfloat16, torch.float32, False),  # 34 bytes: not 4-byte aligned
+])
+def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, param_dtype, in_dx):
+    """The whole-group backward's tickets and fp32 accumulator live in the first bytes of
+    each group's last-sample dx values when they fit (that sample's dx is written after the
+    hand-offs), else in two buffers: both give the float64 result, with the same bits."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", 2)
+    used = []
+    real = gn_mod._scratch_in_dx
+    monkeypatch.setattr(gn_mod, "_scratch_in_dx", lambda *a: used.append(real(*a)) or used[-1])
+    x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
+    y, dy, grads = _run(x, groups, w, b)
+    assert used == [in_dx]
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    assert_close_ulps(grads[0], grads64[0], dtype, ULPS[dtype])
+    for g, g64 in zip(grads[1:], grads64[1:]):
+        assert g.dtype == param_dtype
+        assert_close_ulps(g, g64, param_dtype, ULPS[param_dtype])
+    monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", False)           # the buffers: same bits
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert used == [in_dx, False]
+    assert all(torch.equal(g, h) for g, h in zip(grads, again))
+    _check(x, groups, w.to(dtype), None, dtype, ULPS[dtype])        # dweight or dbias only
+    _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
+
+
 @pytest.mark.parametrize("n,groups,expected", [
     (64, 32, 2),      # the benchmark at 8192 tokens: 2 samples, 32 chunks per group
     (32, 32, 2),
@@ -293,11 +326,11 @@ def test_group_norm_opcheck_and_compile():
     b = torch.randn(6, requires_grad=True)
     opcheck(torch.ops.ligerzoo.group_norm, (x, 3, w, b, 1e-5))
     opcheck(torch.ops.ligerzoo.group_norm, (x, 2, None, None, 1e-5))
-    _, mean, rstd = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
+    _, mean, _ = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
     dy = torch.randn(2, 6, 3, 5)
     opcheck(torch.ops.ligerzoo.group_norm_backward,
-            (dy, x.detach(), 3, w.detach(), mean, rstd, True, True, torch.float32))
-    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, None, mean, rstd, False, False, torch.float32))
+            (dy, x.detach(), 3, w.detach(), mean, 1e-5, True, True, torch.float32))
+    opcheck(torch.ops.ligerzoo.group_norm_backward, (dy, x.detach(), 3, None, mean, 1e-5, False, False, torch.float32))
 
     g = torch.randn(2, 6, 3, 5)
 
@@ -331,6 +364,32 @@ def test_gpu_group_norm(dtype, shape, groups):
         assert_close_ulps(g, g64, dtype, 4 * ulps if dtype == torch.float32 else ulps)
     _, _, again = _run(x, groups, w, b, dy=dy)  # the chunks add in a fixed order: same bits
     assert all(torch.equal(g, h) for g, h in zip(grads, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,groups,extra", [
+    ((64, 4096, 128), 32, 0),                  # the benchmark's 8192 tokens: scratch in dx
+    ((300, 64, 1), 32, 2 * 64 * 4 + 512),      # 4 bytes per group: fp32 sums and tickets apart
+])
+def test_gpu_group_norm_backward_memory(shape, groups, extra):
+    """The whole-group backward allocates dx and the (2, C) parameter gradients, and nothing
+    else where each group's values hold its scratch; the forward keeps only the fp32 mean."""
+    torch.manual_seed(0)
+    x, w, b = (t.cuda() for t in _inputs(shape, torch.bfloat16))
+    y, mean, _ = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
+    dy = torch.randn_like(y)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dx, params = gn_mod.ops.group_norm_backward(dy, x, groups, w, mean, 1e-5, True, True, torch.bfloat16)
+    torch.cuda.synchronize()
+    rounded = lambda t: -(-t.numel() * t.element_size() // 512) * 512  # the caching allocator's blocks
+    assert torch.cuda.max_memory_allocated() - before == rounded(dx) + rounded(params) + extra
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    assert_close_ulps(dx, grads64[0], torch.bfloat16, 2)
+    assert_close_ulps(params[0], grads64[1], torch.bfloat16, 2)
+    assert_close_ulps(params[1], grads64[2], torch.bfloat16, 2)
 
 
 @pytest.mark.gpu
