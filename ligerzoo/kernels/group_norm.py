@@ -333,7 +333,7 @@ if HAS_TRITON:
     def _gn_group_fwd_kernel(
         X, Y,                 # (N * G, Cg, S) contiguous
         W, B,                 # (C,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
-        MEAN, RSTD,           # (N * G,) fp32 out
+        MEAN,                 # (N * G,) fp32 out (the backward recomputes rstd)
         n_groups, ch_per_group, n_cols, eps,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -359,7 +359,6 @@ if HAS_TRITON:
                 acc += d * d
         rstd = 1.0 / tl.sqrt(tl.sum(acc) / numel + eps)
         tl.store(MEAN + pid, mean)
-        tl.store(RSTD + pid, rstd)
         for c0 in range(0, ch_per_group, BLOCK_C):
             c_mask = (c0 + cc) < ch_per_group
             scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
@@ -615,13 +614,13 @@ def _scratch_in_dx(dx: torch.Tensor, num_groups: int, scratch_bytes: int) -> boo
 
 
 def _launch_forward(x, num_groups, weight, bias, eps):
+    """Returns y (x's shape and dtype, contiguous) and the (N, G) fp32 mean."""
     n = x.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return y, x.new_zeros((n, num_groups), dtype=torch.float32), x.new_zeros((n, num_groups), dtype=torch.float32)
+        return y, x.new_zeros((n, num_groups), dtype=torch.float32)
     if _whole_groups(x, num_groups):
         mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
-        rstd = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
         xc = x if x.is_contiguous() else x.contiguous()
         ch_per_group = x.shape[1] // num_groups
         n_cols = xc.numel() // (n * x.shape[1])
@@ -629,12 +628,11 @@ def _launch_forward(x, num_groups, weight, bias, eps):
         with device_guard(x):
             _gn_group_fwd_kernel[(n * num_groups,)](
                 xc, y, weight.contiguous() if weight is not None else xc, bias.contiguous() if bias is not None else xc,
-                mean, rstd,
-                num_groups, ch_per_group, n_cols, float(eps),
+                mean, num_groups, ch_per_group, n_cols, float(eps),
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_GROUP_FWD_WARPS,
             )
-        return y, mean, rstd
+        return y, mean
     mean = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
     rstd = torch.zeros((n, num_groups), dtype=torch.float32, device=x.device)
     p = _Plan(x, num_groups)
@@ -657,7 +655,7 @@ def _launch_forward(x, num_groups, weight, bias, eps):
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_R=p.block_r, BLOCK_S=p.block_s, num_warps=p.num_warps,
         )
-    return y, mean, rstd
+    return y, mean
 
 
 def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_db, param_dtype):
@@ -741,14 +739,15 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
 @kernel_op("group_norm", mutates_args=())
 def _group_norm_op(
     x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # (y, mean): the (N, G) fp32 mean is all the backward keeps (it recomputes rstd)
     return _launch_forward(x, num_groups, weight, bias, eps)
 
 
 @_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps):
-    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), mean
 
 
 @kernel_op("group_norm_backward", mutates_args=())
@@ -774,17 +773,17 @@ def _(dy, x, num_groups, weight, mean, eps, compute_dw, compute_db, param_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for mean / rstd
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for mean
     x, num_groups, weight, bias, eps = inputs
-    _, mean, _ = output
-    ctx.save_for_backward(x, weight, mean)  # not rstd: the backward recomputes it (less memory)
+    _, mean = output
+    ctx.save_for_backward(x, weight, mean)
     ctx.num_groups, ctx.eps = num_groups, eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.w_dtype = weight.dtype if weight is not None else None
     ctx.b_dtype = bias.dtype if bias is not None else None
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward(ctx, dy, _dmean):
     x, weight, mean = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
@@ -885,7 +884,7 @@ def group_norm(
     _check_args(x, num_groups, weight, bias)
     if not _utils.triton_ok(x) or not _plane_fits(x):
         return group_norm_reference(x, num_groups, weight, bias, eps)
-    y, _, _ = ops.group_norm(x, int(num_groups), weight, bias, float(eps))
+    y, _ = ops.group_norm(x, int(num_groups), weight, bias, float(eps))
     return y
 
 

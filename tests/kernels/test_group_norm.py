@@ -326,7 +326,7 @@ def test_group_norm_opcheck_and_compile():
     b = torch.randn(6, requires_grad=True)
     opcheck(torch.ops.ligerzoo.group_norm, (x, 3, w, b, 1e-5))
     opcheck(torch.ops.ligerzoo.group_norm, (x, 2, None, None, 1e-5))
-    _, mean, _ = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
+    _, mean = torch.ops.ligerzoo.group_norm(x.detach(), 3, w.detach(), b.detach(), 1e-5)
     dy = torch.randn(2, 6, 3, 5)
     opcheck(torch.ops.ligerzoo.group_norm_backward,
             (dy, x.detach(), 3, w.detach(), mean, 1e-5, True, True, torch.float32))
@@ -377,14 +377,18 @@ def test_gpu_group_norm_backward_memory(shape, groups, extra):
     else where each group's values hold its scratch; the forward keeps only the fp32 mean."""
     torch.manual_seed(0)
     x, w, b = (t.cuda() for t in _inputs(shape, torch.bfloat16))
-    y, mean, _ = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
-    dy = torch.randn_like(y)
+    dy = torch.randn_like(x)
+    rounded = lambda t: -(-t.numel() * t.element_size() // 512) * 512  # the caching allocator's blocks
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before == rounded(y) + rounded(mean)
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     dx, params = gn_mod.ops.group_norm_backward(dy, x, groups, w, mean, 1e-5, True, True, torch.bfloat16)
     torch.cuda.synchronize()
-    rounded = lambda t: -(-t.numel() * t.element_size() // 512) * 512  # the caching allocator's blocks
     assert torch.cuda.max_memory_allocated() - before == rounded(dx) + rounded(params) + extra
     y64, grads64 = _torch64(x, groups, w, b, dy)
     assert_close_ulps(dx, grads64[0], torch.bfloat16, 2)
