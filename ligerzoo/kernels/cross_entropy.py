@@ -93,7 +93,7 @@ if HAS_TRITON:
         TARGET,                 # (N,) int64
         CLASS_W,                # (V,) class weights (read only when HAS_WEIGHT)
         LOSS,                   # (N,) fp32 out: unreduced ce per row
-        ZLOSS,                  # (N,) fp32 out: unreduced z-loss per row
+        ZLOSS,                  # (N,) fp32 out: unreduced z-loss per row (only when HAS_ZLOSS)
         LSE,                    # (N,) fp32 out (in when LSE_GIVEN): log-sum-exp of z
         SCALES,                 # (3,) fp32: [ce factor, z-loss factor, sum of class weights]
         ROW_SCALE,              # (N,) fp32 per-row gradient factor (read when HAS_ROW_SCALE)
@@ -215,8 +215,6 @@ if HAS_TRITON:
             tl.store(LOSS + row, ce)
             if HAS_ZLOSS:
                 tl.store(ZLOSS + row, lse_square_scale * lse * lse)
-            else:
-                tl.store(ZLOSS + row, 0.0)
 
 
     @jit
@@ -320,7 +318,7 @@ def launch_cross_entropy_rows(
     scales: torch.Tensor,               # (3,) fp32 from reduction_scales
     lse: torch.Tensor,                  # (N,) fp32: written, or read when lse_given
     loss_rows: Optional[torch.Tensor],  # (N,) fp32 out, or None (no loss)
-    z_rows: Optional[torch.Tensor],     # (N,) fp32 out, or None
+    z_rows: Optional[torch.Tensor],     # (N,) fp32 out, or None (needed only with the z-loss)
     grad: Optional[torch.Tensor],       # (N, V) out (may be logits itself), or None
     row_scale: Optional[torch.Tensor],  # (N,) fp32 per-row factor, or None
     ignore_index: int,
@@ -344,7 +342,7 @@ def launch_cross_entropy_rows(
             target,
             weight if weight is not None else dummy,
             loss_rows if compute_loss else dummy,
-            z_rows if compute_loss else dummy,
+            z_rows if compute_loss and z_rows is not None else dummy,
             lse,
             scales,
             row_scale if row_scale is not None else dummy,
@@ -406,7 +404,8 @@ def torch_cross_entropy_rows(
             ce = ce + eps_v * (diff * wf if wf is not None else diff).sum(-1)
         ce = torch.where(valid | ~mask, ce * maskf, float("nan"))
         loss_rows.copy_(ce)
-        z_rows.copy_(lse_square_scale * lse_v * lse_v * maskf)
+        if z_rows is not None:
+            z_rows.copy_(lse_square_scale * lse_v * lse_v * maskf)
     if grad is not None:
         ce_f, z_f, w_all = scales[0], scales[1], scales[2]
         r = maskf if row_scale is None else maskf * row_scale.to(torch.float32)
@@ -422,10 +421,15 @@ def torch_cross_entropy_rows(
         grad.copy_(torch.where(mask[:, None], g, 0.0))  # ignored rows: exp(z - 0) may overflow
 
 
-def _reduce(loss_rows: torch.Tensor, z_rows: torch.Tensor, scales: torch.Tensor, reduction: str):
-    """(loss, z_loss) from per-row values: fp32, shape () or (N,)."""
+def _reduce(loss_rows: torch.Tensor, z_rows: Optional[torch.Tensor], scales: torch.Tensor, reduction: str):
+    """(loss, z_loss) from per-row values: fp32, shape () or (N,). ``z_rows`` None: no z-loss
+    (zeros)."""
     if reduction == "none":
+        if z_rows is None:
+            return loss_rows, torch.zeros_like(loss_rows)
         return loss_rows + z_rows, z_rows
+    if z_rows is None:
+        return loss_rows.sum() * scales[0], torch.zeros((), dtype=torch.float32, device=loss_rows.device)
     z = z_rows.sum() * scales[1]
     return loss_rows.sum() * scales[0] + z, z
 
@@ -438,7 +442,7 @@ def _forward_impl(logits, target, weight, ignore_index, reduction, label_smoothi
     f32 = dict(dtype=torch.float32, device=logits.device)
     scales = reduction_scales(target, weight, ignore_index, reduction, logits.shape[1])
     loss_rows = torch.empty(n_rows, **f32)
-    z_rows = torch.empty(n_rows, **f32)
+    z_rows = torch.empty(n_rows, **f32) if lse_square_scale != 0.0 else None  # only with the z-loss
     lse = torch.empty(n_rows, **f32)
     launch_cross_entropy_rows(
         logits, target, weight, scales, lse, loss_rows, z_rows, grad, None,

@@ -206,7 +206,8 @@ def _forward(x, weight, target, bias, ce_weight, ignore_index, reduction, label_
     n_rows = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     scales = reduction_scales(target, ce_weight, ignore_index, reduction, weight.shape[0])
-    loss_rows, z_rows, lse = (torch.empty(n_rows, **f32) for _ in range(3))
+    loss_rows, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
+    z_rows = torch.empty(n_rows, **f32) if lse_square_scale != 0.0 else None  # only with the z-loss
     in_fwd = reduction != "none"
     gx, gw, gb = _chunk_loop(
         x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, None,
