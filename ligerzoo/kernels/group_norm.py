@@ -31,9 +31,11 @@ program's fp32 sums of A and B over its samples are its share of ``dweight`` /
 order (each waits for its predecessor's turn, a ticket in global memory), so the
 summation order is fixed (deterministic) and no per-sample partial rows are stored. The
 tickets and the accumulator live in the first bytes of each group's last-sample values of
-``dx``, which the last chunk writes only after it has read them (else, for groups of too
-few values, in two small buffers): the backward allocates only ``dx`` and the parameter
-gradients.
+``dx``, which the last chunk writes only after it has read them: the backward allocates
+only ``dx`` and the parameter gradients. (fp32 parameter gradients accumulate in the
+output itself, and one chunk per group needs neither ticket nor accumulator; groups of
+fewer bytes than the scratch, or of a byte count not a multiple of 4, keep the tickets and
+the accumulator in two small buffers; the split kernels below allocate per-row partials.)
 Otherwise (few, large groups, or a backward with more than ``_MAX_GROUP_CHANNELS``
 channels per group) ``x`` is seen as ``N * C`` rows of ``S`` values
 (contiguous), so every row lies in one group and one channel, and the work is split:
@@ -256,7 +258,7 @@ if HAS_TRITON:
         A_P, B_P, V_P,        # (N * G, Cg * n_split) fp32 partials of each group, in order;
                               # A_P is scaled by rstd in place (the dweight contributions)
         W,                    # (C,) weight (read only when HAS_WEIGHT)
-        RSTD,                 # (N * G,) fp32 out: 1 / sqrt(var + eps), as in the forward
+        RSTD,                 # (N * G,) fp32 out: 1 / sqrt(var + eps), the forward's formula
         SUM_G, SUM_GX,        # (N * G,) fp32 out: sum(dy * w), sum(dy * w * xhat)
         n_groups, ch_per_group, n_split, group_numel, eps,
         HAS_WEIGHT: tl.constexpr,
@@ -364,14 +366,15 @@ if HAS_TRITON:
             scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
             if HAS_WEIGHT:
                 scale = scale * tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
-            shift = -mean * scale
+            shift = tl.zeros([BLOCK_C], dtype=tl.float32)
             if HAS_BIAS:
-                shift = shift + tl.load(B + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+                shift = tl.load(B + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
             for s0 in range(0, n_cols, BLOCK_S):
                 mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
                 offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
                 x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                y = x * scale[:, None] + shift[:, None]
+                # (x - mean) first: x * scale - mean * scale cancels when |mean| * rstd is large
+                y = (x - mean) * scale[:, None] + shift[:, None]
                 tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -395,14 +398,16 @@ if HAS_TRITON:
         W,                    # (C,) weight (read only when HAS_WEIGHT)
         MEAN,                 # (N * G,) fp32 (rstd is recomputed here)
         ACC,                  # (P, C) fp32: running sums over sample chunks of dweight
-                              # (COMPUTE_DW) then dbias (COMPUTE_DB); may be OUT itself.
-                              # Unused when SCRATCH_IN_DX and not ACC_IS_OUT.
+                              # (COMPUTE_DW) then dbias (COMPUTE_DB); read only when neither
+                              # SCRATCH_IN_DX nor ACC_IS_OUT (then OUT itself, fp32, holds them)
         OUT,                  # (P, C) out, in the parameters' dtype
-        TICKET,               # (G,) int32, zeroed: the sample chunk whose turn it is to add
-                              # (unused when SCRATCH_IN_DX)
+        TICKET,               # (G,) int32, zeroed: the sample chunk whose turn it is to add;
+                              # read only with several chunks, parameter gradients and not
+                              # SCRATCH_IN_DX
         n_samples, n_groups, ch_per_group, n_cols, samples_per_program, eps,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         SCRATCH_IN_DX: tl.constexpr, ACC_IS_OUT: tl.constexpr,
+        INTERPRET: tl.constexpr,  # Triton's CPU interpreter: programs run one after another
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -422,7 +427,8 @@ if HAS_TRITON:
             w = tl.where(c_mask, 1.0, 0.0)
         sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sum over the chunk of A, B
         sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        # the last sample's statistics, kept for its dx when SCRATCH_IN_DX
+        # the last sample's statistics, kept for its dx when SCRATCH_IN_DX (fp32 zero
+        # scalars here: they fix the type the loop carries)
         mean = tl.sum(sum_a, axis=0)
         rstd = mean
         k_g = mean
@@ -506,8 +512,15 @@ if HAS_TRITON:
                 acc_w = OUT + ch0
                 acc_b = OUT + db_off + ch0
             if n_chunks > 1:
-                while tl.atomic_add(tick, 0) != chunk:
-                    pass  # spin until the previous chunk hands over (nothing else to do meanwhile)
+                if INTERPRET:
+                    # in program order the ticket is already this chunk's: one that is not
+                    # (a bug) poisons the sums instead of spinning forever
+                    late = tl.atomic_add(tick, 0) != chunk
+                    sum_a = tl.where(late, float("nan"), sum_a)
+                    sum_b = tl.where(late, float("nan"), sum_b)
+                else:
+                    while tl.atomic_add(tick, 0) != chunk:
+                        pass  # spin until the previous chunk hands over (nothing else to do meanwhile)
                 tl.debug_barrier()
             if chunk > 0:
                 if COMPUTE_DW:
@@ -571,9 +584,12 @@ def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int]:
 
 def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
     """Whether the whole-group kernels run (enough (sample, group) pairs to fill the
-    device; else the split kernels). The backward's also needs a group's channels in one
+    device; else the split kernels) and each group has fewer than 2^31 values (their
+    offsets within a group are int32). The backward's also needs a group's channels in one
     tile (at most _MAX_GROUP_CHANNELS)."""
     if backward and next_power_of_2(x.shape[1] // num_groups) > _MAX_GROUP_CHANNELS:
+        return False
+    if x.numel() // max(1, x.shape[0] * num_groups) >= 2**31:
         return False
     programs = x.shape[0] * num_groups
     if x.device.type == "cuda":
@@ -599,18 +615,19 @@ def chunk_samples(n_samples: int, num_groups: int, sm_count: int) -> int:
     return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds each group's chain of hand-offs
 
 
-_SCRATCH_IN_DX = None  # tests: force (True / False) where the whole-group backward keeps its scratch
+_SCRATCH_IN_DX = True  # tests: False keeps the whole-group backward's scratch in its own buffers
 
 
 def _scratch_in_dx(dx: torch.Tensor, num_groups: int, scratch_bytes: int) -> bool:
     """Whether the whole-group backward keeps its tickets and fp32 accumulator
     (``scratch_bytes`` per group) in the first bytes of each group's last-sample values of
     ``dx`` (written last, by the program that reads them), rather than in two new buffers:
-    when those values span at least ``scratch_bytes`` and each group's span starts 4-byte
-    aligned (or as forced by ``_SCRATCH_IN_DX``, where it fits)."""
+    when those values span at least ``scratch_bytes``, each group's span is a multiple of 4
+    bytes, ``dx`` starts 16-byte aligned (always, for a new tensor) and ``_SCRATCH_IN_DX``
+    allows it."""
     group_bytes = dx.numel() // (dx.shape[0] * num_groups) * dx.element_size()
     fits = group_bytes >= scratch_bytes and group_bytes % 4 == 0 and dx.data_ptr() % 16 == 0
-    return fits if _SCRATCH_IN_DX is None else fits and _SCRATCH_IN_DX
+    return fits and _SCRATCH_IN_DX
 
 
 def _launch_forward(x, num_groups, weight, bias, eps):
@@ -696,7 +713,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 acc, out if n_params else dx, ticket,
                 n, num_groups, ch_per_group, n_cols, spp, float(eps),
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                SCRATCH_IN_DX=in_dx, ACC_IS_OUT=acc_is_out,
+                SCRATCH_IN_DX=in_dx, ACC_IS_OUT=acc_is_out, INTERPRET=not x.is_cuda,
                 BLOCK_C=block_c, BLOCK_S=block_s,
                 num_warps=_GROUP_BWD_WARPS,
             )

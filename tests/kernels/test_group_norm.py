@@ -116,6 +116,22 @@ def test_group_norm_matches_torch_bf16():
     assert_close_ulps(group_norm(x, 3, w, b), F.group_norm(x, 3, w, b), torch.bfloat16, 2)
 
 
+@pytest.mark.parametrize("eps", [0.5, 1e-2])
+def test_group_norm_large_eps(kernels, eps):
+    """eps comparable to the variance: the backward's recomputed rstd must add it as the
+    forward does."""
+    x, w, b = _inputs((3, 6, 5, 7), torch.float32, shift=0.0)
+    _check(0.3 * x, 3, w, b, torch.float32, 64, eps=eps)
+
+
+def test_group_norm_one_value_per_group_is_bias(kernels):
+    """One value per group: x - mean is exactly 0, so y is exactly the bias (the forward
+    subtracts the mean before scaling; x * scale - mean * scale would leave rounding noise
+    amplified by rstd = 1e6)."""
+    x, b = 3.0 * torch.randn(9, 8), torch.randn(8)
+    assert torch.equal(group_norm(x, 8, None, b, 1e-12), b.expand(9, 8))
+
+
 def test_group_norm_large_mean(kernels):
     """Welford statistics: no E[x^2] - mean^2 cancellation."""
     x = torch.randn(2, 6, 5, 7) + 100.0
@@ -193,6 +209,9 @@ def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, par
     ((3, 6, 5, 7), 3, torch.bfloat16, torch.float32, True),
     ((5, 12), 4, torch.float32, torch.bfloat16, False),     # 12 bytes per group: too few
     ((5, 2, 17), 2, torch.bfloat16, torch.float32, False),  # 34 bytes: not 4-byte aligned
+    ((3, 4, 8), 2, torch.bfloat16, torch.bfloat16, True),   # 32 bytes: ticket + 2 x 2 sums, exactly
+    ((3, 4, 7), 2, torch.bfloat16, torch.bfloat16, False),  # 28 bytes, aligned: 4 short
+    ((3, 4, 4), 2, torch.bfloat16, torch.float32, True),    # 16 bytes: the ticket alone, exactly
 ])
 def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, param_dtype, in_dx):
     """The whole-group backward's tickets and fp32 accumulator live in the first bytes of
@@ -202,7 +221,13 @@ def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, pa
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", 2)
     used = []
     real = gn_mod._scratch_in_dx
-    monkeypatch.setattr(gn_mod, "_scratch_in_dx", lambda *a: used.append(real(*a)) or used[-1])
+
+    def spy(*args):  # a wrong decision fails here, before a kernel could write past a group
+        used.append(real(*args))
+        assert used[-1] == (in_dx and gn_mod._SCRATCH_IN_DX)
+        return used[-1]
+
+    monkeypatch.setattr(gn_mod, "_scratch_in_dx", spy)
     x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
     y, dy, grads = _run(x, groups, w, b)
     assert used == [in_dx]
