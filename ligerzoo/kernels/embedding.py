@@ -21,8 +21,9 @@ accumulation even for bf16/fp16 tables (the segment reduction of PyTorch's
 To find the ids of each tile, the ids are sorted in chunks of 1024 positions, each chunk
 in registers by one program (key ``id << 31 | position``: ascending id, then position; the
 padding id and ids outside [0, V) sort past every row, so their gradient rows are never
-read), and a second small kernel binary-searches, for every row block and chunk, where the
-block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
+read); in the same launch, other programs count each chunk's ids per row block (a
+histogram per tile of blocks, then a prefix sum) to find, for every row block and chunk,
+where the block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
 id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
 rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
 rows when H > 512, plus the hot list below, 4 bytes per 64 ids; 1 MiB for 8192 ids, V =
@@ -31,7 +32,7 @@ table on (a new buffer instead when they would take over half of it; the kernels
 them through pointer casts, so this path builds no host-side views): the tiles around them
 are written first, then their row blocks are written by programs that find their ids by
 scanning all of them. So the backward allocates nothing but dW (besides contiguous copies
-of non-contiguous ids or gradients): no sort buffers, no host-side ``torch.sort``, three
+of non-contiguous ids or gradients): no sort buffers, no host-side ``torch.sort``, two
 to five launches. Batches of more than 32 chunks (32768 ids) sort the same keys with one
 ``torch.sort`` (O(N) buffers) and go through the same kernels.
 
@@ -76,6 +77,9 @@ _MAX_BLOCK_H = 1024
 # or there whenever they fit / in a new byte buffer (True / False: tests).
 _SORT_CHUNK = 1024
 _MAX_SORT_CHUNKS = 32
+# The launch that sorts the chunks also finds where each row block's ids start in each
+# chunk: a program per (chunk, _STARTS_TILE row blocks), counting the chunk's ids per block.
+_STARTS_TILE = 512
 # A backward program writes an fp32 (BLOCK_R, BLOCK_H) tile of dW of about _ACC_TILE_ELEMS
 # elements, at most _ACC_BLOCK_H columns wide (on an H200, (V, H) = (128256, 4096) bf16:
 # 4 x 1024 under 4 warps took 326 / 344 / 379 us at 4096 / 8192 / 16384 ids, 16 x 1024
@@ -149,33 +153,64 @@ if HAS_TRITON:
         return acc
 
     @jit
-    def _chunk_sort_kernel(
+    def _chunk_sort_starts_kernel(
         IDS,                 # (N,) int32 / int64 token ids
-        SCR, scr_byte0,      # scratch: out (n_chunks * CHUNK,) int64 keys, each chunk sorted
-        n_ids, n_rows_w, padding_idx,
-        CHUNK: tl.constexpr,
+        SCR, scr_byte0,      # scratch: out (n_chunks * CHUNK,) int64 keys, each chunk sorted,
+                             # then out ((n_blocks + 1) * n_chunks,) int32 starts, block-major
+        n_ids, n_rows_w, padding_idx, n_chunks, n_entries, rows_per_block,
+        CHUNK: tl.constexpr,       # positions per chunk
+        CHUNK_BITS: tl.constexpr,  # log2(CHUNK)
+        KEY32: tl.constexpr,       # V * CHUNK < 2^31 - 1: sort int32 keys (id, index in the chunk)
+        TILE: tl.constexpr,        # row blocks per starts program (histogram bins)
     ):
-        # One chunk of CHUNK positions sorted in registers: ascending id, then position (the
-        # positions are unique, so this is the stable order). Ids outside [0, V), the padding
-        # id and the padding past N get the largest int64 and sort last, beyond every row
-        # block: they add nothing.
-        KEYS, _, _ = _scratch_ptrs(SCR, scr_byte0, 0, 0)
-        pos = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        # A (chunks, 1 + tiles of TILE row blocks) grid. The stored keys are id << 31 |
+        # position; ids outside [0, V), the padding id and the padding past N get the
+        # largest int64 and sort last, beyond every row block: they add nothing.
+        # Programs (c, 0) sort chunk c in registers (ascending id, then position: the
+        # positions are unique, so this is the stable order), as int32 keys when they fit
+        # (twice as fast as int64), and store it. Programs (c, t > 0) count the chunk's keys
+        # per row block of tile t - 1 (a histogram: it needs no sort) and store STARTS[b, c],
+        # the count of the chunk's keys in row blocks before b, which is where block b's ids
+        # start in the sorted chunk. Program (0, 0) also empties the hot-tile list that the
+        # writer fills.
+        KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * CHUNK, n_entries)
+        c, t = tl.program_id(0), tl.program_id(1)
+        c0 = c.to(tl.int64) * CHUNK
+        idx = tl.arange(0, CHUNK)
+        pos = c0 + idx
         m = pos < n_ids
         ids = tl.load(IDS + pos, mask=m, other=0).to(tl.int64)
         ok = m & (ids >= 0) & (ids < n_rows_w) & (ids != padding_idx)
-        key = tl.where(ok, (ids << 31) | pos, 9223372036854775807)
-        tl.store(KEYS + pos, tl.sort(key))
+        if t == 0:
+            if KEY32:
+                k32 = tl.sort(tl.where(ok, (ids.to(tl.int32) << CHUNK_BITS) | idx, 2147483647))
+                key = tl.where(k32 == 2147483647, 9223372036854775807,
+                               ((k32 >> CHUNK_BITS).to(tl.int64) << 31) | (c0 + (k32 & (CHUNK - 1))))
+            else:
+                key = tl.sort(tl.where(ok, (ids << 31) | pos, 9223372036854775807))
+            tl.store(KEYS + pos, key)
+            if c == 0:
+                tl.store(HOT, 0)
+        else:
+            b0 = (t - 1).to(tl.int64) * TILE
+            rel = tl.where(ok, ids // rows_per_block, -1) - b0          # (CHUNK,) row block - b0
+            in_tile = ok & (rel >= 0) & (rel < TILE)
+            before = tl.sum((ok & (rel < 0)).to(tl.int32), axis=0)
+            hist = tl.histogram(tl.where(in_tile, rel, 0).to(tl.int32), TILE, mask=in_tile)   # (TILE,)
+            b = b0 + tl.arange(0, TILE)
+            tl.store(STARTS + b * n_chunks + c, before + tl.cumsum(hist, axis=0) - hist,
+                     mask=b < n_entries // n_chunks)
 
     @jit
-    def _chunk_starts_kernel(
+    def _sorted_starts_kernel(
         SCR, scr_byte0,      # scratch: (n_chunks * chunk_len,) int64 keys, each chunk sorted,
                              # then out ((n_blocks + 1) * n_chunks,) int32 starts, block-major
         n_entries, n_chunks, chunk_len, rows_per_block,
         N_STEPS: tl.constexpr,   # bit length of chunk_len (binary-search steps)
         BLOCK: tl.constexpr,
     ):
-        # STARTS[b, c]: the first index of chunk c whose id is >= b * rows_per_block (a
+        # The torch.sort path (over _MAX_SORT_CHUNKS chunks: all keys as one sorted chunk):
+        # STARTS[b, c], the first index of chunk c whose id is >= b * rows_per_block (a
         # vectorised lower-bound binary search, one lane per (b, c)). Program 0 also empties
         # the hot-tile list that the writer fills.
         KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * chunk_len, n_entries)
@@ -204,7 +239,7 @@ if HAS_TRITON:
 
     @jit
     def _embedding_bwd_chunks_kernel(
-        SCR, scr_byte0,      # scratch: the sorted keys, the starts of _chunk_starts_kernel and
+        SCR, scr_byte0,      # scratch: the sorted keys, the starts of _chunk_sort_starts_kernel and
                              # the hot-tile list (its count zeroed by that kernel)
         G, stride_g,         # (N, H) output gradient, unit column stride
         DW,                  # (V, H) out in the table's dtype, contiguous
@@ -377,6 +412,12 @@ def _bwd_tiles(n_cols: int) -> tuple[int, int, int]:
     return block_r, block_h, 8 if block_r * block_h >= 8192 else 4
 
 
+def _int32_keys(n_rows_w: int, chunk: int) -> bool:
+    """Whether the chunk sort can use int32 keys ``id * chunk + index in the chunk``: all
+    of them below the int32 maximum, which marks the ids that add nothing."""
+    return n_rows_w * chunk < 2**31 - 1
+
+
 def _scratch(dw: torch.Tensor, need: int, block_r: int):
     """Where the backward keeps ``need`` bytes of sort keys, block starts and hot list:
     ``(base, byte offset, b0, b1)``, the scratch overlapping dW's row blocks [b0, b1) of
@@ -421,7 +462,12 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     with device_guard(grad):
         if n_chunks <= _MAX_SORT_CHUNKS:
             scr, byte0, b0, b1 = _scratch(dw, n_chunks * chunk * 8 + starts_n * 4 + hot_b, block_r)
-            _chunk_sort_kernel[(n_chunks,)](ids1, scr, byte0, n_ids, n_rows_w, padding_idx, CHUNK=chunk, num_warps=4)
+            tile = min(_STARTS_TILE, next_power_of_2(n_blocks + 1))
+            _chunk_sort_starts_kernel[(n_chunks, 1 + cdiv(n_blocks + 1, tile))](
+                ids1, scr, byte0, n_ids, n_rows_w, padding_idx, n_chunks, starts_n, block_r,
+                CHUNK=chunk, CHUNK_BITS=chunk.bit_length() - 1, KEY32=_int32_keys(n_rows_w, chunk),
+                TILE=tile, num_warps=4,
+            )
         else:  # the same keys, all ids as one chunk sorted by torch.sort, in a new buffer
             keys = ids1.to(torch.int64) << 31
             keys |= torch.arange(n_ids, device=grad.device)
@@ -430,9 +476,9 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
             starts_n = n_blocks + 1
             scr = torch.empty(n_ids * 8 + starts_n * 4 + hot_b, dtype=torch.uint8, device=grad.device)
             scr[: n_ids * 8].view(torch.int64).copy_(torch.sort(keys).values)
-        _chunk_starts_kernel[(cdiv(starts_n, 1024),)](
-            scr, byte0, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
-        )
+            _sorted_starts_kernel[(cdiv(starts_n, 1024),)](
+                scr, byte0, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
+            )
         # the row blocks outside the scratch: all of them when it is not in dW
         sorted_blocks = n_blocks - (b1 - b0)
         if sorted_blocks:

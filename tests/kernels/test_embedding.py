@@ -274,19 +274,66 @@ def test_embedding_backward_hot_tiles(monkeypatch, hot_min, seg, hot_h, scan_h, 
         assert ((gotb - exact).abs() <= bound + exact.abs() * 2.0**-7).all()
 
 
-def test_embedding_sort_keys_drop_padding_and_out_of_range_ids():
-    """The chunk sort's keys, against an independent Python sort: (id << 31 | position) in
-    ascending order, with the padding id, ids outside [0, V) and the positions past N all
-    mapped to the largest int64, so the writer never reads their gradient rows (a batch
-    padded with ``padding_idx`` costs no more than its real tokens)."""
-    n_rows, pad, chunk = 40, 7, 64
-    ids = torch.tensor([7, 3, -1, 7, 39, 40, 0, 7, 3, 12] * 5)          # 50 ids, one chunk of 64
-    scr = torch.zeros(chunk * 8, dtype=torch.uint8)
-    emb_mod._chunk_sort_kernel[(1,)](ids, scr, 0, ids.numel(), n_rows, pad, CHUNK=chunk, num_warps=4)
-    big = torch.iinfo(torch.int64).max
-    want = sorted((i << 31) | p for p, i in enumerate(ids.tolist()) if 0 <= i < n_rows and i != pad)
-    want += [big] * (chunk - len(want))
-    assert scr.view(torch.int64).tolist() == want
+def _launch_sort_starts(ids, n_rows, pad, chunk, tile, rows_per_block, key32, starts=True):
+    """Runs the sort-and-starts kernel alone; returns (keys (n_chunks, chunk) list, starts
+    (n_blocks + 1, n_chunks) int32 tensor, the hot-list count)."""
+    n_ids = ids.numel()
+    n_chunks = -(-n_ids // chunk)
+    n_blocks = -(-n_rows // rows_per_block) if starts else 0
+    starts_n = (n_blocks + 1) * n_chunks
+    scr = torch.full((n_chunks * chunk * 8 + starts_n * 4 + 8,), 0x55, dtype=torch.uint8)
+    grid = (n_chunks, 1 + (-(-(n_blocks + 1) // tile) if starts else 0))
+    emb_mod._chunk_sort_starts_kernel[grid](
+        ids, scr, 0, n_ids, n_rows, pad, n_chunks, starts_n, rows_per_block,
+        CHUNK=chunk, CHUNK_BITS=chunk.bit_length() - 1, KEY32=key32, TILE=tile, num_warps=4,
+    )
+    keys = scr[: n_chunks * chunk * 8].view(torch.int64).view(n_chunks, chunk).tolist()
+    st = scr[n_chunks * chunk * 8:][: starts_n * 4].view(torch.int32).view(n_blocks + 1, n_chunks)
+    return keys, st, scr[-8:-4].view(torch.int32).item()
+
+
+def _want_keys(ids, c, chunk, n_rows, pad):
+    kept = [(p, i) for p, i in enumerate(ids.tolist()) if c * chunk <= p < (c + 1) * chunk
+            and 0 <= i < n_rows and i != pad]
+    want = sorted((i << 31) | p for p, i in kept)
+    return kept, want + [torch.iinfo(torch.int64).max] * (chunk - len(want))
+
+
+@pytest.mark.parametrize("chunk, tile, rows_per_block, key32", [
+    (64, 4, 3, True), (64, 4, 3, False), (16, 16, 1, True), (64, 64, 8, False),
+])
+def test_embedding_sort_keys_and_block_starts(chunk, tile, rows_per_block, key32):
+    """The chunk sort's keys and the block starts of the same launch, against an
+    independent Python sort and count: keys (id << 31 | position) ascending within each
+    chunk (sorted as int32 keys or as int64), with the padding id, ids outside [0, V) and
+    the positions past N all mapped to the largest int64 (so the writer never reads their
+    gradient rows: a batch padded with ``padding_idx`` costs no more than its real tokens);
+    STARTS[b, c] = the number of chunk c's kept ids below row block b, for b in
+    [0, n_blocks], over several tiles of blocks (the last one partial); the hot-list count
+    zeroed."""
+    n_rows, pad = 40, 7
+    ids = torch.tensor([7, 3, -1, 7, 39, 40, 0, 7, 3, 12, 38, 2**40, -2**40] * 7)     # 91 ids
+    keys, starts, hot = _launch_sort_starts(ids, n_rows, pad, chunk, tile, rows_per_block, key32)
+    for c in range(len(keys)):
+        kept, want = _want_keys(ids, c, chunk, n_rows, pad)
+        assert keys[c] == want
+        for b in range(starts.shape[0]):
+            assert starts[b, c].item() == sum(1 for _, i in kept if i // rows_per_block < b)
+    assert hot == 0
+
+
+@pytest.mark.parametrize("n_rows", [2**25 - 1, 2**25, 2**31 + 5])
+def test_embedding_sort_keys_large_ids(n_rows):
+    """Ids up to V - 1 at the largest table the int32 keys serve (V * CHUNK just under
+    2^31, chunks of 64 here) and past 2^31 with int64 keys, the order unchanged; the host
+    picks int32 keys exactly when V * CHUNK < 2^31 - 1."""
+    chunk = 64
+    key32 = emb_mod._int32_keys(n_rows, chunk)
+    assert key32 == (n_rows == 2**25 - 1)
+    ids = torch.tensor([n_rows - 1, 5, n_rows - 2, n_rows - 1, 0, n_rows, 2**20 + 3] * 20)   # 140 ids
+    keys, _, _ = _launch_sort_starts(ids, n_rows, -1, chunk, 4, 1, key32, starts=False)
+    for c in range(len(keys)):
+        assert keys[c] == _want_keys(ids, c, chunk, n_rows, -1)[1]
 
 
 def test_embedding_backward_ignores_out_of_range_ids(monkeypatch):
