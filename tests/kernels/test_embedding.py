@@ -135,7 +135,20 @@ def test_embedding_backward_is_deterministic():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_embedding_backward_tile_choice():
+    """Wide tiles (4 x 4096 for H = 4096) when at most a third of the narrow tiles (4 x
+    1024) can hold an id: Llama 3's table with 4096 and 8192 ids, not 16384, the boundary
+    exact; for a small H a wide tile holds more rows (64 x 128 instead of 32 x 128)."""
+    assert emb_mod._bwd_tiles(4096, 4096, 128256) == (4, 4096, 8)
+    assert emb_mod._bwd_tiles(4096, 8192, 128256) == (4, 4096, 8)
+    assert emb_mod._bwd_tiles(4096, 16384, 128256) == (4, 1024, 4)
+    assert emb_mod._bwd_tiles(4096, 10688, 128256) == (4, 4096, 8)    # 3 x 10688 = 32064 blocks
+    assert emb_mod._bwd_tiles(4096, 10689, 128256) == (4, 1024, 4)
+    assert emb_mod._bwd_tiles(123, 1, 1000) == (64, 128, 8)
+
+
 def test_embedding_many_blocks(monkeypatch):
+    monkeypatch.setattr(emb_mod, "_WIDE_TILES", False)
     monkeypatch.setattr(emb_mod, "_TILE_ELEMS", 16)
     monkeypatch.setattr(emb_mod, "_MAX_BLOCK_H", 8)   # 16 column blocks of H = 123, 2 ids per program
     monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 256)
@@ -145,14 +158,17 @@ def test_embedding_many_blocks(monkeypatch):
     _check(ids, weight, 3, torch.float32, "triton")
 
 
-@pytest.mark.parametrize("tile", [(16, 8), (64, 128), (16384, 1024)])
+@pytest.mark.parametrize("tile, wide", [((16, 8), False), ((64, 128), False), ((16384, 1024), False),
+                                        ((16, 8), True), ((16384, 4096), True)])
 @pytest.mark.parametrize("shape", [(1,), (2, 1), (5, 13), (300,)])
-def test_embedding_backward_tiles(monkeypatch, tile, shape):
-    """The backward writes dW in (rows x columns) tiles found by a binary search of the
-    sorted ids: tiny tiles (2 rows x 8 columns: many row blocks, ids at their edges, several
-    column blocks), mid-size and the default, a single id included."""
-    monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", tile[0])
-    monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", tile[1])
+def test_embedding_backward_tiles(monkeypatch, tile, wide, shape):
+    """The backward writes dW in (rows x columns) tiles, narrow or wide (the knobs of each
+    set to the same tile here): tiny tiles (2 rows x 8 columns: many row blocks, ids at their
+    edges, several column blocks), mid-size and the defaults, a single id included."""
+    monkeypatch.setattr(emb_mod, "_WIDE_TILES", wide)
+    for elems, width in (("_ACC_TILE_ELEMS", "_ACC_BLOCK_H"), ("_WIDE_TILE_ELEMS", "_WIDE_BLOCK_H")):
+        monkeypatch.setattr(emb_mod, elems, tile[0])
+        monkeypatch.setattr(emb_mod, width, tile[1])
     weight = torch.randn(80, H)                     # a small table: the interpreter visits every tile
     ids = torch.randint(0, 9, shape)
     ids.view(-1)[-1] = 79
@@ -179,6 +195,7 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
     monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
     monkeypatch.setattr(emb_mod, "_MAX_SORT_CHUNKS", max_chunks)
     monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
+    monkeypatch.setattr(emb_mod, "_WIDE_TILES", False)
     monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 512)
     monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)
     n_rows = 90
@@ -244,6 +261,7 @@ def test_embedding_backward_hot_tiles(monkeypatch, hot_min, seg, hot_h, scan_h, 
     monkeypatch.setattr(emb_mod, "_SORT_CHUNK", chunk)
     monkeypatch.setattr(emb_mod, "_MAX_SORT_CHUNKS", max_chunks)
     monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
+    monkeypatch.setattr(emb_mod, "_WIDE_TILES", False)
     monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 512)
     monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 64)            # tiles of 8 rows x 64 columns
     n_rows, n_ids, h = 90, 240, 40          # 3 hot column items of 16, one partial
