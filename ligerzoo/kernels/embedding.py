@@ -18,23 +18,28 @@ no atomics and no (V, H) fp32 buffer: deterministic (the same sum order every ru
 accumulation even for bf16/fp16 tables (the segment reduction of PyTorch's
 ``embedding_dense_backward``, fused).
 
-To find the ids of each tile, the ids are sorted in chunks of 1024 positions, each chunk
-in registers by one program (key ``id << 31 | position``: ascending id, then position; the
-padding id and ids outside [0, V) sort past every row, so their gradient rows are never
-read); in the same launch, other programs count each chunk's ids per row block (a
-histogram per tile of blocks, then a prefix sum) to find, for every row block and chunk,
-where the block's ids start. A tile walks its range in each chunk, chunks in order, which adds each
-id's rows in increasing position order. These keys and starts (8 bytes per id, the ids
-rounded up to whole chunks, plus 4 bytes per (row block + 1) x chunk, a row block being 4
-rows when H > 512, plus the hot list below, 4 bytes per 64 ids; 1 MiB for 8192 ids, V =
-128256, H = 4096) are kept in the rows of the dW being written from the middle of the
-table on (a new buffer instead when they would take over half of it; the kernels reach
-them through pointer casts, so this path builds no host-side views): the tiles around them
-are written first, then their row blocks are written by programs that find their ids by
-scanning all of them. So the backward allocates nothing but dW (besides contiguous copies
-of non-contiguous ids or gradients): no sort buffers, no host-side ``torch.sort``, two
-to five launches. Batches of more than 32 chunks (32768 ids) sort the same keys with one
-``torch.sort`` (O(N) buffers) and go through the same kernels.
+To find the ids of each tile, one launch sorts the ids in chunks of 1024 positions, each
+chunk in registers by one program (key ``id << 31 | position``: ascending id, then
+position; sorted as int32 ``id * 1024 + index`` when V * 1024 < 2^31 - 1, twice as fast;
+the padding id and ids outside [0, V) sort past every row, so their gradient rows are
+never read), while the launch's other programs count each chunk's ids per row block (a
+histogram per tile of 512 blocks, then a prefix sum: no sort needed) to find, for every
+row block and chunk, where the block's ids start in the sorted chunk. A tile walks its
+range in each chunk, chunks in order, which adds each id's rows in increasing position
+order. These keys and starts (8 bytes per id, the ids rounded up to whole chunks, plus 4
+bytes per (row block + 1) x chunk, a row block being 4 rows when H > 512, plus the hot
+list below, 4 bytes per 64 ids; 1 MiB for 8192 ids, V = 128256, H = 4096) are kept in the
+rows of the dW being written from the middle of the table on (a new buffer instead when
+they would take over half of it; the kernels reach them through pointer casts, so this
+path builds no host-side views): the tiles around them are written first, then their row
+blocks are written by programs that find their ids by scanning all of them. So the
+backward allocates nothing but dW (besides contiguous copies of non-contiguous ids or
+gradients): no sort buffers, no host-side ``torch.sort``, two to four launches (sort and
+starts, writer, hot tiles, scratch rows). The writer's tiles are 4 x 1024, or 4 x 4096
+when at most a third of the 4 x 1024 tiles can hold an id (most programs then only store
+zeros, which wide tiles do faster). Batches of more than 32 chunks (32768 ids) sort the
+same keys with one ``torch.sort`` (O(N) buffers), find the starts by binary search, and go
+through the same writers.
 
 Repeated ids. The tile writer reads one gradient row per id, each read waiting for the one
 before, so a tile holding k ids (a pad token, one id everywhere) would cost each of its
@@ -45,10 +50,10 @@ at once; the scan of the scratch rows likewise reads the rows of up to 32 of its
 once. There an id's sum is a tree sum within each group of ids and the groups are added in
 position order: still fp32, still the same order every run, but not bit-identical to the
 one-by-one order of the other tiles. On an H200 (V = 128256, H = 4096, bf16, backward
-alone, 8192 ids): uniform ids 0.36 ms; a quarter of the ids on one id 0.37 ms (1.28 ms
+alone, 8192 ids): uniform ids 0.33 ms; a quarter of the ids on one id 0.34 ms (1.28 ms
 with every tile by the writer; on an id among the scratch rows, 0.58 ms); every id the
 same 0.36 ms (4.2 ms). ``padding_idx`` ids are dropped by the sort and cost nothing
-(``benchmarks/NOTES.md``, session 8).
+(``benchmarks/NOTES.md``, sessions 8 and 10).
 """
 from __future__ import annotations
 
