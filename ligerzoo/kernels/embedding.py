@@ -176,18 +176,19 @@ if HAS_TRITON:
         KEY32: tl.constexpr,       # V * CHUNK < 2^31 - 1: sort int32 keys (id, index in the chunk)
         TILE: tl.constexpr,        # row blocks per starts program (histogram bins)
     ):
-        # A (chunks, 1 + tiles of TILE row blocks) grid. The stored keys are id << 31 |
+        # A (1 + tiles of TILE row blocks, chunks) grid (the tiles on axis 0: up to 2^31 - 1
+        # programs). The stored keys are id << 31 |
         # position; ids outside [0, V), the padding id and the padding past N get the
         # largest int64 and sort last, beyond every row block: they add nothing.
-        # Programs (c, 0) sort chunk c in registers (ascending id, then position: the
+        # Programs (0, c) sort chunk c in registers (ascending id, then position: the
         # positions are unique, so this is the stable order), as int32 keys when they fit
-        # (twice as fast as int64), and store it. Programs (c, t > 0) count the chunk's keys
+        # (twice as fast as int64), and store it. Programs (t > 0, c) count the chunk's keys
         # per row block of tile t - 1 (a histogram: it needs no sort) and store STARTS[b, c],
         # the count of the chunk's keys in row blocks before b, which is where block b's ids
         # start in the sorted chunk. Program (0, 0) also empties the hot-tile list that the
         # writer fills.
         KEYS, STARTS, HOT = _scratch_ptrs(SCR, scr_byte0, n_chunks * CHUNK, n_entries)
-        c, t = tl.program_id(0), tl.program_id(1)
+        t, c = tl.program_id(0), tl.program_id(1)
         c0 = c.to(tl.int64) * CHUNK
         idx = tl.arange(0, CHUNK)
         pos = c0 + idx
@@ -482,7 +483,7 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
         if n_chunks <= _MAX_SORT_CHUNKS:
             scr, byte0, b0, b1 = _scratch(dw, n_chunks * chunk * 8 + starts_n * 4 + hot_b, block_r)
             tile = min(_STARTS_TILE, next_power_of_2(n_blocks + 1))
-            _chunk_sort_starts_kernel[(n_chunks, 1 + cdiv(n_blocks + 1, tile))](
+            _chunk_sort_starts_kernel[(1 + cdiv(n_blocks + 1, tile), n_chunks)](
                 ids1, scr, byte0, n_ids, n_rows_w, padding_idx, n_chunks, starts_n, block_r,
                 CHUNK=chunk, CHUNK_BITS=chunk.bit_length() - 1, KEY32=_int32_keys(n_rows_w, chunk),
                 TILE=tile, num_warps=4,

@@ -225,6 +225,24 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
         assert base is dw and byte0 == 96 and (b0, b1) == (0, 12)
 
 
+@pytest.mark.parametrize("n_rows", [28, 32, 36])
+@pytest.mark.parametrize("scratch", [True, False])
+def test_embedding_backward_several_start_tiles(monkeypatch, n_rows, scratch):
+    """The block starts over several tiles of 4 row blocks (4-row blocks): n_blocks + 1 =
+    8, 9 and 10 entries per chunk (the end entry alone in a tile, or not), ids in every
+    block, in chunks of 16; integer-valued gradients must sum exactly."""
+    monkeypatch.setattr(emb_mod, "_STARTS_TILE", 4)
+    monkeypatch.setattr(emb_mod, "_SORT_CHUNK", 16)
+    monkeypatch.setattr(emb_mod, "_WIDE_TILES", False)
+    monkeypatch.setattr(emb_mod, "_ACC_TILE_ELEMS", 64)
+    monkeypatch.setattr(emb_mod, "_ACC_BLOCK_H", 16)
+    monkeypatch.setattr(emb_mod, "_SCRATCH_IN_DW", scratch)
+    ids = torch.cat([torch.arange(n_rows), torch.randint(0, n_rows, (13,))])
+    g = torch.randint(-8, 9, (ids.numel(), 16)).float()
+    exact, _ = _fp32_sum_bound(g, ids, n_rows, -1)
+    assert torch.equal(emb_mod._backward(g, ids, n_rows, -1, torch.float32).double(), exact)
+
+
 def _fp32_sum_bound(g, ids, n_rows, padding_idx):
     """(float64 sums, bound): per element, an fp32 sum of k terms in any order is within
     (k - 1) * 2^-24 * sum|terms| (+ a sliver) of the exact sum (Higham, "Accuracy and
@@ -300,7 +318,7 @@ def _launch_sort_starts(ids, n_rows, pad, chunk, tile, rows_per_block, key32, st
     n_blocks = -(-n_rows // rows_per_block) if starts else 0
     starts_n = (n_blocks + 1) * n_chunks
     scr = torch.full((n_chunks * chunk * 8 + starts_n * 4 + 8,), 0x55, dtype=torch.uint8)
-    grid = (n_chunks, 1 + (-(-(n_blocks + 1) // tile) if starts else 0))
+    grid = (1 + (-(-(n_blocks + 1) // tile) if starts else 0), n_chunks)
     emb_mod._chunk_sort_starts_kernel[grid](
         ids, scr, 0, n_ids, n_rows, pad, n_chunks, starts_n, rows_per_block,
         CHUNK=chunk, CHUNK_BITS=chunk.bit_length() - 1, KEY32=key32, TILE=tile, num_warps=4,
