@@ -300,6 +300,13 @@ if HAS_TRITON:
         b = tl.load(B + rows64[:, None] * stride_b + cols[None, :], mask=mask, other=0.0)
         return a, b
 
+    @triton.jit
+    def load_row_stat(S, row0, row_end, BLOCK_M: tl.constexpr):
+        """Entries [row0, row0 + BLOCK_M) of a per-row fp32 statistic (mean, rstd), 0 at rows
+        >= row_end: (BLOCK_M,). Loaded a tile ahead, like :func:`load_row_tiles`."""
+        rows = row0 + tl.arange(0, BLOCK_M)
+        return tl.load(S + rows, mask=rows < row_end, other=0.0)
+
 
 # ----------------------------------------------------------------------------- partial-row sums
 if HAS_TRITON:

@@ -42,7 +42,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ligerzoo.kernels._utils import load_row_tiles
+    from ligerzoo.kernels._utils import load_row_stat, load_row_tiles
 
 __all__ = ["layer_norm", "layer_norm_reference"]
 
@@ -124,7 +124,10 @@ if HAS_TRITON:
         db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # register double buffering: the next tile's loads are issued before this tile's
         # reductions, so each program keeps two tiles of reads in flight
+        # (and the per-row mean and rstd: their loads would otherwise stall each tile's reductions)
         dy_next, x_next = load_row_tiles(DY, stride_dy, X, stride_x, row_start, row_end, cols, col_mask, BLOCK_M)
+        mean_next = load_row_stat(MEAN, row_start, row_end, BLOCK_M)
+        rstd_next = load_row_stat(RSTD, row_start, row_end, BLOCK_M)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -133,9 +136,10 @@ if HAS_TRITON:
 
             dy = dy_next.to(tl.float32)
             x = x_next.to(tl.float32)
+            mean, rstd = mean_next, rstd_next
             dy_next, x_next = load_row_tiles(DY, stride_dy, X, stride_x, m + BLOCK_M, row_end, cols, col_mask, BLOCK_M)
-            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            mean_next = load_row_stat(MEAN, m + BLOCK_M, row_end, BLOCK_M)
+            rstd_next = load_row_stat(RSTD, m + BLOCK_M, row_end, BLOCK_M)
 
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
             if HAS_WEIGHT:

@@ -46,7 +46,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ligerzoo.kernels._utils import load_row_tiles
+    from ligerzoo.kernels._utils import load_row_stat, load_row_tiles
 
 __all__ = [
     "rms_norm",
@@ -155,7 +155,9 @@ if HAS_TRITON:
         dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # register double buffering: the next tile's loads are issued before this tile's
         # reductions, so each program keeps two tiles of reads in flight
+        # (and the per-row rstd: its load would otherwise stall each tile's reductions)
         dy_next, x_next = load_row_tiles(DY, stride_dy, X, stride_x, row_start, row_end, cols, col_mask, BLOCK_M)
+        rstd_next = load_row_stat(RSTD, row_start, row_end, BLOCK_M)
         for m in range(row_start, row_end, BLOCK_M):
             rows = m + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -164,8 +166,9 @@ if HAS_TRITON:
 
             dy = dy_next.to(tl.float32)
             x = x_next.to(tl.float32)
+            rstd = rstd_next
             dy_next, x_next = load_row_tiles(DY, stride_dy, X, stride_x, m + BLOCK_M, row_end, cols, col_mask, BLOCK_M)
-            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            rstd_next = load_row_stat(RSTD, m + BLOCK_M, row_end, BLOCK_M)
 
             xhat = x * rstd[:, None]
             g = dy * w_eff[None, :]
