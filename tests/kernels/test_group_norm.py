@@ -9,6 +9,8 @@ element (the sums cancel). The CPU interpreter truncates fp32 -> bf16 (up to 1 u
 instead of 1/2), which the bf16 budget covers.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,8 +171,14 @@ def test_group_norm_tiling_and_splits(monkeypatch, shape, groups, max_block_s, t
     ((2, 12), 4, 1024, 2),      # no spatial dims, 3 channels per group in tiles of 2
     ((2, 6, 5, 7), 3, 16, 16),  # one channel per tile row, 35 values in 3 spatial blocks
 ])
-def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, tile):
+@pytest.mark.parametrize("one_tile", [False, True])
+def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, tile, one_tile):
+    """The whole-group kernels over tiles of a group (the forward in several tiles, the
+    group read three times), or with the forward's group in one register tile (read once)."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_GROUP_FWD_ONE_TILE_ELEMS", 1024 if one_tile else 0)
+    c2, s2 = gn_mod.next_power_of_2(shape[1] // groups), gn_mod.next_power_of_2(math.prod(shape[2:]))
+    assert gn_mod._group_tiles(shape[1] // groups, math.prod(shape[2:]))[2] == (one_tile and c2 * s2 <= 1024)
     monkeypatch.setattr(gn_mod, "_MAX_BLOCK_S", max_block_s)
     monkeypatch.setattr(gn_mod, "_GROUP_FWD_TILE_ELEMS", tile)
     monkeypatch.setattr(gn_mod, "_GROUP_BWD_TILE_ELEMS", 2 * tile)  # backward: all channels x a few values
