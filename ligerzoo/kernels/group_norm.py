@@ -337,6 +337,18 @@ if HAS_TRITON:
     # GPU. Forward: one program per pair reads its Cg x S values (channel rows of S, tiles
     # of BLOCK_C x BLOCK_S) several times, from L2 after the first pass. Backward: one
     # program per chunk of samples of a group, all Cg channels in each tile.
+    @triton.jit
+    def _gn_scale_shift(W, B, ch, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Per-channel (scale, shift) of y = (x - mean) * scale + shift for the channels
+        ``ch`` (masked by ``c_mask``): rstd * weight and bias, fp32, each 1 / 0 when absent."""
+        scale = tl.zeros(ch.shape, dtype=tl.float32) + rstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+        shift = tl.zeros(ch.shape, dtype=tl.float32)
+        if HAS_BIAS:
+            shift = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+        return scale, shift
+
     @jit
     def _gn_group_fwd_kernel(
         X, Y,                 # (N * G, Cg, S) contiguous
@@ -362,12 +374,7 @@ if HAS_TRITON:
             d = tl.where(mask, d - mean, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d) / numel + eps)
             tl.store(MEAN + pid, mean)
-            scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-            if HAS_WEIGHT:
-                scale = scale * tl.load(W + ch0 + cc, mask=c_mask, other=0.0).to(tl.float32)
-            shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if HAS_BIAS:
-                shift = tl.load(B + ch0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+            scale, shift = _gn_scale_shift(W, B, ch0 + cc, c_mask, rstd, HAS_WEIGHT, HAS_BIAS)
             tl.store(Y + base + offs, (d * scale[:, None] + shift[:, None]).to(Y.dtype.element_ty), mask=mask)
             return
         acc = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
@@ -388,12 +395,7 @@ if HAS_TRITON:
         tl.store(MEAN + pid, mean)
         for c0 in range(0, ch_per_group, BLOCK_C):
             c_mask = (c0 + cc) < ch_per_group
-            scale = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-            if HAS_WEIGHT:
-                scale = scale * tl.load(W + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
-            shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if HAS_BIAS:
-                shift = tl.load(B + ch0 + c0 + cc, mask=c_mask, other=0.0).to(tl.float32)
+            scale, shift = _gn_scale_shift(W, B, ch0 + c0 + cc, c_mask, rstd, HAS_WEIGHT, HAS_BIAS)
             for s0 in range(0, n_cols, BLOCK_S):
                 mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
                 offs = (c0 + cc)[:, None] * n_cols + (s0 + ss)[None, :]
