@@ -26,7 +26,9 @@ Layout of the computation. When there are at least two (sample, group) pairs per
 variance of the deviations (two passes, no cancellation), then ``y`` (a group of up to
 16384 values is one tile held in registers, read once); backward (one
 program per chunk of samples of a group), per channel ``A = sum(dy * (x - mean))``,
-``B = sum(dy)`` and the squared deviations (so rstd; then ``A *= rstd``), then ``dx``. A
+``B = sum(dy)`` and the squared deviations (so rstd; then ``A *= rstd``), then ``dx``
+(from L2; with fp32 inputs a sample's group of up to 16384 values is one tile of
+registers, read once). A
 program's fp32 sums of A and B over its samples are its share of ``dweight`` /
 ``dbias``; the chunks of a group add their shares into one fp32 accumulator in chunk
 order (each waits for its predecessor's turn, a ticket in global memory), so the
@@ -108,6 +110,14 @@ _SAMPLES_PER_PROGRAM = None
 _GROUP_BWD_TILE_ELEMS = 8192
 _GROUP_BWD_WARPS = 16
 _MAX_GROUP_CHANNELS = 4096
+# With fp32 inputs, a sample's group of at most _GROUP_BWD_ONE_TILE_ELEMS values (padded
+# to powers of two) is one tile of dy and one of x, kept in registers from the sums to dx
+# (read once), under at most _GROUP_BWD_ONE_TILE_WARPS warps. H200, (64, 4096, 128), fp32:
+# 144 us per call against 168 in tiles; bf16: 100 against 96 (dy and x as fp32 take 102
+# registers a thread at 16 warps: one program per SM, whose loads wait for its stores), so
+# 16-bit inputs keep the tiles (benchmarks/NOTES.md, session 11).
+_GROUP_BWD_ONE_TILE_ELEMS = 16384
+_GROUP_BWD_ONE_TILE_WARPS = 16
 # At most this many chunks per group (more samples per program for large N): the chunks
 # hand off to each other in turn (about a microsecond each), so (8192, 4096) with 32 groups
 # has 64 hand-offs per group instead of 4096.
@@ -436,6 +446,7 @@ if HAS_TRITON:
         SCRATCH_IN_DX: tl.constexpr, ACC_IS_OUT: tl.constexpr,
         INTERPRET: tl.constexpr,  # Triton's CPU interpreter: programs run one after another
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+        ONE_TILE: tl.constexpr,   # a sample's group is one (BLOCK_C, BLOCK_S) tile: read once
     ):
         pid = tl.program_id(0)
         grp = pid % n_groups
@@ -467,7 +478,16 @@ if HAS_TRITON:
             # pass 1: per channel A' = sum(dy * (x - mean)), B = sum(dy) and the squared
             # deviations (rstd, as in the forward); A = A' * rstd; sum(g) = sum_c w B,
             # sum(g * xhat) = sum_c w A
-            if X.dtype.element_ty != tl.float32:
+            if ONE_TILE:
+                # the sample's group stays in registers for dx below
+                mask1 = c_mask[:, None] & (ss < n_cols)[None, :]
+                offs1 = cc[:, None] * n_cols + ss[None, :]
+                dy1 = tl.load(DY + base + offs1, mask=mask1, other=0.0).to(tl.float32)
+                d1 = tl.where(mask1, tl.load(X + base + offs1, mask=mask1, other=0.0).to(tl.float32) - mean, 0.0)
+                a_c = tl.sum(dy1 * d1, axis=1)
+                b_c = tl.sum(dy1, axis=1)
+                v_c = tl.sum(d1 * d1, axis=1)
+            elif X.dtype.element_ty != tl.float32:
                 # 16-bit inputs: reduce each tile over its values (fewer live registers;
                 # H200, (64, 4096, 128) bf16, same tiles and warps, kernel time under the
                 # profiler: 78 us against 105 for the form below)
@@ -505,13 +525,17 @@ if HAS_TRITON:
             sum_b += b_c
             k_gx = tl.sum(a_c * w) / numel
             k_g = tl.sum(b_c * w) / numel
-            # pass 2 (from L2): dx. With SCRATCH_IN_DX, the group's last sample waits until
-            # after the hand-off below (its first values hold the scratch)
-            if SCRATCH_IN_DX:
-                if n != n_samples - 1:
+            # pass 2: dx (from registers with ONE_TILE, else from L2). With SCRATCH_IN_DX,
+            # the group's last sample waits until after the hand-off below (its first values
+            # hold the scratch; it then reads the sample again)
+            if not SCRATCH_IN_DX or n != n_samples - 1:
+                if ONE_TILE:
+                    # the same operations as _gn_group_dx, in the same order
+                    xhat = d1 * rstd
+                    dx = dy1 * (w * rstd)[:, None] - rstd * (k_g + xhat * k_gx)
+                    tl.store(DX + base + offs1, dx.to(DX.dtype.element_ty), mask=mask1)
+                else:
                     _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
-            else:
-                _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
 
         if COMPUTE_DW or COMPUTE_DB:
             # The chunks of a group add their sums into the fp32 accumulator one after
@@ -612,6 +636,17 @@ def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int, bool, int]:
         return c2, s2, True, max(4, min(_GROUP_FWD_ONE_TILE_WARPS, c2 * s2 // 1024))
     block_s = min(s2, _MAX_BLOCK_S)
     return max(1, min(c2, _GROUP_FWD_TILE_ELEMS // block_s)), block_s, False, _GROUP_FWD_WARPS
+
+
+def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_C, BLOCK_S, one tile, num_warps) of the whole-group backward for inputs of
+    ``element_size`` bytes: for fp32 inputs a sample's group as one tile when it fits
+    _GROUP_BWD_ONE_TILE_ELEMS (dy and x read once), else all the group's channels x a few
+    values, _GROUP_BWD_TILE_ELEMS in all (read twice, the second time from L2)."""
+    c2, s2 = next_power_of_2(ch_per_group), next_power_of_2(n_cols)
+    if element_size == 4 and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS:  # ~1024 values per warp, 4 to 16 warps
+        return c2, s2, True, max(4, min(_GROUP_BWD_ONE_TILE_WARPS, c2 * s2 // 1024))
+    return c2, max(1, min(s2, _GROUP_BWD_TILE_ELEMS // c2)), False, _GROUP_BWD_WARPS
 
 
 def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
@@ -721,8 +756,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         dyc = dy if dy.is_contiguous() else dy.contiguous()
         ch_per_group = c // num_groups
         n_cols = xc.numel() // (n * c)
-        block_c = next_power_of_2(ch_per_group)
-        block_s = max(1, min(next_power_of_2(n_cols), _GROUP_BWD_TILE_ELEMS // block_c))
+        block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, x.element_size())
         spp = _samples_per_program(x, num_groups)
         n_chunks = cdiv(n, spp)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
@@ -746,8 +780,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 n, num_groups, ch_per_group, n_cols, spp, float(eps),
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 SCRATCH_IN_DX=in_dx, ACC_IS_OUT=acc_is_out, INTERPRET=not x.is_cuda,
-                BLOCK_C=block_c, BLOCK_S=block_s,
-                num_warps=_GROUP_BWD_WARPS,
+                BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile, num_warps=warps,
             )
         return dx, out
     p = _Plan(x, num_groups)

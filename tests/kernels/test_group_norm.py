@@ -174,11 +174,15 @@ def test_group_norm_tiling_and_splits(monkeypatch, shape, groups, max_block_s, t
 @pytest.mark.parametrize("one_tile", [False, True])
 def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, tile, one_tile):
     """The whole-group kernels over tiles of a group (the forward in several tiles, the
-    group read three times), or with the forward's group in one register tile (read once)."""
+    group read three times; the backward's tiles all channels x a few values, read twice),
+    or with a group in one register tile (read once), forward and backward."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_GROUP_FWD_ONE_TILE_ELEMS", 1024 if one_tile else 0)
+    monkeypatch.setattr(gn_mod, "_GROUP_BWD_ONE_TILE_ELEMS", 1024 if one_tile else 0)
     c2, s2 = gn_mod.next_power_of_2(shape[1] // groups), gn_mod.next_power_of_2(math.prod(shape[2:]))
     assert gn_mod._group_tiles(shape[1] // groups, math.prod(shape[2:]))[2] == (one_tile and c2 * s2 <= 1024)
+    assert gn_mod._group_bwd_tiles(shape[1] // groups, math.prod(shape[2:]), 4)[2] == (one_tile and c2 * s2 <= 1024)
+    assert not gn_mod._group_bwd_tiles(shape[1] // groups, math.prod(shape[2:]), 2)[2]  # 16-bit: tiles (faster)
     monkeypatch.setattr(gn_mod, "_MAX_BLOCK_S", max_block_s)
     monkeypatch.setattr(gn_mod, "_GROUP_FWD_TILE_ELEMS", tile)
     monkeypatch.setattr(gn_mod, "_GROUP_BWD_TILE_ELEMS", 2 * tile)  # backward: all channels x a few values
@@ -190,12 +194,14 @@ def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, t
 
 @pytest.mark.parametrize("samples_per_program", [1, 2, 3, 5])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
-def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, param_dtype):
+@pytest.mark.parametrize("one_tile", [True, False])
+def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, param_dtype, one_tile):
     """The whole-group backward with each program taking a chunk of samples: the chunks of
     a group add their parameter-gradient sums in turn (1, 2, 3 or 5 chunks of 5 samples;
     fp32 parameters accumulate in the output itself, bf16 ones in an fp32 buffer)."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
+    monkeypatch.setattr(gn_mod, "_GROUP_BWD_ONE_TILE_ELEMS", 16384 if one_tile else 0)
     x, w, b = _inputs((5, 6, 7), torch.float32, param_dtype=param_dtype)
     ulps = {torch.float32: 64, torch.bfloat16: 2}[param_dtype]
     y, dy, grads = _run(x, 3, w, b)
@@ -210,7 +216,7 @@ def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, par
         _check(x, 3, w.float() if with_w else None, b.float() if with_b else None, torch.float32, 64)
 
 
-@pytest.mark.parametrize("shape,groups,dtype,param_dtype,in_dx", [
+_SCRATCH_CASES = [
     ((5, 6, 9), 3, torch.float32, torch.float32, True),     # tickets only (fp32 sums in the output)
     ((5, 6, 9), 3, torch.float32, torch.bfloat16, True),    # tickets + accumulator, across channels
     ((3, 512, 8), 2, torch.bfloat16, torch.bfloat16, True),  # 2064 bytes of scratch in 4096
@@ -220,13 +226,22 @@ def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, par
     ((3, 4, 8), 2, torch.bfloat16, torch.bfloat16, True),   # 32 bytes: ticket + 2 x 2 sums, exactly
     ((3, 4, 7), 2, torch.bfloat16, torch.bfloat16, False),  # 28 bytes, aligned: 4 short
     ((3, 4, 4), 2, torch.bfloat16, torch.float32, True),    # 16 bytes: the ticket alone, exactly
-])
-def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, param_dtype, in_dx):
+]
+
+
+@pytest.mark.parametrize(
+    "shape,groups,dtype,param_dtype,in_dx,one_tile",
+    # fp32 inputs with each sample's group as one register tile (the default) and in tiles
+    [(*case, one) for case in _SCRATCH_CASES for one in ((True, False) if case[2] == torch.float32 else (False,))],
+)
+def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, param_dtype, in_dx, one_tile):
     """The whole-group backward's tickets and fp32 accumulator live in the first bytes of
     each group's last-sample dx values when they fit (that sample's dx is written after the
     hand-offs), else in two buffers: both give the float64 result, with the same bits."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", 2)
+    monkeypatch.setattr(gn_mod, "_GROUP_BWD_ONE_TILE_ELEMS", 16384 if one_tile else 0)
+    monkeypatch.setattr(gn_mod, "_GROUP_BWD_TILE_ELEMS", 64)   # several tiles per group when not one
     used = []
     real = gn_mod._scratch_in_dx
 
