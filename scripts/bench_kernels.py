@@ -191,6 +191,16 @@ def op_specs(dtype):
         return (x, w, b), v
     specs["group_norm"] = ("tokens", gnorm)
 
+    def gnorm_2d(n):  # (tokens, channels) = (n, 4096), 32 groups of 128 channels (small groups)
+        C, G = H, 32
+        x, w, b = rnd(n, C), rnd(C), rnd(C)
+        v = {"ligerzoo": lambda x, w, b: K.group_norm(x, G, w, b, 1e-5),
+             "torch": lambda x, w, b: F.group_norm(x, G, w, b, 1e-5)}
+        if lf:
+            v["liger"] = lambda x, w, b: lf.liger_group_norm(x, w, b, C, G, 1e-5)
+        return (x, w, b), v
+    specs["group_norm_2d"] = ("tokens", gnorm_2d)
+
     def embed(n):
         w = rnd(V, H)
         ids = torch.randint(0, V, (n,), device=dev)

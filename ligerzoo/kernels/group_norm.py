@@ -118,6 +118,23 @@ _MAX_GROUP_CHANNELS = 4096
 # 16-bit inputs keep the tiles (benchmarks/NOTES.md, session 11).
 _GROUP_BWD_ONE_TILE_ELEMS = 16384
 _GROUP_BWD_ONE_TILE_WARPS = 16
+# Small groups (a (tokens, C) input, say): each program takes (samples x groups) tiles,
+# each group a row of its tile, read once; the backward's programs
+# (_SMALL_BWD_PROGRAMS_PER_SM per SM, _SMALL_BWD_PROGRAMS_CPU under the interpreter) each
+# own a block of samples and write one fp32 partial row of the parameter gradients,
+# summed after (as layer_norm's). The forward takes them for groups of at most
+# _SMALL_GROUP_MAX_LEN values (padded to a power of two), the backward at most
+# _SMALL_GROUP_MAX_LEN_BWD. Tiles: see _small_tiles. H200, bf16, from a sweep
+# (benchmarks/NOTES.md, session 11): (8192, 4096) with 32 groups, forward 40 us and
+# backward 82 us against 186 and 1114 for the whole-group kernels (torch: 284 and 841
+# forward + backward); groups of 2048 values: forward 143 against 70 (so the whole-group
+# kernel there), backward 180 against 247.
+_SMALL_GROUP_MAX_LEN = 512
+_SMALL_GROUP_MAX_LEN_BWD = 2048
+_SMALL_TILE_ELEMS = 4096
+_SMALL_BWD_TILE_BYTES = 16384
+_SMALL_BWD_PROGRAMS_PER_SM = 2
+_SMALL_BWD_PROGRAMS_CPU = 3
 # At most this many chunks per group (more samples per program for large N): the chunks
 # hand off to each other in turn (about a microsecond each), so (8192, 4096) with 32 groups
 # has 64 hand-offs per group instead of 4096.
@@ -599,6 +616,104 @@ if HAS_TRITON:
                 _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
 
 
+    @triton.jit
+    def _gn_small_tile(X, row_len, n_samples, n_groups, group_len, n0, g0,
+                       BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Offsets and mask of the (BLOCK_N samples, BLOCK_G groups, BLOCK_L values) tile of
+        samples n0... and groups g0... (each sample a row of ``row_len = C * S`` values, a
+        group ``group_len = Cg * S`` consecutive ones of it)."""
+        n = n0 + tl.arange(0, BLOCK_N)
+        g = g0 + tl.arange(0, BLOCK_G)
+        v = tl.arange(0, BLOCK_L)
+        offs = (n.to(tl.int64) * row_len)[:, None, None] + (g * group_len)[None, :, None] + v[None, None, :]
+        mask = (n < n_samples)[:, None, None] & (g < n_groups)[None, :, None] & (v < group_len)[None, None, :]
+        return offs, mask
+
+    @jit
+    def _gn_small_fwd_kernel(
+        X, Y,                 # (N, C * S) contiguous
+        W, B,                 # (C,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
+        MEAN,                 # (N, G) fp32 out (the backward recomputes rstd)
+        n_samples, n_groups, group_len, n_cols, eps,   # group_len = Cg * S, n_cols = S
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        # Small groups: a program normalises (BLOCK_N samples x BLOCK_G groups), each group
+        # a row of its (BLOCK_N, BLOCK_G, BLOCK_L) tile, held in registers and read once.
+        n0, g0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_G
+        row_len = n_groups * group_len
+        offs, mask = _gn_small_tile(X, row_len, n_samples, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)                  # (BN, BG, BL)
+        mean = tl.sum(x, axis=2) / group_len                                           # (BN, BG)
+        d = tl.where(mask, x - mean[:, :, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)
+        n = n0 + tl.arange(0, BLOCK_N)
+        g = g0 + tl.arange(0, BLOCK_G)
+        stat_mask = (n < n_samples)[:, None] & (g < n_groups)[None, :]
+        tl.store(MEAN + n.to(tl.int64)[:, None] * n_groups + g[None, :], mean, mask=stat_mask)
+        # the channel of each tile value, and its (scale, shift) as in the whole-group kernel
+        ch = (g * (group_len // n_cols))[:, None] + tl.arange(0, BLOCK_L)[None, :] // n_cols   # (BG, BL)
+        c_mask = (g < n_groups)[:, None] & (tl.arange(0, BLOCK_L) < group_len)[None, :]
+        scale, shift = _gn_scale_shift(W, B, ch, c_mask, 1.0, HAS_WEIGHT, HAS_BIAS)
+        y = d * (rstd[:, :, None] * scale[None, :, :]) + shift[None, :, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+    @jit
+    def _gn_small_bwd_kernel(
+        DY, X, DX,            # (N, C * S) contiguous
+        W,                    # (C,) weight (read only when HAS_WEIGHT)
+        MEAN,                 # (N, G) fp32 (rstd is recomputed here)
+        PARTIAL,              # (P_params, programs along axis 0, C * S) fp32 out: each
+                              # program's sums over its samples of dy * xhat (COMPUTE_DW) then
+                              # of dy (COMPUTE_DB), per value of its groups
+        n_samples, n_groups, group_len, n_cols, samples_per_program, eps,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
+        # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once: rstd from the deviations' squares,
+        # then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L) per group, g = dy * w.
+        pid, g0 = tl.program_id(0), tl.program_id(1) * BLOCK_G
+        n_start = pid * samples_per_program
+        n_end = tl.minimum(n_start + samples_per_program, n_samples)
+        row_len = n_groups * group_len
+        g = g0 + tl.arange(0, BLOCK_G)
+        v = tl.arange(0, BLOCK_L)
+        ch = (g * (group_len // n_cols))[:, None] + v[None, :] // n_cols               # (BG, BL)
+        c_mask = (g < n_groups)[:, None] & (v < group_len)[None, :]
+        if HAS_WEIGHT:
+            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(c_mask, 1.0, 0.0)
+        dw_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            offs, mask = _gn_small_tile(X, row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+            n = n0 + tl.arange(0, BLOCK_N)
+            stat_mask = (n < n_end)[:, None] & (g < n_groups)[None, :]
+            mean = tl.load(MEAN + n.to(tl.int64)[:, None] * n_groups + g[None, :], mask=stat_mask, other=0.0)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)              # (BN, BG, BL)
+            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, :, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)            # (BN, BG)
+            xhat = d * rstd[:, :, None]
+            gw = dy * w[None, :, :]
+            k_g = tl.sum(gw, axis=2) / group_len
+            k_gx = tl.sum(gw * xhat, axis=2) / group_len
+            dx = dy * (w[None, :, :] * rstd[:, :, None]) - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None])
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw_acc += tl.sum(dy * xhat, axis=0)
+            if COMPUTE_DB:
+                db_acc += tl.sum(dy, axis=0)
+        cols = (g * group_len)[:, None] + v[None, :]                                    # (BG, BL)
+        row = PARTIAL + pid.to(tl.int64) * row_len
+        if COMPUTE_DW:
+            tl.store(row + cols, dw_acc, mask=c_mask)
+            row += tl.num_programs(0).to(tl.int64) * row_len
+        if COMPUTE_DB:
+            tl.store(row + cols, db_acc, mask=c_mask)
+
+
 # ----------------------------------------------------------------------------- launchers
 class _Plan:
     """Tile sizes and grid of one (N, C, S) problem."""
@@ -647,6 +762,34 @@ def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int) -> tuple
     if element_size == 4 and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS:  # ~1024 values per warp, 4 to 16 warps
         return c2, s2, True, max(4, min(_GROUP_BWD_ONE_TILE_WARPS, c2 * s2 // 1024))
     return c2, max(1, min(s2, _GROUP_BWD_TILE_ELEMS // c2)), False, _GROUP_BWD_WARPS
+
+
+def _small_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
+    """Whether the small-group kernels run: a group's Cg * S values, padded to a power of
+    two, number at most _SMALL_GROUP_MAX_LEN (_SMALL_GROUP_MAX_LEN_BWD for the backward),
+    and a sample's C * S values fewer than 2^31 (their offsets within a sample are int32)."""
+    group_len = x.numel() // max(1, x.shape[0] * num_groups)
+    limit = _SMALL_GROUP_MAX_LEN_BWD if backward else _SMALL_GROUP_MAX_LEN
+    return next_power_of_2(group_len) <= limit and group_len * num_groups < 2**31
+
+
+def _small_tiles(n_samples: int, num_groups: int, group_len: int, element_size: int,
+                 backward: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_N samples, BLOCK_G groups, BLOCK_L values, num_warps) of a small-group tile:
+    forward, _SMALL_TILE_ELEMS values under 8 warps; backward, _SMALL_BWD_TILE_BYTES of each
+    input under 16 warps (8192 bf16 values) for groups of at most 128 values (padded), else
+    half that under 8 warps (256 values) or 4 (more): the best of an H200 sweep at each
+    group size (the backward's larger tiles took 378 us against 100 at 512 values per
+    group, and 82 against 92 at 128; fp32, 128 values: 233 us with 4096-value tiles, 310
+    with 8192)."""
+    block_l = next_power_of_2(group_len)
+    elems, per_warp = _SMALL_TILE_ELEMS, 512
+    if backward:
+        elems = _SMALL_BWD_TILE_BYTES // element_size // (1 if block_l <= 128 else 2)
+        per_warp = 512 if block_l <= 256 else 1024
+    block_g = min(next_power_of_2(num_groups), max(1, elems // block_l))
+    block_n = min(next_power_of_2(n_samples), max(1, elems // (block_g * block_l)))
+    return block_n, block_g, block_l, max(4, min(16, block_n * block_g * block_l // per_warp))
 
 
 def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
@@ -703,6 +846,19 @@ def _launch_forward(x, num_groups, weight, bias, eps):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y, x.new_zeros((n, num_groups), dtype=torch.float32)
+    if _small_groups(x, num_groups):
+        mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+        xc = x if x.is_contiguous() else x.contiguous()
+        group_len = xc.numel() // (n * num_groups)
+        block_n, block_g, block_l, warps = _small_tiles(n, num_groups, group_len, x.element_size())
+        with device_guard(x):
+            _gn_small_fwd_kernel[(cdiv(n, block_n), cdiv(num_groups, block_g))](
+                xc, y, weight.contiguous() if weight is not None else xc, bias.contiguous() if bias is not None else xc,
+                mean, n, num_groups, group_len, group_len // (x.shape[1] // num_groups), float(eps),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=warps,
+            )
+        return y, mean
     if _whole_groups(x, num_groups):
         mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
         xc = x if x.is_contiguous() else x.contiguous()
@@ -751,6 +907,30 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return dx, torch.zeros((n_params, c), dtype=param_dtype, device=x.device)
+    if _small_groups(x, num_groups, backward=True):
+        xc = x if x.is_contiguous() else x.contiguous()
+        dyc = dy if dy.is_contiguous() else dy.contiguous()
+        group_len = xc.numel() // (n * num_groups)
+        n_cols = group_len // (c // num_groups)
+        block_n, block_g, block_l, warps = _small_tiles(n, num_groups, group_len, x.element_size(), backward=True)
+        g_blocks = cdiv(num_groups, block_g)
+        programs = max(1, _utils.persistent_programs(x.device, n, _SMALL_BWD_PROGRAMS_PER_SM, _SMALL_BWD_PROGRAMS_CPU)
+                       // g_blocks)
+        spp = cdiv(cdiv(n, programs), block_n) * block_n          # whole tiles of samples per program
+        programs = cdiv(n, spp)
+        partial = torch.empty((n_params, programs, c * n_cols), dtype=torch.float32, device=x.device)
+        with device_guard(x):
+            _gn_small_bwd_kernel[(programs, g_blocks)](
+                dyc, xc, dx, weight.contiguous() if weight is not None else xc,
+                mean if mean.is_contiguous() else mean.contiguous(), partial if n_params else dx,
+                n, num_groups, group_len, n_cols, spp, float(eps),
+                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=warps,
+            )
+        if n_cols == 1:
+            return dx, _utils.sum_partials(partial, param_dtype)
+        # per (channel, spatial) sums: the spatial values of each channel added after
+        return dx, _utils.sum_partials(partial, torch.float32).view(n_params, c, n_cols).sum(-1).to(param_dtype)
     if _whole_groups(x, num_groups, backward=True):
         xc = x if x.is_contiguous() else x.contiguous()
         dyc = dy if dy.is_contiguous() else dy.contiguous()

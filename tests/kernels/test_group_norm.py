@@ -26,10 +26,22 @@ from tests.kernels.helpers import (
 gn_mod = kernel_module("group_norm")
 
 
-@pytest.fixture(params=["whole_group", "split"])
+@pytest.fixture(autouse=True)
+def _no_small_groups(request, monkeypatch):
+    """CPU tests force the small-group kernels where they mean them (``kernels``): their
+    shapes are small, so every group would otherwise take them. GPU tests keep the rules."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 0)
+        monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 0)
+
+
+@pytest.fixture(params=["small", "whole_group", "split"])
 def kernels(request, monkeypatch):
-    """The two Triton layouts: one program per (sample, group), or the split reductions
-    (chosen by the (sample, group) count; forced here)."""
+    """The three Triton layouts: (samples x groups) tiles of small groups, one program per
+    (sample, group), or the split reductions (chosen by the group size and the (sample,
+    group) count; forced here)."""
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30 if request.param == "small" else 0)
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30 if request.param == "small" else 0)
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0 if request.param == "whole_group" else 10**9)
     return request.param
 
@@ -190,6 +202,58 @@ def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, t
     _check(x, groups, w, b, torch.float32, 64)
     _check(x, groups, w, None, torch.float32, 64)
     _check(x, groups, None, b, torch.float32, 64)
+
+
+@pytest.mark.parametrize("shape,groups,tile,expected_tiles", [
+    ((7, 6, 5), 3, 32, (1, 2, 16)),     # 10 values per group (5 spatial): 2 blocks of groups
+    ((9, 12), 4, 16, (1, 4, 4)),        # no spatial dims, 3 channels per group
+    ((9, 8, 3), 2, 64, (2, 2, 16)),     # 2 samples per tile, the last tile of the last block half full
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("small", ["both", "forward", "backward"])
+def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected_tiles, dtype, small):
+    """The small-group kernels over several tiles: blocks of groups, several samples per
+    tile and per program, and the parameter gradients' fp32 partial rows (one per program
+    and block of groups, then the spatial values of each channel) summed after; in both
+    directions, or in one with the whole-group kernel in the other (their group sizes differ)."""
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30 if small != "backward" else 0)
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30 if small != "forward" else 0)
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_SMALL_TILE_ELEMS", tile)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", tile * dtype.itemsize)   # as many values (<= 128 per group)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_PROGRAMS_CPU", 8)
+    group_len = math.prod(shape[1:]) // groups
+    assert gn_mod._small_tiles(shape[0], groups, group_len, dtype.itemsize)[:3] == expected_tiles
+    assert gn_mod._small_tiles(shape[0], groups, group_len, dtype.itemsize, backward=True)[:3] == expected_tiles
+    x, w, b = _inputs(shape, dtype)
+    grads = _check(x, groups, w, b, dtype, ULPS[dtype])
+    _check(x, groups, w, None, dtype, ULPS[dtype])
+    _check(x, groups, None, b, dtype, ULPS[dtype])
+    _check(x, groups, None, None, dtype, ULPS[dtype])
+    assert [g.dtype for g in grads] == [dtype] * 3
+    _, dy, first = _run(x, groups, w, b)
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert all(torch.equal(g, h) for g, h in zip(first, again))  # a fixed summation order
+
+
+@pytest.mark.parametrize("group_len,element_size,expected", [
+    (128, 2, (1, 32, 128, 8)),      # forward: 4096 values under 8 warps
+    (128, 4, (1, 32, 128, 8)),
+    (64, 2, (2, 32, 64, 8)),
+    (512, 2, (1, 8, 512, 8)),
+])
+def test_group_norm_small_tiles_forward(group_len, element_size, expected):
+    assert gn_mod._small_tiles(8192, 32, group_len, element_size) == expected
+
+
+@pytest.mark.parametrize("group_len,element_size,expected", [
+    (128, 2, (2, 32, 128, 16)),     # 8192 bf16 values under 16 warps
+    (128, 4, (1, 32, 128, 8)),      # fp32: the same bytes
+    (256, 2, (1, 16, 256, 8)),      # 4096 values under 8 warps
+    (2048, 2, (1, 2, 2048, 4)),     # 4096 values under 4 warps
+])
+def test_group_norm_small_tiles_backward(group_len, element_size, expected):
+    assert gn_mod._small_tiles(8192, 32, group_len, element_size, backward=True) == expected
 
 
 @pytest.mark.parametrize("samples_per_program", [1, 2, 3, 5])
@@ -396,7 +460,10 @@ def test_group_norm_opcheck_and_compile():
 @parametrize_dtype
 @pytest.mark.parametrize(
     "shape,groups",
-    [((32, 256, 64, 64), 32), ((1, 128, 256, 256), 32), ((8192, 4096), 32), ((4, 320, 7, 9, 11), 8)],
+    [((32, 256, 64, 64), 32), ((1, 128, 256, 256), 32), ((8192, 4096), 32), ((4, 320, 7, 9, 11), 8),
+     ((2048, 320, 3), 32), ((256, 1024, 8), 8)],
+    # small groups: (8192, 4096) and (2048, 320, 3) of 128 and 30 (10 x 3) values; (256, 1024, 8)
+    # of 1024, the whole-group forward and the small-group backward
 )
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -420,9 +487,10 @@ def test_gpu_group_norm(dtype, shape, groups):
     ((64, 4096, 128), 32, 0),                  # the benchmark's 8192 tokens: scratch in dx
     ((300, 64, 1), 32, 2 * 64 * 4 + 512),      # 4 bytes per group: fp32 sums and tickets apart
 ])
-def test_gpu_group_norm_backward_memory(shape, groups, extra):
+def test_gpu_group_norm_backward_memory(monkeypatch, shape, groups, extra):
     """The whole-group backward allocates dx and the (2, C) parameter gradients, and nothing
     else where each group's values hold its scratch; the forward keeps only the fp32 mean."""
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 0)  # (300, 64, 1) has small groups
     torch.manual_seed(0)
     x, w, b = (t.cuda() for t in _inputs(shape, torch.bfloat16))
     dy = torch.randn_like(x)
