@@ -20,7 +20,14 @@ Only the fp32 mean is kept for the backward, which recomputes the variance (the 
 squared deviations from that mean, in the pass that reads ``x`` anyway): 4 bytes per
 (sample, group), as Liger Kernel's 16-bit mean and rstd, with fp32 accuracy.
 
-Layout of the computation. When there are at least two (sample, group) pairs per SM
+Layout of the computation. Small groups (``Cg * S`` at most 512 values forward, 2048
+backward, padded to a power of two; a (tokens, C) input with 32 groups has 128): a
+program takes (samples x groups) tiles, each group a row of the tile held in registers
+and read once, like a layer norm over rows of ``Cg * S`` values with a per-channel
+affine; the backward's programs each own a block of samples and write one fp32 partial
+row of ``dweight`` and of ``dbias`` (summed after in a fixed order: deterministic; about
+4 MiB of fp32 at C = 4096 on an H200's 132 SMs, the one allocation beyond dx and the
+parameter gradients). Else, when there are at least two (sample, group) pairs per SM
 (the usual case in training), one program per pair does the whole group, reading its
 ``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
 variance of the deviations (two passes, no cancellation), then ``y`` (a group of up to
@@ -119,10 +126,12 @@ _MAX_GROUP_CHANNELS = 4096
 _GROUP_BWD_ONE_TILE_ELEMS = 16384
 _GROUP_BWD_ONE_TILE_WARPS = 16
 # Small groups (a (tokens, C) input, say): each program takes (samples x groups) tiles,
-# each group a row of its tile, read once; the backward's programs
-# (_SMALL_BWD_PROGRAMS_PER_SM per SM, _SMALL_BWD_PROGRAMS_CPU under the interpreter) each
-# own a block of samples and write one fp32 partial row of the parameter gradients,
-# summed after (as layer_norm's). The forward takes them for groups of at most
+# each group a row of its tile, read once; the backward's programs (one per SM for its
+# 16-warp tiles, else _SMALL_BWD_PROGRAMS_PER_SM; _SMALL_BWD_PROGRAMS_CPU under the
+# interpreter) each own a block of samples and write one fp32 partial row of the
+# parameter gradients, summed after (as layer_norm's). (H200, (8192, 4096), 32 groups:
+# 75 us with one 16-warp program per SM, 81 with two; 4-warp tiles of 512-value groups:
+# 146 us with one program per SM, 99 with two, 125 with three.) The forward takes them for groups of at most
 # _SMALL_GROUP_MAX_LEN values (padded to a power of two), the backward at most
 # _SMALL_GROUP_MAX_LEN_BWD. Tiles: see _small_tiles. H200, bf16, from a sweep
 # (benchmarks/NOTES.md, session 11): (8192, 4096) with 32 groups, forward 40 us and
@@ -914,8 +923,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         n_cols = group_len // (c // num_groups)
         block_n, block_g, block_l, warps = _small_tiles(n, num_groups, group_len, x.element_size(), backward=True)
         g_blocks = cdiv(num_groups, block_g)
-        programs = max(1, _utils.persistent_programs(x.device, n, _SMALL_BWD_PROGRAMS_PER_SM, _SMALL_BWD_PROGRAMS_CPU)
-                       // g_blocks)
+        per_sm = 1 if warps >= 16 else _SMALL_BWD_PROGRAMS_PER_SM     # 16 warps per SM or more
+        programs = max(1, _utils.persistent_programs(x.device, n, per_sm, _SMALL_BWD_PROGRAMS_CPU) // g_blocks)
         spp = cdiv(cdiv(n, programs), block_n) * block_n          # whole tiles of samples per program
         programs = cdiv(n, spp)
         partial = torch.empty((n_params, programs, c * n_cols), dtype=torch.float32, device=x.device)

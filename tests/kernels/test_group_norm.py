@@ -491,6 +491,7 @@ def test_gpu_group_norm_backward_memory(monkeypatch, shape, groups, extra):
     """The whole-group backward allocates dx and the (2, C) parameter gradients, and nothing
     else where each group's values hold its scratch; the forward keeps only the fp32 mean."""
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 0)  # (300, 64, 1) has small groups
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 0)
     torch.manual_seed(0)
     x, w, b = (t.cuda() for t in _inputs(shape, torch.bfloat16))
     dy = torch.randn_like(x)
