@@ -312,6 +312,9 @@ def plot(rows, ops, out: Path) -> None:
                          key=lambda r: int(r["x"]))
             ax[0].plot([int(r["x"]) for r in pts], [float(r["ms"]) for r in pts], "o-", label=variant)
             ax[1].plot([int(r["x"]) for r in pts], [float(r["peak_mib"]) for r in pts], "o-", label=variant)
+        times = [float(r["ms"]) for r in rows if r["op"] == op and r["mode"] == "full" and float(r["ms"]) > 0]
+        if times and max(times) > 50 * min(times):  # variants orders of magnitude apart
+            ax[0].set_yscale("log")
         ax[0].set(title=f"{op}: forward+backward", xlabel="tokens", ylabel="ms (median)")
         ax[1].set(title=f"{op}: peak memory", xlabel="tokens", ylabel="MiB above inputs")
         ax[0].legend()
