@@ -144,6 +144,13 @@ _SMALL_TILE_ELEMS = 4096
 _SMALL_BWD_TILE_BYTES = 16384
 _SMALL_BWD_PROGRAMS_PER_SM = 2
 _SMALL_BWD_PROGRAMS_CPU = 3
+# The backward issues the next tile's loads before this tile's reductions (register
+# double buffering), except for 16-bit tiles under 8 warps (groups of 256 values), whose
+# extra registers halve the programs per SM. H200 (8192, 4096), backward us, with / without:
+# 128-value groups 71.8 / 75.1, 512: 81.8 / 98.7, 256: 86.4 / 74.8, 64: 74.2 / 70.2;
+# (1024, 4096, 16), 2048-value groups: 148.6 / 176.6; fp32, 128: 121.5 / 227.1.
+# None: that rule; True / False force it (tests).
+_SMALL_BWD_PREFETCH: Optional[bool] = None
 # At most this many chunks per group (more samples per program for large N): the chunks
 # hand off to each other in turn (about a microsecond each), so (8192, 4096) with 32 groups
 # has 64 hand-offs per group instead of 4096.
@@ -638,6 +645,18 @@ if HAS_TRITON:
         mask = (n < n_samples)[:, None, None] & (g < n_groups)[None, :, None] & (v < group_len)[None, None, :]
         return offs, mask
 
+    @triton.jit
+    def _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n0, g0,
+                        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
+        """dy and x of the small-group tile at samples n0... (their dtype, zero past n_end),
+        and the tile's fp32 means (BLOCK_N, BLOCK_G)."""
+        offs, mask = _gn_small_tile(X, row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+        n = n0 + tl.arange(0, BLOCK_N)
+        g = g0 + tl.arange(0, BLOCK_G)
+        stat_mask = (n < n_end)[:, None] & (g < n_groups)[None, :]
+        mean = tl.load(MEAN + n.to(tl.int64)[:, None] * n_groups + g[None, :], mask=stat_mask, other=0.0)
+        return tl.load(DY + offs, mask=mask, other=0.0), tl.load(X + offs, mask=mask, other=0.0), mean
+
     @jit
     def _gn_small_fwd_kernel(
         X, Y,                 # (N, C * S) contiguous
@@ -678,6 +697,7 @@ if HAS_TRITON:
         n_samples, n_groups, group_len, n_cols, samples_per_program, eps,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
         # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once: rstd from the deviations' squares,
@@ -696,13 +716,22 @@ if HAS_TRITON:
             w = tl.where(c_mask, 1.0, 0.0)
         dw_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
+        if PREFETCH:
+            # register double buffering: the next tile's loads are issued before this tile's
+            # reductions (past n_end they are masked off and move no bytes)
+            dy_next, x_next, mean_next = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n_start,
+                                                         g0, BLOCK_N, BLOCK_G, BLOCK_L)
         for n0 in range(n_start, n_end, BLOCK_N):
             offs, mask = _gn_small_tile(X, row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
-            n = n0 + tl.arange(0, BLOCK_N)
-            stat_mask = (n < n_end)[:, None] & (g < n_groups)[None, :]
-            mean = tl.load(MEAN + n.to(tl.int64)[:, None] * n_groups + g[None, :], mask=stat_mask, other=0.0)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)              # (BN, BG, BL)
-            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[:, :, None], 0.0)
+            if PREFETCH:
+                dy, xr, mean = dy_next, x_next, mean_next
+                dy_next, x_next, mean_next = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len,
+                                                             n0 + BLOCK_N, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+            else:
+                dy, xr, mean = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n0, g0,
+                                               BLOCK_N, BLOCK_G, BLOCK_L)
+            dy = dy.to(tl.float32)                                                   # (BN, BG, BL)
+            d = tl.where(mask, xr.to(tl.float32) - mean[:, :, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)            # (BN, BG)
             xhat = d * rstd[:, :, None]
             gw = dy * w[None, :, :]
@@ -776,10 +805,11 @@ def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int) -> tuple
 def _small_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
     """Whether the small-group kernels run: a group's Cg * S values, padded to a power of
     two, number at most _SMALL_GROUP_MAX_LEN (_SMALL_GROUP_MAX_LEN_BWD for the backward),
-    and a sample's C * S values fewer than 2^31 (their offsets within a sample are int32)."""
+    a sample's C * S values fewer than 2^31 (their offsets within a sample are int32) and
+    the groups at most 65535 (their blocks are grid axis 1, which CUDA caps there)."""
     group_len = x.numel() // max(1, x.shape[0] * num_groups)
     limit = _SMALL_GROUP_MAX_LEN_BWD if backward else _SMALL_GROUP_MAX_LEN
-    return next_power_of_2(group_len) <= limit and group_len * num_groups < 2**31
+    return next_power_of_2(group_len) <= limit and group_len * num_groups < 2**31 and num_groups <= 65535
 
 
 def _small_tiles(n_samples: int, num_groups: int, group_len: int, element_size: int,
@@ -924,6 +954,9 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         block_n, block_g, block_l, warps = _small_tiles(n, num_groups, group_len, x.element_size(), backward=True)
         g_blocks = cdiv(num_groups, block_g)
         per_sm = 1 if warps >= 16 else _SMALL_BWD_PROGRAMS_PER_SM     # 16 warps per SM or more
+        # the next tile's loads issued early, except where their registers would leave one
+        # 8-warp program per SM instead of two (16-bit tiles of 4096 values)
+        prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else not (x.element_size() == 2 and warps == 8)
         programs = max(1, _utils.persistent_programs(x.device, n, per_sm, _SMALL_BWD_PROGRAMS_CPU) // g_blocks)
         spp = cdiv(cdiv(n, programs), block_n) * block_n          # whole tiles of samples per program
         programs = cdiv(n, spp)
@@ -934,11 +967,14 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 mean if mean.is_contiguous() else mean.contiguous(), partial if n_params else dx,
                 n, num_groups, group_len, n_cols, spp, float(eps),
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=warps,
+                BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, PREFETCH=prefetch, num_warps=warps,
             )
         if n_cols == 1:
             return dx, _utils.sum_partials(partial, param_dtype)
-        # per (channel, spatial) sums: the spatial values of each channel added after
+        # per (channel, spatial) sums: the spatial values of each channel added after (H200:
+        # partial rows of C channels per (program, spatial index) instead, one sum over
+        # programs x S rows, took 143 against 113 us at (2048, 512, 16), 186 against 149 at
+        # (1024, 4096, 16): scattered stores and a tall sum)
         return dx, _utils.sum_partials(partial, torch.float32).view(n_params, c, n_cols).sum(-1).to(param_dtype)
     if _whole_groups(x, num_groups, backward=True):
         xc = x if x.is_contiguous() else x.contiguous()

@@ -46,7 +46,7 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-ULPS = {torch.float32: 64, torch.bfloat16: 2}
+ULPS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 4}
 
 
 def _inputs(shape, dtype, shift=1.5, param_dtype=None):
@@ -208,14 +208,20 @@ def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, t
     ((7, 6, 5), 3, 32, (1, 2, 16)),     # 10 values per group (5 spatial): 2 blocks of groups
     ((9, 12), 4, 16, (1, 4, 4)),        # no spatial dims, 3 channels per group
     ((9, 8, 3), 2, 64, (2, 2, 16)),     # 2 samples per tile, the last tile of the last block half full
+    ((6, 4, 2), 2, 16, (2, 2, 4)),      # 2 channels x 2 spatial values per group
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("small", ["both", "forward", "backward"])
+@pytest.mark.parametrize("dtype,small", [
+    *((d, s) for d in (torch.float32, torch.bfloat16) for s in ("both", "forward", "backward", "backward_no_prefetch")),
+    (torch.float16, "both"),
+])
 def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected_tiles, dtype, small):
     """The small-group kernels over several tiles: blocks of groups, several samples per
     tile and per program, and the parameter gradients' fp32 partial rows (one per program
     and block of groups, then the spatial values of each channel) summed after; in both
-    directions, or in one with the whole-group kernel in the other (their group sizes differ)."""
+    directions, or in one with the whole-group kernel in the other (their group sizes
+    differ); the backward with and without the next tile's loads issued early."""
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_PREFETCH", small != "backward_no_prefetch")
+    small = "backward" if small == "backward_no_prefetch" else small
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30 if small != "backward" else 0)
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30 if small != "forward" else 0)
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
@@ -354,7 +360,7 @@ def test_group_norm_backward_wide_groups_split(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_group_norm_non_contiguous(path, layout):
+def test_group_norm_non_contiguous(path, kernels, layout):
     if layout == "channels_last":
         x = (3 * torch.randn(2, 6, 5, 7) + 1).to(memory_format=torch.channels_last)
     else:
@@ -372,7 +378,7 @@ def test_group_norm_non_contiguous(path, layout):
     assert torch.equal(x, x0)
 
 
-def test_group_norm_mixed_param_dtype(path):
+def test_group_norm_mixed_param_dtype(path, kernels):
     """bf16 activations with fp32 weight / bias: output bf16, parameter gradients fp32."""
     x, w, b = _inputs((2, 6, 5, 7), torch.bfloat16, param_dtype=torch.float32)
     y, dy, grads = _run(x, 3, w, b)
@@ -385,7 +391,7 @@ def test_group_norm_mixed_param_dtype(path):
         assert_close_ulps(g, g64, torch.float32, 64)
 
 
-def test_group_norm_partial_requires_grad(path):
+def test_group_norm_partial_requires_grad(path, kernels):
     x, w, b = _inputs((2, 6, 5), torch.float32)
     xr = x.clone().requires_grad_()
     y = group_norm(xr, 2, w, b)
