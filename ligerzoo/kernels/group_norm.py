@@ -24,10 +24,11 @@ Layout of the computation. Small groups (``Cg * S`` at most 512 values forward, 
 backward, padded to a power of two; a (tokens, C) input with 32 groups has 128): a
 program takes (samples x groups) tiles, each group a row of the tile held in registers
 and read once, like a layer norm over rows of ``Cg * S`` values with a per-channel
-affine; the backward's programs each own a block of samples and write one fp32 partial
-row of ``dweight`` and of ``dbias`` (summed after in a fixed order: deterministic; about
-4 MiB of fp32 at C = 4096 on an H200's 132 SMs, the one allocation beyond dx and the
-parameter gradients). Else, when there are at least two (sample, group) pairs per SM
+affine; the backward's programs (one or two per SM) each own a block of samples and
+write one fp32 partial row of ``dweight`` and of ``dbias`` per value of a sample (C * S),
+summed after in a fixed order (deterministic; 4 MiB for a (tokens, 4096) input on an
+H200's 132 SMs; with spatial dims, the sums over each channel's S values are taken after
+that). Else, when there are at least two (sample, group) pairs per SM
 (the usual case in training), one program per pair does the whole group, reading its
 ``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
 variance of the deviations (two passes, no cancellation), then ``y`` (a group of up to
