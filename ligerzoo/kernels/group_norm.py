@@ -127,18 +127,17 @@ _MAX_GROUP_CHANNELS = 4096
 _GROUP_BWD_ONE_TILE_ELEMS = 16384
 _GROUP_BWD_ONE_TILE_WARPS = 16
 # Small groups (a (tokens, C) input, say): each program takes (samples x groups) tiles,
-# each group a row of its tile, read once; the backward's programs (one per SM for its
-# 16-warp tiles, else _SMALL_BWD_PROGRAMS_PER_SM; _SMALL_BWD_PROGRAMS_CPU under the
-# interpreter) each own a block of samples and write one fp32 partial row of the
-# parameter gradients, summed after (as layer_norm's). (H200, (8192, 4096), 32 groups:
-# 75 us with one 16-warp program per SM, 81 with two; 4-warp tiles of 512-value groups:
-# 146 us with one program per SM, 99 with two, 125 with three.) The forward takes them for groups of at most
+# each group a row of its tile, read once. The forward takes them for groups of at most
 # _SMALL_GROUP_MAX_LEN values (padded to a power of two), the backward at most
-# _SMALL_GROUP_MAX_LEN_BWD. Tiles: see _small_tiles. H200, bf16, from a sweep
-# (benchmarks/NOTES.md, session 11): (8192, 4096) with 32 groups, forward 40 us and
-# backward 82 us against 186 and 1114 for the whole-group kernels (torch: 284 and 841
-# forward + backward); groups of 2048 values: forward 143 against 70 (so the whole-group
-# kernel there), backward 180 against 247.
+# _SMALL_GROUP_MAX_LEN_BWD (H200, bf16: groups of 2048 values, forward 143 us against 70
+# for the whole-group kernel, backward 149 against 247); tiles: see _small_tiles. The
+# backward's programs (one per SM for its 16-warp tiles, else _SMALL_BWD_PROGRAMS_PER_SM;
+# _SMALL_BWD_PROGRAMS_CPU under the interpreter) each own a block of samples and write one
+# fp32 partial row of the parameter gradients, summed after (as layer_norm's). H200,
+# (8192, 4096) with 32 groups: forward 40 us and backward 72 us against 186 and 1113 for
+# the whole-group kernels (torch: 0.86 ms forward + backward); 75 us with one 16-warp
+# program per SM against 81 with two; 4-warp tiles of 512-value groups: 146 us with one
+# program per SM, 99 with two, 125 with three (benchmarks/NOTES.md, session 11).
 _SMALL_GROUP_MAX_LEN = 512
 _SMALL_GROUP_MAX_LEN_BWD = 2048
 _SMALL_TILE_ELEMS = 4096
@@ -634,7 +633,7 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _gn_small_tile(X, row_len, n_samples, n_groups, group_len, n0, g0,
+    def _gn_small_tile(row_len, n_samples, n_groups, group_len, n0, g0,
                        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
         """Offsets and mask of the (BLOCK_N samples, BLOCK_G groups, BLOCK_L values) tile of
         samples n0... and groups g0... (each sample a row of ``row_len = C * S`` values, a
@@ -651,7 +650,7 @@ if HAS_TRITON:
                         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
         """dy and x of the small-group tile at samples n0... (their dtype, zero past n_end),
         and the tile's fp32 means (BLOCK_N, BLOCK_G)."""
-        offs, mask = _gn_small_tile(X, row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+        offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
         n = n0 + tl.arange(0, BLOCK_N)
         g = g0 + tl.arange(0, BLOCK_G)
         stat_mask = (n < n_end)[:, None] & (g < n_groups)[None, :]
@@ -671,7 +670,7 @@ if HAS_TRITON:
         # a row of its (BLOCK_N, BLOCK_G, BLOCK_L) tile, held in registers and read once.
         n0, g0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_G
         row_len = n_groups * group_len
-        offs, mask = _gn_small_tile(X, row_len, n_samples, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+        offs, mask = _gn_small_tile(row_len, n_samples, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)                  # (BN, BG, BL)
         mean = tl.sum(x, axis=2) / group_len                                           # (BN, BG)
         d = tl.where(mask, x - mean[:, :, None], 0.0)
@@ -723,7 +722,7 @@ if HAS_TRITON:
             dy_next, x_next, mean_next = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n_start,
                                                          g0, BLOCK_N, BLOCK_G, BLOCK_L)
         for n0 in range(n_start, n_end, BLOCK_N):
-            offs, mask = _gn_small_tile(X, row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+            offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
             if PREFETCH:
                 dy, xr, mean = dy_next, x_next, mean_next
                 dy_next, x_next, mean_next = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len,
@@ -738,7 +737,8 @@ if HAS_TRITON:
             gw = dy * w[None, :, :]
             k_g = tl.sum(gw, axis=2) / group_len
             k_gx = tl.sum(gw * xhat, axis=2) / group_len
-            dx = dy * (w[None, :, :] * rstd[:, :, None]) - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None])
+            dx = (dy * (w[None, :, :] * rstd[:, :, None])
+                  - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None]))
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
                 dw_acc += tl.sum(dy * xhat, axis=0)
@@ -957,7 +957,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         per_sm = 1 if warps >= 16 else _SMALL_BWD_PROGRAMS_PER_SM     # 16 warps per SM or more
         # the next tile's loads issued early, except where their registers would leave one
         # 8-warp program per SM instead of two (16-bit tiles of 4096 values)
-        prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else not (x.element_size() == 2 and warps == 8)
+        prefetch = not (x.element_size() == 2 and warps == 8)
+        prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else prefetch
         programs = max(1, _utils.persistent_programs(x.device, n, per_sm, _SMALL_BWD_PROGRAMS_CPU) // g_blocks)
         spp = cdiv(cdiv(n, programs), block_n) * block_n          # whole tiles of samples per program
         programs = cdiv(n, spp)
