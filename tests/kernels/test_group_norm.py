@@ -436,8 +436,14 @@ def test_group_norm_huge_planes_route_to_reference():
     assert gn_mod._plane_fits(torch.zeros(0, 3, 5))
 
 
-def test_group_norm_opcheck_and_compile():
+@pytest.mark.parametrize("small", [False, True])
+def test_group_norm_opcheck_and_compile(monkeypatch, small):
+    """The custom ops' schema, fake tensors and autograd registration (opcheck), and
+    torch.compile(fullgraph=True) over them, on the whole-group and the small-group kernels."""
     from torch.library import opcheck
+
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30 if small else 0)
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30 if small else 0)
 
     x = torch.randn(2, 6, 3, 5, requires_grad=True)
     w = torch.randn(6, requires_grad=True)
