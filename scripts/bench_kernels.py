@@ -181,25 +181,19 @@ def op_specs(dtype):
         return (x, w, b), v
     specs["layer_norm"] = ("tokens", lnorm)
 
-    def gnorm(n):  # (batch, channels, length) = (n / 128, 4096, 128): n x 4096 elements, 32 groups
-        C, G, L = H, 32, 128
-        x, w, b = rnd(max(n // L, 1), C, L), rnd(C), rnd(C)
+    def gnorm_on(x, G=32):  # x (N, C, *): group_norm with G groups, the three variants
+        C = x.shape[1]
+        w, b = rnd(C), rnd(C)
         v = {"ligerzoo": lambda x, w, b: K.group_norm(x, G, w, b, 1e-5),
              "torch": lambda x, w, b: F.group_norm(x, G, w, b, 1e-5)}
         if lf:
             v["liger"] = lambda x, w, b: lf.liger_group_norm(x, w, b, C, G, 1e-5)
         return (x, w, b), v
-    specs["group_norm"] = ("tokens", gnorm)
 
-    def gnorm_2d(n):  # (tokens, channels) = (n, 4096), 32 groups of 128 channels (small groups)
-        C, G = H, 32
-        x, w, b = rnd(n, C), rnd(C), rnd(C)
-        v = {"ligerzoo": lambda x, w, b: K.group_norm(x, G, w, b, 1e-5),
-             "torch": lambda x, w, b: F.group_norm(x, G, w, b, 1e-5)}
-        if lf:
-            v["liger"] = lambda x, w, b: lf.liger_group_norm(x, w, b, C, G, 1e-5)
-        return (x, w, b), v
-    specs["group_norm_2d"] = ("tokens", gnorm_2d)
+    # (batch, channels, length) = (n / 128, 4096, 128): n x 4096 elements, 32 groups
+    specs["group_norm"] = ("tokens", lambda n: gnorm_on(rnd(max(n // 128, 1), H, 128)))
+    # (tokens, channels) = (n, 4096), 32 groups of 128 channels (small groups)
+    specs["group_norm_2d"] = ("tokens", lambda n: gnorm_on(rnd(n, H)))
 
     def embed(n):
         w = rnd(V, H)
