@@ -646,28 +646,23 @@ if HAS_TRITON:
         return offs, mask
 
     @triton.jit
-    def _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n0, g0,
+    def _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
                         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
-        """dy and x of the small-group tile at samples n0... (their dtype, zero past n_end),
-        and the tile's fp32 means (BLOCK_N, BLOCK_G)."""
+        """dy and x of the small-group tile at samples n0... (their dtype, zero past n_end)."""
         offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
-        n = n0 + tl.arange(0, BLOCK_N)
-        g = g0 + tl.arange(0, BLOCK_G)
-        stat_mask = (n < n_end)[:, None] & (g < n_groups)[None, :]
-        mean = tl.load(MEAN + n.to(tl.int64)[:, None] * n_groups + g[None, :], mask=stat_mask, other=0.0)
-        return tl.load(DY + offs, mask=mask, other=0.0), tl.load(X + offs, mask=mask, other=0.0), mean
+        return tl.load(DY + offs, mask=mask, other=0.0), tl.load(X + offs, mask=mask, other=0.0)
 
     @jit
     def _gn_small_fwd_kernel(
         X, Y,                 # (N, C * S) contiguous
         W, B,                 # (C,) weight / bias (read only when HAS_WEIGHT / HAS_BIAS)
-        MEAN,                 # (N, G) fp32 out (the backward recomputes rstd)
         n_samples, n_groups, group_len, n_cols, eps,   # group_len = Cg * S, n_cols = S
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         # Small groups: a program normalises (BLOCK_N samples x BLOCK_G groups), each group
-        # a row of its (BLOCK_N, BLOCK_G, BLOCK_L) tile, held in registers and read once.
+        # a row of its (BLOCK_N, BLOCK_G, BLOCK_L) tile, held in registers and read once. No
+        # statistics are kept: the backward reads the whole group too, and recomputes them.
         n0, g0 = tl.program_id(0) * BLOCK_N, tl.program_id(1) * BLOCK_G
         row_len = n_groups * group_len
         offs, mask = _gn_small_tile(row_len, n_samples, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
@@ -675,10 +670,7 @@ if HAS_TRITON:
         mean = tl.sum(x, axis=2) / group_len                                           # (BN, BG)
         d = tl.where(mask, x - mean[:, :, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)
-        n = n0 + tl.arange(0, BLOCK_N)
         g = g0 + tl.arange(0, BLOCK_G)
-        stat_mask = (n < n_samples)[:, None] & (g < n_groups)[None, :]
-        tl.store(MEAN + n.to(tl.int64)[:, None] * n_groups + g[None, :], mean, mask=stat_mask)
         # the channel of each tile value, and its (scale, shift) as in the whole-group kernel
         ch = (g * (group_len // n_cols))[:, None] + tl.arange(0, BLOCK_L)[None, :] // n_cols   # (BG, BL)
         c_mask = (g < n_groups)[:, None] & (tl.arange(0, BLOCK_L) < group_len)[None, :]
@@ -690,17 +682,17 @@ if HAS_TRITON:
     def _gn_small_bwd_kernel(
         DY, X, DX,            # (N, C * S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT)
-        MEAN,                 # (N, G) fp32 (rstd is recomputed here)
         PARTIAL,              # (P_params, programs along axis 0, C * S) fp32 out: each
                               # program's sums over its samples of dy * xhat (COMPUTE_DW) then
-                              # of dy (COMPUTE_DB), per value of its groups
-        n_samples, n_groups, group_len, n_cols, samples_per_program, eps,
+                              # of dy (COMPUTE_DB), per value of its groups; may be the first
+                              # n_skip samples of DX, whose dx is then not written here
+        n_samples, n_groups, group_len, n_cols, samples_per_program, n_skip, eps,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
         PREFETCH: tl.constexpr,
     ):
         # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
-        # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once: rstd from the deviations' squares,
+        # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once: mean and rstd recomputed from the tile,
         # then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L) per group, g = dy * w.
         pid, g0 = tl.program_id(0), tl.program_id(1) * BLOCK_G
         n_start = pid * samples_per_program
@@ -719,19 +711,21 @@ if HAS_TRITON:
         if PREFETCH:
             # register double buffering: the next tile's loads are issued before this tile's
             # reductions (past n_end they are masked off and move no bytes)
-            dy_next, x_next, mean_next = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n_start,
-                                                         g0, BLOCK_N, BLOCK_G, BLOCK_L)
+            dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n_start, g0,
+                                              BLOCK_N, BLOCK_G, BLOCK_L)
         for n0 in range(n_start, n_end, BLOCK_N):
             offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
             if PREFETCH:
-                dy, xr, mean = dy_next, x_next, mean_next
-                dy_next, x_next, mean_next = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len,
-                                                             n0 + BLOCK_N, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+                dy, xr = dy_next, x_next
+                dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0 + BLOCK_N, g0,
+                                                  BLOCK_N, BLOCK_G, BLOCK_L)
             else:
-                dy, xr, mean = _gn_small_loads(DY, X, MEAN, row_len, n_end, n_groups, group_len, n0, g0,
-                                               BLOCK_N, BLOCK_G, BLOCK_L)
+                dy, xr = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
+                                         BLOCK_N, BLOCK_G, BLOCK_L)
             dy = dy.to(tl.float32)                                                   # (BN, BG, BL)
-            d = tl.where(mask, xr.to(tl.float32) - mean[:, :, None], 0.0)
+            xr = xr.to(tl.float32)
+            mean = tl.sum(xr, axis=2) / group_len                                    # (BN, BG)
+            d = tl.where(mask, xr - mean[:, :, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)            # (BN, BG)
             xhat = d * rstd[:, :, None]
             gw = dy * w[None, :, :]
@@ -739,7 +733,8 @@ if HAS_TRITON:
             k_gx = tl.sum(gw * xhat, axis=2) / group_len
             dx = (dy * (w[None, :, :] * rstd[:, :, None])
                   - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None]))
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            n = n0 + tl.arange(0, BLOCK_N)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask & (n >= n_skip)[:, None, None])
             if COMPUTE_DW:
                 dw_acc += tl.sum(dy * xhat, axis=0)
             if COMPUTE_DB:
@@ -804,13 +799,21 @@ def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int) -> tuple
 
 
 def _small_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
-    """Whether the small-group kernels run: a group's Cg * S values, padded to a power of
-    two, number at most _SMALL_GROUP_MAX_LEN (_SMALL_GROUP_MAX_LEN_BWD for the backward),
-    a sample's C * S values fewer than 2^31 (their offsets within a sample are int32) and
-    the groups at most 65535 (their blocks are grid axis 1, which CUDA caps there)."""
+    """Whether the small-group kernels run: a group's Cg * S values number at most
+    _SMALL_GROUP_MAX_LEN (_SMALL_GROUP_MAX_LEN_BWD for the backward; powers of two, so the
+    padded length fits too), a sample's C * S values fewer than 2^31 (their offsets within a
+    sample are int32) and the groups at most 65535 (their blocks are grid axis 1, which CUDA
+    caps there). Plain comparisons, so that the fake forward can ask it of symbolic shapes."""
     group_len = x.numel() // max(1, x.shape[0] * num_groups)
     limit = _SMALL_GROUP_MAX_LEN_BWD if backward else _SMALL_GROUP_MAX_LEN
-    return next_power_of_2(group_len) <= limit and group_len * num_groups < 2**31 and num_groups <= 65535
+    return group_len <= limit and group_len * num_groups < 2**31 and num_groups <= 65535
+
+
+def _mean_groups(x: torch.Tensor, num_groups: int) -> int:
+    """Columns of the (N, ...) fp32 mean that the forward returns for the backward: none
+    after the small-group forward (the small-group backward, which then always runs, reads
+    each whole group and recomputes it), else one per group."""
+    return 0 if _small_groups(x, num_groups) else num_groups
 
 
 def _small_tiles(n_samples: int, num_groups: int, group_len: int, element_size: int,
@@ -830,6 +833,18 @@ def _small_tiles(n_samples: int, num_groups: int, group_len: int, element_size: 
     block_g = min(next_power_of_2(num_groups), max(1, elems // block_l))
     block_n = min(next_power_of_2(n_samples), max(1, elems // (block_g * block_l)))
     return block_n, block_g, block_l, max(4, min(16, block_n * block_g * block_l // per_warp))
+
+
+def _small_bwd_grid(device: torch.device, n_samples: int, num_groups: int, block_n: int, block_g: int,
+                    num_warps: int) -> tuple[int, int]:
+    """(programs along samples, samples per program) of the small-group backward: one
+    program per SM for 16-warp tiles, else _SMALL_BWD_PROGRAMS_PER_SM (split among the blocks
+    of groups), each owning whole tiles of samples."""
+    per_sm = 1 if num_warps >= 16 else _SMALL_BWD_PROGRAMS_PER_SM
+    programs = _utils.persistent_programs(device, n_samples, per_sm, _SMALL_BWD_PROGRAMS_CPU)
+    programs = max(1, programs // cdiv(num_groups, block_g))
+    spp = cdiv(cdiv(n_samples, programs), block_n) * block_n
+    return cdiv(n_samples, spp), spp
 
 
 def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
@@ -885,16 +900,16 @@ def _launch_forward(x, num_groups, weight, bias, eps):
     n = x.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return y, x.new_zeros((n, num_groups), dtype=torch.float32)
+        return y, x.new_zeros((n, _mean_groups(x, num_groups)), dtype=torch.float32)
     if _small_groups(x, num_groups):
-        mean = torch.empty((n, num_groups), dtype=torch.float32, device=x.device)
+        mean = torch.empty((n, 0), dtype=torch.float32, device=x.device)   # nothing kept
         xc = x if x.is_contiguous() else x.contiguous()
         group_len = xc.numel() // (n * num_groups)
         block_n, block_g, block_l, warps = _small_tiles(n, num_groups, group_len, x.element_size())
         with device_guard(x):
             _gn_small_fwd_kernel[(cdiv(n, block_n), cdiv(num_groups, block_g))](
                 xc, y, weight.contiguous() if weight is not None else xc, bias.contiguous() if bias is not None else xc,
-                mean, n, num_groups, group_len, group_len // (x.shape[1] // num_groups), float(eps),
+                n, num_groups, group_len, group_len // (x.shape[1] // num_groups), float(eps),
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, num_warps=warps,
             )
@@ -941,43 +956,61 @@ def _launch_forward(x, num_groups, weight, bias, eps):
 def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_db, param_dtype):
     """Returns dx (x's shape and dtype, contiguous) and the (P, C) parameter gradients in
     ``param_dtype``: dweight then dbias, each only when requested (P = 0, 1 or 2). ``mean``
-    is the forward's (N, G) fp32 mean; rstd is recomputed from it (with ``eps``)."""
+    is the forward's fp32 mean: (N, G), rstd recomputed from it (with ``eps``), or (N, 0)
+    after the small-group forward, whose backward recomputes both."""
     n, c = x.shape[0], x.shape[1]
     n_params = int(compute_dw) + int(compute_db)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return dx, torch.zeros((n_params, c), dtype=param_dtype, device=x.device)
-    if _small_groups(x, num_groups, backward=True):
+    if mean.shape[1] == 0 or _small_groups(x, num_groups, backward=True):
         xc = x if x.is_contiguous() else x.contiguous()
         dyc = dy if dy.is_contiguous() else dy.contiguous()
         group_len = xc.numel() // (n * num_groups)
         n_cols = group_len // (c // num_groups)
         block_n, block_g, block_l, warps = _small_tiles(n, num_groups, group_len, x.element_size(), backward=True)
-        g_blocks = cdiv(num_groups, block_g)
-        per_sm = 1 if warps >= 16 else _SMALL_BWD_PROGRAMS_PER_SM     # 16 warps per SM or more
         # the next tile's loads issued early, except where their registers would leave one
         # 8-warp program per SM instead of two (16-bit tiles of 4096 values)
         prefetch = not (x.element_size() == 2 and warps == 8)
         prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else prefetch
-        programs = max(1, _utils.persistent_programs(x.device, n, per_sm, _SMALL_BWD_PROGRAMS_CPU) // g_blocks)
-        spp = cdiv(cdiv(n, programs), block_n) * block_n          # whole tiles of samples per program
-        programs = cdiv(n, spp)
-        partial = torch.empty((n_params, programs, c * n_cols), dtype=torch.float32, device=x.device)
+        tiles = dict(BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, PREFETCH=prefetch, num_warps=warps)
+        programs, spp = _small_bwd_grid(x.device, n, num_groups, block_n, block_g, warps)
+        # The partial rows fill the first dx samples when they take at most a quarter of
+        # them (else an fp32 buffer): a second launch writes those samples' dx after the
+        # sums, so nothing is allocated beyond dx. H200, (N, 4096) bf16 with 32 groups, 528
+        # samples: kernel time 35.2 against 32.7 us at N = 4096, 62.9 against 62.1 at 8192.
+        skip = n_params * programs * 4 // x.element_size()
+        in_dx = n_params > 0 and (n_params * programs * 4) % x.element_size() == 0 and 4 * skip <= n and _SCRATCH_IN_DX
+        if in_dx:
+            partial = dx.view(-1)[: skip * c * n_cols].view(torch.float32).view(n_params, programs, c * n_cols)
+        else:
+            partial = torch.empty((n_params, programs, c * n_cols), dtype=torch.float32, device=x.device)
+            skip = 0
+        w = weight.contiguous() if weight is not None else xc
         with device_guard(x):
-            _gn_small_bwd_kernel[(programs, g_blocks)](
-                dyc, xc, dx, weight.contiguous() if weight is not None else xc,
-                mean if mean.is_contiguous() else mean.contiguous(), partial if n_params else dx,
-                n, num_groups, group_len, n_cols, spp, float(eps),
-                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, PREFETCH=prefetch, num_warps=warps,
+            _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
+                dyc, xc, dx, w, partial if n_params else dx, n, num_groups, group_len, n_cols, spp, skip, float(eps),
+                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, **tiles,
             )
+        if n_params == 0:
+            return dx, partial.new_empty((0, c), dtype=param_dtype)
         if n_cols == 1:
-            return dx, _utils.sum_partials(partial, param_dtype)
-        # per (channel, spatial) sums: the spatial values of each channel added after (H200:
-        # partial rows of C channels per (program, spatial index) instead, one sum over
-        # programs x S rows, took 143 against 113 us at (2048, 512, 16), 186 against 149 at
-        # (1024, 4096, 16): scattered stores and a tall sum)
-        return dx, _utils.sum_partials(partial, torch.float32).view(n_params, c, n_cols).sum(-1).to(param_dtype)
+            params = _utils.sum_partials(partial, param_dtype)
+        else:
+            # per (channel, spatial) sums: the spatial values of each channel added after
+            # (H200: partial rows of C channels per (program, spatial index) instead, one sum
+            # over programs x S rows, took 143 against 113 us at (2048, 512, 16), 186
+            # against 149 at (1024, 4096, 16): scattered stores and a tall sum)
+            params = _utils.sum_partials(partial, torch.float32).view(n_params, c, n_cols).sum(-1).to(param_dtype)
+        if skip:
+            # the dx of the samples that held the partial rows, now summed
+            programs, spp = _small_bwd_grid(x.device, skip, num_groups, block_n, block_g, warps)
+            with device_guard(x):
+                _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
+                    dyc, xc, dx, w, dx, skip, num_groups, group_len, n_cols, spp, 0, float(eps),
+                    HAS_WEIGHT=weight is not None, COMPUTE_DW=False, COMPUTE_DB=False, **tiles,
+                )
+        return dx, params
     if _whole_groups(x, num_groups, backward=True):
         xc = x if x.is_contiguous() else x.contiguous()
         dyc = dy if dy.is_contiguous() else dy.contiguous()
@@ -1049,13 +1082,13 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
 def _group_norm_op(
     x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # (y, mean): the (N, G) fp32 mean is all the backward keeps (it recomputes rstd)
+    # (y, mean): the fp32 mean, (N, G) or (N, 0) (see _mean_groups), is all the backward keeps
     return _launch_forward(x, num_groups, weight, bias, eps)
 
 
 @_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps):
-    mean = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    mean = x.new_empty((x.shape[0], _mean_groups(x, num_groups)), dtype=torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), mean
 
 

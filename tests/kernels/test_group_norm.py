@@ -242,6 +242,44 @@ def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected
     assert all(torch.equal(g, h) for g, h in zip(first, again))  # a fixed summation order
 
 
+class _CountLaunches:
+    """Stands in for a Triton kernel: counts its launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("shape,groups,dtype", [
+    ((50, 12), 4, torch.bfloat16),       # 3 programs: 2 * 3 * 4 / 2 = 12 samples hold the partial rows
+    ((30, 8, 3), 2, torch.float32),      # spatial dims: 2 * 3 * 4 / 4 = 6 samples
+])
+@pytest.mark.parametrize("in_dx", [True, False])
+@pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
+def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dtype, in_dx, params):
+    """The small-group backward keeps its fp32 partial rows in dx's first samples (written
+    by a second launch after the sums) when they take at most a quarter of the samples, or
+    in a buffer (_SCRATCH_IN_DX off, or too few samples): the same values either way."""
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30)
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30)
+    monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", in_dx)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", 64 * dtype.itemsize)   # 64-value tiles: 3 programs
+    counter = _CountLaunches(gn_mod._gn_small_bwd_kernel)
+    monkeypatch.setattr(gn_mod, "_gn_small_bwd_kernel", counter)
+    x, w, b = _inputs(shape, dtype)
+    w = w if params in ("both", "weight") else None
+    b = b if params in ("both", "bias") else None
+    _check(x, groups, w, b, dtype, ULPS[dtype])
+    assert counter.launches == (2 if in_dx and params != "none" else 1)
+    counter.launches = 0
+    few = x[:3]                                                  # too few samples: a buffer
+    _check(few, groups, w, b, dtype, ULPS[dtype])
+    assert counter.launches == 1
+
+
 @pytest.mark.parametrize("group_len,element_size,expected", [
     (128, 2, (1, 32, 128, 8)),      # forward: 4096 values under 8 warps
     (128, 4, (1, 32, 128, 8)),
@@ -523,6 +561,46 @@ def test_gpu_group_norm_backward_memory(monkeypatch, shape, groups, extra):
     assert_close_ulps(dx, grads64[0], torch.bfloat16, 2)
     assert_close_ulps(params[0], grads64[1], torch.bfloat16, 2)
     assert_close_ulps(params[1], grads64[2], torch.bfloat16, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,groups,dtype", [
+    ((8192, 4096), 32, torch.bfloat16),      # the benchmark's group_norm_2d: 128 values per group
+    ((3000, 320), 32, torch.float32),        # 10 values per group, fp32
+    ((4096, 512, 2), 64, torch.bfloat16),    # spatial dims: one more (2, C * S) fp32 sum
+])
+def test_gpu_group_norm_small_groups_memory(shape, groups, dtype):
+    """The small-group forward keeps no statistics (it allocates y alone) and the backward
+    keeps its partial rows in dx's first samples: it allocates dx and the parameter
+    gradients (and, with spatial dims, their fp32 per-value sums)."""
+    torch.manual_seed(0)
+    x, w, b = (t.cuda() for t in _inputs(shape, dtype))
+    dy = torch.randn_like(x)
+    assert gn_mod._small_groups(x, groups)
+    rounded = lambda n: -(-n // 512) * 512  # the caching allocator's blocks
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
+    torch.cuda.synchronize()
+    assert mean.shape == (shape[0], 0)
+    assert torch.cuda.max_memory_allocated() - before == rounded(y.numel() * y.element_size())
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    dx, params = gn_mod.ops.group_norm_backward(dy, x, groups, w, mean, 1e-5, True, True, dtype)
+    torch.cuda.synchronize()
+    expected = rounded(dx.numel() * dx.element_size()) + rounded(params.numel() * params.element_size())
+    if x.dim() == 2:
+        assert torch.cuda.max_memory_allocated() - before == expected
+    else:  # the (2, C * S) fp32 sums, then their (2, C) sums over S
+        assert torch.cuda.max_memory_allocated() - before <= expected + rounded(2 * x[0].numel() * 4) + rounded(2 * shape[1] * 4)
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    ulps = {torch.float32: 64, torch.bfloat16: 2}[dtype]
+    assert_close_ulps(y, y64, dtype, ulps)
+    assert_close_ulps(dx, grads64[0], dtype, ulps)
+    assert_close_ulps(params[0], grads64[1], dtype, 4 * ulps if dtype == torch.float32 else ulps)
+    assert_close_ulps(params[1], grads64[2], dtype, 4 * ulps if dtype == torch.float32 else ulps)
 
 
 @pytest.mark.gpu
