@@ -144,6 +144,8 @@ _SMALL_TILE_ELEMS = 4096
 _SMALL_BWD_TILE_BYTES = 16384
 _SMALL_BWD_PROGRAMS_PER_SM = 2
 _SMALL_BWD_PROGRAMS_CPU = 3
+# Values of a sample per slab of the backward's partial sums (one finishing program each).
+_SMALL_SLAB_VALUES = 32
 # The backward issues the next tile's loads before this tile's reductions (register
 # double buffering), except for 16-bit tiles under 8 warps (groups of 256 values), whose
 # extra registers halve the programs per SM. H200 (8192, 4096), backward us, with / without:
@@ -678,26 +680,11 @@ if HAS_TRITON:
         y = d * (rstd[:, :, None] * scale[None, :, :]) + shift[None, :, :]
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-    @jit
-    def _gn_small_bwd_kernel(
-        DY, X, DX,            # (N, C * S) contiguous
-        W,                    # (C,) weight (read only when HAS_WEIGHT)
-        PARTIAL,              # (P_params, programs along axis 0, C * S) fp32 out: each
-                              # program's sums over its samples of dy * xhat (COMPUTE_DW) then
-                              # of dy (COMPUTE_DB), per value of its groups; may be the first
-                              # n_skip samples of DX, whose dx is then not written here
-        n_samples, n_groups, group_len, n_cols, samples_per_program, n_skip, eps,
-        HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
-        PREFETCH: tl.constexpr,
-    ):
-        # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
-        # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once: mean and rstd recomputed from the tile,
-        # then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L) per group, g = dy * w.
-        pid, g0 = tl.program_id(0), tl.program_id(1) * BLOCK_G
-        n_start = pid * samples_per_program
-        n_end = tl.minimum(n_start + samples_per_program, n_samples)
-        row_len = n_groups * group_len
+    @triton.jit
+    def _gn_small_weight(W, n_groups, group_len, n_cols, g0,
+                         HAS_WEIGHT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr):
+        """The fp32 weight of each value of groups g0... (1 without weight, 0 outside the
+        groups) and the mask of their values: ((BLOCK_G, BLOCK_L), (BLOCK_G, BLOCK_L))."""
         g = g0 + tl.arange(0, BLOCK_G)
         v = tl.arange(0, BLOCK_L)
         ch = (g * (group_len // n_cols))[:, None] + v[None, :] // n_cols               # (BG, BL)
@@ -706,6 +693,45 @@ if HAS_TRITON:
             w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
         else:
             w = tl.where(c_mask, 1.0, 0.0)
+        return w, c_mask
+
+    @triton.jit
+    def _gn_small_dx(dy, x, w, mask, group_len, eps):
+        """dx and xhat of a (BLOCK_N, BLOCK_G, BLOCK_L) tile of whole groups from fp32 dy and
+        x (0 where masked off) and the (BLOCK_G, BLOCK_L) weight: mean and rstd from the
+        tile, then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L), g = dy * w."""
+        mean = tl.sum(x, axis=2) / group_len                                         # (BN, BG)
+        d = tl.where(mask, x - mean[:, :, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)                # (BN, BG)
+        xhat = d * rstd[:, :, None]
+        gw = dy * w[None, :, :]
+        k_g = tl.sum(gw, axis=2) / group_len
+        k_gx = tl.sum(gw * xhat, axis=2) / group_len
+        dx = dy * (w[None, :, :] * rstd[:, :, None]) - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None])
+        return dx, xhat
+
+    @jit
+    def _gn_small_bwd_kernel(
+        DY, X, DX,            # (N, C * S) contiguous
+        W,                    # (C,) weight (read only when HAS_WEIGHT)
+        PARTIAL,              # fp32 slabs (any pointer: read as fp32), slab_stride values apart:
+                              # slab j holds, for the BLOCK_C values j * BLOCK_C... of a sample,
+                              # (P_params, programs along axis 0, BLOCK_C) sums over each
+                              # program's samples of dy * xhat (COMPUTE_DW) then of dy
+                              # (COMPUTE_DB). May be DX itself: its first n_skip samples,
+                              # whose dx is then left to _gn_small_finish_kernel
+        n_samples, n_groups, group_len, n_cols, samples_per_program, n_skip, slab_stride, eps,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+        PREFETCH: tl.constexpr,
+    ):
+        # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
+        # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once (mean and rstd recomputed from the tile).
+        pid, g0 = tl.program_id(0), tl.program_id(1) * BLOCK_G
+        n_start = pid * samples_per_program
+        n_end = tl.minimum(n_start + samples_per_program, n_samples)
+        row_len = n_groups * group_len
+        w, c_mask = _gn_small_weight(W, n_groups, group_len, n_cols, g0, HAS_WEIGHT, BLOCK_G, BLOCK_L)
         dw_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
         if PREFETCH:
@@ -723,29 +749,62 @@ if HAS_TRITON:
                 dy, xr = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
                                          BLOCK_N, BLOCK_G, BLOCK_L)
             dy = dy.to(tl.float32)                                                   # (BN, BG, BL)
-            xr = xr.to(tl.float32)
-            mean = tl.sum(xr, axis=2) / group_len                                    # (BN, BG)
-            d = tl.where(mask, xr - mean[:, :, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)            # (BN, BG)
-            xhat = d * rstd[:, :, None]
-            gw = dy * w[None, :, :]
-            k_g = tl.sum(gw, axis=2) / group_len
-            k_gx = tl.sum(gw * xhat, axis=2) / group_len
-            dx = (dy * (w[None, :, :] * rstd[:, :, None])
-                  - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None]))
+            dx, xhat = _gn_small_dx(dy, xr.to(tl.float32), w, mask, group_len, eps)
             n = n0 + tl.arange(0, BLOCK_N)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask & (n >= n_skip)[:, None, None])
             if COMPUTE_DW:
                 dw_acc += tl.sum(dy * xhat, axis=0)
             if COMPUTE_DB:
                 db_acc += tl.sum(dy, axis=0)
-        cols = (g * group_len)[:, None] + v[None, :]                                    # (BG, BL)
-        row = PARTIAL + pid.to(tl.int64) * row_len
+        g = g0 + tl.arange(0, BLOCK_G)
+        cols = (g * group_len)[:, None] + tl.arange(0, BLOCK_L)[None, :]                # (BG, BL)
+        slot = (PARTIAL.to(tl.pointer_type(tl.float32)) + (cols // BLOCK_C).to(tl.int64) * slab_stride
+                + pid * BLOCK_C + cols % BLOCK_C)
         if COMPUTE_DW:
-            tl.store(row + cols, dw_acc, mask=c_mask)
-            row += tl.num_programs(0).to(tl.int64) * row_len
+            tl.store(slot, dw_acc, mask=c_mask)
+            slot += tl.num_programs(0) * BLOCK_C
         if COMPUTE_DB:
-            tl.store(row + cols, db_acc, mask=c_mask)
+            tl.store(slot, db_acc, mask=c_mask)
+
+    @jit
+    def _gn_small_finish_kernel(
+        DY, X, DX,            # (N, C * S) contiguous
+        W,                    # (C,) weight (read only when HAS_WEIGHT and RECOMPUTE)
+        PARTIAL,              # the backward kernel's slabs (read as fp32)
+        OUT,                  # (P_params, C * S) out: the sums over programs, in OUT's dtype
+        n_programs, slab_stride, slab_samples, n_groups, group_len, n_cols, eps,
+        HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
+        RECOMPUTE: tl.constexpr,  # the slabs are DX's first samples: write their dx after
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        # Program j sums slab j over the programs (a fixed order: deterministic); with
+        # RECOMPUTE, slab j is samples [j * slab_samples, (j + 1) * slab_samples) of DX, read
+        # by this program alone, so it then writes their dx (all groups).
+        j = tl.program_id(0)
+        row_len = n_groups * group_len
+        cc = tl.arange(0, BLOCK_C)
+        col_mask = j * BLOCK_C + cc < row_len
+        slab = PARTIAL.to(tl.pointer_type(tl.float32)) + j.to(tl.int64) * slab_stride
+        rows = tl.arange(0, BLOCK_P)
+        for q in tl.static_range(N_PARAMS):
+            acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+            for p0 in range(0, n_programs, BLOCK_P):
+                mask = ((p0 + rows) < n_programs)[:, None] & col_mask[None, :]
+                acc += tl.load(slab + ((q * n_programs + p0 + rows) * BLOCK_C)[:, None] + cc[None, :], mask=mask, other=0.0)
+            tl.store(OUT + q * row_len + j * BLOCK_C + cc, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+        if RECOMPUTE:
+            tl.debug_barrier()  # every thread's reads of the slab come before the writes below
+            n_start = j * slab_samples
+            n_end = n_start + slab_samples
+            for g0 in range(0, n_groups, BLOCK_G):
+                w, w_mask = _gn_small_weight(W, n_groups, group_len, n_cols, g0, HAS_WEIGHT, BLOCK_G, BLOCK_L)
+                for n0 in range(n_start, n_end, BLOCK_N):
+                    offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+                    dy, xr = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
+                                             BLOCK_N, BLOCK_G, BLOCK_L)
+                    dx, xhat = _gn_small_dx(dy.to(tl.float32), xr.to(tl.float32), w, mask, group_len, eps)
+                    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -973,44 +1032,42 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         # 8-warp program per SM instead of two (16-bit tiles of 4096 values)
         prefetch = not (x.element_size() == 2 and warps == 8)
         prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else prefetch
-        tiles = dict(BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, PREFETCH=prefetch, num_warps=warps)
         programs, spp = _small_bwd_grid(x.device, n, num_groups, block_n, block_g, warps)
-        # The partial rows fill the first dx samples when they take at most a quarter of
-        # them (else an fp32 buffer): a second launch writes those samples' dx after the
-        # sums, so nothing is allocated beyond dx. H200, (N, 4096) bf16 with 32 groups, 528
-        # samples: kernel time 35.2 against 32.7 us at N = 4096, 62.9 against 62.1 at 8192.
-        skip = n_params * programs * 4 // x.element_size()
-        in_dx = n_params > 0 and (n_params * programs * 4) % x.element_size() == 0 and 4 * skip <= n and _SCRATCH_IN_DX
+        row_len = c * n_cols
+        block_c = min(_SMALL_SLAB_VALUES, next_power_of_2(row_len))
+        n_slabs = cdiv(row_len, block_c)
+        slab_values = n_params * programs * block_c
+        # In dx: each slab spans whole samples (slab_samples, 4-byte aligned), at most half
+        # of them in all (else one fp32 buffer).
+        sample_bytes = row_len * x.element_size()
+        step = 4 // math.gcd(sample_bytes, 4)
+        slab_samples = cdiv(cdiv(slab_values * 4, sample_bytes), step) * step
+        in_dx = n_params > 0 and 2 * n_slabs * slab_samples <= n and _SCRATCH_IN_DX
         if in_dx:
-            partial = dx.view(-1)[: skip * c * n_cols].view(torch.float32).view(n_params, programs, c * n_cols)
+            partial, slab_stride, skip = dx, slab_samples * sample_bytes // 4, n_slabs * slab_samples
         else:
-            partial = torch.empty((n_params, programs, c * n_cols), dtype=torch.float32, device=x.device)
-            skip = 0
+            partial = torch.empty(n_slabs * slab_values, dtype=torch.float32, device=x.device) if n_params else dx
+            slab_stride, skip = slab_values, 0
         w = weight.contiguous() if weight is not None else xc
+        tiles = dict(BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
         with device_guard(x):
             _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
-                dyc, xc, dx, w, partial if n_params else dx, n, num_groups, group_len, n_cols, spp, skip, float(eps),
-                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, **tiles,
+                dyc, xc, dx, w, partial, n, num_groups, group_len, n_cols, spp, skip, slab_stride, float(eps),
+                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PREFETCH=prefetch, **tiles,
             )
         if n_params == 0:
-            return dx, partial.new_empty((0, c), dtype=param_dtype)
-        if n_cols == 1:
-            params = _utils.sum_partials(partial, param_dtype)
-        else:
-            # per (channel, spatial) sums: the spatial values of each channel added after
-            # (H200: partial rows of C channels per (program, spatial index) instead, one sum
-            # over programs x S rows, took 143 against 113 us at (2048, 512, 16), 186
-            # against 149 at (1024, 4096, 16): scattered stores and a tall sum)
-            params = _utils.sum_partials(partial, torch.float32).view(n_params, c, n_cols).sum(-1).to(param_dtype)
-        if skip:
-            # the dx of the samples that held the partial rows, now summed
-            programs, spp = _small_bwd_grid(x.device, skip, num_groups, block_n, block_g, warps)
-            with device_guard(x):
-                _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
-                    dyc, xc, dx, w, dx, skip, num_groups, group_len, n_cols, spp, 0, float(eps),
-                    HAS_WEIGHT=weight is not None, COMPUTE_DW=False, COMPUTE_DB=False, **tiles,
-                )
-        return dx, params
+            return dx, torch.empty((0, c), dtype=param_dtype, device=x.device)
+        # per (channel, spatial) sums, the spatial values of each channel added after (H200:
+        # partial rows of C channels per (program, spatial index) instead, one sum over
+        # programs x S rows, took 143 against 113 us at (2048, 512, 16), 186 against 149 at
+        # (1024, 4096, 16): scattered stores and a tall sum)
+        out = torch.empty((n_params, row_len), dtype=param_dtype if n_cols == 1 else torch.float32, device=x.device)
+        with device_guard(x):
+            _gn_small_finish_kernel[(n_slabs,)](
+                dyc, xc, dx, w, partial, out, programs, slab_stride, slab_samples, num_groups, group_len, n_cols,
+                float(eps), HAS_WEIGHT=weight is not None, N_PARAMS=n_params, RECOMPUTE=in_dx, BLOCK_P=16, **tiles,
+            )
+        return dx, out if n_cols == 1 else out.view(n_params, c, n_cols).sum(-1).to(param_dtype)
     if _whole_groups(x, num_groups, backward=True):
         xc = x if x.is_contiguous() else x.contiguous()
         dyc = dy if dy.is_contiguous() else dy.contiguous()

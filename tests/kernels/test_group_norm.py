@@ -242,42 +242,49 @@ def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected
     assert all(torch.equal(g, h) for g, h in zip(first, again))  # a fixed summation order
 
 
-class _CountLaunches:
-    """Stands in for a Triton kernel: counts its launches and forwards them."""
+class _RecordLaunches:
+    """Stands in for a Triton kernel: records each launch's keyword arguments and forwards it."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("shape,groups,dtype", [
-    ((50, 12), 4, torch.bfloat16),       # 3 programs: 2 * 3 * 4 / 2 = 12 samples hold the partial rows
-    ((30, 8, 3), 2, torch.float32),      # spatial dims: 2 * 3 * 4 / 4 = 6 samples
+    # 3 programs; a slab holds 2 x 3 x 8 fp32 sums (192 bytes) in whole samples
+    ((42, 10), 5, torch.bfloat16),       # 20-byte samples: 2 slabs of 10 samples
+    ((50, 9), 3, torch.bfloat16),        # 18-byte samples: 2 slabs of 12 (an even count: 4-byte aligned)
+    ((21, 10, 3), 2, torch.float32),     # spatial dims, 120-byte samples: 4 slabs of 2 samples
 ])
 @pytest.mark.parametrize("in_dx", [True, False])
 @pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
 def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dtype, in_dx, params):
-    """The small-group backward keeps its fp32 partial rows in dx's first samples (written
-    by a second launch after the sums) when they take at most a quarter of the samples, or
-    in a buffer (_SCRATCH_IN_DX off, or too few samples): the same values either way."""
+    """The small-group backward keeps its fp32 partial sums in dx's first samples (slabs of
+    whole samples, whose dx the finishing kernel writes once it has summed them) when they
+    take at most half of the samples, or in a buffer (_SCRATCH_IN_DX off, or too few
+    samples): the same values either way."""
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30)
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30)
     monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", in_dx)
     monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", 64 * dtype.itemsize)   # 64-value tiles: 3 programs
-    counter = _CountLaunches(gn_mod._gn_small_bwd_kernel)
-    monkeypatch.setattr(gn_mod, "_gn_small_bwd_kernel", counter)
+    monkeypatch.setattr(gn_mod, "_SMALL_SLAB_VALUES", 8)
+    finish = _RecordLaunches(gn_mod._gn_small_finish_kernel)
+    monkeypatch.setattr(gn_mod, "_gn_small_finish_kernel", finish)
     x, w, b = _inputs(shape, dtype)
     w = w if params in ("both", "weight") else None
     b = b if params in ("both", "bias") else None
     _check(x, groups, w, b, dtype, ULPS[dtype])
-    assert counter.launches == (2 if in_dx and params != "none" else 1)
-    counter.launches = 0
+    n_params = (w is not None) + (b is not None)
+    assert [k["RECOMPUTE"] for k in finish.launches] == [in_dx] * (n_params > 0)
+    finish.launches.clear()
     few = x[:3]                                                  # too few samples: a buffer
     _check(few, groups, w, b, dtype, ULPS[dtype])
-    assert counter.launches == 1
+    assert [k["RECOMPUTE"] for k in finish.launches] == [False] * (n_params > 0)
 
 
 @pytest.mark.parametrize("group_len,element_size,expected", [
@@ -569,10 +576,11 @@ def test_gpu_group_norm_backward_memory(monkeypatch, shape, groups, extra):
     ((8192, 4096), 32, torch.bfloat16),      # the benchmark's group_norm_2d: 128 values per group
     ((3000, 320), 32, torch.float32),        # 10 values per group, fp32
     ((4096, 512, 2), 64, torch.bfloat16),    # spatial dims: one more (2, C * S) fp32 sum
+    ((3000, 321), 3, torch.bfloat16),        # 642-byte samples: slabs of an even sample count
 ])
 def test_gpu_group_norm_small_groups_memory(shape, groups, dtype):
     """The small-group forward keeps no statistics (it allocates y alone) and the backward
-    keeps its partial rows in dx's first samples: it allocates dx and the parameter
+    keeps its partial sums in dx's first samples: it allocates dx and the parameter
     gradients (and, with spatial dims, their fp32 per-value sums)."""
     torch.manual_seed(0)
     x, w, b = (t.cuda() for t in _inputs(shape, dtype))
