@@ -780,9 +780,15 @@ if HAS_TRITON:
     ):
         # Program j sums slab j over the programs (a fixed order: deterministic); with
         # RECOMPUTE, slab j is samples [j * slab_samples, (j + 1) * slab_samples) of DX, read
-        # by this program alone, so it then writes their dx (all groups).
+        # by this program alone, so it then writes their dx (all groups), in tiles whose
+        # loads (of dy and x, not DX) are issued one tile ahead, the first before the sums.
         j = tl.program_id(0)
         row_len = n_groups * group_len
+        n_start = j * slab_samples
+        n_end = n_start + slab_samples
+        if RECOMPUTE:
+            dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n_start, 0,
+                                              BLOCK_N, BLOCK_G, BLOCK_L)
         cc = tl.arange(0, BLOCK_C)
         col_mask = j * BLOCK_C + cc < row_len
         slab = PARTIAL.to(tl.pointer_type(tl.float32)) + j.to(tl.int64) * slab_stride
@@ -795,14 +801,15 @@ if HAS_TRITON:
             tl.store(OUT + q * row_len + j * BLOCK_C + cc, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
         if RECOMPUTE:
             tl.debug_barrier()  # every thread's reads of the slab come before the writes below
-            n_start = j * slab_samples
-            n_end = n_start + slab_samples
             for g0 in range(0, n_groups, BLOCK_G):
                 w, w_mask = _gn_small_weight(W, n_groups, group_len, n_cols, g0, HAS_WEIGHT, BLOCK_G, BLOCK_L)
                 for n0 in range(n_start, n_end, BLOCK_N):
                     offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
-                    dy, xr = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
-                                             BLOCK_N, BLOCK_G, BLOCK_L)
+                    dy, xr = dy_next, x_next
+                    last = n0 + BLOCK_N >= n_end                    # next: this block's next tile, else
+                    n_next = tl.where(last, n_start, n0 + BLOCK_N)   # the next block's first
+                    dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n_next,
+                                                      tl.where(last, g0 + BLOCK_G, g0), BLOCK_N, BLOCK_G, BLOCK_L)
                     dx, xhat = _gn_small_dx(dy.to(tl.float32), xr.to(tl.float32), w, mask, group_len, eps)
                     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
