@@ -1041,7 +1041,9 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else prefetch
         programs, spp = _small_bwd_grid(x.device, n, num_groups, block_n, block_g, warps)
         row_len = c * n_cols
-        block_c = min(_SMALL_SLAB_VALUES, next_power_of_2(row_len))
+        # slabs of _SMALL_SLAB_VALUES values of a sample, wider for long samples (each slab
+        # in dx takes at least one sample: at most N / 4 slabs), up to 1024
+        block_c = min(max(_SMALL_SLAB_VALUES, next_power_of_2(cdiv(4 * row_len, n))), 1024, next_power_of_2(row_len))
         n_slabs = cdiv(row_len, block_c)
         slab_values = n_params * programs * block_c
         # In dx: each slab spans whole samples (slab_samples, 4-byte aligned), at most half
@@ -1072,7 +1074,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         with device_guard(x):
             _gn_small_finish_kernel[(n_slabs,)](
                 dyc, xc, dx, w, partial, out, programs, slab_stride, slab_samples, num_groups, group_len, n_cols,
-                float(eps), HAS_WEIGHT=weight is not None, N_PARAMS=n_params, RECOMPUTE=in_dx, BLOCK_P=16, **tiles,
+                float(eps), HAS_WEIGHT=weight is not None, N_PARAMS=n_params, RECOMPUTE=in_dx,
+                BLOCK_P=max(1, min(16, 4096 // block_c)), **tiles,
             )
         return dx, out if n_cols == 1 else out.view(n_params, c, n_cols).sum(-1).to(param_dtype)
     if _whole_groups(x, num_groups, backward=True):
