@@ -18,17 +18,22 @@ L values of each (n, g)::
 
 Only the fp32 mean is kept for the backward, which recomputes the variance (the sum of
 squared deviations from that mean, in the pass that reads ``x`` anyway): 4 bytes per
-(sample, group), as Liger Kernel's 16-bit mean and rstd, with fp32 accuracy.
+(sample, group), as Liger Kernel's 16-bit mean and rstd, with fp32 accuracy. After the
+small-group forward (below) not even that: its backward recomputes the mean too.
 
 Layout of the computation. Small groups (``Cg * S`` at most 512 values forward, 2048
 backward, padded to a power of two; a (tokens, C) input with 32 groups has 128): a
 program takes (samples x groups) tiles, each group a row of the tile held in registers
 and read once, like a layer norm over rows of ``Cg * S`` values with a per-channel
-affine; the backward's programs (one or two per SM) each own a block of samples and
-write one fp32 partial row of ``dweight`` and of ``dbias`` per value of a sample (C * S),
-summed after in a fixed order (deterministic; 4 MiB for a (tokens, 4096) input on an
-H200's 132 SMs; with spatial dims, the sums over each channel's S values are taken after
-that). Else, when there are at least two (sample, group) pairs per SM
+affine; the forward keeps no statistics. The backward's programs (one or two per SM)
+each own a block of samples and write their fp32 sums of ``dy * xhat`` and ``dy`` per
+value of a sample (C * S; 4 MiB in all for a (tokens, 4096) input on an H200's 132 SMs)
+into slabs of dx's first samples, whose dx they do not write; a finishing kernel then
+sums each slab over the programs in a fixed order (deterministic) and writes the dx of
+that slab's samples, which no other program reads. So nothing but dx and the parameter
+gradients is allocated (an fp32 buffer takes the sums instead when the slabs would fill
+more than half of the samples; with spatial dims, the sums over each channel's S values
+are taken after). Else, when there are at least two (sample, group) pairs per SM
 (the usual case in training), one program per pair does the whole group, reading its
 ``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
 variance of the deviations (two passes, no cancellation), then ``y`` (a group of up to
@@ -132,8 +137,9 @@ _GROUP_BWD_ONE_TILE_WARPS = 16
 # _SMALL_GROUP_MAX_LEN_BWD (H200, bf16: groups of 2048 values, forward 143 us against 70
 # for the whole-group kernel, backward 149 against 247); tiles: see _small_tiles. The
 # backward's programs (one per SM for its 16-warp tiles, else _SMALL_BWD_PROGRAMS_PER_SM;
-# _SMALL_BWD_PROGRAMS_CPU under the interpreter) each own a block of samples and write one
-# fp32 partial row of the parameter gradients, summed after (as layer_norm's). H200,
+# _SMALL_BWD_PROGRAMS_CPU under the interpreter) each own a block of samples and write their
+# fp32 sums for the parameter gradients into slabs (in dx's first samples, see the module
+# docstring), which _gn_small_finish_kernel adds up. H200,
 # (8192, 4096) with 32 groups: forward 40 us and backward 72 us against 186 and 1113 for
 # the whole-group kernels (torch: 0.86 ms forward + backward); 75 us with one 16-warp
 # program per SM against 81 with two; 4-warp tiles of 512-value groups: 146 us with one
@@ -144,7 +150,9 @@ _SMALL_TILE_ELEMS = 4096
 _SMALL_BWD_TILE_BYTES = 16384
 _SMALL_BWD_PROGRAMS_PER_SM = 2
 _SMALL_BWD_PROGRAMS_CPU = 3
-# Values of a sample per slab of the backward's partial sums (one finishing program each).
+# Values of a sample per slab of the backward's sums (one finishing program each; wider
+# for long samples). H200, (8192, 4096) with 32 groups: 128 finishing programs, 640 samples
+# (8%) read again, 8.8 us (session 12).
 _SMALL_SLAB_VALUES = 32
 # The backward issues the next tile's loads before this tile's reductions (register
 # double buffering), except for 16-bit tiles under 8 warps (groups of 256 values), whose
@@ -797,7 +805,8 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
             for p0 in range(0, n_programs, BLOCK_P):
                 mask = ((p0 + rows) < n_programs)[:, None] & col_mask[None, :]
-                acc += tl.load(slab + ((q * n_programs + p0 + rows) * BLOCK_C)[:, None] + cc[None, :], mask=mask, other=0.0)
+                offs = ((q * n_programs + p0 + rows) * BLOCK_C)[:, None] + cc[None, :]      # (BP, BC)
+                acc += tl.load(slab + offs, mask=mask, other=0.0)
             tl.store(OUT + q * row_len + j * BLOCK_C + cc, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
         if RECOMPUTE:
             tl.debug_barrier()  # every thread's reads of the slab come before the writes below
@@ -946,7 +955,7 @@ def chunk_samples(n_samples: int, num_groups: int, sm_count: int) -> int:
     return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds each group's chain of hand-offs
 
 
-_SCRATCH_IN_DX = True  # tests: False keeps the whole-group backward's scratch in its own buffers
+_SCRATCH_IN_DX = True  # tests: False keeps the backwards' scratch (tickets, sums) in their own buffers
 
 
 def _scratch_in_dx(dx: torch.Tensor, num_groups: int, scratch_bytes: int) -> bool:

@@ -603,7 +603,8 @@ def test_gpu_group_norm_small_groups_memory(shape, groups, dtype):
     if x.dim() == 2:
         assert torch.cuda.max_memory_allocated() - before == expected
     else:  # the (2, C * S) fp32 sums, then their (2, C) sums over S
-        assert torch.cuda.max_memory_allocated() - before <= expected + rounded(2 * x[0].numel() * 4) + rounded(2 * shape[1] * 4)
+        sums = rounded(2 * x[0].numel() * 4) + rounded(2 * shape[1] * 4)
+        assert torch.cuda.max_memory_allocated() - before <= expected + sums
     y64, grads64 = _torch64(x, groups, w, b, dy)
     ulps = {torch.float32: 64, torch.bfloat16: 2}[dtype]
     assert_close_ulps(y, y64, dtype, ulps)
