@@ -876,12 +876,13 @@ def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int) -> tuple
 def _small_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> bool:
     """Whether the small-group kernels run: a group's Cg * S values number at most
     _SMALL_GROUP_MAX_LEN (_SMALL_GROUP_MAX_LEN_BWD for the backward; powers of two, so the
-    padded length fits too), a sample's C * S values fewer than 2^31 (their offsets within a
-    sample are int32) and the groups at most 65535 (their blocks are grid axis 1, which CUDA
-    caps there). Plain comparisons, so that the fake forward can ask it of symbolic shapes."""
+    padded length fits too), a sample's C * S values fewer than 2^30 (offsets within a sample,
+    and into the backward's (2, C * S) sums, are int32) and the groups at most 65535 (their
+    blocks are grid axis 1, which CUDA caps there). Plain comparisons, so that the fake
+    forward can ask it of symbolic shapes."""
     group_len = x.numel() // max(1, x.shape[0] * num_groups)
     limit = _SMALL_GROUP_MAX_LEN_BWD if backward else _SMALL_GROUP_MAX_LEN
-    return group_len <= limit and group_len * num_groups < 2**31 and num_groups <= 65535
+    return group_len <= limit and group_len * num_groups < 2**30 and num_groups <= 65535
 
 
 def _mean_groups(x: torch.Tensor, num_groups: int) -> int:

@@ -216,10 +216,12 @@ def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, t
 ])
 def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected_tiles, dtype, small):
     """The small-group kernels over several tiles: blocks of groups, several samples per
-    tile and per program, and the parameter gradients' fp32 partial rows (one per program
-    and block of groups, then the spatial values of each channel) summed after; in both
-    directions, or in one with the whole-group kernel in the other (their group sizes
-    differ); the backward with and without the next tile's loads issued early."""
+    tile and per program, and the parameter gradients' fp32 partial sums (one row per
+    program and block of groups, then the spatial values of each channel) summed after; in
+    both directions, or the backward alone after the whole-group forward (their group
+    sizes differ); after the small-group forward the backward takes the small-group kernels
+    whatever its own limit ("forward": the forward keeps no mean for another backward);
+    the backward with and without the next tile's loads issued early."""
     monkeypatch.setattr(gn_mod, "_SMALL_BWD_PREFETCH", small != "backward_no_prefetch")
     small = "backward" if small == "backward_no_prefetch" else small
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30 if small != "backward" else 0)
@@ -232,6 +234,8 @@ def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected
     assert gn_mod._small_tiles(shape[0], groups, group_len, dtype.itemsize)[:3] == expected_tiles
     assert gn_mod._small_tiles(shape[0], groups, group_len, dtype.itemsize, backward=True)[:3] == expected_tiles
     x, w, b = _inputs(shape, dtype)
+    _, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
+    assert mean.shape == (shape[0], 0 if small != "backward" else groups)   # no mean after the small forward
     grads = _check(x, groups, w, b, dtype, ULPS[dtype])
     _check(x, groups, w, None, dtype, ULPS[dtype])
     _check(x, groups, None, b, dtype, ULPS[dtype])
