@@ -32,8 +32,8 @@ into slabs of dx's first samples, whose dx they do not write; a finishing kernel
 sums each slab over the programs in a fixed order (deterministic) and writes the dx of
 that slab's samples, which no other program reads. So nothing but dx and the parameter
 gradients is allocated (an fp32 buffer takes the sums instead when the slabs would fill
-more than half of the samples; with spatial dims, the sums over each channel's S values
-are taken after). Else, when there are at least two (sample, group) pairs per SM
+more than half of the samples; with spatial dims, the finishing kernel writes fp32 sums
+per value, (P, C * S), whose sums over each channel's S values are taken after). Else, when there are at least two (sample, group) pairs per SM
 (the usual case in training), one program per pair does the whole group, reading its
 ``Cg x S`` values in tiles (from L2 after the first pass): forward, the mean, then the
 variance of the deviations (two passes, no cancellation), then ``y`` (a group of up to
@@ -972,7 +972,8 @@ def _scratch_in_dx(dx: torch.Tensor, num_groups: int, scratch_bytes: int) -> boo
 
 
 def _launch_forward(x, num_groups, weight, bias, eps):
-    """Returns y (x's shape and dtype, contiguous) and the (N, G) fp32 mean."""
+    """Returns y (x's shape and dtype, contiguous) and the fp32 mean kept for the backward:
+    (N, G), or (N, 0) after the small-group kernels (see _mean_groups)."""
     n = x.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:

@@ -216,8 +216,8 @@ def test_group_norm_whole_group_tiles(monkeypatch, shape, groups, max_block_s, t
 ])
 def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected_tiles, dtype, small):
     """The small-group kernels over several tiles: blocks of groups, several samples per
-    tile and per program, and the parameter gradients' fp32 partial sums (one row per
-    program and block of groups, then the spatial values of each channel) summed after; in
+    tile and per program, and the parameter gradients' fp32 partial sums (per program and
+    value, in slabs; then the spatial values of each channel) summed after; in
     both directions, or the backward alone after the whole-group forward (their group
     sizes differ); after the small-group forward the backward takes the small-group kernels
     whatever its own limit ("forward": the forward keeps no mean for another backward);
@@ -247,14 +247,15 @@ def test_group_norm_small_group_tiles(monkeypatch, shape, groups, tile, expected
 
 
 class _RecordLaunches:
-    """Stands in for a Triton kernel: records each launch's keyword arguments and forwards it."""
+    """Stands in for a Triton kernel: records each launch's (positional, keyword) arguments
+    and forwards it."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(kwargs)
+            self.launches.append((args, kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -264,8 +265,8 @@ class _RecordLaunches:
     ((42, 10), 5, torch.bfloat16),       # 20-byte samples: 2 slabs of 10 samples
     ((50, 9), 3, torch.bfloat16),        # 18-byte samples: 2 slabs of 12 (an even count: 4-byte aligned)
     ((21, 10, 3), 2, torch.float32),     # spatial dims, 120-byte samples: 4 slabs of 2 samples
-    ((36, 128), 8, torch.bfloat16),      # 2 blocks of 4 groups; slabs of 16 values (long samples): 8 of 2 samples
-])
+    ((36, 128), 8, torch.bfloat16),      # 2 blocks of 4 groups, 3 programs each (6 in all); slabs of 16
+])                                       # values (long samples): 8 of 2 samples
 @pytest.mark.parametrize("in_dx", [True, False])
 @pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
 def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dtype, in_dx, params):
@@ -278,6 +279,7 @@ def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dt
     monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", in_dx)
     monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", 64 * dtype.itemsize)   # 64-value tiles: 3 programs
     monkeypatch.setattr(gn_mod, "_SMALL_SLAB_VALUES", 8)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_PROGRAMS_CPU", 6 if groups == 8 else 3)   # 3 per block of groups
     finish = _RecordLaunches(gn_mod._gn_small_finish_kernel)
     monkeypatch.setattr(gn_mod, "_gn_small_finish_kernel", finish)
     x, w, b = _inputs(shape, dtype)
@@ -285,11 +287,17 @@ def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dt
     b = b if params in ("both", "bias") else None
     _check(x, groups, w, b, dtype, ULPS[dtype])
     n_params = (w is not None) + (b is not None)
-    assert [k["RECOMPUTE"] for k in finish.launches] == [in_dx] * (n_params > 0)
+    assert [k["RECOMPUTE"] for _, k in finish.launches] == [in_dx] * (n_params > 0)
+    for args, kwargs in finish.launches:
+        programs, slab_stride, slab_samples = args[6:9]
+        assert programs == 3
+        if kwargs["RECOMPUTE"]:   # whole samples, starting on 4-byte boundaries (fp32 sums)
+            assert slab_stride * 4 == slab_samples * x[0].numel() * x.element_size()
+            assert slab_stride >= n_params * programs * kwargs["BLOCK_C"]
     finish.launches.clear()
     few = x[:3]                                                  # too few samples: a buffer
     _check(few, groups, w, b, dtype, ULPS[dtype])
-    assert [k["RECOMPUTE"] for k in finish.launches] == [False] * (n_params > 0)
+    assert [k["RECOMPUTE"] for _, k in finish.launches] == [False] * (n_params > 0)
 
 
 @pytest.mark.parametrize("group_len,element_size,expected", [
