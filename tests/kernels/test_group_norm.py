@@ -265,8 +265,9 @@ class _RecordLaunches:
     ((42, 10), 5, torch.bfloat16),       # 20-byte samples: 2 slabs of 10 samples
     ((50, 9), 3, torch.bfloat16),        # 18-byte samples: 2 slabs of 12 (an even count: 4-byte aligned)
     ((21, 10, 3), 2, torch.float32),     # spatial dims, 120-byte samples: 4 slabs of 2 samples
-    ((36, 128), 8, torch.bfloat16),      # 2 blocks of 4 groups, 3 programs each (6 in all); slabs of 16
-])                                       # values (long samples): 8 of 2 samples
+    # 2 blocks of 4 groups, 3 programs each (6 in all); slabs of 16 values (long samples): 8 of 2 samples
+    ((36, 128), 8, torch.bfloat16),
+])
 @pytest.mark.parametrize("in_dx", [True, False])
 @pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
 def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dtype, in_dx, params):
