@@ -662,6 +662,15 @@ if HAS_TRITON:
         offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
         return tl.load(DY + offs, mask=mask, other=0.0), tl.load(X + offs, mask=mask, other=0.0)
 
+    @triton.jit
+    def _gn_small_stats(x, mask, group_len, eps):
+        """Deviations from the mean and rstd of each group of a (BLOCK_N, BLOCK_G, BLOCK_L)
+        fp32 tile (0 where masked off): ((BN, BG, BL), (BN, BG)), two passes (no
+        cancellation); the forward and the backward share them, so they agree bit for bit."""
+        mean = tl.sum(x, axis=2) / group_len                                         # (BN, BG)
+        d = tl.where(mask, x - mean[:, :, None], 0.0)
+        return d, 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)
+
     @jit
     def _gn_small_fwd_kernel(
         X, Y,                 # (N, C * S) contiguous
@@ -677,9 +686,7 @@ if HAS_TRITON:
         row_len = n_groups * group_len
         offs, mask = _gn_small_tile(row_len, n_samples, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)                  # (BN, BG, BL)
-        mean = tl.sum(x, axis=2) / group_len                                           # (BN, BG)
-        d = tl.where(mask, x - mean[:, :, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)
+        d, rstd = _gn_small_stats(x, mask, group_len, eps)                           # (BN, BG, BL), (BN, BG)
         g = g0 + tl.arange(0, BLOCK_G)
         # the channel of each tile value, and its (scale, shift) as in the whole-group kernel
         ch = (g * (group_len // n_cols))[:, None] + tl.arange(0, BLOCK_L)[None, :] // n_cols   # (BG, BL)
@@ -708,9 +715,7 @@ if HAS_TRITON:
         """dx and xhat of a (BLOCK_N, BLOCK_G, BLOCK_L) tile of whole groups from fp32 dy and
         x (0 where masked off) and the (BLOCK_G, BLOCK_L) weight: mean and rstd from the
         tile, then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L), g = dy * w."""
-        mean = tl.sum(x, axis=2) / group_len                                         # (BN, BG)
-        d = tl.where(mask, x - mean[:, :, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=2) / group_len + eps)                # (BN, BG)
+        d, rstd = _gn_small_stats(x, mask, group_len, eps)
         xhat = d * rstd[:, :, None]
         gw = dy * w[None, :, :]
         k_g = tl.sum(gw, axis=2) / group_len
