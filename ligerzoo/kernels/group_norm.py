@@ -43,15 +43,18 @@ program per chunk of samples of a group), per channel ``A = sum(dy * (x - mean))
 (from L2; with fp32 inputs a sample's group of up to 16384 values is one tile of
 registers, read once). A
 program's fp32 sums of A and B over its samples are its share of ``dweight`` /
-``dbias``; the chunks of a group add their shares into one fp32 accumulator in chunk
-order (each waits for its predecessor's turn, a ticket in global memory), so the
-summation order is fixed (deterministic) and no per-sample partial rows are stored. The
-tickets and the accumulator live in the first bytes of each group's last-sample values of
-``dx``, which the last chunk writes only after it has read them: the backward allocates
-only ``dx`` and the parameter gradients. (fp32 parameter gradients accumulate in the
-output itself, and one chunk per group needs neither ticket nor accumulator; groups of
-fewer bytes than the scratch, or of a byte count not a multiple of 4, keep the tickets and
-the accumulator in two small buffers; the split kernels below allocate per-row partials.)
+``dbias``: it writes them into its slot, then counts itself in on the group's arrival
+counter (an atomic add); the last of the group's chunks to arrive adds the slots up in
+chunk order, so the summation order is fixed (deterministic) whatever the arrival order,
+no program waits for another (the threadfence-reduction pattern of the CUDA samples) and
+no per-sample partial rows are stored. The slots live in the group's values of ``dx``'s
+last sample (or last two), whose dx that last program writes after it has read them, and
+the counters in the first bytes of each group's values of the ``dweight`` (or ``dbias``)
+output, which the same program overwrites with the total: the backward allocates only
+``dx`` and the parameter gradients. (One chunk per group needs neither; groups whose
+values hold no slot, or of a byte count not a multiple of 4, keep the slots in a buffer,
+and the counters take a small buffer when a group's channels of the output span a byte
+count not a multiple of 4; the split kernels below allocate per-row partials.)
 Otherwise (few, large groups, or a backward with more than ``_MAX_GROUP_CHANNELS``
 channels per group) ``x`` is seen as ``N * C`` rows of ``S`` values
 (contiguous), so every row lies in one group and one channel, and the work is split:
@@ -96,7 +99,7 @@ _REDUCE_PROGRAMS_CPU = 4
 _MAX_BLOCK_PARTIALS = 1024
 # With at least this many (sample, group) pairs per SM (or _WHOLE_GROUP_PROGRAMS_CPU under
 # the interpreter), the whole-group kernels run: one launch forward and one backward (plus
-# the zero fill of the backward's tickets), instead of three and three plus sums.
+# the zero fill of the backward's arrival counters), instead of three and three plus sums.
 _WHOLE_GROUP_PROGRAMS_PER_SM = 2
 _WHOLE_GROUP_PROGRAMS_CPU = 4
 # The whole-group forward: one program per (sample, group), tiles of channels x up to
@@ -161,10 +164,21 @@ _SMALL_SLAB_VALUES = 32
 # (1024, 4096, 16), 2048-value groups: 148.6 / 176.6; fp32, 128: 121.5 / 227.1.
 # None: that rule; True / False force it (tests).
 _SMALL_BWD_PREFETCH: Optional[bool] = None
-# At most this many chunks per group (more samples per program for large N): the chunks
-# hand off to each other in turn (about a microsecond each), so (8192, 4096) with 32 groups
-# has 64 hand-offs per group instead of 4096.
+# At most this many chunks per group (more samples per program for large N): the group's
+# last program adds up one slot of sums per chunk.
 _MAX_CHUNKS = 64
+# The whole-group backward keeps the chunks' sums in the group's values of at most this
+# many last samples of dx, whose dx the group's last program then writes (else a buffer).
+_MAX_SCRATCH_SAMPLES = 2
+# The group's last program loads the slots in (slots x channels) tiles of at most this many
+# values (one round trip for 64 slots of 128 channels; one slot at a time took 33 us more
+# on the H200 at (64, 4096, 128), 32 slots a group).
+_SLOT_LOAD_ELEMS = 8192
+# The tiled whole-group backward is compiled with at most this many registers a thread over
+# the threads of _GROUP_BWD_PROGRAMS_PER_SM programs (64 at 16 warps): left to itself, ptxas
+# gave the kernel 84 on the H200 (Triton 3.6), one program per SM: (64, 4096, 128) bf16 took
+# 112 us against 80 with the cap (no spills).
+_REGISTERS_PER_SM = 65536
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -472,25 +486,99 @@ if HAS_TRITON:
             dx = dy * scale[:, None] - rstd * (k_g + xhat * k_gx)
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _gn_group_sample(DY, X, DX, MEAN, pair, numel, w, cc, c_mask, ss, n_cols, eps, write_dx,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
+        """One (sample, group) of the whole-group backward, ``pair = n * G + g``: its
+        per-channel sums A = sum(dy * xhat) and B = sum(dy) (each (BLOCK_C,) fp32, returned
+        for the parameter gradients), and its dx when ``write_dx``."""
+        base = pair.to(tl.int64) * numel
+        mean = tl.load(MEAN + pair)
+        # pass 1: per channel A' = sum(dy * (x - mean)), B = sum(dy) and the squared
+        # deviations (rstd, as in the forward); A = A' * rstd; sum(g) = sum_c w B,
+        # sum(g * xhat) = sum_c w A
+        if ONE_TILE:
+            # the sample's group stays in registers for dx below
+            mask1 = c_mask[:, None] & (ss < n_cols)[None, :]
+            offs1 = cc[:, None] * n_cols + ss[None, :]
+            dy1 = tl.load(DY + base + offs1, mask=mask1, other=0.0).to(tl.float32)
+            d1 = tl.where(mask1, tl.load(X + base + offs1, mask=mask1, other=0.0).to(tl.float32) - mean, 0.0)
+            a_c = tl.sum(dy1 * d1, axis=1)
+            b_c = tl.sum(dy1, axis=1)
+            v_c = tl.sum(d1 * d1, axis=1)
+        elif X.dtype.element_ty != tl.float32:
+            # 16-bit inputs: reduce each tile over its values (fewer live registers;
+            # H200, (64, 4096, 128) bf16, same tiles and warps, kernel time under the
+            # profiler: 78 us against 105 for the form below)
+            a_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+            b_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+            v_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
+                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, x - mean, 0.0)
+                a_c += tl.sum(dy * d, axis=1)
+                b_c += tl.sum(dy, axis=1)
+                v_c += tl.sum(d * d, axis=1)
+        else:
+            # fp32 inputs: (BLOCK_C, BLOCK_S) accumulators (Triton 3.6 fails to compile
+            # the per-tile form above for fp32 loads: "PassManager::run failed")
+            a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            v = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+            for s0 in range(0, n_cols, BLOCK_S):
+                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+                offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
+                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, x - mean, 0.0)
+                a += dy * d
+                b += dy
+                v += d * d
+            a_c, b_c, v_c = tl.sum(a, axis=1), tl.sum(b, axis=1), tl.sum(v, axis=1)    # (BLOCK_C,)
+        rstd = 1.0 / tl.sqrt(tl.sum(v_c, axis=0) / numel + eps)
+        a_c = a_c * rstd
+        k_gx = tl.sum(a_c * w) / numel
+        k_g = tl.sum(b_c * w) / numel
+        # pass 2: dx (from registers with ONE_TILE, else from L2)
+        if write_dx:
+            if ONE_TILE:
+                # the same operations as _gn_group_dx, in the same order
+                xhat = d1 * rstd
+                dx = dy1 * (w * rstd)[:, None] - rstd * (k_g + xhat * k_gx)
+                tl.store(DX + base + offs1, dx.to(DX.dtype.element_ty), mask=mask1)
+            else:
+                _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
+        return a_c, b_c
+
     @jit
     def _gn_group_bwd_kernel(
         DY, X, DX,            # (N * G, Cg, S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT)
         MEAN,                 # (N * G,) fp32 (rstd is recomputed here)
-        ACC,                  # (P, C) fp32: running sums over sample chunks of dweight
-                              # (COMPUTE_DW) then dbias (COMPUTE_DB); read only when neither
-                              # SCRATCH_IN_DX nor ACC_IS_OUT (then OUT itself, fp32, holds them)
+        SLOTS,                # fp32 sums of each chunk (see below), from element slot0 of
+                              # SLOTS seen as fp32: dx itself (the group's values in the last
+                              # n_scratch samples) or a buffer
         OUT,                  # (P, C) out, in the parameters' dtype
-        TICKET,               # (G,) int32, zeroed: the sample chunk whose turn it is to add;
-                              # read only with several chunks, parameter gradients and not
-                              # SCRATCH_IN_DX
+        TICKET,               # int32 arrival counters, one per group (ticket_stride apart), zeroed
         n_samples, n_groups, ch_per_group, n_cols, samples_per_program, eps,
+        slot0, region_stride, slots_per_region, n_scratch, ticket_stride,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-        SCRATCH_IN_DX: tl.constexpr, ACC_IS_OUT: tl.constexpr,
-        INTERPRET: tl.constexpr,  # Triton's CPU interpreter: programs run one after another
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         ONE_TILE: tl.constexpr,   # a sample's group is one (BLOCK_C, BLOCK_S) tile: read once
+        SLOT_BLOCK: tl.constexpr,  # slots the last program loads at once
     ):
+        """Each program takes one group of a chunk of samples. With parameter gradients and
+        several chunks, each chunk writes its (P, Cg) fp32 sums into slot ``chunk`` of its
+        group, then counts itself in on the group's ticket; the last to arrive adds the
+        group's slots in chunk order (a fixed order: deterministic, whatever the arrival
+        order), rounds the total into OUT, and, when the slots lie in dx, writes the dx of
+        the last ``n_scratch`` samples, whose values held them (no program waits on another:
+        the threadfence-reduction pattern of the CUDA samples). Slot j of group g starts at
+        fp32 element ``slot0 + ((j // slots_per_region) * G + g) * region_stride +
+        (j % slots_per_region) * P * Cg`` of SLOTS."""
         pid = tl.program_id(0)
         grp = pid % n_groups
         chunk = pid // n_groups                             # this program's samples: a chunk
@@ -506,140 +594,58 @@ if HAS_TRITON:
             w = tl.load(W + ch0 + cc, mask=c_mask, other=0.0).to(tl.float32)
         else:
             w = tl.where(c_mask, 1.0, 0.0)
-        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sum over the chunk of A, B
+        sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sums over the chunk of A, B
         sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        # the last sample's statistics, kept for its dx when SCRATCH_IN_DX (fp32 zero
-        # scalars here: they fix the type the loop carries)
-        mean = tl.sum(sum_a, axis=0)
-        rstd = mean
-        k_g = mean
-        k_gx = mean
         for n in range(n_start, n_end):
-            pair = n * n_groups + grp
-            base = pair.to(tl.int64) * numel
-            mean = tl.load(MEAN + pair)
-            # pass 1: per channel A' = sum(dy * (x - mean)), B = sum(dy) and the squared
-            # deviations (rstd, as in the forward); A = A' * rstd; sum(g) = sum_c w B,
-            # sum(g * xhat) = sum_c w A
-            if ONE_TILE:
-                # the sample's group stays in registers for dx below
-                mask1 = c_mask[:, None] & (ss < n_cols)[None, :]
-                offs1 = cc[:, None] * n_cols + ss[None, :]
-                dy1 = tl.load(DY + base + offs1, mask=mask1, other=0.0).to(tl.float32)
-                d1 = tl.where(mask1, tl.load(X + base + offs1, mask=mask1, other=0.0).to(tl.float32) - mean, 0.0)
-                a_c = tl.sum(dy1 * d1, axis=1)
-                b_c = tl.sum(dy1, axis=1)
-                v_c = tl.sum(d1 * d1, axis=1)
-            elif X.dtype.element_ty != tl.float32:
-                # 16-bit inputs: reduce each tile over its values (fewer live registers;
-                # H200, (64, 4096, 128) bf16, same tiles and warps, kernel time under the
-                # profiler: 78 us against 105 for the form below)
-                a_c = tl.zeros([BLOCK_C], dtype=tl.float32)
-                b_c = tl.zeros([BLOCK_C], dtype=tl.float32)
-                v_c = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for s0 in range(0, n_cols, BLOCK_S):
-                    mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                    offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
-                    dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-                    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                    d = tl.where(mask, x - mean, 0.0)
-                    a_c += tl.sum(dy * d, axis=1)
-                    b_c += tl.sum(dy, axis=1)
-                    v_c += tl.sum(d * d, axis=1)
-            else:
-                # fp32 inputs: (BLOCK_C, BLOCK_S) accumulators (Triton 3.6 fails to compile
-                # the per-tile form above for fp32 loads: "PassManager::run failed")
-                a = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-                b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-                v = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
-                for s0 in range(0, n_cols, BLOCK_S):
-                    mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                    offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
-                    dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-                    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                    d = tl.where(mask, x - mean, 0.0)
-                    a += dy * d
-                    b += dy
-                    v += d * d
-                a_c, b_c, v_c = tl.sum(a, axis=1), tl.sum(b, axis=1), tl.sum(v, axis=1)    # (BLOCK_C,)
-            rstd = 1.0 / tl.sqrt(tl.sum(v_c, axis=0) / numel + eps)
-            a_c = a_c * rstd
+            a_c, b_c = _gn_group_sample(DY, X, DX, MEAN, n * n_groups + grp, numel, w, cc, c_mask, ss,
+                                        n_cols, eps, n < n_samples - n_scratch, BLOCK_C, BLOCK_S, ONE_TILE)
             sum_a += a_c
             sum_b += b_c
-            k_gx = tl.sum(a_c * w) / numel
-            k_g = tl.sum(b_c * w) / numel
-            # pass 2: dx (from registers with ONE_TILE, else from L2). With SCRATCH_IN_DX,
-            # the group's last sample waits until after the hand-off below (its first values
-            # hold the scratch; it then reads the sample again)
-            if not SCRATCH_IN_DX or n != n_samples - 1:
-                if ONE_TILE:
-                    # the same operations as _gn_group_dx, in the same order
-                    xhat = d1 * rstd
-                    dx = dy1 * (w * rstd)[:, None] - rstd * (k_g + xhat * k_gx)
-                    tl.store(DX + base + offs1, dx.to(DX.dtype.element_ty), mask=mask1)
-                else:
-                    _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
 
         if COMPUTE_DW or COMPUTE_DB:
-            # The chunks of a group add their sums into the fp32 accumulator one after
-            # another, in chunk order (a fixed summation order: deterministic), the last one
-            # rounding the total into OUT. Chunk k waits for chunk k - 1, which has a lower
-            # program id and so was dispatched before it: CUDA dispatches the blocks of a
-            # 1-D grid in increasing order in practice (not a documented guarantee; split-K
-            # GEMMs with serial reduction rely on the same). Under the interpreter, programs
-            # run in order. With SCRATCH_IN_DX, the ticket (then the accumulator, from byte
-            # 16) lies in the dx values of the group's last sample, which only the last
-            # chunk writes, after it has read them.
             db_off = n_channels if COMPUTE_DW else 0
-            if SCRATCH_IN_DX:
-                region = DX + ((n_samples - 1) * n_groups + grp).to(tl.int64) * numel
-                tick = region.to(tl.pointer_type(tl.int32))
-                acc_w = (tick + 4).to(tl.pointer_type(tl.float32))
-                acc_b = acc_w
-                if COMPUTE_DW:
-                    acc_b = acc_w + ch_per_group
-            else:
-                tick = TICKET + grp
-                acc_w = ACC + ch0
-                acc_b = ACC + db_off + ch0
-            if ACC_IS_OUT:
-                acc_w = OUT + ch0
-                acc_b = OUT + db_off + ch0
-            if n_chunks > 1:
-                if INTERPRET:
-                    # in program order the ticket is already this chunk's: one that is not
-                    # (a bug) poisons the sums instead of spinning forever
-                    late = tl.atomic_add(tick, 0) != chunk
-                    sum_a = tl.where(late, float("nan"), sum_a)
-                    sum_b = tl.where(late, float("nan"), sum_b)
-                else:
-                    while tl.atomic_add(tick, 0) != chunk:
-                        pass  # spin until the previous chunk hands over (nothing else to do meanwhile)
-                tl.debug_barrier()
-            if chunk > 0:
-                if COMPUTE_DW:
-                    sum_a += tl.load(acc_w + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
-                if COMPUTE_DB:
-                    sum_b += tl.load(acc_b + cc, mask=c_mask, other=0.0, cache_modifier=".cg")
-            if chunk == n_chunks - 1:
+            if n_chunks == 1:
                 if COMPUTE_DW:
                     tl.store(OUT + ch0 + cc, sum_a.to(OUT.dtype.element_ty), mask=c_mask)
                 if COMPUTE_DB:
                     tl.store(OUT + db_off + ch0 + cc, sum_b.to(OUT.dtype.element_ty), mask=c_mask)
             else:
+                slot_db = ch_per_group if COMPUTE_DW else 0
+                slot_len = (slot_db + ch_per_group) if COMPUTE_DB else ch_per_group
+                sl = SLOTS.to(tl.pointer_type(tl.float32)) + slot0
+                mine = sl + ((chunk // slots_per_region) * n_groups + grp).to(tl.int64) * region_stride \
+                    + (chunk % slots_per_region) * slot_len
                 if COMPUTE_DW:
-                    tl.store(acc_w + cc, sum_a, mask=c_mask)
+                    tl.store(mine + cc, sum_a, mask=c_mask)
                 if COMPUTE_DB:
-                    tl.store(acc_b + cc, sum_b, mask=c_mask)
-                tl.debug_barrier()
-                tl.atomic_xchg(tick, chunk + 1)
+                    tl.store(mine + slot_db + cc, sum_b, mask=c_mask)
+                tl.debug_barrier()      # every thread's sums stored before the count below
+                tick = TICKET.to(tl.pointer_type(tl.int32)) + grp * ticket_stride
+                if tl.atomic_add(tick, 1) == n_chunks - 1:   # acq_rel: the others' sums are visible
+                    tot_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    tot_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+                    jj = tl.arange(0, SLOT_BLOCK)
+                    for j0 in range(0, n_chunks, SLOT_BLOCK):   # SLOT_BLOCK slots per load
+                        j = j0 + jj
+                        rows = sl + ((j // slots_per_region) * n_groups + grp).to(tl.int64) * region_stride \
+                            + (j % slots_per_region) * slot_len                          # (SLOT_BLOCK,)
+                        m2 = (j < n_chunks)[:, None] & c_mask[None, :]
+                        if COMPUTE_DW:
+                            tot_a += tl.sum(tl.load(rows[:, None] + cc[None, :], mask=m2, other=0.0,
+                                                    cache_modifier=".cg"), axis=0)
+                        if COMPUTE_DB:
+                            tot_b += tl.sum(tl.load(rows[:, None] + slot_db + cc[None, :], mask=m2, other=0.0,
+                                                    cache_modifier=".cg"), axis=0)
+                    if COMPUTE_DW:
+                        tl.store(OUT + ch0 + cc, tot_a.to(OUT.dtype.element_ty), mask=c_mask)
+                    if COMPUTE_DB:
+                        tl.store(OUT + db_off + ch0 + cc, tot_b.to(OUT.dtype.element_ty), mask=c_mask)
+                    if n_scratch > 0:
+                        tl.debug_barrier()  # every slot read before dx overwrites them
+                        for n_last in range(n_samples - n_scratch, n_samples):
+                            _gn_group_sample(DY, X, DX, MEAN, n_last * n_groups + grp, numel, w, cc, c_mask,
+                                             ss, n_cols, eps, True, BLOCK_C, BLOCK_S, ONE_TILE)
 
-        if SCRATCH_IN_DX:
-            if chunk == n_chunks - 1:
-                # the last sample's dx, over the scratch this program has just read
-                tl.debug_barrier()
-                base = ((n_samples - 1) * n_groups + grp).to(tl.int64) * numel
-                _gn_group_dx(DY, X, DX, base, w, mean, rstd, k_g, k_gx, cc, c_mask, ss, n_cols, BLOCK_S)
 
 
     @triton.jit
@@ -958,22 +964,30 @@ def chunk_samples(n_samples: int, num_groups: int, sm_count: int) -> int:
     programs per SM, more when a group would have over _MAX_CHUNKS chunks."""
     target = sm_count * _GROUP_BWD_PROGRAMS_PER_SM
     spp = max(1, min(_MAX_SAMPLES_PER_PROGRAM, (n_samples * num_groups) // target))
-    return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds each group's chain of hand-offs
+    return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds the slots each group's last program adds
 
 
-_SCRATCH_IN_DX = True  # tests: False keeps the backwards' scratch (tickets, sums) in their own buffers
+_SCRATCH_IN_DX = True  # tests: False keeps the backwards' fp32 sums in their own buffers
 
 
-def _scratch_in_dx(dx: torch.Tensor, num_groups: int, scratch_bytes: int) -> bool:
-    """Whether the whole-group backward keeps its tickets and fp32 accumulator
-    (``scratch_bytes`` per group) in the first bytes of each group's last-sample values of
-    ``dx`` (written last, by the program that reads them), rather than in two new buffers:
-    when those values span at least ``scratch_bytes``, each group's span is a multiple of 4
-    bytes, ``dx`` starts 16-byte aligned (always, for a new tensor) and ``_SCRATCH_IN_DX``
-    allows it."""
-    group_bytes = dx.numel() // (dx.shape[0] * num_groups) * dx.element_size()
-    fits = group_bytes >= scratch_bytes and group_bytes % 4 == 0 and dx.data_ptr() % 16 == 0
-    return fits and _SCRATCH_IN_DX
+def _slot_plan(dx: torch.Tensor, num_groups: int, n_chunks: int, slot_len: int) -> tuple[int, int]:
+    """Where the whole-group backward keeps each chunk's fp32 sums (``slot_len`` values a
+    chunk, ``n_chunks`` chunks a group): ``(n_scratch, slots per sample)`` when they lie in
+    the group's values of dx's last ``n_scratch`` samples (whose dx the group's last program
+    writes after adding them up), else ``(0, 0)``: a buffer. In dx when each group's values
+    span whole 4-byte words and hold at least one slot, dx starts 16-byte aligned (always,
+    for a new tensor), at most min(_MAX_SCRATCH_SAMPLES, max(1, N // 2)) samples are needed
+    and ``_SCRATCH_IN_DX`` allows it."""
+    n = dx.shape[0]
+    group_bytes = dx.numel() // (n * num_groups) * dx.element_size()
+    aligned = group_bytes % 4 == 0 and dx.data_ptr() % 16 == 0
+    per_sample = group_bytes // (4 * slot_len) if aligned else 0
+    if not _SCRATCH_IN_DX or per_sample == 0:
+        return 0, 0
+    n_scratch = cdiv(n_chunks, per_sample)
+    if n_scratch > min(_MAX_SCRATCH_SAMPLES, max(1, n // 2)):
+        return 0, 0
+    return n_scratch, per_sample
 
 
 def _launch_forward(x, num_groups, weight, bias, eps):
@@ -1103,27 +1117,36 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         spp = _samples_per_program(x, num_groups)
         n_chunks = cdiv(n, spp)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
-        acc_is_out = param_dtype == torch.float32 or n_chunks == 1        # one chunk, or fp32 sums
-        scratch_bytes = 16 + (0 if acc_is_out else 4 * n_params * ch_per_group)  # ticket, fp32 sums
-        in_dx = _scratch_in_dx(dx, num_groups, scratch_bytes) if n_params and n_chunks > 1 else False
-        acc = ticket = dx                                                  # placeholders when unused
-        if in_dx:
-            # the tickets: the first 4 bytes of each group's last-sample values
-            dx.view(n, num_groups, -1)[n - 1, :, : cdiv(4, dx.element_size())].zero_()
-        else:
-            if n_params and not acc_is_out:
-                acc = torch.empty(out.shape, dtype=torch.float32, device=x.device)
-            if n_params and n_chunks > 1:
+        slots = ticket = dx                                    # placeholders when unused
+        slot0, region_stride, per_region, n_scratch, ticket_stride = 0, 0, 1, 0, 1
+        if n_params and n_chunks > 1:
+            slot_len = n_params * ch_per_group                 # fp32 sums of one chunk
+            n_scratch, per_region = _slot_plan(dx, num_groups, n_chunks, slot_len)
+            if n_scratch:  # in the group's values of the last n_scratch samples
+                region_stride = ch_per_group * n_cols * dx.element_size() // 4
+                slot0 = (n - n_scratch) * num_groups * region_stride
+            else:
+                slots = torch.empty(num_groups * n_chunks * slot_len, dtype=torch.float32, device=x.device)
+                per_region, region_stride = n_chunks, n_chunks * slot_len
+            # the arrival counters: the first 4 bytes of each group's values in out's first
+            # row (overwritten by the group's total), else a buffer
+            out_bytes = ch_per_group * out.element_size()
+            if out_bytes % 4 == 0:
+                out[0].view(num_groups, ch_per_group)[:, : 4 // out.element_size()].zero_()
+                ticket, ticket_stride = out, out_bytes // 4
+            else:
                 ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
         with device_guard(x):
             _gn_group_bwd_kernel[(n_chunks * num_groups,)](
                 dyc, xc, dx, weight.contiguous() if weight is not None else xc,
                 mean if mean.is_contiguous() else mean.contiguous(),
-                acc, out if n_params else dx, ticket,
+                slots, out if n_params else dx, ticket,
                 n, num_groups, ch_per_group, n_cols, spp, float(eps),
+                slot0, region_stride, per_region, n_scratch, ticket_stride,
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                SCRATCH_IN_DX=in_dx, ACC_IS_OUT=acc_is_out, INTERPRET=not x.is_cuda,
-                BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile, num_warps=warps,
+                BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
+                SLOT_BLOCK=max(1, min(next_power_of_2(n_chunks), _SLOT_LOAD_ELEMS // block_c)), num_warps=warps,
+                **({} if one_tile else {"maxnreg": _REGISTERS_PER_SM // (32 * warps * _GROUP_BWD_PROGRAMS_PER_SM)}),
             )
         return dx, out
     p = _Plan(x, num_groups)

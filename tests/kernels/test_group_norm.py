@@ -325,9 +325,9 @@ def test_group_norm_small_tiles_backward(group_len, element_size, expected):
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("one_tile", [True, False])
 def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, param_dtype, one_tile):
-    """The whole-group backward with each program taking a chunk of samples: the chunks of
-    a group add their parameter-gradient sums in turn (1, 2, 3 or 5 chunks of 5 samples;
-    fp32 parameters accumulate in the output itself, bf16 ones in an fp32 buffer)."""
+    """The whole-group backward with each program taking a chunk of samples (1, 2, 3 or 5
+    chunks of 5 samples): each chunk writes its parameter-gradient sums into a slot and the
+    group's last program to finish adds the slots up in chunk order."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
     monkeypatch.setattr(gn_mod, "_GROUP_BWD_ONE_TILE_ELEMS", 16384 if one_tile else 0)
@@ -345,44 +345,47 @@ def test_group_norm_backward_sample_chunks(monkeypatch, samples_per_program, par
         _check(x, 3, w.float() if with_w else None, b.float() if with_b else None, torch.float32, 64)
 
 
-_SCRATCH_CASES = [
-    ((5, 6, 9), 3, torch.float32, torch.float32, True),     # tickets only (fp32 sums in the output)
-    ((5, 6, 9), 3, torch.float32, torch.bfloat16, True),    # tickets + accumulator, across channels
-    ((3, 512, 8), 2, torch.bfloat16, torch.bfloat16, True),  # 2064 bytes of scratch in 4096
-    ((3, 6, 5, 7), 3, torch.bfloat16, torch.float32, True),
-    ((5, 12), 4, torch.float32, torch.bfloat16, False),     # 12 bytes per group: too few
-    ((5, 2, 17), 2, torch.bfloat16, torch.float32, False),  # 34 bytes: not 4-byte aligned
-    ((3, 4, 8), 2, torch.bfloat16, torch.bfloat16, True),   # 32 bytes: ticket + 2 x 2 sums, exactly
-    ((3, 4, 7), 2, torch.bfloat16, torch.bfloat16, False),  # 28 bytes, aligned: 4 short
-    ((3, 4, 4), 2, torch.bfloat16, torch.float32, True),    # 16 bytes: the ticket alone, exactly
+_SCRATCH_CASES = [  # 2 samples per program; n_scratch: samples of dx holding the slots
+    ((5, 6, 9), 3, torch.float32, torch.float32, 1),     # 3 slots of 16 bytes in 72
+    ((5, 6, 9), 3, torch.float32, torch.bfloat16, 1),
+    ((3, 512, 8), 2, torch.bfloat16, torch.bfloat16, 1),  # 2 slots of 2048 bytes in 4096, exactly
+    ((3, 6, 5, 7), 3, torch.bfloat16, torch.float32, 1),
+    ((5, 12), 4, torch.float32, torch.bfloat16, 0),      # 12 bytes per group: no 24-byte slot fits
+    ((5, 2, 17), 2, torch.bfloat16, torch.float32, 0),   # 34 bytes: not 4-byte aligned
+    ((3, 4, 8), 2, torch.bfloat16, torch.bfloat16, 1),   # 32 bytes: 2 slots of 2 x 2 sums, exactly
+    ((3, 4, 7), 2, torch.bfloat16, torch.bfloat16, 0),   # 28 bytes: one slot a sample, 2 > N // 2
+    ((4, 4, 4), 2, torch.bfloat16, torch.float32, 2),    # 16 bytes: one slot in each of 2 samples
+    ((4, 4, 2), 2, torch.float32, torch.float32, 2),
+    ((5, 2, 18), 2, torch.bfloat16, torch.bfloat16, 1),  # 1 channel: 2-byte dweight, tickets apart
 ]
 
 
 @pytest.mark.parametrize(
-    "shape,groups,dtype,param_dtype,in_dx,one_tile",
+    "shape,groups,dtype,param_dtype,n_scratch,one_tile",
     # fp32 inputs with each sample's group as one register tile (the default) and in tiles
     [(*case, one) for case in _SCRATCH_CASES for one in ((True, False) if case[2] == torch.float32 else (False,))],
 )
-def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, param_dtype, in_dx, one_tile):
-    """The whole-group backward's tickets and fp32 accumulator live in the first bytes of
-    each group's last-sample dx values when they fit (that sample's dx is written after the
-    hand-offs), else in two buffers: both give the float64 result, with the same bits."""
+def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, param_dtype, n_scratch, one_tile):
+    """The whole-group backward's per-chunk fp32 sums live in each group's values of dx's
+    last samples when they fit (the group's last program to finish adds them up, then
+    writes those samples' dx), else in a buffer: both give the float64 result, with the
+    same bits."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", 2)
     monkeypatch.setattr(gn_mod, "_GROUP_BWD_ONE_TILE_ELEMS", 16384 if one_tile else 0)
     monkeypatch.setattr(gn_mod, "_GROUP_BWD_TILE_ELEMS", 64)   # several tiles per group when not one
     used = []
-    real = gn_mod._scratch_in_dx
+    real = gn_mod._slot_plan
 
     def spy(*args):  # a wrong decision fails here, before a kernel could write past a group
-        used.append(real(*args))
-        assert used[-1] == (in_dx and gn_mod._SCRATCH_IN_DX)
-        return used[-1]
+        used.append(real(*args)[0])
+        assert used[-1] == (n_scratch if gn_mod._SCRATCH_IN_DX else 0)
+        return real(*args)
 
-    monkeypatch.setattr(gn_mod, "_scratch_in_dx", spy)
+    monkeypatch.setattr(gn_mod, "_slot_plan", spy)
     x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
     y, dy, grads = _run(x, groups, w, b)
-    assert used == [in_dx]
+    assert used == [n_scratch]
     y64, grads64 = _torch64(x, groups, w, b, dy)
     assert_close_ulps(grads[0], grads64[0], dtype, ULPS[dtype])
     for g, g64 in zip(grads[1:], grads64[1:]):
@@ -390,8 +393,10 @@ def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, pa
         assert_close_ulps(g, g64, param_dtype, ULPS[param_dtype])
     monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", False)           # the buffers: same bits
     _, _, again = _run(x, groups, w, b, dy=dy)
-    assert used == [in_dx, False]
+    assert used == [n_scratch, 0]
     assert all(torch.equal(g, h) for g, h in zip(grads, again))
+    monkeypatch.setattr(gn_mod, "_slot_plan", real)
+    monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", True)
     _check(x, groups, w.to(dtype), None, dtype, ULPS[dtype])        # dweight or dbias only
     _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
 
@@ -556,7 +561,8 @@ def test_gpu_group_norm(dtype, shape, groups):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape,groups,extra", [
     ((64, 4096, 128), 32, 0),                  # the benchmark's 8192 tokens: scratch in dx
-    ((300, 64, 1), 32, 2 * 64 * 4 + 512),      # 4 bytes per group: fp32 sums and tickets apart
+    # 4 bytes per group: the fp32 slots in a buffer (32 groups x 60 chunks x 2 x 2 sums)
+    ((300, 64, 1), 32, 32 * 60 * 2 * 2 * 4),
 ])
 def test_gpu_group_norm_backward_memory(monkeypatch, shape, groups, extra):
     """The whole-group backward allocates dx and the (2, C) parameter gradients, and nothing
