@@ -368,7 +368,10 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        # transformers gives the pad token's row no gradient (nn.Embedding's padding_idx)
+        pad = config.pad_token_id
+        pad = pad if isinstance(pad, int) and -config.vocab_size <= pad < config.vocab_size else None
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset, config.norm_casting)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -388,8 +391,9 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for matrices, embeddings and experts, zeros for biases,
-        norm weights 1 (0 where the norm adds an offset of 1, as Gemma stores them)."""
+        """Normal(0, initializer_range) for matrices, embeddings and experts, zeros for biases
+        and the pad token's embedding row, norm weights 1 (0 where the norm adds an offset of
+        1, as Gemma stores them)."""
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -398,6 +402,8 @@ class CausalLM(nn.Module):
                 p.zero_()
             else:
                 p.normal_(0.0, std, generator=generator)
+        if self.embed.padding_idx is not None:
+            self.embed.weight[self.embed.padding_idx].zero_()
 
     def rope_cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, T, rotary_dim) float32 for ``position_ids`` (B, T).

@@ -87,6 +87,7 @@ def test_matches_transformers(tmp_path, name):
     assert ours.config.model_type == name
     B, T = 2, 13  # longer than the sliding windows (4); phi3: positions past original 16 in row 1
     ids = torch.randint(3, BASE["vocab_size"], (B, T))
+    ids[0, 2] = ids[1, 6:8] = BASE["pad_token_id"]  # no gradient for the pad row, as in transformers
     labels = ids.clone()
     labels[1, :4] = -100
     pos = torch.stack([torch.arange(T), torch.arange(T) + 20])
@@ -108,6 +109,8 @@ def test_matches_transformers(tmp_path, name):
         torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=1e-5)
         _fused_expert_grads_match(hf, ours)
     assert _grads_match(hf, ours) > 0
+    if not ours.config.tie_word_embeddings:
+        assert ours.embed.weight.grad[BASE["pad_token_id"]].abs().max() == 0
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
