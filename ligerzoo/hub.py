@@ -265,10 +265,13 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
 
     Raises:
         FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False.
+        ValueError: ``dtype`` is not a floating dtype, or the family's config.json cannot
+            express the model's config (a config built in code; the fields are named).
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    target = Path(save_directory).expanduser().absolute()
+    given = Path(save_directory).expanduser().absolute()
+    target = given.resolve() if given.is_symlink() else given  # write through a link to a directory
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file, not a directory; choose another path")
     if target.exists() and not overwrite and any(target.iterdir()):
@@ -277,6 +280,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     km = fam.key_map(model.config)
     params = _named_params(model)
     dtype = dtype_from_str(dtype) or model.embed.weight.dtype
+    hf_config = with_dtype(hf_config_for(model.config), dtype)  # checked before anything is written
     plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
@@ -294,7 +298,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(with_dtype(hf_config_for(model.config), dtype), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         source = getattr(model, "source_dir", None)
         for name in SIDE_FILES if source is not None else ():
             if (Path(source) / name).is_file():
@@ -303,7 +307,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return given
 
 
 # Keys that config_to_hf owns in some layout: never carried over from a stale original.
@@ -318,12 +322,24 @@ def hf_config_for(config) -> dict:
     fam = family(config.model_type)
     generated = fam.config_to_hf(config)
     original = config.hf_config
-    if original is None:
-        return generated
-    if dataclasses.replace(fam.config_from_hf(original), dtype=None) == dataclasses.replace(config, dtype=None):
-        return original
-    extra = {k: v for k, v in original.items() if k not in generated and k not in _OWNED_KEYS}
-    return extra | generated
+    if original is not None:
+        if dataclasses.replace(fam.config_from_hf(original), dtype=None) == dataclasses.replace(config, dtype=None):
+            return original
+        generated = {k: v for k, v in original.items() if k not in generated and k not in _OWNED_KEYS} | generated
+    _check_expressible(config, fam.config_from_hf(generated))
+    return generated
+
+
+def _check_expressible(config, read_back) -> None:
+    """Raise ValueError when the family's config.json, read back, describes another model
+    than ``config`` (a config built in code with features its family's checkpoints cannot
+    have, e.g. ``model_type="gemma"`` without Gemma's norm offset)."""
+    diff = [f.name for f in dataclasses.fields(config)
+            if f.compare and f.name != "dtype" and getattr(read_back, f.name) != getattr(config, f.name)]
+    if diff:
+        fields = ", ".join(f"{n}={getattr(config, n)!r} (read back as {getattr(read_back, n)!r})" for n in diff)
+        raise ValueError(f"a {config.model_type!r} config.json cannot express this model's config: {fields}; "
+                         f"change those fields, or pick a model_type whose checkpoints have them")
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -70,15 +70,23 @@ class LayerNorm(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group norm (Wu & He 2018) = ``torch.nn.GroupNorm(num_groups, num_channels, eps)``.
+    """Group norm (Wu & He 2018): the same math as ``torch.nn.GroupNorm(num_groups,
+    num_channels, eps, affine)``, but with Liger Kernel's argument order
+    (``LigerGroupNorm(num_channels, num_groups, eps)``): channels first. Keyword arguments
+    avoid the mix-up: ``GroupNorm(num_channels=64, num_groups=8)``.
 
     Shapes: x (N, C, *) -> same; ``weight``/``bias`` (C,).
+
+    Raises:
+        ValueError: ``num_channels`` not divisible by ``num_groups`` (the message names both,
+            and the argument order).
     """
 
     def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
         if num_channels % num_groups:
-            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
+                             f"note the order GroupNorm(num_channels, num_groups), as Liger Kernel's, not torch's")
         self.num_groups, self.eps = num_groups, eps
         self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None

@@ -1,5 +1,6 @@
 """Checkpoint contract: from_hf / save_hf round trips, sharding, hub cache, bad input."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -291,3 +292,38 @@ def test_tied_head_stored_anyway_must_equal_the_embedding(tmp_path):
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         ligerzoo.from_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("model_type,fields,named", [
+    ("gemma", {}, "norm_offset=0.0"),                         # Gemma checkpoints always add 1 to the norms
+    ("mistral", {"qkv_bias": True}, "qkv_bias=True"),         # no attention biases in a Mistral config.json
+    ("phi3", {"mlp_bias": True}, "mlp_bias=True"),
+    ("qwen2", {}, "qkv_bias=False"),                          # Qwen2 always has q/k/v biases
+])
+def test_save_refuses_a_config_its_family_cannot_express(tmp_path, model_type, fields, named):
+    """A config built in code with features its family's config.json cannot carry would save
+    a checkpoint that loads as another model: refused, naming the field, before any file."""
+    cfg = ligerzoo.ModelConfig(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                               num_hidden_layers=1, num_attention_heads=4, **fields)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        ligerzoo.save_hf(ligerzoo.CausalLM(cfg), tmp_path / "out")
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_through_a_symlink_and_dtype_checks(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    (tmp_path / "disk" / "ckpt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "ckpt")
+    assert ligerzoo.save_hf(model, tmp_path / "link") == tmp_path / "link"
+    assert (tmp_path / "link").is_symlink()                   # the link is kept; the files are behind it
+    _assert_same_tensors(read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(tmp_path / "disk" / "ckpt"))
+    ligerzoo.save_hf(model, tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "hf", "link"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["ckpt"]   # nothing left aside
+    for bad in (torch.int8, "int8", torch.complex64):
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            ligerzoo.save_hf(model, tmp_path / "other", dtype=bad)
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            ligerzoo.from_hf(tmp_path / "hf", dtype=bad)
+    assert not (tmp_path / "other").exists()

@@ -37,8 +37,17 @@ HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 
 def dtype_from_str(name: str | torch.dtype | None) -> torch.dtype | None:
     """``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None and
-    ``"auto"`` (transformers' "use the checkpoint's") -> None."""
-    if name is None or isinstance(name, torch.dtype):
+    ``"auto"`` (transformers' "use the checkpoint's") -> None.
+
+    Raises:
+        ValueError: a name or dtype other than float64, float32, bfloat16 and float16.
+    """
+    if name is None:
+        return name
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {name}; expected a floating dtype: "
+                             f"{sorted({dtype_to_str(d) for d in _DTYPES.values()})}")
         return name
     if name == "auto":
         return None

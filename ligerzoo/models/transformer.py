@@ -487,7 +487,10 @@ class CausalLM(nn.Module):
                 inside a row (packed documents) only change RoPE: attention still spans the
                 row (transformers with a cache does the same; without one it masks per document).
             attention_mask: (B, T) with 1 for real tokens and 0 for padding (keys at padding
-                positions are masked out); None means no padding.
+                positions are masked out; a padding position's query attends to itself, so
+                its outputs, and a loss on the label it predicts, differ from transformers',
+                whose values there depend on its attention backend: mask those labels);
+                None means no padding.
             num_items_in_batch: the number of target tokens in the whole optimizer step
                 (int or 0-d tensor), for gradient accumulation: loss = summed token loss /
                 num_items_in_batch. Default: this batch's number of non-ignored targets.
@@ -498,9 +501,12 @@ class CausalLM(nn.Module):
             every target is ignored), logits (B, T, V) in the model dtype only without labels.
 
         Raises:
-            ValueError: labels shaped unlike input_ids, or label ids outside [0, vocab_size)
-                other than -100.
+            ValueError: input_ids not 2-D, labels shaped unlike input_ids, or label ids
+                outside [0, vocab_size) other than -100.
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; "
+                             f"add a batch dim with input_ids[None]")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         if self.config.num_local_experts and self.config.output_router_logits:
@@ -562,10 +568,18 @@ class CausalLM(nn.Module):
             (B, T + n) int64, n <= max_new_tokens.
 
         Raises:
-            ValueError: input_ids not 2-D, a negative temperature or max_new_tokens, top_k < 1.
+            ValueError: input_ids not 2-D or without tokens, a negative temperature or
+                max_new_tokens, top_k < 1, an attention_mask not shaped like input_ids, or
+                right padding (a row whose last prompt position is padding).
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
+            raise ValueError("generate needs left padding: some rows end in padding (attention_mask 0 at the "
+                             "last position); pad prompts on the left (tokenizer padding_side='left')")
         if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0, max_new_tokens >= 0 and top_k >= 1 (or None); got "
                              f"temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")

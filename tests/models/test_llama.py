@@ -129,3 +129,18 @@ def test_generate_left_padded_batch_matches_single_rows(tmp_path):
     got = ours.generate(batch, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
     assert got[0, 7:].tolist() == ours.generate(a, max_new_tokens=6, eos_token_id=[])[0, 7:].tolist()
     assert got[1, 7:].tolist() == ours.generate(b, max_new_tokens=6, eos_token_id=[])[0, 4:].tolist()
+
+
+def test_bad_input_shapes_and_right_padding_are_refused(tmp_path):
+    _, ours = _pair(tmp_path, {})
+    ids = torch.randint(3, ours.config.vocab_size, (2, 5))
+    with pytest.raises(ValueError, match=r"must be \(B, T\)"):
+        ours(ids[0])                                     # 1-D: a batch dim is missing
+    with pytest.raises(ValueError, match=r"T >= 1"):
+        ours.generate(ids[:, :0], 3)                     # an empty prompt
+    right = torch.ones_like(ids)
+    right[0, 3:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        ours.generate(ids, 3, attention_mask=right)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        ours.generate(ids, 3, attention_mask=right[:, :4])
