@@ -487,6 +487,16 @@ if HAS_TRITON:
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _gn_group_tile(DY, X, base, mean, s0, cc, c_mask, ss, n_cols):
+        """dy and x - mean (0 outside the group), fp32 (BLOCK_C, BLOCK_S), of the tile at
+        values s0... of all channels of the (sample, group) at ``base``."""
+        mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
+        offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
+        dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        return dy, tl.where(mask, x - mean, 0.0)
+
+    @triton.jit
     def _gn_group_sample(DY, X, DX, MEAN, pair, numel, w, cc, c_mask, ss, n_cols, eps, write_dx,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
         """One (sample, group) of the whole-group backward, ``pair = n * G + g``: its
@@ -514,11 +524,7 @@ if HAS_TRITON:
             b_c = tl.zeros([BLOCK_C], dtype=tl.float32)
             v_c = tl.zeros([BLOCK_C], dtype=tl.float32)
             for s0 in range(0, n_cols, BLOCK_S):
-                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
-                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                d = tl.where(mask, x - mean, 0.0)
+                dy, d = _gn_group_tile(DY, X, base, mean, s0, cc, c_mask, ss, n_cols)
                 a_c += tl.sum(dy * d, axis=1)
                 b_c += tl.sum(dy, axis=1)
                 v_c += tl.sum(d * d, axis=1)
@@ -529,11 +535,7 @@ if HAS_TRITON:
             b = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
             v = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
             for s0 in range(0, n_cols, BLOCK_S):
-                mask = c_mask[:, None] & ((s0 + ss) < n_cols)[None, :]
-                offs = cc[:, None] * n_cols + (s0 + ss)[None, :]
-                dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-                d = tl.where(mask, x - mean, 0.0)
+                dy, d = _gn_group_tile(DY, X, base, mean, s0, cc, c_mask, ss, n_cols)
                 a += dy * d
                 b += dy
                 v += d * d
