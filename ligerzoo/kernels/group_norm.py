@@ -134,6 +134,9 @@ _MAX_GROUP_CHANNELS = 4096
 # 16-bit inputs keep the tiles (benchmarks/NOTES.md, session 11).
 _GROUP_BWD_ONE_TILE_ELEMS = 16384
 _GROUP_BWD_ONE_TILE_WARPS = 16
+# Samples per program of that one-tile backward (one program per SM): H200, (64, 4096, 128)
+# fp32, 134.9 us with 4 against 143.1 with 2 (session 13).
+_ONE_TILE_SAMPLES_PER_PROGRAM = 4
 # Small groups (a (tokens, C) input, say): each program takes (samples x groups) tiles,
 # each group a row of its tile, read once. The forward takes them for groups of at most
 # _SMALL_GROUP_MAX_LEN values (padded to a power of two), the backward at most
@@ -174,10 +177,12 @@ _MAX_SCRATCH_SAMPLES = 2
 # values (one round trip for 64 slots of 128 channels; one slot at a time took 33 us more
 # on the H200 at (64, 4096, 128), 32 slots a group).
 _SLOT_LOAD_ELEMS = 8192
-# The tiled whole-group backward is compiled with at most this many registers a thread over
-# the threads of _GROUP_BWD_PROGRAMS_PER_SM programs (64 at 16 warps): left to itself, ptxas
-# gave the kernel 84 on the H200 (Triton 3.6), one program per SM: (64, 4096, 128) bf16 took
-# 112 us against 80 with the cap (no spills).
+# The tiled whole-group backward of 16-bit inputs is compiled with at most this many
+# registers a thread over the threads of _GROUP_BWD_PROGRAMS_PER_SM programs (64 at 16
+# warps): left to itself, ptxas gave the kernel 84 on the H200 (Triton 3.6), one program per
+# SM: (64, 4096, 128) bf16 took 112 us against 80 with the cap (no spills). fp32 tiles need
+# more (their (BLOCK_C, BLOCK_S) accumulators): capped, (16, 256, 64, 64) took 129 us
+# against 90 (session 13).
 _REGISTERS_PER_SM = 65536
 
 
@@ -951,21 +956,24 @@ def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> b
     return programs >= _WHOLE_GROUP_PROGRAMS_CPU
 
 
-def _samples_per_program(x: torch.Tensor, num_groups: int) -> int:
+def _samples_per_program(x: torch.Tensor, num_groups: int, one_tile: bool = False) -> int:
     """Samples each program of the whole-group backward takes (a chunk; see the kernel)."""
     if _SAMPLES_PER_PROGRAM is not None:
         return _SAMPLES_PER_PROGRAM
     if x.device.type != "cuda":
         return _SAMPLES_PER_PROGRAM_CPU
-    return chunk_samples(x.shape[0], num_groups, multiprocessor_count(x.device))
+    return chunk_samples(x.shape[0], num_groups, multiprocessor_count(x.device), one_tile)
 
 
-def chunk_samples(n_samples: int, num_groups: int, sm_count: int) -> int:
+def chunk_samples(n_samples: int, num_groups: int, sm_count: int, one_tile: bool = False) -> int:
     """Samples per program of the whole-group backward on a GPU with ``sm_count`` SMs:
-    _MAX_SAMPLES_PER_PROGRAM, fewer when that would leave under _GROUP_BWD_PROGRAMS_PER_SM
-    programs per SM, more when a group would have over _MAX_CHUNKS chunks."""
-    target = sm_count * _GROUP_BWD_PROGRAMS_PER_SM
-    spp = max(1, min(_MAX_SAMPLES_PER_PROGRAM, (n_samples * num_groups) // target))
+    _MAX_SAMPLES_PER_PROGRAM (_ONE_TILE_SAMPLES_PER_PROGRAM for one-tile groups, whose
+    programs fill an SM alone), fewer when that would leave under _GROUP_BWD_PROGRAMS_PER_SM
+    programs per SM (one), more when a group would have over _MAX_CHUNKS chunks."""
+    per_sm, most = (1, _ONE_TILE_SAMPLES_PER_PROGRAM) if one_tile else (_GROUP_BWD_PROGRAMS_PER_SM,
+                                                                         _MAX_SAMPLES_PER_PROGRAM)
+    spp = max(1, min(most, (n_samples * num_groups) // (sm_count * per_sm)))
+    spp = 1 << (spp.bit_length() - 1)  # a power of two (H200, (16, 512, 32, 32) fp32: 3 took 65 us, 2 or 4 55)
     return max(spp, cdiv(n_samples, _MAX_CHUNKS))  # bounds the slots each group's last program adds
 
 
@@ -1116,7 +1124,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         ch_per_group = c // num_groups
         n_cols = xc.numel() // (n * c)
         block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, x.element_size())
-        spp = _samples_per_program(x, num_groups)
+        spp = _samples_per_program(x, num_groups, one_tile)
         n_chunks = cdiv(n, spp)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
         slots = ticket = dx                                    # placeholders when unused
@@ -1148,7 +1156,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
                 SLOT_BLOCK=max(1, min(next_power_of_2(n_chunks), _SLOT_LOAD_ELEMS // block_c)), num_warps=warps,
-                **({} if one_tile else {"maxnreg": _REGISTERS_PER_SM // (32 * warps * _GROUP_BWD_PROGRAMS_PER_SM)}),
+                **({"maxnreg": _REGISTERS_PER_SM // (32 * warps * _GROUP_BWD_PROGRAMS_PER_SM)}
+                   if x.element_size() == 2 and not one_tile else {}),
             )
         return dx, out
     p = _Plan(x, num_groups)

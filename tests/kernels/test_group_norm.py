@@ -401,15 +401,16 @@ def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, pa
     _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
 
 
-@pytest.mark.parametrize("n,groups,expected", [
-    (64, 32, 2),      # the benchmark at 8192 tokens: 2 samples, 32 chunks per group
-    (32, 32, 2),
-    (4, 32, 1),       # too few (sample, group) pairs for 2 per program
-    (8192, 32, 128),  # (8192, C) inputs: capped at 64 chunks (hand-offs) per group
-    (1000, 1, 16),
+@pytest.mark.parametrize("n,groups,expected,expected_one_tile", [
+    (64, 32, 2, 4),       # the benchmark at 8192 tokens: 2 samples, 32 chunks per group
+    (32, 32, 2, 4),
+    (4, 32, 1, 1),        # too few (sample, group) pairs for 2 per program
+    (8192, 32, 128, 128),  # (8192, C) inputs: capped at 64 chunks (slots) per group
+    (1000, 1, 16, 16),
 ])
-def test_group_norm_chunk_samples(n, groups, expected):
+def test_group_norm_chunk_samples(n, groups, expected, expected_one_tile):
     assert gn_mod.chunk_samples(n, groups, 132) == expected
+    assert gn_mod.chunk_samples(n, groups, 132, one_tile=True) == expected_one_tile  # one program per SM
     assert gn_mod.cdiv(n, expected) <= gn_mod._MAX_CHUNKS
 
 
