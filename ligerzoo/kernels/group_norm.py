@@ -629,6 +629,7 @@ if HAS_TRITON:
                 tl.debug_barrier()      # every thread's sums stored before the count below
                 tick = TICKET.to(tl.pointer_type(tl.int32)) + grp * ticket_stride
                 if tl.atomic_add(tick, 1) == n_chunks - 1:   # acq_rel: the others' sums are visible
+                    tl.debug_barrier()  # to every thread of this program, after the acquire
                     tot_a = tl.zeros([BLOCK_C], dtype=tl.float32)
                     tot_b = tl.zeros([BLOCK_C], dtype=tl.float32)
                     jj = tl.arange(0, SLOT_BLOCK)
