@@ -105,13 +105,25 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default=None, help="checkpoint dir with tokenizer.json (default: SmolLM2)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     args = ap.parse_args(argv)
+    families, dtypes = args.families.split(","), args.dtypes.split(",")
+    if unknown := [f for f in families if f not in FAMILIES]:
+        ap.error(f"unknown families {unknown}; choose from {sorted(FAMILIES)}")
+    if unknown := [d for d in dtypes if d not in ("bfloat16", "float32")]:
+        ap.error(f"unsupported dtypes {unknown}; choose from ['bfloat16', 'float32']")
+    if not any(d == "float32" or f not in FP32_ONLY for f in families for d in dtypes):
+        ap.error(f"nothing to run: {sorted(FP32_ONLY)} run in float32 only")
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda, but CUDA is not available; pass --device cpu")
     tok = ligerzoo.load_tokenizer(args.tokenizer or prepare_smollm2())
     tokens = tokenize(tok.encode, load_text_corpus())
     held = next(token_batches(None, tokens, args.seq_len, 4, split="heldout"))[0]
     rows = []
     print(f"{'family':8s} {'dtype':9s} {'max|loss gap|':>14s} {'max|logprob gap|':>17s} {'param err/tol':>14s}  ok")
-    for name in args.families.split(","):
-        for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
+    for name in families:
+        for dtype in [getattr(torch, d) for d in dtypes]:
             if dtype == torch.bfloat16 and name in FP32_ONLY:
                 continue
             batches = token_batches(None, tokens, args.seq_len, args.batch_size, split="train", epochs=None)

@@ -49,8 +49,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--out", default=None, help="where save_hf writes (default: a temporary directory)")
+    ap.add_argument("--out", default=None, help="where save_hf writes (default: a temporary directory); "
+                    "an existing non-empty directory is refused unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out's contents")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.out and not args.overwrite and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        ap.error(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     summary = {}
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.out) if args.out else Path(tmp) / "smollm2-finetuned"
         t0 = time.perf_counter()
-        ligerzoo.save_hf(model, out_dir, overwrite=args.out is not None)
+        ligerzoo.save_hf(model, out_dir, overwrite=args.overwrite)
         t_save = time.perf_counter() - t0
         hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).to(device).eval()
         ids = torch.tensor([tok.encode(CHECK_PROMPT)], device=device)
