@@ -72,11 +72,11 @@ def main(argv=None) -> int:
     tok = ligerzoo.load_tokenizer(ckpt)
 
     # 2. chat, greedy with a KV cache
-    prompt = torch.tensor([tok.apply_chat_template([{"role": "user", "content": QUESTION}])], device=device)
+    prompt = torch.tensor([tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)], device=device)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=48, eos_token_id=tok.eos_token_id)
     dt = time.perf_counter() - t0
-    answer = tok.decode(out[0, prompt.shape[1]:]).strip()
+    answer = tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
     n_new = out.shape[1] - prompt.shape[1]
     print(f"[2] Q: {QUESTION}\n    A: {answer}\n    ({n_new} tokens in {dt:.2f} s, {n_new / dt:.1f} tokens/s)")
     summary["answer"] = answer

@@ -37,7 +37,7 @@ def models(ckpt):
 @pytest.fixture(scope="module")
 def prompt(ckpt):
     tok = ligerzoo.load_tokenizer(ckpt)
-    return torch.tensor([tok.apply_chat_template([{"role": "user", "content": REQUEST}])])
+    return torch.tensor([tok.apply_chat_template([{"role": "user", "content": REQUEST}], add_generation_prompt=True)])
 
 
 def test_config_facts(models):

@@ -35,7 +35,7 @@ def ours(ckpt):
 @pytest.fixture(scope="module")
 def prompt(ckpt):
     tok = ligerzoo.load_tokenizer(ckpt)
-    return torch.tensor([tok.apply_chat_template([{"role": "user", "content": QUESTION}])])
+    return torch.tensor([tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)])
 
 
 def test_chat_template_matches_transformers(ckpt, prompt):
@@ -44,9 +44,37 @@ def test_chat_template_matches_transformers(ckpt, prompt):
     ref = AutoTokenizer.from_pretrained(ckpt).apply_chat_template(
         [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
     ours_text = ligerzoo.load_tokenizer(ckpt).apply_chat_template(
-        [{"role": "user", "content": QUESTION}], tokenize=False)
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
     assert ours_text == ref
     assert prompt[0].tolist() == AutoTokenizer.from_pretrained(ckpt)(ref, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_options_match_transformers(ckpt):
+    """The same text as transformers' apply_chat_template for a whole conversation (no
+    generation prompt by default), a generation prompt, a continued final message, a
+    template with {% generation %} blocks and tojson options; the same errors; decode keeps
+    special tokens by default, as transformers'."""
+    from transformers import AutoTokenizer
+
+    ref, ours = AutoTokenizer.from_pretrained(ckpt), ligerzoo.load_tokenizer(ckpt)
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! "}]
+    for kwargs in ({}, {"add_generation_prompt": True}, {"continue_final_message": True}):
+        assert ours.apply_chat_template(conv, tokenize=False, **kwargs) == \
+            ref.apply_chat_template(conv, tokenize=False, **kwargs), kwargs
+    template = ("{% for m in messages %}{% generation %}{{ m['content'] | upper }}{% endgeneration %}{% endfor %}"
+                "{{ tools | tojson(separators=(',', ':'), sort_keys=True) }}{{ tools | tojson(indent=1) }}")
+    tools = [{"name": "f", "parameters": {"b": 1, "a": "\u00e9"}}]
+    ours.chat_template = template
+    assert ours.apply_chat_template(conv, tokenize=False, tools=tools) == \
+        ref.apply_chat_template(conv, tokenize=False, tools=tools, chat_template=template)
+    with pytest.raises(ValueError, match="empty conversation"):
+        ours.apply_chat_template([])
+    with pytest.raises(ValueError, match="set one of them"):
+        ours.apply_chat_template(conv, add_generation_prompt=True, continue_final_message=True)
+    ids = ref.apply_chat_template(conv, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ours.decode(ids) == ref.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
 
 
 def test_logits_match_transformers_fp32(ours, hf_model, prompt):
