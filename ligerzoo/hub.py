@@ -263,6 +263,10 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     Returns:
         the checkpoint directory.
 
+    A model sharded with FSDP2 (``ligerzoo.parallel.apply_fsdp``; DTensor parameters) is
+    saved by calling ``save_hf`` on every rank: each full tensor is gathered in turn and rank
+    0 writes; an error on rank 0 is raised on every rank.
+
     Raises:
         FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False.
         ValueError: ``dtype`` is not a floating dtype, or the family's config.json cannot
@@ -270,44 +274,96 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    params = _named_params(model)
+    sharded = _sharded(params)
+    writer = not sharded or torch.distributed.get_rank() == 0
     given = Path(save_directory).expanduser().absolute()
     target = given.resolve() if given.is_symlink() else given  # write through a link to a directory
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file, not a directory; choose another path")
-    if target.exists() and not overwrite and any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    problem = None
+    if writer:
+        if target.exists() and not target.is_dir():
+            problem = FileExistsError(f"{target} is a file, not a directory; choose another path")
+        elif target.exists() and not overwrite and any(target.iterdir()):
+            problem = FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if (problem := _from_writer(problem, sharded)) is not None:
+        raise problem
     fam = family(model.config.model_type)
     km = fam.key_map(model.config)
-    params = _named_params(model)
     dtype = dtype_from_str(dtype) or model.embed.weight.dtype
     hf_config = with_dtype(hf_config_for(model.config), dtype)  # checked before anything is written
     plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = None
+    if writer:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     try:
         from tqdm.auto import tqdm
 
         shards = split.filename_to_tensors.items()
-        for file, keys in tqdm(shards, desc="save_hf", unit="shard", disable=len(shards) < 2):
-            tensors = {k: km.slots[k].view(params[km.slots[k].param].detach()).to(
-                device="cpu", dtype=dtype, copy=True) for k in keys}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        source = getattr(model, "source_dir", None)
-        for name in SIDE_FILES if source is not None else ():
-            if (Path(source) / name).is_file():
-                shutil.copy2(Path(source) / name, tmp / name)
-        _replace_dir(tmp, target)
+        for file, keys in tqdm(shards, desc="save_hf", unit="shard", disable=len(shards) < 2 or not writer):
+            # a sharded (FSDP2) model: every rank gathers each full tensor, in the same order
+            full = {k: km.slots[k].view(_full_tensor(params[km.slots[k].param].detach())) for k in keys}
+            if writer and problem is None:
+                try:
+                    tensors = {k: t.to(device="cpu", dtype=dtype, copy=True) for k, t in full.items()}
+                    save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+                except Exception as e:  # noqa: BLE001 - the other ranks still gather: raised below
+                    if not sharded:
+                        raise
+                    problem = e
+        if writer and problem is None:
+            try:
+                if split.is_sharded:
+                    index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+                    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+                (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+                source = getattr(model, "source_dir", None)
+                for name in SIDE_FILES if source is not None else ():
+                    if (Path(source) / name).is_file():
+                        shutil.copy2(Path(source) / name, tmp / name)
+                _replace_dir(tmp, target)
+            except Exception as e:  # noqa: BLE001
+                if not sharded:
+                    raise
+                problem = e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if (problem := _from_writer(problem, sharded)) is not None:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise problem
     return given
+
+
+def _sharded(params: dict) -> bool:
+    """Whether any parameter is a DTensor (FSDP2 / tensor parallel): then save_hf gathers
+    each full tensor on every rank and rank 0 writes."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params.values())
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if torch.distributed.is_available() and isinstance(t, DTensor) else t
+
+
+def _from_writer(problem, sharded: bool):
+    """Rank 0's exception (or None), on every rank of a sharded save: all raise it together
+    instead of some ranks waiting forever in a collective."""
+    if not sharded:
+        return problem
+    box = [problem]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # Keys that config_to_hf owns in some layout: never carried over from a stale original.

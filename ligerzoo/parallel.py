@@ -31,11 +31,15 @@ def apply_fsdp(model: nn.Module, mesh=None, *, mp_dtype: torch.dtype | None = to
     """Shard with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder block is one
     unit, then the root (embedding, final norm, head). ``mp_dtype`` sets the parameter dtype
     for compute (gradients are reduced in fp32). Call after ``torch.distributed`` is
-    initialised (e.g. under ``torchrun``). In place; returns model."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    initialised (e.g. under ``torchrun``). ``model.generate`` then works on the sharded model
+    (every rank calls it), and ``ligerzoo.save_hf`` gathers the full weights (every rank
+    calls it; rank 0 writes). In place; returns model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # generate() reaches the root's parameters outside forward(): it gathers them too
+    register_fsdp_forward_method(model, "generate")
     return model

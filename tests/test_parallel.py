@@ -67,3 +67,55 @@ def test_save_hf_sees_through_checkpoint_wrappers(tmp_path):
     ligerzoo.save_hf(model, tmp_path / "out")
     src, out = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(tmp_path / "out")
     assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
+
+
+def _fsdp_worker(rank, world, port, src, out, results):
+    """One rank of test_fsdp_generate_and_save_hf (gloo on the CPU)."""
+    import torch.distributed as dist
+
+    from ligerzoo.parallel import apply_fsdp
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = ligerzoo.from_hf(src)
+        ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+        plain = model.generate(ids, 4, eos_token_id=[])
+        apply_fsdp(model, mp_dtype=None)
+        sharded = model.generate(ids, 4, eos_token_id=[])
+        saved = ligerzoo.save_hf(model, out, max_shard_size="40KB")
+        try:
+            ligerzoo.save_hf(model, out)  # not empty: every rank raises rank 0's error
+            again = "no error"
+        except FileExistsError as e:
+            again = str(e)
+        torch.save(dict(plain=plain, sharded=sharded, saved=str(saved), again=again), f"{results}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_generate_and_save_hf(tmp_path):
+    """A model sharded with FSDP2 over 2 CPU ranks (gloo) generates what the plain model
+    does and saves the same checkpoint (rank 0 writes the gathered tensors, bit for bit);
+    an error on rank 0 reaches every rank instead of leaving them in a collective."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers import make_hf_llama, read_safetensors_dir
+
+    make_hf_llama(tmp_path / "src")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "results").mkdir()
+    mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "results")),
+             nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / "results" / f"{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert torch.equal(r["sharded"], r["plain"])
+        assert r["saved"] == str(tmp_path / "out")
+        assert "exists and is not empty" in r["again"]
+    src, out = read_safetensors_dir(tmp_path / "src"), read_safetensors_dir(tmp_path / "out")
+    assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()  # sharded files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "results", "src"]  # no temp dir left
