@@ -329,7 +329,10 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
     q, k, v = q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
     if inplace and _fusable(qkv) and qkv.is_contiguous():
         cos, sin = _check_rope_args(q, k, cos, sin)
-        qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads, bool(backward_inplace))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, cos, sin)):
+            qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads, bool(backward_inplace))
+        else:  # no autograd node (torch.compile cannot trace mark_dirty without one)
+            ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False)
         q, k, v = qkv.split(sizes, dim=-1)
         return q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
     q, k = rope(q, k, cos, sin)
