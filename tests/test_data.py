@@ -167,8 +167,17 @@ def test_order_shuffle_and_epochs():
     assert len([next(gen) for _ in range(3 * len(two))]) == 3 * len(two)
 
 
-def test_too_short_split_raises():
+def test_bad_arguments_raise_at_the_call():
+    """Errors come from token_batches() itself, before any batch is asked for."""
     with pytest.raises(ValueError, match="too few"):
-        next(token_batches(chars, "short text", 8, 4))
-    with pytest.raises(ValueError):
-        next(token_batches(None, "text without an encoder", 2, 1))
+        token_batches(chars, "short text", 8, 4)
+    with pytest.raises(ValueError, match="encode callable"):
+        token_batches(None, "text without an encoder", 2, 1)
+    with pytest.raises(ValueError, match="1-D"):
+        token_batches(None, torch.arange(64).reshape(8, 8), 2, 1)   # not flattened silently
+    with pytest.raises(ValueError, match="split must be"):
+        token_batches(None, torch.arange(64), 2, 1, split="test")
+    with pytest.raises(ValueError, match=">= 1"):
+        token_batches(None, torch.arange(64), 0, 1)
+    with pytest.raises(ValueError, match=">= 1"):
+        num_batches(100, 0, 1)
