@@ -29,6 +29,7 @@ and yields ``(input_ids, labels)`` batches of shape ``(batch_size, seq_len)``::
 from __future__ import annotations
 
 import functools
+import html
 import importlib
 import importlib.util
 import re
@@ -98,8 +99,8 @@ def markdown_play_to_text(md: str) -> str:
     Headings (play title, ``ACT I``, ``SCENE II. ...``) and stage directions keep their words
     and lose their markup; a speaker line ``**HAMLET**`` becomes ``HAMLET:``; Markdown escapes
     (``\\--``, ``\\[``) and emphasis marks (``_``, ``*``, never part of the play text) are
-    removed, as are the two trailing spaces of Markdown line breaks. Paragraphs stay separated
-    by one blank line.
+    removed, HTML entities (``&amp;``) decoded, and the two trailing spaces of Markdown line
+    breaks dropped. Paragraphs stay separated by one blank line.
     """
     out: list[str] = []
     for raw in md.splitlines():
@@ -110,7 +111,7 @@ def markdown_play_to_text(md: str) -> str:
             if m := _HEADING.fullmatch(line):
                 line = m["title"]
             line = _ESCAPE.sub(r"\1", line).replace("_", "").replace("*", "")
-            line = re.sub(r"[ \t]+", " ", line).strip()
+            line = re.sub(r"[ \t]+", " ", html.unescape(line)).strip()
         out.append(line)
     text = "\n".join(out)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"

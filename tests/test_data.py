@@ -79,11 +79,11 @@ def test_markdown_play_to_text():
     md = (
         "# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_FRANCISCO at his post. Enter to him\n"
         "BERNARDO_\n\n**BERNARDO**  \nWho's there?\n\n\n**FRANCISCO**  \nNay, answer me:  \n"
-        "__\\[Aside]_  \nstand,'\\--and unfold yourself.\n"
+        "__\\[Aside]_  \nstand,'\\--and unfold yourself. &amp; c.\n"
     )
     assert markdown_play_to_text(md) == (
         "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nFRANCISCO at his post. Enter to him\nBERNARDO\n\n"
-        "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me:\n[Aside]\nstand,'--and unfold yourself.\n"
+        "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me:\n[Aside]\nstand,'--and unfold yourself. & c.\n"
     )
 
 
