@@ -1143,7 +1143,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
             # row (overwritten by the group's total), else a buffer
             out_bytes = ch_per_group * out.element_size()
             if out_bytes % 4 == 0:
-                out[0].view(num_groups, ch_per_group)[:, : 4 // out.element_size()].zero_()
+                out[0].view(num_groups, ch_per_group)[:, : cdiv(4, out.element_size())].zero_()
                 ticket, ticket_stride = out, out_bytes // 4
             else:
                 ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)

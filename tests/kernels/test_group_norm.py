@@ -401,6 +401,38 @@ def test_group_norm_backward_scratch_in_dx(monkeypatch, shape, groups, dtype, pa
     _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_dx", [True, False])
+def test_group_norm_backward_counters_start_at_zero(monkeypatch, param_dtype, in_dx):
+    """The arrival counters live in the parameter-gradient output, which torch.empty hands
+    out with old contents: they must be zeroed for every output dtype (float64 included),
+    else no chunk is seen as the last and the gradients are never written. New memory is
+    poisoned here so that a counter left as it came fails."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", 2)             # 3 chunks of 5 samples
+    monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", in_dx)
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype == torch.bool:
+            return t
+        return t.fill_(1.1 if t.is_floating_point() else 7)   # no zero bytes in any 4 of them
+
+    x, w, b = _inputs((5, 6, 9), torch.float32, param_dtype=param_dtype)
+    dy = torch.randn_like(x)
+    y, mean = gn_mod.ops.group_norm(x, 3, w, b, 1e-5)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    dx, params = gn_mod.ops.group_norm_backward(dy, x, 3, w, mean, 1e-5, True, True, param_dtype)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    y64, grads64 = _torch64(x, 3, w, b, dy)
+    assert params.dtype == param_dtype
+    assert_close_ulps(dx, grads64[0], torch.float32, 64)
+    ulps = {torch.float64: 2**29, torch.float32: 64, torch.bfloat16: 2}[param_dtype]  # sums in fp32
+    assert_close_ulps(params[0], grads64[1], param_dtype, ulps)
+    assert_close_ulps(params[1], grads64[2], param_dtype, ulps)
+
+
 @pytest.mark.parametrize("n,groups,expected,expected_one_tile", [
     (64, 32, 2, 4),       # the benchmark at 8192 tokens: 2 samples, 32 chunks per group
     (32, 32, 2, 4),
