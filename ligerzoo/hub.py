@@ -305,7 +305,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         shards = split.filename_to_tensors.items()
         for file, keys in tqdm(shards, desc="save_hf", unit="shard", disable=len(shards) < 2 or not writer):
             # a sharded (FSDP2) model: every rank gathers each full tensor, in the same order
-            full = {k: km.slots[k].view(_full_tensor(params[km.slots[k].param].detach())) for k in keys}
+            full = {k: km.slots[k].view(_full_tensor(params[km.slots[k].param].detach(), sharded)) for k in keys}
             if writer and problem is None:
                 try:
                     tensors = {k: t.to(device="cpu", dtype=dtype, copy=True) for k, t in full.items()}
@@ -350,10 +350,13 @@ def _sharded(params: dict) -> bool:
     return any(isinstance(p, DTensor) for p in params.values())
 
 
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+def _full_tensor(t: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """``t`` itself, or the whole of a DTensor ``t`` (a collective: every rank calls it)."""
+    if not sharded:
+        return t
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if torch.distributed.is_available() and isinstance(t, DTensor) else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _from_writer(problem, sharded: bool):
