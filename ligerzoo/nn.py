@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ligerzoo.kernels.cross_entropy import cross_entropy
+from ligerzoo.kernels.cross_entropy import check_loss_options, cross_entropy
 from ligerzoo.kernels.embedding import embedding
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ligerzoo.kernels.fused_linear_jsd import fused_linear_jsd
 from ligerzoo.kernels.geglu import geglu_fused
 from ligerzoo.kernels.group_norm import group_norm
 from ligerzoo.kernels.jsd import jsd
-from ligerzoo.kernels.kl_div import kl_div
+from ligerzoo.kernels.kl_div import REDUCTIONS as KL_REDUCTIONS, kl_div
 from ligerzoo.kernels.layer_norm import layer_norm
 from ligerzoo.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from ligerzoo.kernels.swiglu import swiglu_fused
@@ -35,12 +35,20 @@ class RMSNorm(nn.Module):
         offset: added to the weight (1.0 for Gemma's zero-initialised weights; the weight then
             starts at 0).
         casting_mode: "llama", "gemma" or "none".
-    Shapes: x (..., H) -> (..., H), same dtype as x. ``forward(x, residual)`` adds the
-    residual first and returns ``(normed, x + residual)`` in one kernel.
+
+    Shapes and dtypes: x (..., H) of any float dtype -> (..., H) in x's dtype (the math in
+    fp32 as ``casting_mode`` says). ``forward(x, residual)`` adds the residual first and
+    returns ``(normed, x + residual)`` in one kernel.
+
+    Raises:
+        ValueError: an unknown ``casting_mode`` (at construction), or x whose last dim is not
+            H (at the call).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama"):
         super().__init__()
+        if casting_mode not in ("llama", "gemma", "none"):
+            raise ValueError(f"casting_mode must be 'llama', 'gemma' or 'none', got {casting_mode!r}")
         self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
         self.eps, self.offset, self.casting_mode = eps, offset, casting_mode
 
@@ -56,7 +64,11 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """Layer norm over the last dim (Ba et al. 2016) = ``torch.nn.LayerNorm(hidden_size, eps)``.
 
-    Shapes: x (..., H) -> (..., H); ``weight``/``bias`` (H,) (``bias=False`` drops the bias).
+    Shapes and dtypes: x (..., H) of any float dtype -> (..., H) in x's dtype (statistics in
+    fp32); ``weight``/``bias`` (H,) fp32 parameters (``bias=False`` drops the bias).
+
+    Raises:
+        ValueError: x whose last dim is not H (at the call).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
@@ -75,7 +87,8 @@ class GroupNorm(nn.Module):
     (``LigerGroupNorm(num_channels, num_groups, eps)``): channels first. Keyword arguments
     avoid the mix-up: ``GroupNorm(num_channels=64, num_groups=8)``.
 
-    Shapes: x (N, C, *) -> same; ``weight``/``bias`` (C,).
+    Shapes and dtypes: x (N, C, *) of any float dtype -> same shape and dtype (statistics in
+    fp32); ``weight``/``bias`` (C,) fp32 parameters (``affine=False``: none).
 
     Raises:
         ValueError: ``num_channels`` not divisible by ``num_groups`` (the message names both,
@@ -109,24 +122,48 @@ class _GatedMLP(nn.Module):
 
 class SwiGLUMLP(_GatedMLP):
     """``down(silu(gate(x)) * up(x))`` (Shazeer 2020, arXiv 2002.05202), gate and up fused into
-    one (2I, H) matmul (rows gate | up). Shapes: (..., H) -> (..., H)."""
+    one (2I, H) matmul (rows gate | up): ``w_gate_up`` (2I, H), ``w_down`` (H, I).
+
+    Args: hidden_size H, intermediate_size I, bias (on both projections).
+    Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
+    Raises: what ``nn.Linear`` raises for x whose last dim is not H.
+    """
 
 
 class GeGLUMLP(_GatedMLP):
-    """``down(gelu_tanh(gate(x)) * up(x))`` (Gemma's MLP), gate and up fused (rows gate | up)."""
+    """``down(gelu_tanh(gate(x)) * up(x))`` (Shazeer 2020; Gemma's MLP, tanh-approximate GELU),
+    gate and up fused into one (2I, H) matmul (rows gate | up): ``w_gate_up`` (2I, H),
+    ``w_down`` (H, I).
+
+    Args: hidden_size H, intermediate_size I, bias (on both projections).
+    Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
+    Raises: what ``nn.Linear`` raises for x whose last dim is not H.
+    """
 
     _act = staticmethod(geglu_fused)
 
 
 class CrossEntropyLoss(nn.Module):
     """``torch.nn.CrossEntropyLoss`` over (N, V) logits plus ``softcap`` and z-loss
-    (``lse_square_scale``); see ``ligerzoo.kernels.cross_entropy``. Returns the loss, or
-    ``(loss, z_loss)`` with ``return_z_loss``."""
+    (``lse_square_scale``); the options and math of ``ligerzoo.kernels.cross_entropy``.
+
+    Args: ``weight`` (V,) class weights (a buffer), then the options of
+    :func:`ligerzoo.kernels.cross_entropy`.
+    Shapes and dtypes: ``forward(logits, target)``: logits (N, V) of any float dtype, target
+    (N,) int64 -> fp32 loss, () or (N,) for reduction "none"; ``(loss, z_loss)`` with
+    ``return_z_loss``.
+
+    Raises:
+        ValueError: a bad reduction, label_smoothing outside [0, 1], a negative
+            lse_square_scale or a softcap <= 0 (at construction); shapes, dtypes or target
+            values out of range (at the call, from the functional op).
+    """
 
     def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
                  return_z_loss: bool = False):
         super().__init__()
+        check_loss_options(reduction, label_smoothing, lse_square_scale, softcap)
         self.register_buffer("weight", weight)
         self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                             lse_square_scale=lse_square_scale, softcap=softcap, return_z_loss=return_z_loss)
@@ -137,11 +174,25 @@ class CrossEntropyLoss(nn.Module):
 
 class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
     """Cross entropy of ``x @ lm_head_weight.T (+ bias)`` without materialising the (N, V)
-    logits; called ``loss(lm_head_weight, x, target, bias=None)`` like Liger's. Extra options:
-    ``accum_dtype`` (fp32 weight-gradient accumulation by default) and ``chunk_size``."""
+    logits (:func:`ligerzoo.kernels.fused_linear_cross_entropy`); called
+    ``loss(lm_head_weight, x, target, bias=None)`` like Liger's.
 
-    def __init__(self, *args, accum_dtype: torch.dtype = torch.float32, chunk_size: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    Args: the options of :class:`CrossEntropyLoss` (``weight`` is the (V,) class weight),
+    plus ``accum_dtype`` (of the weight-gradient accumulation; fp32 by default) and
+    ``chunk_size`` (rows per logits chunk; None: the op's default).
+    Shapes and dtypes: lm_head_weight (V, H), x (N, H) in the same float dtype, target (N,)
+    int64, bias (V,) or None -> fp32 loss, () or (N,) for reduction "none".
+
+    Raises:
+        ValueError: as :class:`CrossEntropyLoss`; shapes or dtypes that do not match (at the
+            call).
+    """
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
+                 return_z_loss: bool = False, accum_dtype: torch.dtype = torch.float32,
+                 chunk_size: int | None = None):
+        super().__init__(weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, return_z_loss)
         self.accum_dtype, self.chunk_size = accum_dtype, chunk_size
 
     def forward(self, lm_head_weight: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
@@ -151,10 +202,22 @@ class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
 
 
 class KLDivLoss(nn.Module):
-    """``torch.nn.KLDivLoss(reduction, log_target)`` on log-prob ``input`` (N, V)."""
+    """``torch.nn.KLDivLoss(reduction, log_target)`` (Kullback & Leibler 1951) on log-prob
+    ``input``; the math of :func:`ligerzoo.kernels.kl_div`.
+
+    Shapes and dtypes: input and target (..., V) of float dtypes (target as probabilities, or
+    log-probabilities with ``log_target``) -> fp32 loss () for "batchmean" / "sum" / "mean";
+    for "none" the (..., V) elementwise loss in torch's promoted dtype.
+
+    Raises:
+        ValueError: an unknown reduction (at construction); shapes, dtypes or devices that
+            do not match (at the call).
+    """
 
     def __init__(self, reduction: str = "batchmean", log_target: bool = False):
         super().__init__()
+        if reduction not in KL_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
         self.reduction, self.log_target = reduction, log_target
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -162,11 +225,22 @@ class KLDivLoss(nn.Module):
 
 
 class JSD(nn.Module):
-    """Generalised Jensen-Shannon divergence between student and teacher log-probs (N, V);
-    ``beta`` 0 / 1 give forward / reverse KL; rows whose label is ``ignore_index`` are left out."""
+    """Generalised Jensen-Shannon divergence (Lin 1991; the distillation form of Agarwal et al.
+    2024) between student and teacher log-probs; the math of :func:`ligerzoo.kernels.jsd`.
+    ``beta`` 0 / 1 give forward / reverse KL; rows whose label is ``ignore_index`` are left out.
+
+    Shapes and dtypes: ``forward(student_logp, teacher_logp, labels=None)``: log-probs (..., V)
+    of float dtypes, labels (...) int64 or None -> fp32 loss (), averaged over counted rows.
+
+    Raises:
+        ValueError: beta outside [0, 1] (at construction); shapes, dtypes or labels that do
+            not match (at the call).
+    """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100):
         super().__init__()
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta, self.ignore_index = beta, ignore_index
 
     def forward(self, student_logp, teacher_logp, labels=None) -> torch.Tensor:
@@ -174,12 +248,26 @@ class JSD(nn.Module):
 
 
 class FusedLinearJSD(nn.Module):
-    """JSD between two LM heads' softmax(x W^T / temperature) without the (N, V) logits;
-    called ``loss(student_x, student_weight, teacher_x, teacher_weight, labels=None)``."""
+    """JSD between two LM heads' softmax(x W^T / temperature) without the (N, V) logits
+    (:func:`ligerzoo.kernels.fused_linear_jsd`); called
+    ``loss(student_x, student_weight, teacher_x, teacher_weight, labels=None)``.
+
+    Shapes and dtypes: student_x (N, Hs) and student_weight (V, Hs), teacher_x (N, Ht) and
+    teacher_weight (V, Ht), each pair in one float dtype; labels (N,) int64 or None -> fp32
+    loss ().
+
+    Raises:
+        ValueError: beta outside [0, 1] or a temperature <= 0 (at construction); shapes or
+            dtypes that do not match (at the call).
+    """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
                  chunk_size: int | None = None):
         super().__init__()
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if not float(temperature) > 0.0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.beta, self.ignore_index, self.temperature, self.chunk_size = beta, ignore_index, temperature, chunk_size
 
     def forward(self, student_x, student_weight, teacher_x, teacher_weight, labels=None) -> torch.Tensor:
@@ -189,11 +277,21 @@ class FusedLinearJSD(nn.Module):
 
 class Embedding(nn.Module):
     """``torch.nn.Embedding`` through the fused Triton gather (forward) and sorted segment
-    sum (backward, deterministic, fp32 sums; :mod:`ligerzoo.kernels.embedding`). Shapes: ids
-    (...) int -> (..., embedding_dim)."""
+    sum (backward, deterministic, fp32 sums; :mod:`ligerzoo.kernels.embedding`).
+
+    Shapes and dtypes: ids (...) int64 or int32 -> (..., embedding_dim) in the weight's dtype;
+    ``weight`` (num_embeddings, embedding_dim), N(0, 1) initialised, the ``padding_idx`` row
+    zero (it gets no gradient).
+
+    Raises:
+        ValueError: ``padding_idx`` outside [-num_embeddings, num_embeddings) (at
+            construction); ids out of range (at the call, on CPU tensors).
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
         self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
         self.padding_idx = padding_idx
         if padding_idx is not None:

@@ -58,3 +58,25 @@ def test_embedding_matches_torch():
     torch.testing.assert_close(e(ids), F.embedding(ids, e.weight))
     e(ids).sum().backward()
     assert not e.weight.grad[0].any() and torch.equal(e.weight.grad[3], torch.full((8,), 2.0))
+
+
+def test_modules_refuse_bad_options_at_construction():
+    """Options a module keeps are checked when it is built, not at its first call."""
+    import pytest
+
+    import ligerzoo.nn as lnn
+
+    for build, message in [
+        (lambda: lnn.RMSNorm(8, casting_mode="bf16"), "casting_mode"),
+        (lambda: lnn.CrossEntropyLoss(reduction="avg"), "reduction"),
+        (lambda: lnn.CrossEntropyLoss(label_smoothing=1.5), "label_smoothing"),
+        (lambda: lnn.FusedLinearCrossEntropyLoss(softcap=0.0), "softcap"),
+        (lambda: lnn.KLDivLoss(reduction="avg"), "reduction"),
+        (lambda: lnn.JSD(beta=1.5), "beta"),
+        (lambda: lnn.FusedLinearJSD(temperature=0.0), "temperature"),
+        (lambda: lnn.Embedding(10, 4, padding_idx=10), "padding_idx"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build()
+    loss = lnn.FusedLinearCrossEntropyLoss(ignore_index=3, reduction="sum", chunk_size=2)  # explicit signature
+    assert loss.options["ignore_index"] == 3 and loss.options["reduction"] == "sum" and loss.chunk_size == 2
