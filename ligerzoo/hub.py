@@ -310,6 +310,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 try:
                     tensors = {k: t.to(device="cpu", dtype=dtype, copy=True) for k, t in full.items()}
                     save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+                    os.chmod(tmp / file, _file_mode())  # safetensors writes 0600: as any new file instead
                 except Exception as e:  # noqa: BLE001 - the other ranks still gather: raised below
                     if not sharded:
                         raise
@@ -338,6 +339,13 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             shutil.rmtree(tmp, ignore_errors=True)
         raise problem
     return given
+
+
+def _file_mode() -> int:
+    """The mode a new file gets under the process umask (0644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _sharded(params: dict) -> bool:

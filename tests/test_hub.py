@@ -310,6 +310,15 @@ def test_save_refuses_a_config_its_family_cannot_express(tmp_path, model_type, f
     assert not any(tmp_path.iterdir())
 
 
+def test_saved_files_are_readable_like_any_new_file(tmp_path):
+    """safetensors writes its files 0600; save_hf gives them the mode of any new file (the
+    umask's), so a shared checkpoint is readable by whoever can read its config.json."""
+    make_hf_llama(tmp_path / "hf")
+    ligerzoo.save_hf(ligerzoo.from_hf(tmp_path / "hf"), tmp_path / "out", max_shard_size="40KB")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {modes["config.json"]}, modes
+
+
 def test_save_through_a_symlink_and_dtype_checks(tmp_path):
     make_hf_llama(tmp_path / "hf")
     model = ligerzoo.from_hf(tmp_path / "hf")
