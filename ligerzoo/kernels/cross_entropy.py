@@ -646,6 +646,9 @@ def cross_entropy_reference(
     Differentiable by torch autograd (``z_loss`` is returned detached, as by the public
     function: it is already part of ``loss``). Math in fp32 (float64 for float64 logits);
     returns fp32 (float64) values. ``inplace`` is accepted for signature parity and ignored.
+
+    Arguments, shapes and dtypes as :func:`cross_entropy`; it does not check them as that
+    function does (bad input fails in torch's own ops).
     """
     del inplace
     cdt = torch.promote_types(logits.dtype, torch.float32)

@@ -414,7 +414,11 @@ def fused_linear_cross_entropy_reference(
 ):
     """Plain-PyTorch reference: full logits ``F.linear(x, weight, bias)`` (in x.dtype), then
     :func:`cross_entropy_reference`. Differentiable by autograd; materialises (N, V).
-    ``accum_dtype`` and ``chunk_size`` are accepted for signature parity and ignored."""
+    ``accum_dtype`` and ``chunk_size`` are accepted for signature parity and ignored.
+
+    Arguments, shapes and dtypes as :func:`fused_linear_cross_entropy`; it does not check them as that
+    function does (bad input fails in torch's own ops).
+    """
     del accum_dtype, chunk_size
     logits = F.linear(x, weight, bias)                                            # (N, V)
     return cross_entropy_reference(

@@ -276,7 +276,11 @@ def fused_linear_jsd_reference(
     """Plain-PyTorch reference: full logits in the inputs' dtype, ``log_softmax`` of
     ``logits / temperature`` in fp32, then :func:`ligerzoo.kernels.jsd.jsd_reference`.
     The teacher is detached. Differentiable by autograd; materialises (N, V).
-    ``chunk_size`` is accepted for signature parity and ignored."""
+    ``chunk_size`` is accepted for signature parity and ignored.
+
+    Arguments, shapes and dtypes as :func:`fused_linear_jsd`; it does not check them as that
+    function does (bad input fails in torch's own ops).
+    """
     del chunk_size
     cdt = torch.promote_types(student_x.dtype, torch.float32)
     s = F.linear(student_x, student_weight).to(cdt) / temperature                   # (N, V)

@@ -39,14 +39,20 @@ _register_gated_ops("geglu", ACT_GELU_TANH)
 def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch ``gelu(gate, approximate="tanh") * up`` in
     ``promote_types(gate.dtype, float32)``, cast to ``gate.dtype``; differentiable by
-    torch autograd."""
+    torch autograd.
+
+    Arguments, shapes, dtypes and errors as :func:`geglu`.
+    """
     _check_pair(gate, up, "geglu")
     ct = torch.promote_types(gate.dtype, torch.float32)
     return (torch.nn.functional.gelu(gate.to(ct), approximate="tanh") * up.to(ct)).to(gate.dtype)
 
 
 def geglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch :func:`geglu_fused`: ``geglu_reference(*gate_up.split(I, -1))``."""
+    """Plain-PyTorch :func:`geglu_fused`: ``geglu_reference(*gate_up.split(I, -1))``.
+
+    Arguments, shapes, dtypes and errors as :func:`geglu_fused`.
+    """
     _check_fused(gate_up)
     n_cols = gate_up.shape[-1] // 2
     return geglu_reference(gate_up[..., :n_cols], gate_up[..., n_cols:])

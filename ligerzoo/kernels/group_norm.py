@@ -1275,7 +1275,10 @@ def group_norm_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch :func:`group_norm` with the same math: statistics and affine in
     ``promote_types(x.dtype, float32)`` (float64 input gives a float64 reference), one
-    rounding to ``x.dtype`` at the end. Differentiable by torch autograd."""
+    rounding to ``x.dtype`` at the end. Differentiable by torch autograd.
+
+    Arguments, shapes, dtypes and errors as :func:`group_norm`.
+    """
     _check_args(x, num_groups, weight, bias)
     ct = torch.promote_types(x.dtype, torch.float32)
     n, c = x.shape[0], x.shape[1]

@@ -198,7 +198,10 @@ def _check_args(x: torch.Tensor, w_packed: torch.Tensor) -> None:
 
 def int2_matmul_reference(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch ``x @ unpack_int2(w_packed).T`` as int32, exact: int64 matmul on CPU,
-    float64 on other devices (exact: every partial sum is an integer below 2^53)."""
+    float64 on other devices (exact: every partial sum is an integer below 2^53).
+
+    Arguments, shapes, dtypes and errors as :func:`int2_matmul`.
+    """
     _check_args(x, w_packed)
     w = unpack_int2(w_packed)                                               # (N, K) int8
     if x.device.type == "cpu":

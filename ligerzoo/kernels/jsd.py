@@ -280,7 +280,11 @@ def jsd_reference(
     respect to both inputs. Math in ``promote(inputs, float32)``; returns that dtype.
 
     Log-probabilities below -1e30 (i.e. ``-inf``) are clamped there, which gives the
-    ``0 log 0 = 0`` convention of the kernel with finite gradients."""
+    ``0 log 0 = 0`` convention of the kernel with finite gradients.
+
+    Arguments, shapes and dtypes as :func:`jsd`; it checks ``beta`` only (other bad
+    input fails in torch's own ops).
+    """
     _check_beta(beta)
     cdt = torch.promote_types(torch.promote_types(student_logp.dtype, teacher_logp.dtype), torch.float32)
     n_cols = student_logp.shape[-1]

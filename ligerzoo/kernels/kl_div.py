@@ -253,7 +253,11 @@ def kl_div_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch :func:`kl_div` (same semantics and output dtypes), differentiable by
     torch autograd. Math in ``promote(input, target, float32)``. At ``target == 0`` (with
-    ``log_target=False`` and no ``eps``) autograd's target gradient is NaN, not ``-inf``."""
+    ``log_target=False`` and no ``eps``) autograd's target gradient is NaN, not ``-inf``.
+
+    Arguments, shapes and dtypes as :func:`kl_div`; it does not check them as that
+    function does (bad input fails in torch's own ops).
+    """
     cdt = torch.promote_types(torch.promote_types(input.dtype, target.dtype), torch.float32)
     x = input.to(cdt)
     y = target.to(cdt)

@@ -295,7 +295,10 @@ def layer_norm_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch :func:`layer_norm` with the same math: statistics and affine in
     ``promote_types(x.dtype, float32)`` (float64 input gives a float64 reference), one
-    rounding to ``x.dtype`` at the end. Differentiable by torch autograd."""
+    rounding to ``x.dtype`` at the end. Differentiable by torch autograd.
+
+    Arguments, shapes, dtypes and errors as :func:`layer_norm`.
+    """
     _check_args(x, weight, bias)
     ct = torch.promote_types(x.dtype, torch.float32)
     x32 = x.to(ct)                                                       # (..., H)

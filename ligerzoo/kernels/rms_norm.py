@@ -385,7 +385,10 @@ def fused_add_rms_norm_reference(
     offset: float = 0.0,
     casting_mode: str = "llama",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch ``(rms_norm(x + residual), x + residual)``; see :func:`fused_add_rms_norm`."""
+    """Plain-PyTorch ``(rms_norm(x + residual), x + residual)``; see :func:`fused_add_rms_norm`.
+
+    Arguments, shapes, dtypes and errors as :func:`fused_add_rms_norm`.
+    """
     _check_residual(x, residual)
     s = x + residual
     return rms_norm_reference(s, weight, eps, offset, casting_mode), s

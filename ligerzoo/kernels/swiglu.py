@@ -292,14 +292,20 @@ _register_gated_ops("swiglu", ACT_SILU)
 # ----------------------------------------------------------------------------- references
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch ``silu(gate) * up`` in ``promote_types(gate.dtype, float32)``, cast to
-    ``gate.dtype``; differentiable by torch autograd."""
+    ``gate.dtype``; differentiable by torch autograd.
+
+    Arguments, shapes, dtypes and errors as :func:`swiglu`.
+    """
     _check_pair(gate, up)
     ct = torch.promote_types(gate.dtype, torch.float32)
     return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
 def swiglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch :func:`swiglu_fused`: ``swiglu_reference(*gate_up.split(I, -1))``."""
+    """Plain-PyTorch :func:`swiglu_fused`: ``swiglu_reference(*gate_up.split(I, -1))``.
+
+    Arguments, shapes, dtypes and errors as :func:`swiglu_fused`.
+    """
     _check_fused(gate_up)
     n_cols = gate_up.shape[-1] // 2
     return swiglu_reference(gate_up[..., :n_cols], gate_up[..., n_cols:])
