@@ -194,3 +194,41 @@ def test_cross_entropy_single_column_with_odd_strides():
     loss = cross_entropy(z, torch.tensor([0]))
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.equal(z.grad, torch.zeros(1, 1))
+
+
+def _opcheck(op, args):
+    from torch.library import opcheck
+
+    result = opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_loss_ops_pass_opcheck():
+    """The loss ops' schemas, fake (meta) functions and autograd registrations, checked by
+    torch.library.opcheck (the norms, RoPE, GLUs, embedding and int2 matmul have theirs in
+    their own test files)."""
+    ops = torch.ops.ligerzoo
+    torch.manual_seed(0)
+    n, v = 5, 37
+    logits = torch.randn(n, v, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    target[1] = -100
+    w = torch.rand(v)
+    _opcheck(ops.cross_entropy, (logits, target, w, -100, "mean", 0.1, 1e-4, 30.0, True))
+    _opcheck(ops.cross_entropy, (logits.detach(), target, None, -100, "none", 0.0, 0.0, None, False))
+    s = torch.randn(n, v).log_softmax(-1).requires_grad_()
+    t = torch.randn(n, v).log_softmax(-1)
+    _opcheck(ops.kl_div, (s, t.exp(), True, 1.0 / n, False, None))
+    _opcheck(ops.kl_div, (s, t, False, 1.0, True, None))
+    _opcheck(ops.kl_div_backward, (torch.tensor(1.0), s.detach(), t.exp(), True, 0.2, False, None, True, True))
+    _opcheck(ops.jsd, (s.detach(), t, target, 0.3, -100, True, True))
+    x, lm_head, b = torch.randn(n, 8, requires_grad=True), torch.randn(v, 8, requires_grad=True), torch.randn(v)
+    _opcheck(ops.fused_linear_cross_entropy,
+             (x, lm_head, target, b, w, -100, "mean", 0.1, 1e-4, 30.0, torch.float32, 2, True, True, True))
+    lse = ops.fused_linear_cross_entropy(x.detach(), lm_head.detach(), target, b, w, -100, "none", 0.0, 0.0, None,
+                                         torch.float32, 2, False, False, False)[2]
+    _opcheck(ops.fused_linear_cross_entropy_backward,
+             (torch.randn(n), x.detach(), lm_head.detach(), target, b, w, lse, -100, 0.0, 0.0, None, torch.float32, 2,
+              True, True, True))
+    _opcheck(ops.fused_linear_jsd, (x, lm_head, torch.randn(n, 6), torch.randn(v, 6), target, 0.5, -100, 2.0, 2,
+                                    True, True))
