@@ -294,7 +294,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
-    tmp = None
+    tmp, file_mode = None, _file_mode()
     if writer:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -310,7 +310,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 try:
                     tensors = {k: t.to(device="cpu", dtype=dtype, copy=True) for k, t in full.items()}
                     save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                    os.chmod(tmp / file, _file_mode())  # safetensors writes 0600: as any new file instead
+                    os.chmod(tmp / file, file_mode)  # safetensors writes 0600: as any new file instead
                 except Exception as e:  # noqa: BLE001 - the other ranks still gather: raised below
                     if not sharded:
                         raise

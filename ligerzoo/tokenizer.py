@@ -2,6 +2,7 @@
 renders it), without depending on transformers."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -99,7 +100,7 @@ class Tokenizer:
             if not isinstance(final, str):
                 raise ValueError("continue_final_message needs the final message's content as a string")
             messages[-1]["content"] = final + _CONTINUE_TAG
-        text = _environment().from_string(self.chat_template).render(
+        text = _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
             eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
             **kwargs)
@@ -118,8 +119,15 @@ class Tokenizer:
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """The compiled chat template (compiled once per template source)."""
+    return _environment().from_string(template)
+
+
+@functools.lru_cache(maxsize=1)
 def _environment():
-    """The sandboxed Jinja environment chat templates render in (as transformers')."""
+    """The sandboxed Jinja environment chat templates render in (as transformers'), built once."""
     from jinja2 import nodes
     from jinja2.exceptions import TemplateError
     from jinja2.ext import Extension

@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     tok = ligerzoo.load_tokenizer(ckpt)
 
     # 2. chat, greedy with a KV cache
-    prompt = torch.tensor([tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)], device=device)
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    prompt = torch.tensor([prompt], device=device)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=48, eos_token_id=tok.eos_token_id)
     dt = time.perf_counter() - t0
