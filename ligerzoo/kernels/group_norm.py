@@ -72,6 +72,7 @@ channels per group) ``x`` is seen as ``N * C`` rows of ``S`` values
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -137,6 +138,21 @@ _GROUP_BWD_ONE_TILE_WARPS = 16
 # Samples per program of that one-tile backward (one program per SM): H200, (64, 4096, 128)
 # fp32, 134.9 us with 4 against 143.1 with 2 (session 13).
 _ONE_TILE_SAMPLES_PER_PROGRAM = 4
+# With 16-bit inputs, a sample's group of at most _GROUP_BWD_ONE_TILE_ELEMS values (padded),
+# each channel's values at most _WORDS_MAX_ROW int32 words (two values a word; a channel
+# within one warp's reach), is read once as int32 words kept in registers (half the
+# registers of fp32 tiles), and each program loads the next sample's words before working
+# on this one's (register double buffering: about 128 registers a thread, one 16-warp
+# program per SM), in chunks from words_chunk_samples. H200, (N, 4096, 128) bf16 with 32
+# groups, dx and both parameter gradients, device time against the tiles (session 14):
+# N = 32: 36.0 us against 46.4; 64: 63.5 against 79.7; 128: 121.4 against 146.5; 256: 229
+# against 268 (82% of the copy bandwidth); fp16 at 64: 69.4 against 77.8. Without the
+# prefetch 86.4 us at 64; chunks of 2 samples 89.2, 1 sample 110, so chunks of fewer than
+# _WORDS_MIN_SAMPLES keep the tiles.
+_WORDS_ONE_TILE = True
+_WORDS_PREFETCH = True
+_WORDS_MAX_ROW = 128
+_WORDS_MIN_SAMPLES = 4
 # Small groups (a (tokens, C) input, say): each program takes (samples x groups) tiles,
 # each group a row of its tile, read once. The forward takes them for groups of at most
 # _SMALL_GROUP_MAX_LEN values (padded to a power of two), the backward at most
@@ -502,6 +518,74 @@ if HAS_TRITON:
         return dy, tl.where(mask, x - mean, 0.0)
 
     @triton.jit
+    def _gn_unpack(v, sh, DT: tl.constexpr):
+        """The two 16-bit values of dtype DT in each int32 word of ``v`` as fp32: (first,
+        second), the first in the low half (little endian). ``sh`` is 16: a second unpacking
+        of the same words with ``sh`` a run-time argument is not merged with a first one
+        (whose results would then stay live in registers in between)."""
+        if DT == tl.bfloat16:   # a bf16 value is the top half of an fp32 one
+            lo = (v << sh).to(tl.float32, bitcast=True)
+            hi = ((v >> sh) << sh).to(tl.float32, bitcast=True)
+        else:
+            lo = ((v << sh) >> sh).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+            hi = (v >> sh).to(tl.int16).to(DT, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _gn_pack(lo, hi, DT: tl.constexpr):
+        """fp32 (lo, hi) rounded to DT and packed two to an int32 word, lo in the low half."""
+        lo16 = lo.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi16 = hi.to(DT).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        return lo16 | hi16
+
+    @triton.jit
+    def _gn_words_load(DY, X, pair, numel, cc, c_mask, n_cols, BLOCK_S: tl.constexpr):
+        """dy and x of the (sample, group) ``pair`` (16-bit values, ``n_cols`` even) as int32
+        words, two values each: (BLOCK_C, BLOCK_S / 2) tiles, 0 outside the group."""
+        half = n_cols // 2
+        ww = tl.arange(0, BLOCK_S // 2)
+        mask = c_mask[:, None] & (ww < half)[None, :]
+        offs = cc[:, None] * half + ww[None, :]                                 # words, int32
+        wbase = pair.to(tl.int64) * (numel // 2)
+        dyw = tl.load(DY.to(tl.pointer_type(tl.int32)) + wbase + offs, mask=mask, other=0)
+        xw = tl.load(X.to(tl.pointer_type(tl.int32)) + wbase + offs, mask=mask, other=0)
+        return dyw, xw
+
+    @triton.jit
+    def _gn_words_sample(dyw, xw, DX, MEAN, pair, numel, w, cc, c_mask, n_cols, eps, sixteen, write_dx,
+                         BLOCK_S: tl.constexpr):
+        """The one-tile backward of a (sample, group) of 16-bit values held as int32 words
+        (from _gn_words_load): its per-channel sums A and B (as _gn_group_sample) and its dx
+        when ``write_dx``. The words are unpacked to fp32 for the sums and again for dx."""
+        DT: tl.constexpr = DX.dtype.element_ty
+        half = n_cols // 2
+        ww = tl.arange(0, BLOCK_S // 2)
+        mask = c_mask[:, None] & (ww < half)[None, :]
+        mean = tl.load(MEAN + pair)
+        dy0, dy1 = _gn_unpack(dyw, 16, DT)
+        x0, x1 = _gn_unpack(xw, 16, DT)
+        d0 = tl.where(mask, x0 - mean, 0.0)
+        d1 = tl.where(mask, x1 - mean, 0.0)
+        a_c = tl.sum(dy0 * d0 + dy1 * d1, axis=1)
+        b_c = tl.sum(dy0 + dy1, axis=1)
+        v_c = tl.sum(d0 * d0 + d1 * d1, axis=1)
+        rstd = 1.0 / tl.sqrt(tl.sum(v_c, axis=0) / numel + eps)
+        a_c = a_c * rstd
+        k_gx = tl.sum(a_c * w) / numel
+        k_g = tl.sum(b_c * w) / numel
+        if write_dx:
+            offs = cc[:, None] * half + ww[None, :]
+            out = DX.to(tl.pointer_type(tl.int32)) + pair.to(tl.int64) * (numel // 2) + offs
+            scale = (w * rstd)[:, None]
+            dy0, dy1 = _gn_unpack(dyw, sixteen, DT)
+            x0, x1 = _gn_unpack(xw, sixteen, DT)
+            # the same operations as _gn_group_dx, in the same order
+            dx0 = dy0 * scale - rstd * (k_g + ((x0 - mean) * rstd) * k_gx)
+            dx1 = dy1 * scale - rstd * (k_g + ((x1 - mean) * rstd) * k_gx)
+            tl.store(out, _gn_pack(dx0, dx1, DT), mask=mask)
+        return a_c, b_c
+
+    @triton.jit
     def _gn_group_sample(DY, X, DX, MEAN, pair, numel, w, cc, c_mask, ss, n_cols, eps, write_dx,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ONE_TILE: tl.constexpr):
         """One (sample, group) of the whole-group backward, ``pair = n * G + g``: its
@@ -572,10 +656,12 @@ if HAS_TRITON:
         TICKET,               # int32 arrival counters, one per group (ticket_stride apart), zeroed
         n_samples, n_groups, ch_per_group, n_cols, samples_per_program, eps,
         slot0, region_stride, slots_per_region, n_scratch, ticket_stride,
+        sixteen,              # 16 (see _gn_unpack)
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         ONE_TILE: tl.constexpr,   # a sample's group is one (BLOCK_C, BLOCK_S) tile: read once
         SLOT_BLOCK: tl.constexpr,  # slots the last program loads at once
+        WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
     ):
         """Each program takes one group of a chunk of samples. With parameter gradients and
         several chunks, each chunk writes its (P, Cg) fp32 sums into slot ``chunk`` of its
@@ -603,11 +689,26 @@ if HAS_TRITON:
             w = tl.where(c_mask, 1.0, 0.0)
         sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sums over the chunk of A, B
         sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for n in range(n_start, n_end):
-            a_c, b_c = _gn_group_sample(DY, X, DX, MEAN, n * n_groups + grp, numel, w, cc, c_mask, ss,
-                                        n_cols, eps, n < n_samples - n_scratch, BLOCK_C, BLOCK_S, ONE_TILE)
-            sum_a += a_c
-            sum_b += b_c
+        if WORDS:
+            nxt_dy, nxt_x = _gn_words_load(DY, X, n_start * n_groups + grp, numel, cc, c_mask, n_cols, BLOCK_S)
+            for n in range(n_start, n_end):
+                dyw, xw = nxt_dy, nxt_x
+                if PREFETCH:   # the next sample's loads in flight during this one's sums and dx
+                    nxt_dy, nxt_x = _gn_words_load(DY, X, tl.minimum(n + 1, n_end - 1) * n_groups + grp, numel,
+                                                   cc, c_mask, n_cols, BLOCK_S)
+                a_c, b_c = _gn_words_sample(dyw, xw, DX, MEAN, n * n_groups + grp, numel, w, cc, c_mask, n_cols, eps,
+                                            sixteen, n < n_samples - n_scratch, BLOCK_S)
+                if not PREFETCH:
+                    nxt_dy, nxt_x = _gn_words_load(DY, X, tl.minimum(n + 1, n_end - 1) * n_groups + grp, numel,
+                                                   cc, c_mask, n_cols, BLOCK_S)
+                sum_a += a_c
+                sum_b += b_c
+        else:
+            for n in range(n_start, n_end):
+                a_c, b_c = _gn_group_sample(DY, X, DX, MEAN, n * n_groups + grp, numel, w, cc, c_mask, ss,
+                                            n_cols, eps, n < n_samples - n_scratch, BLOCK_C, BLOCK_S, ONE_TILE)
+                sum_a += a_c
+                sum_b += b_c
 
         if COMPUTE_DW or COMPUTE_DB:
             db_off = n_channels if COMPUTE_DW else 0
@@ -651,8 +752,14 @@ if HAS_TRITON:
                     if n_scratch > 0:
                         tl.debug_barrier()  # every slot read before dx overwrites them
                         for n_last in range(n_samples - n_scratch, n_samples):
-                            _gn_group_sample(DY, X, DX, MEAN, n_last * n_groups + grp, numel, w, cc, c_mask,
-                                             ss, n_cols, eps, True, BLOCK_C, BLOCK_S, ONE_TILE)
+                            if WORDS:
+                                dyw, xw = _gn_words_load(DY, X, n_last * n_groups + grp, numel, cc, c_mask, n_cols,
+                                                         BLOCK_S)
+                                _gn_words_sample(dyw, xw, DX, MEAN, n_last * n_groups + grp, numel, w, cc, c_mask,
+                                                 n_cols, eps, sixteen, True, BLOCK_S)
+                            else:
+                                _gn_group_sample(DY, X, DX, MEAN, n_last * n_groups + grp, numel, w, cc, c_mask,
+                                                 ss, n_cols, eps, True, BLOCK_C, BLOCK_S, ONE_TILE)
 
 
 
@@ -881,13 +988,17 @@ def _group_tiles(ch_per_group: int, n_cols: int) -> tuple[int, int, bool, int]:
     return max(1, min(c2, _GROUP_FWD_TILE_ELEMS // block_s)), block_s, False, _GROUP_FWD_WARPS
 
 
-def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int) -> tuple[int, int, bool, int]:
+def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int, words: bool = False) -> tuple[int, int, bool, int]:
     """(BLOCK_C, BLOCK_S, one tile, num_warps) of the whole-group backward for inputs of
     ``element_size`` bytes: for fp32 inputs a sample's group as one tile when it fits
     _GROUP_BWD_ONE_TILE_ELEMS (dy and x read once), else all the group's channels x a few
-    values, _GROUP_BWD_TILE_ELEMS in all (read twice, the second time from L2)."""
+    values, _GROUP_BWD_TILE_ELEMS in all (read twice, the second time from L2). With
+    ``words`` (16-bit inputs that can be read as int32 words) a sample's group is one tile
+    under the same rule as fp32's, when a channel's values are at most _WORDS_MAX_ROW words."""
     c2, s2 = next_power_of_2(ch_per_group), next_power_of_2(n_cols)
     if element_size == 4 and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS:  # ~1024 values per warp, 4 to 16 warps
+        return c2, s2, True, max(4, min(_GROUP_BWD_ONE_TILE_WARPS, c2 * s2 // 1024))
+    if words and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS and s2 // 2 <= _WORDS_MAX_ROW:
         return c2, s2, True, max(4, min(_GROUP_BWD_ONE_TILE_WARPS, c2 * s2 // 1024))
     return c2, max(1, min(s2, _GROUP_BWD_TILE_ELEMS // c2)), False, _GROUP_BWD_WARPS
 
@@ -957,13 +1068,53 @@ def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> b
     return programs >= _WHOLE_GROUP_PROGRAMS_CPU
 
 
-def _samples_per_program(x: torch.Tensor, num_groups: int, one_tile: bool = False) -> int:
-    """Samples each program of the whole-group backward takes (a chunk; see the kernel)."""
+def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int) -> tuple[int, int, bool, int, bool, int]:
+    """(BLOCK_C, BLOCK_S, one tile, num_warps, words, samples per program) of the whole-group
+    backward of contiguous ``x`` and ``dy``. ``words``: 16-bit values read as int32 words,
+    two a word (an even number of values per channel, 4-byte aligned tensors), one tile a
+    sample's group (see _group_bwd_tiles), in chunks of at least _WORDS_MIN_SAMPLES samples
+    on a GPU; else the tiles of _group_bwd_tiles."""
+    n_cols = x.numel() // (x.shape[0] * x.shape[1])
+    ch_per_group, elt = x.shape[1] // num_groups, x.element_size()
+    words = (_WORDS_ONE_TILE and elt == 2 and n_cols % 2 == 0 and x.data_ptr() % 4 == 0
+             and dy.data_ptr() % 4 == 0)
+    block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, elt, words)
+    if words and one_tile:
+        spp = _samples_per_program(x, num_groups, one_tile, warps)
+        if x.device.type != "cuda" or spp >= _WORDS_MIN_SAMPLES:
+            return block_c, block_s, True, warps, True, spp
+        block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, elt)  # too short to pipeline
+    return block_c, block_s, one_tile, warps, False, _samples_per_program(x, num_groups, one_tile)
+
+
+def _samples_per_program(x: torch.Tensor, num_groups: int, one_tile: bool = False, words_warps: int = 0) -> int:
+    """Samples each program of the whole-group backward takes (a chunk; see the kernel);
+    ``words_warps``: the warps of the 16-bit one-tile kernel, 0 for the others."""
     if _SAMPLES_PER_PROGRAM is not None:
         return _SAMPLES_PER_PROGRAM
     if x.device.type != "cuda":
         return _SAMPLES_PER_PROGRAM_CPU
+    if words_warps:
+        return words_chunk_samples(x.shape[0], num_groups, multiprocessor_count(x.device), words_warps)
     return chunk_samples(x.shape[0], num_groups, multiprocessor_count(x.device), one_tile)
+
+
+@functools.lru_cache(maxsize=256)
+def words_chunk_samples(n_samples: int, num_groups: int, sm_count: int, num_warps: int) -> int:
+    """Samples per program of the whole-group backward's 16-bit one-tile kernel, whose
+    programs each hold a sample's group and the next one's in registers (about 128 a
+    thread: 16 // num_warps programs per SM): the chunk with the least estimated time,
+    ``ceil(programs / programs in flight) * (chunk + 1)`` in units of a sample's time (each
+    program also pays about one sample's time for its unhidden first load and its share of
+    the parameter gradients), the longest on ties, at most _MAX_CHUNKS chunks a group.
+    H200, (N, 4096, 128) bf16, 32 groups, us for chunks of 4 / 8 / 16 / 32 samples: N = 64:
+    77.1 / 68.1 / 63.5 / 108.3 (16 chosen); 128: 142.9 / 130.6 / 121.4 / 121.4 (32); 256:
+    272.2 / 247.9 / 235.8 / 229.0 (64, not measured)."""
+    in_flight = sm_count * max(1, 16 // num_warps)
+    best = (math.inf, 0)
+    for spp in range(cdiv(n_samples, _MAX_CHUNKS), n_samples + 1):
+        best = min(best, (cdiv(num_groups * cdiv(n_samples, spp), in_flight) * (spp + 1), -spp))
+    return -best[1]
 
 
 def chunk_samples(n_samples: int, num_groups: int, sm_count: int, one_tile: bool = False) -> int:
@@ -1124,8 +1275,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         dyc = dy if dy.is_contiguous() else dy.contiguous()
         ch_per_group = c // num_groups
         n_cols = xc.numel() // (n * c)
-        block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, x.element_size())
-        spp = _samples_per_program(x, num_groups, one_tile)
+        block_c, block_s, one_tile, warps, words, spp = _group_bwd_plan(xc, dyc, num_groups)
         n_chunks = cdiv(n, spp)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
         slots = ticket = dx                                    # placeholders when unused
@@ -1153,10 +1303,11 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 mean if mean.is_contiguous() else mean.contiguous(),
                 slots, out if n_params else dx, ticket,
                 n, num_groups, ch_per_group, n_cols, spp, float(eps),
-                slot0, region_stride, per_region, n_scratch, ticket_stride,
+                slot0, region_stride, per_region, n_scratch, ticket_stride, 16,
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
                 SLOT_BLOCK=max(1, min(next_power_of_2(n_chunks), _SLOT_LOAD_ELEMS // block_c)), num_warps=warps,
+                WORDS=words, PREFETCH=words and _WORDS_PREFETCH,
                 **({"maxnreg": _REGISTERS_PER_SM // (32 * warps * _GROUP_BWD_PROGRAMS_PER_SM)}
                    if x.element_size() == 2 and not one_tile else {}),
             )
