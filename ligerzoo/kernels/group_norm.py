@@ -132,8 +132,8 @@ _MAX_GROUP_CHANNELS = 4096
 # to powers of two) is one tile of dy and one of x, kept in registers from the sums to dx
 # (read once), under at most _GROUP_BWD_ONE_TILE_WARPS warps. H200, (64, 4096, 128), fp32:
 # 144 us per call against 168 in tiles; bf16: 100 against 96 (dy and x as fp32 take 102
-# registers a thread at 16 warps: one program per SM, whose loads wait for its stores), so
-# 16-bit inputs keep the tiles (benchmarks/NOTES.md, session 11).
+# registers a thread at 16 warps: one program per SM, whose loads wait for its stores;
+# session 11), so 16-bit inputs are held as int32 words instead (_WORDS_ONE_TILE below).
 _GROUP_BWD_ONE_TILE_ELEMS = 16384
 _GROUP_BWD_ONE_TILE_WARPS = 16
 # Samples per program of that one-tile backward (one program per SM): H200, (64, 4096, 128)
@@ -144,16 +144,18 @@ _ONE_TILE_SAMPLES_PER_PROGRAM = 4
 # within one warp's reach), is read once as int32 words kept in registers (half the
 # registers of fp32 tiles), and each program loads the next sample's words before working
 # on this one's (register double buffering: about 128 registers a thread, one 16-warp
-# program per SM), in chunks from words_chunk_samples. H200, (N, 4096, 128) bf16 with 32
-# groups, dx and both parameter gradients, device time against the tiles (session 14):
-# N = 32: 36.0 us against 46.4; 64: 63.5 against 79.7; 128: 121.4 against 146.5; 256: 229
-# against 268 (82% of the copy bandwidth); fp16 at 64: 69.4 against 77.8. Without the
-# prefetch 86.4 us at 64; chunks of 2 samples 89.2, 1 sample 110, so chunks of fewer than
-# _WORDS_MIN_SAMPLES keep the tiles.
+# program per SM), in chunks of at most _WORDS_MAX_SAMPLES samples from
+# words_chunk_samples. H200, bf16 with 32 groups, dx and both parameter gradients, device
+# time against the tiles (session 14, run 3): (32, 4096, 128) 37.9 us against 47.8; (64,
+# 4096, 128) 65.7 against 79.8; (128, 4096, 128) 126.0 against 146.7; fp16 at 64: 69.1
+# against 77.5. Run 2 at (64, 4096, 128): without the prefetch 86.4 us; chunks of 2
+# samples 89.2, of 1 sample 110, so chunks of fewer than _WORDS_MIN_SAMPLES keep the tiles;
+# at (256, 4096, 128) chunks of 32 took 229.0 us and 64 (run 3) 239.7, hence the cap.
 _WORDS_ONE_TILE = True
 _WORDS_PREFETCH = True
 _WORDS_MAX_ROW = 128
 _WORDS_MIN_SAMPLES = 4
+_WORDS_MAX_SAMPLES = 32
 # Small groups (a (tokens, C) input, say): each program takes (samples x groups) tiles,
 # each group a row of its tile, read once. The forward takes them for groups of at most
 # _SMALL_GROUP_MAX_LEN values (padded to a power of two), the backward at most
@@ -662,7 +664,9 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         ONE_TILE: tl.constexpr,   # a sample's group is one (BLOCK_C, BLOCK_S) tile: read once
         SLOT_BLOCK: tl.constexpr,  # slots the last program loads at once
-        WORDS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+        WORDS: tl.constexpr = False,     # ONE_TILE with 16-bit dy and x (one dtype, 4-byte
+                                         # aligned, even S) read as int32 words (_gn_words_load)
+        PREFETCH: tl.constexpr = False,  # WORDS: the next sample's words loaded before this one's work
     ):
         """Each program takes one group of a chunk of samples. With parameter gradients and
         several chunks, each chunk writes its (P, Cg) fp32 sums into slot ``chunk`` of its
@@ -1072,12 +1076,13 @@ def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> b
 def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int) -> tuple[int, int, bool, int, bool, int]:
     """(BLOCK_C, BLOCK_S, one tile, num_warps, words, samples per program) of the whole-group
     backward of contiguous ``x`` and ``dy``. ``words``: 16-bit values read as int32 words,
-    two a word (an even number of values per channel, 4-byte aligned tensors), one tile a
+    two a word (dy of x's dtype, an even number of values per channel, 4-byte aligned
+    tensors), one tile a
     sample's group (see _group_bwd_tiles), in chunks of at least _WORDS_MIN_SAMPLES samples
     on a GPU; else the tiles of _group_bwd_tiles."""
     n_cols = x.numel() // (x.shape[0] * x.shape[1])
     ch_per_group, elt = x.shape[1] // num_groups, x.element_size()
-    words = (_WORDS_ONE_TILE and elt == 2 and n_cols % 2 == 0 and x.data_ptr() % 4 == 0
+    words = (_WORDS_ONE_TILE and elt == 2 and dy.dtype == x.dtype and n_cols % 2 == 0 and x.data_ptr() % 4 == 0
              and dy.data_ptr() % 4 == 0)
     block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, elt, words)
     if words and one_tile:
@@ -1107,13 +1112,15 @@ def words_chunk_samples(n_samples: int, num_groups: int, sm_count: int, num_warp
     thread: 16 // num_warps programs per SM): the chunk with the least estimated time,
     ``ceil(programs / programs in flight) * (chunk + 1)`` in units of a sample's time (each
     program also pays about one sample's time for its unhidden first load and its share of
-    the parameter gradients), the longest on ties, at most _MAX_CHUNKS chunks a group.
-    H200, (N, 4096, 128) bf16, 32 groups, us for chunks of 4 / 8 / 16 / 32 samples: N = 64:
-    77.1 / 68.1 / 63.5 / 108.3 (16 chosen); 128: 142.9 / 130.6 / 121.4 / 121.4 (32); 256:
-    272.2 / 247.9 / 235.8 / 229.0 (64, not measured)."""
+    the parameter gradients), the longest on ties, at most _WORDS_MAX_SAMPLES samples unless
+    _MAX_CHUNKS chunks a group need more. H200, (N, 4096, 128) bf16, 32 groups, us for
+    chunks of 4 / 8 / 16 / 32 samples (session 14, run 2): N = 64: 77.1 / 68.1 / 63.5 /
+    108.3 (16 chosen); 128: 142.9 / 130.6 / 121.4 / 121.4 (32); 256: 272.2 / 247.9 / 235.8
+    / 229.0 (32; 64, the rule's choice without the cap, took 239.7 in run 3)."""
     in_flight = sm_count * max(1, 16 // num_warps)
     best = (math.inf, 0)
-    for spp in range(cdiv(n_samples, _MAX_CHUNKS), n_samples + 1):
+    lo = cdiv(n_samples, _MAX_CHUNKS)
+    for spp in range(lo, max(lo, min(n_samples, _WORDS_MAX_SAMPLES)) + 1):
         best = min(best, (cdiv(num_groups * cdiv(n_samples, spp), in_flight) * (spp + 1), -spp))
     return -best[1]
 

@@ -362,7 +362,6 @@ _SCRATCH_CASES = [  # 2 samples per program; n_scratch: samples of dx holding th
 
 @pytest.mark.parametrize(
     "shape,groups,dtype,param_dtype,n_scratch,one_tile",
-    # fp32 inputs with each sample's group as one register tile (the default) and in tiles
     # each sample's group as one register tile (fp32 values, or 16-bit ones as int32 words
     # when a channel's values are even in number) and in tiles
     [(*case, one) for case in _SCRATCH_CASES for one in (True, False)],
@@ -499,15 +498,32 @@ def test_group_norm_backward_words_fallbacks(monkeypatch):
     _check(x, 3, w, b, torch.bfloat16, 2)
 
 
+def test_group_norm_backward_words_needs_dy_of_x_dtype(monkeypatch):
+    """The backward op called with dy in another dtype than x (fp32 dy for bf16 x) runs the
+    tiles, which convert what they load: the words kernel would read dy's bytes as x's
+    dtype."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    x, w, b = _inputs((4, 6, 8), torch.bfloat16)
+    y, mean = gn_mod.ops.group_norm(x, 3, w, b, 1e-5)
+    for dy in (torch.randn(x.shape), torch.randn(x.shape).to(torch.float16)):
+        assert not gn_mod._group_bwd_plan(x, dy, 3)[4]
+        dx, params = gn_mod.ops.group_norm_backward(dy, x, 3, w, mean, 1e-5, True, True, torch.bfloat16)
+        y64, grads64 = _torch64(x, 3, w, b, dy)
+        assert_close_ulps(dx, grads64[0], torch.bfloat16, 2)
+        assert_close_ulps(params[0], grads64[1], torch.bfloat16, 2)
+        assert_close_ulps(params[1], grads64[2], torch.bfloat16, 2)
+
+
 @pytest.mark.parametrize("n,groups,warps,expected", [
     (32, 32, 16, 8),      # 128 programs on 132 SMs, one wave (measured: 36.0 us against 40.8 with 4)
     (64, 32, 16, 16),     # the benchmark at 8192 tokens (63.5 us against 68.1 with 8, 108.3 with 32)
     (128, 32, 16, 32),
-    (256, 32, 16, 64),
+    (256, 32, 16, 32),    # capped at 32 (229.0 us against 239.7 for 64, the uncapped choice)
     (64, 64, 8, 16),      # 8-warp tiles: two programs per SM
     (64, 24, 8, 6),       # 264 programs, exactly one wave of two per SM
     (8, 32, 16, 2),       # too short to pipeline: the tiles run (GPU)
-    (8192, 32, 16, 249),  # 33 chunks a group: 1056 programs, 8 waves of 250 sample times
+    (1000, 32, 16, 31),   # 33 chunks a group: 1056 programs, 8 waves of 32 sample times
+    (8192, 32, 16, 128),  # 64 chunks a group at most: longer than the cap
 ])
 def test_group_norm_words_chunk_samples(n, groups, warps, expected):
     spp = gn_mod.words_chunk_samples(n, groups, 132, warps)
@@ -670,6 +686,42 @@ def test_gpu_group_norm(dtype, shape, groups):
         assert_close_ulps(g, g64, dtype, 4 * ulps if dtype == torch.float32 else ulps)
     _, _, again = _run(x, groups, w, b, dy=dy)  # the chunks add in a fixed order: same bits
     assert all(torch.equal(g, h) for g, h in zip(grads, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,groups,dtype", [
+    ((64, 4096, 128), 32, torch.float16),
+    ((64, 320, 256), 32, torch.bfloat16),     # 10 channels a group: a padded 16-channel tile
+    ((1024, 4096, 2), 2, torch.bfloat16),     # 2 values a channel: one word a channel
+    ((48, 2048, 256), 32, torch.bfloat16),    # 128 words a channel, the most
+])
+@pytest.mark.parametrize("params", ["both", "weight", "bias"])
+def test_gpu_group_norm_backward_words(shape, groups, dtype, params):
+    """The 16-bit whole-group backward in int32 words on the GPU (fp16, padded tiles, one
+    word a channel, the widest rows; one parameter gradient or both), against float64 and
+    deterministic; then on x and dy that start 4 bytes past a 16-byte boundary."""
+    torch.manual_seed(0)
+    x, w, b = (t.cuda() for t in _inputs(shape, dtype))
+    w = None if params == "bias" else w
+    b = None if params == "weight" else b
+    assert gn_mod._whole_groups(x, groups, backward=True) and not gn_mod._small_groups(x, groups, backward=True)
+    plan = gn_mod._group_bwd_plan(x, x, groups)
+    assert plan[4] and plan[5] >= gn_mod._WORDS_MIN_SAMPLES                # words, chunks
+    y, dy, grads = _run(x, groups, w, b)
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64 in zip(grads, grads64):
+        if g64 is not None:
+            assert_close_ulps(g, g64, dtype, ULPS[dtype])
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert all(g is None or torch.equal(g, h) for g, h in zip(grads, again))
+    store = torch.empty(2 * (x.numel() + 2), dtype=dtype, device="cuda")
+    xs = store[2: 2 + x.numel()].view(x.shape).copy_(x)                   # 4 bytes past the start
+    dys = store[x.numel() + 4:].view(x.shape).copy_(dy)
+    assert xs.data_ptr() % 16 == 4 and dys.data_ptr() % 4 == 0 and gn_mod._group_bwd_plan(xs, dys, groups)[4]
+    _, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
+    dx, _ = gn_mod.ops.group_norm_backward(dys, xs, groups, w, mean, 1e-5, False, False, dtype)
+    assert_close_ulps(dx, grads64[0], dtype, ULPS[dtype])
 
 
 @pytest.mark.gpu
