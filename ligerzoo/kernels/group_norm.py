@@ -149,8 +149,9 @@ _ONE_TILE_SAMPLES_PER_PROGRAM = 4
 # time against the tiles (session 14, run 3): (32, 4096, 128) 37.9 us against 47.8; (64,
 # 4096, 128) 65.7 against 79.8; (128, 4096, 128) 126.0 against 146.7; fp16 at 64: 69.1
 # against 77.5. Run 2 at (64, 4096, 128): without the prefetch 86.4 us; chunks of 2
-# samples 89.2, of 1 sample 110, so chunks of fewer than _WORDS_MIN_SAMPLES keep the tiles;
-# at (256, 4096, 128) chunks of 32 took 229.0 us and 64 (run 3) 239.7, hence the cap.
+# samples 89.2, of 1 sample 110, so chunks of fewer than _WORDS_MIN_SAMPLES keep the tiles.
+# At (256, 4096, 128) chunks of 32 and of 64 took the same time (229.0 and 240.6 us in runs
+# 2 and 5, 239.7 in run 3): the cap keeps programs short for large N (not measured there).
 _WORDS_ONE_TILE = True
 _WORDS_PREFETCH = True
 _WORDS_MAX_ROW = 128
@@ -1116,7 +1117,8 @@ def words_chunk_samples(n_samples: int, num_groups: int, sm_count: int, num_warp
     _MAX_CHUNKS chunks a group need more. H200, (N, 4096, 128) bf16, 32 groups, us for
     chunks of 4 / 8 / 16 / 32 samples (session 14, run 2): N = 64: 77.1 / 68.1 / 63.5 /
     108.3 (16 chosen); 128: 142.9 / 130.6 / 121.4 / 121.4 (32); 256: 272.2 / 247.9 / 235.8
-    / 229.0 (32; 64, the rule's choice without the cap, took 239.7 in run 3)."""
+    / 229.0 (32 chosen; 64, the choice without the cap, took 239.7 in run 3, 32 240.6 in
+    run 5)."""
     in_flight = sm_count * max(1, 16 // num_warps)
     best = (math.inf, 0)
     lo = cdiv(n_samples, _MAX_CHUNKS)
