@@ -1078,9 +1078,8 @@ def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int) -> tuple
     """(BLOCK_C, BLOCK_S, one tile, num_warps, words, samples per program) of the whole-group
     backward of contiguous ``x`` and ``dy``. ``words``: 16-bit values read as int32 words,
     two a word (dy of x's dtype, an even number of values per channel, 4-byte aligned
-    tensors), one tile a
-    sample's group (see _group_bwd_tiles), in chunks of at least _WORDS_MIN_SAMPLES samples
-    on a GPU; else the tiles of _group_bwd_tiles."""
+    tensors), one tile a sample's group (see _group_bwd_tiles), in chunks of at least
+    _WORDS_MIN_SAMPLES samples on a GPU; else the tiles of _group_bwd_tiles."""
     n_cols = x.numel() // (x.shape[0] * x.shape[1])
     ch_per_group, elt = x.shape[1] // num_groups, x.element_size()
     words = (_WORDS_ONE_TILE and elt == 2 and dy.dtype == x.dtype and n_cols % 2 == 0 and x.data_ptr() % 4 == 0
