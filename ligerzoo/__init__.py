@@ -1,6 +1,6 @@
 """ligerzoo: standalone PyTorch LLMs on our own Triton kernels, with exact HF checkpoint I/O.
 
-    model = ligerzoo.from_hf("Qwen/Qwen2.5-7B", dtype=torch.bfloat16, device="cuda")
+    model = ligerzoo.from_hf("Qwen/Qwen2.5-7B", dtype=torch.bfloat16, device="cuda").train()
     out = model(input_ids, labels=labels)   # loss via fused linear cross entropy
     out.loss.backward()
     ligerzoo.save_hf(model, "out/")

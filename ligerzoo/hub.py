@@ -58,39 +58,72 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     try:
         snap = Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", *SIDE_FILES]))
         index = snap / INDEX_FILE
-        weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [SINGLE_FILE]
+        weights = sorted(set(_weight_map(index).values())) if index.exists() else [SINGLE_FILE]
         return Path(snapshot_download(text, revision=revision, allow_patterns=weights))
     except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError) as e:
+        at = f" at revision {revision!r}" if revision is not None else ""
         raise FileNotFoundError(
-            f"could not resolve {text!r}: not a local directory, and the hub snapshot is not available "
+            f"could not resolve {text!r}{at}: not a local directory, and the hub snapshot is not available "
             f"({type(e).__name__}: {e})") from e
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a ValueError naming the file when it is not one."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def _weight_map(index: Path) -> dict:
+    """The ``weight_map`` (tensor name -> shard file) of the index file ``index``."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no \"weight_map\" object (tensor name -> shard file)")
+    return weight_map
+
+
+def _absent(directory: Path, name: str) -> str:
+    """How ``name`` in ``directory`` is absent: missing, or a link whose target is missing (a
+    hub cache's blob not downloaded, say)."""
+    path = directory / name
+    return f"{name} (a link to the missing {os.readlink(path)})" if path.is_symlink() else name
 
 
 def read_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}" if not path.is_symlink()
+                                else f"{_absent(Path(directory), CONFIG_FILE)} in {directory}")
+    return _read_json(path)
 
 
 def weight_files(directory: Path) -> dict[str, list[str] | None]:
     """Shard file name -> tensor names the index assigns to it (None for a single file).
 
     Raises:
-        FileNotFoundError: no index and no model.safetensors, or a shard the index names is absent.
+        FileNotFoundError: no index and no model.safetensors, or a shard the index names is
+            absent (or a link to a missing file).
+        ValueError: an index that is not valid JSON or has no ``weight_map``.
     """
     directory = Path(directory)
     index = directory / INDEX_FILE
     if index.is_file():
         files: dict[str, list[str] | None] = {}
-        for key, file in json.loads(index.read_text())["weight_map"].items():
+        for key, file in _weight_map(index).items():
             files.setdefault(file, []).append(key)
-        absent = [f for f in files if not (directory / f).is_file()]
+        absent = [_absent(directory, f) for f in files if not (directory / f).is_file()]
         if absent:
             raise FileNotFoundError(f"{INDEX_FILE} in {directory} names shard(s) that are missing: {', '.join(absent)}")
         return files
     if (directory / SINGLE_FILE).is_file():
         return {SINGLE_FILE: None}
+    if (directory / SINGLE_FILE).is_symlink() or index.is_symlink():
+        links = [_absent(directory, n) for n in (INDEX_FILE, SINGLE_FILE) if (directory / n).is_symlink()]
+        raise FileNotFoundError(f"no readable weights in {directory}: {', '.join(links)}")
     present = sorted(p.name for p in directory.iterdir())
     raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {directory}; it holds: {present}")
 
@@ -132,7 +165,12 @@ def _file_tensors(directory: Path):
     """(where, key, shape, read) for every tensor of the checkpoint in ``directory``, shard by
     shard, reading nothing until ``read()`` is called."""
     for file, listed in weight_files(directory).items():
-        with safe_open(str(Path(directory) / file), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(Path(directory) / file), framework="pt", device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a bad header
+            raise ValueError(f"cannot read {Path(directory) / file} as safetensors (truncated or not a "
+                             f"safetensors file?): {e}") from e
+        with handle as f:
             keys = list(f.keys())
             if listed is not None:  # the index is the authority: read what it assigns to this file
                 absent = set(listed) - set(keys)
@@ -173,7 +211,11 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
             raise ValueError(
                 f"tensor {key!r} in {where} has shape {shape}, but the config expects "
                 f"{tuple(target.shape)} (check config.json against the weights)")
-        target.copy_(read())
+        tensor = read()
+        if not tensor.is_floating_point():
+            raise ValueError(f"tensor {key!r} in {where} is {tensor.dtype}, expected a float dtype "
+                             f"(quantized or integer weights are not supported)")
+        target.copy_(tensor)
         seen.add(key)
     for key, shape, tensor in duplicates:  # e.g. a tied head stored anyway: must be the same tensor
         slot = km.duplicates[key]
@@ -224,12 +266,17 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         revision: hub revision (branch, tag or commit) when ``id_or_dir`` is a repo id.
 
     Returns:
-        ``CausalLM`` with ``model.config`` read from config.json and ``model.source_dir`` the
-        directory it came from (save_hf copies tokenizer and generation files from it).
+        ``CausalLM`` in eval mode, as transformers' ``from_pretrained`` returns it (call
+        ``model.train()`` before training: Mixtral's router jitter noise is the one part that
+        depends on the mode), with ``model.config`` read from config.json and
+        ``model.source_dir`` the directory it came from (save_hf copies tokenizer and
+        generation files from it).
 
     Raises:
-        ValueError: unknown ``model_type`` (listing the supported ones), tensors missing,
-            unexpected, or of the wrong shape.
+        ValueError: unknown ``model_type`` (listing the supported ones), a config field the
+            family cannot express (an activation, a rope type, a ``quantization_config``),
+            tensors missing, unexpected, of the wrong shape or not floating point, or a
+            config.json / index that is not valid JSON.
         FileNotFoundError: no such directory/repo, no config.json, a missing shard.
     """
     directory = resolve(id_or_dir, revision)
@@ -242,7 +289,7 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     model.tie_weights()
     load_weights(model, directory)
     model.source_dir = directory
-    return model
+    return model.eval()
 
 
 def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
@@ -258,7 +305,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
 
     Args:
         dtype: dtype of the saved tensors; default the model's parameter dtype.
-        overwrite: replace an existing non-empty ``save_directory``.
+        overwrite: replace an existing non-empty ``save_directory`` that holds only
+            checkpoint files (config.json, safetensors weights and their index, the
+            tokenizer and generation files); a directory with anything else in it (your
+            working directory, say) is refused, naming those entries, as is the current
+            working directory or one above it.
 
     Returns:
         the checkpoint directory.
@@ -268,7 +319,8 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     0 writes; an error on rank 0 is raised on every rank.
 
     Raises:
-        FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False.
+        FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False,
+            or it holds other files than a checkpoint's, or it (or a parent) is a file.
         ValueError: ``dtype`` is not a floating dtype, or the family's config.json cannot
             express the model's config (a config built in code; the fields are named).
     """
@@ -281,10 +333,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     target = given.resolve() if given.is_symlink() else given  # write through a link to a directory
     problem = None
     if writer:
-        if target.exists() and not target.is_dir():
-            problem = FileExistsError(f"{target} is a file, not a directory; choose another path")
-        elif target.exists() and not overwrite and any(target.iterdir()):
-            problem = FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+        problem = _save_target_problem(target, overwrite)
     if (problem := _from_writer(problem, sharded)) is not None:
         raise problem
     fam = family(model.config.model_type)
@@ -339,6 +388,31 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             shutil.rmtree(tmp, ignore_errors=True)
         raise problem
     return given
+
+
+def _checkpoint_file(name: str) -> bool:
+    """Whether ``name`` is a file a checkpoint directory holds (what overwrite may replace)."""
+    return name in (CONFIG_FILE, INDEX_FILE, *SIDE_FILES) or name.endswith(".safetensors")
+
+
+def _save_target_problem(target: Path, overwrite: bool) -> Exception | None:
+    """Why save_hf must not write to ``target`` (None when it may)."""
+    existing = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == target else f" (its parent {existing} is)"
+        return FileExistsError(f"{target} is a file, not a directory{where}; choose another path")
+    if not target.exists() or not any(target.iterdir()):
+        return None
+    if not overwrite:
+        return FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    cwd = Path.cwd().resolve()
+    if cwd == target.resolve() or target.resolve() in cwd.parents:
+        return FileExistsError(f"{target} is the working directory or holds it; save to another directory")
+    others = sorted(p.name for p in target.iterdir() if not (p.is_file() and _checkpoint_file(p.name)))
+    if others:
+        return FileExistsError(f"{target} holds more than a checkpoint ({_listing(others)}); overwrite=True replaces "
+                               f"the whole directory, so save elsewhere or move those out first")
+    return None
 
 
 def _file_mode() -> int:

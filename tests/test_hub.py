@@ -121,6 +121,9 @@ def test_hub_id_resolves_from_prefilled_cache_offline(tmp_path):
     code = "import ligerzoo; ligerzoo.from_hf('tiny-org/not-cached')"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "FileNotFoundError" in r.stderr and "tiny-org/not-cached" in r.stderr
+    code = "import ligerzoo; ligerzoo.from_hf('tiny-org/tiny-llama', revision='v9')"   # a revision not cached
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "at revision 'v9'" in r.stderr
 
 
 # ---- bad input -------------------------------------------------------------------------
@@ -197,9 +200,15 @@ def test_save_refuses_non_empty_dir_unless_overwrite(tmp_path):
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         ligerzoo.save_hf(model, out)
+    # overwrite replaces a checkpoint directory only: a directory holding anything else
+    # (notes, scripts, data: the working directory, say) is refused, naming what is there
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        ligerzoo.save_hf(model, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
-    ligerzoo.save_hf(model, out, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+    (out / "notes.txt").unlink()
+    ligerzoo.save_hf(model, out, max_shard_size="40KB")                       # a sharded checkpoint
+    ligerzoo.save_hf(model, out, overwrite=True)                              # replaced by one file
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     (tmp_path / "empty").mkdir()
     ligerzoo.save_hf(model, tmp_path / "empty")  # an empty directory is fine
     assert (tmp_path / "empty" / "config.json").exists()
@@ -336,3 +345,120 @@ def test_save_through_a_symlink_and_dtype_checks(tmp_path):
         with pytest.raises(ValueError, match="unsupported dtype"):
             ligerzoo.from_hf(tmp_path / "hf", dtype=bad)
     assert not (tmp_path / "other").exists()
+
+
+def test_save_refuses_the_working_directory_and_paths_under_a_file(tmp_path, monkeypatch):
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    ligerzoo.save_hf(model, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path / "ckpt")
+    for where in (".", tmp_path / "ckpt", tmp_path):  # the working directory, or one above it
+        with pytest.raises(FileExistsError, match="working directory|holds more"):
+            ligerzoo.save_hf(model, where, overwrite=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="parent"):
+        ligerzoo.save_hf(model, tmp_path / "afile" / "sub" / "out")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_from_hf_returns_eval_mode_like_transformers(tmp_path):
+    """from_pretrained returns eval mode; so does from_hf: Mixtral's router jitter noise (a
+    training-time option) then leaves inference deterministic."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        router_jitter_noise=0.5, max_position_embeddings=64)
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    model = ligerzoo.from_hf(tmp_path / "moe")
+    assert not model.training
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)   # the noise, in training only
+
+
+@pytest.mark.parametrize("model_type,field,value,ok", [
+    ("gemma", "hidden_act", "gelu", True),                   # the releases' legacy name for tanh-GELU
+    ("gemma", "hidden_act", "gelu_pytorch_tanh", True),
+    ("gemma", "hidden_act", "silu", False),                  # transformers 5.x would run SiLU
+    ("gemma", "hidden_activation", "gelu", False),           # transformers 4.x: exact GELU
+    ("gemma2", "hidden_activation", "silu", False),
+    ("gemma2", "hidden_activation", "gelu_pytorch_tanh", True),
+])
+def test_gemma_activation_is_checked(model_type, field, value, ok):
+    hf = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, head_dim=8) | {field: value}
+    if ok:
+        assert ligerzoo.models.config_from_hf(hf).activation == "gelu_tanh"
+    else:
+        with pytest.raises(ValueError, match=f"{field}={value!r}"):
+            ligerzoo.models.config_from_hf(hf)
+
+
+def test_quantized_and_integer_checkpoints_are_refused(tmp_path):
+    make_hf_llama(tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    plain = cfg_path.read_text()
+    cfg_path.write_text(json.dumps(json.loads(plain) | {"quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match="quantization_config.*'fp8'"):
+        ligerzoo.from_hf(tmp_path / "hf")
+    cfg_path.write_text(plain)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    _rewrite(tmp_path / "hf", lambda t: t.__setitem__(key, (t[key] * 10).to(torch.int8)))
+    with pytest.raises(ValueError, match=re.escape(f"{key!r} in model.safetensors is torch.int8")):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    make_hf_llama(tmp_path / "hf", save_kwargs=dict(max_shard_size="40KB"))
+    d = tmp_path / "hf"
+    index = d / "model.safetensors.index.json"
+    good = index.read_text()
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="no \"weight_map\""):
+        ligerzoo.from_hf(d)
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not valid JSON"):
+        ligerzoo.from_hf(d)
+    index.write_text(good)
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])                                # truncated
+    with pytest.raises(ValueError, match=re.escape(shard.name) + ".*truncated"):
+        ligerzoo.from_hf(d)
+    shard.write_bytes(data)
+    config = (d / "config.json").read_text()
+    (d / "config.json").write_text(config[:-5])
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ligerzoo.from_hf(d)
+    (d / "config.json").write_text(config)
+    shard.rename(d / "blob")                                                  # a hub cache's missing blob
+    shard.symlink_to(d / "gone")
+    with pytest.raises(FileNotFoundError, match="a link to the missing"):
+        ligerzoo.from_hf(d)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "lacks field.*low_freq_factor, high_freq_factor"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "'linear' lacks field.*factor"),
+    ({"hidden_size": "48"}, "hidden_size must be a positive int, got '48'"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int"),
+])
+def test_config_field_errors_name_the_field(edit, message):
+    hf = dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64) | edit
+    with pytest.raises(ValueError, match=message):
+        ligerzoo.models.config_from_hf(hf)
+
+
+def test_qwen2_sliding_layer_types_without_use_sliding_window_attend_fully():
+    """transformers reads sliding_window as None without use_sliding_window, so layers typed
+    "sliding_attention" attend fully: the same here, not an error."""
+    hf = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, use_sliding_window=False, sliding_window=4,
+              layer_types=["full_attention", "sliding_attention"])
+    cfg = ligerzoo.models.config_from_hf(hf)
+    assert cfg.layer_types is None and cfg.sliding_window is None

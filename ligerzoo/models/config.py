@@ -32,6 +32,15 @@ _DTYPES = {
 # rope types whose inverse frequencies this library computes (models/transformer.py)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# rope_scaling keys each type needs (read_rope fills original_max_position_embeddings from the
+# top level where transformers does); yarn's and longrope's factor falls back to
+# max_position_embeddings / original_max_position_embeddings, as in transformers.
+ROPE_REQUIRED_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings",),
+    "longrope": ("original_max_position_embeddings",),
+}
 HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -138,6 +147,12 @@ class ModelConfig:
     hf_config: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"config field {name} must be a positive int, got {value!r} "
+                                 f"({type(value).__name__})")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -167,6 +182,9 @@ class ModelConfig:
                 raise ValueError(
                     f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
+            absent = [k for k in ROPE_REQUIRED_KEYS.get(rope_type, ()) if self.rope_scaling.get(k) is None]
+            if absent:
+                raise ValueError(f"rope_scaling of type {rope_type!r} lacks field(s): {', '.join(absent)}")
             if rope_type == "longrope":
                 for key in ("short_factor", "long_factor"):
                     if len(self.rope_scaling.get(key) or ()) != self.rotary_dim // 2:
@@ -235,6 +253,11 @@ def read_common(hf: dict, defaults: dict | None = None) -> dict[str, Any]:
     original = hf
     hf = (defaults or {}) | hf  # only keys the file omits; an explicit null stays null
     rope_theta, rope_scaling = read_rope(hf)
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(f"config.json has a quantization_config (quant_method={method!r}): quantized checkpoints "
+                         f"are not supported; load an unquantized (float) checkpoint")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if hf.get(k) is None]
     if missing:

@@ -2,8 +2,9 @@
 
 Differs from the Llama decoder in: RMSNorm weights stored as offsets (``x * (1 + w)``) with
 Gemma's cast order (multiply in fp32, then cast); embeddings scaled by sqrt(hidden_size)
-rounded to the activation dtype; a tanh-GeGLU MLP whatever ``hidden_act`` says (HF uses
-``hidden_activation``, default ``gelu_pytorch_tanh``; transformers PR #29402); a tied head
+rounded to the activation dtype; a tanh-GeGLU MLP (transformers reads ``hidden_act`` in 5.x,
+where the releases' legacy "gelu" means tanh-GELU, and ``hidden_activation`` in 4.x, default
+``gelu_pytorch_tanh``; PR #29402: any other activation is refused); a tied head
 by default; ``head_dim`` 256 even where hidden / heads differs (7B: q_proj is 4096 wide for
 hidden 3072); 2B is multi-query (one KV head). See archs.md §4.
 """
@@ -15,8 +16,30 @@ from ligerzoo.models.keymap import KeyMap, decoder_key_map
 ARCHITECTURES = ["GemmaForCausalLM"]
 
 
+# Activation names that are tanh-approximate GELU in transformers' ACT2FN.
+TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+
+
+def check_tanh_gelu(hf: dict, fields: tuple[str, ...]) -> None:
+    """Refuse a config whose MLP activation is not tanh-GELU: ``fields`` are the config keys
+    transformers reads for it (Gemma: ``hidden_act`` in 5.x, where the legacy "gelu" of the
+    original releases means tanh-GELU, and ``hidden_activation`` in 4.x; Gemma2:
+    ``hidden_activation``). Absent keys take transformers' default, tanh-GELU.
+
+    Raises:
+        ValueError: naming the field and its value.
+    """
+    for key in fields:
+        value = hf.get(key)
+        if value is not None and value not in TANH_GELUS and not (key == "hidden_act" and value == "gelu"):
+            raise ValueError(f"config.json {key}={value!r}: this family's MLP is tanh-GELU (GeGLU) in ligerzoo; "
+                             f"supported: {', '.join(TANH_GELUS)}")
+
+
 def gemma_fields(hf: dict) -> dict:
     """ModelConfig keyword arguments shared by Gemma and Gemma2."""
+    check_tanh_gelu(hf, ("hidden_act", "hidden_activation") if hf.get("model_type") == "gemma"
+                    else ("hidden_activation",))
     common = read_common(hf, {"head_dim": 256, "rms_norm_eps": 1e-6})  # GemmaConfig / Gemma2Config defaults
     bias = bool(hf.get("attention_bias", False))
     return common | dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=hf.get("tie_word_embeddings", True),

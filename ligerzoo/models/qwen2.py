@@ -17,7 +17,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     layer_types = hf.get("layer_types") or [
         "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28) else "full_attention"
         for i in range(n)]
-    if "sliding_attention" not in layer_types:
+    if "sliding_attention" not in layer_types or window is None:
+        # transformers too: without use_sliding_window, "sliding_attention" layers attend fully
         layer_types, window = None, None
     return ModelConfig(**common, qkv_bias=True, sliding_window=window, layer_types=layer_types)
 
