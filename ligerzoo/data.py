@@ -180,20 +180,28 @@ def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
     if isinstance(text_or_tokens, torch.Tensor):
         if text_or_tokens.dim() != 1:
             raise ValueError(f"token ids must be 1-D (n_tokens,), got shape {tuple(text_or_tokens.shape)}")
+        if text_or_tokens.is_floating_point() or text_or_tokens.is_complex() or text_or_tokens.dtype == torch.bool:
+            raise ValueError(f"token ids must be an integer tensor, got {text_or_tokens.dtype}")
         return text_or_tokens.to(torch.long)
     if encode is None:
         raise ValueError("pass an encode callable, or pre-tokenized ids (a tensor) instead of text")
     return tokenize(encode, text_or_tokens)
 
 
+def _check_sizes(seq_len, batch_size, n_tokens=0) -> None:
+    """ValueError unless ``seq_len`` and ``batch_size`` are ints >= 1 and ``n_tokens`` an int >= 0."""
+    for name, v, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("n_tokens", n_tokens, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+
+
 def num_batches(n_tokens: int, seq_len: int, batch_size: int) -> int:
     """Full batches one pass over ``n_tokens`` tokens gives: ``(n_tokens // seq_len) // batch_size``.
 
     Raises:
-        ValueError: ``seq_len`` or ``batch_size`` below 1.
+        ValueError: ``seq_len`` or ``batch_size`` not an int >= 1, ``n_tokens`` not an int >= 0.
     """
-    if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    _check_sizes(seq_len, batch_size, n_tokens)
     return (n_tokens // seq_len) // batch_size
 
 
@@ -237,11 +245,13 @@ def token_batches(
         (a separate tensor): Hugging Face convention, the model shifts them by one itself.
 
     Raises:
-        ValueError: at the call (not at the first batch): ``seq_len`` or ``batch_size`` below
-            1, ids not 1-D, an unknown split, or a split too short for a single batch.
+        ValueError: at the call (not at the first batch): ``seq_len`` or ``batch_size`` not an
+            int >= 1, ``epochs`` neither None nor an int >= 1, ids not 1-D or not integers, an
+            unknown split, or a split too short for a single batch.
     """
-    if seq_len < 1 or batch_size < 1:
-        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    _check_sizes(seq_len, batch_size)
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise ValueError(f"epochs must be None (forever) or an int >= 1, got {epochs!r}")
     part = split_tokens(_as_tokens(tokenizer_encode, text), split, holdout_fraction)
     n_windows = part.numel() // seq_len
     per_epoch = n_windows // batch_size

@@ -30,13 +30,18 @@ def apply_fsdp(model: nn.Module, mesh=None, *, mp_dtype: torch.dtype | None = to
                reshard_after_forward: bool = True) -> nn.Module:
     """Shard with FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder block is one
     unit, then the root (embedding, final norm, head). ``mp_dtype`` sets the parameter dtype
-    for compute (gradients are reduced in fp32). Call after ``torch.distributed`` is
+    for compute, and gradients are then reduced in fp32 (with ``mp_dtype=None`` parameters,
+    compute and reduction keep the parameters' own dtype). Forward inputs are not cast: the
+    fp32 RoPE tables each block receives stay fp32 and a float ``num_items_in_batch`` keeps
+    its value, so a sharded model computes what the same model computes in ``mp_dtype`` on
+    one process (FSDP2's default ``cast_forward_inputs`` would round both). Call after ``torch.distributed`` is
     initialised (e.g. under ``torchrun``). ``model.generate`` then works on the sharded model
     (every rank calls it), and ``ligerzoo.save_hf`` gathers the full weights (every rank
     calls it; rank 0 writes). In place; returns model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+          if mp_dtype else MixedPrecisionPolicy(cast_forward_inputs=False))
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)

@@ -181,3 +181,11 @@ def test_bad_arguments_raise_at_the_call():
         token_batches(None, torch.arange(64), 0, 1)
     with pytest.raises(ValueError, match=">= 1"):
         num_batches(100, 0, 1)
+    with pytest.raises(ValueError, match="integer tensor"):
+        token_batches(None, torch.arange(64) + 0.7, 2, 1)            # not truncated silently
+    with pytest.raises(ValueError, match="epochs must be"):
+        token_batches(None, torch.arange(64), 2, 1, epochs=-1)       # not an empty iterator
+    with pytest.raises(ValueError, match="seq_len must be an int"):
+        token_batches(None, torch.arange(64), 2.5, 1)
+    with pytest.raises(ValueError, match="n_tokens must be an int >= 0"):
+        num_batches(-5, 1, 1)

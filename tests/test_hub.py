@@ -462,3 +462,17 @@ def test_qwen2_sliding_layer_types_without_use_sliding_window_attend_fully():
               layer_types=["full_attention", "sliding_attention"])
     cfg = ligerzoo.models.config_from_hf(hf)
     assert cfg.layer_types is None and cfg.sliding_window is None
+
+
+def test_dropout_in_the_config_is_reported():
+    """The models have no dropout: a config that asks for it loads with a warning naming the
+    fields (transformers would apply it in training); zero dropout, the norm, says nothing."""
+    import warnings
+
+    base = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4)
+    with pytest.warns(UserWarning, match="attention_dropout=0.2, resid_pdrop=0.1"):
+        ligerzoo.models.config_from_hf(base | {"resid_pdrop": 0.1, "attention_dropout": 0.2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ligerzoo.models.config_from_hf(base | {"resid_pdrop": 0.0, "attention_dropout": 0.0})

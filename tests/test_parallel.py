@@ -119,3 +119,55 @@ def test_fsdp_generate_and_save_hf(tmp_path):
     assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()  # sharded files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "results", "src"]  # no temp dir left
+
+
+def _fsdp_mixed_precision_worker(rank, world, port, src, results):
+    """One rank of test_fsdp_bf16_computes_what_one_process_does (gloo on the CPU)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from ligerzoo.parallel import apply_fsdp
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = ligerzoo.from_hf(src).train()
+        plain = copy.deepcopy(model).to(torch.bfloat16)
+        sharded = apply_fsdp(copy.deepcopy(model))                       # mp_dtype=torch.bfloat16
+        seen = []
+        sharded.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[1].dtype))  # (x, cos, sin, ...)
+        ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        pos = (torch.arange(12) + 8000)[None].expand(2, 12)               # where bf16 tables would be coarse
+        with torch.no_grad():
+            out = dict(
+                plain=plain(ids, labels=ids, position_ids=pos).loss,
+                sharded=sharded(ids, labels=ids, position_ids=pos).loss,
+                count_int=sharded(ids, labels=ids, num_items_in_batch=4099).loss,
+                count_float=sharded(ids, labels=ids, num_items_in_batch=torch.tensor(4099.0)).loss,
+                cos_dtype=str(seen[0]))
+        torch.save(out, f"{results}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_bf16_computes_what_one_process_does(tmp_path):
+    """apply_fsdp's bf16 mixed precision casts the parameters only: the fp32 RoPE tables
+    reach each block in fp32 and a float num_items_in_batch is not rounded to bf16, so the
+    sharded model's loss is the plain bf16 model's (1 rank, gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers import make_hf_llama
+
+    make_hf_llama(tmp_path / "src", max_position_embeddings=16384)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "results").mkdir()
+    mp.spawn(_fsdp_mixed_precision_worker, args=(1, port, str(tmp_path / "src"), str(tmp_path / "results")),
+             nprocs=1, join=True)
+    r = torch.load(tmp_path / "results" / "0.pt")
+    assert r["cos_dtype"] == "torch.float32"
+    torch.testing.assert_close(r["sharded"], r["plain"], rtol=1e-6, atol=0)
+    assert torch.equal(r["count_float"], r["count_int"])

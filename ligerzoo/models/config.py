@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ _DTYPES = {
 # rope types whose inverse frequencies this library computes (models/transformer.py)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# config.json dropout probabilities of the supported families (none of which ligerzoo applies)
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop")
 # rope_scaling keys each type needs (read_rope fills original_max_position_embeddings from the
 # top level where transformers does); yarn's and longrope's factor falls back to
 # max_position_embeddings / original_max_position_embeddings, as in transformers.
@@ -253,6 +256,10 @@ def read_common(hf: dict, defaults: dict | None = None) -> dict[str, Any]:
     original = hf
     hf = (defaults or {}) | hf  # only keys the file omits; an explicit null stays null
     rope_theta, rope_scaling = read_rope(hf)
+    dropout = {k: hf[k] for k in DROPOUT_KEYS if isinstance(hf.get(k), (int, float)) and hf[k] > 0}
+    if dropout:
+        warnings.warn(f"config.json sets {', '.join(f'{k}={v}' for k, v in dropout.items())}: ligerzoo models have "
+                      f"no dropout, so training runs without it (transformers would apply it)", stacklevel=3)
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"

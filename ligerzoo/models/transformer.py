@@ -483,7 +483,7 @@ class CausalLM(nn.Module):
                 scored on labels[t + 1]); -100 entries are ignored. With labels the loss goes
                 through fused linear cross entropy (final softcap included) and no logits are
                 materialised.
-            position_ids: (B, T) int64; default ``0..T-1`` for every row. Positions that restart
+            position_ids: (B, T) int64, or (1, T) for every row; default ``0..T-1``. Positions that restart
                 inside a row (packed documents) only change RoPE: attention still spans the
                 row (transformers with a cache does the same; without one it masks per document).
             attention_mask: (B, T) with 1 for real tokens and 0 for padding (keys at padding
@@ -500,15 +500,23 @@ class CausalLM(nn.Module):
             ``CausalLMOutput(loss, logits, aux_loss)``: loss a 0-d float32 tensor (0 when
             every target is ignored), logits (B, T, V) in the model dtype only without labels.
 
+        The graph is freed by the first backward: ``loss.backward(retain_graph=True)`` then a
+        second backward raises RuntimeError (the fused loss keeps its gradients, not its
+        logits, and hands them out once).
+
         Raises:
-            ValueError: input_ids not 2-D, labels shaped unlike input_ids, or label ids
-                outside [0, vocab_size) other than -100.
+            ValueError: input_ids not 2-D, labels or attention_mask shaped unlike input_ids,
+                position_ids neither (B, T) nor (1, T), or label ids outside [0, vocab_size)
+                other than -100.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; "
                              f"add a batch dim with input_ids[None]")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        for name, t in (("labels", labels), ("position_ids", position_ids), ("attention_mask", attention_mask)):
+            if t is not None and t.shape != input_ids.shape and not (
+                    name == "position_ids" and t.shape == (1, input_ids.shape[1])):
+                raise ValueError(f"{name} shape {tuple(t.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+                                 + (" (or be (1, T), shared by the rows)" if name == "position_ids" else ""))
         if self.config.num_local_experts and self.config.output_router_logits:
             for layer in self.layers:
                 layer.mlp.router_logits = []  # collected for the aux loss during this forward only

@@ -144,3 +144,13 @@ def test_bad_input_shapes_and_right_padding_are_refused(tmp_path):
         ours.generate(ids, 3, attention_mask=right)
     with pytest.raises(ValueError, match="attention_mask shape"):
         ours.generate(ids, 3, attention_mask=right[:, :4])
+    # forward: masks and positions shaped unlike the ids are refused by name ((1, T)
+    # positions are shared by the rows, as in transformers)
+    with pytest.raises(ValueError, match=r"attention_mask shape \(1, 5\)"):
+        ours(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask shape \(2, 4\)"):
+        ours(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"position_ids shape \(2, 4\)"):
+        ours(ids, position_ids=torch.arange(4).expand(2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, position_ids=torch.arange(5)[None]).logits, ours(ids).logits)
