@@ -104,17 +104,19 @@ class _Combine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, out, w_sorted, token, inv, k: int):
+    def forward(ctx, out, w_sorted, token, inv, k: int, shape: tuple):
         ow = torch.empty_like(out)  # (N k, H) sorted
         torch.mul(out, w_sorted[:, None], out=ow)  # computed in promote(out, w) dtype, rounded once
         ctx.save_for_backward(out, w_sorted, token)
         ctx.k = k
-        return ow.index_select(0, inv).view(-1, k, out.shape[-1]).sum(1)  # (N, H)
+        # (B, T, H) = shape, summed straight into it (not a view: FSDP2 warns about a block
+        # returning one)
+        return ow.index_select(0, inv).view(*shape[:-1], k, shape[-1]).sum(-2)
 
     @staticmethod
     def backward(ctx, dy):
         out, w_sorted, token = ctx.saved_tensors
-        g = dy.index_select(0, token)  # (N k, H) gradient of each scaled sorted row
+        g = dy.reshape(-1, dy.shape[-1]).index_select(0, token)  # (N k, H) gradient of each scaled sorted row
         d_out = d_w = None
         if ctx.needs_input_grad[0]:
             d_out = torch.empty_like(out)
@@ -122,7 +124,7 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             ct = torch.promote_types(out.dtype, w_sorted.dtype)
             d_w = (g.to(ct) * out).sum(-1).to(w_sorted.dtype)  # (N k,) exact products, ct sums
-        return d_out, d_w, None, None, None
+        return d_out, d_w, None, None, None, None
 
 
 def experts_grouped(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, offs: torch.Tensor,
@@ -252,8 +254,7 @@ class MoE(nn.Module):
         run = experts_grouped if self.use_grouped(x) else experts_loop
         out = run(xs, self.w_gate_up, self.w_down, offs, self.activation)  # (N k, H)
         w_sorted = weights.reshape(-1).index_select(0, order)  # (N k,) routing weight of each row
-        y = _Combine.apply(out, w_sorted, token, inv, k)  # (N, H)
-        return y.view(B, T, H)
+        return _Combine.apply(out, w_sorted, token, inv, k, (B, T, H))  # (B, T, H)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,

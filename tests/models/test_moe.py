@@ -218,9 +218,9 @@ def test_mixtral_moe_dispatch_and_combine_gradcheck():
     torch.autograd.gradcheck(lambda x: _Dispatch.apply(x, token, inv, k), (x,))
     out = torch.randn(N * k, h, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.rand(N * k, dtype=torch.float64, generator=g, requires_grad=True)
-    torch.autograd.gradcheck(lambda o, w: _Combine.apply(o, w, token, inv, k), (out, w))
+    torch.autograd.gradcheck(lambda o, w: _Combine.apply(o, w, token, inv, k, (N, h)), (out, w))
     # Combine is the weighted adjoint of dispatch: y[n] = sum over the rows of token n.
-    y = _Combine.apply(out, w, token, inv, k)
+    y = _Combine.apply(out, w, token, inv, k, (N, h))
     ref = torch.zeros(N, h, dtype=torch.float64).index_add_(0, token, out * w[:, None])
     torch.testing.assert_close(y, ref)
 
@@ -233,7 +233,7 @@ def test_mixtral_moe_combine_rounds_like_transformers():
     _, token, inv, _ = sort_by_expert(experts, 4)
     out = torch.randn(N * k, h, generator=g).bfloat16()
     w = torch.rand(N * k, generator=g)
-    y = _Combine.apply(out, w, token, inv, k)
+    y = _Combine.apply(out, w, token, inv, k, (N, h))
     ref = torch.zeros(N, h, dtype=torch.bfloat16)
     for s in range(N * k):  # HF: (bf16 * fp32).to(bf16), then index_add_ in bf16
         ref.index_add_(0, token[s:s + 1], (out[s:s + 1] * w[s]).to(torch.bfloat16))
