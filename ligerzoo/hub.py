@@ -399,15 +399,18 @@ def _save_target_problem(target: Path, overwrite: bool) -> Exception | None:
     """Why save_hf must not write to ``target`` (None when it may)."""
     existing = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)
     if existing is not None and not existing.is_dir():
-        where = "" if existing == target else f" (its parent {existing} is)"
-        return FileExistsError(f"{target} is a file, not a directory{where}; choose another path")
-    if not target.exists() or not any(target.iterdir()):
+        if existing == target:
+            return FileExistsError(f"{target} is a file, not a directory; choose another path")
+        return FileExistsError(f"{existing} is a file, so {target} cannot be a directory under it; choose another path")
+    if not target.exists():
+        return None
+    cwd, resolved = Path.cwd().resolve(), target.resolve()
+    if cwd == resolved or resolved in cwd.parents:  # the directory is replaced: not under a running process
+        return FileExistsError(f"{resolved} is the working directory or holds it; save to another directory")
+    if not any(target.iterdir()):
         return None
     if not overwrite:
         return FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    cwd = Path.cwd().resolve()
-    if cwd == target.resolve() or target.resolve() in cwd.parents:
-        return FileExistsError(f"{target} is the working directory or holds it; save to another directory")
     others = sorted(p.name for p in target.iterdir() if not (p.is_file() and _checkpoint_file(p.name)))
     if others:
         return FileExistsError(f"{target} holds more than a checkpoint ({_listing(others)}); overwrite=True replaces "

@@ -355,8 +355,13 @@ def test_save_refuses_the_working_directory_and_paths_under_a_file(tmp_path, mon
     for where in (".", tmp_path / "ckpt", tmp_path):  # the working directory, or one above it
         with pytest.raises(FileExistsError, match="working directory|holds more"):
             ligerzoo.save_hf(model, where, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")                # empty, but still the working directory
+    with pytest.raises(FileExistsError, match="working directory"):
+        ligerzoo.save_hf(model, ".")
+    assert Path.cwd() == tmp_path / "empty" and not any((tmp_path / "empty").iterdir())
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(FileExistsError, match="parent"):
+    with pytest.raises(FileExistsError, match="afile is a file, so .* cannot be a directory under it"):
         ligerzoo.save_hf(model, tmp_path / "afile" / "sub" / "out")
     assert (tmp_path / "afile").read_text() == "x"
 
