@@ -1002,9 +1002,8 @@ def _group_bwd_tiles(ch_per_group: int, n_cols: int, element_size: int, words: b
     ``words`` (16-bit inputs that can be read as int32 words) a sample's group is one tile
     under the same rule as fp32's, when a channel's values are at most _WORDS_MAX_ROW words."""
     c2, s2 = next_power_of_2(ch_per_group), next_power_of_2(n_cols)
-    if element_size == 4 and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS:  # ~1024 values per warp, 4 to 16 warps
-        return c2, s2, True, max(4, min(_GROUP_BWD_ONE_TILE_WARPS, c2 * s2 // 1024))
-    if words and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS and s2 // 2 <= _WORDS_MAX_ROW:
+    held = element_size == 4 or (words and s2 // 2 <= _WORDS_MAX_ROW)
+    if held and c2 * s2 <= _GROUP_BWD_ONE_TILE_ELEMS:  # ~1024 values per warp, 4 to 16 warps
         return c2, s2, True, max(4, min(_GROUP_BWD_ONE_TILE_WARPS, c2 * s2 // 1024))
     return c2, max(1, min(s2, _GROUP_BWD_TILE_ELEMS // c2)), False, _GROUP_BWD_WARPS
 
