@@ -4,6 +4,8 @@
 #   bash scripts/gpu_e2e_runs.sh probe2  # MoE check, profiles, hf/compile, load time
 #   bash scripts/gpu_e2e_runs.sh final   # ligerzoo vs Liger on every shape, Liger's longest sequence
 #   bash scripts/gpu_e2e_runs.sh recheck # what changed after the final run: checkpointing, review fixes
+#   bash scripts/gpu_e2e_runs.sh same    # session 15: every shape, ligerzoo and Liger in the same run (two calls:
+#   bash scripts/gpu_e2e_runs.sh same2   #   Liger's Mixtral process needs about 320 s, most of it before its first step)
 # Carry .gpu3/ (see scripts/gpu_bench.sh).
 set -uo pipefail
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
@@ -52,5 +54,23 @@ recheck)
   cp /tmp/r/e2e.csv "$OUT/e2e_recheck.csv"
   STEPS=2 WARMUP=1 python3 scripts/bench_e2e.py --longest llama3-8b-8l --longest-from 131072 --variants ligerzoo \
     --out /tmp/s 2>&1 | grep "tok/s"
+  ;;
+same)
+  STEPS=4 WARMUP=2 PROFILE=45 timeout 150 $B --variants ligerzoo --checkpointing off --out /tmp/a > "$OUT/profile.log" 2>&1
+  grep "tok/s\|rate\|GPU span" "$OUT/profile.log"
+  export SPAWN_TIMEOUT=150 STEPS=4 WARMUP=2
+  $B --variants ligerzoo,liger --checkpointing off,on --out /tmp/f 2>&1 | grep "tok/s\|rate\|wall"
+  cp /tmp/f/e2e.csv "$OUT/e2e_llama.csv"
+  python3 scripts/bench_e2e.py --models qwen2.5-7b-4l,gemma2-9b-4l,llama3-8b-8l --shapes 4x2048 \
+    --variants ligerzoo,liger --checkpointing off --out /tmp/g 2>&1 | grep "tok/s\|rate\|wall"
+  cp /tmp/g/e2e.csv "$OUT/e2e_families.csv"
+  ;;
+same2)
+  SPAWN_TIMEOUT=330 STEPS=4 WARMUP=2 python3 scripts/bench_e2e.py --models mixtral-8x7b-2l --shapes 4x2048 \
+    --variants liger,ligerzoo --checkpointing off --out /tmp/m 2>&1 | grep "tok/s\|rate\|wall"
+  cp /tmp/m/e2e.csv "$OUT/e2e_mixtral.csv"
+  SPAWN_TIMEOUT=120 STEPS=2 WARMUP=1 python3 scripts/bench_e2e.py --longest llama3-8b-8l --longest-from 131072 \
+    --variants ligerzoo --out /tmp/s 2>&1 | grep "tok/s\|rate"
+  cp /tmp/s/e2e_longest.csv "$OUT/e2e_longest_ligerzoo.csv"
   ;;
 esac
