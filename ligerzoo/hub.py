@@ -33,6 +33,9 @@ SIDE_FILES = (
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
     "added_tokens.json",
 )
+# Named chat templates (<name>.jinja) beside chat_template.jinja, as transformers saves them;
+# copied on save with the side files.
+TEMPLATE_DIR = "additional_chat_templates"
 
 
 def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
@@ -56,7 +59,8 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
-        snap = Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", *SIDE_FILES]))
+        side = ["*.json", *SIDE_FILES, f"{TEMPLATE_DIR}/*.jinja"]
+        snap = Path(snapshot_download(text, revision=revision, allow_patterns=side))
         index = snap / INDEX_FILE
         weights = sorted(set(_weight_map(index).values())) if index.exists() else [SINGLE_FILE]
         return Path(snapshot_download(text, revision=revision, allow_patterns=weights))
@@ -270,7 +274,8 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         ``model.train()`` before training: Mixtral's router jitter noise is the one part that
         depends on the mode), with ``model.config`` read from config.json and
         ``model.source_dir`` the directory it came from (save_hf copies tokenizer and
-        generation files from it).
+        generation files from it) and ``model.generation_config`` its generation_config.json
+        (a dict, {} without one; ``generate``'s default eos ids come from it).
 
     Raises:
         ValueError: unknown ``model_type`` (listing the supported ones), a config field the
@@ -289,6 +294,8 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     model.tie_weights()
     load_weights(model, directory)
     model.source_dir = directory
+    generation = Path(directory) / "generation_config.json"
+    model.generation_config = _read_json(generation) if generation.is_file() else {}
     return model.eval()
 
 
@@ -374,6 +381,9 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 for name in SIDE_FILES if source is not None else ():
                     if (Path(source) / name).is_file():
                         shutil.copy2(Path(source) / name, tmp / name)
+                for extra in sorted((Path(source) / TEMPLATE_DIR).glob("*.jinja")) if source is not None else ():
+                    (tmp / TEMPLATE_DIR).mkdir(exist_ok=True)
+                    shutil.copy2(extra, tmp / TEMPLATE_DIR / extra.name)
                 _replace_dir(tmp, target)
             except Exception as e:  # noqa: BLE001
                 if not sharded:
@@ -395,6 +405,12 @@ def _checkpoint_file(name: str) -> bool:
     return name in (CONFIG_FILE, INDEX_FILE, *SIDE_FILES) or name.endswith(".safetensors")
 
 
+def _template_dir(path: Path) -> bool:
+    """Whether ``path`` is a named-chat-template directory holding nothing but ``*.jinja`` files."""
+    return (path.name == TEMPLATE_DIR and path.is_dir() and not path.is_symlink()
+            and all(p.is_file() and p.suffix == ".jinja" for p in path.iterdir()))
+
+
 def _save_target_problem(target: Path, overwrite: bool) -> Exception | None:
     """Why save_hf must not write to ``target`` (None when it may)."""
     existing = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)
@@ -411,7 +427,8 @@ def _save_target_problem(target: Path, overwrite: bool) -> Exception | None:
         return None
     if not overwrite:
         return FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
-    others = sorted(p.name for p in target.iterdir() if not (p.is_file() and _checkpoint_file(p.name)))
+    others = sorted(p.name for p in target.iterdir() if not (p.is_file() and _checkpoint_file(p.name))
+                    and not _template_dir(p))
     if others:
         return FileExistsError(f"{target} holds more than a checkpoint ({_listing(others)}); overwrite=True replaces "
                                f"the whole directory, so save elsewhere or move those out first")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -21,24 +22,30 @@ class Tokenizer:
     """Encode/decode with ``tokenizer.json`` and render the chat template.
 
     Attributes:
-        bos_token / eos_token / pad_token: special token strings from tokenizer_config.json.
+        bos_token / eos_token / pad_token / unk_token: special token strings from
+            tokenizer_config.json (None when absent).
         bos_token_id / eos_token_id / pad_token_id: their ids (None when absent).
-        chat_template: the Jinja source, or None.
+        chat_template: the default chat template's Jinja source, or None.
+        chat_templates: every named template ({"default": ..., "tool_use": ...}); a checkpoint
+            with a single template has it under "default".
     """
 
     def __init__(self, tokenizer: _HFTokenizer, tokenizer_config: dict | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | dict | list | None = None):
         self.tokenizer = tokenizer
         cfg = tokenizer_config or {}
-        self.bos_token = _token_text(cfg.get("bos_token"))
-        self.eos_token = _token_text(cfg.get("eos_token"))
-        self.pad_token = _token_text(cfg.get("pad_token"))
-        self.unk_token = _token_text(cfg.get("unk_token"))
-        template = chat_template or cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default", next(iter(named.values()), None))
-        self.chat_template = template
+        self.special_tokens = {name: text for name in _SPECIAL_TOKENS
+                               if (text := _token_text(cfg.get(name))) is not None}
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
+        self.pad_token = self.special_tokens.get("pad_token")
+        self.unk_token = self.special_tokens.get("unk_token")
+        template = chat_template if chat_template is not None else cfg.get("chat_template")
+        if isinstance(template, list):  # tokenizer_config.json: [{"name": "default", "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}
+        self.chat_templates = dict(template) if isinstance(template, dict) else (
+            {"default": template} if template else {})
+        self.chat_template = self.chat_templates.get("default")
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)
@@ -68,42 +75,140 @@ class Tokenizer:
         default of transformers' ``decode``)."""
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
-                            continue_final_message: bool = False, tokenize: bool = True, **kwargs):
-        """Render ``messages`` ([{"role", "content"}, ...]) with the checkpoint's chat template.
-
-        Rendering follows transformers' ``apply_chat_template`` (sandboxed Jinja with
-        ``trim_blocks``/``lstrip_blocks``, loop controls, ``{% generation %}`` blocks rendered
-        as their body, a ``tojson`` filter taking ``ensure_ascii``/``indent``/``separators``/
-        ``sort_keys``, ``raise_exception`` and ``strftime_now`` globals, special tokens as
-        variables; extra keyword arguments, e.g. ``tools``, go to the template).
-        ``add_generation_prompt`` appends the header of a new assistant turn (for generation);
-        ``continue_final_message`` ends the text right after the final message's content
-        instead (for the model to continue it). Returns the token ids (no extra special
-        tokens: the template writes them) or, with ``tokenize=False``, the text.
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        """The Jinja source ``apply_chat_template`` renders with, chosen as transformers does:
+        ``chat_template`` names one of :attr:`chat_templates` or is a template itself; by
+        default the "tool_use" template when ``tools`` are given and the checkpoint has one,
+        else the "default" one.
 
         Raises:
-            ValueError: the checkpoint has no chat template, ``messages`` is empty, both
-                ``add_generation_prompt`` and ``continue_final_message`` are set, or the
-                final message's content does not survive rendering.
+            ValueError: no template given and the checkpoint has none, or only named ones
+                without a "default" (the message lists their names).
         """
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)")
-        if not messages:
-            raise ValueError("cannot apply the chat template to an empty conversation")
+        if chat_template is not None:
+            return self.chat_templates.get(chat_template, chat_template)
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if self.chat_template is not None:
+            return self.chat_template
+        if self.chat_templates:
+            raise ValueError(f"this tokenizer has several chat templates and none named 'default': pass "
+                             f"chat_template= one of {sorted(self.chat_templates)}")
+        raise ValueError("this tokenizer has no chat template (chat_template.jinja, tokenizer_config.json or "
+                         "chat_template.json); pass chat_template= a Jinja template")
+
+    def apply_chat_template(self, conversation: list, *, tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False, continue_final_message: bool | str = False,
+                            tokenize: bool = True, return_tensors: str | None = None, **kwargs):
+        """Render a conversation ([{"role", "content", ...}, ...]) with the chat template.
+
+        Rendering follows transformers' ``apply_chat_template`` (5.x): sandboxed Jinja with
+        ``trim_blocks``/``lstrip_blocks``, loop controls, ``{% generation %}`` blocks rendered
+        as their body, a ``tojson`` filter taking ``ensure_ascii``/``indent``/``separators``/
+        ``sort_keys``, ``raise_exception`` and ``strftime_now`` globals; the template sees
+        ``messages``, ``tools`` and ``documents`` (None when not given), ``add_generation_prompt``,
+        the special tokens the tokenizer has (``bos_token``, ``eos_token``, ...) and any extra
+        keyword arguments (e.g. ``enable_thinking``), which override the special tokens.
+        Message keys whose value is None are dropped first (an API's ``tool_calls: None``), as
+        transformers does; the caller's messages are never edited.
+
+        Args:
+            conversation: one conversation, or a list of them (then a list of results).
+            tools: JSON-schema dicts of the tools the model may call. (transformers also
+                converts Python functions to schemas; here that is a ValueError.)
+            documents: dicts (e.g. {"title", "text"}) for retrieval-augmented templates.
+            chat_template: the name of one of :attr:`chat_templates`, or a Jinja template.
+            add_generation_prompt: append the header of a new assistant turn (for generation).
+            continue_final_message: end the text right after the final message's content
+                instead (for the model to continue it); with list-of-parts content, after
+                its last text part. A string names the message field to continue.
+            tokenize: return token ids (no extra special tokens: the template writes them),
+                else the text.
+            return_tensors: None (lists) or "pt": an int64 tensor (1, T), or (B, T) for a
+                batch of conversations that tokenize to equal lengths.
+
+        Raises:
+            ValueError: no usable template (see :meth:`get_chat_template`), an empty
+                conversation, both ``add_generation_prompt`` and ``continue_final_message``,
+                a final message without the field to continue or whose content does not
+                survive rendering, tools that are not dicts, ``return_tensors`` other than
+                None/"pt" (or "pt" with ``tokenize=False`` or ragged lengths).
+            TypeError: a message or document that is not a dict.
+            jinja2.TemplateError: the template's own ``raise_exception`` (e.g. a role it
+                does not accept).
+        """
+        template = self.get_chat_template(chat_template, tools)
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt starts a new assistant turn and continue_final_message "
                              "continues the last one: set one of them")
-        messages = [dict(m) for m in messages]  # the caller's messages are never edited
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if return_tensors is not None and not tokenize:
+            raise ValueError("return_tensors='pt' needs tokenize=True")
+        if tools is not None:
+            for tool in tools:
+                if not isinstance(tool, Mapping):
+                    raise ValueError(f"tools must be JSON-schema dicts, got {type(tool).__name__} {tool!r} "
+                                     f"(transformers.utils.get_json_schema turns a typed, documented function "
+                                     f"into one)")
+            tools = [dict(t) for t in tools]
+        if documents is not None:
+            for doc in documents:
+                if not isinstance(doc, Mapping):
+                    raise TypeError(f"documents must be dicts (e.g. with 'title' and 'text'), got {doc!r}")
+            documents = [dict(d) for d in documents]
+        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(
+            conversation[0], (list, tuple))
+        context = {**self.special_tokens, **kwargs}
+        texts = [self._render(template, chat, tools, documents, add_generation_prompt, continue_final_message,
+                              context) for chat in (conversation if batched else [conversation])]
+        if not tokenize:
+            return texts if batched else texts[0]
+        ids = [self.encode(text, add_special_tokens=False) for text in texts]
+        if return_tensors == "pt":
+            import torch
+
+            if len({len(row) for row in ids}) > 1:
+                raise ValueError(f"return_tensors='pt' needs conversations of equal token length, got "
+                                 f"{[len(row) for row in ids]}; tokenize them as lists and pad them")
+            return torch.tensor(ids, dtype=torch.long)
+        return ids if batched else ids[0]
+
+    @staticmethod
+    def _render(template: str, conversation, tools, documents, add_generation_prompt: bool,
+                continue_final_message: bool | str, context: dict) -> str:
+        """One conversation's text (see :meth:`apply_chat_template`)."""
+        if not conversation:
+            raise ValueError("cannot apply the chat template to an empty conversation")
+        messages = []
+        for m in conversation:
+            if not isinstance(m, Mapping):
+                raise TypeError(f"chat messages must be dicts like {{'role': 'user', 'content': '...'}}, got {m!r}")
+            message = {key: value for key, value in m.items() if value is not None}
+            reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+            if reasoning is not None:  # transformers 5 aliases the reasoning text's older names
+                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+            messages.append(message)
         if continue_final_message:
-            final = messages[-1].get("content")
-            if not isinstance(final, str):
-                raise ValueError("continue_final_message needs the final message's content as a string")
-            messages[-1]["content"] = final + _CONTINUE_TAG
-        text = _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
-            **kwargs)
+            field = continue_final_message if isinstance(continue_final_message, str) else "content"
+            final = messages[-1].get(field)
+            if final is None:
+                raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
+            if isinstance(final, (list, tuple)):  # content parts: continue the last one with text
+                parts = [dict(part) if isinstance(part, Mapping) else part for part in final]
+                last = next((part for part in reversed(parts) if isinstance(part, dict) and "text" in part), None)
+                if last is None:
+                    raise ValueError("continue_final_message: the final message has no text part to continue")
+                final, last["text"] = last["text"], last["text"] + _CONTINUE_TAG
+                messages[-1][field] = parts
+            elif isinstance(final, str):
+                messages[-1][field] = final + _CONTINUE_TAG
+            else:
+                raise ValueError(f"continue_final_message: the final message's {field!r} must be a string or a list "
+                                 f"of parts, got {type(final).__name__}")
+        text = _compile(template).render(messages=messages, tools=tools, documents=documents,
+                                         add_generation_prompt=add_generation_prompt, **context)
         if continue_final_message:
             at = text.rfind(_CONTINUE_TAG.strip())
             if at < 0 or final.strip() not in text:
@@ -111,8 +216,14 @@ class Tokenizer:
                                  "content as given")
             # the template may trim the trailing space of the tag (and of the message): then so do we
             text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        return text
 
+
+# Names a message's reasoning text goes by (the first one present wins); templates read
+# "reasoning_content" or "thinking" (transformers 5 fills both).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# The named special tokens a template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # Appended to the final message's content to find where it ends in the rendered text
 # (transformers does the same).
@@ -162,10 +273,16 @@ def _environment():
 def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint directory or hub repo (``tokenizer.json`` required).
 
+    Chat templates are read as transformers' ``AutoTokenizer`` reads them: ``chat_template.jinja``
+    (the default) and ``additional_chat_templates/<name>.jinja`` take priority over
+    ``tokenizer_config.json``'s ``chat_template`` (a string or a list of named templates);
+    ``chat_template.json`` (a processor's file, which AutoTokenizer ignores) is used only when
+    none of those exists.
+
     Raises:
         FileNotFoundError: no tokenizer.json in the checkpoint.
     """
-    from ligerzoo.hub import resolve
+    from ligerzoo.hub import TEMPLATE_DIR, resolve
 
     directory = Path(resolve(id_or_dir, revision))
     path = directory / "tokenizer.json"
@@ -173,8 +290,37 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
     cfg_path = directory / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    template_path = directory / "chat_template.jinja"
-    template = template_path.read_text() if template_path.is_file() else None
-    if template is None and (directory / "chat_template.json").is_file():
+    templates = {}
+    if (directory / "chat_template.jinja").is_file():
+        templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    for extra in sorted((directory / TEMPLATE_DIR).glob("*.jinja")):
+        templates[extra.name.removesuffix(".jinja")] = extra.read_text(encoding="utf-8")
+    template = templates or None
+    if template is None and not cfg.get("chat_template") and (directory / "chat_template.json").is_file():
         template = json.loads((directory / "chat_template.json").read_text()).get("chat_template")
-    return Tokenizer(_HFTokenizer.from_file(str(path)), cfg, template)
+    tokenizer = _HFTokenizer.from_file(str(path))
+    _add_config_tokens(tokenizer, cfg.get("added_tokens_decoder") or {}, directory)
+    return Tokenizer(tokenizer, cfg, template)
+
+
+def _add_config_tokens(tokenizer: _HFTokenizer, added: dict, directory: Path) -> None:
+    """Add the ``added_tokens_decoder`` entries of tokenizer_config.json that tokenizer.json
+    lacks, as transformers does. Tokens get the next free ids, so each must land on the id
+    the config gives it.
+
+    Raises:
+        ValueError: a token would get another id than the config's (the files disagree).
+    """
+    from tokenizers import AddedToken
+
+    for token_id, spec in sorted(((int(i), spec) for i, spec in added.items()), key=lambda item: item[0]):
+        content = spec.get("content") if isinstance(spec, dict) else None
+        if content is None or tokenizer.token_to_id(content) is not None:
+            continue
+        options = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
+        token = AddedToken(content, **options)
+        (tokenizer.add_special_tokens if spec.get("special") else tokenizer.add_tokens)([token])
+        got = tokenizer.token_to_id(content)
+        if got != token_id:
+            raise ValueError(f"{directory / 'tokenizer_config.json'}: added token {content!r} has id {token_id}, but "
+                             f"tokenizer.json has {got} as its next free id; the two files disagree")

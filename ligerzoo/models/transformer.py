@@ -31,6 +31,7 @@ activation recomputed in backward); the MoE layer lives in models/moe.py.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -355,11 +356,34 @@ class _RecomputedEmbedding:
             return self.model._embed(self.input_ids)
 
 
+def _is_int(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def _eos_list(eos) -> list[int]:
+    """``generate``'s eos ids as a list: from None, an int, a sequence or a tensor of ints."""
+    if eos is None:
+        return []
+    if isinstance(eos, torch.Tensor):
+        if eos.is_floating_point() or eos.is_complex() or eos.dtype == torch.bool:
+            raise ValueError(f"eos_token_id must hold integers, got a {eos.dtype} tensor")
+        return eos.flatten().tolist()
+    items = [eos] if _is_int(eos) else list(eos)
+    if not all(_is_int(i) for i in items):
+        raise ValueError(f"eos_token_id must be an int or ints, got {eos!r}")
+    return [int(i) for i in items]
+
+
 class CausalLM(nn.Module):
     """A decoder-only causal language model for any supported family.
 
     Args:
         config: the architecture (``ModelConfig``), also kept as ``self.config``.
+
+    Attributes:
+        generation_config: the checkpoint's generation_config.json as a dict ({} when it has
+            none or the model was built in code); ``generate`` takes its default
+            ``eos_token_id`` from it, as transformers does.
 
     Build on the meta device and load with ``ligerzoo.from_hf``; or build directly (random
     initialisation as HF's ``_init_weights``).
@@ -368,6 +392,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.generation_config: dict = {}
         # transformers gives the pad token's row no gradient (nn.Embedding's padding_idx)
         pad = config.pad_token_id
         pad = pad if isinstance(pad, int) and -config.vocab_size <= pad < config.vocab_size else None
@@ -568,33 +593,41 @@ class CausalLM(nn.Module):
             input_ids: (B, T) prompt ids; rows may be left-padded, marked by ``attention_mask``.
             max_new_tokens: tokens to add at most.
             attention_mask: (B, T), 1 for real tokens; None means no padding.
-            eos_token_id: int or list of ints; a row stops at its first one (later positions
-                are filled with the first eos id). Default: the config's; ``[]`` never stops early.
-            temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
+            eos_token_id: int, list of ints or int tensor; a row stops at its first one (later
+                positions are filled with the first eos id). Default: generation_config.json's
+                (``self.generation_config``), else config.json's; ``[]`` never stops early.
+            temperature: 0 for greedy decoding, > 0 (finite) to sample from
+                softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
         Returns:
             (B, T + n) int64, n <= max_new_tokens.
 
         Raises:
-            ValueError: input_ids not 2-D or without tokens, a negative temperature or
-                max_new_tokens, top_k < 1, an attention_mask not shaped like input_ids, or
-                right padding (a row whose last prompt position is padding).
+            ValueError: input_ids not 2-D or without tokens, a temperature that is negative
+                or not finite, max_new_tokens or top_k not an int (or < 0, < 1), an
+                attention_mask not shaped like input_ids, a row with no real token, or right
+                padding (a row whose last prompt position is padding).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
+        if attention_mask is not None and not bool(attention_mask.bool().any(-1).all()):
+            rows = (~attention_mask.bool().any(-1)).nonzero().flatten().tolist()
+            raise ValueError(f"rows {rows} of attention_mask have no real token (all 0): every prompt needs one")
         if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
             raise ValueError("generate needs left padding: some rows end in padding (attention_mask 0 at the "
                              "last position); pad prompts on the left (tokenizer padding_side='left')")
-        if temperature < 0 or max_new_tokens < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"need temperature >= 0, max_new_tokens >= 0 and top_k >= 1 (or None); got "
-                             f"temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")
+        if not (_is_int(max_new_tokens) and max_new_tokens >= 0 and (top_k is None or (_is_int(top_k) and top_k >= 1))
+                and 0 <= temperature < math.inf):
+            raise ValueError(f"need an int max_new_tokens >= 0, a finite temperature >= 0 and an int top_k >= 1 (or "
+                             f"None); got temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")
         B, T = input_ids.shape
         device = input_ids.device
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=device, dtype=torch.long)
+        if eos_token_id is None:
+            eos_token_id = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        eos = torch.tensor(_eos_list(eos_token_id), device=device, dtype=torch.long)
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()

@@ -154,3 +154,50 @@ def test_bad_input_shapes_and_right_padding_are_refused(tmp_path):
         ours(ids, position_ids=torch.arange(4).expand(2, 4))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, position_ids=torch.arange(5)[None]).logits, ours(ids).logits)
+
+
+def test_generate_default_eos_from_generation_config(tmp_path):
+    """Instruct checkpoints list their end-of-turn ids in generation_config.json only: generate
+    stops there by default, as transformers does; eos ids may be given as a tensor or numpy ints."""
+    import json
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    _, ours = _pair(tmp_path, {})
+    ids = torch.randint(3, ours.config.vocab_size, (1, 5))
+    free = ours.generate(ids, 8, eos_token_id=[])
+    new = free[0, 5:].tolist()
+    end = max(i for i in range(len(new)) if new[i] not in new[:i]) + 5  # a new token's first occurrence
+    stop = int(free[0, end])
+    path = tmp_path / "hf" / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**gen, "eos_token_id": [ours.config.vocab_size - 1, stop]}))
+    reloaded = ligerzoo.from_hf(tmp_path / "hf", dtype=torch.float32)
+    assert reloaded.generation_config["eos_token_id"][1] == stop
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = reloaded.generate(ids, 8)
+    assert got.tolist() == ref.tolist() == free[:, :end + 1].tolist()
+    for eos in (torch.tensor([stop]), np.int64(stop), [np.int32(stop)]):
+        assert reloaded.generate(ids, 8, eos_token_id=eos).tolist() == got.tolist(), type(eos)
+
+
+def test_generate_refuses_bad_arguments(tmp_path):
+    _, ours = _pair(tmp_path, {})
+    ids = torch.randint(3, ours.config.vocab_size, (2, 5))
+    for kwargs in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1.0),
+                   dict(top_k=0), dict(top_k=2.5, temperature=1.0)):
+        with pytest.raises(ValueError, match="finite temperature"):
+            ours.generate(ids, 3, **kwargs)
+    for n in (2.0, -1, True):
+        with pytest.raises(ValueError, match="int max_new_tokens"):
+            ours.generate(ids, n)
+    with pytest.raises(ValueError, match="must be an int or ints"):
+        ours.generate(ids, 3, eos_token_id=[1.5])
+    with pytest.raises(ValueError, match="must hold integers"):
+        ours.generate(ids, 3, eos_token_id=torch.tensor([1.0]))
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask have no real token"):
+        ours.generate(ids, 3, attention_mask=mask)

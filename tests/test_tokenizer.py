@@ -1,0 +1,210 @@
+"""Chat templates and tokenizer files against transformers' AutoTokenizer (5.x) on the same
+directory: the real SmolLM2 tokenizer.json with tokenizer configs and template files written
+here, covering what real checkpoints' templates use."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ligerzoo
+from scripts.prepare_models import prepare_smollm2
+
+CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! "}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Get the weather",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+SIMPLE = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return prepare_smollm2()
+
+
+@pytest.fixture
+def make_dir(smol, tmp_path):
+    """A tokenizer dir: SmolLM2's tokenizer.json and tokenizer_config.json (its template dropped),
+    updated with ``config`` and extra ``files`` {relative path: text}."""
+    count = [0]
+
+    def make(config=None, files=None):
+        count[0] += 1
+        d = tmp_path / f"tok{count[0]}"
+        d.mkdir()
+        shutil.copy(smol / "tokenizer.json", d)
+        cfg = json.loads((smol / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        cfg.update(config or {})
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        for rel, text in (files or {}).items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+        return d
+
+    return make
+
+
+def both(d):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(d), ligerzoo.load_tokenizer(d)
+
+
+def render(tok, conv, **kwargs):
+    return tok.apply_chat_template(conv, tokenize=False, **kwargs)
+
+
+def test_tools_and_documents_are_none_when_not_given(make_dir):
+    """transformers renders with tools=None and documents=None: `is defined` holds, `is not
+    none` does not, and `tojson` gives null."""
+    template = ("{% for m in messages %}{{ m.content }}{% endfor %}{% if tools is defined %}<tools>{{ tools | tojson }}"
+                "</tools>{% endif %}{% if tools is not none %}TOOLS{% endif %}{% if documents is not none %}"
+                "{% for d in documents %}<{{ d.title }}>{% endfor %}{% endif %}")
+    ref, ours = both(make_dir({"chat_template": template}))
+    for kwargs in ({}, {"tools": [WEATHER]}, {"documents": [{"title": "Paris", "text": "x"}]}):
+        assert render(ours, CONV, **kwargs) == render(ref, CONV, **kwargs), kwargs
+    assert "<tools>null</tools>" in render(ours, CONV)
+    with pytest.raises(ValueError, match="JSON-schema dicts"):
+        ours.apply_chat_template(CONV, tools=[lambda city: city])
+    with pytest.raises(TypeError, match="documents must be dicts"):
+        ours.apply_chat_template(CONV, documents=["just text"])
+
+
+def test_none_valued_keys_are_dropped_and_reasoning_aliased(make_dir):
+    """An API's `tool_calls: None` / `content: None` is dropped before rendering (else templates
+    crash or print "None"); `reasoning` fills `reasoning_content` and `thinking`."""
+    template = ("{% for m in messages %}[{{ m.role }}]{% if m.content is defined %}{{ m.content }}{% endif %}"
+                "{% if m.tool_calls is defined %}{{ m.tool_calls | length }} calls{% endif %}"
+                "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}|{{ m.thinking }}</think>{% endif %}"
+                "{% endfor %}")
+    ref, ours = both(make_dir({"chat_template": template}))
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": None},
+            {"role": "assistant", "content": "ok", "reasoning": "because"}]
+    assert render(ours, conv) == render(ref, conv) == "[user]hi[assistant][assistant]ok<think>because|because</think>"
+    assert conv[1] == {"role": "assistant", "content": None, "tool_calls": None}  # the caller's messages untouched
+
+
+def test_named_templates(make_dir):
+    """Named templates from a list in tokenizer_config.json and from additional_chat_templates/:
+    tool_use is chosen when tools are given, a name or a template can be passed, and several
+    templates without a default are an error naming them."""
+    named = [{"name": "default", "template": "DEFAULT" + SIMPLE}, {"name": "tool_use", "template": "TOOLS" + SIMPLE},
+             {"name": "rag", "template": "RAG" + SIMPLE}]
+    dirs = [make_dir({"chat_template": named}),
+            make_dir(files={"chat_template.jinja": "DEFAULT" + SIMPLE,
+                            "additional_chat_templates/tool_use.jinja": "TOOLS" + SIMPLE,
+                            "additional_chat_templates/rag.jinja": "RAG" + SIMPLE})]
+    for d in dirs:
+        ref, ours = both(d)
+        assert sorted(ours.chat_templates) == ["default", "rag", "tool_use"]
+        for kwargs in ({}, {"tools": [WEATHER]}, {"chat_template": "rag"}, {"chat_template": "LITERAL" + SIMPLE},
+                       {"chat_template": "rag", "tools": [WEATHER]}):
+            assert render(ours, CONV, **kwargs) == render(ref, CONV, **kwargs), (d, kwargs)
+        assert render(ours, CONV, tools=[WEATHER]).startswith("TOOLS")
+    ref, ours = both(make_dir({"chat_template": named[1:]}))
+    with pytest.raises(ValueError, match=r"none named 'default'.*\['rag', 'tool_use'\]"):
+        ours.apply_chat_template(CONV)
+    with pytest.raises(ValueError):
+        ref.apply_chat_template(CONV)
+    assert render(ours, CONV, tools=[WEATHER]) == render(ref, CONV, tools=[WEATHER])
+    _, ours = both(make_dir())
+    with pytest.raises(ValueError, match="no chat template"):
+        ours.apply_chat_template(CONV)
+    assert render(ours, CONV, chat_template=SIMPLE) == "[user]Hi[assistant]Hello! "
+
+
+def test_template_file_precedence(make_dir):
+    """chat_template.jinja wins over tokenizer_config.json's template, which wins over a
+    processor's chat_template.json (AutoTokenizer ignores that file; we use it only as the
+    last resort)."""
+    proc = json.dumps({"chat_template": "PROC" + SIMPLE})
+    cases = [(dict(config={"chat_template": "CONFIG" + SIMPLE}, files={"chat_template.jinja": "JINJA" + SIMPLE}),
+              "JINJA"),
+             (dict(config={"chat_template": "CONFIG" + SIMPLE}, files={"chat_template.json": proc}), "CONFIG")]
+    for spec, prefix in cases:
+        ref, ours = both(make_dir(**spec))
+        assert render(ours, CONV) == render(ref, CONV)
+        assert render(ours, CONV).startswith(prefix)
+    _, ours = both(make_dir(files={"chat_template.json": proc}))
+    assert render(ours, CONV).startswith("PROC")
+
+
+def test_batched_conversations_and_tensors(make_dir):
+    """A list of conversations gives a list of results; return_tensors='pt' an int64 tensor."""
+    ref, ours = both(make_dir({"chat_template": SIMPLE}))
+    convs = [CONV, [{"role": "user", "content": "What is the capital of France?"}]]
+    assert render(ours, convs) == render(ref, convs)
+    ids = ours.apply_chat_template(convs, add_generation_prompt=True)
+    assert ids == [ours.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+    expected = ref.apply_chat_template(convs[0], add_generation_prompt=True, return_dict=False)
+    one = ours.apply_chat_template(convs[0], add_generation_prompt=True, return_tensors="pt")
+    assert one.dtype == torch.long and one.tolist() == [expected]
+    assert ours.apply_chat_template([CONV, CONV], return_tensors="pt").shape[0] == 2
+    with pytest.raises(ValueError, match="equal token length"):
+        ours.apply_chat_template(convs, return_tensors="pt")
+    with pytest.raises(ValueError, match="return_tensors must be None or 'pt'"):
+        ours.apply_chat_template(CONV, return_tensors="np")
+    with pytest.raises(TypeError, match="chat messages must be dicts"):
+        ours.apply_chat_template(["hello"])
+
+
+def test_continue_final_message(make_dir):
+    """Continuing a final message given as content parts (the last text part) or a named field."""
+    template = ("{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}"
+                "{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% endif %}{% endfor %}{% endif %}"
+                "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}{% endif %}</s>{% endfor %}")
+    ref, ours = both(make_dir({"chat_template": template}))
+    parts = [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": [{"type": "text", "text": "One"}, {"type": "image"},
+                                               {"type": "text", "text": "Sure, here"}]}]
+    got = render(ours, parts, continue_final_message=True)
+    assert got == render(ref, parts, continue_final_message=True) == "<user>hi</s><assistant>OneSure, here"
+    assert parts[1]["content"][2]["text"] == "Sure, here"
+    thinking = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "reasoning_content": "Let me"}]
+    assert render(ours, thinking, continue_final_message="reasoning_content") == \
+        render(ref, thinking, continue_final_message="reasoning_content")
+    with pytest.raises(ValueError, match="no 'tool_calls' to continue"):
+        ours.apply_chat_template(CONV, continue_final_message="tool_calls")
+    with pytest.raises(ValueError, match="no text part"):
+        ours.apply_chat_template([{"role": "assistant", "content": [{"type": "image"}]}], continue_final_message=True)
+
+
+def test_special_tokens_and_added_tokens(make_dir):
+    """Only the special tokens the tokenizer has are template variables (a missing bos_token is
+    undefined, as in transformers); added_tokens_decoder entries that tokenizer.json lacks are
+    added with their ids; a config whose ids disagree with tokenizer.json is refused."""
+    template = "{% if bos_token is defined %}BOS={{ bos_token }}{% endif %}{{ messages[0].content }}"
+    ref, ours = both(make_dir({"chat_template": template, "bos_token": None}))
+    assert render(ours, CONV) == render(ref, CONV) == "Hi"
+    vocab = ours.vocab_size
+    added = {str(vocab): {"content": "<|new|>", "special": True, "lstrip": False, "rstrip": False,
+                          "normalized": False, "single_word": False}}
+    ref, ours = both(make_dir({"added_tokens_decoder": added}))
+    assert ours.encode("x<|new|>y") == ref.encode("x<|new|>y")
+    assert ours.encode("x<|new|>y")[1] == vocab and ours.decode([vocab]) == "<|new|>"
+    bad = {str(vocab + 5): dict(added[str(vocab)])}
+    with pytest.raises(ValueError, match="the two files disagree"):
+        ligerzoo.load_tokenizer(make_dir({"added_tokens_decoder": bad}))
+
+
+def test_save_hf_keeps_named_templates(make_dir, tmp_path):
+    """save_hf copies additional_chat_templates/ beside the other side files, and
+    overwrite=True replaces a checkpoint directory that has one."""
+    from tests.helpers import make_hf_llama
+
+    src = tmp_path / "hf"
+    make_hf_llama(src)
+    tok = make_dir(files={"chat_template.jinja": "DEFAULT" + SIMPLE,
+                          "additional_chat_templates/tool_use.jinja": "TOOLS" + SIMPLE})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tok / name, src / name)
+    shutil.copytree(tok / "additional_chat_templates", src / "additional_chat_templates")
+    model = ligerzoo.from_hf(src)
+    out = Path(ligerzoo.save_hf(model, tmp_path / "out"))
+    assert (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "TOOLS" + SIMPLE
+    assert render(ligerzoo.load_tokenizer(out), CONV, tools=[WEATHER]).startswith("TOOLS")
+    ligerzoo.save_hf(model, out, overwrite=True)
+    (out / "additional_chat_templates" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds more than a checkpoint"):
+        ligerzoo.save_hf(model, out, overwrite=True)
