@@ -32,7 +32,8 @@ loops over ``V`` in blocks twice: pass 1 keeps a running (max, sum of exp) to ge
 gradient is produced in the forward (the logits are never needed again), and the
 backward only rescales it by the incoming gradient (a no-op when that is exactly 1).
 With ``inplace=True`` the gradient is written over the caller's logits buffer, so no
-second ``(N, V)`` tensor is allocated.
+second ``(N, V)`` tensor is allocated (unless elements of the logits share memory: then
+a fresh buffer is used, as rms_norm's ``inplace`` and rope's ``backward_inplace`` do).
 """
 from __future__ import annotations
 
@@ -765,7 +766,8 @@ def cross_entropy(
         return_z_loss: also return the z-loss part (detached, already in ``loss``).
         inplace: allow the gradient to be written over ``logits`` (saves one (N, V)
             buffer; the caller must not read ``logits`` after the forward). Ignored
-            under torch.compile.
+            (a fresh gradient buffer is used, as without it) under torch.compile and for
+            logits whose elements share memory (e.g. an ``expand``ed row, stride 0).
 
     Returns:
         ``loss`` (fp32, shape () or (N,) for "none"), or ``(loss, z_loss)``.
@@ -799,7 +801,8 @@ def cross_entropy(
         weight = weight.contiguous()
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     args = (target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
-    if inplace and need_grad and not torch.compiler.is_compiling():
+    # rows that share memory (stride 0, ...) would be overwritten while later rows still read them
+    if inplace and need_grad and not torch.compiler.is_compiling() and _utils.non_overlapping(logits):
         loss, z_loss, _ = _CrossEntropyInplaceFunction.apply(logits, *args)
     else:
         loss, z_loss, _, _ = ops.cross_entropy(logits, *args, need_grad)

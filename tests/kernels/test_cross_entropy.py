@@ -218,6 +218,27 @@ def test_inplace_writes_gradient_over_logits(reduction):
     assert_close_rel(leaf.grad, ref_grad, 1e-5)
 
 
+@pytest.mark.parametrize("layout", ["expanded", "overlapping_rows"])
+def test_inplace_with_overlapping_logits_uses_a_fresh_buffer(layout):
+    """Logits whose rows share memory (stride 0, or rows closer than V apart) must not be
+    overwritten: later rows still read what the first row's gradient would replace.
+    inplace=True then gives torch's loss and gradient and leaves the logits unchanged."""
+    logits, target, _ = make_inputs(torch.float32, n=4, v=300, n_ignored=1)
+    storage = logits.reshape(-1)[:600].clone()
+    view = {"expanded": lambda b: b[:300].expand(4, 300),
+            "overlapping_rows": lambda b: b.as_strided((4, 300), (100, 1))}[layout]
+    ref_storage = storage.double().requires_grad_()
+    ref = F.cross_entropy(view(ref_storage), target, ignore_index=IGNORE)
+    ref.backward()
+    base = storage.clone().requires_grad_()
+    buf = base * 1.0                                 # a non-leaf buffer the caller gives up
+    loss = cross_entropy(view(buf), target, inplace=True)
+    loss.backward()
+    assert_close_rel(loss.detach(), ref.detach(), 1e-5)
+    assert_close_rel(base.grad, ref_storage.grad, 1e-5)
+    assert torch.equal(buf.detach(), storage)        # not written
+
+
 @triton_only
 def test_inplace_detects_upstream_saved_tensor():
     """Overwriting logits that another op saved for its backward is an error, never silent."""
