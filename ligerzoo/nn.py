@@ -203,7 +203,10 @@ class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
 
 class KLDivLoss(nn.Module):
     """``torch.nn.KLDivLoss(reduction, log_target)`` (Kullback & Leibler 1951) on log-prob
-    ``input``; the math of :func:`ligerzoo.kernels.kl_div`.
+    ``input``; the math of :func:`ligerzoo.kernels.kl_div`. The defaults are torch's (and
+    Liger Kernel's ``LigerKLDIVLoss``): ``reduction="mean"`` divides the summed loss by the
+    number of elements; ``"batchmean"`` (the functional ``kl_div``'s default) divides by the
+    batch size, which gives the KL divergence per sample.
 
     Shapes and dtypes: input and target (..., V) of float dtypes (target as probabilities, or
     log-probabilities with ``log_target``) -> fp32 loss () for "batchmean" / "sum" / "mean";
@@ -214,7 +217,7 @@ class KLDivLoss(nn.Module):
             do not match (at the call).
     """
 
-    def __init__(self, reduction: str = "batchmean", log_target: bool = False):
+    def __init__(self, reduction: str = "mean", log_target: bool = False):
         super().__init__()
         if reduction not in KL_REDUCTIONS:
             raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")

@@ -42,7 +42,7 @@ def test_losses_match_torch():
     torch.testing.assert_close(lnn.FusedLinearCrossEntropyLoss()(w, x, target), F.cross_entropy(x @ w.T, target),
                                atol=1e-5, rtol=1e-5)
     logp, q = F.log_softmax(torch.randn(9, 50), -1), F.softmax(torch.randn(9, 50), -1)
-    torch.testing.assert_close(lnn.KLDivLoss()(logp, q), F.kl_div(logp, q, reduction="batchmean"))
+    torch.testing.assert_close(lnn.KLDivLoss(reduction="batchmean")(logp, q), F.kl_div(logp, q, reduction="batchmean"))
     s, t = F.log_softmax(torch.randn(9, 50), -1), F.log_softmax(torch.randn(9, 50), -1)
     # beta = 0 is forward KL(teacher || student), averaged over rows
     ref = F.kl_div(s, t, reduction="sum", log_target=True) / 9
@@ -80,3 +80,13 @@ def test_modules_refuse_bad_options_at_construction():
             build()
     loss = lnn.FusedLinearCrossEntropyLoss(ignore_index=3, reduction="sum", chunk_size=2)  # explicit signature
     assert loss.options["ignore_index"] == 3 and loss.options["reduction"] == "sum" and loss.chunk_size == 2
+
+
+def test_kl_div_loss_defaults_match_torch():
+    """KLDivLoss() is a drop-in torch.nn.KLDivLoss(): same defaults, same value (float64 torch)."""
+    ours, theirs = lnn.KLDivLoss(), torch.nn.KLDivLoss()
+    assert (ours.reduction, ours.log_target) == (theirs.reduction, theirs.log_target) == ("mean", False)
+    logp, q = F.log_softmax(torch.randn(4, 23), -1), F.softmax(torch.randn(4, 23), -1)
+    with pytest.warns(UserWarning, match="mean"):  # torch warns that "mean" is not the per-sample KL
+        ref = theirs(logp.double(), q.double())
+    torch.testing.assert_close(ours(logp, q), ref.float())
