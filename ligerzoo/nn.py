@@ -148,15 +148,17 @@ class CrossEntropyLoss(nn.Module):
     (``lse_square_scale``); the options and math of ``ligerzoo.kernels.cross_entropy``.
 
     Args: ``weight`` (V,) class weights (a buffer), then the options of
-    :func:`ligerzoo.kernels.cross_entropy`.
+    :func:`ligerzoo.kernels.cross_entropy`. Each option is a plain attribute read at every
+    call (``loss.reduction = "sum"`` takes effect, as on torch's loss modules).
     Shapes and dtypes: ``forward(logits, target)``: logits (N, V) of any float dtype, target
     (N,) int64 -> fp32 loss, () or (N,) for reduction "none"; ``(loss, z_loss)`` with
     ``return_z_loss``.
 
     Raises:
         ValueError: a bad reduction, label_smoothing outside [0, 1], a negative
-            lse_square_scale or a softcap <= 0 (at construction); shapes, dtypes or target
-            values out of range (at the call, from the functional op).
+            lse_square_scale or a softcap <= 0 (at construction, and at the call for values
+            assigned later); shapes, dtypes or target values out of range (at the call, from
+            the functional op).
     """
 
     def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
@@ -165,11 +167,12 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         check_loss_options(reduction, label_smoothing, lse_square_scale, softcap)
         self.register_buffer("weight", weight)
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                            lse_square_scale=lse_square_scale, softcap=softcap, return_z_loss=return_z_loss)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.lse_square_scale, self.softcap, self.return_z_loss = lse_square_scale, softcap, return_z_loss
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor):
-        return cross_entropy(logits, target, self.weight, **self.options)
+        return cross_entropy(logits, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
+                             self.lse_square_scale, self.softcap, self.return_z_loss)
 
 
 class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
@@ -179,7 +182,8 @@ class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
 
     Args: the options of :class:`CrossEntropyLoss` (``weight`` is the (V,) class weight),
     plus ``accum_dtype`` (of the weight-gradient accumulation; fp32 by default) and
-    ``chunk_size`` (rows per logits chunk; None: the op's default).
+    ``chunk_size`` (rows per logits chunk; None: the op's default); all plain attributes
+    read at every call.
     Shapes and dtypes: lm_head_weight (V, H), x (N, H) in the same float dtype, target (N,)
     int64, bias (V,) or None -> fp32 loss, () or (N,) for reduction "none".
 
@@ -197,8 +201,9 @@ class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
 
     def forward(self, lm_head_weight: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None):
-        return fused_linear_cross_entropy(x, lm_head_weight, target, bias, self.weight, accum_dtype=self.accum_dtype,
-                                          chunk_size=self.chunk_size, **self.options)
+        return fused_linear_cross_entropy(x, lm_head_weight, target, bias, self.weight, self.ignore_index,
+                                          self.reduction, self.label_smoothing, self.lse_square_scale, self.softcap,
+                                          self.return_z_loss, self.accum_dtype, self.chunk_size)
 
 
 class KLDivLoss(nn.Module):
@@ -206,15 +211,16 @@ class KLDivLoss(nn.Module):
     ``input``; the math of :func:`ligerzoo.kernels.kl_div`. The defaults are torch's (and
     Liger Kernel's ``LigerKLDIVLoss``): ``reduction="mean"`` divides the summed loss by the
     number of elements; ``"batchmean"`` (the functional ``kl_div``'s default) divides by the
-    batch size, which gives the KL divergence per sample.
+    batch size, which gives the KL divergence per sample. ``reduction`` and ``log_target`` are
+    plain attributes read at every call.
 
     Shapes and dtypes: input and target (..., V) of float dtypes (target as probabilities, or
     log-probabilities with ``log_target``) -> fp32 loss () for "batchmean" / "sum" / "mean";
     for "none" the (..., V) elementwise loss in torch's promoted dtype.
 
     Raises:
-        ValueError: an unknown reduction (at construction); shapes, dtypes or devices that
-            do not match (at the call).
+        ValueError: an unknown reduction (at construction, and at the call for a value
+            assigned later); shapes, dtypes or devices that do not match (at the call).
     """
 
     def __init__(self, reduction: str = "mean", log_target: bool = False):
@@ -231,13 +237,14 @@ class JSD(nn.Module):
     """Generalised Jensen-Shannon divergence (Lin 1991; the distillation form of Agarwal et al.
     2024) between student and teacher log-probs; the math of :func:`ligerzoo.kernels.jsd`.
     ``beta`` 0 / 1 give forward / reverse KL; rows whose label is ``ignore_index`` are left out.
+    ``beta`` and ``ignore_index`` are plain attributes read at every call.
 
     Shapes and dtypes: ``forward(student_logp, teacher_logp, labels=None)``: log-probs (..., V)
     of float dtypes, labels (...) int64 or None -> fp32 loss (), averaged over counted rows.
 
     Raises:
-        ValueError: beta outside [0, 1] (at construction); shapes, dtypes or labels that do
-            not match (at the call).
+        ValueError: beta outside [0, 1] (at construction, and at the call for a value
+            assigned later); shapes, dtypes or labels that do not match (at the call).
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100):
@@ -253,15 +260,17 @@ class JSD(nn.Module):
 class FusedLinearJSD(nn.Module):
     """JSD between two LM heads' softmax(x W^T / temperature) without the (N, V) logits
     (:func:`ligerzoo.kernels.fused_linear_jsd`); called
-    ``loss(student_x, student_weight, teacher_x, teacher_weight, labels=None)``.
+    ``loss(student_x, student_weight, teacher_x, teacher_weight, labels=None)``. The options
+    (``beta``, ``ignore_index``, ``temperature``, ``chunk_size``) are plain attributes read at
+    every call.
 
     Shapes and dtypes: student_x (N, Hs) and student_weight (V, Hs), teacher_x (N, Ht) and
     teacher_weight (V, Ht), each pair in one float dtype; labels (N,) int64 or None -> fp32
     loss ().
 
     Raises:
-        ValueError: beta outside [0, 1] or a temperature <= 0 (at construction); shapes or
-            dtypes that do not match (at the call).
+        ValueError: beta outside [0, 1] or a temperature <= 0 (at construction, and at the
+            call for values assigned later); shapes or dtypes that do not match (at the call).
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,

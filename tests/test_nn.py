@@ -79,7 +79,7 @@ def test_modules_refuse_bad_options_at_construction():
         with pytest.raises(ValueError, match=message):
             build()
     loss = lnn.FusedLinearCrossEntropyLoss(ignore_index=3, reduction="sum", chunk_size=2)  # explicit signature
-    assert loss.options["ignore_index"] == 3 and loss.options["reduction"] == "sum" and loss.chunk_size == 2
+    assert loss.ignore_index == 3 and loss.reduction == "sum" and loss.chunk_size == 2
 
 
 def test_kl_div_loss_defaults_match_torch():
@@ -90,3 +90,47 @@ def test_kl_div_loss_defaults_match_torch():
     with pytest.warns(UserWarning, match="mean"):  # torch warns that "mean" is not the per-sample KL
         ref = theirs(logp.double(), q.double())
     torch.testing.assert_close(ours(logp, q), ref.float())
+
+
+def _kl_rows(s, t):
+    """float64 KL(teacher || student) per row, from log-probs."""
+    s, t = s.double(), t.double()
+    return (t.exp() * (t - s)).sum(-1)
+
+
+def test_loss_options_are_attributes_read_at_the_call():
+    """As on torch's loss modules: options are attributes, and assigning one changes the result."""
+    logits, target = torch.randn(9, 50), torch.randint(0, 50, (9,))
+    target[2] = 7
+    ce = lnn.CrossEntropyLoss()
+    assert (ce.ignore_index, ce.reduction, ce.label_smoothing) == (-100, "mean", 0.0)
+    ce.reduction, ce.ignore_index, ce.label_smoothing = "sum", 7, 0.1
+    ref = F.cross_entropy(logits.double(), target, reduction="sum", ignore_index=7, label_smoothing=0.1)
+    torch.testing.assert_close(ce(logits, target), ref.float())
+    ce.reduction = "avg"
+    with pytest.raises(ValueError, match="reduction"):
+        ce(logits, target)
+
+    x, w = torch.randn(9, 16), torch.randn(50, 16)
+    flce = lnn.FusedLinearCrossEntropyLoss()
+    flce.ignore_index, flce.reduction, flce.chunk_size = 7, "none", 4
+    ref = F.cross_entropy(x.double() @ w.double().T, target, ignore_index=7, reduction="none")
+    torch.testing.assert_close(flce(w, x, target), ref.float(), atol=1e-5, rtol=1e-5)
+
+    logp, q = F.log_softmax(torch.randn(9, 50), -1), F.log_softmax(torch.randn(9, 50), -1)
+    kl = lnn.KLDivLoss()
+    kl.reduction, kl.log_target = "sum", True
+    torch.testing.assert_close(kl(logp, q), _kl_rows(logp, q).sum().float(), atol=1e-5, rtol=1e-5)
+
+    s, t = F.log_softmax(torch.randn(9, 50), -1), F.log_softmax(torch.randn(9, 50), -1)
+    js = lnn.JSD()
+    js.beta, js.ignore_index = 0.0, 7                 # forward KL over the rows not labelled 7
+    keep = target != 7
+    torch.testing.assert_close(js(s, t, target), _kl_rows(s, t)[keep].mean().float(), atol=1e-5, rtol=1e-5)
+
+    xs, xt, ws, wt = torch.randn(9, 16), torch.randn(9, 12), torch.randn(50, 16), torch.randn(50, 12)
+    fj = lnn.FusedLinearJSD()
+    fj.beta, fj.temperature, fj.chunk_size = 0.0, 2.0, 4
+    student, teacher = (F.log_softmax(a.double() @ b.double().T / 2, -1) for a, b in ((xs, ws), (xt, wt)))
+    ref = _kl_rows(student, teacher)
+    torch.testing.assert_close(fj(xs, ws, xt, wt), ref.mean().float(), atol=1e-5, rtol=1e-5)
