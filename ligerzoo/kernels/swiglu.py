@@ -173,6 +173,12 @@ def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
         )
 
 
+def _row_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The (N, n_cols) view of a contiguous (..., n_cols) tensor (N given: -1 is ambiguous
+    when n_cols == 0)."""
+    return t.view(t.shape[:-1].numel(), n_cols)
+
+
 # ----------------------------------------------------------------------------- torch.library ops
 def _register_gated_ops(name: str, act: int) -> None:
     """Registers ``ligerzoo::<name>(gate, up)`` and ``ligerzoo::<name>_fused(gate_up)``
@@ -191,7 +197,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
         _backward(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols),
-                  dgate.view(-1, n_cols), dup.view(-1, n_cols), act)
+                  _row_view(dgate, n_cols), _row_view(dup, n_cols), act)
         return dgate, dup
 
     def split_backward_fake(dy, gate, up):
@@ -221,7 +227,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         n_cols = two_i // 2
         gu2 = as_rows(gate_up, two_i)
         dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        dgu2 = dgu.view(-1, two_i)
+        dgu2 = _row_view(dgu, two_i)
         _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act)
         return dgu
 
@@ -233,7 +239,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         # gradient (each element is read before the same thread overwrites it).
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
-        gu2 = gate_up.view(-1, two_i)
+        gu2 = _row_view(gate_up, two_i)
         _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act)
 
     def recompute_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
@@ -241,7 +247,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         # gradient and dy (..., I) becomes the recomputed forward output act(gate) * up.
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
-        gu2, dy2 = gate_up.view(-1, two_i), dy.view(-1, n_cols)
+        gu2, dy2 = _row_view(gate_up, two_i), _row_view(dy, n_cols)
         _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act, y2=dy2)
 
     def recompute_backward_fake(dy, gate_up):
@@ -252,9 +258,9 @@ def _register_gated_ops(name: str, act: int) -> None:
         # (dy still becomes act(gate) * up).
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
-        gu2, dy2 = as_rows(gate_up, two_i), dy.view(-1, n_cols)
+        gu2, dy2 = as_rows(gate_up, two_i), _row_view(dy, n_cols)
         dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
-        dgu2 = dgu.view(-1, two_i)
+        dgu2 = _row_view(dgu, two_i)
         _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act, y2=dy2)
         return dgu
 

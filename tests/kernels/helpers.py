@@ -156,3 +156,28 @@ def check_gated_fused(op, op_fused, ref64, dtype, inter, ulps):
     assert torch.equal(gu, gu0) and torch.equal(leaf.detach(), gu0)
     # the fused and the split entry points agree exactly
     torch.testing.assert_close(op(gu[..., :I], gu[..., I:]), op_fused(gu), rtol=0, atol=0)
+
+
+def check_gated_empty(op, op_fused, ref64, name, lead, inter):
+    """Inputs with no elements (I = 0, or no rows; ``lead`` the leading dims): ``op``,
+    ``op_fused`` and the in-place backward ops ``ligerzoo::<name>_fused_backward_*`` give
+    empty outputs and gradients shaped like ``ref64``'s (float64 torch) and the inputs."""
+    I = inter  # noqa: E741
+    gu, dy = torch.randn(*lead, 2 * I), torch.randn(*lead, I)
+    y64, dgu64 = ref64(gu, dy)
+    assert y64.shape == dy.shape and dgu64.shape == gu.shape
+
+    leaf = gu.clone().requires_grad_()
+    y = op_fused(leaf)
+    (dgu,) = torch.autograd.grad(y, leaf, dy)
+    assert y.shape == y64.shape and dgu.shape == dgu64.shape and dgu.dtype == gu.dtype
+
+    gate, up = gu[..., :I].clone().requires_grad_(), gu[..., I:].clone().requires_grad_()
+    y = op(gate, up)
+    dgate, dup = torch.autograd.grad(y, (gate, up), dy)
+    assert y.shape == y64.shape and dgate.shape == gate.shape and dup.shape == up.shape
+
+    lib = torch.ops.ligerzoo
+    getattr(lib, f"{name}_fused_backward_")(dy.clone(), gu.clone())
+    getattr(lib, f"{name}_fused_backward_recompute_")(dy.clone(), gu.clone())
+    assert getattr(lib, f"{name}_fused_backward_recompute")(dy.clone(), gu).shape == gu.shape

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ligerzoo.kernels.geglu import geglu, geglu_fused, geglu_fused_reference, geglu_reference
 from tests.kernels.helpers import (
     assert_close_ulps,
+    check_gated_empty,
     check_gated_fused,
     check_gated_split,
     kernel_module,
@@ -39,7 +40,8 @@ def _gelu_tanh64(a):
 def _ref64(gate_up, dy):
     """float64 output and (..., 2I) gradient of gelu_tanh(gate) * up from the definition."""
     gu64 = gate_up.detach().double().requires_grad_()
-    gate, up = gu64.split(gu64.shape[-1] // 2, dim=-1)
+    half = gu64.shape[-1] // 2
+    gate, up = gu64[..., :half], gu64[..., half:]  # (split() of a zero width gives one piece)
     y64 = _gelu_tanh64(gate) * up
     y64.backward(dy.double())
     return y64.detach(), gu64.grad
@@ -134,6 +136,13 @@ def test_geglu_errors():
         geglu_fused(torch.ones(2, 8, dtype=torch.int64))
     assert geglu_fused(torch.empty(0, 8)).shape == (0, 4)
     assert geglu(torch.empty(3, 0), torch.empty(3, 0)).shape == (3, 0)
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("lead,inter", [((3,), 0), ((2, 3), 0), ((), 0), ((0,), 4), ((2, 0), 4)])
+def test_geglu_empty_inputs(lead, inter):
+    """Zero-width (I = 0) and zero-row inputs run forward and backward, as torch does."""
+    check_gated_empty(geglu, geglu_fused, _ref64, "geglu", lead, inter)
 
 
 def test_geglu_opcheck_and_compile():

@@ -13,6 +13,7 @@ import torch
 from ligerzoo.kernels.swiglu import swiglu, swiglu_fused, swiglu_fused_reference, swiglu_reference
 from tests.kernels.helpers import (
     assert_close_ulps,
+    check_gated_empty,
     check_gated_fused,
     check_gated_split,
     kernel_module,
@@ -98,6 +99,13 @@ def test_swiglu_errors():
     with pytest.raises(ValueError, match="floating point"):
         swiglu_fused(torch.ones(2, 8, dtype=torch.int64))
     assert swiglu_fused(torch.empty(0, 8)).shape == (0, 4)
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("lead,inter", [((3,), 0), ((2, 3), 0), ((), 0), ((0,), 4), ((2, 0), 4)])
+def test_swiglu_empty_inputs(lead, inter):
+    """Zero-width (I = 0) and zero-row inputs run forward and backward, as torch does."""
+    check_gated_empty(swiglu, swiglu_fused, _ref64, "swiglu", lead, inter)
 
 
 def test_swiglu_opcheck_and_compile():
