@@ -23,6 +23,13 @@ from ligerzoo.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from ligerzoo.kernels.swiglu import swiglu_fused
 
 
+def _check_last_dim(module: str, x: torch.Tensor, size: int) -> None:
+    """ValueError unless x is (..., size): the message names the size the module was built for."""
+    if x.dim() < 1 or x.shape[-1] != size:
+        raise ValueError(f"{module} was built for inputs (..., {size}) (hidden_size={size}), "
+                         f"got x of shape {tuple(x.shape)}")
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm over the last dim (Zhang & Sennrich 2019, arXiv 1910.07467).
 
@@ -42,7 +49,7 @@ class RMSNorm(nn.Module):
 
     Raises:
         ValueError: an unknown ``casting_mode`` (at construction), or x whose last dim is not
-            H (at the call).
+            H (at the call; the message names H and x's shape).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama"):
@@ -53,6 +60,7 @@ class RMSNorm(nn.Module):
         self.eps, self.offset, self.casting_mode = eps, offset, casting_mode
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        _check_last_dim("RMSNorm", x, self.weight.shape[0])
         if residual is not None:
             return fused_add_rms_norm(x, residual, self.weight, self.eps, self.offset, self.casting_mode)
         return rms_norm(x, self.weight, self.eps, self.offset, self.casting_mode)
@@ -68,7 +76,8 @@ class LayerNorm(nn.Module):
     fp32); ``weight``/``bias`` (H,) fp32 parameters (``bias=False`` drops the bias).
 
     Raises:
-        ValueError: x whose last dim is not H (at the call).
+        ValueError: x whose last dim is not H (at the call; the message names H and x's
+            shape).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
@@ -78,6 +87,7 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_last_dim("LayerNorm", x, self.weight.shape[0])
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
@@ -92,7 +102,8 @@ class GroupNorm(nn.Module):
 
     Raises:
         ValueError: ``num_channels`` not divisible by ``num_groups`` (the message names both,
-            and the argument order).
+            and the argument order); x that is not (N, num_channels, *) (at the call, with or
+            without ``affine``).
     """
 
     def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True):
@@ -100,11 +111,15 @@ class GroupNorm(nn.Module):
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
                              f"note the order GroupNorm(num_channels, num_groups), as Liger Kernel's, not torch's")
-        self.num_groups, self.eps = num_groups, eps
+        self.num_channels, self.num_groups, self.eps, self.affine = num_channels, num_groups, eps, affine
         self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            channels = f" with {x.shape[1]} channels" if x.dim() >= 2 else ""
+            raise ValueError(f"GroupNorm was built for num_channels={self.num_channels} (x of shape "
+                             f"(N, {self.num_channels}, *)), got x of shape {tuple(x.shape)}{channels}")
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 

@@ -134,3 +134,20 @@ def test_loss_options_are_attributes_read_at_the_call():
     student, teacher = (F.log_softmax(a.double() @ b.double().T / 2, -1) for a, b in ((xs, ws), (xt, wt)))
     ref = _kl_rows(student, teacher)
     torch.testing.assert_close(fj(xs, ws, xt, wt), ref.mean().float(), atol=1e-5, rtol=1e-5)
+
+
+def test_norm_modules_name_the_size_they_were_built_for():
+    """A wrong channel count or last dim is reported against the module's own size."""
+    gn = lnn.GroupNorm(num_channels=6, num_groups=3)
+    for shape in [(2, 4, 5), (2, 9, 5)]:
+        with pytest.raises(ValueError, match=rf"num_channels=6 .*\(N, 6, \*\).*{shape[1]} channels"):
+            gn(torch.randn(shape))
+    with pytest.raises(ValueError, match="num_channels=6"):
+        lnn.GroupNorm(6, 3, affine=False)(torch.randn(2, 9))
+    for norm in (lnn.LayerNorm(8), lnn.RMSNorm(8)):
+        with pytest.raises(ValueError, match=r"built for inputs \(\.\.\., 8\).*\(3, 5\)"):
+            norm(torch.randn(3, 5))
+        with pytest.raises(ValueError, match="hidden_size=8"):
+            norm(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):
+        lnn.RMSNorm(8)(torch.randn(3, 5), torch.randn(3, 5))
