@@ -3,7 +3,9 @@
 Each module holds only parameters and options; the math is the functional op in
 ``ligerzoo.kernels`` (Triton on CUDA, Triton under the interpreter on CPU when
 TRITON_INTERPRET=1, the torch reference otherwise). Their Liger Kernel counterparts are
-listed in the README.
+listed in the README. As torch's modules: options are plain attributes read at every call,
+modules with parameters take ``device=`` / ``dtype=`` keyword arguments, and ``repr`` shows
+the key options and those not at their defaults.
 """
 from __future__ import annotations
 
@@ -30,6 +32,13 @@ def _check_last_dim(module: str, x: torch.Tensor, size: int) -> None:
                          f"got x of shape {tuple(x.shape)}")
 
 
+def _options(module: nn.Module, always: tuple = (), **defaults) -> str:
+    """``extra_repr`` text: ``name=value`` for the attributes named in ``always``, then for
+    those of ``defaults`` whose value differs from the given default."""
+    names = [*always, *(k for k, d in defaults.items() if getattr(module, k) != d)]
+    return ", ".join(f"{k}={getattr(module, k)!r}" for k in names)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm over the last dim (Zhang & Sennrich 2019, arXiv 1910.07467).
 
@@ -42,6 +51,7 @@ class RMSNorm(nn.Module):
         offset: added to the weight (1.0 for Gemma's zero-initialised weights; the weight then
             starts at 0).
         casting_mode: "llama", "gemma" or "none".
+        device, dtype: of ``weight`` (keyword only, as torch's factory kwargs; default fp32).
 
     Shapes and dtypes: x (..., H) of any float dtype -> (..., H) in x's dtype (the math in
     fp32 as ``casting_mode`` says). ``forward(x, residual)`` adds the residual first and
@@ -52,43 +62,61 @@ class RMSNorm(nn.Module):
             H (at the call; the message names H and x's shape).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama"):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama",
+                 *, device=None, dtype=None):
         super().__init__()
         if casting_mode not in ("llama", "gemma", "none"):
             raise ValueError(f"casting_mode must be 'llama', 'gemma' or 'none', got {casting_mode!r}")
-        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset))
+        self.normalized_shape = (hidden_size,)
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
         self.eps, self.offset, self.casting_mode = eps, offset, casting_mode
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        _check_last_dim("RMSNorm", x, self.weight.shape[0])
+        _check_last_dim("RMSNorm", x, self.normalized_shape[0])
         if residual is not None:
             return fused_add_rms_norm(x, residual, self.weight, self.eps, self.offset, self.casting_mode)
         return rms_norm(x, self.weight, self.eps, self.offset, self.casting_mode)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, casting_mode={self.casting_mode!r}"
+        return f"{self.normalized_shape}, " + _options(self, ("eps",), offset=0.0, casting_mode="llama")
 
 
 class LayerNorm(nn.Module):
-    """Layer norm over the last dim (Ba et al. 2016) = ``torch.nn.LayerNorm(hidden_size, eps)``.
+    """Layer norm over the last dim (Ba et al. 2016) = ``torch.nn.LayerNorm(hidden_size, eps,
+    elementwise_affine=..., bias=..., device=..., dtype=...)``.
+
+    Args:
+        hidden_size: H, the size of the normalised last dim (torch's ``normalized_shape``
+            for one dim; the module's ``normalized_shape`` is ``(H,)``).
+        eps: added to the variance.
+        elementwise_affine, bias, device, dtype: keyword only, as torch's:
+            ``elementwise_affine=False`` makes no ``weight`` and no ``bias`` (both None),
+            ``bias=False`` no ``bias``; ``device`` / ``dtype`` of the parameters (fp32 by
+            default).
 
     Shapes and dtypes: x (..., H) of any float dtype -> (..., H) in x's dtype (statistics in
-    fp32); ``weight``/``bias`` (H,) fp32 parameters (``bias=False`` drops the bias).
+    fp32); ``weight`` (ones) / ``bias`` (zeros) (H,) parameters.
 
     Raises:
         ValueError: x whose last dim is not H (at the call; the message names H and x's
             shape).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, *, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
-        self.eps = eps
+        self.normalized_shape, self.eps, self.elementwise_affine = (hidden_size,), eps, elementwise_affine
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.ones(hidden_size, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(hidden_size, **factory)) if elementwise_affine and bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_last_dim("LayerNorm", x, self.weight.shape[0])
+        _check_last_dim("LayerNorm", x, self.normalized_shape[0])
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        text = f"{self.normalized_shape}, " + _options(self, ("eps",), elementwise_affine=True)
+        return text + (", bias=False" if self.elementwise_affine and self.bias is None else "")
 
 
 class GroupNorm(nn.Module):
@@ -97,8 +125,10 @@ class GroupNorm(nn.Module):
     (``LigerGroupNorm(num_channels, num_groups, eps)``): channels first. Keyword arguments
     avoid the mix-up: ``GroupNorm(num_channels=64, num_groups=8)``.
 
+    ``device`` / ``dtype`` (keyword only, as torch's) place and type the parameters.
+
     Shapes and dtypes: x (N, C, *) of any float dtype -> same shape and dtype (statistics in
-    fp32); ``weight``/``bias`` (C,) fp32 parameters (``affine=False``: none).
+    fp32); ``weight``/``bias`` (C,) parameters, fp32 by default (``affine=False``: none).
 
     Raises:
         ValueError: ``num_channels`` not divisible by ``num_groups`` (the message names both,
@@ -106,14 +136,16 @@ class GroupNorm(nn.Module):
             without ``affine``).
     """
 
-    def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True):
+    def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True, *,
+                 device=None, dtype=None):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
                              f"note the order GroupNorm(num_channels, num_groups), as Liger Kernel's, not torch's")
         self.num_channels, self.num_groups, self.eps, self.affine = num_channels, num_groups, eps, affine
-        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.ones(num_channels, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels, **factory)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
@@ -122,24 +154,32 @@ class GroupNorm(nn.Module):
                              f"(N, {self.num_channels}, *)), got x of shape {tuple(x.shape)}{channels}")
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
+    def extra_repr(self) -> str:  # by keyword: the argument order is not torch's
+        return _options(self, ("num_channels", "num_groups", "eps"), affine=True)
+
 
 class _GatedMLP(nn.Module):
     _act = staticmethod(swiglu_fused)
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *, device=None, dtype=None):
         super().__init__()
-        self.w_gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.w_down = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.w_gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, device=device, dtype=dtype)
+        self.w_down = nn.Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(self._act(self.w_gate_up(x)))  # (.., H) -> (.., 2I) -> (.., I) -> (.., H)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("hidden_size", "intermediate_size"))
 
 
 class SwiGLUMLP(_GatedMLP):
     """``down(silu(gate(x)) * up(x))`` (Shazeer 2020, arXiv 2002.05202), gate and up fused into
     one (2I, H) matmul (rows gate | up): ``w_gate_up`` (2I, H), ``w_down`` (H, I).
 
-    Args: hidden_size H, intermediate_size I, bias (on both projections).
+    Args: hidden_size H, intermediate_size I, bias (on both projections); device, dtype
+    (keyword only, as ``nn.Linear``'s).
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
     Raises: what ``nn.Linear`` raises for x whose last dim is not H.
     """
@@ -150,7 +190,8 @@ class GeGLUMLP(_GatedMLP):
     gate and up fused into one (2I, H) matmul (rows gate | up): ``w_gate_up`` (2I, H),
     ``w_down`` (H, I).
 
-    Args: hidden_size H, intermediate_size I, bias (on both projections).
+    Args: hidden_size H, intermediate_size I, bias (on both projections); device, dtype
+    (keyword only, as ``nn.Linear``'s).
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
     Raises: what ``nn.Linear`` raises for x whose last dim is not H.
     """
@@ -189,6 +230,10 @@ class CrossEntropyLoss(nn.Module):
         return cross_entropy(logits, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
                              self.lse_square_scale, self.softcap, self.return_z_loss)
 
+    def extra_repr(self) -> str:
+        return _options(self, ("ignore_index", "reduction"), label_smoothing=0.0, lse_square_scale=0.0,
+                        softcap=None, return_z_loss=False)
+
 
 class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
     """Cross entropy of ``x @ lm_head_weight.T (+ bias)`` without materialising the (N, V)
@@ -220,6 +265,10 @@ class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
                                           self.reduction, self.label_smoothing, self.lse_square_scale, self.softcap,
                                           self.return_z_loss, self.accum_dtype, self.chunk_size)
 
+    def extra_repr(self) -> str:
+        more = _options(self, accum_dtype=torch.float32, chunk_size=None)
+        return super().extra_repr() + (", " + more if more else "")
+
 
 class KLDivLoss(nn.Module):
     """``torch.nn.KLDivLoss(reduction, log_target)`` (Kullback & Leibler 1951) on log-prob
@@ -247,6 +296,9 @@ class KLDivLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return kl_div(input, target, self.reduction, self.log_target)
 
+    def extra_repr(self) -> str:
+        return _options(self, ("reduction",), log_target=False)
+
 
 class JSD(nn.Module):
     """Generalised Jensen-Shannon divergence (Lin 1991; the distillation form of Agarwal et al.
@@ -270,6 +322,9 @@ class JSD(nn.Module):
 
     def forward(self, student_logp, teacher_logp, labels=None) -> torch.Tensor:
         return jsd(student_logp, teacher_logp, labels, self.beta, self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return _options(self, ("beta", "ignore_index"))
 
 
 class FusedLinearJSD(nn.Module):
@@ -301,11 +356,17 @@ class FusedLinearJSD(nn.Module):
         return fused_linear_jsd(student_x, student_weight, teacher_x, teacher_weight, labels, self.beta,
                                 self.ignore_index, self.temperature, self.chunk_size)
 
+    def extra_repr(self) -> str:
+        return _options(self, ("beta", "ignore_index", "temperature"), chunk_size=None)
+
 
 class Embedding(nn.Module):
     """``torch.nn.Embedding`` through the fused Triton gather (forward) and sorted segment
     sum (backward, deterministic, fp32 sums; :mod:`ligerzoo.kernels.embedding`).
 
+    Args: num_embeddings, embedding_dim, padding_idx (a negative one counts from the end and
+    is stored as ``num_embeddings + padding_idx``, as torch does); device, dtype (keyword
+    only, of ``weight``; fp32 by default).
     Shapes and dtypes: ids (...) int64 or int32 -> (..., embedding_dim) in the weight's dtype;
     ``weight`` (num_embeddings, embedding_dim), N(0, 1) initialised, the ``padding_idx`` row
     zero (it gets no gradient).
@@ -315,18 +376,26 @@ class Embedding(nn.Module):
             construction); ids out of range (at the call, on CPU tensors).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 device=None, dtype=None):
         super().__init__()
-        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
-            raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim))
-        self.padding_idx = padding_idx
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), "
+                                 f"got {padding_idx}")
+            padding_idx = padding_idx % num_embeddings
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim, device=device, dtype=dtype))
         if padding_idx is not None:
             with torch.no_grad():
                 self.weight[padding_idx].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return embedding(input_ids, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}" + (
+            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
 
 
 __all__ = ["RMSNorm", "LayerNorm", "GroupNorm", "SwiGLUMLP", "GeGLUMLP", "CrossEntropyLoss",

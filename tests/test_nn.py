@@ -151,3 +151,67 @@ def test_norm_modules_name_the_size_they_were_built_for():
             norm(torch.tensor(1.0))
     with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):
         lnn.RMSNorm(8)(torch.randn(3, 5), torch.randn(3, 5))
+
+
+def test_module_reprs_show_their_options():
+    for module, text in [
+        (lnn.LayerNorm(33), "LayerNorm((33,), eps=1e-05)"),
+        (lnn.LayerNorm(8, elementwise_affine=False), "LayerNorm((8,), eps=1e-05, elementwise_affine=False)"),
+        (lnn.LayerNorm(8, bias=False), "LayerNorm((8,), eps=1e-05, bias=False)"),
+        (lnn.RMSNorm(8, offset=1.0, casting_mode="gemma"),
+         "RMSNorm((8,), eps=1e-06, offset=1.0, casting_mode='gemma')"),
+        (lnn.GroupNorm(6, 3), "GroupNorm(num_channels=6, num_groups=3, eps=1e-05)"),
+        (lnn.Embedding(10, 6, padding_idx=-1), "Embedding(10, 6, padding_idx=9)"),
+        (lnn.CrossEntropyLoss(ignore_index=5, label_smoothing=0.1),
+         "CrossEntropyLoss(ignore_index=5, reduction='mean', label_smoothing=0.1)"),
+        (lnn.FusedLinearCrossEntropyLoss(chunk_size=4),
+         "FusedLinearCrossEntropyLoss(ignore_index=-100, reduction='mean', chunk_size=4)"),
+        (lnn.KLDivLoss(log_target=True), "KLDivLoss(reduction='mean', log_target=True)"),
+        (lnn.JSD(beta=0.2), "JSD(beta=0.2, ignore_index=-100)"),
+        (lnn.FusedLinearJSD(temperature=2.0), "FusedLinearJSD(beta=0.5, ignore_index=-100, temperature=2.0)"),
+    ]:
+        assert repr(module) == text
+    assert "hidden_size=4, intermediate_size=6" in repr(lnn.SwiGLUMLP(4, 6))
+
+
+def test_embedding_negative_padding_idx_counts_from_the_end():
+    e, ref = lnn.Embedding(10, 6, padding_idx=-1), torch.nn.Embedding(10, 6, padding_idx=-1)
+    assert e.padding_idx == ref.padding_idx == 9 and not e.weight[9].any()
+    ids = torch.tensor([[9, 3, 9, 0]])
+    e(ids).sum().backward()
+    w64 = e.weight.detach().double().requires_grad_()
+    F.embedding(ids, w64, padding_idx=9).sum().backward()
+    torch.testing.assert_close(e.weight.grad, w64.grad.float())
+    for bad in (-11, 10):
+        with pytest.raises(ValueError, match=r"padding_idx must be within \[-10, 10\)"):
+            lnn.Embedding(10, 6, padding_idx=bad)
+
+
+def test_modules_take_device_and_dtype_like_torch():
+    builds = [lambda **kw: lnn.RMSNorm(8, **kw), lambda **kw: lnn.LayerNorm(8, **kw),
+              lambda **kw: lnn.GroupNorm(6, 3, **kw), lambda **kw: lnn.SwiGLUMLP(8, 12, bias=True, **kw),
+              lambda **kw: lnn.GeGLUMLP(8, 12, **kw), lambda **kw: lnn.Embedding(10, 8, padding_idx=0, **kw)]
+    for build in builds:
+        params = list(build(dtype=torch.float64).parameters())
+        assert params and all(p.dtype == torch.float64 for p in params)
+        assert all(p.device.type == "meta" for p in build(device="meta").parameters())
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    norm = lnn.RMSNorm(8, dtype=torch.bfloat16)
+    ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert norm.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(norm(x), ref.to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs", [dict(elementwise_affine=False), dict(bias=False), dict()])
+def test_layer_norm_affine_flags_match_torch(kwargs):
+    ours, theirs = lnn.LayerNorm(37, **kwargs), torch.nn.LayerNorm(37, **kwargs)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert (ours.weight is None, ours.bias is None) == (theirs.weight is None, theirs.bias is None)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.uniform_(0.5, 1.5)
+    w = ours.weight.double() if ours.weight is not None else None
+    b = ours.bias.double() if ours.bias is not None else None
+    x = torch.randn(3, 5, 37)
+    ref = F.layer_norm(x.double(), (37,), w, b, 1e-5)
+    torch.testing.assert_close(ours(x), ref.float(), atol=1e-5, rtol=1e-5)
