@@ -386,7 +386,9 @@ class KernelOp:
     version counter bumped after the call (as the dispatcher does), so a tensor saved for a
     backward and then overwritten is still caught. (No op here both mutates an input and
     registers autograd.) The eager backward refuses ``create_graph=True``
-    (RuntimeError): the kernels' backwards are not themselves differentiable.
+    (RuntimeError): the kernels' backwards are not themselves differentiable. Under
+    ``torch.func`` transforms (grad, vmap, ...), which the ops do not support, a failure is
+    reported as a RuntimeError naming the op (the cause chained).
     """
 
     def __init__(self, name: str, fn, mutates_args=()):
@@ -444,10 +446,16 @@ class KernelOp:
                 if type(a) is not torch.Tensor and type(a) is not _Parameter:
                     return self._packet(*args)  # tensor subclasses (DTensor, ...) dispatch
                 needs_grad = needs_grad or a.requires_grad
-        if needs_grad and torch.is_grad_enabled():
-            # without a registered autograd, the dispatcher's own handling (it refuses a backward)
-            return self._function.apply(*args) if self._function is not None else self._packet(*args)
-        out = self._fn(*args)
+        try:
+            if needs_grad and torch.is_grad_enabled():
+                # without a registered autograd, the dispatcher's own handling (it refuses a backward)
+                return self._function.apply(*args) if self._function is not None else self._packet(*args)
+            out = self._fn(*args)
+        except Exception as e:
+            if torch._C._are_functorch_transforms_active():
+                raise RuntimeError(f"ligerzoo::{self.name} does not support torch.func transforms (grad, vmap, "
+                                   f"jacrev, ...); call it outside them") from e
+            raise
         for i in self._mutated:
             if args[i] is not None:
                 torch.autograd.graph.increment_version(args[i])

@@ -88,6 +88,17 @@ def test_eager_backward_refuses_second_order():
         torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
 
 
+@pytest.mark.skipif(not kutils.use_triton(torch.empty(0)), reason="the torch references support torch.func")
+def test_torch_func_transforms_are_refused_by_name():
+    """torch.func.grad / vmap over an op fail with a message naming the op, not torch's internals."""
+    w = torch.ones(40)
+    x = torch.randn(3, 40)
+    for transform in (lambda: torch.func.grad(lambda a: rms_norm(a, w).sum())(x),
+                      lambda: torch.func.vmap(lambda a: rms_norm(a, w))(x[None].expand(2, 3, 40).clone())):
+        with pytest.raises(RuntimeError, match=r"ligerzoo::rms_norm does not support torch.func"):
+            transform()
+
+
 def test_unused_auxiliary_outputs_get_no_zero_filled_gradient(monkeypatch):
     """The loss's backward receives None, not a zero tensor, for its non-differentiable
     outputs (a zero-filled (N, V) gradient would cost a full pass over the logits)."""
