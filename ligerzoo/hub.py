@@ -337,7 +337,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     sharded = _sharded(params)
     writer = not sharded or torch.distributed.get_rank() == 0
     given = Path(save_directory).expanduser().absolute()
-    target = given.resolve() if given.is_symlink() else given  # write through a link to a directory
+    target = _save_target(given)
     problem = None
     if writer:
         problem = _save_target_problem(target, overwrite)
@@ -409,6 +409,26 @@ def _template_dir(path: Path) -> bool:
     """Whether ``path`` is a named-chat-template directory holding nothing but ``*.jinja`` files."""
     return (path.name == TEMPLATE_DIR and path.is_dir() and not path.is_symlink()
             and all(p.is_file() and p.suffix == ".jinja" for p in path.iterdir()))
+
+
+def _save_target(given: Path) -> Path:
+    """The directory save_hf writes to for the absolute path ``given`` (through a link to a
+    directory)."""
+    return given.resolve() if given.is_symlink() else given
+
+
+def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise now the error ``save_hf(model, save_directory, overwrite=overwrite)`` would raise
+    about the directory itself, so a long run can check where it will save before it starts.
+
+    Raises:
+        FileExistsError: as save_hf: a non-empty directory without ``overwrite``, one holding
+            more than checkpoint files, the working directory or one above it, or a path
+            that is (or lies under) a file.
+    """
+    target = _save_target(Path(save_directory).expanduser().absolute())
+    if (problem := _save_target_problem(target, overwrite)) is not None:
+        raise problem
 
 
 def _save_target_problem(target: Path, overwrite: bool) -> Exception | None:

@@ -56,10 +56,21 @@ def main(argv=None) -> int:
     for name in ("steps", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.out and not args.overwrite and Path(args.out).is_dir() and any(Path(args.out).iterdir()):
-        ap.error(f"--out {args.out} exists and is not empty; pass --overwrite to replace it")
+    if args.out:  # refused now, not after the run
+        try:
+            ligerzoo.hub.check_save_target(args.out, overwrite=args.overwrite)
+        except FileExistsError as e:
+            ap.error(f"--out: {e}".replace("overwrite=True", "--overwrite"))
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        ap.error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch build or machine has no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
     torch.manual_seed(0)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype)
     summary = {}
 
     ckpt = prepare_smollm2()

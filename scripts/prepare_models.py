@@ -80,12 +80,31 @@ def default_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
 
-def is_prepared(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a complete prepared checkpoint."""
+def is_prepared(path: str | os.PathLike, model_class: str | None = None) -> bool:
+    """True when ``path`` holds a complete prepared checkpoint (of ``model_class``, e.g.
+    "LlamaForCausalLM", when given: config.json's ``architectures``)."""
     p = Path(path)
     if not p.is_dir() or not all((p / f).is_file() for f in _REQUIRED):
         return False
+    if model_class is not None and _architectures(p) != [model_class]:
+        return False
     return (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+
+
+def _architectures(path: Path):
+    """config.json's ``architectures`` (None when the file is unreadable)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _refuse_existing(out: Path, spec: "_Spec") -> None:
+    """FileExistsError for an ``out`` that exists but is not a prepared ``spec`` checkpoint."""
+    if is_prepared(out):  # complete, but another model
+        raise FileExistsError(f"{out} holds another model ({_architectures(out)}, not [{spec.model_class!r}] as "
+                              f"{spec.hf_id}); choose another directory")
+    raise FileExistsError(f"{out} exists but is not a complete checkpoint; remove it and retry")
 
 
 def _log(msg: str) -> None:
@@ -433,10 +452,10 @@ def prepare_smollm2(cache_dir: str | os.PathLike | None = None, *, verify: bool 
             before the directory is moved into place.
     """
     out = Path(cache_dir).expanduser() if cache_dir is not None else default_dir(SMOLLM2)
-    if is_prepared(out):
+    if is_prepared(out, SMOLLM2_SPEC.model_class):
         return out
     if out.exists():
-        raise FileExistsError(f"{out} exists but is not a complete checkpoint; remove it and retry")
+        _refuse_existing(out, SMOLLM2_SPEC)
     t0 = time.perf_counter()
     gguf = smollm2_gguf_path()
     _convert(gguf, out, SMOLLM2_SPEC, _verify_smollm2 if verify else None)
@@ -456,10 +475,10 @@ def prepare_qwen2_coder(cache_dir: str | os.PathLike | None = None, *, verify: b
             parseable Python with a ``def`` before the directory is moved into place.
     """
     out = Path(cache_dir).expanduser() if cache_dir is not None else default_dir(QWEN2_CODER)
-    if is_prepared(out):
+    if is_prepared(out, QWEN2_CODER_SPEC.model_class):
         return out
     if out.exists():
-        raise FileExistsError(f"{out} exists but is not a complete checkpoint; remove it and retry")
+        _refuse_existing(out, QWEN2_CODER_SPEC)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ligerzoo-qwen-gguf-") as tmp:
         gguf = build_qwen2_coder_gguf(Path(tmp) / "Qwen2.5-Coder-0.5B-Instruct.gguf")

@@ -48,3 +48,37 @@ def test_every_script_has_help(capsys):
             module.main(["--help"])
         assert e.value.code == 0, path.name
         assert "usage" in capsys.readouterr().out, path.name
+
+
+def test_demo_refuses_bad_out_and_device_up_front(tmp_path, capsys):
+    """--out and --device problems are argparse errors before any work, not failures after
+    the fine-tune (save_hf's own checks, through ligerzoo.hub.check_save_target)."""
+    demo = _load("demo")
+    (tmp_path / "notes.txt").write_text("keep")
+    _refused(demo.main, ["--out", str(tmp_path), "--overwrite"], capsys, "holds more than a checkpoint")
+    _refused(demo.main, ["--out", str(tmp_path / "notes.txt")], capsys, "is a file")
+    _refused(demo.main, ["--out", str(tmp_path / "notes.txt" / "sub")], capsys, "is a file")
+    _refused(demo.main, ["--device", "tpu"], capsys, "--device")
+    import torch
+
+    if not torch.cuda.is_available():
+        _refused(demo.main, ["--device", "cuda"], capsys, "no CUDA GPU")
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def test_prepare_refuses_a_directory_holding_another_model(tmp_path):
+    """A complete checkpoint of another model at the output path is refused by name, never
+    returned as the requested model."""
+    from scripts.prepare_models import _REQUIRED, is_prepared, prepare_qwen2_coder, prepare_smollm2
+
+    smol = prepare_smollm2()
+    other = tmp_path / "smol"
+    other.mkdir()
+    for name in _REQUIRED:
+        (other / name).write_bytes((smol / name).read_bytes())
+    (other / "model.safetensors").symlink_to(smol / "model.safetensors")
+    assert is_prepared(other) and is_prepared(other, "LlamaForCausalLM")
+    assert not is_prepared(other, "Qwen2ForCausalLM")
+    assert prepare_smollm2(other) == other
+    with pytest.raises(FileExistsError, match=r"holds another model \(\['LlamaForCausalLM'\]"):
+        prepare_qwen2_coder(other)

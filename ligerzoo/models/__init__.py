@@ -9,13 +9,14 @@ from __future__ import annotations
 from types import ModuleType
 
 from ligerzoo.models import gemma, gemma2, llama, mistral, mixtral, phi3, qwen2
-from ligerzoo.models.config import ModelConfig
+from ligerzoo.models.config import MODEL_TYPES, ModelConfig
 from ligerzoo.models.transformer import CausalLM, CausalLMOutput, KVCache
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama, "mistral": mistral, "mixtral": mixtral, "gemma": gemma, "gemma2": gemma2, "qwen2": qwen2,
     "phi3": phi3,
 }
+assert set(FAMILIES) == set(MODEL_TYPES), "register a new family in both places"
 
 
 def family(model_type: str | None) -> ModuleType:

@@ -35,6 +35,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # config.json dropout probabilities of the supported families (none of which ligerzoo applies)
 DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop")
+# The families (HF model_type) a config may name; ligerzoo.models.FAMILIES maps each to its module.
+MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "phi3")
 # rope_scaling keys each type needs (read_rope fills original_max_position_embeddings from the
 # top level where transformers does); yarn's and longrope's factor falls back to
 # max_position_embeddings / original_max_position_embeddings, as in transformers.
@@ -150,6 +152,9 @@ class ModelConfig:
     hf_config: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unknown model_type {self.model_type!r}; supported model types: "
+                             f"{', '.join(sorted(MODEL_TYPES))}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim"):
             value = getattr(self, name)

@@ -530,13 +530,14 @@ class CausalLM(nn.Module):
         logits, and hands them out once).
 
         Raises:
-            ValueError: input_ids not 2-D, labels or attention_mask shaped unlike input_ids,
-                position_ids neither (B, T) nor (1, T), or label ids outside [0, vocab_size)
-                other than -100.
+            ValueError: input_ids not 2-D, not integers or outside [0, vocab_size), labels or
+                attention_mask shaped unlike input_ids, position_ids neither (B, T) nor (1, T),
+                or label ids outside [0, vocab_size) other than -100.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; "
                              f"add a batch dim with input_ids[None]")
+        self._check_ids(input_ids)
         for name, t in (("labels", labels), ("position_ids", position_ids), ("attention_mask", attention_mask)):
             if t is not None and t.shape != input_ids.shape and not (
                     name == "position_ids" and t.shape == (1, input_ids.shape[1])):
@@ -584,6 +585,19 @@ class CausalLM(nn.Module):
         return load_balancing_loss(logits, self.config.num_local_experts, self.config.num_experts_per_tok,
                                    attention_mask)
 
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        """ValueError for non-integer ids or ids outside [0, vocab_size), which the embedding
+        lookup would report as an index error (on CUDA a device-side assert that ends the
+        process). One host sync, like the loss's label check; the range is not checked under
+        torch.compile or on the meta device."""
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() and not input_ids.is_meta and not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                                 f"[{lo}, {hi}]")
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, eos_token_id=None,
                  temperature: float = 0.0, top_k: int | None = None, generator=None) -> torch.Tensor:
@@ -603,13 +617,15 @@ class CausalLM(nn.Module):
             (B, T + n) int64, n <= max_new_tokens.
 
         Raises:
-            ValueError: input_ids not 2-D or without tokens, a temperature that is negative
+            ValueError: input_ids not 2-D, without tokens or with ids outside [0, vocab_size)
+                (see ``forward``), a temperature that is negative
                 or not finite, max_new_tokens or top_k not an int (or < 0, < 1), an
                 attention_mask not shaped like input_ids, a row with no real token, or right
                 padding (a row whose last prompt position is padding).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
+        self._check_ids(input_ids)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")

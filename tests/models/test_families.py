@@ -237,3 +237,14 @@ def test_phi3_generation_across_original_context_matches_transformers(tmp_path):
     ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
     assert ours.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist() == ref.tolist()
+
+
+def test_model_config_in_code_refuses_an_unknown_model_type():
+    """A config built in code names its family up front, as from_hf does for config.json (it
+    used to build and run, and fail only at save_hf)."""
+    from ligerzoo.models import FAMILIES, ModelConfig
+
+    with pytest.raises(ValueError, match="unknown model_type 'gpt2'; supported model types: gemma, gemma2, llama"):
+        ModelConfig(model_type="gpt2")
+    for model_type in FAMILIES:
+        assert ModelConfig(model_type=model_type).model_type == model_type

@@ -201,3 +201,19 @@ def test_generate_refuses_bad_arguments(tmp_path):
     mask[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask have no real token"):
         ours.generate(ids, 3, attention_mask=mask)
+
+
+def test_input_ids_out_of_range_or_not_integers_raise(tmp_path):
+    """Out-of-range ids get a ValueError naming the range (the embedding lookup would raise an
+    IndexError, or a device-side assert on CUDA), in forward and generate alike."""
+    _, ours = _pair(tmp_path, {})
+    V = ours.config.vocab_size
+    for bad in (V, -1):
+        ids = torch.randint(0, V, (2, 5))
+        ids[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"\[0, vocab_size={V}\)"):
+            ours(ids)
+        with pytest.raises(ValueError, match=rf"\[0, vocab_size={V}\)"):
+            ours.generate(ids, 2)
+    with pytest.raises(ValueError, match="integer token ids"):
+        ours(torch.zeros(1, 3))
