@@ -699,6 +699,13 @@ def check_target(target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
 
 def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale: float,
                        softcap: Optional[float]) -> None:
+    """Validate the scalar options of :func:`cross_entropy` (shared by the fused losses and
+    ``ligerzoo.nn.CrossEntropyLoss``).
+
+    Raises:
+        ValueError: ``reduction`` not "mean" / "sum" / "none", ``label_smoothing`` outside
+            [0, 1], ``lse_square_scale`` < 0, or ``softcap`` neither None nor > 0.
+    """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -748,16 +755,18 @@ def cross_entropy(
     Equals ``torch.nn.functional.cross_entropy(z, target, weight, ignore_index=...,
     reduction=..., label_smoothing=...)`` on ``z = softcap * tanh(logits / softcap)``
     (``z = logits`` when ``softcap`` is None), plus the z-loss ``lse_square_scale *
-    logsumexp(z) ** 2`` of every non-ignored row (PaLM, Chowdhery et al. 2022), reduced
-    like the loss ("mean" averages it over non-ignored rows). Differences from torch:
-    a batch whose targets are all ``ignore_index`` gives loss 0 and zero gradients
-    for "mean" (torch gives NaN), and the loss is fp32 for every logits dtype (as in
-    Hugging Face, which upcasts logits before the loss).
+    logsumexp(z) ** 2`` of every non-ignored row (PaLM, Chowdhery et al. 2022, arXiv
+    2204.02311), reduced like the loss ("mean" averages it over non-ignored rows).
+    Differences from torch: a batch whose targets are all ``ignore_index`` gives loss 0 and
+    zero gradients for "mean" (torch gives NaN), and the loss is fp32 for fp32 / bf16 /
+    fp16 logits (as in Hugging Face, which upcasts logits before the loss).
 
     Args:
-        logits: (N, V) float (fp32 / bf16 / fp16), any strides.
+        logits: (N, V) float (fp32 / bf16 / fp16; float64 runs the torch reference), any
+            strides.
         target: (N,) integer class ids (int64); ``ignore_index`` rows are skipped.
-        weight: optional (V,) class weights (no gradient is computed for them).
+        weight: optional (V,) float class weights on the logits' device (no gradient is
+            computed for them).
         ignore_index: target value that marks a row to ignore.
         reduction: "mean" | "sum" | "none".
         label_smoothing: in [0, 1].
@@ -770,11 +779,15 @@ def cross_entropy(
             logits whose elements share memory (e.g. an ``expand``ed row, stride 0).
 
     Returns:
-        ``loss`` (fp32, shape () or (N,) for "none"), or ``(loss, z_loss)``.
+        ``loss`` (fp32, float64 for float64 logits; shape () or (N,) for "none"), or
+        ``(loss, z_loss)``.
 
     Raises:
-        ValueError: bad shapes/dtypes/options, or a target outside ``[0, V)`` that is not
-            ``ignore_index`` (the message names the value and ``V``).
+        ValueError: logits not 2-D float, target not (N,) integer on the logits' device,
+            a class weight not (V,) float on that device, options outside the ranges above
+            (:func:`check_loss_options`), or a target outside ``[0, V)`` that is not
+            ``ignore_index`` (the message names the value and ``V``; not checked under
+            torch.compile).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")

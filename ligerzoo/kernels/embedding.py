@@ -599,7 +599,10 @@ def embedding_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch embedding, same math as :func:`embedding`: ``index_select`` of the rows;
     rows looked up at ``padding_idx`` are detached so they send no gradient. Differentiable
-    by torch autograd (its backward accumulates in the table's dtype)."""
+    by torch autograd (its backward accumulates in the table's dtype).
+
+    Arguments, shapes and dtypes as :func:`embedding`; it raises the same ValueErrors except
+    the Triton-path size limits (CUDA ids out of range fail in ``index_select``)."""
     pad = _check_args(input_ids, weight, padding_idx)
     _check_ids_in_range(input_ids, weight.shape[0])
     ids1 = input_ids.reshape(-1)

@@ -448,7 +448,8 @@ def fused_linear_cross_entropy(
     Semantics are those of :func:`ligerzoo.kernels.cross_entropy.cross_entropy` applied to
     the logits ``x @ weight.T + bias`` computed in ``x.dtype`` (as Hugging Face computes
     them in the model dtype), with fp32 loss math. See the module docstring for the
-    chunked method (after mgmalek/efficient_cross_entropy and Liger Kernel's FLCE).
+    chunked method (after mgmalek/efficient_cross_entropy and Liger Kernel's FLCE, Hsu et
+    al. 2024, arXiv 2410.10989).
 
     Args:
         x: (N, H) hidden states, fp32 / bf16 / fp16.
@@ -469,8 +470,9 @@ def fused_linear_cross_entropy(
 
     Raises:
         ValueError: shape, dtype or device mismatches (x (N, H) vs weight (V, H), target
-            (N,), bias (V,)), bad options, or a target outside ``[0, V)`` that is not
-            ``ignore_index``.
+            (N,) integer, bias (V,), ce_weight (V,) float), non-float ``x``, an
+            ``accum_dtype`` that is not a float dtype, ``chunk_size`` < 1, options as in
+            ``cross_entropy``, or a target outside ``[0, V)`` that is not ``ignore_index``.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N, H), got shape {tuple(x.shape)}")

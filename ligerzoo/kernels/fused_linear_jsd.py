@@ -323,8 +323,9 @@ def fused_linear_jsd(
 
     ``jsd(log_softmax(student_x @ student_weight.T / T), log_softmax(teacher_x @
     teacher_weight.T / T), labels, beta, ignore_index)`` (see :func:`ligerzoo.kernels.jsd.jsd`
-    and the module docstring; Liger Kernel's ``LigerFusedLinearJSD`` semantics), with the
-    logits computed in the inputs' dtype and fp32 math after that.
+    and the module docstring; Liger Kernel's ``LigerFusedLinearJSD`` semantics, the
+    generalised JSD of GKD, Agarwal et al. 2024, arXiv 2306.13649), with the logits
+    computed in the inputs' dtype and fp32 math after that.
 
     Args:
         student_x: (N, Hs) student hidden states, fp32 / bf16 / fp16.
@@ -345,8 +346,8 @@ def fused_linear_jsd(
 
     Raises:
         ValueError: shape / dtype / device mismatches (x (N, H) vs weight (V, H), the two
-            V's or N's differ), bad labels, beta outside [0, 1], temperature <= 0,
-            chunk_size < 1.
+            V's or N's differ), non-float x, labels not (N,) integer on the same device,
+            beta outside [0, 1], temperature <= 0, chunk_size < 1.
     """
     _check_pair(student_x, student_weight, "student")
     _check_pair(teacher_x, teacher_weight, "teacher")

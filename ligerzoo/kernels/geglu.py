@@ -60,10 +60,11 @@ def geglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- public API
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """GeGLU: ``gelu_tanh(gate) * up`` (Shazeer 2020), computed in fp32.
+    """GeGLU: ``gelu_tanh(gate) * up`` (Shazeer 2020, arXiv 2002.05202), computed in fp32.
 
-    GELU is the tanh approximation, ``0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))``,
-    as ``torch.nn.functional.gelu(a, approximate="tanh")`` and HF ``gelu_pytorch_tanh``.
+    GELU (Hendrycks & Gimpel, arXiv 1606.08415) is the tanh approximation,
+    ``0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))``, as
+    ``torch.nn.functional.gelu(a, approximate="tanh")`` and HF ``gelu_pytorch_tanh``.
 
     Args:
         gate: (..., I) fp32 / bf16 / fp16 (float64 runs the torch reference). Strided
@@ -71,11 +72,13 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         up: same shape, dtype and device as ``gate``.
 
     Returns:
-        (..., I) contiguous, in ``gate.dtype``. Backward returns separate contiguous
-        gradients for ``gate`` and ``up``, recomputing GELU from the saved inputs.
+        (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
+        follow the inputs' strides). Backward returns separate contiguous gradients for
+        ``gate`` and ``up``, recomputing GELU from the saved inputs.
 
     Raises:
-        ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, or not float.
+        ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, not float, or
+            0-dim inputs.
     """
     _check_pair(gate, up, "geglu")
     if not _utils.triton_ok(gate):
@@ -94,10 +97,10 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
             in place.
 
     Returns:
-        (..., I) contiguous, in ``gate_up.dtype``.
+        (..., I) in ``gate_up.dtype``, contiguous on the Triton path.
 
     Raises:
-        ValueError: odd last dim or non-float input.
+        ValueError: odd last dim, 0-dim or non-float input.
     """
     _check_fused(gate_up)
     if not _utils.triton_ok(gate_up):

@@ -1476,7 +1476,7 @@ def group_norm(
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Group normalisation (Wu & He, 2018), as
+    """Group normalisation (Wu & He, 2018, arXiv 1803.08494), as
     ``torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)``.
 
     Each sample's channels are split into ``num_groups`` groups of consecutive channels;

@@ -211,7 +211,7 @@ def int2_matmul_reference(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tens
 
 def int2_matmul(x: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
     """Exact int8 x ternary-weight matmul with the 2-bit unpacking fused into a Triton
-    tiled matmul (experimental; BitNet b1.58 layers).
+    tiled matmul (experimental; BitNet b1.58 layers, Ma et al. 2024, arXiv 2402.17764).
 
     ``out = x @ unpack_int2(w_packed).T`` computed with int8 ``tl.dot`` (int8 tensor cores
     on the GPU) and int32 accumulation; weights are decoded in registers from the packed

@@ -338,7 +338,8 @@ def jsd(
     KL(teacher || student) and ``beta = 1`` the reverse KL(student || teacher). Averaged
     over the rows whose label is not ``ignore_index`` (over all rows without labels); an
     all-ignored batch gives 0 and zero gradients. Semantics of Liger Kernel's ``LigerJSD``
-    (after GKD, Agarwal et al. 2024); see the module docstring for the formulas.
+    (after GKD, Agarwal et al. 2024, arXiv 2306.13649; the end points are special-cased,
+    not limits); see the module docstring for the formulas.
 
     Args:
         student_logp: (N, V) (or (..., V)) student log-probabilities (``log_softmax``
@@ -350,11 +351,14 @@ def jsd(
         ignore_index: label value of rows to drop.
 
     Returns:
-        fp32 scalar loss. Gradients flow to ``student_logp`` and, if it requires grad, to
-        ``teacher_logp`` (each in its own dtype).
+        fp32 scalar loss (float64 when either input is float64: the torch reference).
+        Gradients flow to ``student_logp`` and, if it requires grad, to ``teacher_logp``
+        (each in its own dtype).
 
     Raises:
-        ValueError: shape / device mismatch, non-float inputs, bad labels, beta outside [0, 1].
+        ValueError: inputs with fewer than 2 dims, shape / device mismatch, non-float
+            inputs, labels not integer / not of the rows' shape / on another device, beta
+            outside [0, 1].
     """
     _check_beta(beta)
     if student_logp.dim() < 2:

@@ -311,7 +311,8 @@ def kl_div(
     ``input`` holds log-probabilities ``log q``; ``target`` holds ``p`` (or ``log p`` with
     ``log_target=True``). Elementwise ``xlogy(p, p) - p * log q`` (``exp(log p) * (log p -
     log q)``), reduced as torch does (see the module docstring; math from PyTorch's
-    ``KLDivLoss``, Kullback & Leibler 1951). Computed in fp32 for every input dtype.
+    ``KLDivLoss``, Kullback & Leibler 1951). Computed in fp32 for fp32 / bf16 / fp16
+    inputs.
 
     Args:
         input: (..., V) float (fp32 / bf16 / fp16; float64 runs the torch reference), any
@@ -324,7 +325,8 @@ def kl_div(
             Liger Kernel's variant); ``None`` (default) is torch's exact ``xlogy``.
 
     Returns:
-        fp32 scalar for the reductions; for "none" the (..., V) elementwise loss in
+        fp32 scalar for the reductions (float64 when either input is float64: the torch
+        reference); for "none" the (..., V) elementwise loss in
         ``promote_types(input.dtype, target.dtype)`` (torch's dtype).
 
     Gradients: with respect to ``input`` always (``-p`` times the reduction factor), and
@@ -332,7 +334,8 @@ def kl_div(
     ``exp(y)(y - log q + 1)`` for a log target; ``-inf`` where ``p == 0``).
 
     Raises:
-        ValueError: shapes, devices differ, non-float tensors, unknown reduction, eps <= 0.
+        ValueError: shapes, devices differ, non-float or 0-dim tensors, unknown reduction,
+            eps <= 0.
     """
     _check(input, target, reduction, eps)
     eps = float(eps) if eps is not None else None

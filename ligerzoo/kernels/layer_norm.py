@@ -329,7 +329,7 @@ def layer_norm(
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Layer normalisation over the last dim (Ba et al., 2016), as
+    """Layer normalisation over the last dim (Ba et al., 2016, arXiv 1607.06450), as
     ``torch.nn.functional.layer_norm(x, (H,), weight, bias, eps)``.
 
     Statistics (mean, biased variance) and the affine transform are computed in fp32 and
@@ -344,11 +344,13 @@ def layer_norm(
         eps: added to the variance.
 
     Returns:
-        y: same shape and dtype as ``x``, contiguous.
+        y: same shape and dtype as ``x``; contiguous on the Triton path (the torch
+        reference may follow ``x``'s strides).
 
     Raises:
-        ValueError: non-float ``x`` or parameters, ``weight`` / ``bias`` not of shape (H,),
-            devices differ, or H larger than 65536 (one row must fit a block).
+        ValueError: non-float or 0-dim ``x``, non-float parameters, ``weight`` / ``bias``
+            not of shape (H,), devices differ, or (Triton path only) H larger than 65536
+            (one row must fit a block).
     """
     _check_args(x, weight, bias)
     if not _utils.triton_ok(x):

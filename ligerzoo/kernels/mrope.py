@@ -162,7 +162,8 @@ def mrope_cos_sin_reference(
     attention_scaling: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch M-RoPE tables, the same ops in the same order as HF
-    ``Qwen2VLRotaryEmbedding`` (fp32, autocast off); arguments as :func:`mrope_cos_sin`."""
+    ``Qwen2VLRotaryEmbedding`` (fp32, autocast off); arguments, shapes, dtypes and errors as
+    :func:`mrope_cos_sin`."""
     position_ids, inv_freq, section = _check_args(position_ids, inv_freq, mrope_section)
     with torch.autocast(device_type=position_ids.device.type, enabled=False):
         freqs = position_ids.float()[..., None] * inv_freq.float()         # (3, B, T, R/2)
@@ -182,7 +183,8 @@ def mrope_cos_sin(
     mrope_section: Sequence[int],
     attention_scaling: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of Qwen2-VL multimodal RoPE, built as HF ``Qwen2VLRotaryEmbedding`` does.
+    """cos/sin tables of Qwen2-VL multimodal RoPE (Wang et al. 2024, arXiv 2409.12191),
+    built as HF ``Qwen2VLRotaryEmbedding`` does.
 
     Frequency ``j`` of section ``a`` (temporal, height, width) rotates by
     ``float32(position_ids[a]) * inv_freq[j]`` (one fp32 product, as HF); the R/2
@@ -206,8 +208,9 @@ def mrope_cos_sin(
         them to the activation dtype; :func:`rope` takes fp32 tables and computes in fp32.)
 
     Raises:
-        ValueError: ``position_ids`` not (3, B, T) / (B, T) / (T,), ``inv_freq`` not a 1-D
-            float tensor, or ``mrope_section`` not three non-negative sizes summing to R/2.
+        ValueError: ``position_ids`` not (3, B, T) / (B, T) / (T,) or bool / complex,
+            ``inv_freq`` not a 1-D float tensor, or ``mrope_section`` not three non-negative
+            sizes summing to R/2.
     """
     position_ids, inv_freq, section = _check_args(position_ids, inv_freq, mrope_section)
     if not _utils.use_triton(position_ids):

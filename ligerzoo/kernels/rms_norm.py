@@ -362,6 +362,9 @@ def rms_norm_reference(
 
     Differentiable by torch autograd. Statistics are computed in
     ``promote_types(x.dtype, float32)`` (so a float64 input gives a float64 reference).
+
+    Arguments, shapes, dtypes and errors as :func:`rms_norm` (no ``inplace``; no row-length
+    limit).
     """
     _check_args(x, weight, casting_mode)
     ct = _compute_dtype(x.dtype)
@@ -423,7 +426,8 @@ def rms_norm(
     casting_mode: str = "llama",
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Root-mean-square layer normalisation over the last dim (Zhang & Sennrich, 2019).
+    """Root-mean-square layer normalisation over the last dim (Zhang & Sennrich, 2019,
+    arXiv 1910.07467).
 
     ``y = x / sqrt(mean(x**2, -1) + eps) * (offset + weight)``, with the roundings of
     ``casting_mode`` (module docstring): ``"llama"`` = HF ``LlamaRMSNorm`` (also Mistral,
@@ -445,11 +449,13 @@ def rms_norm(
             post-norms). ``x`` itself is never modified.
 
     Returns:
-        y: same shape and dtype as ``x``, contiguous.
+        y: same shape and dtype as ``x``; contiguous on the Triton path (the torch
+        reference may follow ``x``'s strides).
 
     Raises:
-        ValueError: bad ``casting_mode``, non-float ``x``, ``weight`` not of shape (H,),
-            devices differ, or H larger than 65536 (one row must fit a block).
+        ValueError: bad ``casting_mode``, non-float or 0-dim ``x``, ``weight`` not a float
+            (H,) tensor on ``x``'s device, or (Triton path only) H larger than 65536 (one
+            row must fit a block).
     """
     _check_args(x, weight, casting_mode)
     if not _utils.triton_ok(x):
@@ -480,7 +486,8 @@ def fused_add_rms_norm(
         weight, eps, offset, casting_mode: as in :func:`rms_norm`.
 
     Returns:
-        ``(normed, new_residual)``, both shaped and typed like ``x``, contiguous.
+        ``(normed, new_residual)``, both shaped and typed like ``x``; contiguous on the
+        Triton path.
 
     Raises:
         ValueError: as :func:`rms_norm`, or if ``residual`` does not match ``x``.

@@ -293,7 +293,9 @@ def rope_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch RoPE, same math as :func:`rope` (HF ``apply_rotary_pos_emb`` with
     ``rotate_half`` on the first ``R`` dims, the rest passed through). Math in
-    ``promote_types(dtype, float32)``; differentiable by torch autograd."""
+    ``promote_types(dtype, float32)``; differentiable by torch autograd.
+
+    Arguments, shapes, dtypes and errors as :func:`rope` (no ``backward_inplace``)."""
     cos, sin = _check_args(q, k, cos, sin)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -369,7 +371,8 @@ def _check_args(q, k, cos, sin):
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward_inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply rotary position embeddings to queries and keys (RoFormer, HF half-split layout).
+    """Apply rotary position embeddings to queries and keys (RoFormer, Su et al. 2021,
+    arXiv 2104.09864; HF ``apply_rotary_pos_emb`` half-split layout).
 
     ``out = x * cos + rotate_half(x) * sin`` on the first ``R = cos.shape[-1]`` features
     of every head, features ``R:`` passed through (partial rotary), math in fp32.
@@ -393,8 +396,9 @@ def rope(
         ``(q_out, k_out)``: new contiguous tensors shaped and typed like q and k.
 
     Raises:
-        ValueError: wrong ranks, mismatched B/T/D, odd or too large R, devices differ,
-            or cos/sin requiring grad.
+        ValueError: q or k not 4-D, mismatched B/T/D, non-float q, k, cos or sin, cos and
+            sin of different shapes or not (B|1, T, R) / (T, R), R odd, 0 or > D, devices
+            differ, or cos/sin requiring grad (with grad mode on).
     """
     cos, sin = _check_args(q, k, cos, sin)
     if not _utils.triton_ok(q, k):

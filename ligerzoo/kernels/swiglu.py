@@ -338,7 +338,10 @@ def _check_fused(gate_up: torch.Tensor) -> None:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: ``silu(gate) * up`` (Shazeer 2020), computed in fp32.
+    """SwiGLU: ``silu(gate) * up`` (Shazeer 2020, arXiv 2002.05202), computed in fp32.
+
+    ``silu(a) = a * sigmoid(a)`` (``torch.nn.functional.silu``); HF ``LlamaMLP``'s
+    ``act_fn(gate_proj(x)) * up_proj(x)``.
 
     Args:
         gate: (..., I) fp32 / bf16 / fp16 (float64 runs the torch reference). Strided
@@ -346,11 +349,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         up: same shape, dtype and device as ``gate``.
 
     Returns:
-        (..., I) contiguous, in ``gate.dtype``. Backward returns separate contiguous
-        gradients for ``gate`` and ``up``, recomputing ``silu`` from the saved inputs.
+        (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
+        follow the inputs' strides). Backward returns separate contiguous gradients for
+        ``gate`` and ``up``, recomputing ``silu`` from the saved inputs.
 
     Raises:
-        ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, or not float.
+        ValueError: shapes, dtypes or devices of ``gate`` and ``up`` differ, not float, or
+            0-dim inputs.
     """
     _check_pair(gate, up)
     if not _utils.triton_ok(gate):
@@ -369,10 +374,10 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
             in place.
 
     Returns:
-        (..., I) contiguous, in ``gate_up.dtype``.
+        (..., I) in ``gate_up.dtype``, contiguous on the Triton path.
 
     Raises:
-        ValueError: odd last dim or non-float input.
+        ValueError: odd last dim, 0-dim or non-float input.
     """
     _check_fused(gate_up)
     if not _utils.triton_ok(gate_up):
