@@ -58,8 +58,9 @@ class RMSNorm(nn.Module):
     returns ``(normed, x + residual)`` in one kernel.
 
     Raises:
-        ValueError: an unknown ``casting_mode`` (at construction), or x whose last dim is not
-            H (at the call; the message names H and x's shape).
+        ValueError: an unknown ``casting_mode`` (at construction); at the call, x whose last
+            dim is not H (the message names H and x's shape), or the other errors of
+            :func:`ligerzoo.kernels.rms_norm` (non-float x, ``residual`` unlike x).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama",
@@ -82,8 +83,9 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """Layer norm over the last dim (Ba et al. 2016) = ``torch.nn.LayerNorm(hidden_size, eps,
-    elementwise_affine=..., bias=..., device=..., dtype=...)``.
+    """Layer norm over the last dim (Ba et al. 2016, arXiv 1607.06450) =
+    ``torch.nn.LayerNorm(hidden_size, eps, elementwise_affine=..., bias=..., device=...,
+    dtype=...)``.
 
     Args:
         hidden_size: H, the size of the normalised last dim (torch's ``normalized_shape``
@@ -98,8 +100,8 @@ class LayerNorm(nn.Module):
     fp32); ``weight`` (ones) / ``bias`` (zeros) (H,) parameters.
 
     Raises:
-        ValueError: x whose last dim is not H (at the call; the message names H and x's
-            shape).
+        ValueError: at the call, x whose last dim is not H (the message names H and x's
+            shape), or the other errors of :func:`ligerzoo.kernels.layer_norm` (non-float x).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, *, elementwise_affine: bool = True, bias: bool = True,
@@ -120,10 +122,10 @@ class LayerNorm(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """Group norm (Wu & He 2018): the same math as ``torch.nn.GroupNorm(num_groups,
-    num_channels, eps, affine)``, but with Liger Kernel's argument order
-    (``LigerGroupNorm(num_channels, num_groups, eps)``): channels first. Keyword arguments
-    avoid the mix-up: ``GroupNorm(num_channels=64, num_groups=8)``.
+    """Group norm (Wu & He 2018, arXiv 1803.08494): the same math as
+    ``torch.nn.GroupNorm(num_groups, num_channels, eps, affine)``, but with Liger Kernel's
+    argument order (``LigerGroupNorm(num_channels, num_groups, eps)``): channels first.
+    Keyword arguments avoid the mix-up: ``GroupNorm(num_channels=64, num_groups=8)``.
 
     ``device`` / ``dtype`` (keyword only, as torch's) place and type the parameters.
 
@@ -181,19 +183,21 @@ class SwiGLUMLP(_GatedMLP):
     Args: hidden_size H, intermediate_size I, bias (on both projections); device, dtype
     (keyword only, as ``nn.Linear``'s).
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
-    Raises: what ``nn.Linear`` raises for x whose last dim is not H.
+    Raises: RuntimeError (from ``nn.Linear``) for x whose last dim is not H or whose dtype
+    is not the parameters'.
     """
 
 
 class GeGLUMLP(_GatedMLP):
-    """``down(gelu_tanh(gate(x)) * up(x))`` (Shazeer 2020; Gemma's MLP, tanh-approximate GELU),
-    gate and up fused into one (2I, H) matmul (rows gate | up): ``w_gate_up`` (2I, H),
-    ``w_down`` (H, I).
+    """``down(gelu_tanh(gate(x)) * up(x))`` (Shazeer 2020, arXiv 2002.05202; Gemma's MLP,
+    tanh-approximate GELU), gate and up fused into one (2I, H) matmul (rows gate | up):
+    ``w_gate_up`` (2I, H), ``w_down`` (H, I).
 
     Args: hidden_size H, intermediate_size I, bias (on both projections); device, dtype
     (keyword only, as ``nn.Linear``'s).
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
-    Raises: what ``nn.Linear`` raises for x whose last dim is not H.
+    Raises: RuntimeError (from ``nn.Linear``) for x whose last dim is not H or whose dtype
+    is not the parameters'.
     """
 
     _act = staticmethod(geglu_fused)
@@ -207,8 +211,8 @@ class CrossEntropyLoss(nn.Module):
     :func:`ligerzoo.kernels.cross_entropy`. Each option is a plain attribute read at every
     call (``loss.reduction = "sum"`` takes effect, as on torch's loss modules).
     Shapes and dtypes: ``forward(logits, target)``: logits (N, V) of any float dtype, target
-    (N,) int64 -> fp32 loss, () or (N,) for reduction "none"; ``(loss, z_loss)`` with
-    ``return_z_loss``.
+    (N,) int64 -> fp32 loss (float64 for float64 logits), () or (N,) for reduction "none";
+    ``(loss, z_loss)`` with ``return_z_loss``.
 
     Raises:
         ValueError: a bad reduction, label_smoothing outside [0, 1], a negative
@@ -302,12 +306,14 @@ class KLDivLoss(nn.Module):
 
 class JSD(nn.Module):
     """Generalised Jensen-Shannon divergence (Lin 1991; the distillation form of Agarwal et al.
-    2024) between student and teacher log-probs; the math of :func:`ligerzoo.kernels.jsd`.
+    2024, arXiv 2306.13649) between student and teacher log-probs; the math of
+    :func:`ligerzoo.kernels.jsd`.
     ``beta`` 0 / 1 give forward / reverse KL; rows whose label is ``ignore_index`` are left out.
     ``beta`` and ``ignore_index`` are plain attributes read at every call.
 
     Shapes and dtypes: ``forward(student_logp, teacher_logp, labels=None)``: log-probs (..., V)
-    of float dtypes, labels (...) int64 or None -> fp32 loss (), averaged over counted rows.
+    of float dtypes, labels (...) int64 or None -> fp32 loss () (float64 for a float64
+    input), averaged over counted rows.
 
     Raises:
         ValueError: beta outside [0, 1] (at construction, and at the call for a value
@@ -373,7 +379,8 @@ class Embedding(nn.Module):
 
     Raises:
         ValueError: ``padding_idx`` outside [-num_embeddings, num_embeddings) (at
-            construction); ids out of range (at the call, on CPU tensors).
+            construction); ids not int64 / int32, or out of range (on CPU tensors), at the
+            call.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
