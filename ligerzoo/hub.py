@@ -48,6 +48,8 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     Raises:
         FileNotFoundError: a local-looking path that does not exist, or a repo that is
             neither cached nor reachable (e.g. with ``HF_HUB_OFFLINE=1``).
+        ValueError: the repo's ``model.safetensors.index.json`` is not valid JSON or has no
+            ``weight_map``.
     """
     path = Path(id_or_dir).expanduser()
     if path.is_dir():
@@ -98,6 +100,12 @@ def _absent(directory: Path, name: str) -> str:
 
 
 def read_config(directory: Path) -> dict:
+    """The config.json of checkpoint directory ``directory``, as a dict.
+
+    Raises:
+        FileNotFoundError: no config.json (or a link to a missing file).
+        ValueError: config.json is not valid JSON or not a JSON object.
+    """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}" if not path.is_symlink()
@@ -240,10 +248,14 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
 def load_weights(model: CausalLM, directory: Path, km: KeyMap | None = None) -> None:
     """Copy every tensor of the checkpoint in ``directory`` into its slot of ``model``.
 
+    ``km`` defaults to the key map of ``model.config``'s family.
+
     Raises:
         ValueError: a tensor whose shape disagrees with the config (naming the tensor and
-            both shapes), tensors the config does not expect, or expected tensors that no
-            shard holds (naming them).
+            both shapes), a non-float tensor, tensors the config does not expect, expected
+            tensors that no shard holds (naming them), two layouts of the same weights, a
+            stored tied head that differs from the embedding, an index without a valid
+            ``weight_map``, or a shard that is not readable safetensors.
         FileNotFoundError: no weights, or a shard the index names is missing.
     """
     km = km or family(model.config.model_type).key_map(model.config)
@@ -252,7 +264,12 @@ def load_weights(model: CausalLM, directory: Path, km: KeyMap | None = None) -> 
 
 def load_hf_state_dict(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy an in-memory state dict with HF names (e.g. ``transformers_model.state_dict()``)
-    into ``model``, with the same checks as ``from_hf`` (shapes, missing, unexpected)."""
+    into ``model``, with the same checks as ``from_hf`` (shapes, missing, unexpected).
+
+    Raises:
+        ValueError: as :func:`load_weights` (wrong shapes, non-float, missing or unexpected
+            tensors, a tied head that differs from the embedding).
+    """
     km = family(model.config.model_type).key_map(model.config)
     items = (("state_dict", k, tuple(v.shape), (lambda v=v: v)) for k, v in state_dict.items())
     _load(model, km, items, "state_dict")
@@ -279,9 +296,10 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
 
     Raises:
         ValueError: unknown ``model_type`` (listing the supported ones), a config field the
-            family cannot express (an activation, a rope type, a ``quantization_config``),
-            tensors missing, unexpected, of the wrong shape or not floating point, or a
-            config.json / index that is not valid JSON.
+            family cannot express (an activation, a rope type, a ``quantization_config``)
+            or an invalid one (see :class:`ModelConfig`), a ``dtype`` other than float64 /
+            float32 / bfloat16 / float16, tensors missing, unexpected, of the wrong shape
+            or not floating point, or a config.json / index that is not valid JSON.
         FileNotFoundError: no such directory/repo, no config.json, a missing shard.
     """
     directory = resolve(id_or_dir, revision)
@@ -311,6 +329,10 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     leaves a half-written checkpoint.
 
     Args:
+        model: a ``CausalLM`` (FSDP2-sharded too: see below).
+        save_directory: the checkpoint directory to create (or replace, see ``overwrite``).
+        max_shard_size: largest shard, in bytes (int) or as a string such as "5GB"
+            (``huggingface_hub.split_torch_state_dict_into_shards``).
         dtype: dtype of the saved tensors; default the model's parameter dtype.
         overwrite: replace an existing non-empty ``save_directory`` that holds only
             checkpoint files (config.json, safetensors weights and their index, the
@@ -327,9 +349,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
 
     Raises:
         FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False,
-            or it holds other files than a checkpoint's, or it (or a parent) is a file.
-        ValueError: ``dtype`` is not a floating dtype, or the family's config.json cannot
-            express the model's config (a config built in code; the fields are named).
+            or it holds other files than a checkpoint's, or it is (or holds) the working
+            directory, or it (or a parent) is a file.
+        ValueError: ``dtype`` is not float64 / float32 / bfloat16 / float16, or the family's
+            config.json cannot express the model's config (a config built in code; the
+            fields are named).
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -499,7 +523,12 @@ _OWNED_KEYS = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_
 def hf_config_for(config) -> dict:
     """The config.json dict for ``config``: the original file's dict when ``config`` still
     describes it (so its schema, 4.x or 5.x, and every extra key survive), else one generated
-    from the current fields (4.x layout) plus the original's keys the family does not own."""
+    from the current fields (4.x layout) plus the original's keys the family does not own.
+
+    Raises:
+        ValueError: an unknown ``model_type``, or a config the family's config.json cannot
+            express (the fields are named; e.g. Llama with ``qkv_bias != o_bias``).
+    """
     fam = family(config.model_type)
     generated = fam.config_to_hf(config)
     original = config.hf_config

@@ -15,7 +15,15 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     checkpoint's recomputation stops before it; Gemma2's post-norm and MoE layers save
     tensors after their last matmul, so they recompute the whole block; it
     also makes the model add the residual before each block, so that one (B, T, H) input per
-    block is kept rather than two). In place; returns model."""
+    block is kept rather than two). In place; returns model.
+
+    ``model``: a :class:`ligerzoo.CausalLM` (what is used is its ``layers`` ModuleList of
+    decoder blocks). Blocks with Mixtral's router jitter preserve the RNG state, so the
+    recomputation draws the same noise.
+
+    Raises:
+        AttributeError: ``model`` has no ``layers``.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
@@ -37,7 +45,21 @@ def apply_fsdp(model: nn.Module, mesh=None, *, mp_dtype: torch.dtype | None = to
     one process (FSDP2's default ``cast_forward_inputs`` would round both). Call after ``torch.distributed`` is
     initialised (e.g. under ``torchrun``). ``model.generate`` then works on the sharded model
     (every rank calls it), and ``ligerzoo.save_hf`` gathers the full weights (every rank
-    calls it; rank 0 writes). In place; returns model."""
+    calls it; rank 0 writes). In place; returns model.
+
+    Args:
+        model: a :class:`ligerzoo.CausalLM` (its ``layers`` are sharded one by one).
+        mesh: the ``DeviceMesh`` to shard over; None: FSDP2's default, all ranks of the
+            default process group.
+        mp_dtype: compute dtype of the parameters (bf16 by default), or None.
+        reshard_after_forward: free the gathered parameters after each unit's forward (and
+            gather them again in backward), as ``fully_shard``'s option.
+
+    Raises:
+        ValueError: from ``torch.distributed`` when no process group is initialised and
+            ``fully_shard`` cannot initialise one from the environment (``RANK`` etc.
+            unset).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = (MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)

@@ -21,6 +21,11 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     """Encode/decode with ``tokenizer.json`` and render the chat template.
 
+    Usually made by :func:`load_tokenizer`. Args: ``tokenizer``, a ``tokenizers.Tokenizer``;
+    ``tokenizer_config``, the tokenizer_config.json dict (special tokens, ``chat_template``);
+    ``chat_template``, a template string, a {name: template} dict or tokenizer_config.json's
+    list of {"name", "template"} dicts, taking priority over the config's.
+
     Attributes:
         bos_token / eos_token / pad_token / unk_token: special token strings from
             tokenizer_config.json (None when absent).
@@ -28,6 +33,7 @@ class Tokenizer:
         chat_template: the default chat template's Jinja source, or None.
         chat_templates: every named template ({"default": ..., "tool_use": ...}); a checkpoint
             with a single template has it under "default".
+        vocab_size: ids in the vocabulary, added tokens included.
     """
 
     def __init__(self, tokenizer: _HFTokenizer, tokenizer_config: dict | None = None,
@@ -64,15 +70,18 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Size of the vocabulary including added tokens."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text`` (the tokenizer's post-processor adds BOS etc. when asked)."""
+        """Token ids (a list of ints) of ``text``; the tokenizer's post-processor adds BOS
+        etc. when ``add_special_tokens``."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of token ids; special tokens are kept unless ``skip_special_tokens`` (the
-        default of transformers' ``decode``)."""
+        """Text of token ids (any iterable of ints, e.g. a list or a 1-D tensor); special
+        tokens are kept unless ``skip_special_tokens`` (the default of transformers'
+        ``decode``)."""
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
@@ -280,7 +289,10 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     none of those exists.
 
     Raises:
-        FileNotFoundError: no tokenizer.json in the checkpoint.
+        FileNotFoundError: no tokenizer.json in the checkpoint, or (from
+            :func:`ligerzoo.hub.resolve`) no such directory or reachable repo.
+        ValueError: tokenizer_config.json or chat_template.json that is not valid JSON, or
+            an ``added_tokens_decoder`` entry whose id disagrees with tokenizer.json.
     """
     from ligerzoo.hub import TEMPLATE_DIR, resolve
 

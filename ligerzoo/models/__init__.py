@@ -20,7 +20,11 @@ assert set(FAMILIES) == set(MODEL_TYPES), "register a new family in both places"
 
 
 def family(model_type: str | None) -> ModuleType:
-    """The family module for ``model_type``; ValueError listing the supported ones otherwise."""
+    """The family module for ``model_type`` (a key of :data:`FAMILIES`).
+
+    Raises:
+        ValueError: an unknown ``model_type`` (the message lists the supported ones).
+    """
     if model_type not in FAMILIES:
         raise ValueError(
             f"unknown model_type {model_type!r}; supported model types: {', '.join(sorted(FAMILIES))}")
@@ -28,7 +32,13 @@ def family(model_type: str | None) -> ModuleType:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """``ModelConfig`` from a config.json dict (transformers 4.x or 5.x layout)."""
+    """``ModelConfig`` from a config.json dict (transformers 4.x or 5.x layout).
+
+    Raises:
+        ValueError: an unknown ``model_type``, a ``quantization_config``, a required field
+            missing, an activation or rope type the family does not implement, or values
+            :class:`ModelConfig` refuses.
+    """
     return family(hf.get("model_type")).config_from_hf(hf)
 
 

@@ -54,7 +54,8 @@ def dtype_from_str(name: str | torch.dtype | None) -> torch.dtype | None:
     ``"auto"`` (transformers' "use the checkpoint's") -> None.
 
     Raises:
-        ValueError: a name or dtype other than float64, float32, bfloat16 and float16.
+        ValueError: a name or dtype other than float64, float32, bfloat16 and float16
+            (names also ``"double"``, ``"float"``, ``"half"``).
     """
     if name is None:
         return name
@@ -95,7 +96,8 @@ class ModelConfig:
         max_position_embeddings: context length the checkpoint was trained for.
         qkv_bias / o_bias / mlp_bias: bias on the q/k/v, o and MLP projections.
         tie_word_embeddings: the LM head shares the embedding matrix.
-        hidden_act: gated-MLP activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU).
+        hidden_act: gated-MLP activation: "silu" / "swish" (SwiGLU) or "gelu_pytorch_tanh" /
+            "gelu_tanh" (GeGLU).
         layer_types: per layer "full_attention" or "sliding_attention" (None: all full).
         sliding_window: W for sliding layers; a key is visible iff q - W < k <= q (HF).
         attn_softcap: attention-logit softcap c: scores -> c * tanh(scores / c) (Gemma2).
@@ -108,8 +110,23 @@ class ModelConfig:
         num_local_experts: experts per MoE layer (0: dense MLP); num_experts_per_tok: top-k.
         router_aux_loss_coef / output_router_logits / router_jitter_noise: Mixtral's load
             balancing loss coefficient, whether it is added to the loss, and training jitter.
-        dtype: the checkpoint's parameter dtype (None: not recorded; fp32 is used).
+        initializer_range: std of the normal init of ``CausalLM.init_weights``.
+        bos_token_id / eos_token_id / pad_token_id: as in config.json (eos may be a list).
+        dtype: the checkpoint's parameter dtype (None: not recorded; fp32 is used); a
+            string such as "bfloat16" is converted by :func:`dtype_from_str`.
         hf_config: the config.json dict this config was read from (None when built in code).
+
+    ``num_key_value_heads`` defaults to ``num_attention_heads`` and ``head_dim`` to
+    ``hidden_size // num_attention_heads``.
+
+    Raises:
+        ValueError: at construction: an unknown ``model_type``; a size field that is not a
+            positive int; heads not a multiple of the KV heads; an odd ``head_dim``; an
+            unsupported dtype or ``hidden_act``; ``layer_types`` of the wrong length or
+            with unknown entries, or sliding layers without ``sliding_window``;
+            ``num_experts_per_tok`` outside [1, num_local_experts] in an MoE config; an
+            unsupported rope type, its required ``rope_scaling`` fields missing, or
+            LongRoPE factor lists not of length ``rotary_dim / 2``.
     """
 
     model_type: str = "llama"
@@ -205,21 +222,27 @@ class ModelConfig:
         return HIDDEN_ACTS[self.hidden_act]
 
     def layer_type(self, i: int) -> str:
+        """"full_attention" or "sliding_attention": the attention of layer ``i``."""
         return self.layer_types[i] if self.layer_types is not None else "full_attention"
 
     @property
     def rotary_dim(self) -> int:
+        """Features per head that RoPE rotates: ``int(head_dim * partial_rotary_factor)``."""
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_size(self) -> int:
+        """Width of the query projection: ``num_attention_heads * head_dim``."""
         return self.num_attention_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:
+        """Width of the key (and of the value) projection: ``num_key_value_heads * head_dim``."""
         return self.num_key_value_heads * self.head_dim
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with ``changes`` applied (``dataclasses.replace``; validated again, so
+        it raises ValueError as the constructor does)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -25,6 +25,8 @@ class Slot:
     expert: int | None = None
 
     def view(self, tensor):
+        """The slot's region of parameter ``tensor``: a view (rows of dim 0, after picking
+        the expert), never a copy."""
         t = tensor if self.expert is None else tensor[self.expert]
         return t if self.start is None else t[self.start: self.stop]
 
@@ -63,6 +65,7 @@ class KeyMap:
     duplicates: dict[str, Slot] = field(default_factory=dict)
 
     def ignored(self, key: str) -> bool:
+        """Whether ``key`` fully matches one of the ``ignore`` regexes."""
         return any(re.fullmatch(p, key) for p in self.ignore)
 
 

@@ -116,7 +116,8 @@ class CausalLMOutput:
     """``loss``: 0-d float32 (None without labels); with ``output_router_logits`` it includes
     ``router_aux_loss_coef * aux_loss``. ``logits``: (B, T, V) in the model dtype, None when
     labels were given (the loss goes through fused linear cross entropy instead).
-    ``aux_loss``: Mixtral's load-balancing loss (MoE models with output_router_logits)."""
+    ``aux_loss``: Mixtral's load-balancing loss, 0-d float32 (MoE models with
+    output_router_logits; None otherwise)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -126,8 +127,9 @@ class CausalLMOutput:
 class KVCache:
     """Preallocated key/value cache for incremental decoding.
 
-    ``k[i]``, ``v[i]``: (B, nkv, max_len, hd) for layer i; ``mask``: (B, max_len) bool, True
-    where a cached position holds a real (non-padding) token.
+    ``k[i]``, ``v[i]``: (B, nkv, max_len, hd) for layer i, in ``dtype`` on ``device``
+    (B = ``batch_size``); ``mask``: (B, max_len) bool, True where a cached position holds a
+    real (non-padding) token; ``length``: positions filled so far.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
@@ -139,7 +141,10 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nkv, T, hd) after the cached ones; return all (B, nkv, S, hd)."""
+        """Write k, v (B, nkv, T, hd) of ``layer`` after the cached ones; return all
+        (B, nkv, S, hd) views, S = ``length + T``. ``length`` is advanced by the caller
+        (``CausalLM``) once every layer has written. Writing past ``max_len`` raises torch's
+        RuntimeError (shape mismatch)."""
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -387,6 +392,12 @@ class CausalLM(nn.Module):
 
     Build on the meta device and load with ``ligerzoo.from_hf``; or build directly (random
     initialisation as HF's ``_init_weights``).
+
+    The math is that of the family's HF transformers model (``LlamaForCausalLM``,
+    ``MistralForCausalLM``, ``MixtralForCausalLM``, ``GemmaForCausalLM``,
+    ``Gemma2ForCausalLM``, ``Qwen2ForCausalLM``, ``Phi3ForCausalLM``), checked against it in
+    the tests; see the module docstring for the parameter layout. The constructor raises
+    nothing itself (:class:`ModelConfig` validated ``config``).
     """
 
     def __init__(self, config: ModelConfig):
@@ -447,9 +458,14 @@ class CausalLM(nn.Module):
         return rope_cos_sin(position_ids, inv, scale)
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None):
-        """Final-norm hidden states (B, T, H) for ``input_ids`` (B, T).
+        """Final-norm hidden states (B, T, H), in the model dtype, for ``input_ids`` (B, T).
 
+        ``position_ids``: (B, T) or (1, T), default ``cache.length + 0..T-1``.
         ``attention_mask``: (B, T) (or (B, S) covering the cache too), 1 for real tokens.
+        ``cache``: a :class:`KVCache` to read and extend (its ``length`` is advanced).
+
+        Unlike :meth:`forward` it checks nothing: out-of-range ids fail in the embedding
+        lookup (IndexError on CPU, a device-side assert on CUDA).
         """
         return add_norm(self.norm, *self._trunk(input_ids, position_ids, attention_mask, cache))[0]
 
@@ -613,15 +629,18 @@ class CausalLM(nn.Module):
             temperature: 0 for greedy decoding, > 0 (finite) to sample from
                 softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
+            generator: optional ``torch.Generator`` for the sampling (``torch.multinomial``).
+
         Returns:
-            (B, T + n) int64, n <= max_new_tokens.
+            (B, T + n) int64 (the prompt followed by the new tokens), n <= max_new_tokens.
 
         Raises:
             ValueError: input_ids not 2-D, without tokens or with ids outside [0, vocab_size)
                 (see ``forward``), a temperature that is negative
                 or not finite, max_new_tokens or top_k not an int (or < 0, < 1), an
-                attention_mask not shaped like input_ids, a row with no real token, or right
-                padding (a row whose last prompt position is padding).
+                attention_mask not shaped like input_ids, a row with no real token, right
+                padding (a row whose last prompt position is padding), or an
+                ``eos_token_id`` that is not an int or ints.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
