@@ -133,7 +133,8 @@ class GroupNorm(nn.Module):
     fp32); ``weight``/``bias`` (C,) parameters, fp32 by default (``affine=False``: none).
 
     Raises:
-        ValueError: ``num_channels`` not divisible by ``num_groups`` (the message names both,
+        ValueError: ``num_channels`` or ``num_groups`` not a positive int, ``num_channels``
+            not divisible by ``num_groups`` (the message names both,
             and the argument order); x that is not (N, num_channels, *) (at the call, with or
             without ``affine``).
     """
@@ -141,6 +142,9 @@ class GroupNorm(nn.Module):
     def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True, *,
                  device=None, dtype=None):
         super().__init__()
+        for name, value in (("num_channels", num_channels), ("num_groups", num_groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
                              f"note the order GroupNorm(num_channels, num_groups), as Liger Kernel's, not torch's")

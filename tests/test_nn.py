@@ -24,6 +24,9 @@ def test_norm_modules_match_torch():
     torch.testing.assert_close(normed, rms(x + r), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="divisible"):
         lnn.GroupNorm(5, 3)
+    for channels, groups in ((8, 0), (0, 2), (8, -2), (8.0, 2)):  # (8, 0) raised ZeroDivisionError
+        with pytest.raises(ValueError, match="must be a positive int"):
+            lnn.GroupNorm(channels, groups)
 
 
 @pytest.mark.parametrize("cls,act", [(lnn.SwiGLUMLP, F.silu), (lnn.GeGLUMLP, lambda a: F.gelu(a, approximate="tanh"))])

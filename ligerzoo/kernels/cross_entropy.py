@@ -710,7 +710,7 @@ def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(lse_square_scale) < 0.0:
+    if not float(lse_square_scale) >= 0.0:  # nan too
         raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
     if softcap is not None and not float(softcap) > 0.0:
         raise ValueError(f"softcap must be > 0 (or None), got {softcap}")

@@ -195,6 +195,11 @@ def test_bad_arguments_raise():
         cross_entropy(logits, target, softcap=0.0)
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, target, label_smoothing=1.5)
+    for scale in (-1.0, float("nan")):  # nan used to pass and give a nan loss
+        with pytest.raises(ValueError, match="lse_square_scale must be >= 0"):
+            cross_entropy(logits, target, lse_square_scale=scale)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(logits, target, label_smoothing=float("nan"))
 
 
 @triton_only
