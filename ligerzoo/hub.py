@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -312,9 +313,22 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     model.tie_weights()
     load_weights(model, directory)
     model.source_dir = directory
-    generation = Path(directory) / "generation_config.json"
-    model.generation_config = _read_json(generation) if generation.is_file() else {}
+    model.generation_config = _read_generation_config(Path(directory))
     return model.eval()
+
+
+def _read_generation_config(directory: Path, warn: bool = True) -> dict:
+    """generation_config.json as a dict ({} when absent); a file that is not a JSON object is
+    skipped with a warning, as transformers falls back to the model config then."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return _read_json(path)
+    except ValueError as e:
+        if warn:
+            warnings.warn(f"ignoring {path}: {e}", stacklevel=3)
+        return {}
 
 
 def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
@@ -324,7 +338,8 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     Writes config.json (the family's HF schema; the one the model was loaded from, with the
     dtype updated), safetensors shards of at most ``max_shard_size`` plus
     ``model.safetensors.index.json`` when there is more than one, tied heads omitted, and the
-    tokenizer/generation files of ``model.source_dir`` if any. Everything is written to a
+    tokenizer/generation files of ``model.source_dir`` if any (generation_config.json written from
+    ``model.generation_config`` instead when that was set in code or edited). Everything is written to a
     temporary sibling directory and renamed into place at the end: an interruption never
     leaves a half-written checkpoint.
 
@@ -351,6 +366,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         FileExistsError: ``save_directory`` exists, is not empty, and ``overwrite`` is False,
             or it holds other files than a checkpoint's, or it is (or holds) the working
             directory, or it (or a parent) is a file.
+        FileNotFoundError: ``save_directory`` is a link to a directory that does not exist.
         ValueError: ``dtype`` is not float64 / float32 / bfloat16 / float16, or the family's
             config.json cannot express the model's config (a config built in code; the
             fields are named).
@@ -364,7 +380,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     target = _save_target(given)
     problem = None
     if writer:
-        problem = _save_target_problem(target, overwrite)
+        problem = _save_target_problem(given, overwrite)
     if (problem := _from_writer(problem, sharded)) is not None:
         raise problem
     fam = family(model.config.model_type)
@@ -408,6 +424,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 for extra in sorted((Path(source) / TEMPLATE_DIR).glob("*.jinja")) if source is not None else ():
                     (tmp / TEMPLATE_DIR).mkdir(exist_ok=True)
                     shutil.copy2(extra, tmp / TEMPLATE_DIR / extra.name)
+                generation = getattr(model, "generation_config", None)
+                loaded = _read_generation_config(Path(source), warn=False) if source is not None else {}
+                if generation and generation != loaded:
+                    # set in code, or edited since loading: the dict, not the source's file
+                    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
                 _replace_dir(tmp, target)
             except Exception as e:  # noqa: BLE001
                 if not sharded:
@@ -449,14 +470,18 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
         FileExistsError: as save_hf: a non-empty directory without ``overwrite``, one holding
             more than checkpoint files, the working directory or one above it, or a path
             that is (or lies under) a file.
+        FileNotFoundError: a link to a directory that does not exist.
     """
-    target = _save_target(Path(save_directory).expanduser().absolute())
-    if (problem := _save_target_problem(target, overwrite)) is not None:
+    if (problem := _save_target_problem(Path(save_directory).expanduser().absolute(), overwrite)) is not None:
         raise problem
 
 
-def _save_target_problem(target: Path, overwrite: bool) -> Exception | None:
-    """Why save_hf must not write to ``target`` (None when it may)."""
+def _save_target_problem(given: Path, overwrite: bool) -> Exception | None:
+    """Why save_hf must not write to the absolute path ``given`` (None when it may)."""
+    if given.is_symlink() and not given.exists():  # writing through it would create its target
+        return FileNotFoundError(f"{given} is a link to {os.readlink(given)}, which does not exist; save to an "
+                                 f"existing directory or a new path")
+    target = _save_target(given)
     existing = next((p for p in (target, *target.parents) if p.exists() or p.is_symlink()), None)
     if existing is not None and not existing.is_dir():
         if existing == target:

@@ -32,6 +32,24 @@ def _check_last_dim(module: str, x: torch.Tensor, size: int) -> None:
                          f"got x of shape {tuple(x.shape)}")
 
 
+def _last_dim_size(module: str, hidden_size) -> int:
+    """H from ``hidden_size`` given as an int or, as torch's ``normalized_shape``, a one-dim
+    sequence (``(H,)``, ``[H]``, ``x.shape[-1:]``).
+
+    Raises:
+        ValueError: not a positive int or a one-element sequence of one (these modules
+            normalise over the last dim only).
+    """
+    if isinstance(hidden_size, (tuple, list, torch.Size)):
+        if len(hidden_size) != 1:
+            raise ValueError(f"{module} normalises over the last dim only: normalized_shape must have one entry, "
+                             f"got {tuple(hidden_size)}")
+        hidden_size = hidden_size[0]
+    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
+        raise ValueError(f"{module}: hidden_size must be a positive int, got {hidden_size!r}")
+    return hidden_size
+
+
 def _options(module: nn.Module, always: tuple = (), **defaults) -> str:
     """``extra_repr`` text: ``name=value`` for the attributes named in ``always``, then for
     those of ``defaults`` whose value differs from the given default."""
@@ -46,7 +64,7 @@ class RMSNorm(nn.Module):
     ``casting_mode`` ("llama": HF LlamaRMSNorm; "gemma": HF GemmaRMSNorm; "none").
 
     Args:
-        hidden_size: H, the size of the normalised last dim; ``weight`` is (H,).
+        hidden_size: H, the size of the normalised last dim (or ``(H,)``); ``weight`` is (H,).
         eps: added to the mean square.
         offset: added to the weight (1.0 for Gemma's zero-initialised weights; the weight then
             starts at 0).
@@ -58,7 +76,8 @@ class RMSNorm(nn.Module):
     returns ``(normed, x + residual)`` in one kernel.
 
     Raises:
-        ValueError: an unknown ``casting_mode`` (at construction); at the call, x whose last
+        ValueError: an unknown ``casting_mode`` or a ``hidden_size`` that is not a positive
+            int or ``(H,)`` (at construction); at the call, x whose last
             dim is not H (the message names H and x's shape), or the other errors of
             :func:`ligerzoo.kernels.rms_norm` (non-float x, ``residual`` unlike x).
     """
@@ -68,6 +87,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         if casting_mode not in ("llama", "gemma", "none"):
             raise ValueError(f"casting_mode must be 'llama', 'gemma' or 'none', got {casting_mode!r}")
+        hidden_size = _last_dim_size("RMSNorm", hidden_size)
         self.normalized_shape = (hidden_size,)
         self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
         self.eps, self.offset, self.casting_mode = eps, offset, casting_mode
@@ -88,8 +108,9 @@ class LayerNorm(nn.Module):
     dtype=...)``.
 
     Args:
-        hidden_size: H, the size of the normalised last dim (torch's ``normalized_shape``
-            for one dim; the module's ``normalized_shape`` is ``(H,)``).
+        hidden_size: H, the size of the normalised last dim, or torch's ``normalized_shape``
+            for one dim (``(H,)``, ``[H]``, ``x.shape[-1:]``); the module's
+            ``normalized_shape`` is ``(H,)``.
         eps: added to the variance.
         elementwise_affine, bias, device, dtype: keyword only, as torch's:
             ``elementwise_affine=False`` makes no ``weight`` and no ``bias`` (both None),
@@ -100,13 +121,15 @@ class LayerNorm(nn.Module):
     fp32); ``weight`` (ones) / ``bias`` (zeros) (H,) parameters.
 
     Raises:
-        ValueError: at the call, x whose last dim is not H (the message names H and x's
+        ValueError: a ``hidden_size`` that is not a positive int or ``(H,)`` (at construction);
+            at the call, x whose last dim is not H (the message names H and x's
             shape), or the other errors of :func:`ligerzoo.kernels.layer_norm` (non-float x).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, *, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
+        hidden_size = _last_dim_size("LayerNorm", hidden_size)
         self.normalized_shape, self.eps, self.elementwise_affine = (hidden_size,), eps, elementwise_affine
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.ones(hidden_size, **factory)) if elementwise_affine else None

@@ -2,6 +2,7 @@
 renders it), without depending on transformers."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -123,7 +124,10 @@ class Tokenizer:
         transformers does; the caller's messages are never edited.
 
         Args:
-            conversation: one conversation, or a list of them (then a list of results).
+            conversation: one conversation, or a list of them (then a list of results; an
+                empty one in a batch renders as the template gives it). Messages may be
+                dicts, dataclasses or pydantic models (converted to dicts, nested values
+                too), and a conversation an object with ``.messages``, as in transformers.
             tools: JSON-schema dicts of the tools the model may call. (transformers also
                 converts Python functions to schemas; here that is a ValueError.)
             documents: dicts (e.g. {"title", "text"}) for retrieval-augmented templates.
@@ -143,11 +147,25 @@ class Tokenizer:
                 a final message without the field to continue or whose content does not
                 survive rendering, tools that are not dicts, ``return_tensors`` other than
                 None/"pt" (or "pt" with ``tokenize=False`` or ragged lengths).
-            TypeError: a message or document that is not a dict.
+            TypeError: a conversation that is not a list, a message or document that is
+                not a dict, or one of transformers' tokenizer arguments (``padding``,
+                ``truncation``, ``max_length``, ``return_dict``, ...), which would otherwise
+                reach the template unnoticed.
             jinja2.TemplateError: the template's own ``raise_exception`` (e.g. a role it
                 does not accept).
         """
+        unsupported = sorted(set(kwargs) & _TOKENIZER_ONLY)
+        if unsupported:
+            raise TypeError(f"apply_chat_template does not take transformers' tokenizer arguments {unsupported}: "
+                            f"it returns plain token ids (truncate or pad them yourself)")
         template = self.get_chat_template(chat_template, tools)
+        conversation = getattr(conversation, "messages", conversation)  # a Conversation-like object
+        if not isinstance(conversation, (list, tuple)):
+            raise TypeError(f"conversation must be a list of messages (or a list of conversations), got "
+                            f"{type(conversation).__name__}")
+        if not conversation:
+            raise ValueError("cannot apply the chat template to an empty conversation")
+        conversation = _plain([getattr(c, "messages", c) for c in conversation])
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt starts a new assistant turn and continue_final_message "
                              "continues the last one: set one of them")
@@ -156,6 +174,7 @@ class Tokenizer:
         if return_tensors is not None and not tokenize:
             raise ValueError("return_tensors='pt' needs tokenize=True")
         if tools is not None:
+            tools = _plain(tools)
             for tool in tools:
                 if not isinstance(tool, Mapping):
                     raise ValueError(f"tools must be JSON-schema dicts, got {type(tool).__name__} {tool!r} "
@@ -163,12 +182,12 @@ class Tokenizer:
                                      f"into one)")
             tools = [dict(t) for t in tools]
         if documents is not None:
+            documents = _plain(documents)
             for doc in documents:
                 if not isinstance(doc, Mapping):
                     raise TypeError(f"documents must be dicts (e.g. with 'title' and 'text'), got {doc!r}")
             documents = [dict(d) for d in documents]
-        batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and isinstance(
-            conversation[0], (list, tuple))
+        batched = isinstance(conversation[0], (list, tuple))
         context = {**self.special_tokens, **kwargs}
         texts = [self._render(template, chat, tools, documents, add_generation_prompt, continue_final_message,
                               context) for chat in (conversation if batched else [conversation])]
@@ -188,18 +207,19 @@ class Tokenizer:
     def _render(template: str, conversation, tools, documents, add_generation_prompt: bool,
                 continue_final_message: bool | str, context: dict) -> str:
         """One conversation's text (see :meth:`apply_chat_template`)."""
-        if not conversation:
-            raise ValueError("cannot apply the chat template to an empty conversation")
         messages = []
         for m in conversation:
             if not isinstance(m, Mapping):
-                raise TypeError(f"chat messages must be dicts like {{'role': 'user', 'content': '...'}}, got {m!r}")
+                raise TypeError(f"chat messages must be dicts (or dataclasses / pydantic models) like "
+                                f"{{'role': 'user', 'content': '...'}}, got {m!r}")
             message = {key: value for key, value in m.items() if value is not None}
             reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
             if reasoning is not None:  # transformers 5 aliases the reasoning text's older names
                 message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
             messages.append(message)
         if continue_final_message:
+            if not messages:
+                raise ValueError("continue_final_message: the conversation is empty")
             field = continue_final_message if isinstance(continue_final_message, str) else "content"
             final = messages[-1].get(field)
             if final is None:
@@ -212,7 +232,11 @@ class Tokenizer:
                 final, last["text"] = last["text"], last["text"] + _CONTINUE_TAG
                 messages[-1][field] = parts
             elif isinstance(final, str):
-                messages[-1][field] = final + _CONTINUE_TAG
+                # the reasoning text sits under several names: tag each copy, whichever the template reads
+                fields = [f for f in _REASONING_FIELDS if messages[-1].get(f) == final] \
+                    if field in _REASONING_FIELDS else [field]
+                for f in fields:
+                    messages[-1][f] = final + _CONTINUE_TAG
             else:
                 raise ValueError(f"continue_final_message: the final message's {field!r} must be a string or a list "
                                  f"of parts, got {type(final).__name__}")
@@ -226,6 +250,27 @@ class Tokenizer:
             # the template may trim the trailing space of the tag (and of the message): then so do we
             text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
         return text
+
+
+# transformers' apply_chat_template arguments that tokenize differently (padding, truncation,
+# BatchEncoding outputs): refused rather than passed to the template as variables.
+_TOKENIZER_ONLY = frozenset({"padding", "truncation", "max_length", "return_dict", "return_assistant_tokens_mask",
+                             "tokenizer_kwargs", "sanitize_control_tokens"})
+
+
+def _plain(value):
+    """Messages as the template sees them: mappings, dataclasses and pydantic models (anything
+    with ``model_dump``) become dicts and sequences lists, recursively, as transformers 5
+    converts message objects; other values are kept."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return value
 
 
 # Names a message's reasoning text goes by (the first one present wins); templates read
@@ -311,28 +356,22 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     if template is None and not cfg.get("chat_template") and (directory / "chat_template.json").is_file():
         template = json.loads((directory / "chat_template.json").read_text()).get("chat_template")
     tokenizer = _HFTokenizer.from_file(str(path))
-    _add_config_tokens(tokenizer, cfg.get("added_tokens_decoder") or {}, directory)
+    _add_config_tokens(tokenizer, cfg.get("added_tokens_decoder") or {})
     return Tokenizer(tokenizer, cfg, template)
 
 
-def _add_config_tokens(tokenizer: _HFTokenizer, added: dict, directory: Path) -> None:
+def _add_config_tokens(tokenizer: _HFTokenizer, added: dict) -> None:
     """Add the ``added_tokens_decoder`` entries of tokenizer_config.json that tokenizer.json
-    lacks, as transformers does. Tokens get the next free ids, so each must land on the id
-    the config gives it.
-
-    Raises:
-        ValueError: a token would get another id than the config's (the files disagree).
-    """
+    does not list as added tokens, in id order, as transformers' AutoTokenizer does: a word
+    already in the vocabulary keeps its id (and becomes an added, maybe special, token); a
+    new one takes the next free id, whatever id the config gives it (as in transformers)."""
     from tokenizers import AddedToken
 
-    for token_id, spec in sorted(((int(i), spec) for i, spec in added.items()), key=lambda item: item[0]):
+    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for _, spec in sorted(((int(i), spec) for i, spec in added.items()), key=lambda item: item[0]):
         content = spec.get("content") if isinstance(spec, dict) else None
-        if content is None or tokenizer.token_to_id(content) is not None:
+        if content is None or content in have:
             continue
         options = {k: spec[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in spec}
-        token = AddedToken(content, **options)
-        (tokenizer.add_special_tokens if spec.get("special") else tokenizer.add_tokens)([token])
-        got = tokenizer.token_to_id(content)
-        if got != token_id:
-            raise ValueError(f"{directory / 'tokenizer_config.json'}: added token {content!r} has id {token_id}, but "
-                             f"tokenizer.json has {got} as its next free id; the two files disagree")
+        (tokenizer.add_special_tokens if spec.get("special") else tokenizer.add_tokens)([AddedToken(content, **options)])
+        have.add(content)

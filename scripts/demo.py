@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     if args.out:  # refused now, not after the run
         try:
             ligerzoo.hub.check_save_target(args.out, overwrite=args.overwrite)
-        except FileExistsError as e:
+        except (FileExistsError, FileNotFoundError) as e:
             ap.error(f"--out: {e}".replace("overwrite=True", "--overwrite"))
     try:
         device = torch.device(args.device)

@@ -101,9 +101,10 @@ def _architectures(path: Path):
 
 def _refuse_existing(out: Path, spec: "_Spec") -> None:
     """FileExistsError for an ``out`` that exists but is not a prepared ``spec`` checkpoint."""
-    if is_prepared(out):  # complete, but another model
-        raise FileExistsError(f"{out} holds another model ({_architectures(out)}, not [{spec.model_class!r}] as "
-                              f"{spec.hf_id}); choose another directory")
+    if is_prepared(out):  # complete, but another model (or an unreadable config.json)
+        what = f"another model ({_architectures(out)})" if _architectures(out) else "a config.json without architectures"
+        raise FileExistsError(f"{out} holds {what}, not [{spec.model_class!r}] as {spec.hf_id}; choose another "
+                              f"directory")
     raise FileExistsError(f"{out} exists but is not a complete checkpoint; remove it and retry")
 
 

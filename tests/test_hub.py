@@ -481,3 +481,17 @@ def test_dropout_in_the_config_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ligerzoo.models.config_from_hf(base | {"resid_pdrop": 0.0, "attention_dropout": 0.0})
+
+
+def test_save_hf_refuses_a_dangling_link(tmp_path):
+    """A link to a missing directory is refused (writing through it created its target)."""
+    from tests.helpers import make_hf_llama
+
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing" / "deeper")
+    for call in (lambda: ligerzoo.save_hf(model, link), lambda: ligerzoo.hub.check_save_target(link)):
+        with pytest.raises(FileNotFoundError, match="which does not exist"):
+            call()
+    assert not (tmp_path / "missing").exists()

@@ -218,3 +218,20 @@ def test_layer_norm_affine_flags_match_torch(kwargs):
     x = torch.randn(3, 5, 37)
     ref = F.layer_norm(x.double(), (37,), w, b, 1e-5)
     torch.testing.assert_close(ours(x), ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_norms_take_normalized_shape_as_torch():
+    """LayerNorm / RMSNorm accept H as torch's one-dim normalized_shape ((H,), [H], a Size),
+    as torch.nn.LayerNorm does; a multi-dim shape is refused (last dim only)."""
+    x = torch.randn(3, 8)
+    ref = torch.nn.LayerNorm((8,))
+    for shape in (8, (8,), [8], x.shape[-1:]):
+        ln = lnn.LayerNorm(shape)
+        assert ln.normalized_shape == (8,)
+        torch.testing.assert_close(ln(x), ref(x), atol=1e-5, rtol=1e-5)
+        assert lnn.RMSNorm(shape).normalized_shape == (8,)
+    for bad in ((4, 8), (), 0, 8.0):
+        with pytest.raises(ValueError, match="last dim only|positive int"):
+            lnn.LayerNorm(bad)
+        with pytest.raises(ValueError, match="last dim only|positive int"):
+            lnn.RMSNorm(bad)

@@ -80,5 +80,5 @@ def test_prepare_refuses_a_directory_holding_another_model(tmp_path):
     assert is_prepared(other) and is_prepared(other, "LlamaForCausalLM")
     assert not is_prepared(other, "Qwen2ForCausalLM")
     assert prepare_smollm2(other) == other
-    with pytest.raises(FileExistsError, match=r"holds another model \(\['LlamaForCausalLM'\]"):
+    with pytest.raises(FileExistsError, match=r"holds another model \(\[.LlamaForCausalLM.\]\)"):
         prepare_qwen2_coder(other)

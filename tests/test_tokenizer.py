@@ -173,7 +173,7 @@ def test_continue_final_message(make_dir):
 def test_special_tokens_and_added_tokens(make_dir):
     """Only the special tokens the tokenizer has are template variables (a missing bos_token is
     undefined, as in transformers); added_tokens_decoder entries that tokenizer.json lacks are
-    added with their ids; a config whose ids disagree with tokenizer.json is refused."""
+    added as AutoTokenizer adds them."""
     template = "{% if bos_token is defined %}BOS={{ bos_token }}{% endif %}{{ messages[0].content }}"
     ref, ours = both(make_dir({"chat_template": template, "bos_token": None}))
     assert render(ours, CONV) == render(ref, CONV) == "Hi"
@@ -183,9 +183,15 @@ def test_special_tokens_and_added_tokens(make_dir):
     ref, ours = both(make_dir({"added_tokens_decoder": added}))
     assert ours.encode("x<|new|>y") == ref.encode("x<|new|>y")
     assert ours.encode("x<|new|>y")[1] == vocab and ours.decode([vocab]) == "<|new|>"
-    bad = {str(vocab + 5): dict(added[str(vocab)])}
-    with pytest.raises(ValueError, match="the two files disagree"):
-        ligerzoo.load_tokenizer(make_dir({"added_tokens_decoder": bad}))
+    # an id that is not the next free one, and an existing word marked special: as AutoTokenizer
+    entries = {str(vocab + 5): dict(added[str(vocab)]), "9": {"content": "there", "special": True}}
+    word = ref.encode("there", add_special_tokens=False)
+    ref, ours = both(make_dir({"added_tokens_decoder": entries}))
+    for text in ("x<|new|>y there", "out there!"):
+        ids = ref.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_special_tokens=False) == ids, text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+    assert len(word) == 1 and ours.encode("there", add_special_tokens=False) == word
 
 
 def test_save_hf_keeps_named_templates(make_dir, tmp_path):
@@ -208,3 +214,58 @@ def test_save_hf_keeps_named_templates(make_dir, tmp_path):
     (out / "additional_chat_templates" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds more than a checkpoint"):
         ligerzoo.save_hf(model, out, overwrite=True)
+
+
+def test_message_objects_batches_and_refused_tokenizer_arguments(make_dir):
+    """Messages as dataclasses or pydantic-like objects (nested too) and conversations with
+    .messages render as transformers renders them; an empty conversation inside a batch
+    renders; transformers' padding/truncation arguments are refused, not passed to the template."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Call:
+        name: str
+        arguments: dict
+
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str
+        tool_calls: list | None = None
+
+    class Model:  # the pydantic interface transformers uses
+        def __init__(self, **fields):
+            self.fields = fields
+
+        def model_dump(self):
+            return dict(self.fields)
+
+    class Conversation:
+        def __init__(self, messages):
+            self.messages = messages
+
+    template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% if m.tool_calls is defined %}"
+                "{{ m.tool_calls | tojson }}{% endif %}{% endfor %}")
+    ref, ours = both(make_dir({"chat_template": template}))
+    conv = [Message("user", "hi"), Model(role="assistant", content="ok"),
+            Message("assistant", "", [Call("f", {"x": 1})])]
+    for c in (conv, tuple(conv), Conversation(conv)):
+        assert render(ours, c) == render(ref, c) == '[user]hi[assistant]ok[assistant][{"name": "f", "arguments": {"x": 1}}]'
+    assert render(ours, [[U := {"role": "user", "content": "a"}], []]) == render(ref, [[U], []]) == ["[user]a", ""]
+    with pytest.raises(ValueError, match="empty conversation"):
+        ours.apply_chat_template([])
+    for kwargs in ({"truncation": True, "max_length": 5}, {"padding": "max_length"}, {"return_dict": True}):
+        with pytest.raises(TypeError, match="tokenizer arguments"):
+            ours.apply_chat_template(CONV, **kwargs)
+    with pytest.raises(TypeError, match="must be a list of messages"):
+        ours.apply_chat_template({"role": "user", "content": "hi"})
+
+
+def test_continue_final_message_on_reasoning_read_as_thinking(make_dir):
+    """continue_final_message="reasoning_content" tags every copy of the reasoning text, so a
+    template that reads `thinking` continues it too, as transformers does."""
+    template = "{% for m in messages %}{{ m.content }}|{% if m.thinking %}{{ m.thinking }}{% endif %}{% endfor %}"
+    ref, ours = both(make_dir({"chat_template": template}))
+    conv = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "", "reasoning_content": "let me think"}]
+    kwargs = {"continue_final_message": "reasoning_content"}
+    assert render(ours, conv, **kwargs) == render(ref, conv, **kwargs) == "Hello||let me think"

@@ -366,14 +366,21 @@ def _is_int(n) -> bool:
 
 
 def _eos_list(eos) -> list[int]:
-    """``generate``'s eos ids as a list: from None, an int, a sequence or a tensor of ints."""
+    """``generate``'s eos ids as a list: from None, an int, a sequence of ints, or a tensor /
+    numpy array or scalar of ints (any shape).
+
+    Raises:
+        ValueError: anything else (floats, bools, strings, nested lists).
+    """
     if eos is None:
         return []
     if isinstance(eos, torch.Tensor):
         if eos.is_floating_point() or eos.is_complex() or eos.dtype == torch.bool:
             raise ValueError(f"eos_token_id must hold integers, got a {eos.dtype} tensor")
         return eos.flatten().tolist()
-    items = [eos] if _is_int(eos) else list(eos)
+    if hasattr(eos, "ravel") and hasattr(eos, "tolist"):  # numpy arrays and scalars
+        eos = eos.ravel().tolist()
+    items = list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if not all(_is_int(i) for i in items):
         raise ValueError(f"eos_token_id must be an int or ints, got {eos!r}")
     return [int(i) for i in items]
@@ -625,7 +632,8 @@ class CausalLM(nn.Module):
             attention_mask: (B, T), 1 for real tokens; None means no padding.
             eos_token_id: int, list of ints or int tensor; a row stops at its first one (later
                 positions are filled with the first eos id). Default: generation_config.json's
-                (``self.generation_config``), else config.json's; ``[]`` never stops early.
+                (``self.generation_config``; none when that file has none), else, without that
+                file, config.json's; ``[]`` never stops early.
             temperature: 0 for greedy decoding, > 0 (finite) to sample from
                 softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
@@ -660,8 +668,9 @@ class CausalLM(nn.Module):
                              f"None); got temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")
         B, T = input_ids.shape
         device = input_ids.device
-        if eos_token_id is None:
-            eos_token_id = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        if eos_token_id is None:  # as transformers: generation_config.json decides when there is one
+            eos_token_id = self.generation_config.get("eos_token_id") if self.generation_config \
+                else self.config.eos_token_id
         eos = torch.tensor(_eos_list(eos_token_id), device=device, dtype=torch.long)
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)

@@ -217,3 +217,41 @@ def test_input_ids_out_of_range_or_not_integers_raise(tmp_path):
             ours.generate(ids, 2)
     with pytest.raises(ValueError, match="integer token ids"):
         ours(torch.zeros(1, 3))
+
+
+def test_generation_config_without_eos_save_and_bad_file(tmp_path):
+    """A generation_config.json without eos_token_id means no early stop, as in transformers
+    (config.json's eos is used only without the file); a malformed file is skipped with a
+    warning; save_hf writes model.generation_config when it was edited; numpy eos arrays work."""
+    import json
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    _, ours = _pair(tmp_path, {})
+    src = tmp_path / "hf"
+    ids = torch.randint(3, ours.config.vocab_size, (1, 5))
+    free = ours.generate(ids, 6, eos_token_id=[])
+    first = int(free[0, 5])
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "eos_token_id": first}))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1}))
+    model = ligerzoo.from_hf(src, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert model.generate(ids, 6).tolist() == ref.tolist() == free.tolist()  # no stop at `first`
+    (src / "generation_config.json").unlink()
+    assert ligerzoo.from_hf(src, dtype=torch.float32).generate(ids, 6).shape[1] == 6  # config.json's eos
+    (src / "generation_config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring .*generation_config.json"):
+        model = ligerzoo.from_hf(src, dtype=torch.float32)
+    assert model.generation_config == {}
+    model.generation_config = {"eos_token_id": [first], "max_new_tokens": 3}
+    out = ligerzoo.save_hf(model, tmp_path / "out")
+    assert json.loads((out / "generation_config.json").read_text()) == model.generation_config
+    assert ligerzoo.from_hf(out, dtype=torch.float32).generate(ids, 6).shape[1] == 6
+    for eos in (np.array(first), np.array([[first]])):
+        assert model.generate(ids, 6, eos_token_id=eos).shape[1] == 6
+    for bad in (5.0, "5", [[first]], np.array([1.5])):
+        with pytest.raises(ValueError, match="must be an int or ints"):
+            model.generate(ids, 2, eos_token_id=bad)
