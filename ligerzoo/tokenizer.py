@@ -336,8 +336,7 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     Raises:
         FileNotFoundError: no tokenizer.json in the checkpoint, or (from
             :func:`ligerzoo.hub.resolve`) no such directory or reachable repo.
-        ValueError: tokenizer_config.json or chat_template.json that is not valid JSON, or
-            an ``added_tokens_decoder`` entry whose id disagrees with tokenizer.json.
+        ValueError: tokenizer_config.json or chat_template.json that is not valid JSON.
     """
     from ligerzoo.hub import TEMPLATE_DIR, resolve
 
