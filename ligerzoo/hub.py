@@ -37,6 +37,8 @@ SIDE_FILES = (
 # Named chat templates (<name>.jinja) beside chat_template.jinja, as transformers saves them;
 # copied on save with the side files.
 TEMPLATE_DIR = "additional_chat_templates"
+# What resolve() fetches before the weights: every JSON file, the side files, named templates.
+SIDE_PATTERNS = ("*.json", *SIDE_FILES, f"{TEMPLATE_DIR}/*.jinja")
 
 
 def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
@@ -62,8 +64,7 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
-        side = ["*.json", *SIDE_FILES, f"{TEMPLATE_DIR}/*.jinja"]
-        snap = Path(snapshot_download(text, revision=revision, allow_patterns=side))
+        snap = Path(snapshot_download(text, revision=revision, allow_patterns=list(SIDE_PATTERNS)))
         index = snap / INDEX_FILE
         weights = sorted(set(_weight_map(index).values())) if index.exists() else [SINGLE_FILE]
         return Path(snapshot_download(text, revision=revision, allow_patterns=weights))

@@ -495,3 +495,36 @@ def test_save_hf_refuses_a_dangling_link(tmp_path):
         with pytest.raises(FileNotFoundError, match="which does not exist"):
             call()
     assert not (tmp_path / "missing").exists()
+
+
+def test_hub_id_brings_named_chat_templates_offline(tmp_path):
+    """A repo id's named templates: resolve() asks the hub for additional_chat_templates/*.jinja
+    with the other tokenizer files (checked with huggingface_hub's own pattern filter), and
+    load_tokenizer on the id reads them (here from a pre-filled cache, offline)."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from scripts.prepare_models import prepare_smollm2
+
+    files = ["additional_chat_templates/tool_use.jinja", "chat_template.jinja", "tokenizer.json", "config.json",
+             "model-00001-of-00002.safetensors", "original/consolidated.pth"]
+    assert sorted(filter_repo_objects(files, allow_patterns=list(ligerzoo.hub.SIDE_PATTERNS))) == sorted(files[:4])
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-chat"
+    snap = repo / "snapshots" / commit
+    make_hf_llama(snap)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(prepare_smollm2() / name, snap / name)
+    (snap / "chat_template.jinja").write_text("DEFAULT{{ messages[0].content }}")
+    (snap / "additional_chat_templates").mkdir()
+    (snap / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS{{ messages[0].content }}")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    code = ("import ligerzoo; t = ligerzoo.load_tokenizer('tiny-org/tiny-chat'); print(sorted(t.chat_templates)); "
+            "print(t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tools=[{}], tokenize=False))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["['default', 'tool_use']", "TOOLShi"]
