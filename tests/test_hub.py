@@ -105,14 +105,20 @@ def test_model_built_in_code_saves_a_loadable_checkpoint(tmp_path):
         torch.testing.assert_close(model(ids).logits, back(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_hub_id_resolves_from_prefilled_cache_offline(tmp_path):
-    """A repo id is fetched through huggingface_hub: here from a pre-filled cache, offline."""
+def _prefilled_cache(tmp_path: Path, name: str, **make_kwargs) -> tuple[str, dict]:
+    """An HF hub cache under tmp_path/cache holding repo tiny-org/<name> (a tiny Llama) at one
+    commit on main; returns (commit, the environment of an offline process that uses it)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--tiny-org--tiny-llama"
-    make_hf_llama(repo / "snapshots" / commit, save_kwargs=dict(max_shard_size="40KB"))
+    repo = tmp_path / "cache" / f"models--tiny-org--{name}"
+    make_hf_llama(repo / "snapshots" / commit, **make_kwargs)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+    return commit, dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
+
+
+def test_hub_id_resolves_from_prefilled_cache_offline(tmp_path):
+    """A repo id is fetched through huggingface_hub: here from a pre-filled cache, offline."""
+    commit, env = _prefilled_cache(tmp_path, "tiny-llama", save_kwargs=dict(max_shard_size="40KB"))
     code = ("import ligerzoo; m = ligerzoo.from_hf('tiny-org/tiny-llama'); "
             "print(m.config.num_hidden_layers, m.source_dir)")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -511,18 +517,13 @@ def test_hub_id_brings_named_chat_templates_offline(tmp_path):
              "model-00001-of-00002.safetensors", "original/consolidated.pth"]
     assert sorted(filter_repo_objects(files, allow_patterns=list(ligerzoo.hub.SIDE_PATTERNS))) == sorted(files[:4])
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--tiny-org--tiny-chat"
-    snap = repo / "snapshots" / commit
-    make_hf_llama(snap)
+    commit, env = _prefilled_cache(tmp_path, "tiny-chat")
+    snap = tmp_path / "cache" / "models--tiny-org--tiny-chat" / "snapshots" / commit
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(prepare_smollm2() / name, snap / name)
     (snap / "chat_template.jinja").write_text("DEFAULT{{ messages[0].content }}")
     (snap / "additional_chat_templates").mkdir()
     (snap / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS{{ messages[0].content }}")
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"), TRITON_INTERPRET="0")
     code = ("import ligerzoo; t = ligerzoo.load_tokenizer('tiny-org/tiny-chat'); print(sorted(t.chat_templates)); "
             "print(t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tools=[{}], tokenize=False))")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
