@@ -37,6 +37,7 @@ a fresh buffer is used, as rms_norm's ``inplace`` and rope's ``backward_inplace`
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -328,11 +329,18 @@ def launch_cross_entropy_rows(
     softcap: Optional[float],
     lse_given: bool = False,
 ) -> None:
-    """Run the Triton row kernel (see the module docstring) on ``logits``."""
+    """Run the Triton row kernel (see the module docstring) on ``logits``; on sm_90, rows of
+    96 KB or more with a gradient to write run :mod:`ligerzoo.kernels.cross_entropy_sm90`
+    instead (the same outputs, each row read from DRAM once)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
     assert (logits.stride(1) == 1 or n_cols <= 1) and (grad is None or grad.stride(1) == 1 or n_cols <= 1)
+    sm90 = _sm90()
+    if sm90 is not None and sm90.supported(logits, grad, lse_given):
+        sm90.launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
+                    ignore_index, label_smoothing, lse_square_scale, softcap)
+        return
     block, warps = _block_settings(n_cols)
     compute_loss = loss_rows is not None
     dummy = lse  # placeholder pointer for unused arguments
@@ -360,6 +368,15 @@ def launch_cross_entropy_rows(
             BLOCK_SIZE=block,
             num_warps=warps,
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90():
+    """The Hopper resident-row kernel module (imported on first use), or None without Triton."""
+    if not HAS_TRITON:
+        return None
+    from ligerzoo.kernels import cross_entropy_sm90
+    return cross_entropy_sm90
 
 
 def torch_cross_entropy_rows(
