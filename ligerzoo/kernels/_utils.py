@@ -232,7 +232,7 @@ class DirectLaunch:
         self._cache: dict = {}
         from triton.runtime.jit import JITFunction
 
-        self._direct = _DIRECT_LAUNCH and type(fn) is JITFunction
+        self._direct = _DIRECT_LAUNCH and isinstance(fn, JITFunction)  # Gluon's subclass too
         self._arg_names = tuple(getattr(fn, "arg_names", ()))
         params = getattr(fn, "params", ())
         # how many leading parameters are runtime values (constexprs must come by keyword)

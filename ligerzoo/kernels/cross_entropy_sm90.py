@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from ligerzoo.kernels._utils import HAS_TRITON, device_guard, interpreter_enabled
+from ligerzoo.kernels._utils import HAS_TRITON, DirectLaunch, device_guard, interpreter_enabled
 
 try:
     from triton.experimental import gluon
@@ -200,6 +200,7 @@ if HAS_GLUON:
         else:
             gl.store(DXROW + col0 + offs, g.to(DXROW.dtype.element_ty))
 
+    @DirectLaunch
     @gluon.jit
     def _cross_entropy_resident_kernel(
         desc,                   # TMA descriptor over X viewed as (N, V // BOX, BOX), boxes (1, NBOX, BOX)

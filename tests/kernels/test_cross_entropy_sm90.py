@@ -33,7 +33,7 @@ def compile_for_sm90(dtype: str, n_cols: int, **flags):
 
     eb = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     nbox, nch, ns = sm90.settings(n_cols, eb)
-    fn = sm90._cross_entropy_resident_kernel
+    fn = sm90._cross_entropy_resident_kernel.fn  # the Gluon function inside DirectLaunch
     layout = (f"NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth={eb * 8}, rank=3, transposed=False, "
               "fp4_padded=False, cga_layout=[])")
     ptrs = dict(X=dtype, DX=dtype, TARGET="i64", CLASS_W="fp32", LOSS="fp32", ZLOSS="fp32", LSE="fp32",
