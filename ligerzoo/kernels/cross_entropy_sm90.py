@@ -321,7 +321,10 @@ if HAS_GLUON:
                 coef_p += z_f * 2.0 * lse_square_scale * lse
             coef_t = ce_f * keep * w_t                # subtracted at the target column
             sm_c = ce_f * eps_v                       # subtracted everywhere (times w_c)
-            t_chunk = t32 // CHUNK
+            # where the one-hot term goes; an out-of-range target (unchecked under compile)
+            # matches no column, as in the portable kernel
+            t_cmp = gl.where(valid, t32, -1)
+            t_chunk = gl.where(valid, t32 // CHUNK, -1)
             DXROW = DX + row.to(gl.int64) * stride_dx
 
             # ---- pass 2: resident chunks NRELOAD..NCH-1 (in load order), then the reloads
@@ -337,13 +340,13 @@ if HAS_GLUON:
                     x = smem.index(q % NS).reshape([R, LANES]).load(layout).to(gl.float32)
                     col0 = c * CHUNK
                     if c == NCH - 1:
-                        _grad_chunk(x, offs, col0, n_full, t32 - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                        _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
                                     coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, True, True)
                     elif c == t_chunk:
-                        _grad_chunk(x, offs, col0, n_full, t32 - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                        _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
                                     coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, True)
                     else:
-                        _grad_chunk(x, offs, col0, n_full, t32 - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                        _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
                                     coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, False)
                 _cta_barrier()       # every warp is done with the slot before it is refilled
                 _issue(desc, smem, bars, q + NS, total, pid, n_prog, LPR, NCH, NS, NBOX)
@@ -355,7 +358,7 @@ if HAS_GLUON:
                         gt -= sm_c * wt_c
                     else:
                         gt -= sm_c
-                gt = gl.where(tail_cols == t32, gt - coef_t, gt)
+                gt = gl.where(tail_cols == t_cmp, gt - coef_t, gt)
                 if HAS_SOFTCAP:
                     gt = gt * (1.0 - tht * tht)
                 gl.store(DXROW + tail_cols, gt.to(DX.dtype.element_ty), mask=tail_mask)
