@@ -207,6 +207,9 @@ def _arg_key(args) -> tuple:
         elif t is torch.Tensor or t is _Parameter or isinstance(a, torch.Tensor):
             add(a.dtype)
             add(a.data_ptr() & 15 == 0)
+        elif hasattr(a, "block_shape") and hasattr(a, "layout") and hasattr(a, "base"):
+            # a TMA tensor descriptor (Gluon): Triton specialises on its dtype, box and layout
+            add((t, a.base.dtype, tuple(a.block_shape), a.layout))
         else:
             add(t)
     return tuple(key)

@@ -331,7 +331,7 @@ def launch_cross_entropy_rows(
 ) -> None:
     """Run the Triton row kernel (see the module docstring) on ``logits``; on sm_90, rows of
     96 KB or more with a gradient to write run :mod:`ligerzoo.kernels.cross_entropy_sm90`
-    instead (the same outputs, each row read from DRAM once)."""
+    instead (the same results to rounding; up to 224 KB of each row is read from DRAM once)."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return

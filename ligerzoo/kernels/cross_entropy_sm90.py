@@ -1,34 +1,37 @@
-"""Cross entropy rows on Hopper: each row of logits read from DRAM once.
+"""Cross entropy rows on Hopper: each row of logits kept in shared memory between passes.
 
 The portable row kernel in :mod:`ligerzoo.kernels.cross_entropy` reads a row twice (pass 1
 for ``lse``, pass 2 for the gradient), so at (8192, 128256) bf16 it moves 6.3 GB where the
-floor is 4.2 GB (one read, one write). On sm_90 a row of up to ~220 KB fits in one SM's
-shared memory, so this kernel keeps it there between the two passes. Same math, same
-outputs and the same arguments as ``launch_cross_entropy_rows`` (see that module's
-docstring for the formulas); written in Gluon, Triton's lower-level dialect, because
-plain Triton cannot hold a tensor in shared memory across loops or issue TMA copies.
+floor is 4.2 GB (one read, one write). On sm_90 up to 224 KB of a row stay in one SM's
+shared memory, so this kernel keeps them there between the two passes: a row that fits is
+read from DRAM once, a larger one re-reads only what did not fit (one 32 KB chunk of eight
+for a 128256-column bf16 row, 4.5 GB moved in all; 9 of 16 chunks in fp32). Same math and
+the same arguments as ``launch_cross_entropy_rows`` (see that module's docstring for the
+formulas). Written in Gluon, Triton's lower-level dialect, because plain Triton can
+neither hold a tensor in shared memory across loops nor issue TMA copies.
 
 Layout of the work:
 
-- Persistent CTAs (one per SM, or more when the ring is small) take rows ``pid``,
-  ``pid + G``, ... A row's full boxes of ``BOX`` (256) columns are TMA-copied in chunks of
-  ``NBOX`` boxes into a ring of ``NS`` shared-memory slots; the last partial box
-  (``n_cols % 256`` columns) is read with plain loads.
+- Persistent CTAs (one per SM: 512 threads at ~124 registers fill its register file) take
+  rows ``pid``, ``pid + G``, ... A row's full boxes of ``BOX`` (256) columns are
+  TMA-copied in chunks of ``NBOX`` boxes into a ring of ``NS`` shared-memory slots; the
+  last partial box (``n_cols % 256`` columns) is read with plain loads.
 - Pass 1 folds every chunk into per-lane running (max, sum of exp) values, one per
   column a thread owns, so no cross-warp reduction happens until the row's end (the
   online softmax of Milakov & Gimelshein, 2018, kept per lane).
 - Pass 2 writes the gradient from the chunks still resident (the row's last ``NS``) and
-  reloads the first ``NCH - NS`` (0 when the row fits; about 20% of a 128256-column bf16
-  row at the default 32 KB chunks).
+  reloads the first ``NCH - NS`` (none when the row fits).
 - Load ``q`` of a CTA goes to slot ``q % NS`` and is issued right after the last use of
   load ``q - NS``, so the ring is FIFO; the next row's loads are in flight during this
   row's pass 2. mbarrier phase parity of load ``q`` is ``(q // NS) & 1``.
 
 Used by ``launch_cross_entropy_rows`` when :func:`supported` says so (CUDA capability
-9.x, bf16 / fp16 / fp32, 16-byte aligned rows of at least 96 KB, a gradient to write,
-``lse`` not given); everything else runs the portable kernel. Ignored rows are read like
-the others (their loads are in flight before the target is known). ``ENABLED = False`` turns it off.
-Triton's CPU interpreter cannot run Gluon, so the CPU tests compile this kernel for
+9.x, bf16 / fp16 / fp32, 16-byte aligned, non-overlapping rows of at least 96 KB, a
+gradient to write, ``lse`` not given); everything else runs the portable kernel.
+Differences from it: ignored rows are read like the others (their loads are in flight
+before the target is known), and a row whose logits are all -inf gets lse -inf (the
+portable kernel: nan; the loss and gradient are nan in both). ``ENABLED = False`` turns it
+off. Triton's CPU interpreter cannot run Gluon, so the CPU tests compile this kernel for
 sm_90 (no GPU needed) and the GPU tests check its values against float64 torch.
 """
 from __future__ import annotations
@@ -89,7 +92,8 @@ def supported(logits: torch.Tensor, grad: Optional[torch.Tensor], lse_given: boo
     if logits.dtype not in _DTYPES or logits.dim() != 2 or logits.shape[0] == 0:
         return False
     eb = logits.element_size()
-    if logits.stride(1) != 1 or (logits.stride(0) * eb) % 16 or logits.data_ptr() % 16:
+    if (logits.stride(1) != 1 or logits.stride(0) < logits.shape[1] or (logits.stride(0) * eb) % 16
+            or logits.data_ptr() % 16):   # rows that overlap (an expanded tensor) or TMA-unaligned
         return False
     if grad is None or grad.stride(1) != 1:  # the loss alone: the portable kernel reads once too
         return False
@@ -254,14 +258,23 @@ if HAS_GLUON:
         keep = 1.0 - label_smoothing          # weight of the one-hot part
         eps_v = label_smoothing / n_cols      # weight of the uniform part
 
+        target_next = gl.load(TARGET + pid)
         for i in range(my_rows):
             row = pid + i * n_prog
             base = i * LPR
-            target = gl.load(TARGET + row)
+            target = target_next                       # loaded one row ahead: no wait here
+            target_next = gl.load(TARGET + gl.minimum(row + n_prog, n_rows - 1))
             ignored = target == ignore_index
             valid = (target >= 0) & (target < n_cols)
-            t32 = gl.where(valid, target, 0).to(gl.int32)   # first used after pass 1: latency hidden
+            t32 = gl.where(valid, target, 0).to(gl.int32)
             XROW = X + row.to(gl.int64) * stride_x
+            # z and the class weight at the target: first used after pass 2, loaded now (pass 2
+            # may write over z in place; the barrier before pass 2 orders this load first)
+            z_t = gl.load(XROW + t32).to(gl.float32)
+            if HAS_WEIGHT:
+                w_t = gl.load(CLASS_W + t32).to(gl.float32)
+            else:
+                w_t = 1.0
 
             # ---- pass 1: per-lane (max, sum of exp, smoothing sum); the last chunk masked
             m_v = gl.full([LANES], float("-inf"), gl.float32, lane_layout)
@@ -298,16 +311,10 @@ if HAS_GLUON:
             m = gl.maximum(gl.max(m_v, axis=0), gl.max(xt, axis=0))
             m = gl.where(m == float("-inf"), 0.0, m)
             d = gl.sum(d_v * gl.exp2((m_v - m) * LOG2E), axis=0) + gl.sum(gl.exp2((xt - m) * LOG2E), axis=0)
-            lse = gl.where(ignored, 0.0, m + gl.log(d))
-            gl.store(LSE + row, lse)
-
-            # z at the target, used after pass 2, read before it (pass 2 may write over it; its
-            # barriers order this load before any thread's store)
-            z_t = gl.load(XROW + t32).to(gl.float32)
-            if HAS_WEIGHT:
-                w_t = gl.load(CLASS_W + t32).to(gl.float32)
-            else:
-                w_t = 1.0
+            # the row's true lse even when it is ignored: exp(z - 0) could overflow to inf, and
+            # the zero coefficients below would turn it into nan
+            lse = m + gl.log(d)
+            gl.store(LSE + row, gl.where(ignored, 0.0, lse))
             ce_f = gl.where(ignored, 0.0, ce_f0)      # ignored rows: a zero gradient
             z_f = gl.where(ignored, 0.0, z_f0)
             if HAS_ROW_SCALE:
@@ -326,6 +333,7 @@ if HAS_GLUON:
             t_cmp = gl.where(valid, t32, -1)
             t_chunk = gl.where(valid, t32 // CHUNK, -1)
             DXROW = DX + row.to(gl.int64) * stride_dx
+            _cta_barrier()   # every thread's z_t load is done before any thread stores a gradient
 
             # ---- pass 2: resident chunks NRELOAD..NCH-1 (in load order), then the reloads
             for k in range(NCH):
@@ -385,15 +393,14 @@ def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_sca
            ignore_index, label_smoothing, lse_square_scale, softcap, n_programs: Optional[int] = None) -> None:
     """Run the resident-row kernel; arguments as ``launch_cross_entropy_rows`` (``lse`` is
     always written). Call only where :func:`supported` is True. ``n_programs``: CTAs to
-    launch (default: one per SM, or as many as fit when the ring is small)."""
+    launch (default: one per SM)."""
     n_rows, n_cols = logits.shape
     eb = logits.element_size()
     nbox, nch, ns = settings(n_cols, eb)
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=eb * 8, rank=3)
     desc = TensorDescriptor(logits, [n_rows, n_cols // BOX, BOX], [logits.stride(0), BOX, 1], [1, nbox, BOX], layout)
-    if n_programs is None:
-        per_sm = max(1, (227 * 1024) // (ns * nbox * BOX * eb + 2048))
-        n_programs = _sm_count(logits.device) * per_sm
+    if n_programs is None:  # one CTA per SM: 512 threads x ~124 registers fill the register file
+        n_programs = _sm_count(logits.device)
     n_programs = max(1, min(n_programs, n_rows))
     dummy = lse  # placeholder pointer for unused arguments
     with device_guard(logits):

@@ -77,6 +77,19 @@ def test_arg_key_follows_triton_specialisation():
         ONE, SEVENTEEN = 1, 17
 
     assert key((E.ONE,)) == key((1,)) and key((E.SEVENTEEN,)) == key((17,)) != key((E.ONE,))
+    # TMA tensor descriptors (Gluon): keyed by the base's dtype, the box and the layout
+    from dataclasses import dataclass
+
+    @dataclass
+    class Desc:
+        base: torch.Tensor
+        block_shape: list
+        layout: str
+
+    a = Desc(x, [1, 64, 256], "nvmma")
+    assert key((a,)) == key((Desc(x[8:], [1, 64, 256], "nvmma"),))
+    assert len({key((a,)), key((Desc(x, [1, 32, 256], "nvmma"),)), key((Desc(x.double(), [1, 64, 256], "nvmma"),)),
+                key((Desc(x, [1, 64, 256], "swizzled"),))}) == 4
 
 
 def test_relaunch_skips_triton_with_the_same_specialisation(fake):
