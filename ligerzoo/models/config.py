@@ -267,23 +267,42 @@ def read_rope(hf: dict) -> tuple[float, dict | None]:
         theta = scaling.pop("rope_theta", theta)
         if scaling.get("rope_type") == "su" or (scaling.get("rope_type") == "yarn" and "short_factor" in scaling):
             scaling["rope_type"] = "longrope"  # Phi3's old names for LongRoPE
-        if scaling.get("rope_type") in ("llama3", "yarn", "longrope") and scaling.get(
-                "original_max_position_embeddings") is None:  # transformers' fallback order
-            scaling["original_max_position_embeddings"] = (hf.get("original_max_position_embeddings")
-                                                           or hf.get("max_position_embeddings"))
+        if scaling.get("rope_type") in ("llama3", "yarn", "longrope"):
+            # transformers' order (standardize_rope_params): a top-level value wins over the one in
+            # the rope dict, which wins over max_position_embeddings
+            if hf.get("original_max_position_embeddings") is not None:
+                scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+            elif scaling.get("original_max_position_embeddings") is None:
+                scaling["original_max_position_embeddings"] = hf.get("max_position_embeddings")
         if scaling.get("rope_type", "default") == "default":
             scaling = None
     return float(theta if theta is not None else 10000.0), scaling
 
 
-def read_common(hf: dict, defaults: dict | None = None) -> dict[str, Any]:
+def read_common(hf: dict, defaults: dict | None = None, partial_rotary: bool = False) -> dict[str, Any]:
     """The fields every decoder family shares, as ModelConfig keyword arguments.
 
     ``defaults``: the family's transformers class defaults for keys config.json may omit
-    (e.g. Mixtral's rope_theta 1e6); the stored ``hf_config`` stays the file's own dict."""
+    (e.g. Mixtral's rope_theta 1e6); the stored ``hf_config`` stays the file's own dict.
+    ``partial_rotary``: whether the family's transformers attention honours
+    ``partial_rotary_factor`` (Phi3). Elsewhere transformers rotates the whole head with the
+    default RoPE, so the factor is ignored with a warning, and a scaled RoPE with a factor
+    below 1 (which transformers cannot run either) raises ValueError.
+    """
     original = hf
     hf = (defaults or {}) | hf  # only keys the file omits; an explicit null stays null
     rope_theta, rope_scaling = read_rope(hf)
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    # transformers copies a top-level factor into rope_parameters only where that lacks one
+    factor = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
+    if float(factor) != 1.0 and not partial_rotary:
+        family = hf.get("model_type")
+        if rope_scaling is not None:
+            raise ValueError(f"config.json sets partial_rotary_factor={factor} with a {rope_scaling.get('rope_type')!r} "
+                             f"RoPE: the {family} family rotates whole heads (transformers cannot run this either)")
+        warnings.warn(f"config.json sets partial_rotary_factor={factor}, which the {family} family ignores: RoPE "
+                      f"rotates the whole head_dim, as in transformers", stacklevel=3)
+        factor = 1.0
     dropout = {k: hf[k] for k in DROPOUT_KEYS if isinstance(hf.get(k), (int, float)) and hf[k] > 0}
     if dropout:
         warnings.warn(f"config.json sets {', '.join(f'{k}={v}' for k, v in dropout.items())}: ligerzoo models have "
@@ -312,8 +331,7 @@ def read_common(hf: dict, defaults: dict | None = None) -> dict[str, Any]:
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         hidden_act=hf.get("hidden_act", "silu"),
-        partial_rotary_factor=float(hf.get("partial_rotary_factor")
-                                    or (hf.get("rope_parameters") or {}).get("partial_rotary_factor") or 1.0),
+        partial_rotary_factor=float(factor),
         initializer_range=hf.get("initializer_range", 0.02),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),

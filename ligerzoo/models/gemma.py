@@ -40,6 +40,9 @@ def gemma_fields(hf: dict) -> dict:
     """ModelConfig keyword arguments shared by Gemma and Gemma2."""
     check_tanh_gelu(hf, ("hidden_act", "hidden_activation") if hf.get("model_type") == "gemma"
                     else ("hidden_activation",))
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json sets use_bidirectional_attention=true (an encoder such as EmbeddingGemma): "
+                         "ligerzoo's Gemma is a causal decoder only")
     common = read_common(hf, {"head_dim": 256, "rms_norm_eps": 1e-6})  # GemmaConfig / Gemma2Config defaults
     bias = bool(hf.get("attention_bias", False))
     return common | dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=hf.get("tie_word_embeddings", True),

@@ -9,8 +9,10 @@ short/long factors) and ``partial_rotary_factor``; a ``sliding_window`` applies 
 LongRoPE regime (as transformers): each forward call picks the long factors when
 ``max(position_ids) + 1 > original_max_position_embeddings``, else the short ones, and
 scales cos/sin by the attention factor in both regimes. ``generate`` recomputes its KV cache
-with the long factors at the first step past the boundary, as transformers' Phi3 does (vLLM
-instead uses the long factors throughout).
+once, when the sequence (left padding included) first grows past the boundary, as
+transformers' Phi3 does (vLLM instead uses the long factors throughout); other families
+with a LongRoPE keep their cache, as transformers' do. ``partial_rotary_factor`` (read from
+``rope_parameters`` first, as transformers) is honoured only here.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096}  # Phi3Config
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    common = read_common(hf, DEFAULTS)
+    common = read_common(hf, DEFAULTS, partial_rotary=True)
     scaling = common["rope_scaling"]
     if scaling is not None and scaling.get("rope_type") == "longrope":
         # Phi3Config's top-level value (class default 4096) takes priority over rope_scaling's

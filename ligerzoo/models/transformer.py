@@ -680,10 +680,13 @@ class CausalLM(nn.Module):
         tokens, done = input_ids, torch.zeros(B, dtype=torch.bool, device=device)
         next_pos = positions[:, -1:] + 1  # (B, 1)
         padded = not bool(attention_mask.all())
-        long_rope_at = None  # the position at which LongRoPE switches to its long factors
-        if True in self._inv_freq and int(positions.max()) + 1 <= self.config.rope_scaling[
-                "original_max_position_embeddings"]:
-            long_rope_at = self.config.rope_scaling["original_max_position_embeddings"]
+        # Phi3's generate in transformers (prepare_inputs_for_generation) drops its cache once,
+        # when the sequence (padding included) first grows past original_max_position_embeddings,
+        # and recomputes it; other families with LongRoPE keep their cache.
+        long_rope_at = None  # that length
+        if (True in self._inv_freq and self.config.model_type == "phi3"
+                and T <= self.config.rope_scaling["original_max_position_embeddings"]):
+            long_rope_at = self.config.rope_scaling["original_max_position_embeddings"] + 1
         h = self.hidden_states(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
         for _ in range(max_new_tokens):
             logits = self.lm_head(h).float()  # (B, V)
@@ -703,10 +706,9 @@ class CausalLM(nn.Module):
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if bool(done.all()) or cache.length == cache.max_len:
                 break
-            if long_rope_at is not None and int(next_pos.max()) >= long_rope_at:
-                # LongRoPE crossing original_max_position_embeddings: like transformers (Phi3's
-                # prepare_inputs_for_generation), drop the short-factor cache and recompute it all
-                # with the long factors.
+            if long_rope_at is not None and tokens.shape[1] >= long_rope_at:
+                # recompute the whole cache; each forward picks the short or long factors from its
+                # largest position, as transformers' does
                 mask = torch.cat([attention_mask, torch.ones_like(tokens[:, T:], dtype=torch.bool)], dim=1)
                 cache = KVCache(self.config, B, T + max_new_tokens, device, self.embed.weight.dtype)
                 pos = (mask.long().cumsum(-1) - 1).clamp(min=0)

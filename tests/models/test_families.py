@@ -248,3 +248,96 @@ def test_model_config_in_code_refuses_an_unknown_model_type():
         ModelConfig(model_type="gpt2")
     for model_type in FAMILIES:
         assert ModelConfig(model_type=model_type).model_type == model_type
+
+
+def _logits_match(hf, ours, ids):
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        out = ours(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_phi3_generation_with_every_row_padded_matches_transformers(tmp_path):
+    """transformers' Phi3 recomputes its cache when the sequence, padding included, first
+    passes original_max_position_embeddings (it recomputed at the real position before)."""
+    hf = make_hf("phi3", tmp_path / "hf")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    ids = torch.randint(3, BASE["vocab_size"], (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[1, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.generate(ids, attention_mask=mask, max_new_tokens=14, eos_token_id=[]).tolist() == ref.tolist()
+
+
+def test_llama_longrope_generation_keeps_its_cache_as_transformers(tmp_path):
+    """Only Phi3 recomputes the cache past original_max_position_embeddings; transformers'
+    Llama with a LongRoPE keeps it (ours recomputed for every family)."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": [1.0, 1.2, 1.4, 1.6, 2.0, 2.2], "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 8.0]}
+    hf = make_hf("llama", tmp_path / "hf", rope_parameters=rope)
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    ids = torch.randint(3, BASE["vocab_size"], (2, 11))
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert ours.generate(ids, max_new_tokens=12, eos_token_id=[]).tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
+def test_partial_rotary_factor_outside_phi3_is_ignored_as_transformers(tmp_path, name):
+    """transformers rotates whole heads in these families whatever partial_rotary_factor says
+    (ours rotated half of them); with a scaled RoPE both refuse it."""
+    extra = dict(partial_rotary_factor=0.5)
+    if name == "llama":
+        extra["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    hf = make_hf(name, tmp_path / "hf", **extra)
+    with pytest.warns(UserWarning, match="partial_rotary_factor=0.5, which the .* family ignores"):
+        ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert ours.config.rotary_dim == ours.config.head_dim
+    _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 20)))
+    if name == "llama":
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                  "partial_rotary_factor": 0.5}
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="partial_rotary_factor=0.5 with a 'llama3' RoPE"):
+            ligerzoo.from_hf(tmp_path / "hf")
+
+
+def test_phi3_partial_rotary_factor_in_rope_parameters_wins(tmp_path):
+    """As transformers: rope_parameters' factor over a different top-level one."""
+    hf = make_hf("phi3", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["partial_rotary_factor"] = 1.0
+    cfg["rope_parameters"]["partial_rotary_factor"] = 0.5
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert ours.config.partial_rotary_factor == 0.5
+    _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 20)))
+
+
+def test_top_level_original_max_position_embeddings_wins_as_transformers(tmp_path):
+    """transformers' standardize_rope_params: a top-level original_max_position_embeddings
+    overrides the rope dict's for llama3 / yarn / longrope in every family."""
+    import transformers
+
+    hf = make_hf("llama", tmp_path / "hf")  # llama3 RoPE, original_max_position_embeddings 16
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["original_max_position_embeddings"] = 32
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert hf.config.rope_parameters["original_max_position_embeddings"] == 32
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == 32
+    _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 40)))
+
+
+def test_gemma_bidirectional_attention_is_refused(tmp_path):
+    make_hf("gemma", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["use_bidirectional_attention"] = True
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        ligerzoo.from_hf(tmp_path / "hf")
