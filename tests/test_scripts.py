@@ -29,6 +29,7 @@ def test_demo_never_replaces_a_non_empty_out_unasked(tmp_path, capsys):
     _refused(demo.main, ["--out", str(tmp_path)], capsys, "pass --overwrite")
     assert (tmp_path / "important.txt").read_text() == "keep"
     _refused(demo.main, ["--steps", "0"], capsys, "--steps must be at least 1")
+    _refused(demo.main, ["--seq-len", "1"], capsys, "--seq-len must be at least 2")
 
 
 @pytest.mark.parametrize("argv,message", [
