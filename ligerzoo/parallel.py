@@ -56,12 +56,15 @@ def apply_fsdp(model: nn.Module, mesh=None, *, mp_dtype: torch.dtype | None = to
             gather them again in backward), as ``fully_shard``'s option.
 
     Raises:
-        ValueError: from ``torch.distributed`` when no process group is initialised and
+        ValueError: ``mp_dtype`` neither None nor a floating dtype (checked before any
+            sharding); from ``torch.distributed`` when no process group is initialised and
             ``fully_shard`` cannot initialise one from the environment (``RANK`` etc.
             unset).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    if mp_dtype is not None and not (isinstance(mp_dtype, torch.dtype) and mp_dtype.is_floating_point):
+        raise ValueError(f"mp_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {mp_dtype!r}")
     mp = (MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
           if mp_dtype else MixedPrecisionPolicy(cast_forward_inputs=False))
     for block in model.layers:

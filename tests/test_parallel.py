@@ -1,4 +1,5 @@
 """Activation checkpointing changes memory, not math: same loss and gradients."""
+import pytest
 import torch
 
 import ligerzoo
@@ -171,3 +172,14 @@ def test_fsdp_bf16_computes_what_one_process_does(tmp_path):
     assert r["cos_dtype"] == "torch.float32"
     torch.testing.assert_close(r["sharded"], r["plain"], rtol=1e-6, atol=0)
     assert torch.equal(r["count_float"], r["count_int"])
+
+
+@pytest.mark.parametrize("bad", [torch.int64, "bfloat16"])
+def test_fsdp_refuses_a_non_float_mp_dtype_before_sharding(bad):
+    """It used to shard, then fail at the first forward."""
+    from ligerzoo.parallel import apply_fsdp
+
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(model_type="llama", vocab_size=32, hidden_size=16,
+                                                   intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="mp_dtype must be a floating torch.dtype"):
+        apply_fsdp(model, mp_dtype=bad)
