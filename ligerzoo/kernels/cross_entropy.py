@@ -88,6 +88,20 @@ if HAS_TRITON:
         t = tl.where(ax < 0.5, small, big)
         return tl.where(x < 0, -t, t)
 
+    @triton.jit
+    def _grad_coefs(ce_f, z_f, keep, eps_v, w_t, w_all, lse, lse_square_scale,
+                    HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
+        """(coef_p, coef_t) of the gradient ``coef_p * p_c - [c == t] * coef_t - ce_f * eps_v * w_c``
+        (module docstring), from the row's reduction factors ``ce_f`` / ``z_f`` (row scale
+        applied), the target's class weight ``w_t`` and the sum of class weights ``w_all``.
+        Plain arithmetic: the Hopper kernel (Gluon) calls it too."""
+        coef_p = ce_f * keep * w_t
+        if HAS_SMOOTHING:
+            coef_p += ce_f * eps_v * w_all
+        if HAS_ZLOSS:
+            coef_p += z_f * 2.0 * lse_square_scale * lse
+        return coef_p, ce_f * keep * w_t
+
     @jit
     def _cross_entropy_kernel(
         X, stride_x,            # (N, V) logits rows (any float dtype)
@@ -175,12 +189,9 @@ if HAS_TRITON:
                 r = tl.load(ROW_SCALE + row).to(tl.float32)
                 ce_f = ce_f * r
                 z_f = z_f * r
-            coef_p = ce_f * keep * w_t          # multiplies p_c
-            if HAS_SMOOTHING:
-                coef_p += ce_f * eps_v * tl.load(SCALES + 2)
-            if HAS_ZLOSS:
-                coef_p += z_f * 2.0 * lse_square_scale * lse
-            coef_t = ce_f * keep * w_t          # subtracted at the target column
+            # multiplies p_c; subtracted at the target column
+            coef_p, coef_t = _grad_coefs(ce_f, z_f, keep, eps_v, w_t, tl.load(SCALES + 2), lse, lse_square_scale,
+                                         HAS_SMOOTHING, HAS_ZLOSS)
             for start in range(0, n_cols, BLOCK_SIZE):
                 cols = start + offs
                 mask = cols < n_cols

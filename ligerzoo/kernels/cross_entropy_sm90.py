@@ -123,6 +123,16 @@ if HAS_GLUON:
     # the portable kernel's tanh, compiled as Gluon (its Python function: under Triton's
     # interpreter the triton.jit object is an interpreted function Gluon cannot call)
     _tanh_f32 = gluon.jit(getattr(_ce._tanh_f32, "fn", _ce._tanh_f32))
+    _grad_coefs = gluon.jit(getattr(_ce._grad_coefs, "fn", _ce._grad_coefs))
+
+    @gluon.jit
+    def _class_weights(CLASS_W, col0, offs, mask, MASKED: gl.constexpr):
+        """The class weights of an (R, LANES) chunk's columns, fp32 (0 where masked)."""
+        if MASKED:
+            w = gl.load(CLASS_W + col0 + offs, mask=mask, other=0.0)
+        else:
+            w = gl.load(CLASS_W + col0 + offs)
+        return w.to(gl.float32)
 
     LOG2E = gl.constexpr(1.4426950408889634)
 
@@ -151,15 +161,10 @@ if HAS_GLUON:
         exp(z - m_v), and smoothing sum ``zsum_v`` of z (times the class weight)."""
         if HAS_SOFTCAP:
             x = softcap * _tanh_f32(x / softcap)
-        if MASKED:
-            mask = offs < n_full - col0
+        mask = offs < n_full - col0   # used only when MASKED
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
-                if MASKED:
-                    w_c = gl.load(CLASS_W + col0 + offs, mask=mask, other=0.0).to(gl.float32)
-                else:
-                    w_c = gl.load(CLASS_W + col0 + offs).to(gl.float32)
-                xw = w_c * x
+                xw = _class_weights(CLASS_W, col0, offs, mask, MASKED) * x
             else:
                 xw = x
             if MASKED:
@@ -178,8 +183,7 @@ if HAS_GLUON:
                     HAS_WEIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
                     MASKED: gl.constexpr, WITH_T: gl.constexpr):
         """Store d(loss)/d(logits) of an (R, LANES) chunk at ``DXROW + col0 + offs``."""
-        if MASKED:
-            mask = offs < n_full - col0
+        mask = offs < n_full - col0   # used only when MASKED
         if HAS_SOFTCAP:
             th = _tanh_f32(x / softcap)
             z = softcap * th
@@ -188,11 +192,7 @@ if HAS_GLUON:
         g = coef_p * gl.exp2((z - lse) * LOG2E)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
-                if MASKED:
-                    w_c = gl.load(CLASS_W + col0 + offs, mask=mask, other=0.0).to(gl.float32)
-                else:
-                    w_c = gl.load(CLASS_W + col0 + offs).to(gl.float32)
-                g -= sm_c * w_c
+                g -= sm_c * _class_weights(CLASS_W, col0, offs, mask, MASKED)
             else:
                 g -= sm_c
         if WITH_T:
@@ -321,12 +321,9 @@ if HAS_GLUON:
                 r = gl.load(ROW_SCALE + row).to(gl.float32)
                 ce_f = ce_f * r
                 z_f = z_f * r
-            coef_p = ce_f * keep * w_t                # multiplies p_c
-            if HAS_SMOOTHING:
-                coef_p += ce_f * eps_v * w_all
-            if HAS_ZLOSS:
-                coef_p += z_f * 2.0 * lse_square_scale * lse
-            coef_t = ce_f * keep * w_t                # subtracted at the target column
+            # multiplies p_c; subtracted at the target column
+            coef_p, coef_t = _grad_coefs(ce_f, z_f, keep, eps_v, w_t, w_all, lse, lse_square_scale,
+                                         HAS_SMOOTHING, HAS_ZLOSS)
             sm_c = ce_f * eps_v                       # subtracted everywhere (times w_c)
             # where the one-hot term goes; an out-of-range target (unchecked under compile)
             # matches no column, as in the portable kernel
