@@ -191,6 +191,8 @@ def split_tokens(tokens: torch.Tensor, split: str = "train", holdout_fraction: f
 
 
 def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
+    if not isinstance(text_or_tokens, (str, torch.Tensor)) and hasattr(text_or_tokens, "__array__"):
+        text_or_tokens = torch.as_tensor(text_or_tokens)  # a numpy array of ids
     if isinstance(text_or_tokens, torch.Tensor):
         if text_or_tokens.dim() != 1:
             raise ValueError(f"token ids must be 1-D (n_tokens,), got shape {tuple(text_or_tokens.shape)}")
@@ -251,7 +253,8 @@ def token_batches(
 
     Args:
         tokenizer_encode: ``str -> list[int]``; may be None when ``text`` is already ids.
-        text: the corpus (e.g. :func:`load_text_corpus`) or its ids, shape ``(n_tokens,)``.
+        text: the corpus (e.g. :func:`load_text_corpus`) or its ids, shape ``(n_tokens,)``
+            (a tensor or a numpy array).
         seq_len: tokens per row, at least 2 (the model predicts each token from the ones
             before it, so a row of one token has nothing to learn from).
         batch_size: rows per batch.

@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2)):  # a row of 1 token has no target
         if getattr(args, name) < least:
             ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if not 0.0 <= args.lr < float("inf"):
+        ap.error(f"--lr must be a finite number >= 0, got {args.lr}")
     if args.out:  # refused now, not after the run
         try:
             ligerzoo.hub.check_save_target(args.out, overwrite=args.overwrite)

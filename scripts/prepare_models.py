@@ -24,9 +24,9 @@ a crash or a bad conversion never leaves a half-written or wrong checkpoint behi
 
 Usage::
 
-    python scripts/prepare_models.py smollm2              # -> ~/.cache/ligerzoo/models/smollm2-135m-instruct
-    python scripts/prepare_models.py qwen2-coder --out DIR
-    python scripts/prepare_models.py all
+    .venv/bin/python scripts/prepare_models.py smollm2              # -> ~/.cache/ligerzoo/models/smollm2-135m-instruct
+    .venv/bin/python scripts/prepare_models.py qwen2-coder --out DIR
+    .venv/bin/python scripts/prepare_models.py all
 
 From Python (tests, demos)::
 

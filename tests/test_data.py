@@ -205,6 +205,8 @@ def test_numpy_and_tensor_ints_are_ints():
     assert len(got) == len(ref) == 6   # 58 training tokens: 7 windows of 8, 3 batches of 2, two epochs
     assert all(torch.equal(a[0], b[0]) for a, b in zip(ref, got))
     assert num_batches(np.int64(100), torch.tensor(8), 2) == 6
+    from_numpy = list(token_batches(None, np.arange(64), 8, 2, epochs=2, seed=3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ref, from_numpy))
 
 
 def test_largest_seed_runs_every_epoch():

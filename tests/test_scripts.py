@@ -30,6 +30,8 @@ def test_demo_never_replaces_a_non_empty_out_unasked(tmp_path, capsys):
     assert (tmp_path / "important.txt").read_text() == "keep"
     _refused(demo.main, ["--steps", "0"], capsys, "--steps must be at least 1")
     _refused(demo.main, ["--seq-len", "1"], capsys, "--seq-len must be at least 2")
+    _refused(demo.main, ["--lr", "-1"], capsys, "--lr must be a finite number >= 0")
+    _refused(demo.main, ["--lr", "nan"], capsys, "--lr must be a finite number >= 0")
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -409,6 +409,7 @@ def torch_cross_entropy_rows(
     else:
         z = x
     mask = target != ignore_index                                   # (N,)
+    z = torch.where(mask[:, None], z, 0.0)  # ignored rows: finite values (-inf - -inf would be nan)
     valid = mask & (target >= 0) & (target < n_cols)
     safe_t = torch.where(valid, target, 0)
     if lse_given:
@@ -687,6 +688,8 @@ def cross_entropy_reference(
         z = softcap * torch.tanh(z / softcap)
     mask = target != ignore_index                                    # (N,)
     maskf = mask.to(cdt)
+    # ignored rows contribute nothing: give them finite values (all -inf would make nan * 0)
+    z = torch.where(mask[:, None], z, 0.0)
     safe_t = torch.where(mask, target, 0)
     lse = torch.logsumexp(z, dim=-1)                                 # (N,)
     z_t = z.gather(1, safe_t[:, None]).squeeze(1)

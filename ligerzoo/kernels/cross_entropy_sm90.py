@@ -29,8 +29,9 @@ Used by ``launch_cross_entropy_rows`` when :func:`supported` says so (CUDA capab
 9.x, bf16 / fp16 / fp32, 16-byte aligned, non-overlapping rows of at least 96 KB, a
 gradient to write, ``lse`` not given); everything else runs the portable kernel.
 Differences from it: ignored rows are read like the others (their loads are in flight
-before the target is known), and a row whose logits are all -inf gets lse -inf (the
-portable kernel: nan; the loss and gradient are nan in both). ``ENABLED = False`` turns it
+before the target is known), and a non-ignored row whose logits are all -inf gets lse
+-inf (the portable kernel: nan; the loss and gradient are nan in both; an ignored one gets
+loss 0 and a zero gradient in both). ``ENABLED = False`` turns it
 off. Triton's CPU interpreter cannot run Gluon, so the CPU tests compile this kernel for
 sm_90 (no GPU needed) and the GPU tests check its values against float64 torch.
 """
@@ -86,7 +87,15 @@ def settings(n_cols: int, elem_bytes: int) -> tuple[int, int, int]:
 
 
 def supported(logits: torch.Tensor, grad: Optional[torch.Tensor], lse_given: bool) -> bool:
-    """Whether :func:`launch` can take these rows (else the portable kernel runs)."""
+    """Whether :func:`launch` can take these rows (else the portable kernel runs).
+
+    Args:
+        logits: (N, V) logits the kernel would read.
+        grad: the (N, V) buffer the gradient would be written to (may be ``logits``), or
+            None when only the loss is wanted (then False: the portable kernel reads once).
+        lse_given: whether ``lse`` is an input (then False: this kernel always computes it).
+    Returns False, never raises, for CPU tensors, other GPUs, other dtypes or layouts.
+    """
     if not (ENABLED and HAS_GLUON and logits.is_cuda) or lse_given or interpreter_enabled():
         return False
     if logits.dtype not in _DTYPES or logits.dim() != 2 or logits.shape[0] == 0:

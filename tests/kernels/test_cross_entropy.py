@@ -422,3 +422,35 @@ def test_gpu_inplace_and_compile():
     loss.backward()
     assert_close_rel(loss.detach(), ref_loss, 1e-5)
     assert_close_rel(y.grad, ref_grad, 8e-3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dispatch", ["triton", "reference", "torch_rows"])
+def test_ignored_row_of_minus_inf_contributes_nothing(reduction, dispatch, monkeypatch):
+    """An ignored row whose logits are all -inf (a masked-out position): torch's loss over
+    the other rows, and a zero gradient there, on every path (the reference gave nan)."""
+    if dispatch == "triton" and not _utils.use_triton(torch.empty(0)):
+        pytest.skip("needs the Triton path")
+    if dispatch == "reference":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    logits, target, _ = make_inputs(torch.float32, n_ignored=0)
+    logits[1] = float("-inf")
+    target[1] = IGNORE
+    keep = target != IGNORE
+    ref = F.cross_entropy(logits[keep].double(), target[keep], reduction=reduction)
+    if dispatch == "torch_rows":
+        n, v = logits.shape
+        scales = ce_mod.reduction_scales(target, None, IGNORE, reduction, v)
+        lse, rows, grad = torch.empty(n), torch.empty(n), torch.empty(n, v)
+        ce_mod.torch_cross_entropy_rows(logits, target, None, scales, lse, rows, None, grad, None,
+                                        IGNORE, 0.0, 0.0, None)
+        assert torch.isfinite(rows).all() and rows[1] == 0 and not grad[1].any() and torch.isfinite(grad).all()
+        torch.testing.assert_close(rows[keep].double(), F.cross_entropy(logits[keep].double(), target[keep],
+                                                                        reduction="none"))
+        return
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, reduction=reduction)
+    (loss.sum() if reduction == "none" else loss).backward()
+    expected = ref if reduction != "none" else torch.zeros(len(target), dtype=torch.float64).masked_scatter(keep, ref)
+    torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(x.grad).all() and not x.grad[1].any()

