@@ -32,7 +32,6 @@ import functools
 import html
 import importlib
 import importlib.util
-import numbers
 import re
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from ligerzoo._checks import is_int
 
 __all__ = [
     "CORPUS_PACKAGE",
@@ -204,18 +205,11 @@ def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
     return tokenize(encode, text_or_tokens)
 
 
-def _is_int(v) -> bool:
-    """An integer that is not a bool: Python or numpy ints (``numbers.Integral``), 0-dim int tensors."""
-    if isinstance(v, torch.Tensor):
-        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _check_sizes(seq_len, batch_size, n_tokens=0, min_seq_len=1) -> None:
     """ValueError unless ``seq_len`` is an int >= ``min_seq_len``, ``batch_size`` an int >= 1
     and ``n_tokens`` an int >= 0."""
     for name, v, least in (("seq_len", seq_len, min_seq_len), ("batch_size", batch_size, 1), ("n_tokens", n_tokens, 0)):
-        if not _is_int(v) or int(v) < least:
+        if not is_int(v) or int(v) < least:
             raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
 
 
@@ -284,9 +278,9 @@ def token_batches(
     """
     _check_sizes(seq_len, batch_size, min_seq_len=2)
     seq_len, batch_size = int(seq_len), int(batch_size)
-    if epochs is not None and (not _is_int(epochs) or int(epochs) < 1):
+    if epochs is not None and (not is_int(epochs) or int(epochs) < 1):
         raise ValueError(f"epochs must be None (forever) or an int >= 1, got {epochs!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     epochs = None if epochs is None else int(epochs)
     seed = int(seed)

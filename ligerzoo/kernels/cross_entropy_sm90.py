@@ -227,7 +227,7 @@ if HAS_GLUON:
         n_rows, n_cols, ignore_index,
         label_smoothing, lse_square_scale, softcap,
         HAS_WEIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
-        HAS_ZLOSS: gl.constexpr, COMPUTE_LOSS: gl.constexpr, COMPUTE_GRAD: gl.constexpr,
+        HAS_ZLOSS: gl.constexpr, COMPUTE_LOSS: gl.constexpr,
         HAS_ROW_SCALE: gl.constexpr,
         NCH: gl.constexpr, NS: gl.constexpr, NBOX: gl.constexpr, BOX_: gl.constexpr, VEC_: gl.constexpr,
     ):
@@ -350,32 +350,30 @@ if HAS_GLUON:
                     c = k - NRES
                     q = base + NCH + c
                     mbarrier.wait(bars.index(q % NS), (q // NS) & 1)
-                if COMPUTE_GRAD:
-                    x = smem.index(q % NS).reshape([R, LANES]).load(layout).to(gl.float32)
-                    col0 = c * CHUNK
-                    if c == NCH - 1:
-                        _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
-                                    coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, True, True)
-                    elif c == t_chunk:
-                        _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
-                                    coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, True)
-                    else:
-                        _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
-                                    coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, False)
+                x = smem.index(q % NS).reshape([R, LANES]).load(layout).to(gl.float32)
+                col0 = c * CHUNK
+                if c == NCH - 1:
+                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                                coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, True, True)
+                elif c == t_chunk:
+                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                                coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, True)
+                else:
+                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                                coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, False)
                 _cta_barrier()       # every warp is done with the slot before it is refilled
                 _issue(desc, smem, bars, q + NS, total, pid, n_prog, LPR, NCH, NS, NBOX)
 
-            if COMPUTE_GRAD:
-                gt = coef_p * gl.exp2((xt - lse) * LOG2E)
-                if HAS_SMOOTHING:
-                    if HAS_WEIGHT:
-                        gt -= sm_c * wt_c
-                    else:
-                        gt -= sm_c
-                gt = gl.where(tail_cols == t_cmp, gt - coef_t, gt)
-                if HAS_SOFTCAP:
-                    gt = gt * (1.0 - tht * tht)
-                gl.store(DXROW + tail_cols, gt.to(DX.dtype.element_ty), mask=tail_mask)
+            gt = coef_p * gl.exp2((xt - lse) * LOG2E)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    gt -= sm_c * wt_c
+                else:
+                    gt -= sm_c
+            gt = gl.where(tail_cols == t_cmp, gt - coef_t, gt)
+            if HAS_SOFTCAP:
+                gt = gt * (1.0 - tht * tht)
+            gl.store(DXROW + tail_cols, gt.to(DX.dtype.element_ty), mask=tail_mask)
 
             if COMPUTE_LOSS:
                 if HAS_SOFTCAP:
@@ -398,7 +396,7 @@ if HAS_GLUON:
 def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
            ignore_index, label_smoothing, lse_square_scale, softcap, n_programs: Optional[int] = None) -> None:
     """Run the resident-row kernel; arguments as ``launch_cross_entropy_rows`` (``lse`` is
-    always written). Call only where :func:`supported` is True. ``n_programs``: CTAs to
+    always written, ``grad`` must be given). Call only where :func:`supported` is True. ``n_programs``: CTAs to
     launch (default: one per SM)."""
     n_rows, n_cols = logits.shape
     eb = logits.element_size()
@@ -412,7 +410,7 @@ def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_sca
     with device_guard(logits):
         _cross_entropy_resident_kernel[(n_programs,)](
             desc, logits, logits.stride(0),
-            grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+            grad, grad.stride(0),
             target,
             weight if weight is not None else dummy,
             loss_rows if loss_rows is not None else dummy,
@@ -426,7 +424,6 @@ def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_sca
             HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_ZLOSS=lse_square_scale != 0.0,
             COMPUTE_LOSS=loss_rows is not None,
-            COMPUTE_GRAD=grad is not None,
             HAS_ROW_SCALE=row_scale is not None,
             NCH=nch, NS=ns, NBOX=nbox, BOX_=BOX, VEC_=VEC,
             num_warps=NUM_WARPS,

@@ -31,13 +31,13 @@ activation recomputed in backward); the MoE layer lives in models/moe.py.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, plain_linear, rope_qkv_
@@ -361,10 +361,6 @@ class _RecomputedEmbedding:
             return self.model._embed(self.input_ids)
 
 
-def _is_int(n) -> bool:
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
-
-
 def _eos_list(eos) -> list[int]:
     """``generate``'s eos ids as a list: from None, an int, a sequence of ints, or a tensor /
     numpy array or scalar of ints (any shape).
@@ -381,7 +377,7 @@ def _eos_list(eos) -> list[int]:
     if hasattr(eos, "ravel") and hasattr(eos, "tolist"):  # numpy arrays and scalars
         eos = eos.ravel().tolist()
     items = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if not all(_is_int(i) for i in items):
+    if not all(is_int(i) for i in items):
         raise ValueError(f"eos_token_id must be an int or ints, got {eos!r}")
     return [int(i) for i in items]
 
@@ -662,7 +658,7 @@ class CausalLM(nn.Module):
         if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
             raise ValueError("generate needs left padding: some rows end in padding (attention_mask 0 at the "
                              "last position); pad prompts on the left (tokenizer padding_side='left')")
-        if not (_is_int(max_new_tokens) and max_new_tokens >= 0 and (top_k is None or (_is_int(top_k) and top_k >= 1))
+        if not (is_int(max_new_tokens) and max_new_tokens >= 0 and (top_k is None or (is_int(top_k) and top_k >= 1))
                 and 0 <= temperature < math.inf):
             raise ValueError(f"need an int max_new_tokens >= 0, a finite temperature >= 0 and an int top_k >= 1 (or "
                              f"None); got temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")
