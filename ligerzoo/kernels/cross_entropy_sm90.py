@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from ligerzoo.kernels._utils import HAS_TRITON, DirectLaunch, device_guard, interpreter_enabled
+from ligerzoo.kernels._utils import HAS_TRITON, DirectLaunch, device_guard, interpreter_enabled, multiprocessor_count
 
 try:
     from triton.experimental import gluon
@@ -117,11 +117,6 @@ def supported(logits: torch.Tensor, grad: Optional[torch.Tensor], lse_given: boo
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 if HAS_GLUON:
@@ -404,7 +399,7 @@ def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_sca
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=eb * 8, rank=3)
     desc = TensorDescriptor(logits, [n_rows, n_cols // BOX, BOX], [logits.stride(0), BOX, 1], [1, nbox, BOX], layout)
     if n_programs is None:  # one CTA per SM: 512 threads x ~124 registers fill the register file
-        n_programs = _sm_count(logits.device)
+        n_programs = multiprocessor_count(logits.device)
     n_programs = max(1, min(n_programs, n_rows))
     dummy = lse  # placeholder pointer for unused arguments
     with device_guard(logits):

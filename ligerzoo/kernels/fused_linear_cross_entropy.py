@@ -46,7 +46,7 @@ from ligerzoo.kernels.cross_entropy import (
     check_class_weight,
     claim_saved_grads,
     check_loss_options,
-    check_target,
+    TargetCheck,
     check_target_shape,
     cross_entropy_reference,
     launch_cross_entropy_rows,
@@ -389,11 +389,13 @@ def fused_linear_cross_entropy_sum_(
         raise ValueError("x must be contiguous (its gradient is written over it)")
     check_loss_options("sum", 0.0, 0.0, softcap)
     target = check_target_shape(target, x.shape[0], x.device)
-    check_target(target, weight.shape[0], ignore_index)
+    target_check = TargetCheck(target, weight.shape[0], ignore_index)  # waited on once the chunks are queued
     chunk = default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
-    return ops.fused_linear_cross_entropy_sum_(
+    out = ops.fused_linear_cross_entropy_sum_(
         x, weight.contiguous(), target, ignore_index, float(softcap) if softcap is not None else None,
         accum_dtype, chunk, need_w)
+    target_check.wait()
+    return out
 
 
 # ------------------------------------------------------------------------- reference
@@ -506,7 +508,7 @@ def fused_linear_cross_entropy(
     check_loss_options(reduction, label_smoothing, lse_square_scale, softcap)
     target = check_target_shape(target, n_rows, x.device)
     check_class_weight(ce_weight, vocab, x.device)
-    check_target(target, vocab, ignore_index)
+    target_check = TargetCheck(target, vocab, ignore_index)  # waited on once the chunks are queued
 
     x = x.contiguous()
     weight = weight.contiguous()
@@ -523,4 +525,5 @@ def fused_linear_cross_entropy(
         float(lse_square_scale), float(softcap) if softcap is not None else None, accum_dtype,
         int(chunk_size), need_x, need_w, need_b,
     )
+    target_check.wait()
     return (loss, z_loss.detach()) if return_z_loss else loss

@@ -172,6 +172,72 @@ def test_target_out_of_range_raises(bad):
         cross_entropy(logits, target)
 
 
+STATS_N = 2 * ce_mod._STATS_BLOCK + 37  # three steps of the one-program target kernels, the last partial
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("where, value", [("first", V + 3), ("last_block", -7), ("boundary", V)])
+def test_target_check_names_the_first_bad_value(path, where, value, monkeypatch):
+    """TargetCheck (the kernel under the interpreter, torch ops otherwise) reports the
+    value of the first out-of-range row, wherever it lies, and not a later one."""
+    if path == "reference":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    target = torch.randint(0, V, (STATS_N,))
+    target[::9] = IGNORE
+    row = {"first": 5, "last_block": STATS_N - 2, "boundary": 2 * ce_mod._STATS_BLOCK}[where]
+    target[row] = value
+    if where != "last_block":
+        target[STATS_N - 1] = -5  # a later bad row must not be the one reported
+    with pytest.raises(ValueError, match=rf"target value {value} is out of range .*V={V}"):
+        ce_mod.TargetCheck(target, V, IGNORE).wait()  # off CUDA it raises at construction
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("ignore_index", [IGNORE, V, 0])
+def test_target_check_accepts_valid_and_ignored_targets(path, ignore_index, monkeypatch):
+    """0 and V - 1 are valid, and ignore_index rows pass even when the value is outside [0, V)."""
+    if path == "reference":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    target = torch.randint(0, V, (STATS_N,))
+    target[::4] = ignore_index
+    target[1], target[2] = 0, V - 1
+    ce_mod.TargetCheck(target, V, ignore_index).wait()
+    ce_mod.check_target(target, V, ignore_index)
+    target[3] = V + 1 if ignore_index == V else V
+    with pytest.raises(ValueError, match="out of range"):
+        ce_mod.check_target(target, V, ignore_index)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["plain", "weight", "all_ignored", "out_of_range_weighted", "empty"])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_reduction_scales_against_float64(reduction, case, path, monkeypatch):
+    """[ce factor, z-loss factor, sum of class weights] from the one-program kernel and from
+    the torch ops, against float64: 1 / sum of the kept rows' class weights and
+    1 / kept-row count for "mean" (0 when nothing is kept), 1 otherwise."""
+    if path == "reference":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    n = 0 if case == "empty" else STATS_N
+    target = torch.randint(0, V, (n,))
+    target[::5] = IGNORE
+    weight = None if case in ("plain", "empty") else torch.rand(V) * 2 + 0.25
+    if case == "all_ignored":
+        target.fill_(IGNORE)
+    if case == "out_of_range_weighted":  # refused by the check; the factors read clamped weights
+        target[3], target[8] = V + 4, -7
+    got = ce_mod.reduction_scales(target, weight, IGNORE, reduction, V)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    keep = target != IGNORE
+    w = weight.double() if weight is not None else torch.ones(V, dtype=torch.float64)
+    w_kept = w[target.clamp(0, V - 1)][keep].sum().item()
+    count = int(keep.sum())
+    if reduction == "mean":
+        expected = [1 / w_kept if w_kept else 0.0, 1 / count if count else 0.0, w.sum().item()]
+    else:
+        expected = [1.0, 1.0, w.sum().item()]
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=2e-6, atol=0)
+
+
 def test_target_out_of_range_raises_reference_path(force_reference):
     logits, target, _ = make_inputs(torch.float32)
     target[2] = V
@@ -422,6 +488,42 @@ def test_gpu_inplace_and_compile():
     loss.backward()
     assert_close_rel(loss.detach(), ref_loss, 1e-5)
     assert_close_rel(y.grad, ref_grad, 8e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_target_check_raises_after_the_launch():
+    """On CUDA the label check finishes after the kernels are queued: a bad target still
+    raises (naming the first bad value) from cross_entropy, its in-place form (checked before
+    the logits are overwritten: they stay intact) and the fused linear losses, and the next
+    valid call is unaffected."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy, fused_linear_cross_entropy_sum_)
+
+    n, v, h = 4096, 128256, 256
+    logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    bad = target.clone()
+    bad[3000], bad[4000] = v + 2, -3
+    match = rf"target value {v + 2} is out of range .*V={v}"
+    x = logits.clone().requires_grad_()
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(x, bad)
+    assert x.grad is None
+    with pytest.raises(ValueError, match=match):
+        cross_entropy(x, bad, inplace=True)
+    assert torch.equal(x.detach(), logits)
+    hx = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy(hx, w, bad)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_cross_entropy_sum_(hx.detach().clone(), w.detach(), bad)
+    loss = cross_entropy(x, target)
+    loss.backward()
+    ref_loss, _, ref_grad = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+    assert_close_rel(loss.detach(), ref_loss, 1e-5)
+    assert_close_rel(x.grad, ref_grad, 8e-3)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
