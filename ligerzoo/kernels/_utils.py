@@ -207,9 +207,11 @@ def _arg_key(args) -> tuple:
         elif t is torch.Tensor or t is _Parameter or isinstance(a, torch.Tensor):
             add(a.dtype)
             add(a.data_ptr() & 15 == 0)
-        elif hasattr(a, "block_shape") and hasattr(a, "layout") and hasattr(a, "base"):
-            # a TMA tensor descriptor (Gluon): Triton specialises on its dtype, box and layout
-            add((t, a.base.dtype, tuple(a.block_shape), a.layout))
+        elif hasattr(a, "block_shape") and hasattr(a, "base"):
+            # a TMA tensor descriptor (Gluon's, or triton.tools'): Triton specialises on its
+            # dtype, box and shared layout (Gluon) or padding (triton.tools)
+            add((t, a.base.dtype, tuple(a.block_shape), getattr(a, "layout", None), getattr(a, "padding", None),
+                 getattr(a, "round_f32_to_tf32", False)))
         else:
             add(t)
     return tuple(key)

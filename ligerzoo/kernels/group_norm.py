@@ -154,6 +154,21 @@ _ONE_TILE_SAMPLES_PER_PROGRAM = 4
 # 2 and 5, 239.7 in run 3): the cap keeps programs short for large N (not measured there).
 _WORDS_ONE_TILE = True
 _WORDS_PREFETCH = True
+# On Hopper (sm_90+, TMA), a 16-bit sample's group that is one power-of-two (Cg, S) box of
+# _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values (each side at most 256, rows of 16
+# bytes or more) is instead copied into shared memory by TMA, with Triton's software
+# pipeliner keeping the next _TMA_STAGES - 1 samples' copies in flight (2 x 32 KB a stage:
+# one 16-warp program per SM), and dx leaves by a TMA store; chunks as for the words.
+# H200, bf16, 32 groups, dx and both parameter gradients, do_bench us (session 17, run 4
+# without the parameter epilogue; see benchmarks/NOTES.md for the kernel's own runs):
+# (64, 4096, 128) 60.6 against the words' 72.9; (128, 4096, 128) 108.0 against 130.7;
+# (256, 4096, 128) 206.9 against 245.7 (91% of the copy bandwidth); 2 stages were slower
+# than the words at every size, 4 than 3. None: on sm_90+ GPUs; True / False force it
+# (True runs it under the interpreter too, for the tests).
+_TMA_BWD: Optional[bool] = None
+_TMA_STAGES = 3
+_TMA_MIN_TILE_ELEMS = 8192
+_TMA_MAX_TILE_ELEMS = 16384
 _WORDS_MAX_ROW = 128
 _WORDS_MIN_SAMPLES = 4
 _WORDS_MAX_SAMPLES = 32
@@ -658,6 +673,7 @@ if HAS_TRITON:
                               # n_scratch samples) or a buffer
         OUT,                  # (P, C) out, in the parameters' dtype
         TICKET,               # int32 arrival counters, one per group (ticket_stride apart), zeroed
+        DY_DESC, X_DESC, DX_DESC,  # TMA: descriptors of dy, x, dx as (N * C, S) with (Cg, S) boxes, else None
         n_samples, n_groups, ch_per_group, n_cols, samples_per_program, eps,
         slot0, region_stride, slots_per_region, n_scratch, ticket_stride,
         sixteen,              # 16 (see _gn_unpack)
@@ -668,6 +684,9 @@ if HAS_TRITON:
         WORDS: tl.constexpr = False,     # ONE_TILE with 16-bit dy and x (one dtype, 4-byte
                                          # aligned, even S) read as int32 words (_gn_words_load)
         PREFETCH: tl.constexpr = False,  # WORDS: the next sample's words loaded before this one's work
+        TMA: tl.constexpr = False,       # ONE_TILE with each sample's group loaded by TMA (Hopper), the
+                                         # loads of the next TMA_STAGES - 1 samples in flight
+        TMA_STAGES: tl.constexpr = 3,
     ):
         """Each program takes one group of a chunk of samples. With parameter gradients and
         several chunks, each chunk writes its (P, Cg) fp32 sums into slot ``chunk`` of its
@@ -695,7 +714,30 @@ if HAS_TRITON:
             w = tl.where(c_mask, 1.0, 0.0)
         sum_a = tl.zeros([BLOCK_C], dtype=tl.float32)          # sums over the chunk of A, B
         sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if WORDS:
+        if TMA:
+            # each (sample, group) is a (Cg, S) box of dy and x: Triton's software pipeliner
+            # keeps the next samples' TMA copies in flight in shared memory during this one's
+            # work, and dx leaves by a TMA store (same operations as _gn_group_sample's one tile)
+            for n in tl.range(n_start, n_end, num_stages=TMA_STAGES):
+                pair = n * n_groups + grp
+                row = pair * ch_per_group
+                dy1 = DY_DESC.load([row, 0]).to(tl.float32)                     # (Cg, S)
+                mean = tl.load(MEAN + pair)
+                d1 = X_DESC.load([row, 0]).to(tl.float32) - mean
+                a_c = tl.sum(dy1 * d1, axis=1)
+                b_c = tl.sum(dy1, axis=1)
+                v_c = tl.sum(d1 * d1, axis=1)
+                rstd = 1.0 / tl.sqrt(tl.sum(v_c, axis=0) / numel + eps)
+                a_c = a_c * rstd
+                k_gx = tl.sum(a_c * w) / numel
+                k_g = tl.sum(b_c * w) / numel
+                if n < n_samples - n_scratch:
+                    xhat = d1 * rstd
+                    dx = dy1 * (w * rstd)[:, None] - rstd * (k_g + xhat * k_gx)
+                    DX_DESC.store([row, 0], dx.to(DX_DESC.dtype))
+                sum_a += a_c
+                sum_b += b_c
+        elif WORDS:
             nxt_dy, nxt_x = _gn_words_load(DY, X, n_start * n_groups + grp, numel, cc, c_mask, n_cols, BLOCK_S)
             for n in range(n_start, n_end):
                 dyw, xw = nxt_dy, nxt_x
@@ -1073,23 +1115,67 @@ def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> b
     return programs >= _WHOLE_GROUP_PROGRAMS_CPU
 
 
-def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int) -> tuple[int, int, bool, int, bool, int]:
-    """(BLOCK_C, BLOCK_S, one tile, num_warps, words, samples per program) of the whole-group
-    backward of contiguous ``x`` and ``dy``. ``words``: 16-bit values read as int32 words,
+def _tma_bwd_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, n_cols: int) -> bool:
+    """Whether the whole-group backward of contiguous ``x`` and ``dy`` can load each
+    sample's group as one TMA box (see _TMA_BWD): 16-bit values, dy of x's dtype, both
+    16-byte aligned, a (Cg, S) group of powers of two, each at most 256, S * 2 bytes a
+    multiple of 16, _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values, fewer than 2**31
+    rows of S values, and a CUDA GPU of compute capability 9 or more (unless forced)."""
+    ch_per_group = x.shape[1] // num_groups
+    tile = ch_per_group * n_cols
+    shape_ok = (x.element_size() == 2 and dy.dtype == x.dtype and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
+                and ch_per_group & (ch_per_group - 1) == 0 and n_cols & (n_cols - 1) == 0
+                and ch_per_group <= 256 and 8 <= n_cols <= 256
+                and _TMA_MIN_TILE_ELEMS <= tile <= _TMA_MAX_TILE_ELEMS and x.shape[0] * x.shape[1] < 2**31)
+    if not shape_ok or _TMA_BWD is False or not _has_tensor_descriptors():
+        return False
+    if _TMA_BWD:
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tensor_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return False
+    return TensorDescriptor is not None
+
+
+def _tma_descriptor(t: torch.Tensor, n_cols: int, ch_per_group: int):
+    """A TMA descriptor of contiguous ``t`` seen as (numel / S, S) with (Cg, S) boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t.view(-1, n_cols), [ch_per_group, n_cols])
+
+
+def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int
+                    ) -> tuple[int, int, bool, int, bool, int, bool]:
+    """(BLOCK_C, BLOCK_S, one tile, num_warps, words, samples per program, tma) of the
+    whole-group backward of contiguous ``x`` and ``dy``. ``tma``: each sample's group one
+    TMA box (_tma_bwd_ok), in chunks of at least _WORDS_MIN_SAMPLES samples on a GPU.
+    ``words``: 16-bit values read as int32 words,
     two a word (dy of x's dtype, an even number of values per channel, 4-byte aligned
     tensors), one tile a sample's group (see _group_bwd_tiles), in chunks of at least
     _WORDS_MIN_SAMPLES samples on a GPU; else the tiles of _group_bwd_tiles."""
     n_cols = x.numel() // (x.shape[0] * x.shape[1])
     ch_per_group, elt = x.shape[1] // num_groups, x.element_size()
+    if _tma_bwd_ok(x, dy, num_groups, n_cols):
+        tile = ch_per_group * n_cols
+        warps = 16 if tile > _TMA_MIN_TILE_ELEMS else 8
+        spp = _samples_per_program(x, num_groups, True, 16)  # one program per SM, as the words'
+        if x.device.type != "cuda" or spp >= _WORDS_MIN_SAMPLES:
+            return ch_per_group, n_cols, True, warps, False, spp, True
     words = (_WORDS_ONE_TILE and elt == 2 and dy.dtype == x.dtype and n_cols % 2 == 0 and x.data_ptr() % 4 == 0
              and dy.data_ptr() % 4 == 0)
     block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, elt, words)
     if words and one_tile:
         spp = _samples_per_program(x, num_groups, one_tile, warps)
         if x.device.type != "cuda" or spp >= _WORDS_MIN_SAMPLES:
-            return block_c, block_s, True, warps, True, spp
+            return block_c, block_s, True, warps, True, spp, False
         block_c, block_s, one_tile, warps = _group_bwd_tiles(ch_per_group, n_cols, elt)  # too short to pipeline
-    return block_c, block_s, one_tile, warps, False, _samples_per_program(x, num_groups, one_tile)
+    return block_c, block_s, one_tile, warps, False, _samples_per_program(x, num_groups, one_tile), False
 
 
 def _samples_per_program(x: torch.Tensor, num_groups: int, one_tile: bool = False, words_warps: int = 0) -> int:
@@ -1283,7 +1369,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         dyc = dy if dy.is_contiguous() else dy.contiguous()
         ch_per_group = c // num_groups
         n_cols = xc.numel() // (n * c)
-        block_c, block_s, one_tile, warps, words, spp = _group_bwd_plan(xc, dyc, num_groups)
+        block_c, block_s, one_tile, warps, words, spp, tma = _group_bwd_plan(xc, dyc, num_groups)
         n_chunks = cdiv(n, spp)
         out = torch.empty((n_params, c), dtype=param_dtype, device=x.device)
         slots = ticket = dx                                    # placeholders when unused
@@ -1305,17 +1391,18 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 ticket, ticket_stride = out, out_bytes // 4
             else:
                 ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
+        descs = tuple(_tma_descriptor(t, n_cols, ch_per_group) for t in (dyc, xc, dx)) if tma else (None,) * 3
         with device_guard(x):
             _gn_group_bwd_kernel[(n_chunks * num_groups,)](
                 dyc, xc, dx, weight.contiguous() if weight is not None else xc,
                 mean if mean.is_contiguous() else mean.contiguous(),
-                slots, out if n_params else dx, ticket,
+                slots, out if n_params else dx, ticket, *descs,
                 n, num_groups, ch_per_group, n_cols, spp, float(eps),
                 slot0, region_stride, per_region, n_scratch, ticket_stride, 16,
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 BLOCK_C=block_c, BLOCK_S=block_s, ONE_TILE=one_tile,
                 SLOT_BLOCK=max(1, min(next_power_of_2(n_chunks), _SLOT_LOAD_ELEMS // block_c)), num_warps=warps,
-                WORDS=words, PREFETCH=words and _WORDS_PREFETCH,
+                WORDS=words, PREFETCH=words and _WORDS_PREFETCH, TMA=tma, TMA_STAGES=_TMA_STAGES,
                 **({"maxnreg": _REGISTERS_PER_SM // (32 * warps * _GROUP_BWD_PROGRAMS_PER_SM)}
                    if x.element_size() == 2 and not one_tile else {}),
             )

@@ -472,6 +472,70 @@ def test_group_norm_backward_words(monkeypatch, shape, groups, dtype, param_dtyp
     _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
 
 
+_TMA_CASES = [  # (shape, groups): each sample's group a power-of-two (Cg, S) box, S >= 8
+    ((6, 8, 16), 2),       # (4, 16) boxes
+    ((5, 16, 8), 4),       # (4, 8)
+    ((7, 4, 4, 4), 1),     # spatial dims: (4, 16)
+]
+
+
+@pytest.mark.parametrize("shape,groups", _TMA_CASES)
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("samples_per_program", [1, 3])
+def test_group_norm_backward_tma(monkeypatch, shape, groups, dtype, param_dtype, samples_per_program):
+    """16-bit groups loaded as TMA boxes (the Hopper path, here under the interpreter,
+    tiles shrunk to the test's sizes), in chunks of 1 or 3 samples (the chunks' sums in dx's
+    last samples, whose dx the group's last program writes): the float64 gradients,
+    deterministically, and the words kernel's dx to within one rounding."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    monkeypatch.setattr(gn_mod, "_TMA_MIN_TILE_ELEMS", 32)
+    monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
+    x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
+    plan = gn_mod._group_bwd_plan(x, x, groups)
+    assert plan[6] and not plan[4] and plan[5] == samples_per_program        # tma, not words
+    y, dy, grads = _run(x, groups, w, b)
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64, t in zip(grads, grads64, (dtype, param_dtype, param_dtype)):
+        assert g.dtype == t
+        assert_close_ulps(g, g64, t, ULPS[t])
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert all(torch.equal(g, h) for g, h in zip(grads, again))       # a fixed summation order
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
+    assert not gn_mod._group_bwd_plan(x, x, groups)[6]
+    _, _, words = _run(x, groups, w, b, dy=dy)
+    assert_close_ulps(grads[0], words[0], dtype, 1)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    _check(x, groups, w.to(dtype), None, dtype, ULPS[dtype])        # dweight or dbias only
+    _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
+
+
+def test_group_norm_backward_tma_fallbacks(monkeypatch):
+    """The TMA boxes need 16-bit values, dy of x's dtype, power-of-two sides (Cg <= 256,
+    8 <= S <= 256), 16-byte aligned tensors and a box within the tile bounds; else the words
+    or tiles run. Never chosen off the GPU unless forced."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_TMA_MIN_TILE_ELEMS", 32)
+    x = torch.randn(6, 8, 16, dtype=torch.bfloat16)
+    assert not gn_mod._group_bwd_plan(x, x, 2)[6]                            # not forced, not CUDA
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    assert gn_mod._group_bwd_plan(x, x, 2)[6]
+    assert not gn_mod._group_bwd_plan(x.float(), x.float(), 2)[6]            # fp32
+    assert not gn_mod._group_bwd_plan(x, x.half(), 2)[6]                     # dy of another dtype
+    odd = torch.randn(6, 8, 12, dtype=torch.bfloat16)                        # S = 12
+    assert not gn_mod._group_bwd_plan(odd, odd, 2)[6]
+    narrow = torch.randn(6, 16, 4, dtype=torch.bfloat16)                     # S = 4: 8-byte rows
+    assert not gn_mod._group_bwd_plan(narrow, narrow, 2)[6]
+    store = torch.empty(x.numel() + 8, dtype=torch.bfloat16)
+    shifted = store[2: 2 + x.numel()].view(x.shape).copy_(x)                 # 4 bytes past 16
+    assert shifted.data_ptr() % 16 != 0 and not gn_mod._group_bwd_plan(shifted, shifted, 2)[6]
+    monkeypatch.setattr(gn_mod, "_TMA_MAX_TILE_ELEMS", 32)                   # a (4, 16) box: too big
+    assert not gn_mod._group_bwd_plan(x, x, 2)[6]
+    _check(shifted, 2, *(t.to(torch.bfloat16) for t in _inputs((6, 8, 16), torch.bfloat16)[1:]),
+           torch.bfloat16, ULPS[torch.bfloat16])
+
+
 def test_group_norm_backward_words_fallbacks(monkeypatch):
     """The words kernel needs an even number of values per channel, 4-byte aligned dy and
     x, and at most _WORDS_MAX_ROW words a channel; otherwise the tiles run, and the result
@@ -697,10 +761,12 @@ def test_gpu_group_norm(dtype, shape, groups):
     ((48, 2048, 256), 32, torch.bfloat16),    # 128 words a channel, the most
 ])
 @pytest.mark.parametrize("params", ["both", "weight", "bias"])
-def test_gpu_group_norm_backward_words(shape, groups, dtype, params):
+def test_gpu_group_norm_backward_words(monkeypatch, shape, groups, dtype, params):
     """The 16-bit whole-group backward in int32 words on the GPU (fp16, padded tiles, one
     word a channel, the widest rows; one parameter gradient or both), against float64 and
-    deterministic; then on x and dy that start 4 bytes past a 16-byte boundary."""
+    deterministic; then on x and dy that start 4 bytes past a 16-byte boundary. (The TMA
+    path, which Hopper takes for some of these shapes, is switched off.)"""
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
     torch.manual_seed(0)
     x, w, b = (t.cuda() for t in _inputs(shape, dtype))
     w = None if params == "bias" else w
@@ -719,6 +785,48 @@ def test_gpu_group_norm_backward_words(shape, groups, dtype, params):
     xs = store[2: 2 + x.numel()].view(x.shape).copy_(x)                   # 4 bytes past the start
     dys = store[x.numel() + 4:].view(x.shape).copy_(dy)
     assert xs.data_ptr() % 16 == 4 and dys.data_ptr() % 4 == 0 and gn_mod._group_bwd_plan(xs, dys, groups)[4]
+    _, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
+    dx, _ = gn_mod.ops.group_norm_backward(dys, xs, groups, w, mean, 1e-5, False, False, dtype)
+    assert_close_ulps(dx, grads64[0], dtype, ULPS[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a CUDA GPU with TMA (compute capability 9 or more)")
+@pytest.mark.parametrize("shape,groups,dtype", [
+    ((64, 4096, 128), 32, torch.bfloat16),    # the benchmark's 8192 tokens: (128, 128) boxes, 16 chunks
+    ((64, 4096, 128), 32, torch.float16),
+    ((48, 2048, 256), 32, torch.bfloat16),    # (64, 256) boxes
+    ((64, 2048, 128), 32, torch.bfloat16),    # (64, 128) boxes: 8192 values, 8 warps
+    ((256, 4096, 128), 32, torch.bfloat16),   # chunks of 32 samples
+    ((6, 4096, 128), 32, torch.bfloat16),     # chunks under 4 samples: the tiles
+])
+@pytest.mark.parametrize("params", ["both", "weight", "bias"])
+def test_gpu_group_norm_backward_tma(monkeypatch, shape, groups, dtype, params):
+    """The Hopper path of the 16-bit whole-group backward (each sample's group a TMA box,
+    the next samples' copies in flight): against float64, deterministic, the words kernel's
+    dx to within one rounding; x and dy 4 bytes past a 16-byte boundary take the words."""
+    torch.manual_seed(0)
+    x, w, b = (t.cuda() for t in _inputs(shape, dtype))
+    w = None if params == "bias" else w
+    b = None if params == "weight" else b
+    plan = gn_mod._group_bwd_plan(x, x, groups)
+    assert plan[6] == (shape[0] >= 8)                                       # tma (else too few samples)
+    y, dy, grads = _run(x, groups, w, b)
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64 in zip(grads, grads64):
+        if g64 is not None:
+            assert_close_ulps(g, g64, dtype, ULPS[dtype])
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert all(g is None or torch.equal(g, h) for g, h in zip(grads, again))
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
+    _, _, words = _run(x, groups, w, b, dy=dy)
+    assert_close_ulps(grads[0], words[0], dtype, 1)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", None)
+    store = torch.empty(2 * (x.numel() + 2), dtype=dtype, device="cuda")
+    xs = store[2: 2 + x.numel()].view(x.shape).copy_(x)                   # 4 bytes past the start
+    dys = store[x.numel() + 4:].view(x.shape).copy_(dy)
+    assert not gn_mod._group_bwd_plan(xs, dys, groups)[6]
     _, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
     dx, _ = gn_mod.ops.group_norm_backward(dys, xs, groups, w, mean, 1e-5, False, False, dtype)
     assert_close_ulps(dx, grads64[0], dtype, ULPS[dtype])
