@@ -159,12 +159,15 @@ _WORDS_PREFETCH = True
 # bytes or more) is instead copied into shared memory by TMA, with Triton's software
 # pipeliner keeping the next _TMA_STAGES - 1 samples' copies in flight (2 x 32 KB a stage:
 # one 16-warp program per SM), and dx leaves by a TMA store; chunks as for the words.
-# H200, bf16, 32 groups, dx and both parameter gradients, do_bench us (session 17, run 4
-# without the parameter epilogue; see benchmarks/NOTES.md for the kernel's own runs):
-# (64, 4096, 128) 60.6 against the words' 72.9; (128, 4096, 128) 108.0 against 130.7;
-# (256, 4096, 128) 206.9 against 245.7 (91% of the copy bandwidth); 2 stages were slower
-# than the words at every size, 4 than 3. None: on sm_90+ GPUs; True / False force it
-# (True runs it under the interpreter too, for the tests).
+# H200, bf16, 32 groups, dx and both parameter gradients, kernel device time against the
+# words' (session 17, run 5; floor: 3 x 2 bytes a value at the 4.28 TB/s copy rate):
+# (64, 4096, 128) 59.2 us against 65.9 (80% of the floor's rate against 71%; fp16 58.7 /
+# 68.2); (128, 4096, 128) 107.6 / 124.9 (87%); (256, 4096, 128) 208.6 / 242.1 (90%);
+# (32, 4096, 128) 34.4 / 37.4; (64, 2048, 256) 59.7 / 68.9. Run 4's probe: 2 stages were
+# slower than the words at every size, 4 slower than 3. Boxes of 8192 values run 8 warps,
+# two programs per SM (run 6, (64, 2048, 128): chunks of 8 samples 32.9 us, of 16 37.8;
+# the words 44.1). None: on sm_90+ GPUs; True / False force it (True runs it under the
+# interpreter too, for the tests).
 _TMA_BWD: Optional[bool] = None
 _TMA_STAGES = 3
 _TMA_MIN_TILE_ELEMS = 8192
@@ -1163,8 +1166,8 @@ def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int
     ch_per_group, elt = x.shape[1] // num_groups, x.element_size()
     if _tma_bwd_ok(x, dy, num_groups, n_cols):
         tile = ch_per_group * n_cols
-        warps = 16 if tile > _TMA_MIN_TILE_ELEMS else 8
-        spp = _samples_per_program(x, num_groups, True, 16)  # one program per SM, as the words'
+        warps = 16 if tile > _TMA_MIN_TILE_ELEMS else 8  # 128 registers a thread: 16 // warps programs per SM
+        spp = _samples_per_program(x, num_groups, True, warps)
         if x.device.type != "cuda" or spp >= _WORDS_MIN_SAMPLES:
             return ch_per_group, n_cols, True, warps, False, spp, True
     words = (_WORDS_ONE_TILE and elt == 2 and dy.dtype == x.dtype and n_cols % 2 == 0 and x.data_ptr() % 4 == 0
