@@ -209,7 +209,8 @@ def _arg_key(args) -> tuple:
             add(a.data_ptr() & 15 == 0)
         elif hasattr(a, "block_shape") and hasattr(a, "base"):
             # a TMA tensor descriptor (Gluon's, or triton.tools'): Triton specialises on its
-            # dtype, box and shared layout (Gluon) or padding (triton.tools)
+            # dtype and box, and Gluon's on its shared layout (the padding and tf32 rounding
+            # of triton.tools' are keyed too, which can only split equal kernels)
             add((t, a.base.dtype, tuple(a.block_shape), getattr(a, "layout", None), getattr(a, "padding", None),
                  getattr(a, "round_f32_to_tf32", False)))
         else:

@@ -154,11 +154,13 @@ _ONE_TILE_SAMPLES_PER_PROGRAM = 4
 # 2 and 5, 239.7 in run 3): the cap keeps programs short for large N (not measured there).
 _WORDS_ONE_TILE = True
 _WORDS_PREFETCH = True
-# On Hopper (sm_90+, TMA), a 16-bit sample's group that is one power-of-two (Cg, S) box of
-# _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values (each side at most 256, rows of 16
-# bytes or more) is instead copied into shared memory by TMA, with Triton's software
-# pipeliner keeping the next _TMA_STAGES - 1 samples' copies in flight (2 x 32 KB a stage:
-# one 16-warp program per SM), and dx leaves by a TMA store; chunks as for the words.
+# On Hopper (sm_90, TMA, 227 KB of shared memory a block), a 16-bit sample's group that is
+# one power-of-two (Cg, S) box of _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values (each
+# side at most 256, rows of 16 bytes or more) is instead copied into shared memory by TMA,
+# with Triton's software pipeliner (num_stages=_TMA_STAGES) keeping _TMA_STAGES - 1 slots
+# per operand, the next samples' copies in flight (164 KB with the dx store's buffer at
+# 16384 values: one 16-warp program per SM), and dx leaves by a TMA store; chunks as for
+# the words. Other GPUs, measured or not (sm_120 allows 99 KB a block), keep the words.
 # H200, bf16, 32 groups, dx and both parameter gradients, kernel device time against the
 # words' (session 17, run 5; floor: 3 x 2 bytes a value at the 4.28 TB/s copy rate):
 # (64, 4096, 128) 59.2 us against 65.9 (80% of the floor's rate against 71%; fp16 58.7 /
@@ -166,7 +168,7 @@ _WORDS_PREFETCH = True
 # (32, 4096, 128) 34.4 / 37.4; (64, 2048, 256) 59.7 / 68.9. Run 4's probe: 2 stages were
 # slower than the words at every size, 4 slower than 3. Boxes of 8192 values run 8 warps,
 # two programs per SM (run 6, (64, 2048, 128): chunks of 8 samples 32.9 us, of 16 37.8;
-# the words 44.1). None: on sm_90+ GPUs; True / False force it (True runs it under the
+# the words 44.1). None: on sm_90 GPUs; True / False force it (True runs it under the
 # interpreter too, for the tests).
 _TMA_BWD: Optional[bool] = None
 _TMA_STAGES = 3
@@ -687,8 +689,8 @@ if HAS_TRITON:
         WORDS: tl.constexpr = False,     # ONE_TILE with 16-bit dy and x (one dtype, 4-byte
                                          # aligned, even S) read as int32 words (_gn_words_load)
         PREFETCH: tl.constexpr = False,  # WORDS: the next sample's words loaded before this one's work
-        TMA: tl.constexpr = False,       # ONE_TILE with each sample's group loaded by TMA (Hopper), the
-                                         # loads of the next TMA_STAGES - 1 samples in flight
+        TMA: tl.constexpr = False,       # ONE_TILE with each sample's group loaded by TMA (Hopper), with
+                                         # TMA_STAGES - 1 shared-memory slots per operand
         TMA_STAGES: tl.constexpr = 3,
     ):
         """Each program takes one group of a chunk of samples. With parameter gradients and
@@ -719,8 +721,9 @@ if HAS_TRITON:
         sum_b = tl.zeros([BLOCK_C], dtype=tl.float32)
         if TMA:
             # each (sample, group) is a (Cg, S) box of dy and x: Triton's software pipeliner
-            # keeps the next samples' TMA copies in flight in shared memory during this one's
-            # work, and dx leaves by a TMA store (same operations as _gn_group_sample's one tile)
+            # keeps the next samples' TMA copies in flight into shared-memory slots (two per
+            # operand with 3 stages) during this one's work, and dx leaves by a TMA store
+            # (the same operations as _gn_group_sample's one tile)
             for n in tl.range(n_start, n_end, num_stages=TMA_STAGES):
                 pair = n * n_groups + grp
                 row = pair * ch_per_group
@@ -1123,7 +1126,7 @@ def _tma_bwd_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, n_cols: int)
     sample's group as one TMA box (see _TMA_BWD): 16-bit values, dy of x's dtype, both
     16-byte aligned, a (Cg, S) group of powers of two, each at most 256, S * 2 bytes a
     multiple of 16, _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values, fewer than 2**31
-    rows of S values, and a CUDA GPU of compute capability 9 or more (unless forced)."""
+    rows of S values, and an NVIDIA GPU of compute capability 9.x (unless forced)."""
     ch_per_group = x.shape[1] // num_groups
     tile = ch_per_group * n_cols
     shape_ok = (x.element_size() == 2 and dy.dtype == x.dtype and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
@@ -1134,7 +1137,7 @@ def _tma_bwd_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, n_cols: int)
         return False
     if _TMA_BWD:
         return True
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] == 9
 
 
 @functools.lru_cache(maxsize=None)
