@@ -371,8 +371,8 @@ def reduction_scales(
 
     The factors turn per-row values into the reduced loss (``1/sum w_t`` and ``1/count``
     for "mean", 0 when nothing is counted; 1 otherwise). Computed on the device, no sync:
-    one Triton program where kernels run (:func:`_reduction_scales_kernel`), torch ops
-    elsewhere (:func:`reduction_scales_reference`).
+    one Triton program where kernels run (:func:`_reduction_scales_kernel`, up to
+    _STATS_MAX_ROWS targets), torch ops otherwise (:func:`reduction_scales_reference`).
 
     Args:
         target: (N,) int64 class ids; ``ignore_index`` rows are not counted, and an
@@ -380,7 +380,7 @@ def reduction_scales(
         weight: optional (V,) float class weights on target's device.
         n_cols: the vocabulary size ``V``.
     """
-    if not (_utils.use_triton(target) and target.dtype == torch.int64):
+    if not (_utils.use_triton(target) and target.dtype == torch.int64 and target.shape[0] <= _STATS_MAX_ROWS):
         return reduction_scales_reference(target, weight, ignore_index, reduction, n_cols)
     target = target.contiguous()
     out = torch.empty(3, dtype=torch.float32, device=target.device)
@@ -388,12 +388,19 @@ def reduction_scales(
         _reduction_scales_kernel[(1,)](
             target, weight.contiguous() if weight is not None else out, out,
             target.shape[0], n_cols, ignore_index,
-            HAS_WEIGHT=weight is not None, IS_MEAN=reduction == "mean", BLOCK_SIZE=_STATS_BLOCK, num_warps=4,
+            HAS_WEIGHT=weight is not None, IS_MEAN=reduction == "mean", BLOCK_SIZE=_STATS_BLOCK,
+            num_warps=_STATS_WARPS,
         )
     return out
 
 
-_STATS_BLOCK = 1024  # targets per step of the one-program target kernels
+# The one-program target kernels (reduction_scales, the range check) take _STATS_BLOCK
+# targets a step, up to _STATS_MAX_ROWS targets (64 steps); beyond, a single program would
+# take longer than torch's few kernels (a fresh review measured ~0.25 us a step of 1024 on
+# an H200: 0.35 ms for the check at 1M targets against 0.08 for torch), which run instead.
+_STATS_BLOCK = 4096
+_STATS_WARPS = 8
+_STATS_MAX_ROWS = 64 * _STATS_BLOCK
 
 
 def reduction_scales_reference(
@@ -812,16 +819,21 @@ def cross_entropy_reference(
 class TargetCheck:
     """The range check of class-id targets, started on the device and finished later.
 
-    ``TargetCheck(target, n_cols, ignore_index)`` queues the check (one Triton program that
-    finds the first target outside ``[0, n_cols)`` that is not ``ignore_index``) and a
-    non-blocking copy of its answer to pinned host memory; :meth:`wait` blocks only until
-    that copy is done and raises. An op starts the check, queues its own kernels, then
-    waits: the host's wait then overlaps the GPU's work instead of draining the stream
-    before the op's first launch (at (8192, 128256) bf16 on an H200 the up-front check cost
-    ~0.4 ms of a 1.75 ms cross-entropy step). The kernels run safely on out-of-range
-    targets (the loss row is NaN, no memory outside the row is touched) and their results
-    are never returned when the check fails. Off CUDA (CPU, the interpreter) the check runs
-    at construction; under torch.compile it is skipped (graphs cannot raise on data).
+    ``TargetCheck(target, n_cols, ignore_index)`` queues the check (the index of the first
+    target outside ``[0, n_cols)`` that is not ``ignore_index``: one Triton program up to
+    _STATS_MAX_ROWS targets, torch ops beyond) and a non-blocking copy of its answer to
+    pinned host memory, on the current stream of the target's device; :meth:`wait` blocks
+    only until that copy is done and raises. An op starts the check, queues its own
+    kernels, then waits: the GPU then has the op's kernels queued while the host waits,
+    instead of idling through the host work between a sync and the op's first launch (at
+    (8192, 128256) bf16 on an H200 the up-front check cost ~0.4 ms of a 1.75 ms
+    cross-entropy step). The host still waits for everything queued before the check.
+
+    The kernels run safely on out-of-range targets (the row's loss is NaN, no memory
+    outside the row is touched), and an op that raises returns nothing; but buffers it
+    writes in place are written: ops that overwrite a caller's tensor (the in-place
+    ``cross_entropy``) wait before launching. Off CUDA (CPU, the interpreter) the check
+    runs at construction; under torch.compile it is skipped (graphs cannot raise on data).
     """
 
     __slots__ = ("target", "n_cols", "ignore_index", "_first", "_event")
@@ -831,23 +843,15 @@ class TargetCheck:
         self._first, self._event = None, None
         if torch.compiler.is_compiling() or target.numel() == 0:
             return
-        n_rows = target.numel()
-        if not (_utils.use_triton(target) and target.dtype == torch.int64):
-            bad = ((target != ignore_index) & ((target < 0) | (target >= n_cols))).reshape(-1).nonzero()
-            self._raise_if_bad(int(bad[0, 0]) if bad.numel() else n_rows)
-            return
-        target = target.contiguous()
-        first = torch.empty(1, dtype=torch.int64, device=target.device)
-        with device_guard(target):
-            _first_bad_target_kernel[(1,)](target, first, n_rows, n_cols, ignore_index,
-                                           BLOCK_SIZE=_STATS_BLOCK, num_warps=4)
-        if not target.is_cuda:  # the interpreter: already done
-            self._raise_if_bad(int(first[0]))
-            return
-        self._first = torch.empty(1, dtype=torch.int64, pin_memory=True)
-        self._first.copy_(first, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        with device_guard(target):  # the target's device and its current stream
+            first = _first_bad_row(target.reshape(-1), n_cols, ignore_index)       # (1,) int64
+            if not target.is_cuda:  # CPU or the interpreter: already done
+                self._raise_if_bad(int(first[0]))
+                return
+            self._first = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            self._first.copy_(first, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
 
     def wait(self) -> None:
         """Raise ValueError (naming the value and ``V``) if a target was out of range.
@@ -867,6 +871,21 @@ class TargetCheck:
             f"target value {value} is out of range for a vocabulary of V={self.n_cols} classes "
             f"(expected 0 <= target < {self.n_cols}, or ignore_index={self.ignore_index})"
         )
+
+
+def _first_bad_row(target: torch.Tensor, n_cols: int, ignore_index: int) -> torch.Tensor:
+    """(1,) int64 on target's device: the first row of (N,) ``target`` whose value is
+    outside [0, n_cols) and not ``ignore_index``, or N. No sync."""
+    n_rows = target.shape[0]
+    if _utils.use_triton(target) and target.dtype == torch.int64 and n_rows <= _STATS_MAX_ROWS:
+        target = target.contiguous()
+        first = torch.empty(1, dtype=torch.int64, device=target.device)
+        _first_bad_target_kernel[(1,)](target, first, n_rows, n_cols, ignore_index,
+                                       BLOCK_SIZE=_STATS_BLOCK, num_warps=_STATS_WARPS)
+        return first
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
+    rows = torch.arange(n_rows, device=target.device)
+    return torch.where(bad, rows, n_rows).amin().reshape(1)
 
 
 def check_target(target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
@@ -936,8 +955,9 @@ def cross_entropy(
     logsumexp(z) ** 2`` of every non-ignored row (PaLM, Chowdhery et al. 2022, arXiv
     2204.02311), reduced like the loss ("mean" averages it over non-ignored rows).
     Differences from torch: a batch whose targets are all ``ignore_index`` gives loss 0 and
-    zero gradients for "mean" (torch gives NaN), and the loss is fp32 for fp32 / bf16 /
-    fp16 logits (as in Hugging Face, which upcasts logits before the loss).
+    zero gradients for "mean" (torch gives NaN), and so does one whose kept rows' class
+    weights sum to 0 (torch: NaN or inf); the loss is fp32 for fp32 / bf16 / fp16 logits
+    (as in Hugging Face, which upcasts logits before the loss).
 
     Args:
         logits: (N, V) float (fp32 / bf16 / fp16; float64 runs the torch reference), any

@@ -381,6 +381,9 @@ def fused_linear_cross_entropy_sum_(
 
     Raises:
         ValueError: as :func:`fused_linear_cross_entropy` (shapes, dtypes, targets out of range).
+            The target range check is waited on after the chunks are queued (no stall of the
+            GPU before them, :class:`TargetCheck`), so on CUDA a refused call has already
+            written over ``x``: it is the caller's scratch either way.
     """
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != x.dtype:
         raise ValueError(f"need x (N, H) and weight (V, H) of one dtype, got x {tuple(x.shape)} {x.dtype} and "

@@ -175,13 +175,21 @@ def test_target_out_of_range_raises(bad):
 STATS_N = 2 * ce_mod._STATS_BLOCK + 37  # three steps of the one-program target kernels, the last partial
 
 
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+def _stats_path(path, monkeypatch):
+    """kernel: the one-program kernels (interpreter); over_max: torch ops for more targets
+    than the kernels take; reference: no Triton at all."""
+    if path == "reference":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    if path == "over_max":
+        monkeypatch.setattr(ce_mod, "_STATS_MAX_ROWS", STATS_N - 1)
+
+
+@pytest.mark.parametrize("path", ["kernel", "over_max", "reference"])
 @pytest.mark.parametrize("where, value", [("first", V + 3), ("last_block", -7), ("boundary", V)])
 def test_target_check_names_the_first_bad_value(path, where, value, monkeypatch):
     """TargetCheck (the kernel under the interpreter, torch ops otherwise) reports the
     value of the first out-of-range row, wherever it lies, and not a later one."""
-    if path == "reference":
-        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    _stats_path(path, monkeypatch)
     target = torch.randint(0, V, (STATS_N,))
     target[::9] = IGNORE
     row = {"first": 5, "last_block": STATS_N - 2, "boundary": 2 * ce_mod._STATS_BLOCK}[where]
@@ -192,12 +200,11 @@ def test_target_check_names_the_first_bad_value(path, where, value, monkeypatch)
         ce_mod.TargetCheck(target, V, IGNORE).wait()  # off CUDA it raises at construction
 
 
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("path", ["kernel", "over_max", "reference"])
 @pytest.mark.parametrize("ignore_index", [IGNORE, V, 0])
 def test_target_check_accepts_valid_and_ignored_targets(path, ignore_index, monkeypatch):
     """0 and V - 1 are valid, and ignore_index rows pass even when the value is outside [0, V)."""
-    if path == "reference":
-        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    _stats_path(path, monkeypatch)
     target = torch.randint(0, V, (STATS_N,))
     target[::4] = ignore_index
     target[1], target[2] = 0, V - 1
@@ -210,13 +217,12 @@ def test_target_check_accepts_valid_and_ignored_targets(path, ignore_index, monk
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", ["plain", "weight", "all_ignored", "out_of_range_weighted", "empty"])
-@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("path", ["kernel", "over_max", "reference"])
 def test_reduction_scales_against_float64(reduction, case, path, monkeypatch):
     """[ce factor, z-loss factor, sum of class weights] from the one-program kernel and from
     the torch ops, against float64: 1 / sum of the kept rows' class weights and
     1 / kept-row count for "mean" (0 when nothing is kept), 1 otherwise."""
-    if path == "reference":
-        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    _stats_path(path, monkeypatch)
     n = 0 if case == "empty" else STATS_N
     target = torch.randint(0, V, (n,))
     target[::5] = IGNORE
@@ -524,6 +530,30 @@ def test_gpu_target_check_raises_after_the_launch():
     ref_loss, _, ref_grad = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64, device="cuda"))
     assert_close_rel(loss.detach(), ref_loss, 1e-5)
     assert_close_rel(x.grad, ref_grad, 8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("n_rows", [8192, 64 * 4096 + 1])   # the one-program kernel, and torch ops
+def test_gpu_target_check_on_another_device(n_rows):
+    """A target on a GPU that is not the current one, behind queued work there: the check's
+    answer is waited for on that GPU's stream (valid targets pass, the first bad one is named)."""
+    torch.cuda.set_device(0)
+    target = torch.randint(5, 1000, (n_rows,), device="cuda:1")
+    busy = torch.randn(8192, 8192, device="cuda:1")
+    for _ in range(20):  # keep cuda:1 busy while the check is queued behind this work
+        busy = busy @ busy
+        busy = busy / busy.norm()
+    ce_mod.TargetCheck(target, 1000, IGNORE).wait()
+    target[-1], target[-2] = 1007, -3
+    for _ in range(20):
+        busy = busy @ busy
+        busy = busy / busy.norm()
+    with pytest.raises(ValueError, match="target value -3 is out of range"):
+        ce_mod.TargetCheck(target, 1000, IGNORE).wait()
+    logits = torch.randn(n_rows, 1000, device="cuda:1", requires_grad=True)
+    with pytest.raises(ValueError, match="target value -3 is out of range"):
+        cross_entropy(logits, target)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
