@@ -454,8 +454,15 @@ def test_group_norm_backward_words(monkeypatch, shape, groups, dtype, param_dtyp
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
     monkeypatch.setattr(gn_mod, "_WORDS_PREFETCH", prefetch)
+    _check_16bit_path(monkeypatch, shape, groups, dtype, param_dtype, "_WORDS_ONE_TILE", 4)
+
+
+def _check_16bit_path(monkeypatch, shape, groups, dtype, param_dtype, flag, plan_item):
+    """The checks shared by the 16-bit one-tile backwards (module flag ``flag`` on, taken as
+    item ``plan_item`` of _group_bwd_plan): the float64 gradients, deterministically; dx
+    within one rounding of the path taken with ``flag`` off; one parameter gradient alone."""
     x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
-    assert gn_mod._group_bwd_plan(x, x, groups)[4]                    # words
+    assert gn_mod._group_bwd_plan(x, x, groups)[plan_item]
     y, dy, grads = _run(x, groups, w, b)
     y64, grads64 = _torch64(x, groups, w, b, dy)
     for g, g64, t in zip(grads, grads64, (dtype, param_dtype, param_dtype)):
@@ -463,11 +470,11 @@ def test_group_norm_backward_words(monkeypatch, shape, groups, dtype, param_dtyp
         assert_close_ulps(g, g64, t, ULPS[t])
     _, _, again = _run(x, groups, w, b, dy=dy)
     assert all(torch.equal(g, h) for g, h in zip(grads, again))       # a fixed summation order
-    monkeypatch.setattr(gn_mod, "_WORDS_ONE_TILE", False)
-    assert not gn_mod._group_bwd_plan(x, x, groups)[4]
-    _, _, tiled = _run(x, groups, w, b, dy=dy)
-    assert_close_ulps(grads[0], tiled[0], dtype, 1)
-    monkeypatch.setattr(gn_mod, "_WORDS_ONE_TILE", True)
+    monkeypatch.setattr(gn_mod, flag, False)
+    assert not gn_mod._group_bwd_plan(x, x, groups)[plan_item]
+    _, _, other = _run(x, groups, w, b, dy=dy)
+    assert_close_ulps(grads[0], other[0], dtype, 1)
+    monkeypatch.setattr(gn_mod, flag, True)
     _check(x, groups, w.to(dtype), None, dtype, ULPS[dtype])        # dweight or dbias only
     _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
 
@@ -492,23 +499,10 @@ def test_group_norm_backward_tma(monkeypatch, shape, groups, dtype, param_dtype,
     monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
     monkeypatch.setattr(gn_mod, "_TMA_MIN_TILE_ELEMS", 32)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
-    x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
+    x = _inputs(shape, dtype)[0]
     plan = gn_mod._group_bwd_plan(x, x, groups)
     assert plan[6] and not plan[4] and plan[5] == samples_per_program        # tma, not words
-    y, dy, grads = _run(x, groups, w, b)
-    y64, grads64 = _torch64(x, groups, w, b, dy)
-    for g, g64, t in zip(grads, grads64, (dtype, param_dtype, param_dtype)):
-        assert g.dtype == t
-        assert_close_ulps(g, g64, t, ULPS[t])
-    _, _, again = _run(x, groups, w, b, dy=dy)
-    assert all(torch.equal(g, h) for g, h in zip(grads, again))       # a fixed summation order
-    monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
-    assert not gn_mod._group_bwd_plan(x, x, groups)[6]
-    _, _, words = _run(x, groups, w, b, dy=dy)
-    assert_close_ulps(grads[0], words[0], dtype, 1)
-    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
-    _check(x, groups, w.to(dtype), None, dtype, ULPS[dtype])        # dweight or dbias only
-    _check(x, groups, None, b.to(dtype), dtype, ULPS[dtype])
+    _check_16bit_path(monkeypatch, shape, groups, dtype, param_dtype, "_TMA_BWD", 6)  # against the words
 
 
 def test_group_norm_backward_tma_fallbacks(monkeypatch):
@@ -752,6 +746,25 @@ def test_gpu_group_norm(dtype, shape, groups):
     assert all(torch.equal(g, h) for g, h in zip(grads, again))
 
 
+def _gpu_grads_checked(x, groups, w, b, dtype):
+    """Our forward + backward against float64, and again for the same bits (a fixed
+    summation order) -> (dy, our gradients, float64 gradients)."""
+    y, dy, grads = _run(x, groups, w, b)
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64 in zip(grads, grads64):
+        if g64 is not None:
+            assert_close_ulps(g, g64, dtype, ULPS[dtype])
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert all(g is None or torch.equal(g, h) for g, h in zip(grads, again))
+    return dy, grads, grads64
+
+
+def _misaligned_copies(x, dy):
+    """Copies of x and dy that start 4 bytes past a 16-byte boundary (4-byte aligned)."""
+    store = torch.empty(2 * (x.numel() + 2), dtype=x.dtype, device=x.device)
+    return store[2: 2 + x.numel()].view(x.shape).copy_(x), store[x.numel() + 4:].view(x.shape).copy_(dy)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("shape,groups,dtype", [
@@ -774,16 +787,8 @@ def test_gpu_group_norm_backward_words(monkeypatch, shape, groups, dtype, params
     assert gn_mod._whole_groups(x, groups, backward=True) and not gn_mod._small_groups(x, groups, backward=True)
     plan = gn_mod._group_bwd_plan(x, x, groups)
     assert plan[4] and plan[5] >= gn_mod._WORDS_MIN_SAMPLES                # words, chunks
-    y, dy, grads = _run(x, groups, w, b)
-    y64, grads64 = _torch64(x, groups, w, b, dy)
-    for g, g64 in zip(grads, grads64):
-        if g64 is not None:
-            assert_close_ulps(g, g64, dtype, ULPS[dtype])
-    _, _, again = _run(x, groups, w, b, dy=dy)
-    assert all(g is None or torch.equal(g, h) for g, h in zip(grads, again))
-    store = torch.empty(2 * (x.numel() + 2), dtype=dtype, device="cuda")
-    xs = store[2: 2 + x.numel()].view(x.shape).copy_(x)                   # 4 bytes past the start
-    dys = store[x.numel() + 4:].view(x.shape).copy_(dy)
+    dy, grads, grads64 = _gpu_grads_checked(x, groups, w, b, dtype)
+    xs, dys = _misaligned_copies(x, dy)
     assert xs.data_ptr() % 16 == 4 and dys.data_ptr() % 4 == 0 and gn_mod._group_bwd_plan(xs, dys, groups)[4]
     _, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
     dx, _ = gn_mod.ops.group_norm_backward(dys, xs, groups, w, mean, 1e-5, False, False, dtype)
@@ -813,20 +818,12 @@ def test_gpu_group_norm_backward_tma(monkeypatch, shape, groups, dtype, params):
     b = None if params == "weight" else b
     plan = gn_mod._group_bwd_plan(x, x, groups)
     assert plan[6] == (shape[0] >= 8)                                       # tma (else too few samples)
-    y, dy, grads = _run(x, groups, w, b)
-    y64, grads64 = _torch64(x, groups, w, b, dy)
-    for g, g64 in zip(grads, grads64):
-        if g64 is not None:
-            assert_close_ulps(g, g64, dtype, ULPS[dtype])
-    _, _, again = _run(x, groups, w, b, dy=dy)
-    assert all(g is None or torch.equal(g, h) for g, h in zip(grads, again))
+    dy, grads, grads64 = _gpu_grads_checked(x, groups, w, b, dtype)
     monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
     _, _, words = _run(x, groups, w, b, dy=dy)
     assert_close_ulps(grads[0], words[0], dtype, 1)
     monkeypatch.setattr(gn_mod, "_TMA_BWD", None)
-    store = torch.empty(2 * (x.numel() + 2), dtype=dtype, device="cuda")
-    xs = store[2: 2 + x.numel()].view(x.shape).copy_(x)                   # 4 bytes past the start
-    dys = store[x.numel() + 4:].view(x.shape).copy_(dy)
+    xs, dys = _misaligned_copies(x, dy)
     assert not gn_mod._group_bwd_plan(xs, dys, groups)[6]
     _, mean = gn_mod.ops.group_norm(x, groups, w, b, 1e-5)
     dx, _ = gn_mod.ops.group_norm_backward(dys, xs, groups, w, mean, 1e-5, False, False, dtype)
