@@ -296,7 +296,7 @@ if HAS_TRITON:
             w_total = tl.sum(w_all, axis=0)
         else:
             w_kept = n_kept
-            w_total = n_cols.to(tl.float32)
+            w_total = n_cols * 1.0  # (not .to(): Triton makes an int argument of 1 a constant)
         if IS_MEAN:
             # correctly rounded reciprocals, as torch computes them
             ce_f = tl.where(w_kept != 0.0, tl.math.div_rn(1.0, tl.where(w_kept != 0.0, w_kept, 1.0)), 0.0)

@@ -215,6 +215,46 @@ def test_target_check_accepts_valid_and_ignored_targets(path, ignore_index, monk
         ce_mod.check_target(target, V, ignore_index)
 
 
+def compile_target_kernels() -> None:
+    """Compile the one-program target kernels for sm_90 with every int argument 1 (which
+    Triton turns into a constant: N, V or ignore_index of 1); print "ok" (run in a child
+    without the interpreter, which cannot compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = {
+        ce_mod._reduction_scales_kernel.fn: dict(TARGET="*i64", CLASS_W="*fp32", OUT="*fp32"),
+        ce_mod._first_bad_target_kernel.fn: dict(TARGET="*i64", OUT="*i64"),
+    }
+    for fn, ptrs in kernels.items():
+        for has_weight, is_mean in ((False, True), (True, True), (True, False)):
+            consts = dict(n_rows=1, n_cols=1, ignore_index=1, HAS_WEIGHT=has_weight, IS_MEAN=is_mean,
+                          BLOCK_SIZE=ce_mod._STATS_BLOCK)
+            sig = {name: ptrs.get(name, "constexpr") for name in fn.arg_names}
+            constexprs = {(i,): consts[name] for i, name in enumerate(fn.arg_names) if name not in ptrs}
+            triton.compile(ASTSource(fn, sig, constexprs, {}), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=ce_mod._STATS_WARPS))
+    print("ok")
+
+
+@pytest.mark.skipif(not _utils.HAS_TRITON, reason="needs Triton")
+def test_target_kernels_compile_with_constant_ints():
+    """The interpreter passes ints as values; a GPU compile makes an int of 1 a constant, on
+    which tensor methods fail: compile for sm_90 (no GPU needed) in a child process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root))
+    code = "from tests.kernels.test_cross_entropy import compile_target_kernels; compile_target_kernels()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", ["plain", "weight", "all_ignored", "out_of_range_weighted", "empty"])
 @pytest.mark.parametrize("path", ["kernel", "over_max", "reference"])
