@@ -692,7 +692,7 @@ def claim_saved_grads(ctx, op_name: str) -> None:
         raise RuntimeError(
             f"{op_name}: a second backward through the same graph is not supported: this op computes its "
             "gradients in the forward and the first backward handed them out. Run the forward again "
-            "(or use the torch reference / reduction='none' where available)."
+            "before another backward."
         )
     ctx.saved_grads_claimed = True
 
@@ -928,7 +928,8 @@ def check_target_shape(target: torch.Tensor, n_rows: int, device: torch.device) 
     if target.dim() != 1 or target.shape[0] != n_rows:
         raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise ValueError(f"target must be an integer tensor (int64), got {target.dtype}")
+        raise ValueError(f"target must be an integer tensor of class ids (any integer dtype, used as int64), "
+                         f"got {target.dtype}")
     if target.device != device:
         raise ValueError(f"target is on {target.device}, expected {device}")
     return target.to(torch.int64).contiguous()
@@ -962,7 +963,8 @@ def cross_entropy(
     Args:
         logits: (N, V) float (fp32 / bf16 / fp16; float64 runs the torch reference), any
             strides.
-        target: (N,) integer class ids (int64); ``ignore_index`` rows are skipped.
+        target: (N,) integer class ids (any integer dtype, used as int64); ``ignore_index``
+            rows are skipped.
         weight: optional (V,) float class weights on the logits' device (no gradient is
             computed for them).
         ignore_index: target value that marks a row to ignore.
@@ -978,7 +980,10 @@ def cross_entropy(
 
     Returns:
         ``loss`` (fp32, float64 for float64 logits; shape () or (N,) for "none"), or
-        ``(loss, z_loss)``.
+        ``(loss, z_loss)``. On the kernel path (CUDA, or the interpreter) its gradient is
+        computed in the forward: first-order only (``create_graph=True`` is refused) and one
+        backward per forward (a second one through the same graph, ``retain_graph=True``,
+        raises RuntimeError); the torch reference path (CPU, float64) has neither limit.
 
     Raises:
         ValueError: logits not 2-D float, target not (N,) integer on the logits' device,

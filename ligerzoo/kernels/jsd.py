@@ -316,7 +316,7 @@ def check_labels(labels: Optional[torch.Tensor], n_rows: int, lead_shape, device
     if labels is None:
         return None
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+        raise ValueError(f"labels must be an integer tensor (any integer dtype, used as int64), got {labels.dtype}")
     if tuple(labels.shape) not in (tuple(lead_shape), (n_rows,)):
         raise ValueError(f"labels must have shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
     if labels.device != device:
