@@ -42,7 +42,9 @@ program per chunk of samples of a group), per channel ``A = sum(dy * (x - mean))
 ``B = sum(dy)`` and the squared deviations (so rstd; then ``A *= rstd``), then ``dx``
 (from L2; a sample's group of up to 16384 values is one tile of registers, read once:
 fp32 values as they are, 16-bit ones as int32 words of two values, unpacked to fp32 for
-the sums and again for dx, with the next sample's words loaded before this one's sums). A
+the sums and again for dx, with the next sample's words loaded before this one's sums; on
+Hopper a 16-bit group that is one power-of-two box arrives by TMA instead, the next
+samples' copies in flight in shared memory, and dx leaves by a TMA store). A
 program's fp32 sums of A and B over its samples are its share of ``dweight`` /
 ``dbias``: it writes them into its slot, then counts itself in on the group's arrival
 counter (an atomic add); the last of the group's chunks to arrive adds the slots up in
