@@ -380,7 +380,7 @@ def reduction_scales(
         weight: optional (V,) float class weights on target's device.
         n_cols: the vocabulary size ``V``.
     """
-    if not (_utils.use_triton(target) and target.dtype == torch.int64 and target.shape[0] <= _STATS_MAX_ROWS):
+    if not _one_program_ok(target):
         return reduction_scales_reference(target, weight, ignore_index, reduction, n_cols)
     target = target.contiguous()
     out = torch.empty(3, dtype=torch.float32, device=target.device)
@@ -401,6 +401,12 @@ def reduction_scales(
 _STATS_BLOCK = 4096
 _STATS_WARPS = 8
 _STATS_MAX_ROWS = 64 * _STATS_BLOCK
+
+
+def _one_program_ok(target: torch.Tensor) -> bool:
+    """Whether the one-program target kernels take (N,) ``target``: the Triton path, int64,
+    at most _STATS_MAX_ROWS targets."""
+    return _utils.use_triton(target) and target.dtype == torch.int64 and target.shape[0] <= _STATS_MAX_ROWS
 
 
 def reduction_scales_reference(
@@ -877,7 +883,7 @@ def _first_bad_row(target: torch.Tensor, n_cols: int, ignore_index: int) -> torc
     """(1,) int64 on target's device: the first row of (N,) ``target`` whose value is
     outside [0, n_cols) and not ``ignore_index``, or N. No sync."""
     n_rows = target.shape[0]
-    if _utils.use_triton(target) and target.dtype == torch.int64 and n_rows <= _STATS_MAX_ROWS:
+    if _one_program_ok(target):
         target = target.contiguous()
         first = torch.empty(1, dtype=torch.int64, device=target.device)
         _first_bad_target_kernel[(1,)](target, first, n_rows, n_cols, ignore_index,
