@@ -505,6 +505,52 @@ def test_group_norm_backward_tma(monkeypatch, shape, groups, dtype, param_dtype,
     _check_16bit_path(monkeypatch, shape, groups, dtype, param_dtype, "_TMA_BWD", 6)  # against the words
 
 
+class _LaunchSpy:
+    """Stands in for a kernel object: records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("shape,groups,samples_per_program", [
+    ((6, 8, 16), 2, 3),      # 2 chunks a group, 2 slots a sample's group: the slots in the last sample
+    ((7, 4, 4, 4), 1, 2),    # 4 chunks, the last one of a single sample; one group
+    ((9, 16, 16), 4, 4),     # 3 chunks, the last one shorter
+])
+@pytest.mark.parametrize("params", ["both", "weight", "bias"])
+def test_group_norm_backward_tma_hold_last(monkeypatch, shape, groups, samples_per_program, params):
+    """The TMA backward's HOLD_LAST form (each group's last chunk waits for the other
+    chunks, adds up their sums and writes its last sample's dx from registers) gives the
+    bits of the form where the last chunk to arrive reads that sample again, and the
+    float64 gradients; it is what runs when the chunks' sums fill one sample."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    monkeypatch.setattr(gn_mod, "_TMA_MIN_TILE_ELEMS", 32)
+    monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
+    spy = _LaunchSpy(gn_mod._gn_group_bwd_kernel)
+    monkeypatch.setattr(gn_mod, "_gn_group_bwd_kernel", spy)
+    x, w, b = _inputs(shape, torch.bfloat16)
+    w = None if params == "bias" else w
+    b = None if params == "weight" else b
+    y, dy, held = _run(x, groups, w, b)
+    assert spy.launches[-1]["HOLD_LAST"] and spy.launches[-1]["TMA"]
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64 in zip(held, grads64):
+        if g64 is not None:
+            assert_close_ulps(g, g64, torch.bfloat16, ULPS[torch.bfloat16])
+    monkeypatch.setattr(gn_mod, "_HOLD_LAST", False)
+    _, _, reread = _run(x, groups, w, b, dy=dy)
+    assert not spy.launches[-1]["HOLD_LAST"]
+    for g, h in zip(held, reread):
+        assert (g is None and h is None) or torch.equal(g, h)
+
+
 def test_group_norm_backward_tma_fallbacks(monkeypatch):
     """The TMA boxes need 16-bit values, dy of x's dtype, power-of-two sides (Cg <= 256,
     8 <= S <= 256), 16-byte aligned tensors and a box within the tile bounds; else the words
