@@ -26,7 +26,8 @@ backward, padded to a power of two; a (tokens, C) input with 32 groups has 128):
 program takes (samples x groups) tiles, each group a row of the tile held in registers
 and read once, like a layer norm over rows of ``Cg * S`` values with a per-channel
 affine; the forward keeps no statistics. The backward's programs (one or two per SM)
-each own a block of samples and write their fp32 sums of ``dy * xhat`` and ``dy`` per
+each own a block of samples (on Hopper its tiles arrive by TMA, the next ones' copies in
+flight) and write their fp32 sums of ``dy * xhat`` and ``dy`` per
 value of a sample (C * S; 4 MiB in all for a (tokens, 4096) input on an H200's 132 SMs)
 into slabs of dx's first samples, whose dx they do not write; a finishing kernel then
 sums each slab over the programs in a fixed order (deterministic) and writes the dx of
@@ -221,6 +222,14 @@ _SMALL_SLAB_VALUES = 32
 # (1024, 4096, 16), 2048-value groups: 148.6 / 176.6; fp32, 128: 121.5 / 227.1.
 # None: that rule; True / False force it (tests).
 _SMALL_BWD_PREFETCH: Optional[bool] = None
+# On Hopper (where _tma_device_ok), 16-bit tiles of groups of a power-of-two count of
+# values are instead copied by TMA from (N, G, L) views, the next _TMA_STAGES - 1 in
+# flight, and dx leaves by a TMA store (_small_tma_ok). H200, (tokens, 4096) with 32
+# groups, bf16, main kernel + finishing kernel, us (session 18, run 3; the same bits):
+# 4096 tokens 28.2 + 8.7 against 29.6 + 8.5 for the register loads; 8192: 52.2 + 9.1
+# (77% of the copy rate) against 57.3 + 8.9 (72%); 16384: 102.2 + 11.7 (83%) against
+# 110.9 + 11.1 (78%); fp16 at 8192: 52.6 + 9.4 (76%) against 64.6 + 9.1 (64%). Loading
+# all 132 programs' sums at once in the finishing kernel did not shorten it (9.5 us).
 # At most this many chunks per group (more samples per program for large N): the group's
 # last program adds up one slot of sums per chunk.
 _MAX_CHUNKS = 64
@@ -978,10 +987,15 @@ if HAS_TRITON:
                               # program's samples of dy * xhat (COMPUTE_DW) then of dy
                               # (COMPUTE_DB). May be DX itself: its first n_skip samples,
                               # whose dx is then left to _gn_small_finish_kernel
+        DY_DESC, X_DESC, DX_DESC,  # TMA: descriptors of dy, x, dx as (N, G, L) with (BLOCK_N, BLOCK_G, BLOCK_L)
+                                   # boxes, else None
         n_samples, n_groups, group_len, n_cols, samples_per_program, n_skip, slab_stride, eps,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
         PREFETCH: tl.constexpr,
+        TMA: tl.constexpr = False,   # tiles copied by TMA (Hopper), _TMA_STAGES - 1 in flight; L == BLOCK_L,
+                                     # samples_per_program and n_skip multiples of BLOCK_N
+        TMA_STAGES: tl.constexpr = 3,
     ):
         # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
         # (BLOCK_N, BLOCK_G, BLOCK_L) tiles read once (mean and rstd recomputed from the tile).
@@ -992,28 +1006,43 @@ if HAS_TRITON:
         w, c_mask = _gn_small_weight(W, n_groups, group_len, n_cols, g0, HAS_WEIGHT, BLOCK_G, BLOCK_L)
         dw_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
-        if PREFETCH:
-            # register double buffering: the next tile's loads are issued before this tile's
-            # reductions (past n_end they are masked off and move no bytes)
-            dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n_start, g0,
-                                              BLOCK_N, BLOCK_G, BLOCK_L)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+        if TMA:
+            # whole tiles of this program's samples (none shared with another program; rows
+            # past N arrive as zeros and add nothing, their dx stores are dropped), the next
+            # tiles' copies in flight in shared memory (Triton's software pipeliner)
+            full = (tl.arange(0, BLOCK_L) < BLOCK_L)[None, None, :]                    # (1, 1, BL)
+            for n0 in tl.range(n_start, n_end, BLOCK_N, num_stages=TMA_STAGES):
+                dy = DY_DESC.load([n0, g0, 0]).to(tl.float32)                          # (BN, BG, BL)
+                dx, xhat = _gn_small_dx(dy, X_DESC.load([n0, g0, 0]).to(tl.float32), w, full, group_len, eps)
+                if n0 >= n_skip:
+                    DX_DESC.store([n0, g0, 0], dx.to(DX_DESC.dtype))
+                if COMPUTE_DW:
+                    dw_acc += tl.sum(dy * xhat, axis=0)
+                if COMPUTE_DB:
+                    db_acc += tl.sum(dy, axis=0)
+        else:
             if PREFETCH:
-                dy, xr = dy_next, x_next
-                dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0 + BLOCK_N, g0,
+                # register double buffering: the next tile's loads are issued before this tile's
+                # reductions (past n_end they are masked off and move no bytes)
+                dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n_start, g0,
                                                   BLOCK_N, BLOCK_G, BLOCK_L)
-            else:
-                dy, xr = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
-                                         BLOCK_N, BLOCK_G, BLOCK_L)
-            dy = dy.to(tl.float32)                                                   # (BN, BG, BL)
-            dx, xhat = _gn_small_dx(dy, xr.to(tl.float32), w, mask, group_len, eps)
-            n = n0 + tl.arange(0, BLOCK_N)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask & (n >= n_skip)[:, None, None])
-            if COMPUTE_DW:
-                dw_acc += tl.sum(dy * xhat, axis=0)
-            if COMPUTE_DB:
-                db_acc += tl.sum(dy, axis=0)
+            for n0 in range(n_start, n_end, BLOCK_N):
+                offs, mask = _gn_small_tile(row_len, n_end, n_groups, group_len, n0, g0, BLOCK_N, BLOCK_G, BLOCK_L)
+                if PREFETCH:
+                    dy, xr = dy_next, x_next
+                    dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0 + BLOCK_N, g0,
+                                                      BLOCK_N, BLOCK_G, BLOCK_L)
+                else:
+                    dy, xr = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n0, g0,
+                                             BLOCK_N, BLOCK_G, BLOCK_L)
+                dy = dy.to(tl.float32)                                                   # (BN, BG, BL)
+                dx, xhat = _gn_small_dx(dy, xr.to(tl.float32), w, mask, group_len, eps)
+                n = n0 + tl.arange(0, BLOCK_N)
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask & (n >= n_skip)[:, None, None])
+                if COMPUTE_DW:
+                    dw_acc += tl.sum(dy * xhat, axis=0)
+                if COMPUTE_DB:
+                    db_acc += tl.sum(dy, axis=0)
         g = g0 + tl.arange(0, BLOCK_G)
         cols = (g * group_len)[:, None] + tl.arange(0, BLOCK_L)[None, :]                # (BG, BL)
         slot = (PARTIAL.to(tl.pointer_type(tl.float32)) + (cols // BLOCK_C).to(tl.int64) * slab_stride
@@ -1203,11 +1232,29 @@ def _tma_bwd_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, n_cols: int)
                 and ch_per_group & (ch_per_group - 1) == 0 and n_cols & (n_cols - 1) == 0
                 and ch_per_group <= 256 and 8 <= n_cols <= 256
                 and _TMA_MIN_TILE_ELEMS <= tile <= _TMA_MAX_TILE_ELEMS and x.shape[0] * x.shape[1] < 2**31)
-    if not shape_ok or _TMA_BWD is False or not _has_tensor_descriptors():
+    return shape_ok and _tma_device_ok(x)
+
+
+def _tma_device_ok(x: torch.Tensor) -> bool:
+    """Whether the backwards' TMA paths may run on ``x``'s device: an NVIDIA GPU of compute
+    capability 9.x with Triton's tensor descriptors, or as _TMA_BWD forces."""
+    if _TMA_BWD is False or not _has_tensor_descriptors():
         return False
     if _TMA_BWD:
         return True
     return x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
+def _small_tma_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, group_len: int,
+                  block_n: int, block_g: int, block_l: int) -> bool:
+    """Whether the small-group backward of contiguous ``x`` and ``dy`` can copy its
+    (BLOCK_N, BLOCK_G, BLOCK_L) tiles by TMA from (N, G, L) views: 16-bit values, dy of
+    x's dtype, both 16-byte aligned, groups of exactly BLOCK_L values (a power of two; 16
+    bytes or more), each box side at most 256, and fewer than 2**31 samples x groups; on
+    the devices of _tma_device_ok."""
+    return (x.element_size() == 2 and dy.dtype == x.dtype and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
+            and group_len == block_l and group_len * 2 % 16 == 0 and max(block_n, block_g, block_l) <= 256
+            and x.shape[0] * num_groups < 2**31 and _tma_device_ok(x))
 
 
 def _hold_last_ok(x: torch.Tensor, num_groups: int) -> bool:
@@ -1230,11 +1277,12 @@ def _has_tensor_descriptors() -> bool:
     return TensorDescriptor is not None
 
 
-def _tma_descriptor(t: torch.Tensor, n_cols: int, ch_per_group: int):
-    """A TMA descriptor of contiguous ``t`` seen as (numel / S, S) with (Cg, S) boxes."""
+def _tma_descriptor(t: torch.Tensor, box: list[int]):
+    """A TMA descriptor of contiguous ``t`` (a view of the shape to address) with boxes of
+    ``box`` values."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(t.view(-1, n_cols), [ch_per_group, n_cols])
+    return TensorDescriptor.from_tensor(t, box)
 
 
 def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int
@@ -1413,6 +1461,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         prefetch = not (x.element_size() == 2 and warps == 8)
         prefetch = _SMALL_BWD_PREFETCH if _SMALL_BWD_PREFETCH is not None else prefetch
         programs, spp = _small_bwd_grid(x.device, n, num_groups, block_n, block_g, warps)
+        tma = _small_tma_ok(xc, dyc, num_groups, group_len, block_n, block_g, block_l)
         row_len = c * n_cols
         # slabs of _SMALL_SLAB_VALUES values of a sample, wider for long samples (each slab
         # in dx takes at least one sample: at most N / 4 slabs), up to 1024
@@ -1423,6 +1472,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         # of them in all (else one fp32 buffer).
         sample_bytes = row_len * x.element_size()
         step = 4 // math.gcd(sample_bytes, 4)
+        if tma:  # whole tiles of samples either side of the slabs
+            step = max(step, block_n)
         slab_samples = cdiv(cdiv(slab_values * 4, sample_bytes), step) * step
         in_dx = n_params > 0 and 2 * n_slabs * slab_samples <= n and _SCRATCH_IN_DX
         if in_dx:
@@ -1432,10 +1483,13 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
             slab_stride, skip = slab_values, 0
         w = weight.contiguous() if weight is not None else xc
         tiles = dict(BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
+        descs = (tuple(_tma_descriptor(t.view(n, num_groups, group_len), [block_n, block_g, block_l])
+                       for t in (dyc, xc, dx)) if tma else (None,) * 3)
         with device_guard(x):
             _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
-                dyc, xc, dx, w, partial, n, num_groups, group_len, n_cols, spp, skip, slab_stride, float(eps),
-                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PREFETCH=prefetch, **tiles,
+                dyc, xc, dx, w, partial, *descs, n, num_groups, group_len, n_cols, spp, skip, slab_stride, float(eps),
+                HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PREFETCH=prefetch,
+                TMA=tma, TMA_STAGES=_TMA_STAGES, **tiles,
             )
         if n_params == 0:
             return dx, torch.empty((0, c), dtype=param_dtype, device=x.device)
@@ -1478,7 +1532,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 ticket, ticket_stride = out, out_bytes // 4
             else:
                 ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
-        descs = tuple(_tma_descriptor(t, n_cols, ch_per_group) for t in (dyc, xc, dx)) if tma else (None,) * 3
+        descs = (tuple(_tma_descriptor(t.view(-1, n_cols), [ch_per_group, n_cols]) for t in (dyc, xc, dx))
+                 if tma else (None,) * 3)
         hold_last = tma and n_scratch == 1 and _hold_last_ok(x, num_groups)
         with device_guard(x):
             _gn_group_bwd_kernel[(n_chunks * num_groups,)](

@@ -301,6 +301,65 @@ def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dt
     assert [k["RECOMPUTE"] for _, k in finish.launches] == [False] * (n_params > 0)
 
 
+@pytest.mark.parametrize("shape,groups,tile_values,programs", [
+    ((37, 64), 4, 128, 3),          # (2, 4, 16) boxes; 3 programs of 14 samples, the last box past N
+    ((41, 8, 4), 2, 64, 3),         # spatial dims: groups of 16 values, (2, 2, 16) boxes
+    ((36, 128), 8, 64, 3),          # (1, 4, 16) boxes: 2 blocks of groups, 3 programs each
+    ((24, 256), 2, 256, 2),         # (1, 2, 128) boxes: one sample a tile
+])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("params", ["both", "weight", "bias"])
+def test_group_norm_small_backward_tma(monkeypatch, shape, groups, tile_values, programs, dtype, param_dtype, params):
+    """The small-group backward with its tiles copied by TMA (the Hopper path, here under
+    the interpreter, tiles shrunk to the test's sizes): the float64 gradients, the bits of
+    the register-loaded kernel, the slabs of sums in dx's first samples (whole tiles)."""
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30)
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", tile_values * dtype.itemsize)
+    monkeypatch.setattr(gn_mod, "_SMALL_SLAB_VALUES", 8)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_PROGRAMS_CPU", programs)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    main = _RecordLaunches(gn_mod._gn_small_bwd_kernel)
+    monkeypatch.setattr(gn_mod, "_gn_small_bwd_kernel", main)
+    x, w, b = _inputs(shape, dtype, param_dtype=param_dtype)
+    w = None if params == "bias" else w
+    b = None if params == "weight" else b
+    y, dy, grads = _run(x, groups, w, b)
+    (args, kwargs), = main.launches
+    assert kwargs["TMA"]
+    n_skip, block_n = args[13], kwargs["BLOCK_N"]
+    assert n_skip > 0 and n_skip % block_n == 0 and args[12] % block_n == 0   # slabs and chunks: whole tiles
+    y64, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64, t in zip(grads, grads64, (dtype, param_dtype, param_dtype)):
+        if g64 is not None:
+            assert g.dtype == t
+            assert_close_ulps(g, g64, t, ULPS[t])
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
+    _, _, loaded = _run(x, groups, w, b, dy=dy)
+    assert not main.launches[-1][1]["TMA"]
+    for g, h in zip(grads, loaded):
+        assert (g is None and h is None) or torch.equal(g, h)
+
+
+def test_group_norm_small_backward_tma_fallbacks(monkeypatch):
+    """The small-group TMA tiles need 16-bit values, dy of x's dtype, groups of a
+    power-of-two count of values (16 bytes or more) and 16-byte aligned tensors."""
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    assert gn_mod._small_tma_ok(x, x, 4, 16, 2, 4, 16)
+    assert not gn_mod._small_tma_ok(x.float(), x.float(), 4, 16, 2, 4, 16)        # fp32
+    assert not gn_mod._small_tma_ok(x, x.half(), 4, 16, 2, 4, 16)                 # dy of another dtype
+    odd = torch.randn(6, 48, dtype=torch.bfloat16)
+    assert not gn_mod._small_tma_ok(odd, odd, 4, 12, 2, 4, 16)                    # padded groups
+    short = torch.randn(6, 16, dtype=torch.bfloat16)
+    assert not gn_mod._small_tma_ok(short, short, 4, 4, 2, 4, 4)                  # 8-byte groups
+    store = torch.empty(x.numel() + 8, dtype=torch.bfloat16)
+    shifted = store[2: 2 + x.numel()].view(x.shape).copy_(x)                      # 4 bytes past 16
+    assert not gn_mod._small_tma_ok(shifted, shifted, 4, 16, 2, 4, 16)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", None)
+    assert not gn_mod._small_tma_ok(x, x, 4, 16, 2, 4, 16)                        # not CUDA
+
+
 @pytest.mark.parametrize("group_len,element_size,expected", [
     (128, 2, (1, 32, 128, 8)),      # forward: 4096 values under 8 warps
     (128, 4, (1, 32, 128, 8)),
@@ -505,19 +564,6 @@ def test_group_norm_backward_tma(monkeypatch, shape, groups, dtype, param_dtype,
     _check_16bit_path(monkeypatch, shape, groups, dtype, param_dtype, "_TMA_BWD", 6)  # against the words
 
 
-class _LaunchSpy:
-    """Stands in for a kernel object: records each launch's keyword arguments."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("shape,groups,samples_per_program", [
     ((6, 8, 16), 2, 3),      # 2 chunks a group, 2 slots a sample's group: the slots in the last sample
     ((7, 4, 4, 4), 1, 2),    # 4 chunks, the last one of a single sample; one group
@@ -533,20 +579,20 @@ def test_group_norm_backward_tma_hold_last(monkeypatch, shape, groups, samples_p
     monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
     monkeypatch.setattr(gn_mod, "_TMA_MIN_TILE_ELEMS", 32)
     monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
-    spy = _LaunchSpy(gn_mod._gn_group_bwd_kernel)
+    spy = _RecordLaunches(gn_mod._gn_group_bwd_kernel)
     monkeypatch.setattr(gn_mod, "_gn_group_bwd_kernel", spy)
     x, w, b = _inputs(shape, torch.bfloat16)
     w = None if params == "bias" else w
     b = None if params == "weight" else b
     y, dy, held = _run(x, groups, w, b)
-    assert spy.launches[-1]["HOLD_LAST"] and spy.launches[-1]["TMA"]
+    assert spy.launches[-1][1]["HOLD_LAST"] and spy.launches[-1][1]["TMA"]
     y64, grads64 = _torch64(x, groups, w, b, dy)
     for g, g64 in zip(held, grads64):
         if g64 is not None:
             assert_close_ulps(g, g64, torch.bfloat16, ULPS[torch.bfloat16])
     monkeypatch.setattr(gn_mod, "_HOLD_LAST", False)
     _, _, reread = _run(x, groups, w, b, dy=dy)
-    assert not spy.launches[-1]["HOLD_LAST"]
+    assert not spy.launches[-1][1]["HOLD_LAST"]
     for g, h in zip(held, reread):
         assert (g is None and h is None) or torch.equal(g, h)
 
