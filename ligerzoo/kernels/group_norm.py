@@ -55,8 +55,9 @@ no per-sample partial rows are stored. The slots live in the group's values of `
 last sample (or last two), whose dx that last program writes after it has read them, and
 the counters in the first bytes of each group's values of the ``dweight`` (or ``dbias``)
 output, which the same program overwrites with the total (on Hopper, where the TMA path
-runs, the group's last chunk instead keeps that sample's dx in registers and waits for the
-others to count in before adding the slots up: nothing is read twice): the backward allocates only
+runs, when the slots fit in the last sample and the groups are fewer than the SMs, the
+group's last chunk instead keeps that sample's dx in registers and waits for the others
+to count in before adding the slots up: nothing is read twice): the backward allocates only
 ``dx`` and the parameter gradients. (One chunk per group needs neither; groups whose
 values hold no slot, or of a byte count not a multiple of 4, keep the slots in a buffer,
 and the counters take a small buffer when a group's channels of the output span a byte
@@ -173,8 +174,13 @@ _WORDS_PREFETCH = True
 # (32, 4096, 128) 34.4 / 37.4; (64, 2048, 256) 59.7 / 68.9. Run 4's probe: 2 stages were
 # slower than the words at every size, 4 slower than 3. Boxes of 8192 values run 8 warps,
 # two programs per SM (run 6, (64, 2048, 128): chunks of 8 samples 32.9 us, of 16 37.8;
-# the words 44.1). None: on sm_90 GPUs; True / False force it (True runs it under the
-# interpreter too, for the tests).
+# the words 44.1). fp32 groups take boxes too when the three stages fit in
+# _TMA_SHARED_BYTES (8192 values at most: 160 KB): (64, 2048, 128) fp32 56.1 us against
+# 76.9 for the register tiles (84% of the floor's rate against 61%; session 18, run 6);
+# 16384-value fp32 boxes with two stages (197 KB) were no faster than the tiles (73.0 /
+# 131.0 / 250.3 us against 73.3 / 135.1 / 247.9 at 32 / 64 / 128 samples of (4096, 128)).
+# None: on sm_90 GPUs; True / False force it (True runs it under the interpreter too, for
+# the tests).
 _TMA_BWD: Optional[bool] = None
 # With TMA and the chunks' sums in dx's last sample, each group's last chunk keeps that
 # sample's dx in registers, waits for the group's other chunks to count in, adds the sums
@@ -184,9 +190,11 @@ _TMA_BWD: Optional[bool] = None
 # (32, 4096, 128) 32.3 / 34.4 us; (64, 4096, 128) 56.3 / 59.1 (84% of the copy rate against
 # 80%); (128, ...) 106.3 / 108.3; (256, ...) 205.7 / 208.2; (64, 2048, 128) 31.4 / 33.5:
 # as fast as sums in a separate buffer (31.8, 55.8, 105.5, 205.9, 31.5), without the buffer.
-# None: where _hold_last_ok allows it; True / False force it.
+# None: where _hold_last_ok allows it; True / False force it on or off wherever it can run
+# (TMA, the slots in the last sample).
 _HOLD_LAST: Optional[bool] = None
 _TMA_STAGES = 3
+_TMA_SHARED_BYTES = 200 * 1024
 _TMA_MIN_TILE_ELEMS = 8192
 _TMA_MAX_TILE_ELEMS = 16384
 _WORDS_MAX_ROW = 128
@@ -968,9 +976,11 @@ if HAS_TRITON:
     def _gn_small_dx(dy, x, w, mask, group_len, eps):
         """dx and xhat of a (BLOCK_N, BLOCK_G, BLOCK_L) tile of whole groups from fp32 dy and
         x (0 where masked off) and the (BLOCK_G, BLOCK_L) weight: mean and rstd from the
-        tile, then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L), g = dy * w."""
+        tile, then dx = rstd * (g - (sum(g) + xhat * sum(g * xhat)) / L), g = dy * w. xhat is
+        0 where masked off (with eps = 0 a padded group's rstd is inf, and 0 * inf = nan
+        would reach the weight gradient's sums)."""
         d, rstd = _gn_small_stats(x, mask, group_len, eps)
-        xhat = d * rstd[:, :, None]
+        xhat = tl.where(mask, d * rstd[:, :, None], 0.0)
         gw = dy * w[None, :, :]
         k_g = tl.sum(gw, axis=2) / group_len
         k_gx = tl.sum(gw * xhat, axis=2) / group_len
@@ -1008,12 +1018,13 @@ if HAS_TRITON:
         db_acc = tl.zeros([BLOCK_G, BLOCK_L], dtype=tl.float32)
         if TMA:
             # whole tiles of this program's samples (none shared with another program; rows
-            # past N arrive as zeros and add nothing, their dx stores are dropped), the next
-            # tiles' copies in flight in shared memory (Triton's software pipeliner)
-            full = (tl.arange(0, BLOCK_L) < BLOCK_L)[None, None, :]                    # (1, 1, BL)
+            # past N arrive as zeros, are masked off and add nothing, their dx stores are
+            # dropped), the next tiles' copies in flight in shared memory (Triton's software
+            # pipeliner)
             for n0 in tl.range(n_start, n_end, BLOCK_N, num_stages=TMA_STAGES):
+                rows = (n0 + tl.arange(0, BLOCK_N) < n_end)[:, None, None]             # (BN, 1, 1)
                 dy = DY_DESC.load([n0, g0, 0]).to(tl.float32)                          # (BN, BG, BL)
-                dx, xhat = _gn_small_dx(dy, X_DESC.load([n0, g0, 0]).to(tl.float32), w, full, group_len, eps)
+                dx, xhat = _gn_small_dx(dy, X_DESC.load([n0, g0, 0]).to(tl.float32), w, rows, group_len, eps)
                 if n0 >= n_skip:
                     DX_DESC.store([n0, g0, 0], dx.to(DX_DESC.dtype))
                 if COMPUTE_DW:
@@ -1222,17 +1233,22 @@ def _whole_groups(x: torch.Tensor, num_groups: int, backward: bool = False) -> b
 
 def _tma_bwd_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, n_cols: int) -> bool:
     """Whether the whole-group backward of contiguous ``x`` and ``dy`` can load each
-    sample's group as one TMA box (see _TMA_BWD): 16-bit values, dy of x's dtype, both
-    16-byte aligned, a (Cg, S) group of powers of two, each at most 256, S * 2 bytes a
-    multiple of 16, _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values, fewer than 2**31
+    sample's group as one TMA box (see _TMA_BWD): 16-bit or fp32 values, dy of x's dtype,
+    both 16-byte aligned, a (Cg, S) group of powers of two, each at most 256, rows of S
+    values of 16 bytes or more, _TMA_MIN_TILE_ELEMS to _TMA_MAX_TILE_ELEMS values whose
+    _TMA_STAGES pipeline stages fit in _TMA_SHARED_BYTES of shared memory (two slots per
+    operand and the dx store's box: fp32 boxes of at most 8192 values), fewer than 2**31
     rows of S values, and an NVIDIA GPU of compute capability 9.x (unless forced)."""
     ch_per_group = x.shape[1] // num_groups
     tile = ch_per_group * n_cols
-    shape_ok = (x.element_size() == 2 and dy.dtype == x.dtype and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
+    esize = x.element_size()
+    shape_ok = (esize in (2, 4) and (2 * _TMA_STAGES - 1) * tile * esize <= _TMA_SHARED_BYTES and dy.dtype == x.dtype
+                and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0
                 and ch_per_group & (ch_per_group - 1) == 0 and n_cols & (n_cols - 1) == 0
-                and ch_per_group <= 256 and 8 <= n_cols <= 256
+                and ch_per_group <= 256 and 16 // esize <= n_cols <= 256
                 and _TMA_MIN_TILE_ELEMS <= tile <= _TMA_MAX_TILE_ELEMS and x.shape[0] * x.shape[1] < 2**31)
     return shape_ok and _tma_device_ok(x)
+
 
 
 def _tma_device_ok(x: torch.Tensor) -> bool:

@@ -341,6 +341,25 @@ def test_group_norm_small_backward_tma(monkeypatch, shape, groups, tile_values, 
         assert (g is None and h is None) or torch.equal(g, h)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("shape,groups,tile_values", [
+    ((37, 64), 4, 128),     # (2, 4, 16) tiles: the last one has a row past N
+    ((36, 48), 6, 64),      # (1, 8, 8) tiles over 6 groups of 8 values: groups past G
+])
+def test_group_norm_small_backward_eps0_padding(monkeypatch, tma, shape, groups, tile_values):
+    """With eps = 0 the padded rows and groups of a small-group tile (zeros: rstd = inf)
+    must not reach the weight gradient as 0 * inf = nan (a review found they did)."""
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30)
+    monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", tile_values * 2)
+    monkeypatch.setattr(gn_mod, "_SMALL_SLAB_VALUES", 8)
+    monkeypatch.setattr(gn_mod, "_SMALL_BWD_PROGRAMS_CPU", 3)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", tma)
+    x, w, b = _inputs(shape, torch.bfloat16)
+    grads = _check(x, groups, w, b, torch.bfloat16, ULPS[torch.bfloat16], eps=0.0)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_group_norm_small_backward_tma_fallbacks(monkeypatch):
     """The small-group TMA tiles need 16-bit values, dy of x's dtype, groups of a
     power-of-two count of values (16 bytes or more) and 16-byte aligned tensors."""
@@ -597,8 +616,43 @@ def test_group_norm_backward_tma_hold_last(monkeypatch, shape, groups, samples_p
         assert (g is None and h is None) or torch.equal(g, h)
 
 
+@pytest.mark.parametrize("shape,groups", _TMA_CASES)
+@pytest.mark.parametrize("samples_per_program", [1, 3])
+def test_group_norm_backward_tma_fp32(monkeypatch, shape, groups, samples_per_program):
+    """fp32 groups loaded as TMA boxes: the float64 gradients, deterministically, and the
+    tiled kernel's within a few fp32 roundings."""
+    monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    monkeypatch.setattr(gn_mod, "_TMA_MIN_TILE_ELEMS", 32)
+    monkeypatch.setattr(gn_mod, "_SAMPLES_PER_PROGRAM", samples_per_program)
+    x, w, b = _inputs(shape, torch.float32)
+    assert gn_mod._group_bwd_plan(x, x, groups)[6]
+    _, dy, grads = _run(x, groups, w, b)
+    _, grads64 = _torch64(x, groups, w, b, dy)
+    for g, g64 in zip(grads, grads64):
+        assert_close_ulps(g, g64, torch.float32, ULPS[torch.float32])
+    _, _, again = _run(x, groups, w, b, dy=dy)
+    assert all(torch.equal(g, h) for g, h in zip(grads, again))
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
+    assert not gn_mod._group_bwd_plan(x, x, groups)[6]
+    _, _, tiles = _run(x, groups, w, b, dy=dy)
+    for g, h in zip(grads, tiles):
+        assert_close_ulps(g, h, torch.float32, ULPS[torch.float32])
+
+
+def test_group_norm_tma_box_fits_shared_memory(monkeypatch):
+    """A group takes TMA boxes only when its three pipeline stages (two slots per operand
+    and the dx store's box) fit in _TMA_SHARED_BYTES: (128, 128) bf16 boxes (160 KB) and
+    (64, 128) fp32 boxes (160 KB) do, (128, 128) fp32 boxes (320 KB) keep the tiles."""
+    monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
+    for (channels, dtype), fits in {(4096, torch.bfloat16): True, (2048, torch.float32): True,
+                                    (4096, torch.float32): False}.items():
+        x = torch.empty(1, channels, 128, dtype=dtype)
+        assert gn_mod._tma_bwd_ok(x, x, 32, 128) == fits
+
+
 def test_group_norm_backward_tma_fallbacks(monkeypatch):
-    """The TMA boxes need 16-bit values, dy of x's dtype, power-of-two sides (Cg <= 256,
+    """The TMA boxes need 16-bit or fp32 values, dy of x's dtype, power-of-two sides (Cg <= 256,
     8 <= S <= 256), 16-byte aligned tensors and a box within the tile bounds; else the words
     or tiles run. Never chosen off the GPU unless forced."""
     monkeypatch.setattr(gn_mod, "_WHOLE_GROUP_PROGRAMS_CPU", 0)
@@ -607,7 +661,8 @@ def test_group_norm_backward_tma_fallbacks(monkeypatch):
     assert not gn_mod._group_bwd_plan(x, x, 2)[6]                            # not forced, not CUDA
     monkeypatch.setattr(gn_mod, "_TMA_BWD", True)
     assert gn_mod._group_bwd_plan(x, x, 2)[6]
-    assert not gn_mod._group_bwd_plan(x.float(), x.float(), 2)[6]            # fp32
+    assert gn_mod._group_bwd_plan(x.float(), x.float(), 2)[6]                # fp32 too
+    assert not gn_mod._group_bwd_plan(x.double(), x.double(), 2)[6]          # not fp64
     assert not gn_mod._group_bwd_plan(x, x.half(), 2)[6]                     # dy of another dtype
     odd = torch.randn(6, 8, 12, dtype=torch.bfloat16)                        # S = 12
     assert not gn_mod._group_bwd_plan(odd, odd, 2)[6]
@@ -896,6 +951,7 @@ def test_gpu_group_norm_backward_words(monkeypatch, shape, groups, dtype, params
     ((64, 4096, 128), 32, torch.float16),
     ((48, 2048, 256), 32, torch.bfloat16),    # (64, 256) boxes
     ((64, 2048, 128), 32, torch.bfloat16),    # (64, 128) boxes: 8192 values, 8 warps
+    ((64, 2048, 128), 32, torch.float32),     # fp32 (64, 128) boxes: three stages fit (160 KB)
     ((256, 4096, 128), 32, torch.bfloat16),   # chunks of 32 samples
     ((6, 4096, 128), 32, torch.bfloat16),     # too few (sample, group) pairs: the split kernels, no TMA
 ])
@@ -912,8 +968,8 @@ def test_gpu_group_norm_backward_tma(monkeypatch, shape, groups, dtype, params):
     assert plan[6] == (shape[0] >= 8)                                       # tma (else too few samples)
     dy, grads, grads64 = _gpu_grads_checked(x, groups, w, b, dtype)
     monkeypatch.setattr(gn_mod, "_TMA_BWD", False)
-    _, _, words = _run(x, groups, w, b, dy=dy)
-    assert_close_ulps(grads[0], words[0], dtype, 1)
+    _, _, words = _run(x, groups, w, b, dy=dy)                              # (fp32: the tiles)
+    assert_close_ulps(grads[0], words[0], dtype, ULPS[dtype] if dtype == torch.float32 else 1)
     monkeypatch.setattr(gn_mod, "_TMA_BWD", None)
     xs, dys = _misaligned_copies(x, dy)
     assert not gn_mod._group_bwd_plan(xs, dys, groups)[6]
