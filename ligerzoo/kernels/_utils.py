@@ -13,6 +13,8 @@ import inspect
 import math
 import os
 
+from typing import Optional
+
 import torch
 
 try:  # Triton is optional at import time: without it every op uses its reference.
@@ -150,6 +152,45 @@ def multiprocessor_count(device: torch.device) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def has_tensor_descriptors() -> bool:
+    """Whether this Triton has host-side TMA tensor descriptors (``triton.tools``)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return False
+    return TensorDescriptor is not None
+
+
+def hopper_tma(t: torch.Tensor, force: Optional[bool] = None) -> bool:
+    """Whether a kernel may copy ``t``'s tiles by TMA (Triton tensor descriptors): on an
+    NVIDIA GPU of compute capability 9.x (the TMA paths' only target: their shared-memory
+    use is sized for its 227 KB a block), or as ``force`` says (True also under the
+    interpreter, for tests; False never). Shapes and alignment are the caller's to check."""
+    if force is False or not has_tensor_descriptors():
+        return False
+    if force:
+        return True
+    return t.is_cuda and torch.version.hip is None and _capability(t.device)[0] == 9
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def tma_descriptor(t: torch.Tensor, box: list):
+    """A TMA descriptor of contiguous ``t`` (a view of the shape to address) with boxes of
+    ``box`` values (each side a power of two of at most 256)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, box)
 
 
 def persistent_programs(device: torch.device, n_items: int, per_sm: int, cpu_programs: int) -> int:

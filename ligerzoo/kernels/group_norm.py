@@ -1252,13 +1252,9 @@ def _tma_bwd_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, n_cols: int)
 
 
 def _tma_device_ok(x: torch.Tensor) -> bool:
-    """Whether the backwards' TMA paths may run on ``x``'s device: an NVIDIA GPU of compute
-    capability 9.x with Triton's tensor descriptors, or as _TMA_BWD forces."""
-    if _TMA_BWD is False or not _has_tensor_descriptors():
-        return False
-    if _TMA_BWD:
-        return True
-    return x.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] == 9
+    """Whether the backwards' TMA paths may run on ``x``'s device (_utils.hopper_tma, forced
+    by _TMA_BWD)."""
+    return _utils.hopper_tma(x, _TMA_BWD)
 
 
 def _small_tma_ok(x: torch.Tensor, dy: torch.Tensor, num_groups: int, group_len: int,
@@ -1282,23 +1278,6 @@ def _hold_last_ok(x: torch.Tensor, num_groups: int) -> bool:
     if _HOLD_LAST is not None:
         return _HOLD_LAST
     return x.device.type != "cuda" or num_groups < multiprocessor_count(x.device)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_tensor_descriptors() -> bool:
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
-        return False
-    return TensorDescriptor is not None
-
-
-def _tma_descriptor(t: torch.Tensor, box: list[int]):
-    """A TMA descriptor of contiguous ``t`` (a view of the shape to address) with boxes of
-    ``box`` values."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(t, box)
 
 
 def _group_bwd_plan(x: torch.Tensor, dy: torch.Tensor, num_groups: int
@@ -1499,7 +1478,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
             slab_stride, skip = slab_values, 0
         w = weight.contiguous() if weight is not None else xc
         tiles = dict(BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
-        descs = (tuple(_tma_descriptor(t.view(n, num_groups, group_len), [block_n, block_g, block_l])
+        descs = (tuple(_utils.tma_descriptor(t.view(n, num_groups, group_len), [block_n, block_g, block_l])
                        for t in (dyc, xc, dx)) if tma else (None,) * 3)
         with device_guard(x):
             _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
@@ -1548,7 +1527,7 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
                 ticket, ticket_stride = out, out_bytes // 4
             else:
                 ticket = torch.zeros(num_groups, dtype=torch.int32, device=x.device)
-        descs = (tuple(_tma_descriptor(t.view(-1, n_cols), [ch_per_group, n_cols]) for t in (dyc, xc, dx))
+        descs = (tuple(_utils.tma_descriptor(t.view(-1, n_cols), [ch_per_group, n_cols]) for t in (dyc, xc, dx))
                  if tma else (None,) * 3)
         hold_last = tma and n_scratch == 1 and _hold_last_ok(x, num_groups)
         with device_guard(x):
