@@ -781,9 +781,9 @@ if HAS_TRITON:
         the threadfence-reduction pattern of the CUDA samples). With HOLD_LAST (TMA, the
         slots in sample N - 1's values) the group's last chunk instead keeps that sample's dx
         in registers, waits for the other chunks to count in, adds the slots up and then
-        writes the dx over them: nothing is read twice. Slot j of group g starts at fp32 element ``slot0 + ((j //
-        slots_per_region) * G + g) * region_stride + (j % slots_per_region) * P * Cg`` of
-        SLOTS."""
+        writes the dx over them: nothing is read twice. Slot j of group g starts at fp32
+        element ``slot0 + ((j // slots_per_region) * G + g) * region_stride + (j %
+        slots_per_region) * P * Cg`` of SLOTS."""
         pid = tl.program_id(0)
         grp = pid % n_groups
         chunk = pid // n_groups                             # this program's samples: a chunk
