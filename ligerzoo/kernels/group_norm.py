@@ -223,6 +223,14 @@ _SMALL_BWD_PROGRAMS_CPU = 3
 # for long samples). H200, (8192, 4096) with 32 groups: 128 finishing programs, 640 samples
 # (8%) read again, 8.8 us (session 12).
 _SMALL_SLAB_VALUES = 32
+# The slabs lie in the last samples of the first programs' blocks (each finishing program
+# then reads again samples whose dy and x the backward has just read, from L2) when those
+# blocks are whole, else in dx's first samples. H200, bf16 with 32 groups, TMA tiles, main
+# + finishing kernel, us (session 18, run 13): (8192, 4096) 53.4 + 7.1 with the slabs at
+# the blocks' ends against 53.9 + 9.0 first (78% of the copy rate against 75%); 16384:
+# 104.5 + 9.3 / 104.5 + 11.6; 4096: 29.0 + 7.0 / 29.5 + 8.6 (sums in a buffer, over Liger's
+# peak: 53.9 + 3.0 at 8192). False: always first.
+_SLABS_AT_BLOCK_ENDS = True
 # The backward issues the next tile's loads before this tile's reductions (register
 # double buffering), except for 16-bit tiles under 8 warps (groups of 256 values), whose
 # extra registers halve the programs per SM. H200 (8192, 4096), backward us, with / without:
@@ -987,24 +995,33 @@ if HAS_TRITON:
         dx = dy * (w[None, :, :] * rstd[:, :, None]) - rstd[:, :, None] * (k_g[:, :, None] + xhat * k_gx[:, :, None])
         return dx, xhat
 
+    @triton.jit
+    def _gn_held(n, n_held, row0, row_stride, held_samples):
+        """Whether sample(s) ``n`` hold a slab of sums in dx: n in [row0 + j * row_stride,
+        + held_samples) for some j < n_held."""
+        r = n - row0
+        return (r >= 0) & (r % row_stride < held_samples) & (r // row_stride < n_held)
+
     @jit
     def _gn_small_bwd_kernel(
         DY, X, DX,            # (N, C * S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT)
-        PARTIAL,              # fp32 slabs (any pointer: read as fp32), slab_stride values apart:
-                              # slab j holds, for the BLOCK_C values j * BLOCK_C... of a sample,
-                              # (P_params, programs along axis 0, BLOCK_C) sums over each
+        PARTIAL,              # fp32 slabs (any pointer: read as fp32), slab j from fp32 element
+                              # slab0 + j * slab_stride: for the BLOCK_C values j * BLOCK_C... of a
+                              # sample, (P_params, programs along axis 0, BLOCK_C) sums over each
                               # program's samples of dy * xhat (COMPUTE_DW) then of dy
-                              # (COMPUTE_DB). May be DX itself: its first n_skip samples,
-                              # whose dx is then left to _gn_small_finish_kernel
+                              # (COMPUTE_DB). May be DX itself: slab j (j < n_held) then lies in
+                              # samples [row0 + j * row_stride, + held_samples), whose dx is
+                              # left to _gn_small_finish_kernel (n_held = 0: a buffer)
         DY_DESC, X_DESC, DX_DESC,  # TMA: descriptors of dy, x, dx as (N, G, L) with (BLOCK_N, BLOCK_G, BLOCK_L)
                                    # boxes, else None
-        n_samples, n_groups, group_len, n_cols, samples_per_program, n_skip, slab_stride, eps,
+        n_samples, n_groups, group_len, n_cols, samples_per_program, slab0, slab_stride,
+        n_held, row0, row_stride, held_samples, eps,
         HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
         PREFETCH: tl.constexpr,
         TMA: tl.constexpr = False,   # tiles copied by TMA (Hopper), _TMA_STAGES - 1 in flight; L == BLOCK_L,
-                                     # samples_per_program and n_skip multiples of BLOCK_N
+                                     # samples_per_program, row0, row_stride, held_samples multiples of BLOCK_N
         TMA_STAGES: tl.constexpr = 3,
     ):
         # Small groups: a program takes a contiguous block of samples of BLOCK_G groups, in
@@ -1025,7 +1042,7 @@ if HAS_TRITON:
                 rows = (n0 + tl.arange(0, BLOCK_N) < n_end)[:, None, None]             # (BN, 1, 1)
                 dy = DY_DESC.load([n0, g0, 0]).to(tl.float32)                          # (BN, BG, BL)
                 dx, xhat = _gn_small_dx(dy, X_DESC.load([n0, g0, 0]).to(tl.float32), w, rows, group_len, eps)
-                if n0 >= n_skip:
+                if not _gn_held(n0, n_held, row0, row_stride, held_samples):
                     DX_DESC.store([n0, g0, 0], dx.to(DX_DESC.dtype))
                 if COMPUTE_DW:
                     dw_acc += tl.sum(dy * xhat, axis=0)
@@ -1049,14 +1066,15 @@ if HAS_TRITON:
                 dy = dy.to(tl.float32)                                                   # (BN, BG, BL)
                 dx, xhat = _gn_small_dx(dy, xr.to(tl.float32), w, mask, group_len, eps)
                 n = n0 + tl.arange(0, BLOCK_N)
-                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask & (n >= n_skip)[:, None, None])
+                held = _gn_held(n, n_held, row0, row_stride, held_samples)
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask & (~held)[:, None, None])
                 if COMPUTE_DW:
                     dw_acc += tl.sum(dy * xhat, axis=0)
                 if COMPUTE_DB:
                     db_acc += tl.sum(dy, axis=0)
         g = g0 + tl.arange(0, BLOCK_G)
         cols = (g * group_len)[:, None] + tl.arange(0, BLOCK_L)[None, :]                # (BG, BL)
-        slot = (PARTIAL.to(tl.pointer_type(tl.float32)) + (cols // BLOCK_C).to(tl.int64) * slab_stride
+        slot = (PARTIAL.to(tl.pointer_type(tl.float32)) + slab0 + (cols // BLOCK_C).to(tl.int64) * slab_stride
                 + pid * BLOCK_C + cols % BLOCK_C)
         if COMPUTE_DW:
             tl.store(slot, dw_acc, mask=c_mask)
@@ -1068,28 +1086,28 @@ if HAS_TRITON:
     def _gn_small_finish_kernel(
         DY, X, DX,            # (N, C * S) contiguous
         W,                    # (C,) weight (read only when HAS_WEIGHT and RECOMPUTE)
-        PARTIAL,              # the backward kernel's slabs (read as fp32)
+        PARTIAL,              # the backward kernel's slabs (read as fp32; see it for the layout)
         OUT,                  # (P_params, C * S) out: the sums over programs, in OUT's dtype
-        n_programs, slab_stride, slab_samples, n_groups, group_len, n_cols, eps,
+        n_programs, slab0, slab_stride, row0, row_stride, slab_samples, n_groups, group_len, n_cols, eps,
         HAS_WEIGHT: tl.constexpr, N_PARAMS: tl.constexpr,
-        RECOMPUTE: tl.constexpr,  # the slabs are DX's first samples: write their dx after
+        RECOMPUTE: tl.constexpr,  # the slabs are in DX: write their samples' dx after
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         # Program j sums slab j over the programs (a fixed order: deterministic); with
-        # RECOMPUTE, slab j is samples [j * slab_samples, (j + 1) * slab_samples) of DX, read
-        # by this program alone, so it then writes their dx (all groups), in tiles whose
-        # loads (of dy and x, not DX) are issued one tile ahead, the first before the sums.
+        # RECOMPUTE, slab j is samples [row0 + j * row_stride, + slab_samples) of DX, read by
+        # this program alone, so it then writes their dx (all groups), in tiles whose loads
+        # (of dy and x, not DX) are issued one tile ahead, the first before the sums.
         j = tl.program_id(0)
         row_len = n_groups * group_len
-        n_start = j * slab_samples
+        n_start = row0 + j * row_stride
         n_end = n_start + slab_samples
         if RECOMPUTE:
             dy_next, x_next = _gn_small_loads(DY, X, row_len, n_end, n_groups, group_len, n_start, 0,
                                               BLOCK_N, BLOCK_G, BLOCK_L)
         cc = tl.arange(0, BLOCK_C)
         col_mask = j * BLOCK_C + cc < row_len
-        slab = PARTIAL.to(tl.pointer_type(tl.float32)) + j.to(tl.int64) * slab_stride
+        slab = PARTIAL.to(tl.pointer_type(tl.float32)) + slab0 + j.to(tl.int64) * slab_stride
         rows = tl.arange(0, BLOCK_P)
         for q in tl.static_range(N_PARAMS):
             acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
@@ -1472,17 +1490,26 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         slab_samples = cdiv(cdiv(slab_values * 4, sample_bytes), step) * step
         in_dx = n_params > 0 and 2 * n_slabs * slab_samples <= n and _SCRATCH_IN_DX
         if in_dx:
-            partial, slab_stride, skip = dx, slab_samples * sample_bytes // 4, n_slabs * slab_samples
+            # slab j in the last samples of program j's block when those blocks are whole and
+            # stay 4-byte aligned (their dy and x were just read: the finishing kernel's
+            # second read of them hits L2), else in dx's first samples
+            row0, row_stride = 0, slab_samples
+            if (_SLABS_AT_BLOCK_ENDS and n_slabs <= n // spp and slab_samples <= spp
+                    and spp * sample_bytes % 4 == 0):
+                row0, row_stride = spp - slab_samples, spp
+            partial, n_held = dx, n_slabs
+            slab0, slab_stride = row0 * sample_bytes // 4, row_stride * sample_bytes // 4
         else:
             partial = torch.empty(n_slabs * slab_values, dtype=torch.float32, device=x.device) if n_params else dx
-            slab_stride, skip = slab_values, 0
+            slab0, slab_stride, n_held, row0, row_stride = 0, slab_values, 0, 0, 1
         w = weight.contiguous() if weight is not None else xc
         tiles = dict(BLOCK_N=block_n, BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_C=block_c, num_warps=warps)
         descs = (tuple(_utils.tma_descriptor(t.view(n, num_groups, group_len), [block_n, block_g, block_l])
                        for t in (dyc, xc, dx)) if tma else (None,) * 3)
         with device_guard(x):
             _gn_small_bwd_kernel[(programs, cdiv(num_groups, block_g))](
-                dyc, xc, dx, w, partial, *descs, n, num_groups, group_len, n_cols, spp, skip, slab_stride, float(eps),
+                dyc, xc, dx, w, partial, *descs, n, num_groups, group_len, n_cols, spp, slab0, slab_stride,
+                n_held, row0, row_stride, slab_samples, float(eps),
                 HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, PREFETCH=prefetch,
                 TMA=tma, TMA_STAGES=_TMA_STAGES, **tiles,
             )
@@ -1495,7 +1522,8 @@ def _launch_backward(dy, x, num_groups, weight, mean, eps, compute_dw, compute_d
         out = torch.empty((n_params, row_len), dtype=param_dtype if n_cols == 1 else torch.float32, device=x.device)
         with device_guard(x):
             _gn_small_finish_kernel[(n_slabs,)](
-                dyc, xc, dx, w, partial, out, programs, slab_stride, slab_samples, num_groups, group_len, n_cols,
+                dyc, xc, dx, w, partial, out, programs, slab0, slab_stride, row0, row_stride, slab_samples,
+                num_groups, group_len, n_cols,
                 float(eps), HAS_WEIGHT=weight is not None, N_PARAMS=n_params, RECOMPUTE=in_dx,
                 BLOCK_P=max(1, min(16, 4096 // block_c)), **tiles,
             )

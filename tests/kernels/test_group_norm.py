@@ -268,16 +268,18 @@ class _RecordLaunches:
     # 2 blocks of 4 groups, 3 programs each (6 in all); slabs of 16 values (long samples): 8 of 2 samples
     ((36, 128), 8, torch.bfloat16),
 ])
-@pytest.mark.parametrize("in_dx", [True, False])
+@pytest.mark.parametrize("in_dx,at_ends", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("params", ["both", "weight", "bias", "none"])
-def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dtype, in_dx, params):
-    """The small-group backward keeps its fp32 partial sums in dx's first samples (slabs of
-    whole samples, whose dx the finishing kernel writes once it has summed them) when they
-    take at most half of the samples, or in a buffer (_SCRATCH_IN_DX off, or too few
-    samples): the same values either way."""
+def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dtype, in_dx, at_ends, params):
+    """The small-group backward keeps its fp32 partial sums in dx (slabs of whole samples,
+    whose dx the finishing kernel writes once it has summed them: the last samples of the
+    first programs' blocks, or dx's first samples) when they take at most half of the
+    samples, or in a buffer (_SCRATCH_IN_DX off, or too few samples): the same values
+    every way."""
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30)
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30)
     monkeypatch.setattr(gn_mod, "_SCRATCH_IN_DX", in_dx)
+    monkeypatch.setattr(gn_mod, "_SLABS_AT_BLOCK_ENDS", at_ends)
     monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", 64 * dtype.itemsize)   # 64-value tiles: 3 programs
     monkeypatch.setattr(gn_mod, "_SMALL_SLAB_VALUES", 8)
     monkeypatch.setattr(gn_mod, "_SMALL_BWD_PROGRAMS_CPU", 6 if groups == 8 else 3)   # 3 per block of groups
@@ -289,12 +291,18 @@ def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dt
     _check(x, groups, w, b, dtype, ULPS[dtype])
     n_params = (w is not None) + (b is not None)
     assert [k["RECOMPUTE"] for _, k in finish.launches] == [in_dx] * (n_params > 0)
+    sample_bytes = x[0].numel() * x.element_size()
     for args, kwargs in finish.launches:
-        programs, slab_stride, slab_samples = args[6:9]
+        programs, slab0, slab_stride, row0, row_stride, slab_samples = args[6:12]
         assert programs == 3
         if kwargs["RECOMPUTE"]:   # whole samples, starting on 4-byte boundaries (fp32 sums)
-            assert slab_stride * 4 == slab_samples * x[0].numel() * x.element_size()
-            assert slab_stride >= n_params * programs * kwargs["BLOCK_C"]
+            tiles = gn_mod._small_tiles(x.shape[0], groups, x[0].numel() // groups, x.element_size(), backward=True)
+            spp = gn_mod._small_bwd_grid(x.device, x.shape[0], groups, tiles[0], tiles[1], tiles[3])[1]
+            n_slabs = -(-x[0].numel() // kwargs["BLOCK_C"])
+            ends = at_ends and n_slabs <= x.shape[0] // spp and slab_samples <= spp   # whole blocks to hold them
+            assert (row0, row_stride) == ((spp - slab_samples, spp) if ends else (0, slab_samples))
+            assert slab0 * 4 == row0 * sample_bytes and slab_stride * 4 == row_stride * sample_bytes
+            assert slab_samples * sample_bytes >= 4 * n_params * programs * kwargs["BLOCK_C"]
     finish.launches.clear()
     few = x[:3]                                                  # too few samples: a buffer
     _check(few, groups, w, b, dtype, ULPS[dtype])
@@ -306,13 +314,14 @@ def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dt
     ((41, 8, 4), 2, 64, 3),         # spatial dims: groups of 16 values, (2, 2, 16) boxes
     ((36, 128), 8, 64, 3),          # (1, 4, 16) boxes: 2 blocks of groups, 3 programs each
     ((24, 256), 2, 256, 2),         # (1, 2, 128) boxes: one sample a tile
+    ((64, 16), 2, 128, 2),          # (8, 2, 8) boxes; 2 slabs, in the last tile of each program's block
 ])
 @pytest.mark.parametrize("dtype,param_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
 @pytest.mark.parametrize("params", ["both", "weight", "bias"])
 def test_group_norm_small_backward_tma(monkeypatch, shape, groups, tile_values, programs, dtype, param_dtype, params):
     """The small-group backward with its tiles copied by TMA (the Hopper path, here under
     the interpreter, tiles shrunk to the test's sizes): the float64 gradients, the bits of
-    the register-loaded kernel, the slabs of sums in dx's first samples (whole tiles)."""
+    the register-loaded kernel, the slabs of sums in dx (whole tiles)."""
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN", 2**30)
     monkeypatch.setattr(gn_mod, "_SMALL_GROUP_MAX_LEN_BWD", 2**30)
     monkeypatch.setattr(gn_mod, "_SMALL_BWD_TILE_BYTES", tile_values * dtype.itemsize)
@@ -327,8 +336,10 @@ def test_group_norm_small_backward_tma(monkeypatch, shape, groups, tile_values, 
     y, dy, grads = _run(x, groups, w, b)
     (args, kwargs), = main.launches
     assert kwargs["TMA"]
-    n_skip, block_n = args[13], kwargs["BLOCK_N"]
-    assert n_skip > 0 and n_skip % block_n == 0 and args[12] % block_n == 0   # slabs and chunks: whole tiles
+    spp, row0, row_stride, held = args[12], args[16], args[17], args[18]
+    assert args[15] > 0 and all(v % kwargs["BLOCK_N"] == 0 for v in (spp, row0, row_stride, held))   # whole tiles
+    if shape == (64, 16):
+        assert (row0, row_stride) == (spp - held, spp)                               # at the blocks' ends
     y64, grads64 = _torch64(x, groups, w, b, dy)
     for g, g64, t in zip(grads, grads64, (dtype, param_dtype, param_dtype)):
         if g64 is not None:
