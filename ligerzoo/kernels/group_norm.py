@@ -29,7 +29,8 @@ affine; the forward keeps no statistics. The backward's programs (one or two per
 each own a block of samples (on Hopper its tiles arrive by TMA, the next ones' copies in
 flight) and write their fp32 sums of ``dy * xhat`` and ``dy`` per
 value of a sample (C * S; 4 MiB in all for a (tokens, 4096) input on an H200's 132 SMs)
-into slabs of dx's first samples, whose dx they do not write; a finishing kernel then
+into slabs of dx (the last samples of the first programs' blocks, just read, or else dx's
+first samples), whose dx they do not write; a finishing kernel then
 sums each slab over the programs in a fixed order (deterministic) and writes the dx of
 that slab's samples, which no other program reads. So nothing but dx and the parameter
 gradients is allocated (an fp32 buffer takes the sums instead when the slabs would fill
