@@ -299,7 +299,8 @@ def test_group_norm_small_backward_partials_in_dx(monkeypatch, shape, groups, dt
             tiles = gn_mod._small_tiles(x.shape[0], groups, x[0].numel() // groups, x.element_size(), backward=True)
             spp = gn_mod._small_bwd_grid(x.device, x.shape[0], groups, tiles[0], tiles[1], tiles[3])[1]
             n_slabs = -(-x[0].numel() // kwargs["BLOCK_C"])
-            ends = at_ends and n_slabs <= x.shape[0] // spp and slab_samples <= spp   # whole blocks to hold them
+            ends = (at_ends and n_slabs <= x.shape[0] // spp and slab_samples <= spp   # whole blocks to hold them
+                    and spp * sample_bytes % 4 == 0)                                # 4-byte aligned
             assert (row0, row_stride) == ((spp - slab_samples, spp) if ends else (0, slab_samples))
             assert slab0 * 4 == row0 * sample_bytes and slab_stride * 4 == row_stride * sample_bytes
             assert slab_samples * sample_bytes >= 4 * n_params * programs * kwargs["BLOCK_C"]
