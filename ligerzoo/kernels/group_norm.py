@@ -882,8 +882,9 @@ if HAS_TRITON:
                     # for the other chunks to count in (the programs that run them never wait,
                     # so they finish), add the slots up, then store that sample's dx over them
                     # (plain stores, ordered after the slot loads by the barrier)
-                    while tl.atomic_add(tick, 0, sem="acquire") < n_chunks - 1:
-                        pass
+                    arrived = tl.atomic_add(tick, 0, sem="acquire")
+                    while arrived < n_chunks - 1:   # spin: re-read the counter until all are in
+                        arrived = tl.atomic_add(tick, 0, sem="acquire")
                     tl.debug_barrier()  # this program's sums stored, the others' visible to every thread
                     _gn_slot_totals(SLOTS, OUT, slot0, grp, n_groups, n_chunks, region_stride, slots_per_region,
                                     cc, c_mask, ch_per_group, COMPUTE_DW, COMPUTE_DB, SLOT_BLOCK)
