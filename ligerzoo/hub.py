@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ligerzoo.models import CausalLM, family
-from ligerzoo.models.config import dtype_from_str, with_dtype
+from ligerzoo.models.config import ModelConfig, dtype_from_str, with_dtype
 from ligerzoo.models.keymap import KeyMap, Slot
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -374,7 +374,10 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        raise TypeError(f"save_hf expects a ligerzoo CausalLM (or a compiled / wrapped one), got {type(model).__name__}")
     params = _named_params(model)
+    _check_params_fit_config(model.config, params)  # before anything is written
     sharded = _sharded(params)
     writer = not sharded or torch.distributed.get_rank() == 0
     given = Path(save_directory).expanduser().absolute()
@@ -444,6 +447,41 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             shutil.rmtree(tmp, ignore_errors=True)
         raise problem
     return given
+
+
+def _check_params_fit_config(config, params: dict[str, torch.Tensor]) -> None:
+    """ValueError unless ``params`` (by plain name) are exactly the parameters, with the
+    shapes, of a ``CausalLM`` built from ``config``: the config.json that save_hf writes must
+    describe the saved tensors. Catches a head untied or tied in code without changing
+    ``tie_word_embeddings`` (a separate head would be dropped from the files), a vocabulary
+    or layer resized without updating the config, and adapter or wrapper parameters (LoRA)
+    left in the model."""
+    with torch.device("meta"):
+        expected = {n: tuple(p.shape) for n, p in _named_params(CausalLM(config)).items()}
+    head = "lm_head.weight"
+    if config.tie_word_embeddings and head in params and head not in expected:
+        raise ValueError("model.config.tie_word_embeddings is True, but lm_head.weight is a separate tensor from "
+                         "embed.weight, which the checkpoint would not store; set tie_word_embeddings=False in "
+                         "model.config to save both, or call model.tie_weights() to share them again")
+    if not config.tie_word_embeddings and head in expected and head not in params:
+        raise ValueError("model.config.tie_word_embeddings is False, but lm_head.weight is embed.weight (tied in "
+                         "code); set tie_word_embeddings=True in model.config, or give lm_head its own weight")
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing:
+        problems.append(f"missing parameter(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"parameter(s) a {config.model_type!r} model of this config does not have: "
+                        f"{_listing(unexpected)} (merge adapters into the weights first, e.g. peft's "
+                        f"merge_and_unload)")
+    wrong = [f"{n} {tuple(params[n].shape)} (the config gives {expected[n]})"
+             for n in sorted(set(expected) & set(params)) if tuple(params[n].shape) != expected[n]]
+    if wrong:
+        problems.append(f"shape(s) unlike the config's: {_listing(wrong, 6)} (update model.config, e.g. "
+                        f"vocab_size after resizing the embedding)")
+    if problems:
+        raise ValueError("save_hf: the model's parameters do not match model.config, so config.json would not "
+                         "describe the saved tensors: " + "; ".join(problems))
 
 
 def _checkpoint_file(name: str) -> bool:
@@ -570,12 +608,24 @@ def _check_expressible(config, read_back) -> None:
     """Raise ValueError when the family's config.json, read back, describes another model
     than ``config`` (a config built in code with features its family's checkpoints cannot
     have, e.g. ``model_type="gemma"`` without Gemma's norm offset)."""
+    config, read_back = _effective(config), _effective(read_back)
     diff = [f.name for f in dataclasses.fields(config)
             if f.compare and f.name != "dtype" and getattr(read_back, f.name) != getattr(config, f.name)]
     if diff:
         fields = ", ".join(f"{n}={getattr(config, n)!r} (read back as {getattr(read_back, n)!r})" for n in diff)
         raise ValueError(f"a {config.model_type!r} config.json cannot express this model's config: {fields}; "
                          f"change those fields, or pick a model_type whose checkpoints have them")
+
+
+def _effective(config):
+    """``config`` with defaults spelled out where two values mean the same model:
+    ``attn_scale=None`` is ``head_dim ** -0.5``, and without sliding layers the window is
+    unused."""
+    if config.attn_scale is None:
+        config = dataclasses.replace(config, attn_scale=config.head_dim ** -0.5)
+    if config.layer_types is None or "sliding_attention" not in config.layer_types:
+        config = dataclasses.replace(config, sliding_window=None, layer_types=None)
+    return config
 
 
 def _replace_dir(new: Path, target: Path) -> None:

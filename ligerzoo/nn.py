@@ -187,11 +187,19 @@ class GroupNorm(nn.Module):
         return _options(self, ("num_channels", "num_groups", "eps"), affine=True)
 
 
+def _positive_ints(module: str, **sizes) -> None:
+    """ValueError naming the first of ``sizes`` that is not a positive int."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{module}: {name} must be a positive int, got {value!r}")
+
+
 class _GatedMLP(nn.Module):
     _act = staticmethod(swiglu_fused)
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *, device=None, dtype=None):
         super().__init__()
+        _positive_ints(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.w_gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, device=device, dtype=dtype)
         self.w_down = nn.Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype)
@@ -210,8 +218,8 @@ class SwiGLUMLP(_GatedMLP):
     Args: hidden_size H, intermediate_size I, bias (on both projections); device, dtype
     (keyword only, as ``nn.Linear``'s).
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
-    Raises: RuntimeError (from ``nn.Linear``) for x whose last dim is not H or whose dtype
-    is not the parameters'.
+    Raises: ValueError at construction for sizes that are not positive ints; RuntimeError
+    (from ``nn.Linear``) for x whose last dim is not H or whose dtype is not the parameters'.
     """
 
 
@@ -223,8 +231,8 @@ class GeGLUMLP(_GatedMLP):
     Args: hidden_size H, intermediate_size I, bias (on both projections); device, dtype
     (keyword only, as ``nn.Linear``'s).
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
-    Raises: RuntimeError (from ``nn.Linear``) for x whose last dim is not H or whose dtype
-    is not the parameters'.
+    Raises: ValueError at construction for sizes that are not positive ints; RuntimeError
+    (from ``nn.Linear``) for x whose last dim is not H or whose dtype is not the parameters'.
     """
 
     _act = staticmethod(geglu_fused)
@@ -405,14 +413,15 @@ class Embedding(nn.Module):
     zero (it gets no gradient).
 
     Raises:
-        ValueError: ``padding_idx`` outside [-num_embeddings, num_embeddings) (at
-            construction); ids not int64 / int32, or out of range (on CPU tensors), at the
-            call.
+        ValueError: sizes that are not positive ints or ``padding_idx`` outside
+            [-num_embeddings, num_embeddings) (at construction); ids not int64 / int32, or
+            out of range (on CPU tensors), at the call.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  device=None, dtype=None):
         super().__init__()
+        _positive_ints("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), "

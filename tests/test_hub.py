@@ -457,6 +457,7 @@ def test_unreadable_files_are_named(tmp_path):
     ({"rope_scaling": {"rope_type": "linear"}}, "'linear' lacks field.*factor"),
     ({"hidden_size": "48"}, "hidden_size must be a positive int, got '48'"),
     ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int"),
+    ({"rms_norm_eps": None}, "rms_norm_eps must be a finite number >= 0, got None"),   # used to fail at the forward
 ])
 def test_config_field_errors_name_the_field(edit, message):
     hf = dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
@@ -529,3 +530,46 @@ def test_hub_id_brings_named_chat_templates_offline(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["['default', 'tool_use']", "TOOLShi"]
+
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+def test_save_refuses_parameters_unlike_the_config(tmp_path):
+    """save_hf writes config.json from model.config, so the saved tensors must be the ones
+    that config describes: a head untied (or tied) in code without changing the config,
+    a vocabulary resized without updating vocab_size, adapter parameters left in, or a
+    model that is not a CausalLM are refused before any file is written."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL, tie_word_embeddings=True))
+    model.lm_head.weight = nn.Parameter(torch.randn_like(model.embed.weight))   # untied in code
+    with pytest.raises(ValueError, match="tie_word_embeddings is True, but lm_head.weight is a separate"):
+        ligerzoo.save_hf(model, tmp_path / "a")
+    model.config.tie_word_embeddings = False                                     # as the message says
+    ligerzoo.save_hf(model, tmp_path / "a")
+    back = ligerzoo.from_hf(tmp_path / "a")
+    torch.testing.assert_close(back.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+    assert back.lm_head.weight is not back.embed.weight
+
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL))
+    model.lm_head.weight = model.embed.weight                                    # tied in code
+    with pytest.raises(ValueError, match="tie_word_embeddings is False, but lm_head.weight is embed.weight"):
+        ligerzoo.save_hf(model, tmp_path / "b")
+
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL))
+    model.embed, model.lm_head = nn.Embedding(70, 32), nn.Linear(32, 70, bias=False)   # vocab resized
+    with pytest.raises(ValueError, match=re.escape("embed.weight (70, 32) (the config gives (64, 32))")):
+        ligerzoo.save_hf(model, tmp_path / "c")
+    model.config.vocab_size = 70
+    ligerzoo.save_hf(model, tmp_path / "c")
+    assert ligerzoo.from_hf(tmp_path / "c").embed.weight.shape == (70, 32)
+
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL))
+    model.layers[0].attn.lora_A = nn.Parameter(torch.zeros(4, 32))               # an adapter left in
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.lora_A .*merge adapters"):
+        ligerzoo.save_hf(model, tmp_path / "d")
+    with pytest.raises(TypeError, match="expects a ligerzoo CausalLM"):
+        ligerzoo.save_hf(nn.Linear(2, 2), tmp_path / "e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]

@@ -78,6 +78,9 @@ def test_modules_refuse_bad_options_at_construction():
         (lambda: lnn.JSD(beta=1.5), "beta"),
         (lambda: lnn.FusedLinearJSD(temperature=0.0), "temperature"),
         (lambda: lnn.Embedding(10, 4, padding_idx=10), "padding_idx"),
+        (lambda: lnn.Embedding(2.5, 4), "num_embeddings must be a positive int"),
+        (lambda: lnn.SwiGLUMLP(0, 4), "hidden_size must be a positive int"),            # used to build
+        (lambda: lnn.GeGLUMLP(8, -1), "intermediate_size must be a positive int"),
     ]:
         with pytest.raises(ValueError, match=message):
             build()

@@ -38,10 +38,12 @@ a fresh buffer is used, as rms_norm's ``inplace`` and rope's ``backward_inplace`
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
@@ -907,7 +909,7 @@ def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale:
 
     Raises:
         ValueError: ``reduction`` not "mean" / "sum" / "none", ``label_smoothing`` outside
-            [0, 1], ``lse_square_scale`` < 0, or ``softcap`` neither None nor > 0.
+            [0, 1], ``lse_square_scale`` < 0, or ``softcap`` neither None nor finite and > 0.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -915,8 +917,19 @@ def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not float(lse_square_scale) >= 0.0:  # nan too
         raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise ValueError(f"softcap must be > 0 (or None), got {softcap}")
+    if softcap is not None and not 0.0 < float(softcap) < math.inf:
+        raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
+
+
+def check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as a Python int (a Python / numpy int or a 0-dim integer tensor).
+
+    Raises:
+        ValueError: anything else (a float such as 1.5, a bool, a tensor of more dims).
+    """
+    if not is_int(ignore_index):
+        raise ValueError(f"ignore_index must be an integer class id, got {ignore_index!r}")
+    return int(ignore_index)
 
 
 def check_class_weight(weight: Optional[torch.Tensor], n_cols: int, device: torch.device) -> None:
@@ -994,7 +1007,7 @@ def cross_entropy(
     Raises:
         ValueError: logits not 2-D float, target not (N,) integer on the logits' device,
             a class weight not (V,) float on that device, options outside the ranges above
-            (:func:`check_loss_options`), or a target outside ``[0, V)`` that is not
+            (:func:`check_loss_options`), an ``ignore_index`` that is not an integer, or a target outside ``[0, V)`` that is not
             ``ignore_index`` (the message names the value and ``V``; not checked under
             torch.compile).
     """
@@ -1004,6 +1017,7 @@ def cross_entropy(
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
     n_rows, n_cols = logits.shape
     check_loss_options(reduction, label_smoothing, lse_square_scale, softcap)
+    ignore_index = check_ignore_index(ignore_index)
     target = check_target_shape(target, n_rows, logits.device)
     check_class_weight(weight, n_cols, logits.device)
     target_check = TargetCheck(target, n_cols, ignore_index)  # waited on after the launch below

@@ -38,12 +38,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import kernel_op, ops
 from ligerzoo.kernels._utils import next_power_of_2
 from ligerzoo.kernels.cross_entropy import (
     _reduce,
     check_class_weight,
+    check_ignore_index,
     claim_saved_grads,
     check_loss_options,
     TargetCheck,
@@ -457,7 +459,8 @@ def fused_linear_cross_entropy(
     al. 2024, arXiv 2410.10989).
 
     Args:
-        x: (N, H) hidden states, fp32 / bf16 / fp16.
+        x: (N, H) hidden states, fp32 / bf16 / fp16 (float64 runs the torch reference:
+            float64 logits and loss, differentiable without this op's limits).
         weight: (V, H) LM-head weight, same dtype and device as ``x``.
         target: (N,) integer class ids (int64); ``ignore_index`` rows are skipped.
         bias: optional (V,) LM-head bias, same dtype as ``x``.
@@ -476,8 +479,9 @@ def fused_linear_cross_entropy(
     Raises:
         ValueError: shape, dtype or device mismatches (x (N, H) vs weight (V, H), target
             (N,) integer, bias (V,), ce_weight (V,) float), non-float ``x``, an
-            ``accum_dtype`` that is not a float dtype, ``chunk_size`` < 1, options as in
-            ``cross_entropy``, or a target outside ``[0, V)`` that is not ``ignore_index``.
+            ``accum_dtype`` that is not a float dtype, ``chunk_size`` not an integer >= 1, options
+            and ``ignore_index`` as in ``cross_entropy``, or a target outside ``[0, V)`` that is
+            not ``ignore_index``.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N, H), got shape {tuple(x.shape)}")
@@ -506,12 +510,18 @@ def fused_linear_cross_entropy(
         raise ValueError(f"accum_dtype must be a float torch.dtype, got {accum_dtype!r}")
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, hidden, vocab)
-    elif int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    elif not is_int(chunk_size) or int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     check_loss_options(reduction, label_smoothing, lse_square_scale, softcap)
+    ignore_index = check_ignore_index(ignore_index)
     target = check_target_shape(target, n_rows, x.device)
     check_class_weight(ce_weight, vocab, x.device)
     target_check = TargetCheck(target, vocab, ignore_index)  # waited on once the chunks are queued
+    if x.dtype == torch.float64:  # float64 all the way, as cross_entropy's float64 path
+        target_check.wait()
+        return fused_linear_cross_entropy_reference(
+            x, weight, target, bias, ce_weight, ignore_index, reduction, float(label_smoothing),
+            float(lse_square_scale), float(softcap) if softcap is not None else None, return_z_loss)
 
     x = x.contiguous()
     weight = weight.contiguous()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +89,7 @@ class ModelConfig:
         num_attention_heads: query heads.
         num_key_value_heads: key/value heads (GQA; = heads for MHA, 1 for MQA).
         head_dim: per-head size; not necessarily ``hidden_size // num_attention_heads``.
-        rms_norm_eps: epsilon of every RMSNorm.
+        rms_norm_eps: epsilon of every RMSNorm (a finite number >= 0).
         rope_theta: RoPE base.
         rope_scaling: None or a dict with ``rope_type`` and that type's parameters
             (e.g. llama3: ``factor``, ``low_freq_factor``, ``high_freq_factor``,
@@ -178,6 +179,9 @@ class ModelConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"config field {name} must be a positive int, got {value!r} "
                                  f"({type(value).__name__})")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"config field rms_norm_eps must be a finite number >= 0, got {eps!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

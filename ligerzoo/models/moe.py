@@ -261,7 +261,8 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6) over all MoE layers,
     as HF ``load_balancing_loss_func``: E * sum_e f_e * P_e, with f_e the fraction of top-k
-    assignments to expert e and P_e its mean router probability, padding rows excluded."""
+    assignments to expert e and P_e its mean router probability, padding rows excluded (0
+    for a batch without tokens, or with every one padding, where HF's divides 0 by 0)."""
     logits = torch.cat(router_logits, dim=0).float()  # (L N, E)
     probs = torch.softmax(logits, dim=-1)
     chosen = torch.topk(probs, top_k, dim=-1).indices  # (L N, k)
@@ -270,7 +271,7 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
         w = torch.ones(logits.shape[0], device=logits.device)
     else:
         w = attention_mask.reshape(-1).float().to(logits.device).repeat(len(router_logits))
-    total = w.sum()
+    total = w.sum().clamp(min=1.0)  # a count of tokens: only an empty batch has less than 1
     tokens_per_expert = (counts * w[:, None]).sum(0) / total
     prob_per_expert = (probs * w[:, None]).sum(0) / total
     return num_experts * (tokens_per_expert * prob_per_expert).sum()

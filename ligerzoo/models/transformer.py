@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ligerzoo._checks import is_int
+from ligerzoo.kernels.cross_entropy import cross_entropy
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, plain_linear, rope_qkv_
@@ -541,7 +542,8 @@ class CausalLM(nn.Module):
                 Values below 1 count as 1 (a step without targets has loss 0 anyway).
 
         Returns:
-            ``CausalLMOutput(loss, logits, aux_loss)``: loss a 0-d float32 tensor (0 when
+            ``CausalLMOutput(loss, logits, aux_loss)``: loss a 0-d float32 tensor (float64 for a
+            float64 model; 0 when
             every target is ignored), logits (B, T, V) in the model dtype only without labels.
 
         The graph is freed by the first backward: ``loss.backward(retain_graph=True)`` then a
@@ -578,9 +580,16 @@ class CausalLM(nn.Module):
                 logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
             return CausalLMOutput(logits=logits, aux_loss=aux)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): targets[t] = labels[t + 1]
-        # final norm + LM head + summed cross entropy, without materialising the logits
-        loss_sum = norm_linear_cross_entropy(x, delta, self.norm, self.lm_head.weight, targets,
-                                             IGNORE_INDEX, self.config.final_softcap)
+        if plain_linear(self.lm_head) and self.lm_head.bias is None:
+            # final norm + LM head + summed cross entropy, without materialising the logits
+            loss_sum = norm_linear_cross_entropy(x, delta, self.norm, self.lm_head.weight, targets,
+                                                 IGNORE_INDEX, self.config.final_softcap)
+        else:
+            # a head that is not a bare weight (a LoRA or quantised wrapper, a forward hook, a
+            # bias): called as a module, the loss taken on its (B * T, V) logits
+            logits = self.lm_head(add_norm(self.norm, x, delta)[0])
+            loss_sum = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     ignore_index=IGNORE_INDEX, reduction="sum", softcap=self.config.final_softcap)
         if num_items_in_batch is None:
             num_items_in_batch = (targets != IGNORE_INDEX).sum()
         if isinstance(num_items_in_batch, torch.Tensor):

@@ -312,6 +312,20 @@ def test_bad_arguments_raise():
             cross_entropy(logits, target, lse_square_scale=scale)
     with pytest.raises(ValueError, match="label_smoothing"):
         cross_entropy(logits, target, label_smoothing=float("nan"))
+    with pytest.raises(ValueError, match="softcap must be a finite number"):   # inf used to give a nan loss
+        cross_entropy(logits, target, softcap=float("inf"))
+    for bad in (1.5, True, torch.tensor([-100, 0])):                            # 1.5 used to pass silently
+        with pytest.raises(ValueError, match="ignore_index must be an integer"):
+            cross_entropy(logits, target, ignore_index=bad)
+
+
+def test_ignore_index_as_a_0d_tensor():
+    """A 0-dim integer tensor is a valid ignore_index (it used to fail inside the kernel launch)."""
+    logits, target, _ = make_inputs(torch.float32, n_ignored=0)
+    target[::3] = 7
+    want = F.cross_entropy(logits.double(), target, ignore_index=7)
+    torch.testing.assert_close(cross_entropy(logits, target, ignore_index=torch.tensor(7)).double(), want,
+                               atol=1e-5, rtol=1e-5)
 
 
 @triton_only

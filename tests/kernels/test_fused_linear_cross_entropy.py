@@ -215,6 +215,31 @@ def test_bad_arguments_raise():
         fused_linear_cross_entropy(x, w, target, ce_weight=cw[:-2])
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_cross_entropy(x, w, target, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be an integer"):        # 2.5 used to be truncated
+        fused_linear_cross_entropy(x, w, target, chunk_size=2.5)
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        fused_linear_cross_entropy(x, w, target, ignore_index=1.5)
+    with pytest.raises(ValueError, match="softcap must be a finite number"):
+        fused_linear_cross_entropy(x, w, target, softcap=float("inf"))
+
+
+def test_float64_runs_the_torch_reference():
+    """float64 inputs give a float64 loss equal to torch's float64 cross entropy of the full
+    logits (it used to come back fp32, 1e-7 off), differentiable like any torch graph:
+    gradcheck passes and a second backward works."""
+    x, w, b, target, cw = (t.double() if t.is_floating_point() else t for t in make_inputs(torch.float32))
+    x.requires_grad_(), w.requires_grad_()
+    loss = fused_linear_cross_entropy(x, w, target, b, ce_weight=cw, label_smoothing=0.1, softcap=5.0)
+    z = 5.0 * torch.tanh(F.linear(x, w, b) / 5.0)
+    want = F.cross_entropy(z, target, weight=cw, label_smoothing=0.1)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want, atol=1e-12, rtol=1e-12)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    xs = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    ts = torch.tensor([0, 6, -100, 3, 3])
+    assert torch.autograd.gradcheck(lambda a, c: fused_linear_cross_entropy(a, c, ts, softcap=3.0), (xs, ws))
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_cross_entropy(x, w, target, reduction="batchmean")
 

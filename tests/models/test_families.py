@@ -341,3 +341,34 @@ def test_gemma_bidirectional_attention_is_refused(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_bidirectional_attention"):
         ligerzoo.from_hf(tmp_path / "hf")
+
+
+GEMMA2_IN_CODE = dict(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, norm_offset=1.0, norm_casting="gemma", embed_scale=True,
+                      hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True, post_norms=True, attn_softcap=50.0,
+                      final_softcap=30.0)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_gemma2_built_in_code_with_default_scale_saves_for_transformers(tmp_path, window):
+    """A Gemma2 built in code with the default softmax scale (attn_scale None: head_dim ** -0.5,
+    which query_pre_attn_scalar expresses) saves, and so does one without sliding layers:
+    config.json then names every layer full (transformers would otherwise slide alternate
+    layers); transformers' logits match ours and from_hf reads the same config back."""
+    import transformers
+
+    layers = dict(sliding_window=window, layer_types=["sliding_attention", "full_attention"]) if window else {}
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**GEMMA2_IN_CODE, **layers))
+    assert model.config.attn_scale is None
+    ligerzoo.save_hf(model, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["query_pre_attn_scalar"] == 8
+    if window is None:
+        assert saved["layer_types"] == ["full_attention"] * 2 and saved["sliding_window"] >= 2048
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, back(ids).logits, atol=2e-5, rtol=2e-5)
+    read = ligerzoo.from_hf(tmp_path / "out").config
+    assert (read.sliding_window, read.layer_types) == ((window, layers["layer_types"]) if window else (None, None))

@@ -255,3 +255,60 @@ def test_generation_config_without_eos_save_and_bad_file(tmp_path):
     for bad in (5.0, "5", [[first]], np.array([1.5])):
         with pytest.raises(ValueError, match="must be an int or ints"):
             model.generate(ids, 2, eos_token_id=bad)
+
+
+class _LoRAHead(torch.nn.Module):
+    """A LoRA-style wrapper of the LM head (as peft builds one): the base weight stays
+    reachable as ``.weight``, the output adds ``x A^T B^T``."""
+
+    def __init__(self, base, rank=4):
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.3)
+        self.B = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.3)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def forward(self, x):
+        return self.base(x) + x @ self.A.T @ self.B.T
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("head", ["lora", "hook", "bias"])
+def test_a_wrapped_lm_head_is_part_of_the_loss(model_type, head):
+    """With labels the loss must be that of the model's own logits whatever lm_head is: a
+    LoRA wrapper, a forward hook or a biased Linear is called as a module (the fused loss
+    would read lm_head.weight alone). Reference: torch's cross entropy on the logits of the
+    same model without labels (Gemma2's final softcap included), and autograd through it
+    for the head's gradients."""
+    from tests.models.test_families import GEMMA2_IN_CODE
+
+    torch.manual_seed(0)
+    config = (ligerzoo.ModelConfig(**(GEMMA2_IN_CODE | {"tie_word_embeddings": False})) if model_type == "gemma2" else
+              ligerzoo.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4))
+    model = ligerzoo.CausalLM(config).double()
+    if head == "lora":
+        model.lm_head = _LoRAHead(model.lm_head).double()
+        params = [model.lm_head.A, model.lm_head.B]
+    elif head == "hook":
+        model.lm_head.register_forward_hook(lambda mod, inp, out: out * 1.5)
+        params = [model.lm_head.weight]
+    else:
+        bias = torch.nn.Linear(32, 64, bias=True).double()
+        bias.weight.data.copy_(model.lm_head.weight)
+        model.lm_head = bias
+        params = [model.lm_head.weight, model.lm_head.bias]
+    ids = torch.randint(0, 64, (2, 10))
+    labels = ids.clone()
+    labels[0, 3] = -100
+    loss = model(ids, labels=labels).loss
+    got = torch.autograd.grad(loss, params)
+    logits = model(ids).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    want = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import ligerzoo
 from ligerzoo.models.config import ModelConfig
-from ligerzoo.models.moe import (MoE, _Combine, _Dispatch, experts_grouped, experts_loop,
+from ligerzoo.models.moe import (MoE, _Combine, _Dispatch, experts_grouped, experts_loop, load_balancing_loss,
                                  grouped_mm_fast_path_ok, sort_by_expert)
 
 H, I, E, K = 64, 128, 4, 2  # bf16 rows of 64 / 128 / 256 elements: 16-byte aligned for _grouped_mm
@@ -336,3 +336,23 @@ def test_mixtral_router_jitter_under_activation_checkpointing_gives_the_same_gra
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_mixtral_aux_loss_of_a_batch_without_tokens_is_zero():
+    """An empty batch, or one whose every position is padding, has no routing to balance:
+    aux loss 0 and a finite loss (HF's formula divides 0 by 0; it used to give nan here)."""
+    import ligerzoo
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                      output_router_logits=True, router_aux_loss_coef=0.02)
+    model = ligerzoo.CausalLM(cfg)
+    empty = torch.zeros(0, 5, dtype=torch.long)
+    out = model(empty, labels=empty)
+    assert out.aux_loss.item() == 0.0 and out.loss.item() == 0.0
+    ids = torch.randint(0, 32, (2, 5))
+    mask = torch.zeros_like(ids)
+    mask[:, 0] = 1    # a query needs one visible key: padding everywhere but the first position
+    logits = [torch.randn(10, 4)] * 2
+    assert load_balancing_loss(logits, 4, 2, torch.zeros(2, 5)).item() == 0.0
+    assert torch.isfinite(load_balancing_loss(logits, 4, 2, mask))
