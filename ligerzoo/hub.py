@@ -139,7 +139,11 @@ def weight_files(directory: Path) -> dict[str, list[str] | None]:
         links = [_absent(directory, n) for n in (INDEX_FILE, SINGLE_FILE) if (directory / n).is_symlink()]
         raise FileNotFoundError(f"no readable weights in {directory}: {', '.join(links)}")
     present = sorted(p.name for p in directory.iterdir())
-    raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {directory}; it holds: {present}")
+    legacy = [n for n in present if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = (f" ({', '.join(legacy)}: pickled PyTorch weights, which from_hf does not read; convert them to "
+            f"safetensors, e.g. load with transformers and save_pretrained(..., safe_serialization=True))"
+            if legacy else "")
+    raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {directory}; it holds: {present}{hint}")
 
 
 def _check_coverage(params: dict[str, torch.Tensor], km: KeyMap) -> None:
@@ -368,9 +372,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             or it holds other files than a checkpoint's, or it is (or holds) the working
             directory, or it (or a parent) is a file.
         FileNotFoundError: ``save_directory`` is a link to a directory that does not exist.
-        ValueError: ``dtype`` is not float64 / float32 / bfloat16 / float16, or the family's
+        ValueError: ``dtype`` is not float64 / float32 / bfloat16 / float16, the family's
             config.json cannot express the model's config (a config built in code; the
-            fields are named).
+            fields are named), the parameters do not match ``model.config`` (named), or
+            ``max_shard_size`` is not a size.
+        TypeError: ``model`` is not a ligerzoo ``CausalLM``.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -392,7 +398,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     dtype = dtype_from_str(dtype) or model.embed.weight.dtype
     hf_config = with_dtype(hf_config_for(model.config), dtype)  # checked before anything is written
     plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
-    split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
+    try:
+        split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
+    except ValueError as e:
+        raise ValueError(f"max_shard_size must be a byte count or a size such as \"5GB\" or \"500MB\", got "
+                         f"{max_shard_size!r} ({e})") from e
 
     tmp, file_mode = None, _file_mode()
     if writer:

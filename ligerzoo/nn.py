@@ -300,6 +300,11 @@ class FusedLinearCrossEntropyLoss(CrossEntropyLoss):
 
     def forward(self, lm_head_weight: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None):
+        if (lm_head_weight.dim() == x.dim() == target.dim() + 1 == 2 and target.shape[0] == lm_head_weight.shape[0]
+                != x.shape[0]):
+            raise ValueError(f"FusedLinearCrossEntropyLoss takes (lm_head_weight, x, target), Liger Kernel's order: "
+                             f"target has {target.shape[0]} rows like the first argument {tuple(lm_head_weight.shape)}, "
+                             f"not like the second {tuple(x.shape)}; were the two swapped?")
         return fused_linear_cross_entropy(x, lm_head_weight, target, bias, self.weight, self.ignore_index,
                                           self.reduction, self.label_smoothing, self.lse_square_scale, self.softcap,
                                           self.return_z_loss, self.accum_dtype, self.chunk_size)

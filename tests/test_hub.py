@@ -573,3 +573,17 @@ def test_save_refuses_parameters_unlike_the_config(tmp_path):
     with pytest.raises(TypeError, match="expects a ligerzoo CausalLM"):
         ligerzoo.save_hf(nn.Linear(2, 2), tmp_path / "e")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+
+
+def test_pickled_weights_and_bad_shard_sizes_are_named(tmp_path):
+    """A directory holding only pytorch_model.bin is refused with a hint that pickled weights
+    are not read (and how to convert them); a max_shard_size that is not a size is refused
+    by save_hf with the value it got, before any file is written."""
+    make_hf_llama(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin: pickled PyTorch weights"):
+        ligerzoo.from_hf(tmp_path / "hf")
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="max_shard_size must be a byte count.*'lots'"):
+        ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="lots")
+    assert not (tmp_path / "out").exists()

@@ -86,6 +86,11 @@ def test_modules_refuse_bad_options_at_construction():
             build()
     loss = lnn.FusedLinearCrossEntropyLoss(ignore_index=3, reduction="sum", chunk_size=2)  # explicit signature
     assert loss.ignore_index == 3 and loss.reduction == "sum" and loss.chunk_size == 2
+    x, w, t = torch.randn(3, 8), torch.randn(10, 8), torch.randint(0, 10, (3,))
+    with pytest.raises(ValueError, match="were the two swapped"):     # torch's (input, weight) order
+        loss(x, w, t)
+    want = F.cross_entropy((x @ w.T).double(), t, reduction="sum", ignore_index=3).float()
+    torch.testing.assert_close(loss(w, x, t), want, atol=1e-5, rtol=1e-5)
 
 
 def test_kl_div_loss_defaults_match_torch():
