@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -139,7 +140,7 @@ def weight_files(directory: Path) -> dict[str, list[str] | None]:
         links = [_absent(directory, n) for n in (INDEX_FILE, SINGLE_FILE) if (directory / n).is_symlink()]
         raise FileNotFoundError(f"no readable weights in {directory}: {', '.join(links)}")
     present = sorted(p.name for p in directory.iterdir())
-    legacy = [n for n in present if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    legacy = [n for n in present if re.fullmatch(r"(pytorch_model|model|consolidated)[\w.-]*\.(bin|pt|pth)", n)]
     hint = (f" ({', '.join(legacy)}: pickled PyTorch weights, which from_hf does not read; convert them to "
             f"safetensors, e.g. load with transformers and save_pretrained(..., safe_serialization=True))"
             if legacy else "")
@@ -381,7 +382,8 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     from huggingface_hub import split_torch_state_dict_into_shards
 
     if not isinstance(getattr(model, "config", None), ModelConfig):
-        raise TypeError(f"save_hf expects a ligerzoo CausalLM (or a compiled / wrapped one), got {type(model).__name__}")
+        raise TypeError(f"save_hf expects a ligerzoo CausalLM (plain, compiled, checkpointed or FSDP2-sharded), got "
+                        f"{type(model).__name__}" + (" (pass its .module)" if hasattr(model, "module") else ""))
     params = _named_params(model)
     _check_params_fit_config(model.config, params)  # before anything is written
     sharded = _sharded(params)
@@ -402,7 +404,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
     except ValueError as e:
         raise ValueError(f"max_shard_size must be a byte count or a size such as \"5GB\" or \"500MB\", got "
-                         f"{max_shard_size!r} ({e})") from e
+                         f"{max_shard_size!r}") from e
 
     tmp, file_mode = None, _file_mode()
     if writer:
@@ -469,15 +471,15 @@ def _check_params_fit_config(config, params: dict[str, torch.Tensor]) -> None:
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in _named_params(CausalLM(config)).items()}
     head = "lm_head.weight"
-    if config.tie_word_embeddings and head in params and head not in expected:
+    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if config.tie_word_embeddings and unexpected == [head] and not missing:
         raise ValueError("model.config.tie_word_embeddings is True, but lm_head.weight is a separate tensor from "
                          "embed.weight, which the checkpoint would not store; set tie_word_embeddings=False in "
                          "model.config to save both, or call model.tie_weights() to share them again")
-    if not config.tie_word_embeddings and head in expected and head not in params:
+    if not config.tie_word_embeddings and missing == [head] and not unexpected:
         raise ValueError("model.config.tie_word_embeddings is False, but lm_head.weight is embed.weight (tied in "
                          "code); set tie_word_embeddings=True in model.config, or give lm_head its own weight")
     problems = []
-    missing, unexpected = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing:
         problems.append(f"missing parameter(s): {_listing(missing)}")
     if unexpected:
@@ -618,11 +620,13 @@ def _check_expressible(config, read_back) -> None:
     """Raise ValueError when the family's config.json, read back, describes another model
     than ``config`` (a config built in code with features its family's checkpoints cannot
     have, e.g. ``model_type="gemma"`` without Gemma's norm offset)."""
-    config, read_back = _effective(config), _effective(read_back)
+    mine, theirs = _effective(config), _effective(read_back)
     diff = [f.name for f in dataclasses.fields(config)
-            if f.compare and f.name != "dtype" and getattr(read_back, f.name) != getattr(config, f.name)]
+            if f.compare and f.name != "dtype" and getattr(theirs, f.name) != getattr(mine, f.name)]
     if diff:
-        fields = ", ".join(f"{n}={getattr(config, n)!r} (read back as {getattr(read_back, n)!r})" for n in diff)
+        # named as the caller wrote them (a field equal there only differs through another one)
+        named = [n for n in diff if getattr(read_back, n) != getattr(config, n)] or diff
+        fields = ", ".join(f"{n}={getattr(config, n)!r} (read back as {getattr(read_back, n)!r})" for n in named)
         raise ValueError(f"a {config.model_type!r} config.json cannot express this model's config: {fields}; "
                          f"change those fields, or pick a model_type whose checkpoints have them")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels.cross_entropy import check_loss_options, cross_entropy
 from ligerzoo.kernels.embedding import embedding
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -188,9 +189,10 @@ class GroupNorm(nn.Module):
 
 
 def _positive_ints(module: str, **sizes) -> None:
-    """ValueError naming the first of ``sizes`` that is not a positive int."""
+    """ValueError naming the first of ``sizes`` that is not a positive int (Python, numpy or
+    a 0-dim integer tensor, as ``nn.Linear`` takes)."""
     for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or int(value) < 1:
             raise ValueError(f"{module}: {name} must be a positive int, got {value!r}")
 
 
@@ -200,6 +202,7 @@ class _GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *, device=None, dtype=None):
         super().__init__()
         _positive_ints(type(self).__name__, hidden_size=hidden_size, intermediate_size=intermediate_size)
+        hidden_size, intermediate_size = int(hidden_size), int(intermediate_size)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.w_gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias, device=device, dtype=dtype)
         self.w_down = nn.Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype)
@@ -427,6 +430,7 @@ class Embedding(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         _positive_ints("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+        num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
         if padding_idx is not None:
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), "

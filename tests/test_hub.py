@@ -458,6 +458,7 @@ def test_unreadable_files_are_named(tmp_path):
     ({"hidden_size": "48"}, "hidden_size must be a positive int, got '48'"),
     ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive int"),
     ({"rms_norm_eps": None}, "rms_norm_eps must be a finite number >= 0, got None"),   # used to fail at the forward
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a finite number >= 0, got '1e-6'"),
 ])
 def test_config_field_errors_name_the_field(edit, message):
     hf = dict(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
@@ -572,7 +573,33 @@ def test_save_refuses_parameters_unlike_the_config(tmp_path):
         ligerzoo.save_hf(model, tmp_path / "d")
     with pytest.raises(TypeError, match="expects a ligerzoo CausalLM"):
         ligerzoo.save_hf(nn.Linear(2, 2), tmp_path / "e")
+    for tied in (False, True):   # a wrapped head renames lm_head.weight: an adapter, not a tie
+        model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL, tie_word_embeddings=tied))
+        model.lm_head = _Wrapped(model.lm_head)
+        with pytest.raises(ValueError, match=r"lm_head\.lora_A.*merge adapters"):
+            ligerzoo.save_hf(model, tmp_path / "f")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
+
+
+class _Wrapped(torch.nn.Module):
+    """A head wrapper as peft's LoRA layers are built (the base layer kept as ``base_layer``)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Parameter(torch.zeros(2, base.in_features))
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+def test_save_refusal_names_the_fields_as_written(tmp_path):
+    """A Mistral built in code with a window but no sliding layer types cannot be written (its
+    config.json would slide every layer): the message names layer_types, the field that differs."""
+    cfg = ligerzoo.ModelConfig(model_type="mistral", **SMALL, sliding_window=16)
+    with pytest.raises(ValueError, match=r"layer_types=None \(read back as \['sliding_attention'") as err:
+        ligerzoo.save_hf(ligerzoo.CausalLM(cfg), tmp_path / "out")
+    assert "sliding_window" not in str(err.value)
 
 
 def test_pickled_weights_and_bad_shard_sizes_are_named(tmp_path):
@@ -583,7 +610,27 @@ def test_pickled_weights_and_bad_shard_sizes_are_named(tmp_path):
     (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin: pickled PyTorch weights"):
         ligerzoo.from_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "pytorch_model.bin").rename(tmp_path / "hf" / "training_args.bin")   # a trainer's files
+    (tmp_path / "hf" / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="optimizer.pt") as err:
+        ligerzoo.from_hf(tmp_path / "hf")
+    assert "pickled PyTorch weights" not in str(err.value)
     model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL))
     with pytest.raises(ValueError, match="max_shard_size must be a byte count.*'lots'"):
         ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="lots")
     assert not (tmp_path / "out").exists()
+
+
+def test_numpy_and_tensor_scalars_in_configs_and_modules():
+    """Sizes and epsilons given as numpy or 0-dim tensor scalars are accepted, as torch's
+    modules accept them (the checks added in session 19 first refused them)."""
+    import numpy as np
+
+    import ligerzoo.nn as lnn
+
+    cfg = ligerzoo.ModelConfig(**SMALL, rms_norm_eps=np.float32(1e-5))
+    assert type(cfg.rms_norm_eps) is float and cfg.rms_norm_eps == float(np.float32(1e-5))
+    assert ligerzoo.ModelConfig(**SMALL, rms_norm_eps=torch.tensor(1e-6)).rms_norm_eps == pytest.approx(1e-6)
+    mlp = lnn.SwiGLUMLP(np.int64(8), torch.tensor(12))
+    assert (mlp.hidden_size, mlp.intermediate_size) == (8, 12) and mlp.w_gate_up.weight.shape == (24, 8)
+    assert lnn.Embedding(np.int32(10), np.int64(4)).weight.shape == (10, 4)

@@ -902,6 +902,9 @@ def check_target(target: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     TargetCheck(target, n_cols, ignore_index).wait()
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale: float,
                        softcap: Optional[float]) -> None:
     """Validate the scalar options of :func:`cross_entropy` (shared by the fused losses and
@@ -917,7 +920,7 @@ def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not float(lse_square_scale) >= 0.0:  # nan too
         raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
-    if softcap is not None and not 0.0 < float(softcap) < math.inf:
+    if softcap is not None and not 0.0 < float(softcap) <= _FP32_MAX:   # the kernels' math is fp32
         raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
 
 
@@ -925,10 +928,11 @@ def check_ignore_index(ignore_index) -> int:
     """``ignore_index`` as a Python int (a Python / numpy int or a 0-dim integer tensor).
 
     Raises:
-        ValueError: anything else (a float such as 1.5, a bool, a tensor of more dims).
+        ValueError: anything else (a float such as 1.5, a bool, a tensor of more dims, an int
+            outside int64).
     """
-    if not is_int(ignore_index):
-        raise ValueError(f"ignore_index must be an integer class id, got {ignore_index!r}")
+    if not is_int(ignore_index) or not -(2**63) <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must be an integer class id (int64), got {ignore_index!r}")
     return int(ignore_index)
 
 

@@ -179,9 +179,13 @@ class ModelConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"config field {name} must be a positive int, got {value!r} "
                                  f"({type(value).__name__})")
-        eps = self.rms_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-            raise ValueError(f"config field rms_norm_eps must be a finite number >= 0, got {eps!r}")
+        try:  # a Python / numpy number or a 0-dim tensor, kept as a Python float
+            eps = None if isinstance(self.rms_norm_eps, (bool, str)) else float(self.rms_norm_eps)
+        except (TypeError, ValueError, RuntimeError):
+            eps = None
+        if eps is None or not 0 <= eps < math.inf:
+            raise ValueError(f"config field rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
+        self.rms_norm_eps = eps
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

@@ -73,9 +73,10 @@ def _no_hooks(module: nn.Module) -> bool:
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is exactly an ``nn.Linear`` with no hooks, so that calling it is the
     same as ``x W^T + b`` and its output is not seen by anyone else; anything else (a LoRA or
-    quantised wrapper, a forward hook) is called as a module instead of being fused, and its
-    output is never overwritten."""
-    return type(module) is nn.Linear and _no_hooks(module)
+    quantised wrapper, a forward hook, a ``forward`` replaced on the instance, as accelerate's
+    hooks do) is called as a module instead of being fused, and its output is never
+    overwritten."""
+    return type(module) is nn.Linear and _no_hooks(module) and "forward" not in module.__dict__
 
 
 def _refuse_second_order(name: str) -> None:
