@@ -33,6 +33,14 @@ def _check_last_dim(module: str, x: torch.Tensor, size: int) -> None:
                          f"got x of shape {tuple(x.shape)}")
 
 
+def _positive_ints(module: str, **sizes) -> None:
+    """ValueError naming the first of ``sizes`` that is not a positive int (Python, numpy or
+    a 0-dim integer tensor, as ``nn.Linear`` takes)."""
+    for name, value in sizes.items():
+        if not is_int(value) or int(value) < 1:
+            raise ValueError(f"{module}: {name} must be a positive int, got {value!r}")
+
+
 def _last_dim_size(module: str, hidden_size) -> int:
     """H from ``hidden_size`` given as an int or, as torch's ``normalized_shape``, a one-dim
     sequence (``(H,)``, ``[H]``, ``x.shape[-1:]``).
@@ -46,9 +54,8 @@ def _last_dim_size(module: str, hidden_size) -> int:
             raise ValueError(f"{module} normalises over the last dim only: normalized_shape must have one entry, "
                              f"got {tuple(hidden_size)}")
         hidden_size = hidden_size[0]
-    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
-        raise ValueError(f"{module}: hidden_size must be a positive int, got {hidden_size!r}")
-    return hidden_size
+    _positive_ints(module, hidden_size=hidden_size)
+    return int(hidden_size)
 
 
 def _options(module: nn.Module, always: tuple = (), **defaults) -> str:
@@ -166,9 +173,8 @@ class GroupNorm(nn.Module):
     def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, affine: bool = True, *,
                  device=None, dtype=None):
         super().__init__()
-        for name, value in (("num_channels", num_channels), ("num_groups", num_groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _positive_ints("GroupNorm", num_channels=num_channels, num_groups=num_groups)
+        num_channels, num_groups = int(num_channels), int(num_groups)
         if num_channels % num_groups:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
                              f"note the order GroupNorm(num_channels, num_groups), as Liger Kernel's, not torch's")
@@ -186,14 +192,6 @@ class GroupNorm(nn.Module):
 
     def extra_repr(self) -> str:  # by keyword: the argument order is not torch's
         return _options(self, ("num_channels", "num_groups", "eps"), affine=True)
-
-
-def _positive_ints(module: str, **sizes) -> None:
-    """ValueError naming the first of ``sizes`` that is not a positive int (Python, numpy or
-    a 0-dim integer tensor, as ``nn.Linear`` takes)."""
-    for name, value in sizes.items():
-        if not is_int(value) or int(value) < 1:
-            raise ValueError(f"{module}: {name} must be a positive int, got {value!r}")
 
 
 class _GatedMLP(nn.Module):
