@@ -87,6 +87,10 @@ def test_config_reads_both_transformers_layouts():
     assert read_rope(v4)[1]["rope_type"] == "llama3" and read_rope(v4)[0] == 500000.0
     assert read_rope({"rope_theta": 1e6, "rope_scaling": None}) == (1e6, None)
     assert read_rope({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}) == (1e4, None)
+    # both (a rope_scaling added to a 5.x file): rope_scaling wins whole, as in transformers
+    both = v5 | {"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    assert read_rope(both) == (1e6, {"rope_type": "linear", "factor": 2.0})
+    assert read_rope(v5 | {"rope_scaling": {}}) == read_rope(v5)
 
 
 def test_model_built_in_code_saves_a_loadable_checkpoint(tmp_path):

@@ -44,7 +44,7 @@ MODEL_TYPES = ("llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "phi3"
 ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": ("original_max_position_embeddings",),
+    "yarn": ("factor", "original_max_position_embeddings"),
     "longrope": ("original_max_position_embeddings",),
 }
 HIDDEN_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -254,17 +254,32 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def rope_dict(hf: dict) -> dict:
+    """The RoPE dict of a config.json dict that transformers runs: a non-empty
+    ``rope_scaling`` (the only one 4.x reads; 5.x's ``convert_rope_params_to_dict`` lets it
+    replace ``rope_parameters`` too, as in Qwen2.5's recipe of adding a YaRN
+    ``rope_scaling`` to a 5.x config), else ``rope_parameters``, else {}."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf.get(key), dict) and hf[key]:
+            return hf[key]
+    return {}
+
+
 def read_rope(hf: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from a config.json dict in the 4.x or 5.x layout.
 
-    Order (archs.md §10): ``rope_parameters`` first, then ``rope_scaling`` with the
-    top-level ``rope_theta``. The legacy key ``type`` is read as ``rope_type``. A scaling
-    of type "default" is returned as None.
+    The dict read is :func:`rope_dict`'s; its ``rope_theta`` wins over the top-level one
+    (which a 5.x dict replaced by ``rope_scaling`` does not carry over: transformers then
+    uses the top-level value, else its default). The legacy key ``type`` is read as
+    ``rope_type``. A scaling of type "default" is returned as None.
+
+    Raises:
+        ValueError: per-layer-type ``rope_parameters`` (a dict of dicts).
     """
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+    source = rope_dict(hf)
+    if source and all(isinstance(v, dict) for v in source.values()):
         raise ValueError("per-layer-type rope_parameters are not supported for this model family")
-    scaling = dict(params) if params else (dict(hf["rope_scaling"]) if hf.get("rope_scaling") else None)
+    scaling = dict(source) if source else None
     theta = hf.get("rope_theta")
     if scaling is not None:
         scaling.pop("partial_rotary_factor", None)  # read separately (read_common)
@@ -300,9 +315,8 @@ def read_common(hf: dict, defaults: dict | None = None, partial_rotary: bool = F
     original = hf
     hf = (defaults or {}) | hf  # only keys the file omits; an explicit null stays null
     rope_theta, rope_scaling = read_rope(hf)
-    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
-    # transformers copies a top-level factor into rope_parameters only where that lacks one
-    factor = params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
+    # transformers copies a top-level factor into the RoPE dict only where that lacks one
+    factor = rope_dict(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
     if float(factor) != 1.0 and not partial_rotary:
         family = hf.get("model_type")
         if rope_scaling is not None:

@@ -12,7 +12,8 @@ scales cos/sin by the attention factor in both regimes. ``generate`` recomputes 
 once, when the sequence (left padding included) first grows past the boundary, as
 transformers' Phi3 does (vLLM instead uses the long factors throughout); other families
 with a LongRoPE keep their cache, as transformers' do. ``partial_rotary_factor`` (read from
-``rope_parameters`` first, as transformers) is honoured only here.
+the RoPE dict first, ``rope_scaling`` else ``rope_parameters``, as transformers) is honoured
+only here.
 """
 from __future__ import annotations
 

@@ -334,6 +334,60 @@ def test_top_level_original_max_position_embeddings_wins_as_transformers(tmp_pat
     _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 40)))
 
 
+@pytest.mark.parametrize("top_level_theta", [1e6, None])
+def test_rope_scaling_added_to_a_v5_config_wins_as_transformers(tmp_path, top_level_theta):
+    """Qwen2.5's recipe for long contexts adds a YaRN ``rope_scaling`` to config.json; a 5.x
+    config also holds ``rope_parameters``, which transformers then ignores (its theta too:
+    the top-level ``rope_theta`` or the class default stands). We ran the
+    ``rope_parameters`` instead (logits 12 apart). save_hf keeps the file, so transformers
+    reads our saved model the same way."""
+    import transformers
+
+    make_hf("qwen2", tmp_path / "hf", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "rope_parameters" in cfg
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    cfg.pop("rope_theta", None)
+    if top_level_theta is not None:
+        cfg["rope_theta"] = top_level_theta
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert hf.config.rope_parameters["rope_type"] == "yarn"
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert ours.config.rope_scaling["rope_type"] == "yarn" and ours.config.rope_scaling["factor"] == 4.0
+    assert ours.config.rope_theta == (top_level_theta or 10000.0) == hf.config.rope_parameters["rope_theta"]
+    ids = torch.randint(3, BASE["vocab_size"], (2, 40))
+    _logits_match(hf, ours, ids)
+    ligerzoo.save_hf(ours, tmp_path / "out")
+    again = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    _logits_match(again, ours, ids)
+
+
+def test_phi3_partial_rotary_factor_in_a_legacy_rope_scaling_is_read(tmp_path):
+    """transformers' Phi3 takes partial_rotary_factor from the RoPE dict first, rope_scaling
+    included (we read it from rope_parameters or the top level only)."""
+    hf = make_hf("phi3", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["partial_rotary_factor"] = 1.0
+    cfg["rope_scaling"] = rope | {"partial_rotary_factor": 0.5}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert ours.config.partial_rotary_factor == 0.5
+    _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 20)))
+
+
+def test_yarn_without_factor_is_refused(tmp_path):
+    """transformers refuses a YaRN dict without ``factor`` (KeyError); we loaded it."""
+    make_hf("qwen2", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "original_max_position_embeddings": 16}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="lacks field.*factor"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
 def test_gemma_bidirectional_attention_is_refused(tmp_path):
     make_hf("gemma", tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
