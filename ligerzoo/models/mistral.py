@@ -7,7 +7,8 @@ from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types
 from ligerzoo.models.keymap import KeyMap, decoder_key_map
 
 ARCHITECTURES = ["MistralForCausalLM"]
-DEFAULTS = {"sliding_window": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}  # MistralConfig
+DEFAULTS = {"sliding_window": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "max_position_embeddings": 4096 * 32}  # MistralConfig
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

@@ -11,7 +11,7 @@ ARCHITECTURES = ["Qwen2ForCausalLM"]
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    common = read_common(hf)
+    common = read_common(hf, {"max_position_embeddings": 32768})  # Qwen2Config's default
     n = common["num_hidden_layers"]
     window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
     layer_types = hf.get("layer_types") or [

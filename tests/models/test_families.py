@@ -378,6 +378,20 @@ def test_phi3_partial_rotary_factor_in_a_legacy_rope_scaling_is_read(tmp_path):
     _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 20)))
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_omitted_max_position_embeddings_takes_the_transformers_default(tmp_path, name):
+    """The family's config class default (it bounds the YaRN / LongRoPE original context
+    when that is omitted too, and save_hf writes it out)."""
+    import transformers
+
+    make_hf(name, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del cfg["max_position_embeddings"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    expected = transformers.AutoConfig.from_pretrained(tmp_path / "hf").max_position_embeddings
+    assert ligerzoo.from_hf(tmp_path / "hf").config.max_position_embeddings == expected
+
+
 def test_yarn_without_factor_is_refused(tmp_path):
     """transformers refuses a YaRN dict without ``factor`` (KeyError); we loaded it."""
     make_hf("qwen2", tmp_path / "hf")
