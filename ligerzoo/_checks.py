@@ -1,4 +1,4 @@
-"""Argument checks shared by the data pipeline and the models."""
+"""Argument checks shared by the data pipeline, the models and the kernels."""
 from __future__ import annotations
 
 import numbers
@@ -12,3 +12,19 @@ def is_int(v) -> bool:
     if isinstance(v, torch.Tensor):
         return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """Whether ``v`` is a real number and not a bool: a Python or numpy int or float
+    (``numbers.Real``) or a 0-dim real tensor."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_real(name: str, v) -> float:
+    """``v`` as a Python float; ValueError naming ``name`` for anything that is not a real
+    number (a string, a bool, None, a tensor of more than 0 dims)."""
+    if not is_real(v):
+        raise ValueError(f"{name} must be a real number, got {v!r}")
+    return float(v)

@@ -43,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from ligerzoo._checks import is_int
+from ligerzoo._checks import check_real, is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
@@ -912,15 +912,16 @@ def check_loss_options(reduction: str, label_smoothing: float, lse_square_scale:
 
     Raises:
         ValueError: ``reduction`` not "mean" / "sum" / "none", ``label_smoothing`` outside
-            [0, 1], ``lse_square_scale`` < 0, or ``softcap`` neither None nor finite and > 0.
+            [0, 1], ``lse_square_scale`` < 0, or ``softcap`` neither None nor finite and > 0;
+            any of the three not a real number (a string, a bool).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= check_real("label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not float(lse_square_scale) >= 0.0:  # nan too
+    if not check_real("lse_square_scale", lse_square_scale) >= 0.0:  # nan too
         raise ValueError(f"lse_square_scale must be >= 0, got {lse_square_scale}")
-    if softcap is not None and not 0.0 < float(softcap) <= _FP32_MAX:   # the kernels' math is fp32
+    if softcap is not None and not 0.0 < check_real("softcap", softcap) <= _FP32_MAX:  # the kernels' math is fp32
         raise ValueError(f"softcap must be a finite number > 0 (or None), got {softcap}")
 
 

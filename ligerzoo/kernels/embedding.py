@@ -61,6 +61,7 @@ from typing import Optional
 
 import torch
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2, persistent_programs
@@ -579,6 +580,8 @@ def _check_args(input_ids: torch.Tensor, weight: torch.Tensor, padding_idx: Opti
     n_rows_w = weight.shape[0]
     if padding_idx is None:
         return -1
+    if not is_int(padding_idx):
+        raise ValueError(f"padding_idx must be an integer row index or None, got {padding_idx!r}")
     padding_idx = int(padding_idx)
     if not -n_rows_w <= padding_idx < n_rows_w:
         raise ValueError(f"padding_idx {padding_idx} must be within [-{n_rows_w}, {n_rows_w})")

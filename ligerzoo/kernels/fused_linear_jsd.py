@@ -42,10 +42,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ligerzoo._checks import check_real, is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grads
+from ligerzoo.kernels.cross_entropy import check_ignore_index, claim_saved_grads, scale_saved_grads
 from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm, default_chunk_size
 from ligerzoo.kernels.jsd import _check_beta, check_labels, jsd_mode, jsd_pointwise_torch, jsd_reference, row_scale
 
@@ -342,12 +343,14 @@ def fused_linear_jsd(
     Returns:
         fp32 scalar loss. Gradients flow to ``student_x`` and ``student_weight`` (the weight
         gradient accumulated in fp32 across chunks, returned in the weight's dtype); the
-        teacher tensors are treated as constants.
+        teacher tensors are treated as constants. float64 inputs (both pairs) run
+        :func:`fused_linear_jsd_reference` in float64 and give a float64 loss.
 
     Raises:
         ValueError: shape / dtype / device mismatches (x (N, H) vs weight (V, H), the two
             V's or N's differ), non-float x, labels not (N,) integer on the same device,
-            beta outside [0, 1], temperature <= 0, chunk_size < 1.
+            beta not a number in [0, 1], temperature not a number > 0, ignore_index not an
+            integer, chunk_size not an integer >= 1.
     """
     _check_pair(student_x, student_weight, "student")
     _check_pair(teacher_x, teacher_weight, "teacher")
@@ -360,13 +363,17 @@ def fused_linear_jsd(
         raise ValueError(f"student_weight has V={vocab} rows but teacher_weight has {teacher_weight.shape[0]}")
     if teacher_x.device != student_x.device:
         raise ValueError(f"student_x is on {student_x.device} but teacher_x is on {teacher_x.device}")
-    if not float(temperature) > 0.0:
+    if not check_real("temperature", temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    ignore_index = check_ignore_index(ignore_index)
     if chunk_size is None:
         chunk_size = default_chunk_size(n_rows, max(hidden, teacher_x.shape[1]), vocab)
-    elif int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    elif not is_int(chunk_size) or int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     labels = check_labels(labels, n_rows, (n_rows,), student_x.device)
+    if student_x.dtype == torch.float64 and teacher_x.dtype == torch.float64:  # float64 all the way
+        return fused_linear_jsd_reference(student_x, student_weight, teacher_x, teacher_weight, labels,
+                                          float(beta), ignore_index, float(temperature))
 
     grad_on = torch.is_grad_enabled()
     need_x = grad_on and student_x.requires_grad

@@ -86,6 +86,7 @@ from typing import Optional
 
 import torch
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, multiprocessor_count, next_power_of_2, row_settings
@@ -1696,6 +1697,7 @@ def group_norm_reference(
     _check_args(x, num_groups, weight, bias)
     ct = torch.promote_types(x.dtype, torch.float32)
     n, c = x.shape[0], x.shape[1]
+    num_groups = int(num_groups)
     xg = x.to(ct).reshape(n, num_groups, (c // num_groups) * math.prod(x.shape[2:]))  # (N, G, L)
     xc = xg - xg.mean(dim=-1, keepdim=True)
     y = (xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)).reshape(x.shape)
@@ -1716,7 +1718,7 @@ def _check_args(
     if x.dim() < 2:
         raise ValueError(f"group_norm expects an input of shape (N, C, *), got {tuple(x.shape)}")
     c = x.shape[1]
-    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+    if not is_int(num_groups) or int(num_groups) < 1 or c % int(num_groups):
         raise ValueError(f"num_groups must be a positive int dividing the {c} channels, got {num_groups!r}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:

@@ -55,7 +55,8 @@ import torch
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grads
+from ligerzoo._checks import check_real
+from ligerzoo.kernels.cross_entropy import check_ignore_index, claim_saved_grads, scale_saved_grads
 
 if HAS_TRITON:
     import triton
@@ -307,7 +308,7 @@ def jsd_reference(
 
 # ---------------------------------------------------------------------------- public
 def _check_beta(beta: float) -> None:
-    if not 0.0 <= float(beta) <= 1.0:
+    if not 0.0 <= check_real("beta", beta) <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
 
 
@@ -358,7 +359,7 @@ def jsd(
     Raises:
         ValueError: inputs with fewer than 2 dims, shape / device mismatch, non-float
             inputs, labels not integer / not of the rows' shape / on another device, beta
-            outside [0, 1].
+            not a number in [0, 1], ignore_index not an integer.
     """
     _check_beta(beta)
     if student_logp.dim() < 2:
@@ -378,6 +379,7 @@ def jsd(
     n_cols = student_logp.shape[-1]
     n_rows = student_logp.numel() // n_cols if n_cols else student_logp.shape[:-1].numel()
     labels = check_labels(labels, n_rows, student_logp.shape[:-1], student_logp.device)
+    ignore_index = check_ignore_index(ignore_index)
     beta = float(beta)
     if not _utils.triton_ok(student_logp, teacher_logp):
         return jsd_reference(student_logp, teacher_logp, labels, beta, ignore_index)

@@ -318,6 +318,10 @@ def test_bad_arguments_raise():
     for bad in (1.5, True, torch.tensor([-100, 0]), 2**70):                    # 1.5 used to pass silently
         with pytest.raises(ValueError, match="ignore_index must be an integer"):
             cross_entropy(logits, target, ignore_index=bad)
+    for name in ("label_smoothing", "lse_square_scale", "softcap"):  # "0.1" and True used to pass
+        for bad in ("0.1", True, torch.tensor([0.1])):
+            with pytest.raises(ValueError, match=f"{name} must be a real number"):
+                cross_entropy(logits, target, **{name: bad})
 
 
 def test_ignore_index_as_a_0d_tensor():

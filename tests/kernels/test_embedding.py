@@ -9,6 +9,7 @@ the fp32 summation error of at most a few dozen terms). The torch reference's ba
 bf16 budget grows with the largest repeat count.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -452,6 +453,11 @@ def test_embedding_empty_and_errors():
         embedding(torch.tensor([0]), w, padding_idx=10)
     with pytest.raises(ValueError, match="padding_idx"):
         embedding(torch.tensor([0]), w, padding_idx=-11)
+    for bad in (2.5, True, "2"):  # 2.5 used to run as row 2
+        with pytest.raises(ValueError, match="padding_idx must be an integer"):
+            embedding(torch.tensor([0]), w, padding_idx=bad)
+    assert torch.equal(embedding(torch.tensor([2, 3]), w, padding_idx=np.int64(2)),
+                       embedding(torch.tensor([2, 3]), w, padding_idx=2))
     huge = torch.zeros(1, 4).expand(2**32, 4)       # 2^32 rows, no memory: over the key range
     if emb_mod._utils.triton_ok(huge):                # the limit is the Triton path's
         with pytest.raises(ValueError, match="fewer than 2\\^32"):

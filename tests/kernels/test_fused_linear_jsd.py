@@ -203,6 +203,28 @@ def test_bad_arguments_raise():
         fused_linear_jsd(xs, ws, xt, wt, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_jsd(xs, ws, xt, wt, chunk_size=0)
+    for bad in (2.5, "4"):  # used to run as chunk_size 2 and 4
+        with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+            fused_linear_jsd(xs, ws, xt, wt, chunk_size=bad)
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        fused_linear_jsd(xs, ws, xt, wt, labels, ignore_index=0.5)
+    with pytest.raises(ValueError, match="temperature must be a real number"):
+        fused_linear_jsd(xs, ws, xt, wt, temperature="2")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_float64_runs_in_float64(beta):
+    """float64 inputs give a float64 loss and gradients at float64 precision (the fp32 row
+    kernel used to run: relative error ~1e-7)."""
+    xs, ws, xt, wt, labels = make_inputs(torch.float64, n=9, v=50)
+    leaves = [t.clone().requires_grad_() for t in (xs, ws)]
+    loss = fused_linear_jsd(*leaves, xt, wt, labels, beta=beta, temperature=1.5, chunk_size=4)
+    assert loss.dtype == torch.float64
+    loss.backward()
+    want, _, dxs, dws = oracle(xs, ws, xt, wt, labels, beta, temperature=1.5, round_logits=False)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaves[0].grad, dxs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(leaves[1].grad, dws, rtol=1e-10, atol=1e-12)
 
 
 def test_torch_compile_fullgraph():

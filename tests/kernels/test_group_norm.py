@@ -11,6 +11,7 @@ instead of 1/2), which the bf16 budget covers.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -835,6 +836,13 @@ def test_group_norm_empty_and_errors():
         group_norm(torch.randn(2, 6, 4), 3, w, torch.ones(6, 1))
     with pytest.raises(ValueError, match="floating-point"):
         group_norm(torch.ones(2, 6, 4, dtype=torch.int64), 3)
+    for bad in (True, 3.0, torch.tensor([3])):  # True used to run as one group
+        with pytest.raises(ValueError, match="num_groups"):
+            group_norm(torch.randn(2, 6, 4), bad)
+    x = torch.randn(2, 6, 4)
+    for same in (np.int64(3), torch.tensor(3)):  # numpy / 0-d tensor ints, as nn.GroupNorm takes them
+        assert torch.equal(group_norm(x, same, w), group_norm(x, 3, w))
+        assert torch.equal(group_norm_reference(x, same, w), group_norm_reference(x, 3, w))
 
 
 

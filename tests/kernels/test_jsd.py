@@ -242,6 +242,11 @@ def test_bad_arguments_raise():
         jsd(s, t.long())
     with pytest.raises(ValueError, match=r"\(N, V\)"):
         jsd(s[0], t[0])
+    for bad in (0.5, "x", True):  # 0.5 used to run as ignore_index=0
+        with pytest.raises(ValueError, match="ignore_index must be an integer"):
+            jsd(s, t, labels, ignore_index=bad)
+    with pytest.raises(ValueError, match="beta must be a real number"):
+        jsd(s, t, beta="0.5")
 
 
 def test_torch_compile_fullgraph():
