@@ -3,7 +3,8 @@
 For each op at Llama-3-8B sizes (hidden 4096, intermediate 14336, vocab 128256, 32/8 heads
 of 128) and a sweep of token counts: median time (``triton.testing.do_bench``) of the
 forward and of forward + backward (backward = the difference), the best of ``ROUNDS``
-(default 3) rounds that interleave the variants, and the peak memory of one forward +
+(default 3) rounds that interleave the variants (``PAIRED=1``: their calls interleaved
+within each round, see ``paired_ms``), and the peak memory of one forward +
 backward above what the inputs already hold. Writes ``benchmarks/kernels.csv``
 (op, mode, variant, x_name, x, ms, peak_mib, gpu, date) and ``benchmarks/kernels_<op>.png``.
 
@@ -278,6 +279,36 @@ def time_ms(fn, inputs, mode):
     return do_bench(_step(fn, inputs, mode), warmup=25, rep=100, return_mode="median")
 
 
+def paired_ms(chosen, inputs, mode, reps=200, warmup=20):
+    """Median milliseconds of one call of each variant, their calls interleaved (A B C, B C
+    A, ... with the L2 flushed before each, as ``do_bench`` does for one): steps bound by
+    the host CPU, whose speed drifts within a run, then meet the same drift, where
+    back-to-back ``do_bench`` calls each meet their own. {variant: ms}."""
+    import statistics
+
+    from triton import runtime
+
+    cache = runtime.driver.active.get_empty_cache_for_benchmark()
+    steps = {v: _step(fn, inputs, mode) for v, fn in chosen.items()}
+    for f in steps.values():
+        for _ in range(warmup):
+            f()
+    names = list(steps)
+    events = {v: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+              for v in names}
+    torch.cuda.synchronize()
+    for r in range(reps):
+        k = r % len(names)
+        for v in names[k:] + names[:k]:
+            runtime.driver.active.clear_cache(cache)
+            start, end = events[v][r]
+            start.record()
+            steps[v]()
+            end.record()
+    torch.cuda.synchronize()
+    return {v: statistics.median(a.elapsed_time(b) for a, b in events[v]) for v in names}
+
+
 def peak_mib(fn, inputs, mode):
     """MiB allocated at the call's peak above what was allocated before it."""
     f = _step(fn, inputs, mode)
@@ -319,6 +350,9 @@ def plot(rows, ops, out: Path) -> None:
 
 FIELDS = ["op", "mode", "variant", "x_name", "x", "ms", "peak_mib", "gpu", "date"]
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
+# PAIRED=1: the variants' calls interleaved within each round (paired_ms) instead of one
+# do_bench per variant; the fastest round's median kept as well.
+PAIRED = os.environ.get("PAIRED", "0") == "1"
 
 
 def main(argv=None):
@@ -366,9 +400,11 @@ def main(argv=None):
                         torch.cuda.empty_cache()
                         del chosen[v], res[v]
                 for _ in range(ROUNDS):
-                    for v, fn in chosen.items():
-                        for m in ("forward", "full"):
-                            res[v][m][0] = min(res[v][m][0], time_ms(fn, inputs, m))
+                    for m in ("forward", "full"):
+                        times = (paired_ms(chosen, inputs, m) if PAIRED
+                                 else {v: time_ms(fn, inputs, m) for v, fn in chosen.items()})
+                        for v, ms in times.items():
+                            res[v][m][0] = min(res[v][m][0], ms)
                 for v in chosen:
                     r = res[v]
                     r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
