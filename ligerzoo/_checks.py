@@ -14,6 +14,16 @@ def is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def any_dtensor(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a model sharded by FSDP2 or tensor
+    parallelism: its forward is a collective that every rank must run)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
 def is_real(v) -> bool:
     """Whether ``v`` is a real number and not a bool: a Python or numpy int or float
     (``numbers.Real``) or a 0-dim real tensor."""

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ligerzoo._checks import any_dtensor
 from ligerzoo.models import CausalLM, family
 from ligerzoo.models.config import ModelConfig, dtype_from_str, with_dtype
 from ligerzoo.models.keymap import KeyMap, Slot
@@ -386,7 +387,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                         f"{type(model).__name__}" + (" (pass its .module)" if hasattr(model, "module") else ""))
     params = _named_params(model)
     _check_params_fit_config(model.config, params)  # before anything is written
-    sharded = _sharded(params)
+    sharded = any_dtensor(params.values())  # then every rank gathers each full tensor; rank 0 writes
     writer = not sharded or torch.distributed.get_rank() == 0
     given = Path(save_directory).expanduser().absolute()
     target = _save_target(given)
@@ -560,16 +561,6 @@ def _file_mode() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _sharded(params: dict) -> bool:
-    """Whether any parameter is a DTensor (FSDP2 / tensor parallel): then save_hf gathers
-    each full tensor on every rank and rank 0 writes."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in params.values())
 
 
 def _full_tensor(t: torch.Tensor, sharded: bool) -> torch.Tensor:

@@ -76,28 +76,45 @@ def _fsdp_worker(rank, world, port, src, out, results):
 
     from ligerzoo.parallel import apply_fsdp
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails the test
     try:
         model = ligerzoo.from_hf(src)
-        ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+        prompts = torch.randint(3, model.config.vocab_size, (world, 2, 5), generator=torch.Generator().manual_seed(0))
+        ids = prompts[0]
         plain = model.generate(ids, 4, eos_token_id=[])
+        # ranks that stop at different steps: rank 0's first new token is the eos
+        eos = int(model.generate(prompts[0, :1], 1, eos_token_id=[])[0, -1])
+        plain_stop = model.generate(prompts[rank, :1], 4, eos_token_id=eos)
         apply_fsdp(model, mp_dtype=None)
         sharded = model.generate(ids, 4, eos_token_id=[])
+        sharded_stop = model.generate(prompts[rank, :1], 4, eos_token_id=eos)
+        try:
+            model.generate(ids, 2 + rank, eos_token_id=[])
+            uneven = "no error"
+        except ValueError as e:
+            uneven = str(e)
         saved = ligerzoo.save_hf(model, out, max_shard_size="40KB")
         try:
             ligerzoo.save_hf(model, out)  # not empty: every rank raises rank 0's error
             again = "no error"
         except FileExistsError as e:
             again = str(e)
-        torch.save(dict(plain=plain, sharded=sharded, saved=str(saved), again=again), f"{results}/{rank}.pt")
+        torch.save(dict(plain=plain, sharded=sharded, plain_stop=plain_stop, sharded_stop=sharded_stop,
+                        uneven=uneven, saved=str(saved), again=again), f"{results}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp_generate_and_save_hf(tmp_path):
     """A model sharded with FSDP2 over 2 CPU ranks (gloo) generates what the plain model
-    does and saves the same checkpoint (rank 0 writes the gathered tensors, bit for bit);
-    an error on rank 0 reaches every rank instead of leaving them in a collective."""
+    does, also when one rank's rows stop early (it keeps stepping with the others: each
+    forward is a collective; it used to leave the other rank waiting), refuses different
+    max_new_tokens on every rank, and saves the same checkpoint (rank 0 writes the gathered
+    tensors, bit for bit); an error on rank 0 reaches every rank instead of leaving them in a
+    collective."""
     import socket
 
     import torch.multiprocessing as mp
@@ -112,8 +129,11 @@ def test_fsdp_generate_and_save_hf(tmp_path):
     mp.spawn(_fsdp_worker, args=(2, port, str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "results")),
              nprocs=2, join=True)
     ranks = [torch.load(tmp_path / "results" / f"{r}.pt") for r in range(2)]
+    assert ranks[0]["plain_stop"].shape[1] == 6 and ranks[1]["plain_stop"].shape[1] > 6  # they stop apart
     for r in ranks:
         assert torch.equal(r["sharded"], r["plain"])
+        assert torch.equal(r["sharded_stop"], r["plain_stop"])
+        assert "same max_new_tokens on every rank" in r["uneven"]
         assert r["saved"] == str(tmp_path / "out")
         assert "exists and is not empty" in r["again"]
     src, out = read_safetensors_dir(tmp_path / "src"), read_safetensors_dir(tmp_path / "out")

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo._checks import is_int
+from ligerzoo._checks import any_dtensor, is_int
 from ligerzoo.kernels.cross_entropy import cross_entropy
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
@@ -231,7 +231,9 @@ class Attention(nn.Module):
                 y = eager_attention(q, k, v, attn_mask, self.scale, self.softcap)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                # causal without a cache (any T, so no shape-dependent bool under torch.compile's
+                # dynamic shapes), and for a prefill; a decoded token sees the whole cache
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and (cache is None or T > 1),
                 scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, nh hd)
         return self.wo(y)
@@ -360,6 +362,23 @@ class _RecomputedEmbedding:
                                "its output cannot be recomputed for the first block's backward")
         with torch.no_grad():
             return self.model._embed(self.input_ids)
+
+
+def _all_ranks(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on every rank of the default process group (a collective)."""
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _same_on_every_rank(max_new_tokens: int, device) -> None:
+    """ValueError on every rank unless all ranks asked for the same ``max_new_tokens`` (a
+    collective): synced ranks must run the same number of forwards."""
+    t = torch.tensor([int(max_new_tokens), -int(max_new_tokens)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ValueError(f"generate on synced ranks needs the same max_new_tokens on every rank, got values from "
+                         f"{-int(t[1])} to {int(t[0])}")
 
 
 def _eos_list(eos) -> list[int]:
@@ -628,7 +647,8 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, eos_token_id=None,
-                 temperature: float = 0.0, top_k: int | None = None, generator=None) -> torch.Tensor:
+                 temperature: float = 0.0, top_k: int | None = None, generator=None,
+                 synced_ranks: bool | None = None) -> torch.Tensor:
         """Decode with a KV cache: greedy when ``temperature == 0`` else sampling.
 
         Args:
@@ -643,17 +663,25 @@ class CausalLM(nn.Module):
                 softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
             generator: optional ``torch.Generator`` for the sampling (``torch.multinomial``).
+            synced_ranks: keep every rank of the default process group stepping until all
+                of them are done (a rank whose rows all reached eos runs the remaining forwards
+                without adding tokens, as transformers' ``synced_gpus``), for a model whose
+                forward is a collective. None: when the parameters are DTensors (FSDP2) and
+                torch.distributed is initialised. Every rank must then call generate with the
+                same ``max_new_tokens``.
 
         Returns:
-            (B, T + n) int64 (the prompt followed by the new tokens), n <= max_new_tokens.
+            (B, T + n) int64 (the prompt followed by the new tokens), n <= max_new_tokens:
+            n new-token forwards (the prompt's included), never one more.
 
         Raises:
             ValueError: input_ids not 2-D, without tokens or with ids outside [0, vocab_size)
                 (see ``forward``), a temperature that is negative
                 or not finite, max_new_tokens or top_k not an int (or < 0, < 1), an
                 attention_mask not shaped like input_ids, a row with no real token, right
-                padding (a row whose last prompt position is padding), or an
-                ``eos_token_id`` that is not an int or ints.
+                padding (a row whose last prompt position is padding), an
+                ``eos_token_id`` that is not an int or ints, or (synced ranks) a
+                ``max_new_tokens`` that differs between ranks (on every rank).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
@@ -673,6 +701,11 @@ class CausalLM(nn.Module):
                              f"None); got temperature={temperature}, max_new_tokens={max_new_tokens}, top_k={top_k}")
         B, T = input_ids.shape
         device = input_ids.device
+        if synced_ranks is None:
+            synced_ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1 and any_dtensor(self.parameters())
+        if synced_ranks and max_new_tokens > 0:
+            _same_on_every_rank(max_new_tokens, device)
         if eos_token_id is None:  # as transformers: generation_config.json decides when there is one
             eos_token_id = self.generation_config.get("eos_token_id") if self.generation_config \
                 else self.config.eos_token_id
@@ -692,24 +725,29 @@ class CausalLM(nn.Module):
         if (True in self._inv_freq and self.config.model_type == "phi3"
                 and T <= self.config.rope_scaling["original_max_position_embeddings"]):
             long_rope_at = self.config.rope_scaling["original_max_position_embeddings"] + 1
+        if max_new_tokens == 0:
+            return tokens
         h = self.hidden_states(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(h).float()  # (B, V)
-            if self.config.final_softcap is not None:
-                logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
-            if temperature > 0:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            if eos.numel():
-                nxt = torch.where(done, eos[0], nxt)
-                done = done | torch.isin(nxt, eos)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if bool(done.all()) or cache.length == cache.max_len:
+        finished = False  # this rank's rows all stopped (later forwards only keep the ranks in step)
+        for step in range(max_new_tokens):
+            if not finished:
+                logits = self.lm_head(h).float()  # (B, V)
+                if self.config.final_softcap is not None:
+                    logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+                if temperature > 0:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
+                if eos.numel():
+                    nxt = torch.where(done, eos[0], nxt)
+                    done = done | torch.isin(nxt, eos)
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                finished = bool(eos.numel()) and bool(done.all())
+            if step == max_new_tokens - 1 or (_all_ranks(finished, device) if synced_ranks else finished):
                 break
             if long_rope_at is not None and tokens.shape[1] >= long_rope_at:
                 # recompute the whole cache; each forward picks the short or long factors from its

@@ -329,6 +329,25 @@ def test_compiled_model_matches_eager():
         torch.testing.assert_close(compiled(ids, labels=ids).loss, loss, atol=1e-6, rtol=1e-6)
 
 
+def test_compiled_model_takes_new_sequence_lengths():
+    """A second sequence length makes torch.compile trace T as a symbol; the attention's
+    causal flag used to depend on T (``T > 1``), a SymBool that SDPA refuses, so fullgraph
+    failed from the second length on. Loss and gradients equal eager's at each length."""
+    model, _ = _tiny_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for T in (16, 12, 9):
+        ids = torch.randint(0, 64, (2, T))
+        grads = []
+        for m in (model, compiled):
+            model.zero_grad()
+            loss = m(ids, labels=ids).loss
+            loss.backward()
+            grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-6)
+        for n in grads[0][1]:
+            torch.testing.assert_close(grads[1][1][n], grads[0][1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual,softcap", [(True, None), (False, 3.0)])
 def test_norm_linear_cross_entropy_matches_float64(dtype, residual, softcap):

@@ -119,6 +119,19 @@ def test_generate_greedy_matches_transformers(tmp_path):
     assert got.tolist() == ref.tolist()
 
 
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 3])
+def test_generate_runs_one_forward_per_new_token(tmp_path, max_new_tokens):
+    """The prompt's forward gives the first new token; each later token costs one more
+    forward, and none runs after the last (one extra forward used to run and be dropped)."""
+    _, ours = _pair(tmp_path, {})
+    ids = torch.randint(3, ours.config.vocab_size, (2, 5))
+    shapes, forward = [], ours.hidden_states
+    ours.hidden_states = lambda x, *a, **k: (shapes.append(tuple(x.shape)), forward(x, *a, **k))[1]
+    out = ours.generate(ids, max_new_tokens, eos_token_id=[])
+    assert out.shape == (2, 5 + max_new_tokens) and torch.equal(out[:, :5], ids)
+    assert shapes == ([(2, 5)] + [(2, 1)] * (max_new_tokens - 1) if max_new_tokens else [])
+
+
 def test_generate_left_padded_batch_matches_single_rows(tmp_path):
     _, ours = _pair(tmp_path, {})
     a = torch.randint(3, ours.config.vocab_size, (1, 7))
