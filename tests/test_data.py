@@ -3,6 +3,7 @@
 import re
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,8 @@ def test_tokenize():
     assert ids.dtype == torch.long and ids.shape == (3,)
     assert ids.tolist() == [72, 105, 33]
     assert tokenize(lambda s: torch.tensor([[1, 2]], dtype=torch.int32), "x").tolist() == [1, 2]
+    two_d = tokenize(lambda s: np.array([[1, 2, 3]]), "x")  # a numpy array is flattened like a tensor (was 2-D)
+    assert two_d.shape == (3,) and two_d.dtype == torch.long
 
 
 def test_split_tokens_is_contiguous_and_complete():
@@ -108,6 +111,10 @@ def test_split_tokens_is_contiguous_and_complete():
         split_tokens(t, "test")
     with pytest.raises(ValueError):
         split_tokens(t, "train", 1.0)
+    assert torch.equal(split_tokens(t, "heldout", torch.tensor(0.1)), ho)  # a 0-d tensor (was a TypeError)
+    for bad in ("0.1", None, True):
+        with pytest.raises(ValueError, match="holdout_fraction must be a real number"):
+            split_tokens(t, "train", bad)
 
 
 # --------------------------------------------------------------------------------------

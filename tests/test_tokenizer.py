@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -192,6 +193,8 @@ def test_special_tokens_and_added_tokens(make_dir):
         assert ours.encode(text, add_special_tokens=False) == ids, text
         assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
     assert len(word) == 1 and ours.encode("there", add_special_tokens=False) == word
+    for one in (ids[0], torch.tensor(ids[0]), np.int64(ids[0])):  # one id, as transformers' decode takes
+        assert ours.decode(one) == ref.decode(int(one)) == ours.decode([int(one)])
 
 
 def test_save_hf_keeps_named_templates(make_dir, tmp_path):

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ligerzoo._checks import any_dtensor, is_int
+from ligerzoo._checks import any_dtensor, is_int, is_real
 from ligerzoo.kernels.cross_entropy import cross_entropy
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
@@ -572,12 +572,23 @@ class CausalLM(nn.Module):
         Raises:
             ValueError: input_ids not 2-D, not integers or outside [0, vocab_size), labels or
                 attention_mask shaped unlike input_ids, position_ids neither (B, T) nor (1, T),
-                or label ids outside [0, vocab_size) other than -100.
+                label ids outside [0, vocab_size) other than -100, labels with T = 0, or a
+                num_items_in_batch that is neither a number nor a one-element tensor.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; "
                              f"add a batch dim with input_ids[None]")
         self._check_ids(input_ids)
+        if labels is not None and input_ids.shape[1] == 0:
+            raise ValueError("labels need sequences of at least one position (T >= 1), got input_ids of shape "
+                             f"{tuple(input_ids.shape)}")
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got a tensor of "
+                                 f"shape {tuple(num_items_in_batch.shape)}")
+            num_items_in_batch = num_items_in_batch.reshape(())
+        elif num_items_in_batch is not None and not is_real(num_items_in_batch):
+            raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got {num_items_in_batch!r}")
         for name, t in (("labels", labels), ("position_ids", position_ids), ("attention_mask", attention_mask)):
             if t is not None and t.shape != input_ids.shape and not (
                     name == "position_ids" and t.shape == (1, input_ids.shape[1])):

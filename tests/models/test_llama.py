@@ -90,6 +90,13 @@ def test_num_items_in_batch_sums_micro_batches_to_full_batch(tmp_path):
     n = int((labels[:, 1:] != -100).sum())
     parts = sum(ours(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=n).loss for i in (0, 2))
     torch.testing.assert_close(parts, full, atol=1e-6, rtol=1e-6)
+    as_tensor = ours(ids[:2], labels=labels[:2], num_items_in_batch=torch.tensor([n])).loss  # one element
+    assert as_tensor.shape == () and torch.equal(as_tensor, ours(ids[:2], labels=labels[:2], num_items_in_batch=n).loss)
+    for bad in (torch.tensor([n, n]), "8", True):  # a (2,) tensor used to give a vector loss
+        with pytest.raises(ValueError, match="num_items_in_batch must be a number or a one-element tensor"):
+            ours(ids, labels=labels, num_items_in_batch=bad)
+    with pytest.raises(ValueError, match="T >= 1"):  # was "target must have shape (0,), got (4,)"
+        ours(ids[:, :0], labels=labels[:, :0])
 
 
 def test_all_labels_ignored_gives_zero_loss_and_zero_grads(tmp_path):
