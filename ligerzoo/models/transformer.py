@@ -573,7 +573,9 @@ class CausalLM(nn.Module):
             ValueError: input_ids not 2-D, not integers or outside [0, vocab_size), labels or
                 attention_mask shaped unlike input_ids, position_ids neither (B, T) nor (1, T),
                 label ids outside [0, vocab_size) other than -100, labels with T = 0, or a
-                num_items_in_batch that is neither a number nor a one-element tensor.
+                num_items_in_batch that is neither a number nor a one-element tensor. The id
+                and label range checks read values on the host, so torch.compile skips them
+                (an out-of-range label there gives a NaN loss).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; "
