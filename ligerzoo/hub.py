@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -523,9 +524,21 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
             more than checkpoint files, the working directory or one above it, or a path
             that is (or lies under) a file.
         FileNotFoundError: a link to a directory that does not exist.
+        PermissionError: no directory can be created where it would go (a read-only or
+            unwritable parent, a pseudo-filesystem such as /proc): checked by creating and
+            removing an empty directory in the nearest existing parent.
     """
-    if (problem := _save_target_problem(Path(save_directory).expanduser().absolute(), overwrite)) is not None:
+    given = Path(save_directory).expanduser().absolute()
+    if (problem := _save_target_problem(given, overwrite)) is not None:
         raise problem
+    target = _save_target(given)
+    parent = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=parent)
+    except OSError as e:
+        raise PermissionError(f"cannot save to {target}: no directory can be created in {parent} "
+                              f"({e.strerror or e})") from e
+    os.rmdir(probe)
 
 
 def _save_target_problem(given: Path, overwrite: bool) -> Exception | None:

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     if args.out:  # refused now, not after the run
         try:
             ligerzoo.hub.check_save_target(args.out, overwrite=args.overwrite)
-        except (FileExistsError, FileNotFoundError) as e:
+        except (FileExistsError, FileNotFoundError, PermissionError) as e:
             ap.error(f"--out: {e}".replace("overwrite=True", "--overwrite"))
     try:
         device = torch.device(args.device)
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         ap.error(f"--device {args.device}: this torch build or machine has no CUDA GPU; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     summary = {}

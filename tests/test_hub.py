@@ -509,6 +509,21 @@ def test_save_hf_refuses_a_dangling_link(tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+def test_check_save_target_refuses_a_place_without_new_directories(tmp_path):
+    """A path where no directory can be created is refused up front (the demo checks --out
+    with it before fine-tuning; it passed and save_hf failed at the end); a good path is
+    left as it was, with no probe directory behind."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's /proc (read-only to directory creation, even for root)")
+    with pytest.raises(PermissionError, match="no directory can be created in /proc"):
+        ligerzoo.hub.check_save_target("/proc/ligerzoo-test/out")
+    ligerzoo.hub.check_save_target(tmp_path / "new" / "out")
+    assert os.listdir(tmp_path) == []
+
+
 def test_hub_id_brings_named_chat_templates_offline(tmp_path):
     """A repo id's named templates: resolve() asks the hub for additional_chat_templates/*.jinja
     with the other tokenizer files (checked with huggingface_hub's own pattern filter), and

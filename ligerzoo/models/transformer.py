@@ -114,7 +114,7 @@ def rope_inv_freq(config: ModelConfig, long: bool = False) -> tuple[torch.Tensor
 
 @dataclass
 class CausalLMOutput:
-    """``loss``: 0-d float32 (None without labels); with ``output_router_logits`` it includes
+    """``loss``: 0-d float32, float64 for a float64 model (None without labels); with ``output_router_logits`` it includes
     ``router_aux_loss_coef * aux_loss``. ``logits``: (B, T, V) in the model dtype, None when
     labels were given (the loss goes through fused linear cross entropy instead).
     ``aux_loss``: Mixtral's load-balancing loss, 0-d float32 (MoE models with
