@@ -52,10 +52,10 @@ from typing import Optional
 
 import torch
 
+from ligerzoo._checks import check_real
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
-from ligerzoo._checks import check_real
 from ligerzoo.kernels.cross_entropy import check_ignore_index, claim_saved_grads, scale_saved_grads
 
 if HAS_TRITON:
