@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -411,7 +410,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     tmp, file_mode = None, _file_mode()
     if writer:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = _side_path(target, "tmp")
         tmp.mkdir()
     try:
         from tqdm.auto import tqdm
@@ -524,21 +523,25 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
             more than checkpoint files, the working directory or one above it, or a path
             that is (or lies under) a file.
         FileNotFoundError: a link to a directory that does not exist.
-        PermissionError: no directory can be created where it would go (a read-only or
-            unwritable parent, a pseudo-filesystem such as /proc): checked by creating and
-            removing an empty directory in the nearest existing parent.
+        PermissionError: as save_hf: an existing directory that is a mount point; and no
+            directory can be created where save_hf's would go (a read-only or unwritable
+            parent, a pseudo-filesystem such as /proc, a name too long): checked by creating
+            and removing the first directory save_hf would create (its temporary one, or
+            the path's first missing directory).
     """
     given = Path(save_directory).expanduser().absolute()
     if (problem := _save_target_problem(given, overwrite)) is not None:
         raise problem
     target = _save_target(given)
     parent = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    # save_hf's temporary directory, or the first missing directory of the path that it creates
+    probe = _side_path(target, "tmp") if parent == target.parent else parent / target.parts[len(parent.parts)]
     try:
-        probe = tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=parent)
+        probe.mkdir()
     except OSError as e:
         raise PermissionError(f"cannot save to {target}: no directory can be created in {parent} "
                               f"({e.strerror or e})") from e
-    os.rmdir(probe)
+    probe.rmdir()
 
 
 def _save_target_problem(given: Path, overwrite: bool) -> Exception | None:
@@ -557,6 +560,9 @@ def _save_target_problem(given: Path, overwrite: bool) -> Exception | None:
     cwd, resolved = Path.cwd().resolve(), target.resolve()
     if cwd == resolved or resolved in cwd.parents:  # the directory is replaced: not under a running process
         return FileExistsError(f"{resolved} is the working directory or holds it; save to another directory")
+    if os.path.ismount(resolved):  # save_hf renames the directory it replaces: a mount point refuses (EBUSY)
+        return PermissionError(f"{resolved} is a mount point, which save_hf cannot replace (it writes a new "
+                               f"directory and renames it into place); save to a new directory inside it")
     if not any(target.iterdir()):
         return None
     if not overwrite:
@@ -646,13 +652,19 @@ def _effective(config):
     return config
 
 
+def _side_path(target: Path, kind: str) -> Path:
+    """A fresh hidden sibling of ``target`` that save_hf writes into ("tmp") or moves an
+    existing ``target`` aside to ("old"); check_save_target probes the same length of name."""
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing ``target`` is moved aside first and deleted
     only once the new directory is in place."""
     if not target.exists():
         os.replace(new, target)
         return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = _side_path(target, "old")
     os.replace(target, old)
     try:
         os.replace(new, target)

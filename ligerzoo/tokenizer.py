@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer as _HFTokenizer
+
+from ligerzoo._checks import is_int
 
 
 def _token_text(value) -> str | None:
@@ -83,8 +86,15 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of token ids (any iterable of ints, e.g. a list or a 1-D tensor, or one id:
         an int or a 0-d tensor, as transformers' ``decode`` takes); special tokens are kept
-        unless ``skip_special_tokens`` (the default of transformers' ``decode``)."""
-        if isinstance(ids, numbers.Integral) or getattr(ids, "ndim", None) == 0:  # a 0-d tensor / array
+        unless ``skip_special_tokens`` (the default of transformers' ``decode``).
+
+        Raises:
+            TypeError: one id that is not an integer (a float, a float tensor).
+        """
+        if isinstance(ids, numbers.Number) or getattr(ids, "ndim", None) == 0:  # one id: a number, 0-d tensor / array
+            one = ids if isinstance(ids, torch.Tensor) or not hasattr(ids, "item") else ids.item()  # numpy -> Python
+            if not is_int(one):
+                raise TypeError(f"decode takes integer token ids, got {ids!r}")
             ids = [ids]
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 

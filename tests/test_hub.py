@@ -522,6 +522,33 @@ def test_check_save_target_refuses_a_place_without_new_directories(tmp_path):
         ligerzoo.hub.check_save_target("/proc/ligerzoo-test/out")
     ligerzoo.hub.check_save_target(tmp_path / "new" / "out")
     assert os.listdir(tmp_path) == []
+    # the probe is named as save_hf's temporary directory: a name save_hf can write passes
+    # (a longer probe name refused 240-character names); one it cannot is refused
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - len(".x.tmp-12345678") + 1
+    ligerzoo.hub.check_save_target(tmp_path / ("y" * longest))
+    with pytest.raises(PermissionError, match="no directory can be created"):
+        ligerzoo.hub.check_save_target(tmp_path / ("y" * (longest + 1)))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_mount_point_is_refused_up_front(tmp_path, monkeypatch):
+    """save_hf replaces an existing directory by renaming, which Linux refuses for a mount
+    point (EBUSY, after the whole save): refused before writing, by check_save_target too."""
+    import os
+
+    from tests.helpers import make_hf_llama
+
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(mount) or real(p))
+    for call in (lambda: ligerzoo.hub.check_save_target(mount), lambda: ligerzoo.save_hf(model, mount)):
+        with pytest.raises(PermissionError, match="is a mount point"):
+            call()
+    assert os.listdir(mount) == [] and sorted(os.listdir(tmp_path)) == ["hf", "volume"]
+    ligerzoo.save_hf(model, mount / "ckpt")  # a new directory inside it is fine
 
 
 def test_hub_id_brings_named_chat_templates_offline(tmp_path):

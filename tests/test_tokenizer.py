@@ -195,6 +195,9 @@ def test_special_tokens_and_added_tokens(make_dir):
     assert len(word) == 1 and ours.encode("there", add_special_tokens=False) == word
     for one in (ids[0], torch.tensor(ids[0]), np.int64(ids[0])):  # one id, as transformers' decode takes
         assert ours.decode(one) == ref.decode(int(one)) == ours.decode([int(one)])
+    for bad in (2.5, torch.tensor(2.0), np.float64(2.0)):  # not truncated to an id
+        with pytest.raises(TypeError, match="integer token ids"):
+            ours.decode(bad)
 
 
 def test_save_hf_keeps_named_templates(make_dir, tmp_path):

@@ -717,7 +717,7 @@ class CausalLM(nn.Module):
         if synced_ranks is None:
             synced_ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1 and any_dtensor(self.parameters())
-        if synced_ranks and max_new_tokens > 0:
+        if synced_ranks:  # 0 too: a rank returning at once would leave the others waiting
             _same_on_every_rank(max_new_tokens, device)
         if eos_token_id is None:  # as transformers: generation_config.json decides when there is one
             eos_token_id = self.generation_config.get("eos_token_id") if self.generation_config \
