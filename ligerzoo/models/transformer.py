@@ -35,10 +35,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ligerzoo._checks import any_dtensor, is_int, is_real
 from ligerzoo.kernels.cross_entropy import cross_entropy
+from ligerzoo.kernels.fused_linear_cross_entropy import default_chunk_size
 from ligerzoo.kernels.rope import rope_cos_sin
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, plain_linear, rope_qkv_
@@ -364,6 +366,49 @@ class _RecomputedEmbedding:
             return self.model._embed(self.input_ids)
 
 
+def head_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                       softcap: float | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross entropy of ``head(h)`` for an LM head that must be called as a module (a
+    LoRA or quantised wrapper, a forward hook, a bias), without keeping its (N, V) logits.
+
+    Args:
+        head: maps (C, H) rows to (C, V) logits.
+        h: (..., H) final-norm output; targets: (...) int64, ``IGNORE_INDEX`` entries skipped.
+        vocab_size: V, for the chunk size; softcap: final-logit soft-cap or None.
+        chunk_rows: rows per chunk; default
+            :func:`ligerzoo.kernels.fused_linear_cross_entropy.default_chunk_size`.
+
+    Returns:
+        0-d fp32 (fp64 for fp64 logits) loss summed over the counted targets.
+
+    The rows go through ``head`` and :func:`ligerzoo.kernels.cross_entropy` a chunk at a time,
+    each chunk under non-reentrant activation checkpointing (``torch.utils.checkpoint``) when
+    autograd records: its logits are freed after its forward and computed again in backward,
+    so one (C, V) chunk is alive at a time instead of the whole (N, V) logits and their
+    gradient, for one more forward of the head. ``head`` therefore runs twice per chunk
+    in training (its forward hooks too); the RNG state is restored for the second run, so
+    dropout inside the head draws the same mask.
+    """
+    h = h.reshape(-1, h.shape[-1])  # (N, H)
+    targets = targets.reshape(-1)  # (N,)
+    n = h.shape[0]
+    rows = chunk_rows or default_chunk_size(n, h.shape[-1], vocab_size)
+
+    def piece(h_c, t_c):  # (C, H), (C,) -> 0-d
+        logits = head(h_c)  # (C, V)
+        return cross_entropy(logits, t_c, ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+
+    if rows >= n:
+        return piece(h, targets)
+    record = torch.is_grad_enabled()
+    total = None
+    for i in range(0, n, rows):
+        args = (h[i:i + rows], targets[i:i + rows])
+        part = torch.utils.checkpoint.checkpoint(piece, *args, use_reentrant=False) if record else piece(*args)
+        total = part if total is None else total + part
+    return total
+
+
 def _all_ranks(flag: bool, device) -> bool:
     """Whether ``flag`` holds on every rank of the default process group (a collective)."""
     t = torch.tensor([int(flag)], device=device)
@@ -618,10 +663,9 @@ class CausalLM(nn.Module):
                                                  IGNORE_INDEX, self.config.final_softcap)
         else:
             # a head that is not a bare weight (a LoRA or quantised wrapper, a forward hook, a
-            # bias): called as a module, the loss taken on its (B * T, V) logits
-            logits = self.lm_head(add_norm(self.norm, x, delta)[0])
-            loss_sum = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum", softcap=self.config.final_softcap)
+            # bias): called as a module, a chunk of rows at a time
+            loss_sum = head_cross_entropy(self.lm_head, add_norm(self.norm, x, delta)[0], targets,
+                                          self.config.vocab_size, self.config.final_softcap)
         if num_items_in_batch is None:
             num_items_in_batch = (targets != IGNORE_INDEX).sum()
         if isinstance(num_items_in_batch, torch.Tensor):

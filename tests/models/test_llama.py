@@ -340,3 +340,62 @@ def test_a_wrapped_lm_head_is_part_of_the_loss(model_type, head, dtype):
     torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.to(dtype), atol=tol, rtol=10 * tol)
+
+
+def test_a_wrapped_lm_head_never_holds_the_whole_logits():
+    """A head called as a module runs a chunk of rows at a time under activation
+    checkpointing: it never sees more than a chunk's rows, nothing saved for backward outside
+    a chunk is logits-sized, and in training each chunk runs twice (forward, then again in
+    backward). The loss and gradients are still those of the whole logits (float64 torch)."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import default_chunk_size
+
+    torch.manual_seed(0)
+    V, H, B, T = 256, 32, 2, 40
+    model = ligerzoo.CausalLM(ligerzoo.ModelConfig(vocab_size=V, hidden_size=H, intermediate_size=48,
+                                                   num_hidden_layers=1, num_attention_heads=4)).double()
+    model.lm_head = _LoRAHead(model.lm_head).double()
+    rows_seen = []
+    model.lm_head.register_forward_hook(lambda mod, inp, out: rows_seen.append(inp[0].shape[0]))
+    chunk = default_chunk_size(B * T, H, V)
+    assert chunk < B * T
+    n_chunks = -(-B * T // chunk)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    ids = torch.randint(0, V, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    assert rows_seen and max(rows_seen) == chunk and len(rows_seen) == n_chunks
+    assert max(saved) < B * T * V / 2  # no (N, V) logits nor their gradient kept
+    params = [model.lm_head.A, model.lm_head.B, model.norm.weight]
+    got = torch.autograd.grad(loss, params)
+    assert len(rows_seen) == 2 * n_chunks
+    logits = model(ids).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    for g, w in zip(got, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+
+
+def test_head_cross_entropy_recomputes_a_dropout_head_with_the_same_mask():
+    """The chunk's second forward (in backward) draws the dropout mask of its first, so the
+    gradient is that of the loss computed (float64 torch, same seed, no checkpointing)."""
+    from ligerzoo.models.transformer import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(8, 30)).double()
+    h = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 30, (13,))
+    t[4] = -100
+    torch.manual_seed(1)
+    loss = head_cross_entropy(head, h, t, 30, chunk_rows=4)
+    got = torch.autograd.grad(loss, [h, head[1].weight])
+    torch.manual_seed(1)
+    ref = sum(torch.nn.functional.cross_entropy(head(h[i:i + 4]), t[i:i + 4], reduction="sum")
+              for i in range(0, 13, 4))
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    for g, w in zip(got, torch.autograd.grad(ref, [h, head[1].weight])):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
