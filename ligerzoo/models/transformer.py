@@ -704,7 +704,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, eos_token_id=None,
-                 temperature: float = 0.0, top_k: int | None = None, generator=None,
+                 pad_token_id=None, temperature: float = 0.0, top_k: int | None = None, generator=None,
                  synced_ranks: bool | None = None) -> torch.Tensor:
         """Decode with a KV cache: greedy when ``temperature == 0`` else sampling.
 
@@ -712,10 +712,12 @@ class CausalLM(nn.Module):
             input_ids: (B, T) prompt ids; rows may be left-padded, marked by ``attention_mask``.
             max_new_tokens: tokens to add at most.
             attention_mask: (B, T), 1 for real tokens; None means no padding.
-            eos_token_id: int, list of ints or int tensor; a row stops at its first one (later
-                positions are filled with the first eos id). Default: generation_config.json's
-                (``self.generation_config``; none when that file has none), else, without that
-                file, config.json's; ``[]`` never stops early.
+            eos_token_id: int, list of ints or int tensor; a row stops at its first one.
+                Default: generation_config.json's (``self.generation_config``; none when that
+                file has none), else, without that file, config.json's; ``[]`` never stops early.
+            pad_token_id: int that fills a stopped row's later positions, while other rows go
+                on. Default, as transformers: taken from the same file as the eos default, else
+                the first eos id.
             temperature: 0 for greedy decoding, > 0 (finite) to sample from
                 softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
@@ -737,7 +739,8 @@ class CausalLM(nn.Module):
                 or not finite, max_new_tokens or top_k not an int (or < 0, < 1), an
                 attention_mask not shaped like input_ids, a row with no real token, right
                 padding (a row whose last prompt position is padding), an
-                ``eos_token_id`` that is not an int or ints, or (synced ranks) a
+                ``eos_token_id`` that is not an int or ints, a ``pad_token_id`` that is not an
+                int, or (synced ranks) a
                 ``max_new_tokens`` that differs between ranks (on every rank).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -767,6 +770,15 @@ class CausalLM(nn.Module):
             eos_token_id = self.generation_config.get("eos_token_id") if self.generation_config \
                 else self.config.eos_token_id
         eos = torch.tensor(_eos_list(eos_token_id), device=device, dtype=torch.long)
+        if pad_token_id is None:
+            pad_token_id = self.generation_config.get("pad_token_id") if self.generation_config \
+                else self.config.pad_token_id
+            if pad_token_id is None and eos.numel():
+                pad_token_id = int(eos[0])
+        if pad_token_id is not None:
+            if not is_int(pad_token_id):
+                raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+            pad_token_id = int(pad_token_id)
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()
@@ -800,7 +812,7 @@ class CausalLM(nn.Module):
                 else:
                     nxt = logits.argmax(-1)
                 if eos.numel():
-                    nxt = torch.where(done, eos[0], nxt)
+                    nxt = torch.where(done, pad_token_id, nxt)
                     done = done | torch.isin(nxt, eos)
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 finished = bool(eos.numel()) and bool(done.all())

@@ -203,6 +203,46 @@ def test_generate_default_eos_from_generation_config(tmp_path):
         assert reloaded.generate(ids, 8, eos_token_id=eos).tolist() == got.tolist(), type(eos)
 
 
+def test_generate_fills_a_stopped_row_with_the_pad_id_as_transformers(tmp_path):
+    """A row that stops while another goes on is filled with pad_token_id, taken as
+    transformers takes it: the argument, else the file the eos default comes from
+    (config.json without generation_config.json), else the first eos id."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    _, ours = _pair(tmp_path, {})
+    src = tmp_path / "hf"
+    V = ours.config.vocab_size
+    for seed in range(50):  # prompts where row 0 emits a token row 1 never does, before the end
+        ids = torch.randint(3, V, (2, 5), generator=torch.Generator().manual_seed(seed))
+        free = ours.generate(ids, 8, eos_token_id=[])
+        new0, new1 = free[0, 5:].tolist(), free[1, 5:].tolist()
+        stops = [t for t in new0[:-2] if t not in new1]
+        if stops:
+            break
+    stop = stops[0]
+    assert new0.index(stop) < 6
+    (src / "generation_config.json").unlink(missing_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    for pad, gen in ((None, None), (1, None), (2, {"eos_token_id": stop, "pad_token_id": 2})):
+        (src / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [stop, V - 1], "pad_token_id": pad}))
+        if gen:
+            (src / "generation_config.json").write_text(json.dumps(gen))
+        model = ligerzoo.from_hf(src, dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        got = model.generate(ids, 8)
+        assert got.tolist() == ref.tolist(), (pad, gen)
+        fill = stop if pad is None else pad
+        assert got[0, 5 + new0.index(stop) + 1:].eq(fill).all() and got[1].tolist() == free[1].tolist()
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                          pad_token_id=0)
+        assert model.generate(ids, 8, pad_token_id=torch.tensor(0)).tolist() == ref.tolist()
+    with pytest.raises(ValueError, match="pad_token_id must be an int"):
+        model.generate(ids, 3, pad_token_id=1.0)
+
+
 def test_generate_refuses_bad_arguments(tmp_path):
     _, ours = _pair(tmp_path, {})
     ids = torch.randint(3, ours.config.vocab_size, (2, 5))
