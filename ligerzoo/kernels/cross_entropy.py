@@ -1016,6 +1016,14 @@ def cross_entropy(
             ``ignore_index`` (the message names the value and ``V``; not checked under
             torch.compile).
     """
+    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                          softcap, return_z_loss, inplace, check_targets=True)
+
+
+def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                   return_z_loss, inplace, check_targets: bool):
+    """:func:`cross_entropy`; ``check_targets=False`` skips the target range check (and its
+    host sync), for a caller that checked the targets itself (one check for many calls)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -1025,7 +1033,8 @@ def cross_entropy(
     ignore_index = check_ignore_index(ignore_index)
     target = check_target_shape(target, n_rows, logits.device)
     check_class_weight(weight, n_cols, logits.device)
-    target_check = TargetCheck(target, n_cols, ignore_index)  # waited on after the launch below
+    # waited on after the launch below
+    target_check = TargetCheck(target if check_targets else target[:0], n_cols, ignore_index)
     softcap = float(softcap) if softcap is not None else None
     label_smoothing = float(label_smoothing)
     lse_square_scale = float(lse_square_scale)

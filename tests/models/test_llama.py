@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ligerzoo
-from ligerzoo.models import family
+from ligerzoo.models import family, transformer
 from tests.helpers import make_hf_llama
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -338,7 +338,7 @@ class _LoRAHead(torch.nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 @pytest.mark.parametrize("head", ["lora", "hook", "forward", "bias"])
-def test_a_wrapped_lm_head_is_part_of_the_loss(model_type, head, dtype):
+def test_a_wrapped_lm_head_is_part_of_the_loss(model_type, head, dtype, monkeypatch):
     """With labels the loss must be that of the model's own logits whatever lm_head is: a
     LoRA wrapper, a forward hook, a ``forward`` replaced on the instance (as accelerate's
     hooks do) or a biased Linear is called as a module (the fused loss would read
@@ -371,6 +371,7 @@ def test_a_wrapped_lm_head_is_part_of_the_loss(model_type, head, dtype):
     ids = torch.randint(0, 64, (2, 10))
     labels = ids.clone()
     labels[0, 3] = -100
+    monkeypatch.setattr(transformer, "HEAD_CHUNK_LOGITS", 1)  # chunks of default_chunk_size rows (16 of 20)
     loss = model(ids, labels=labels).loss
     got = torch.autograd.grad(loss, params)
     logits = model(ids).logits[:, :-1].double()
@@ -382,7 +383,7 @@ def test_a_wrapped_lm_head_is_part_of_the_loss(model_type, head, dtype):
         torch.testing.assert_close(g, w.to(dtype), atol=tol, rtol=10 * tol)
 
 
-def test_a_wrapped_lm_head_never_holds_the_whole_logits():
+def test_a_wrapped_lm_head_never_holds_the_whole_logits(monkeypatch):
     """A head called as a module runs a chunk of rows at a time under activation
     checkpointing: it never sees more than a chunk's rows, nothing saved for backward outside
     a chunk is logits-sized, and in training each chunk runs twice (forward, then again in
@@ -396,8 +397,9 @@ def test_a_wrapped_lm_head_never_holds_the_whole_logits():
     model.lm_head = _LoRAHead(model.lm_head).double()
     rows_seen = []
     model.lm_head.register_forward_hook(lambda mod, inp, out: rows_seen.append(inp[0].shape[0]))
-    chunk = default_chunk_size(B * T, H, V)
-    assert chunk < B * T
+    monkeypatch.setattr(transformer, "HEAD_CHUNK_LOGITS", 24 * V)  # a floor of 24 rows at this tiny V
+    chunk = max(default_chunk_size(B * T, H, V), 24)
+    assert chunk == 24
     n_chunks = -(-B * T // chunk)
     saved = []
 
@@ -418,6 +420,20 @@ def test_a_wrapped_lm_head_never_holds_the_whole_logits():
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
     for g, w in zip(got, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+    monkeypatch.setattr(transformer, "HEAD_CHUNK_LOGITS", None)  # opt out: the whole logits in one call
+    rows_seen.clear()
+    torch.testing.assert_close(model(ids, labels=ids).loss, ref, atol=1e-12, rtol=1e-12)
+    assert rows_seen == [B * T]
+    with torch.no_grad():
+        assert model(ids[:0], labels=ids[:0]).loss.item() == 0  # no rows: one empty chunk
+    bad = ids.clone()
+    bad[1, 30] = V  # in the last chunk
+    with pytest.raises(ValueError, match=f"target value {V} is out of range"):
+        model(ids, labels=bad)
+    monkeypatch.setattr(transformer, "HEAD_CHUNK_LOGITS", 24 * V)
+    model.lm_head = torch.nn.Linear(H, V - 1).double()
+    with pytest.raises(ValueError, match=r"lm_head maps .* got shape \(24, 255\)"):
+        model(ids, labels=ids)
 
 
 def test_head_cross_entropy_recomputes_a_dropout_head_with_the_same_mask():
