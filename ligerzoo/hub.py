@@ -117,26 +117,26 @@ def read_config(directory: Path) -> dict:
     return _read_json(path)
 
 
-def weight_files(directory: Path) -> dict[str, list[str] | None]:
-    """Shard file name -> tensor names the index assigns to it (None for a single file).
+def weight_files(directory: Path) -> list[str]:
+    """The safetensors files of the checkpoint in ``directory``, as transformers picks them:
+    model.safetensors when there is one (even next to an index), else the shards
+    model.safetensors.index.json names, in order of first mention.
 
     Raises:
-        FileNotFoundError: no index and no model.safetensors, or a shard the index names is
+        FileNotFoundError: no model.safetensors and no index, or a shard the index names is
             absent (or a link to a missing file).
         ValueError: an index that is not valid JSON or has no ``weight_map``.
     """
     directory = Path(directory)
     index = directory / INDEX_FILE
+    if (directory / SINGLE_FILE).is_file():
+        return [SINGLE_FILE]
     if index.is_file():
-        files: dict[str, list[str] | None] = {}
-        for key, file in _weight_map(index).items():
-            files.setdefault(file, []).append(key)
+        files = list(dict.fromkeys(_weight_map(index).values()))
         absent = [_absent(directory, f) for f in files if not (directory / f).is_file()]
         if absent:
             raise FileNotFoundError(f"{INDEX_FILE} in {directory} names shard(s) that are missing: {', '.join(absent)}")
         return files
-    if (directory / SINGLE_FILE).is_file():
-        return {SINGLE_FILE: None}
     if (directory / SINGLE_FILE).is_symlink() or index.is_symlink():
         links = [_absent(directory, n) for n in (INDEX_FILE, SINGLE_FILE) if (directory / n).is_symlink()]
         raise FileNotFoundError(f"no readable weights in {directory}: {', '.join(links)}")
@@ -181,24 +181,41 @@ def _listing(keys, limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _file_tensors(directory: Path):
-    """(where, key, shape, read) for every tensor of the checkpoint in ``directory``, shard by
-    shard, reading nothing until ``read()`` is called."""
-    for file, listed in weight_files(directory).items():
-        try:
-            handle = safe_open(str(Path(directory) / file), framework="pt", device="cpu")
-        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a bad header
-            raise ValueError(f"cannot read {Path(directory) / file} as safetensors (truncated or not a "
-                             f"safetensors file?): {e}") from e
-        with handle as f:
-            keys = list(f.keys())
-            if listed is not None:  # the index is the authority: read what it assigns to this file
-                absent = set(listed) - set(keys)
-                if absent:
-                    raise ValueError(f"{file} lacks tensor(s) that {INDEX_FILE} assigns to it: {_listing(absent)}")
-                keys = listed
-            for key in keys:
-                yield file, key, tuple(f.get_slice(key).get_shape()), (lambda k=key: f.get_tensor(k))
+def _open(directory: Path, file: str):
+    try:
+        return safe_open(str(Path(directory) / file), framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type for a bad header
+        raise ValueError(f"cannot read {Path(directory) / file} as safetensors (truncated or not a "
+                         f"safetensors file?): {e}") from e
+
+
+def _file_tensors(directory: Path, km: KeyMap):
+    """(where, key, shape, read) for every tensor of every file of the checkpoint in
+    ``directory`` (all of a shard's tensors, listed in the index or not, as transformers
+    reads them), reading nothing until ``read()`` is called. A base model's checkpoint
+    (``LlamaModel``: keys without the ``model.`` prefix) gets the prefix, as transformers
+    loads one into its causal-LM class."""
+    files = weight_files(directory)
+    keys = {}
+    for file in files:
+        with _open(directory, file) as f:
+            keys[file] = list(f.keys())
+    prefix = _base_model_prefix([k for ks in keys.values() for k in ks], km)
+    for file in files:
+        with _open(directory, file) as f:
+            for key in keys[file]:
+                name = prefix + key if prefix and not key.startswith("lm_head.") else key
+                yield file, name, tuple(f.get_slice(key).get_shape()), (lambda k=key: f.get_tensor(k))
+
+
+def _base_model_prefix(keys: list[str], km: KeyMap) -> str:
+    """"model." when ``keys`` are a base model's (no key of ``km`` present as is, but its
+    decoder keys without their "model." prefix), else ""."""
+    expected = {k for k in (*km.slots, *km.alternatives) if not k.startswith("lm_head.")}
+    if any(k in expected for k in keys):
+        return ""
+    base = {k[len("model."):] for k in expected if k.startswith("model.")}
+    return "model." if any(k in base for k in keys) else ""
 
 
 @torch.no_grad()
@@ -208,7 +225,7 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
     seen: set[str] = set()
     unexpected: list[str] = []
     alternatives_seen: list[Slot] = []
-    written: list[tuple[str, Slot]] = []
+    written: list[tuple[str, Slot, str]] = []
     duplicates: list[tuple[str, tuple, torch.Tensor]] = []
     for where, key, shape, read in tensors:
         slot = km.slots.get(key)
@@ -221,11 +238,13 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
             elif not km.ignored(key):
                 unexpected.append(key)
             continue
-        clash = next((k for k, s in written if s.overlaps(slot)), None)
+        clash = next(((k, w) for k, s, w in written if s.overlaps(slot)), None)
+        if clash is not None and clash[0] == key:
+            raise ValueError(f"{source} stores {key!r} twice (in {clash[1]} and {where}); keep one")
         if clash is not None:
-            raise ValueError(f"{source} holds {key!r} and {clash!r}, two copies of the same weights "
+            raise ValueError(f"{source} holds {key!r} and {clash[0]!r}, two copies of the same weights "
                              f"(e.g. two checkpoint layouts mixed); keep one")
-        written.append((key, slot))
+        written.append((key, slot, where))
         target = slot.view(params[slot.param])
         if shape != tuple(target.shape):
             raise ValueError(
@@ -239,8 +258,21 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
         seen.add(key)
     for key, shape, tensor in duplicates:  # e.g. a tied head stored anyway: must be the same tensor
         slot = km.duplicates[key]
-        if shape != tuple(slot.view(params[slot.param]).shape) or not torch.equal(
-                tensor.to(params[slot.param].dtype), slot.view(params[slot.param]).cpu()):
+        target = slot.view(params[slot.param])
+        if shape != tuple(target.shape):
+            raise ValueError(f"tensor {key!r} in {source} has shape {shape}, but the config expects "
+                             f"{tuple(target.shape)} (check config.json against the weights)")
+        primary = next((k for k, s in km.slots.items() if s == slot), None)
+        if primary is not None and primary not in seen:  # only the copy is stored (a tied head): it is the weight
+            if not tensor.is_floating_point():
+                raise ValueError(f"tensor {key!r} in {source} is {tensor.dtype}, expected a float dtype "
+                                 f"(quantized or integer weights are not supported)")
+            target.copy_(tensor)
+            seen.add(primary)
+            continue
+        if target.is_meta:  # nothing loaded to compare with
+            continue
+        if not torch.equal(tensor.to(params[slot.param].dtype), target.cpu()):
             raise ValueError(f"{source}: config.json ties {key!r} to {slot.param!r} (tie_word_embeddings), but the "
                              f"stored {key!r} differs from it; set tie_word_embeddings to false for separate weights")
     missing = {k for k, s in km.slots.items() if k not in seen and not any(a.covers(s) for a in alternatives_seen)}
@@ -267,7 +299,7 @@ def load_weights(model: CausalLM, directory: Path, km: KeyMap | None = None) -> 
         FileNotFoundError: no weights, or a shard the index names is missing.
     """
     km = km or family(model.config.model_type).key_map(model.config)
-    _load(model, km, _file_tensors(directory), f"checkpoint {directory}")
+    _load(model, km, _file_tensors(directory, km), f"checkpoint {directory}")
 
 
 def load_hf_state_dict(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> None:
@@ -289,7 +321,8 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
 
     Args:
         id_or_dir: a directory with config.json and safetensors weights, or a hub repo id.
-        dtype: parameter dtype; default the checkpoint's (config ``dtype``/``torch_dtype``),
+        dtype: parameter dtype; default the checkpoint's: config ``dtype``/``torch_dtype``,
+            else the first floating-point tensor's (as transformers' ``dtype="auto"``),
             else float32.
         device: where the parameters live (default CPU).
         revision: hub revision (branch, tag or commit) when ``id_or_dir`` is a repo id.
@@ -313,7 +346,7 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     directory = resolve(id_or_dir, revision)
     hf = read_config(directory)
     config = family(hf.get("model_type")).config_from_hf(hf)
-    dtype = dtype_from_str(dtype) or config.dtype or torch.float32
+    dtype = dtype_from_str(dtype) or config.dtype or _stored_dtype(directory) or torch.float32
     with torch.device("meta"):
         model = CausalLM(config)
     model.to(dtype=dtype).to_empty(device=torch.device(device) if device is not None else "cpu")
@@ -322,6 +355,20 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     model.source_dir = directory
     model.generation_config = _read_generation_config(Path(directory))
     return model.eval()
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _stored_dtype(directory: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor of the checkpoint's first file (None
+    when it has none of float64 / float32 / bfloat16 / float16), read from its header."""
+    with _open(directory, weight_files(directory)[0]) as f:
+        for key in f.keys():
+            dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if dtype is not None:
+                return dtype
+    return None
 
 
 def _read_generation_config(directory: Path, warn: bool = True) -> dict:

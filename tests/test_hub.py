@@ -2,6 +2,7 @@
 import json
 import re
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -283,15 +284,36 @@ def test_float64_and_auto_dtypes(tmp_path):
     assert ligerzoo.from_hf(tmp_path / "hf").embed.weight.dtype == torch.float32
 
 
-def test_index_is_the_authority_and_paths_are_checked(tmp_path):
-    make_hf_llama(tmp_path / "hf", save_kwargs=dict(max_shard_size="40KB"))
-    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
-    shard = sorted(set(index["weight_map"].values()))[0]
-    tensors = load_file(tmp_path / "hf" / shard)
-    tensors["model.norm.weight"] = torch.full_like(tensors[next(iter(tensors))][:1].flatten(), 7.0)  # stale extra
-    save_file(tensors, tmp_path / "hf" / shard, metadata={"format": "pt"})
-    model = ligerzoo.from_hf(tmp_path / "hf")  # a tensor the index does not assign here is not read
-    assert not (model.norm.weight == 7.0).any()
+def test_files_are_read_as_transformers_reads_them_and_paths_are_checked(tmp_path):
+    """transformers reads model.safetensors when there is one (an index next to it is not
+    used), else every tensor of every shard the index names, listed there or not: the same
+    weights load here (checked against transformers' own load). A tensor stored in two
+    shards, which transformers takes from the last, is refused naming both."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "hf"
+    make_hf_llama(src, save_kwargs=dict(max_shard_size="40KB"))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    home = index["weight_map"].pop("model.norm.weight")  # listed nowhere, still stored in its shard
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    index["weight_map"]["model.bogus.weight"] = home  # listed, not stored: nothing to read
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = ligerzoo.from_hf(src)
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    assert torch.equal(model.norm.weight, hf.model.norm.weight)
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != home)
+    tensors = load_file(src / other)
+    save_file(tensors | {"model.norm.weight": torch.full((hf.config.hidden_size,), 7.0)}, src / other,
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="stores 'model.norm.weight' twice") as err:
+        ligerzoo.from_hf(src)
+    assert home in str(err.value) and other in str(err.value)
+    save_file(tensors, src / other, metadata={"format": "pt"})
+    single = {k: v + 1.0 for k, v in hf.state_dict().items()}  # a whole other checkpoint in model.safetensors
+    save_file(single, src / "model.safetensors", metadata={"format": "pt"})
+    model = ligerzoo.from_hf(src)
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    assert torch.equal(model.norm.weight, hf.model.norm.weight) and torch.equal(model.norm.weight, single["model.norm.weight"])
     with pytest.raises(FileNotFoundError):
         ligerzoo.from_hf("no-such-dir/")
     (tmp_path / "afile").write_text("x")
@@ -680,3 +702,59 @@ def test_numpy_and_tensor_scalars_in_configs_and_modules():
     mlp = lnn.SwiGLUMLP(np.int64(8), torch.tensor(12))
     assert (mlp.hidden_size, mlp.intermediate_size) == (8, 12) and mlp.w_gate_up.weight.shape == (24, 8)
     assert lnn.Embedding(np.int32(10), np.int64(4)).weight.shape == (10, 4)
+
+
+def test_checkpoints_transformers_loads_load_the_same(tmp_path):
+    """Layouts transformers 5.x loads into its causal-LM class load here with the same logits:
+    a tied checkpoint that stores only lm_head.weight (the embedding is that tensor), a
+    config.json without a dtype (the stored tensors' dtype, as dtype="auto"), a base model's
+    keys without the "model." prefix (LlamaModel.save_pretrained), and RoPE inv_freq buffers
+    anywhere. A stored tied head also loads onto the meta device."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaModel
+
+    from tests.helpers import TINY_LLAMA
+
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 7))
+
+    def same_as_transformers(path, dtype=torch.float32):
+        hf = AutoModelForCausalLM.from_pretrained(path).eval()
+        ours = ligerzoo.from_hf(path)
+        assert ours.embed.weight.dtype == hf.dtype == dtype
+        assert torch.equal(ours.embed.weight, hf.model.embed_tokens.weight)
+        assert torch.equal(ours.lm_head.weight, hf.lm_head.weight)
+        if dtype == torch.float32:  # (two bf16 computations differ by their roundings)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+        return ours
+
+    tied = tmp_path / "tied"
+    make_hf_llama(tied, tie_word_embeddings=True)
+    tensors = load_file(tied / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(6)
+    save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
+    ours = same_as_transformers(tied)
+    assert ours.lm_head.weight is ours.embed.weight and torch.equal(ours.embed.weight, tensors["lm_head.weight"])
+    meta = ligerzoo.from_hf(tied, device="meta")
+    assert meta.embed.weight.is_meta
+
+    bf16 = tmp_path / "bf16"
+    make_hf_llama(bf16, dtype=torch.bfloat16)
+    cfg = json.loads((bf16 / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    (bf16 / "config.json").write_text(json.dumps(cfg))
+    same_as_transformers(bf16, torch.bfloat16)
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(**(TINY_LLAMA | {"tie_word_embeddings": True}))).save_pretrained(base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(cfg | {"architectures": ["LlamaForCausalLM"]}))
+    assert not any(k.startswith("model.") for k in load_file(base / "model.safetensors"))
+    same_as_transformers(base)
+    untied = tmp_path / "untied"
+    shutil.copytree(base, untied)
+    (untied / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="missing tensor.*lm_head.weight"):  # transformers would draw it at random
+        ligerzoo.from_hf(untied)

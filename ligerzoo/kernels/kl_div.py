@@ -55,35 +55,58 @@ MAX_BLOCK_SIZE = 2048
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
+    @triton.jit
+    def _kl_elementwise(x, y, eps, LOG_TARGET: tl.constexpr, HAS_EPS: tl.constexpr):
+        """fp32 elementwise loss of fp32 ``x = log q`` and ``y`` (p, or log p)."""
+        if LOG_TARGET:
+            return tl.exp(y) * (y - x)
+        elif HAS_EPS:
+            return y * (tl.log(tl.maximum(y, eps)) - x)
+        else:
+            return y * tl.log(tl.where(y == 0.0, 1.0, y)) - y * x     # xlogy(y, y) - y * x
+
     @jit
     def _kl_div_fwd_kernel(
         X, stride_x,            # (N, V) input: log q
         Y, stride_y,            # (N, V) target: p, or log p when LOG_TARGET
-        OUT, stride_out,        # (N, V) elementwise loss (written when not REDUCED)
-        PARTIAL,                # (N, n_blocks) fp32 block sums (written when REDUCED)
-        n_cols, n_blocks, eps,
+        OUT, stride_out,        # (N, V) elementwise loss
+        n_cols, eps,
         LOG_TARGET: tl.constexpr,
         HAS_EPS: tl.constexpr,
-        REDUCED: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1)
-        cols = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = cols < n_cols
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-        if LOG_TARGET:
-            loss = tl.exp(y) * (y - x)
-        elif HAS_EPS:
-            loss = y * (tl.log(tl.maximum(y, eps)) - x)
-        else:
-            loss = y * tl.log(tl.where(y == 0.0, 1.0, y)) - y * x     # xlogy(y, y) - y * x
-        if REDUCED:
-            loss = tl.where(mask, loss, 0.0)
-            tl.store(PARTIAL + row * n_blocks + blk, tl.sum(loss, axis=0))
-        else:
-            tl.store(OUT + row * stride_out + cols, loss.to(OUT.dtype.element_ty), mask=mask)
+        loss = _kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS)
+        tl.store(OUT + row * stride_out + cols, loss.to(OUT.dtype.element_ty), mask=mask)
+
+    @jit
+    def _kl_div_sum_kernel(
+        X, stride_x,            # (N, V) input: log q
+        Y, stride_y,            # (N, V) target: p, or log p when LOG_TARGET
+        PARTIAL,                # (N, n_splits) fp32: the sum of each row's split
+        n_cols, split_cols, n_splits, eps,
+        LOG_TARGET: tl.constexpr,
+        HAS_EPS: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        """Program (row, split) sums the loss over columns [split * split_cols, + split_cols)
+        of its row, a block at a time into an fp32 vector, then across it."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        start = split * split_cols
+        end = tl.minimum(start + split_cols, n_cols)
+        acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        for off in range(start, end, BLOCK_SIZE):
+            cols = off + tl.arange(0, BLOCK_SIZE)
+            mask = cols < end
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, _kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS), 0.0)
+        tl.store(PARTIAL + row * n_splits + split, tl.sum(acc, axis=0))
 
     @jit
     def _kl_div_bwd_kernel(
@@ -131,6 +154,17 @@ def _block_settings(n_cols: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
+# The reduced forward's programs loop over SUM_BLOCK_SIZE columns at a time; at least
+# SUM_PROGRAMS_PER_SM programs per SM (rows split into parts when there are fewer rows).
+SUM_BLOCK_SIZE = 4096
+SUM_PROGRAMS_PER_SM = 8
+
+
+def _sum_settings(n_cols: int) -> tuple[int, int]:
+    block = min(next_power_of_2(max(n_cols, 1)), next_power_of_2(min(SUM_BLOCK_SIZE, MAX_BLOCK_SIZE)))
+    return block, (8 if block >= 2048 else 4)
+
+
 # ------------------------------------------------------------------ ops (torch.library + eager path)
 @kernel_op("kl_div", mutates_args=())
 def _kl_div_op(
@@ -144,25 +178,34 @@ def _kl_div_op(
     """input, target: (N, V) with unit column stride. -> fp32 () when ``reduced`` (the sum
     times ``scale``), else the elementwise (N, V) loss in promote(input, target) dtype."""
     n_rows, n_cols = input.shape
-    out_dtype = torch.promote_types(input.dtype, target.dtype)
-    block, warps = _block_settings(n_cols)
-    n_blocks = cdiv(n_cols, block) if n_cols else 0
+    eps_value = float(eps) if eps is not None else 0.0
     if reduced:
-        partial = torch.zeros((n_rows, n_blocks), dtype=torch.float32, device=input.device)
-        out = partial
-    else:
-        out = torch.empty((n_rows, n_cols), dtype=out_dtype, device=input.device)
-        partial = out
+        # one program per row, or per part of a row when there are too few rows to fill the
+        # GPU: (N, n_splits) fp32 partial sums, summed in one pass (deterministic)
+        block, warps = _sum_settings(n_cols)
+        n_blocks = cdiv(n_cols, block)
+        want = SUM_PROGRAMS_PER_SM * _utils.multiprocessor_count(input.device)
+        n_splits = max(1, min(n_blocks, cdiv(want, max(n_rows, 1))))
+        split_cols = cdiv(n_blocks, n_splits) * block
+        n_splits = cdiv(n_cols, split_cols) if n_cols else 1
+        partial = torch.empty((n_rows, n_splits), dtype=torch.float32, device=input.device)
+        if not input.numel():
+            return partial.sum() * scale
+        with device_guard(input):
+            _kl_div_sum_kernel[(n_rows, n_splits)](
+                input, input.stride(0), target, target.stride(0), partial,
+                n_cols, split_cols, n_splits, eps_value,
+                LOG_TARGET=log_target, HAS_EPS=eps is not None, BLOCK_SIZE=block, num_warps=warps,
+            )
+        return partial.sum() * scale
+    block, warps = _block_settings(n_cols)
+    out = torch.empty((n_rows, n_cols), dtype=torch.promote_types(input.dtype, target.dtype), device=input.device)
     if input.numel():
         with device_guard(input):
-            _kl_div_fwd_kernel[(n_rows, n_blocks)](
-                input, input.stride(0), target, target.stride(0), out, out.stride(0), partial,
-                n_cols, n_blocks, float(eps) if eps is not None else 0.0,
-                LOG_TARGET=log_target, HAS_EPS=eps is not None, REDUCED=reduced,
-                BLOCK_SIZE=block, num_warps=warps,
+            _kl_div_fwd_kernel[(n_rows, cdiv(n_cols, block))](
+                input, input.stride(0), target, target.stride(0), out, out.stride(0), n_cols, eps_value,
+                LOG_TARGET=log_target, HAS_EPS=eps is not None, BLOCK_SIZE=block, num_warps=warps,
             )
-    if reduced:
-        return partial.sum() * scale
     return out
 
 

@@ -82,7 +82,7 @@ def decoder_key_map(config: ModelConfig, *, prefix: str = "model.", fused_qkv: b
     expert keys of ``moe_key_map`` instead of the MLP's.
     """
     q, kv, inter = config.q_size, config.kv_size, config.intermediate_size
-    km = KeyMap(ignore=[rf"{re.escape(prefix)}layers\.\d+\.self_attn\.rotary_emb\.inv_freq"])
+    km = KeyMap(ignore=[r"(.+\.)?rotary_emb\.inv_freq"])  # any RoPE buffer an old checkpoint carries, as transformers
     s = km.slots
     s[f"{prefix}embed_tokens.weight"] = Slot("embed.weight")
     for i in range(config.num_hidden_layers):

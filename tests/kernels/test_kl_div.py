@@ -164,6 +164,27 @@ def test_eps_clamp(reduction):
     compare(kl_div, torch.float32, reduction, False, need_target=True, eps=1e-10, x=x, t=t.clamp(min=1e-12))
 
 
+@pytest.mark.parametrize("rows,programs,splits", [(1, 8, 4), (2, 3, 2), (3, 8, 2), (5, 1, 1)])
+def test_reduced_rows_split_across_programs(monkeypatch, rows, programs, splits):
+    """With fewer rows than programs wanted (SUM_PROGRAMS_PER_SM per SM, 1 SM off CUDA), a
+    row's sum is split over programs (4 blocks of 256 for V=1000; a split of 2 blocks leaves
+    the last one 488 columns; 3 wanted splits of 4 blocks make 2 of 2)."""
+    monkeypatch.setattr(kl_mod, "SUM_PROGRAMS_PER_SM", programs)
+    launched = []
+    real = kl_mod._kl_div_sum_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kl_mod, "_kl_div_sum_kernel", Spy())
+    for reduction, log_target in (("sum", False), ("batchmean", True), ("mean", False)):
+        x, t = make_inputs(torch.float32, shape=(rows, V), log_target=log_target)
+        compare(kl_div, torch.float32, reduction, log_target, x=x, t=t)
+    assert launched and all(g == (rows, splits) for g in launched), launched
+
+
 def test_single_block(monkeypatch):
     monkeypatch.setattr(kl_mod, "MAX_BLOCK_SIZE", 4096)       # V=1000 in one masked block of 1024
     compare(kl_div, torch.float32, "batchmean", False)
