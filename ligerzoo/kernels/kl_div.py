@@ -56,14 +56,25 @@ MAX_BLOCK_SIZE = 2048
 if HAS_TRITON:
 
     @triton.jit
+    def _log_of_nonnegative(v):
+        """fp32 ``log(v)`` for ``v >= 0``, finite (about -104) at ``v == 0``. Subnormal ``v``
+        is scaled by 2**24 first and the argument of ``log`` clamped to the smallest normal
+        (a constant): with that known range the compiler drops ``log``'s slow paths
+        (measured 0.55 against 0.65 ms for a (4096, 128256) bf16 pair on an H200)."""
+        sub = v < 1.1754943508222875e-38                                   # 2**-126
+        scaled = tl.where(sub, v * 16777216.0, v)                          # * 2**24
+        return tl.log(tl.maximum(scaled, 1.1754943508222875e-38)) - tl.where(sub, 16.635532333438687, 0.0)
+
+    @triton.jit
     def _kl_elementwise(x, y, eps, LOG_TARGET: tl.constexpr, HAS_EPS: tl.constexpr):
         """fp32 elementwise loss of fp32 ``x = log q`` and ``y`` (p, or log p)."""
         if LOG_TARGET:
             return tl.exp(y) * (y - x)
         elif HAS_EPS:
-            return y * (tl.log(tl.maximum(y, eps)) - x)
+            return y * (_log_of_nonnegative(tl.maximum(y, eps)) - x)
         else:
-            return y * tl.log(tl.where(y == 0.0, 1.0, y)) - y * x     # xlogy(y, y) - y * x
+            # xlogy(y, y) - y * x: 0 at y == 0 (NaN when x is -inf, as torch), NaN for y < 0
+            return tl.where(y < 0.0, float("nan"), y * (_log_of_nonnegative(y) - x))
 
     @jit
     def _kl_div_fwd_kernel(
@@ -94,19 +105,20 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
     ):
         """Program (row, split) sums the loss over columns [split * split_cols, + split_cols)
-        of its row, a block at a time into an fp32 vector, then across it."""
+        of its row, a block at a time (each block's sum added to an fp32 total: fewer live
+        registers than a block-wide accumulator, measured faster)."""
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         start = split * split_cols
         end = tl.minimum(start + split_cols, n_cols)
-        acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        total = tl.zeros([], dtype=tl.float32)
         for off in range(start, end, BLOCK_SIZE):
             cols = off + tl.arange(0, BLOCK_SIZE)
             mask = cols < end
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-            acc += tl.where(mask, _kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS), 0.0)
-        tl.store(PARTIAL + row * n_splits + split, tl.sum(acc, axis=0))
+            total += tl.sum(tl.where(mask, _kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS), 0.0), axis=0)
+        tl.store(PARTIAL + row * n_splits + split, total)
 
     @jit
     def _kl_div_bwd_kernel(

@@ -185,6 +185,25 @@ def test_reduced_rows_split_across_programs(monkeypatch, rows, programs, splits)
     assert launched and all(g == (rows, splits) for g in launched), launched
 
 
+def test_zero_subnormal_and_negative_targets_as_torch():
+    """The kernels' log takes subnormal targets exactly (scaled by 2**24 first), gives 0 for
+    a zero target and NaN for a negative one, as torch's xlogy (float64 torch on the same
+    fp32 values)."""
+    x = torch.log_softmax(torch.randn(3, V), -1)
+    t = torch.softmax(torch.randn(3, V), -1)
+    t[0, :6] = torch.tensor([0.0, 1e-40, 3e-39, 1e-45, 2.0 ** -126, 1e-30])
+    got = kl_div(x, t, reduction="none")
+    want = F.kl_div(x.double(), t.double(), reduction="none")
+    t64, x64 = t.double(), x.double()
+    size = (torch.xlogy(t64, t64).abs() + (t64 * x64).abs())  # the terms' magnitude (cancellation)
+    assert ((got.double() - want).abs() <= 1e-6 * size + 1e-44).all()
+    assert got[0, 0] == 0 and got[0, 1] != 0
+    torch.testing.assert_close(kl_div(x, t, reduction="sum").double(), want.sum(), rtol=1e-5, atol=0)
+    t[2, 7] = -0.25
+    assert torch.isnan(kl_div(x, t, reduction="none")[2, 7]) and torch.isnan(F.kl_div(x, t, reduction="none")[2, 7])
+    assert torch.isnan(kl_div(x, t, reduction="batchmean"))
+
+
 def test_single_block(monkeypatch):
     monkeypatch.setattr(kl_mod, "MAX_BLOCK_SIZE", 4096)       # V=1000 in one masked block of 1024
     compare(kl_div, torch.float32, "batchmean", False)
