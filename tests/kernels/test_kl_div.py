@@ -35,6 +35,11 @@ ULPS = {torch.float32: 64, torch.bfloat16: 2, torch.float16: 4}
 _small_blocks = small_blocks_fixture(kl_mod, 256)
 
 
+@pytest.fixture(autouse=True)
+def _small_sum_blocks(monkeypatch):
+    monkeypatch.setattr(kl_mod, "SUM_BLOCK_SIZE", 256)  # the reduced forward's loop, as MAX_BLOCK_SIZE's
+
+
 def make_inputs(dtype, shape=(N, V), log_target=False, zeros=True, scale=3.0):
     """input: log-probs of random logits; target: probabilities (with exact zeros) or log-probs."""
     x = torch.log_softmax(torch.randn(shape) * scale, -1).to(dtype)
