@@ -468,7 +468,7 @@ class KernelOp:
         def forward(ctx, *args):
             out = fn(*args)
             setup_context(ctx, args, out)
-            return out
+            return _not_views(out)
 
         # forward(ctx, ...) style: a separate setup_context makes every apply() bind the
         # arguments with inspect.signature (about 20 us per call)
@@ -507,6 +507,18 @@ class KernelOp:
             if args[i] is not None:
                 torch.autograd.graph.increment_version(args[i])
         return out
+
+
+def _not_views(out):
+    """``out`` with every tensor that is a view (of a buffer made inside the op) replaced by a
+    detached alias of the same memory, which autograd does not treat as a view: an autograd
+    Function's view outputs refuse in-place edits (``loss /= k``), which torch's own ops and
+    the dispatcher path allow."""
+    if isinstance(out, torch.Tensor):
+        return out.detach() if out._is_view() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_not_views(o) for o in out)
+    return out
 
 
 _REGISTRY: dict = {}

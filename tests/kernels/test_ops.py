@@ -246,3 +246,49 @@ def test_loss_ops_pass_opcheck():
               True, True, True))
     _opcheck(ops.fused_linear_jsd, (x, lm_head, torch.randn(n, 6), torch.randn(v, 6), target, 0.5, -100, 2.0, 2,
                                     True, True))
+
+
+def _inplace_cases():
+    """(name, inputs requiring grad, fn) for every public op with a differentiable output."""
+    from ligerzoo import kernels as K
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    V, H, N = 37, 16, 6
+    t = torch.randint(0, V, (N,), generator=g)
+    lp = lambda *s: torch.log_softmax(r(*s), -1)  # noqa: E731
+    cos, sin = K.rope_cos_sin(torch.arange(5)[None], 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8))
+    p, teacher_lp, teacher_x, teacher_w = torch.softmax(r(N, V), -1), lp(N, V), r(N, H), r(V, H)
+    return [
+        ("rms_norm", [r(N, H), 1 + 0.1 * r(H)], lambda x, w: K.rms_norm(x, w)),
+        ("fused_add_rms_norm", [r(N, H), r(N, H), 1 + 0.1 * r(H)], lambda x, res, w: K.fused_add_rms_norm(x, res, w)[0]),
+        ("layer_norm", [r(N, H), 1 + 0.1 * r(H), r(H)], lambda x, w, b: K.layer_norm(x, w, b)),
+        ("group_norm", [r(2, 8, 5), 1 + 0.1 * r(8), r(8)], lambda x, w, b: K.group_norm(x, 4, w, b)),
+        ("rope", [r(1, 5, 2, 8), r(1, 5, 2, 8)], lambda q, k: K.rope(q, k, cos, sin)[0]),
+        ("swiglu", [r(N, H), r(N, H)], lambda a, b: K.swiglu(a, b)),
+        ("geglu", [r(N, H), r(N, H)], lambda a, b: K.geglu(a, b)),
+        ("cross_entropy", [r(N, V)], lambda x: K.cross_entropy(x, t)),
+        ("cross_entropy none", [r(N, V)], lambda x: K.cross_entropy(x, t, reduction="none")),
+        ("cross_entropy inplace", [r(N, V)], lambda x: K.cross_entropy(x * 1.0, t, inplace=True)),
+        ("fused_linear_cross_entropy", [r(N, H), r(V, H)], lambda x, w: K.fused_linear_cross_entropy(x, w, t)),
+        ("kl_div", [lp(N, V)], lambda x: K.kl_div(x, p)),
+        ("jsd", [lp(N, V)], lambda x: K.jsd(x, teacher_lp)),
+        ("fused_linear_jsd", [r(N, H), r(V, H)], lambda x, w: K.fused_linear_jsd(x, w, teacher_x, teacher_w)),
+        ("embedding", [r(V, H)], lambda w: K.embedding(t[None], w)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_inplace_cases())))
+def test_outputs_can_be_modified_in_place_as_torch_outputs_can(case):
+    """``loss /= accumulation_steps`` or ``h *= scale`` on an op's output works in eager mode
+    as on torch's ops (an output built as a view inside the autograd function used to refuse
+    it), and the gradient follows the modification."""
+    name, inputs, fn = _inplace_cases()[case]
+    plain = [x.clone().requires_grad_() for x in inputs]
+    (fn(*plain) * 0.5).sum().backward()
+    edited = [x.clone().requires_grad_() for x in inputs]
+    out = fn(*edited)
+    out /= 2
+    out.sum().backward()
+    for a, b in zip(edited, plain):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m: f"{name}: {m}")
