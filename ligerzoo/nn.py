@@ -65,6 +65,14 @@ def _options(module: nn.Module, always: tuple = (), **defaults) -> str:
     return ", ".join(f"{k}={getattr(module, k)!r}" for k in names)
 
 
+def _ones_zeros(weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        if weight is not None:
+            weight.fill_(1.0)
+        if bias is not None:
+            bias.zero_()
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm over the last dim (Zhang & Sennrich 2019, arXiv 1910.07467).
 
@@ -97,8 +105,14 @@ class RMSNorm(nn.Module):
             raise ValueError(f"casting_mode must be 'llama', 'gemma' or 'none', got {casting_mode!r}")
         hidden_size = _last_dim_size("RMSNorm", hidden_size)
         self.normalized_shape = (hidden_size,)
-        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
         self.eps, self.offset, self.casting_mode = eps, offset, casting_mode
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` to ``1 - offset`` (a scale of 1), as after construction."""
+        with torch.no_grad():
+            self.weight.fill_(1.0 - self.offset)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         _check_last_dim("RMSNorm", x, self.normalized_shape[0])
@@ -120,7 +134,7 @@ class LayerNorm(nn.Module):
             for one dim (``(H,)``, ``[H]``, ``x.shape[-1:]``); the module's
             ``normalized_shape`` is ``(H,)``.
         eps: added to the variance.
-        elementwise_affine, bias, device, dtype: keyword only, as torch's:
+        elementwise_affine, bias, device, dtype: in torch's order:
             ``elementwise_affine=False`` makes no ``weight`` and no ``bias`` (both None),
             ``bias=False`` no ``bias``; ``device`` / ``dtype`` of the parameters (fp32 by
             default).
@@ -134,14 +148,19 @@ class LayerNorm(nn.Module):
             shape), or the other errors of :func:`ligerzoo.kernels.layer_norm` (non-float x).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, *, elementwise_affine: bool = True, bias: bool = True,
+    def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
         hidden_size = _last_dim_size("LayerNorm", hidden_size)
         self.normalized_shape, self.eps, self.elementwise_affine = (hidden_size,), eps, elementwise_affine
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.ones(hidden_size, **factory)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.zeros(hidden_size, **factory)) if elementwise_affine and bias else None
+        self.weight = nn.Parameter(torch.empty(hidden_size, **factory)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.empty(hidden_size, **factory)) if elementwise_affine and bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` to ones and ``bias`` to zeros, as torch's."""
+        _ones_zeros(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_last_dim("LayerNorm", x, self.normalized_shape[0])
@@ -180,8 +199,13 @@ class GroupNorm(nn.Module):
                              f"note the order GroupNorm(num_channels, num_groups), as Liger Kernel's, not torch's")
         self.num_channels, self.num_groups, self.eps, self.affine = num_channels, num_groups, eps, affine
         factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.ones(num_channels, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_channels, **factory)) if affine else None
+        self.weight = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(num_channels, **factory)) if affine else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` to ones and ``bias`` to zeros, as torch's."""
+        _ones_zeros(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
@@ -419,8 +443,8 @@ class Embedding(nn.Module):
     zero (it gets no gradient).
 
     Raises:
-        ValueError: sizes that are not positive ints or ``padding_idx`` outside
-            [-num_embeddings, num_embeddings) (at construction); ids not int64 / int32, or
+        ValueError: sizes that are not positive ints or a ``padding_idx`` that is not an int
+            in [-num_embeddings, num_embeddings) (at construction); ids not int64 / int32, or
             out of range (on CPU tensors), at the call.
     """
 
@@ -430,15 +454,37 @@ class Embedding(nn.Module):
         _positive_ints("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
         if padding_idx is not None:
-            if not -num_embeddings <= padding_idx < num_embeddings:
-                raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), "
-                                 f"got {padding_idx}")
-            padding_idx = padding_idx % num_embeddings
+            if not (is_int(padding_idx) and -num_embeddings <= padding_idx < num_embeddings):
+                raise ValueError(f"padding_idx must be an int within [-{num_embeddings}, {num_embeddings}), "
+                                 f"got {padding_idx!r}")
+            padding_idx = int(padding_idx) % num_embeddings
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.weight = nn.Parameter(torch.randn(num_embeddings, embedding_dim, device=device, dtype=dtype))
-        if padding_idx is not None:
-            with torch.no_grad():
-                self.weight[padding_idx].zero_()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``weight`` from N(0, 1) with the ``padding_idx`` row zero, as torch's."""
+        with torch.no_grad():
+            self.weight.normal_()
+            if self.padding_idx is not None:
+                self.weight[self.padding_idx].zero_()
+
+    @classmethod
+    def from_pretrained(cls, embeddings: torch.Tensor, freeze: bool = True, padding_idx: int | None = None
+                        ) -> "Embedding":
+        """An Embedding holding a copy of the 2-D float tensor ``embeddings`` (V, H) as its
+        weight, frozen (``requires_grad=False``) unless ``freeze=False``, as
+        ``torch.nn.Embedding.from_pretrained`` (the ``padding_idx`` row is kept as given).
+
+        Raises:
+            ValueError: ``embeddings`` not a 2-D float tensor, or a bad ``padding_idx``.
+        """
+        if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 and embeddings.is_floating_point()):
+            raise ValueError(f"embeddings must be a 2-D float tensor (num_embeddings, embedding_dim), got "
+                             f"{getattr(embeddings, 'shape', type(embeddings).__name__)}")
+        module = cls(*embeddings.shape, padding_idx=padding_idx, device="meta")
+        module.weight = nn.Parameter(embeddings.detach().clone(), requires_grad=not freeze)
+        return module
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return embedding(input_ids, self.weight, self.padding_idx)

@@ -194,7 +194,7 @@ def test_embedding_negative_padding_idx_counts_from_the_end():
     F.embedding(ids, w64, padding_idx=9).sum().backward()
     torch.testing.assert_close(e.weight.grad, w64.grad.float())
     for bad in (-11, 10):
-        with pytest.raises(ValueError, match=r"padding_idx must be within \[-10, 10\)"):
+        with pytest.raises(ValueError, match=r"padding_idx must be an int within \[-10, 10\)"):
             lnn.Embedding(10, 6, padding_idx=bad)
 
 
@@ -245,3 +245,54 @@ def test_norms_take_normalized_shape_as_torch():
             lnn.LayerNorm(bad)
         with pytest.raises(ValueError, match="last dim only|positive int"):
             lnn.RMSNorm(bad)
+
+
+def test_reset_parameters_after_meta_init_as_torch():
+    """Built on the meta device, moved with ``to_empty`` (uninitialised memory) and reset
+    module by module (the FSDP / torchtitan recipe), the modules get torch's initial values:
+    norm weights 1 (RMSNorm 1 - offset), biases 0, the embedding's padding row 0."""
+    from ligerzoo import nn as L
+
+    with torch.device("meta"):
+        mods = [L.RMSNorm(8), L.RMSNorm(8, offset=1.0), L.LayerNorm(8), L.GroupNorm(8, 2), L.Embedding(10, 8, 3)]
+    for m in mods:
+        m.to_empty(device="cpu")
+        for p in m.parameters():
+            p.data.fill_(float("nan"))
+        m.reset_parameters()
+    assert torch.equal(mods[0].weight, torch.ones(8)) and torch.equal(mods[1].weight, torch.zeros(8))
+    for norm, ref in ((mods[2], torch.nn.LayerNorm(8)), (mods[3], torch.nn.GroupNorm(2, 8))):
+        assert torch.equal(norm.weight, ref.weight) and torch.equal(norm.bias, ref.bias)
+    emb = mods[4].weight
+    assert torch.isfinite(emb).all() and torch.equal(emb[3], torch.zeros(8)) and emb.std() > 0.5
+
+
+def test_embedding_from_pretrained_and_padding_idx_type_as_torch():
+    from ligerzoo import nn as L
+
+    table = torch.randn(10, 4)
+    ids = torch.tensor([[1, 3, 3, 9]])
+    for freeze in (True, False):
+        ours, ref = L.Embedding.from_pretrained(table, freeze, 3), torch.nn.Embedding.from_pretrained(table, freeze, 3)
+        assert ours.weight.requires_grad is ref.weight.requires_grad is not freeze
+        assert torch.equal(ours(ids), ref(ids)) and ours.padding_idx == 3
+        assert ours.weight.data_ptr() != table.data_ptr()  # a copy, as torch's
+    with pytest.raises(ValueError, match="2-D float tensor"):
+        L.Embedding.from_pretrained(torch.zeros(10, dtype=torch.long))
+    for bad in (1.5, True, "2"):
+        with pytest.raises(ValueError, match="padding_idx must be an int"):
+            L.Embedding(8, 2, padding_idx=bad)
+    assert L.Embedding(8, 2, padding_idx=torch.tensor(-1)).padding_idx == 7  # a 0-d int tensor, stored as an int
+    assert L.LayerNorm(8, 1e-5, False).weight is None  # torch's positional order
+    assert L.LayerNorm(8, 1e-5, True, False).bias is None
+
+
+def test_modules_run_on_the_meta_device():
+    """Shape inference on meta tensors (no values): the id and target range checks stand aside."""
+    from ligerzoo import nn as L
+
+    with torch.device("meta"):
+        ids, t = torch.zeros(2, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+        assert L.Embedding(10, 8)(ids).shape == (2, 3, 8)
+        assert L.CrossEntropyLoss()(torch.randn(4, 10), t).shape == ()
+        assert L.FusedLinearCrossEntropyLoss()(torch.randn(10, 8), torch.randn(4, 8), t).shape == ()

@@ -849,7 +849,7 @@ class TargetCheck:
     def __init__(self, target: torch.Tensor, n_cols: int, ignore_index: int):
         self.target, self.n_cols, self.ignore_index = target, n_cols, ignore_index
         self._first, self._event = None, None
-        if torch.compiler.is_compiling() or target.numel() == 0:
+        if torch.compiler.is_compiling() or target.numel() == 0 or target.is_meta:  # no values to check
             return
         with device_guard(target):  # the target's device and its current stream
             first = _first_bad_row(target.reshape(-1), n_cols, ignore_index)       # (1,) int64

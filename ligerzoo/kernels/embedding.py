@@ -591,7 +591,7 @@ def _check_args(input_ids: torch.Tensor, weight: torch.Tensor, padding_idx: Opti
 def _check_ids_in_range(input_ids: torch.Tensor, n_rows_w: int) -> None:
     # A host-side check costs a device sync: done on CPU tensors only (see embedding()), and
     # not while torch.compile traces (data-dependent control flow).
-    if input_ids.numel() and not input_ids.is_cuda and not torch.compiler.is_compiling():
+    if input_ids.numel() and not input_ids.is_cuda and not input_ids.is_meta and not torch.compiler.is_compiling():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= n_rows_w:
             raise ValueError(f"input_ids must lie in [0, {n_rows_w}), found values in [{lo}, {hi}]")
