@@ -53,6 +53,15 @@ def triton_ok(*tensors: torch.Tensor) -> bool:
     return use_triton(tensors[0]) and all(t.dtype in KERNEL_DTYPES for t in tensors)
 
 
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives matmuls on ``t``'s device type, or None when autocast is off
+    there (or ``t`` is float64, which autocast leaves alone)."""
+    kind = t.device.type
+    if t.dtype == torch.float64 or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of ints on the host (``triton.cdiv`` is a JIT callable there, and
     costs microseconds per call)."""

@@ -476,6 +476,10 @@ def fused_linear_cross_entropy(
         ``loss`` (fp32, shape () or (N,) for "none"), or ``(loss, z_loss)`` (z_loss detached,
         already included in ``loss``).
 
+    Under ``torch.autocast`` (on ``x``'s device type) ``x``, ``weight`` and ``bias`` are first
+    cast to the autocast dtype, as autocast casts a linear layer's inputs (fp32 weights with
+    bf16 activations, the usual mixed precision), and the rest runs in that dtype.
+
     Raises:
         ValueError: shape, dtype or device mismatches (x (N, H) vs weight (V, H), target
             (N,) integer, bias (V,), ce_weight (V,) float), non-float ``x``, an
@@ -483,6 +487,14 @@ def fused_linear_cross_entropy(
             and ``ignore_index`` as in ``cross_entropy``, or a target outside ``[0, V)`` that is
             not ``ignore_index``.
     """
+    cast = _utils.autocast_dtype(x) if x.is_floating_point() else None
+    if cast is not None:
+        x, weight = x.to(cast), weight.to(cast) if weight.is_floating_point() else weight
+        bias = bias.to(cast) if bias is not None and bias.is_floating_point() else bias
+        with torch.autocast(x.device.type, enabled=False):
+            return fused_linear_cross_entropy(x, weight, target, bias, ce_weight, ignore_index, reduction,
+                                              label_smoothing, lse_square_scale, softcap, return_z_loss,
+                                              accum_dtype, chunk_size)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N, H), got shape {tuple(x.shape)}")
     if weight.dim() != 2:

@@ -351,7 +351,18 @@ def fused_linear_jsd(
             V's or N's differ), non-float x, labels not (N,) integer on the same device,
             beta not a number in [0, 1], temperature not a number > 0, ignore_index not an
             integer, chunk_size not an integer >= 1.
+
+    Under ``torch.autocast`` the four tensors are first cast to the autocast dtype (float
+    ones other than float64), as autocast casts a linear layer's inputs.
     """
+    cast = _utils.autocast_dtype(student_x) if student_x.is_floating_point() else None
+    if cast is not None:
+        def to(t):
+            return t.to(cast) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        with torch.autocast(student_x.device.type, enabled=False):
+            return fused_linear_jsd(to(student_x), to(student_weight), to(teacher_x), to(teacher_weight), labels,
+                                    beta, ignore_index, temperature, chunk_size)
     _check_pair(student_x, student_weight, "student")
     _check_pair(teacher_x, teacher_weight, "teacher")
     _check_beta(beta)

@@ -386,3 +386,34 @@ def test_sum_variant_writes_dx_over_x_and_matches_the_op():
         fused_linear_cross_entropy_sum_(x.t().contiguous().t(), w, t)
     with pytest.raises(ValueError, match="out of range"):
         fused_linear_cross_entropy_sum_(x.clone(), w, torch.full((37,), 53))
+
+
+def test_autocast_casts_the_inputs_as_a_linear_layer():
+    """Mixed precision (fp32 weights, bf16 activations under torch.autocast): the loss and the
+    fp32 weight's gradient are those of torch's linear + cross entropy under the same
+    autocast (bf16 logits), where a dtype mismatch used to be refused."""
+    from ligerzoo import kernels as K
+
+    torch.manual_seed(0)
+    lin, head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 37, bias=True)
+    x, t = torch.randn(9, 16), torch.randint(0, 37, (9,))
+    grads = []
+    for fn in (lambda h: K.fused_linear_cross_entropy(h, head.weight, t, head.bias),
+               lambda h: F.cross_entropy(head(h).float(), t)):
+        lin.zero_grad(), head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = lin(x)
+            assert h.dtype == torch.bfloat16 and head.weight.dtype == torch.float32
+            loss = fn(h)
+        loss.backward()
+        grads.append((loss.detach(), head.weight.grad.clone(), head.bias.grad.clone(), lin.weight.grad.clone()))
+    for got, want in zip(*grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    with torch.no_grad():
+        s, te = lin(x), torch.randn(9, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the JSD's pairs too: as cast by hand
+            loss = K.fused_linear_jsd(s, head.weight, te, head.weight * 0.5)
+        bf = torch.bfloat16
+        want = K.fused_linear_jsd(s.to(bf), head.weight.to(bf), te.to(bf), (head.weight * 0.5).to(bf))
+    assert loss.dtype == torch.float32 and torch.equal(loss, want)
