@@ -160,13 +160,14 @@ class KVCache:
 
 
 def attention_mask_for(q_start: int, T: int, S: int, key_valid: torch.Tensor | None, window: int | None,
-                       device) -> torch.Tensor | None:
+                       device, document: torch.Tensor | None = None) -> torch.Tensor | None:
     """Bool SDPA mask (B or 1, 1, T, S), True where query t (absolute position q_start + t)
     may see key s: causal, within the last ``window`` positions when given (HF semantics:
-    q - W < s <= q), and not padding (``key_valid`` (B, S)). A query always sees itself, so
-    padding queries never get an empty (NaN) softmax row. None when plain causal attention
+    q - W < s <= q), and not padding (``key_valid`` (B, S)), and within its own packed
+    document (``document`` (B or 1, T), without a cache: S == T). A query always sees itself,
+    so padding queries never get an empty (NaN) softmax row. None when plain causal attention
     (or, for one query after a cache, attention to everything) says it all."""
-    if window is None and key_valid is None and (q_start == 0 or T == 1):
+    if window is None and key_valid is None and document is None and (q_start == 0 or T == 1):
         return None
     q_pos = torch.arange(q_start, q_start + T, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -174,9 +175,24 @@ def attention_mask_for(q_start: int, T: int, S: int, key_valid: torch.Tensor | N
     if window is not None:
         mask = mask & (k_pos > q_pos - window)
     mask = mask[None, None]  # (1, 1, T, S)
+    if document is not None:
+        mask = mask & (document[:, None, :, None] == document[:, None, None, :])  # (B|1, 1, T, T)
     if key_valid is not None:
         mask = (mask & key_valid.bool()[:, None, None, :]) | (k_pos == q_pos)
     return mask
+
+
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) int64 document index of each position of packed rows, from (B, T)
+    ``position_ids`` that restart (any step other than +1 starts a document; the first
+    position of a row starts document 0), or None when no row restarts (one host sync;
+    under torch.compile the indices are always returned). transformers'
+    ``find_packed_sequence_indices`` (masking_utils), which it applies without a cache."""
+    first = position_ids[:, :1] - 1
+    document = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (B, T)
+    if torch.compiler.is_compiling() or bool((document[:, -1] > 0).any()):
+        return document
+    return None
 
 
 def eager_attention(q, k, v, mask, scale: float, softcap: float | None):
@@ -574,6 +590,10 @@ class CausalLM(nn.Module):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         S = start + T
+        # packed documents (positions that restart) attend within themselves, as transformers
+        # does without a cache and without an attention mask
+        document = packed_documents(position_ids) if (
+            position_ids is not None and attention_mask is None and cache is None and T > 1) else None
         if position_ids is None:
             position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)
         cos, sin = self.rope_cos_sin(position_ids)  # (B, T, rotary_dim) each
@@ -589,7 +609,7 @@ class CausalLM(nn.Module):
         elif attention_mask is not None:
             key_valid = attention_mask
         masks = {t: attention_mask_for(start, T, S, key_valid, self.config.sliding_window if t == "sliding_attention"
-                                       else None, input_ids.device)
+                                       else None, input_ids.device, document)
                  for t in {layer.layer_type for layer in self.layers}}
         x = self._embed(input_ids)  # (B, T, H)
         delta = None  # each block hands its last branch output to the next block's fused add
@@ -617,9 +637,11 @@ class CausalLM(nn.Module):
                 scored on labels[t + 1]); -100 entries are ignored. With labels the loss goes
                 through fused linear cross entropy (final softcap included) and no logits are
                 materialised.
-            position_ids: (B, T) int64, or (1, T) for every row; default ``0..T-1``. Positions that restart
-                inside a row (packed documents) only change RoPE: attention still spans the
-                row (transformers with a cache does the same; without one it masks per document).
+            position_ids: (B, T) int64, or (1, T) for every row; default ``0..T-1``. Positions that
+                restart inside a row (any step other than +1) mark packed documents: without an
+                ``attention_mask`` each document attends only within itself (a causal mask per
+                document, as transformers without a cache, ``use_cache=False``, and as running
+                the documents separately); with one, the restarts only change RoPE.
             attention_mask: (B, T) with 1 for real tokens and 0 for padding (keys at padding
                 positions are masked out; a padding position's query attends to itself, so
                 its outputs, and a loss on the label it predicts, differ from transformers',

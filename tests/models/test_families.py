@@ -440,3 +440,33 @@ def test_gemma2_built_in_code_with_default_scale_saves_for_transformers(tmp_path
         torch.testing.assert_close(model(ids).logits, back(ids).logits, atol=2e-5, rtol=2e-5)
     read = ligerzoo.from_hf(tmp_path / "out").config
     assert (read.sliding_window, read.layer_types) == ((window, layers["layer_types"]) if window else (None, None))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_packed_documents_attend_within_themselves_as_transformers(tmp_path, name):
+    """Rows packing documents (position_ids restarting at 0) attend per document when no
+    attention_mask is given, as transformers without a cache (use_cache=False): logits, loss
+    and gradients match it, and each document's logits equal those of the document run
+    alone."""
+    hf = make_hf(name, tmp_path / "hf")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    T = 13
+    ids = torch.randint(3, BASE["vocab_size"], (2, T))
+    pos = torch.stack([torch.cat([torch.arange(5), torch.arange(8)]), torch.arange(T)])  # row 0: docs of 5 and 8
+    labels = ids.clone()
+    labels[0, 5] = -100  # the first token of document 2 is not predicted from document 1
+    with torch.no_grad():
+        got = ours(ids, position_ids=pos).logits
+        torch.testing.assert_close(got, hf(input_ids=ids, position_ids=pos, use_cache=False).logits,
+                                   atol=2e-5, rtol=2e-5)
+        for a, b in ((0, 5), (5, 13)):  # each document alone
+            torch.testing.assert_close(got[0, a:b], ours(ids[:1, a:b]).logits[0], atol=2e-5, rtol=2e-5)
+        assert (got[0, 5:] - ours(ids[:1]).logits[0, 5:]).abs().max() > 1e-3  # the mask changes something
+    ref = hf(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+    ref.loss.backward()
+    out = ours(ids, labels=labels, position_ids=pos)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+    if name == "mixtral":
+        _fused_expert_grads_match(hf, ours)
+    assert _grads_match(hf, ours) > 0

@@ -348,6 +348,24 @@ def test_compiled_model_takes_new_sequence_lengths():
             torch.testing.assert_close(grads[1][1][n], grads[0][1][n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_compiled_model_masks_packed_documents_as_eager():
+    """Under torch.compile the document mask is built whenever position_ids are given (no
+    data-dependent branch); packed and unpacked rows give eager's loss and gradients."""
+    model, _ = _tiny_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 12))
+    for pos in (torch.arange(12).expand(2, 12), torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)):
+        grads = []
+        for m in (model, compiled):
+            model.zero_grad()
+            loss = m(ids, labels=ids, position_ids=pos).loss
+            loss.backward()
+            grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-6)
+        for n in grads[0][1]:
+            torch.testing.assert_close(grads[1][1][n], grads[0][1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual,softcap", [(True, None), (False, 3.0)])
 def test_norm_linear_cross_entropy_matches_float64(dtype, residual, softcap):
