@@ -395,14 +395,19 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     tokenizer/generation files of ``model.source_dir`` if any (generation_config.json written from
     ``model.generation_config`` instead when that was set in code or edited). Everything is written to a
     temporary sibling directory and renamed into place at the end: an interruption never
-    leaves a half-written checkpoint.
+    leaves a half-written checkpoint. An existing empty directory (a container's output
+    volume, a directory whose parent is not writable) is filled from inside instead: the
+    temporary directory is made in it and its files moved up at the end (an interruption
+    during those moves can leave part of them in the directory, which held nothing).
+    ``save_directory`` is made absolute and ``..`` resolved first.
 
     Args:
         model: a ``CausalLM`` (FSDP2-sharded too: see below).
         save_directory: the checkpoint directory to create (or replace, see ``overwrite``).
         max_shard_size: largest shard, in bytes (int) or as a string such as "5GB"
             (``huggingface_hub.split_torch_state_dict_into_shards``).
-        dtype: dtype of the saved tensors; default the model's parameter dtype.
+        dtype: dtype of every saved tensor; default each parameter's own (as transformers;
+            config.json records the embedding's).
         overwrite: replace an existing non-empty ``save_directory`` that holds only
             checkpoint files (config.json, safetensors weights and their index, the
             tokenizer and generation files); a directory with anything else in it (your
@@ -425,6 +430,8 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             config.json cannot express the model's config (a config built in code; the
             fields are named), the parameters do not match ``model.config`` (named), or
             ``max_shard_size`` is not a size.
+        PermissionError: as :func:`check_save_target`: an existing non-empty mount point
+            with ``overwrite``, or no directory can be created where the save goes.
         TypeError: ``model`` is not a ligerzoo ``CausalLM``.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -436,7 +443,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     _check_params_fit_config(model.config, params)  # before anything is written
     sharded = any_dtensor(params.values())  # then every rank gathers each full tensor; rank 0 writes
     writer = not sharded or torch.distributed.get_rank() == 0
-    given = Path(save_directory).expanduser().absolute()
+    given = Path(os.path.abspath(Path(save_directory).expanduser()))
     target = _save_target(given)
     problem = None
     if writer:
@@ -445,9 +452,10 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         raise problem
     fam = family(model.config.model_type)
     km = fam.key_map(model.config)
-    dtype = dtype_from_str(dtype) or model.embed.weight.dtype
-    hf_config = with_dtype(hf_config_for(model.config), dtype)  # checked before anything is written
-    plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype, device="meta") for k, s in km.slots.items()}
+    dtype = dtype_from_str(dtype)  # None: each tensor in its own dtype, as transformers saves
+    hf_config = with_dtype(hf_config_for(model.config), dtype or model.embed.weight.dtype)  # checked before writing
+    plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype or params[s.param].dtype, device="meta")
+            for k, s in km.slots.items()}
     try:
         split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
     except ValueError as e:
@@ -456,9 +464,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
 
     tmp, file_mode = None, _file_mode()
     if writer:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _side_path(target, "tmp")
-        tmp.mkdir()
+        tmp = _make_first_dir(target)
     try:
         from tqdm.auto import tqdm
 
@@ -468,7 +474,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             full = {k: km.slots[k].view(_full_tensor(params[km.slots[k].param].detach(), sharded)) for k in keys}
             if writer and problem is None:
                 try:
-                    tensors = {k: t.to(device="cpu", dtype=dtype, copy=True) for k, t in full.items()}
+                    tensors = {k: t.to(device="cpu", dtype=dtype or t.dtype, copy=True) for k, t in full.items()}
                     save_file(tensors, str(tmp / file), metadata={"format": "pt"})
                     os.chmod(tmp / file, file_mode)  # safetensors writes 0600: as any new file instead
                 except Exception as e:  # noqa: BLE001 - the other ranks still gather: raised below
@@ -493,7 +499,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 if generation and generation != loaded:
                     # set in code, or edited since loading: the dict, not the source's file
                     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-                _replace_dir(tmp, target)
+                _move_into_place(tmp, target)
             except Exception as e:  # noqa: BLE001
                 if not sharded:
                     raise
@@ -558,7 +564,10 @@ def _template_dir(path: Path) -> bool:
 def _save_target(given: Path) -> Path:
     """The directory save_hf writes to for the absolute path ``given`` (through a link to a
     directory)."""
-    return given.resolve() if given.is_symlink() else given
+    try:
+        return given.resolve() if given.is_symlink() else given
+    except OSError:  # a name too long to look up: reported by _save_target_problem
+        return given
 
 
 def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -570,29 +579,29 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
             more than checkpoint files, the working directory or one above it, or a path
             that is (or lies under) a file.
         FileNotFoundError: a link to a directory that does not exist.
-        PermissionError: as save_hf: an existing directory that is a mount point; and no
-            directory can be created where save_hf's would go (a read-only or unwritable
-            parent, a pseudo-filesystem such as /proc, a name too long): checked by creating
-            and removing the first directory save_hf would create (its temporary one, or
-            the path's first missing directory).
+        PermissionError: as save_hf: an existing non-empty directory that is a mount point
+            (it cannot be replaced by a rename); and no directory can be created where
+            save_hf's would go (a read-only or unwritable parent, a pseudo-filesystem such as
+            /proc, a name too long): checked by creating and removing the first directory
+            save_hf would create (its temporary one inside an existing empty directory, else
+            the path's first missing directory, or the temporary sibling of one to replace).
     """
-    given = Path(save_directory).expanduser().absolute()
+    given = Path(os.path.abspath(Path(save_directory).expanduser()))
     if (problem := _save_target_problem(given, overwrite)) is not None:
         raise problem
     target = _save_target(given)
-    parent = next(p for p in (target.parent, *target.parent.parents) if p.exists())
-    # save_hf's temporary directory, or the first missing directory of the path that it creates
-    probe = _side_path(target, "tmp") if parent == target.parent else parent / target.parts[len(parent.parts)]
-    try:
-        probe.mkdir()
-    except OSError as e:
-        raise PermissionError(f"cannot save to {target}: no directory can be created in {parent} "
-                              f"({e.strerror or e})") from e
-    probe.rmdir()
+    _make_first_dir(target, probe=True)
 
 
 def _save_target_problem(given: Path, overwrite: bool) -> Exception | None:
     """Why save_hf must not write to the absolute path ``given`` (None when it may)."""
+    try:
+        return _target_problem(given, overwrite)
+    except OSError as e:  # a name too long to look up, say
+        return PermissionError(f"cannot save to {given}: {e.strerror or e}")
+
+
+def _target_problem(given: Path, overwrite: bool) -> Exception | None:
     if given.is_symlink() and not given.exists():  # writing through it would create its target
         return FileNotFoundError(f"{given} is a link to {os.readlink(given)}, which does not exist; save to an "
                                  f"existing directory or a new path")
@@ -607,11 +616,12 @@ def _save_target_problem(given: Path, overwrite: bool) -> Exception | None:
     cwd, resolved = Path.cwd().resolve(), target.resolve()
     if cwd == resolved or resolved in cwd.parents:  # the directory is replaced: not under a running process
         return FileExistsError(f"{resolved} is the working directory or holds it; save to another directory")
-    if os.path.ismount(resolved):  # save_hf renames the directory it replaces: a mount point refuses (EBUSY)
-        return PermissionError(f"{resolved} is a mount point, which save_hf cannot replace (it writes a new "
-                               f"directory and renames it into place); save to a new directory inside it")
-    if not any(target.iterdir()):
+    if not any(target.iterdir()):  # filled from inside (a mount point, an unwritable parent are fine)
         return None
+    if os.path.ismount(resolved):  # save_hf renames the directory it replaces: a mount point refuses (EBUSY)
+        return PermissionError(f"{resolved} is a non-empty mount point, which save_hf cannot replace (it writes "
+                               f"a new directory and renames it into place); empty it, or save to a new directory "
+                               f"inside it")
     if not overwrite:
         return FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
     others = sorted(p.name for p in target.iterdir() if not (p.is_file() and _checkpoint_file(p.name))
@@ -701,8 +711,46 @@ def _effective(config):
 
 def _side_path(target: Path, kind: str) -> Path:
     """A fresh hidden sibling of ``target`` that save_hf writes into ("tmp") or moves an
-    existing ``target`` aside to ("old"); check_save_target probes the same length of name."""
-    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}"
+    existing ``target`` aside to ("old"); a short name, whatever ``target``'s length."""
+    return target.parent / f".{kind}-{uuid.uuid4().hex[:12]}"
+
+
+def _make_first_dir(target: Path, probe: bool = False) -> Path:
+    """Create the directory save_hf writes into and return it: a hidden one inside an
+    existing empty ``target`` (so an empty mount point or a directory whose parent is not
+    writable can be filled), else a hidden sibling, after creating ``target``'s missing
+    parents. ``probe``: create nothing for good, only what the first ``mkdir`` would (the
+    first missing parent, or the directory itself), then remove it. PermissionError naming
+    the place when it cannot be created (read-only or pseudo filesystem, name too long)."""
+    inside = target.is_dir() and not any(target.iterdir())
+    where = target if inside else next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    tmp = (target if inside else target.parent) / f".tmp-{uuid.uuid4().hex[:12]}"
+    # the probe: the temporary directory inside, or the first missing directory of the path
+    # (the target itself when only it is missing: its name is the one renamed into place)
+    first = tmp if inside or target.exists() else where / target.parts[len(where.parts)]
+    try:
+        if probe:
+            first.mkdir()
+            first.rmdir()
+            return first
+        if not inside:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise PermissionError(f"cannot save to {target}: no directory can be created in {where} "
+                              f"({e.strerror or e})") from e
+    return tmp
+
+
+def _move_into_place(new: Path, target: Path) -> None:
+    """Put the finished checkpoint directory ``new`` at ``target``: its entries moved up when
+    ``new`` was made inside the (empty) ``target``, else ``new`` renamed to ``target``."""
+    if new.parent == target:
+        for entry in sorted(new.iterdir()):
+            os.replace(entry, target / entry.name)
+        new.rmdir()
+        return
+    _replace_dir(new, target)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

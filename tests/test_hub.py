@@ -544,18 +544,27 @@ def test_check_save_target_refuses_a_place_without_new_directories(tmp_path):
         ligerzoo.hub.check_save_target("/proc/ligerzoo-test/out")
     ligerzoo.hub.check_save_target(tmp_path / "new" / "out")
     assert os.listdir(tmp_path) == []
-    # the probe is named as save_hf's temporary directory: a name save_hf can write passes
-    # (a longer probe name refused 240-character names); one it cannot is refused
-    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - len(".x.tmp-12345678") + 1
+    # save_hf's temporary names are short: any name the filesystem takes can be saved to
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
     ligerzoo.hub.check_save_target(tmp_path / ("y" * longest))
-    with pytest.raises(PermissionError, match="no directory can be created"):
-        ligerzoo.hub.check_save_target(tmp_path / ("y" * (longest + 1)))
+    for call in (ligerzoo.hub.check_save_target, lambda p: ligerzoo.save_hf(ligerzoo.CausalLM(
+            ligerzoo.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2)), p)):
+        with pytest.raises(PermissionError, match="cannot save to .*File name too long"):
+            call(tmp_path / ("y" * (longest + 1)))
     assert os.listdir(tmp_path) == []
+    from tests.helpers import make_hf_llama
+
+    make_hf_llama(tmp_path / "hf")
+    ligerzoo.save_hf(ligerzoo.from_hf(tmp_path / "hf"), tmp_path / ("y" * longest))
+    assert (tmp_path / ("y" * longest) / "config.json").is_file()
 
 
-def test_a_mount_point_is_refused_up_front(tmp_path, monkeypatch):
-    """save_hf replaces an existing directory by renaming, which Linux refuses for a mount
-    point (EBUSY, after the whole save): refused before writing, by check_save_target too."""
+def test_an_empty_mount_point_is_filled_from_inside_a_full_one_refused(tmp_path, monkeypatch):
+    """An existing empty directory (a container's output volume, a directory whose parent is
+    not writable) is written from inside: the temporary directory is made in it and its files
+    moved up, nothing created next to it. A non-empty mount point cannot be replaced by a
+    rename (EBUSY, after the whole save): refused up front, by check_save_target too."""
     import os
 
     from tests.helpers import make_hf_llama
@@ -566,10 +575,19 @@ def test_a_mount_point_is_refused_up_front(tmp_path, monkeypatch):
     mount.mkdir()
     real = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(mount) or real(p))
-    for call in (lambda: ligerzoo.hub.check_save_target(mount), lambda: ligerzoo.save_hf(model, mount)):
-        with pytest.raises(PermissionError, match="is a mount point"):
+    ligerzoo.hub.check_save_target(mount)
+    made = []
+    real_mkdir = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (made.append(self), real_mkdir(self, *a, **k))[1])
+    ligerzoo.save_hf(model, mount)
+    assert [p.parent for p in made] == [mount]  # only the temporary directory, inside
+    assert sorted(os.listdir(tmp_path)) == ["hf", "volume"]
+    assert sorted(os.listdir(mount)) == sorted(os.listdir(tmp_path / "hf"))
+    assert torch.equal(ligerzoo.from_hf(mount).embed.weight, model.embed.weight)
+    for call in (lambda: ligerzoo.hub.check_save_target(mount, overwrite=True),
+                 lambda: ligerzoo.save_hf(model, mount, overwrite=True)):
+        with pytest.raises(PermissionError, match="is a non-empty mount point"):
             call()
-    assert os.listdir(mount) == [] and sorted(os.listdir(tmp_path)) == ["hf", "volume"]
     ligerzoo.save_hf(model, mount / "ckpt")  # a new directory inside it is fine
 
 
@@ -758,3 +776,26 @@ def test_checkpoints_transformers_loads_load_the_same(tmp_path):
     (untied / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": False}))
     with pytest.raises(ValueError, match="missing tensor.*lm_head.weight"):  # transformers would draw it at random
         ligerzoo.from_hf(untied)
+
+
+def test_save_paths_and_dtypes_as_transformers(tmp_path):
+    """".." in the path is resolved before saving (it used to fail at the final rename after
+    writing everything); a place where nothing can be created gives save_hf the
+    PermissionError check_save_target gives; without ``dtype`` each tensor keeps its own
+    dtype (fp32 norms of a bf16 model stay fp32, as transformers saves them)."""
+    import sys
+
+    make_hf_llama(tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf").to(torch.bfloat16)
+    model.norm.float()
+    ligerzoo.save_hf(model, tmp_path / "new" / "sub" / "..")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "new"]
+    saved = load_file(tmp_path / "new" / "model.safetensors")
+    assert saved["model.norm.weight"].dtype == torch.float32 and torch.equal(saved["model.norm.weight"], model.norm.weight)
+    assert saved["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["dtype"] == "bfloat16"
+    ligerzoo.save_hf(model, tmp_path / "cast", dtype=torch.float16)
+    assert {t.dtype for t in load_file(tmp_path / "cast" / "model.safetensors").values()} == {torch.float16}
+    if sys.platform.startswith("linux"):
+        with pytest.raises(PermissionError, match="no directory can be created in /proc"):
+            ligerzoo.save_hf(model, "/proc/ligerzoo-test")
