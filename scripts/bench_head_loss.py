@@ -63,10 +63,10 @@ def measure(model, ids):
     return loss.item(), 1e3 * sorted(times)[2], peak
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/head_loss.csv")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
     shipped = transformer.HEAD_CHUNK_LOGITS
     rows = []
