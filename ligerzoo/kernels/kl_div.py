@@ -24,11 +24,13 @@ The input gradient needs only the target, so the backward reads one (N, V) tenso
 writes one. ``dl/dp`` at ``p == 0`` is the one-sided limit ``-inf`` (torch's autograd gives
 NaN there).
 
-Kernels: a 2-D grid of (row, block of columns) programs, each loading one block of
-``input`` / ``target`` in their own dtypes and computing in fp32. For a reduced loss each
-program writes the fp32 sum of its block into an (N, n_blocks) partial-sum buffer that is
-summed afterwards (deterministic, no atomics); for ``"none"`` it writes ``l`` rounded once
-to the output dtype.
+Kernels: loads in the tensors' own dtypes, math in fp32. A reduced loss runs one program
+per row (per part of a row when there are fewer rows than 8 programs per SM), adding each
+block's sum to an fp32 total, into an (N, parts) buffer summed afterwards (deterministic, no
+atomics). ``"none"`` and the backward run a 2-D grid of (row, block of columns) programs;
+``"none"`` writes ``l`` rounded once to the output dtype. On an H200 the reduced forward is bound
+by fp32 ``log``'s instructions, not by bytes: Liger Kernel's clamp ``log(max(p, 1e-10))`` is
+faster but changes targets below 1e-10 (benchmarks/NOTES.md, session 21).
 """
 from __future__ import annotations
 
