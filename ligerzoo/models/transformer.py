@@ -555,16 +555,26 @@ class CausalLM(nn.Module):
 
         LongRoPE picks its long factors when ``max(position_ids) + 1`` exceeds
         ``original_max_position_embeddings``, per call, like HF (so keys cached by an earlier
-        short call keep their short-factor rotation)."""
+        short call keep their short-factor rotation). Under torch.compile both tables are made
+        and the pick happens on the device (no host read of the positions)."""
         long = False
         if True in self._inv_freq:
-            long = int(position_ids.max()) + 1 > self.config.rope_scaling["original_max_position_embeddings"]
-        key = (position_ids.device, long)
+            original = self.config.rope_scaling["original_max_position_embeddings"]
+            if torch.compiler.is_compiling():  # no data-dependent branch: both tables, picked on the device
+                longer = position_ids.max() + 1 > original  # 0-d bool
+                short_cs, long_cs = (rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, k))
+                                     for k in (False, True))
+                return torch.where(longer, long_cs[0], short_cs[0]), torch.where(longer, long_cs[1], short_cs[1])
+            long = int(position_ids.max()) + 1 > original
+        return rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, long))
+
+    def _inv_freq_for(self, device, long: bool):
+        """(inv_freq on ``device``, attention scale) of the short or long RoPE table, cached."""
+        key = (device, long)
         if key not in self._inv_freq_on:
             inv, scale = self._inv_freq[long]
-            self._inv_freq_on[key] = (inv.to(position_ids.device), scale)
-        inv, scale = self._inv_freq_on[key]
-        return rope_cos_sin(position_ids, inv, scale)
+            self._inv_freq_on[key] = (inv.to(device), scale)
+        return self._inv_freq_on[key]
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, H), in the model dtype, for ``input_ids`` (B, T).

@@ -470,3 +470,20 @@ def test_packed_documents_attend_within_themselves_as_transformers(tmp_path, nam
     if name == "mixtral":
         _fused_expert_grads_match(hf, ours)
     assert _grads_match(hf, ours) > 0
+
+
+def test_phi3_longrope_compiles_whole_and_picks_the_regime_per_call(tmp_path):
+    """Under torch.compile(fullgraph=True) LongRoPE's short/long choice is made on the device
+    (both tables computed, one picked): no data-dependent host read breaks the graph, and
+    both regimes give eager's loss."""
+    make_hf("phi3", tmp_path / "hf")
+    model = ligerzoo.from_hf(tmp_path / "hf")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(3, BASE["vocab_size"], (2, 12))
+    losses = []
+    for offset in (0, 20):  # max position 11 < 16 (short factors), 31 >= 16 (long)
+        pos = (torch.arange(12) + offset).expand(2, 12)
+        want = model(ids, labels=ids, position_ids=pos).loss
+        torch.testing.assert_close(compiled(ids, labels=ids, position_ids=pos).loss, want, atol=1e-6, rtol=1e-6)
+        losses.append(want)
+    assert not torch.allclose(losses[0], losses[1])
