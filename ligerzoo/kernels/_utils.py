@@ -57,7 +57,12 @@ def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast gives matmuls on ``t``'s device type, or None when autocast is off
     there (or ``t`` is float64, which autocast leaves alone)."""
     kind = t.device.type
-    if t.dtype == torch.float64 or not torch.is_autocast_enabled(kind):
+    if t.dtype == torch.float64 or kind == "meta":  # (no autocast on meta: torch raises for it)
+        return None
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return None
+    except RuntimeError:  # a device type autocast does not know
         return None
     return torch.get_autocast_dtype(kind)
 
