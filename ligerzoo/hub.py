@@ -120,7 +120,8 @@ def read_config(directory: Path) -> dict:
 def weight_files(directory: Path) -> list[str]:
     """The safetensors files of the checkpoint in ``directory``, as transformers picks them:
     model.safetensors when there is one (even next to an index), else the shards
-    model.safetensors.index.json names, in order of first mention.
+    model.safetensors.index.json names, sorted by name (transformers' order: its default
+    dtype comes from the first).
 
     Raises:
         FileNotFoundError: no model.safetensors and no index, or a shard the index names is
@@ -132,7 +133,7 @@ def weight_files(directory: Path) -> list[str]:
     if (directory / SINGLE_FILE).is_file():
         return [SINGLE_FILE]
     if index.is_file():
-        files = list(dict.fromkeys(_weight_map(index).values()))
+        files = sorted(set(_weight_map(index).values()))
         absent = [_absent(directory, f) for f in files if not (directory / f).is_file()]
         if absent:
             raise FileNotFoundError(f"{INDEX_FILE} in {directory} names shard(s) that are missing: {', '.join(absent)}")
@@ -399,7 +400,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     volume, a directory whose parent is not writable) is filled from inside instead: the
     temporary directory is made in it and its files moved up at the end (an interruption
     during those moves can leave part of them in the directory, which held nothing).
-    ``save_directory`` is made absolute and ``..`` resolved first.
+    A ``..`` in ``save_directory`` is resolved as the OS resolves it (through any link before it).
 
     Args:
         model: a ``CausalLM`` (FSDP2-sharded too: see below).
@@ -443,7 +444,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     _check_params_fit_config(model.config, params)  # before anything is written
     sharded = any_dtensor(params.values())  # then every rank gathers each full tensor; rank 0 writes
     writer = not sharded or torch.distributed.get_rank() == 0
-    given = Path(os.path.abspath(Path(save_directory).expanduser()))
+    given = Path(save_directory).expanduser().absolute()
     target = _save_target(given)
     problem = None
     if writer:
@@ -562,9 +563,11 @@ def _template_dir(path: Path) -> bool:
 
 
 def _save_target(given: Path) -> Path:
-    """The directory save_hf writes to for the absolute path ``given`` (through a link to a
-    directory)."""
+    """The directory save_hf writes to for the absolute path ``given``: through a link to a
+    directory, and with ``..`` taken as the OS takes it (after the links before it)."""
     try:
+        if ".." in given.parts:  # as the OS resolves it: through links, then up (os.makedirs, transformers)
+            return Path(os.path.realpath(given))
         return given.resolve() if given.is_symlink() else given
     except OSError:  # a name too long to look up: reported by _save_target_problem
         return given
@@ -586,7 +589,7 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
             save_hf would create (its temporary one inside an existing empty directory, else
             the path's first missing directory, or the temporary sibling of one to replace).
     """
-    given = Path(os.path.abspath(Path(save_directory).expanduser()))
+    given = Path(save_directory).expanduser().absolute()
     if (problem := _save_target_problem(given, overwrite)) is not None:
         raise problem
     target = _save_target(given)

@@ -789,13 +789,41 @@ def test_save_paths_and_dtypes_as_transformers(tmp_path):
     model = ligerzoo.from_hf(tmp_path / "hf").to(torch.bfloat16)
     model.norm.float()
     ligerzoo.save_hf(model, tmp_path / "new" / "sub" / "..")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "new"]  # (transformers also leaves new/sub)
     saved = load_file(tmp_path / "new" / "model.safetensors")
     assert saved["model.norm.weight"].dtype == torch.float32 and torch.equal(saved["model.norm.weight"], model.norm.weight)
     assert saved["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert json.loads((tmp_path / "new" / "config.json").read_text())["dtype"] == "bfloat16"
+    real = tmp_path / "real" / "sub"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    ligerzoo.save_hf(model, tmp_path / "link" / ".." / "ckpt")  # through the link first, then up: real/ckpt
+    assert (tmp_path / "real" / "ckpt" / "config.json").is_file() and not (tmp_path / "ckpt").exists()
+    assert torch.equal(ligerzoo.from_hf(tmp_path / "link" / ".." / "ckpt").embed.weight, model.embed.weight)
     ligerzoo.save_hf(model, tmp_path / "cast", dtype=torch.float16)
     assert {t.dtype for t in load_file(tmp_path / "cast" / "model.safetensors").values()} == {torch.float16}
     if sys.platform.startswith("linux"):
         with pytest.raises(PermissionError, match="no directory can be created in /proc"):
             ligerzoo.save_hf(model, "/proc/ligerzoo-test")
+
+
+def test_default_dtype_of_a_checkpoint_without_one_is_the_first_shards_as_transformers(tmp_path):
+    """Without a config dtype, transformers takes the dtype of the first shard by name; so
+    does from_hf (shards of different dtypes, the index naming another one first)."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "hf"
+    make_hf_llama(src, save_kwargs=dict(max_shard_size="40KB"))
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    for i, shard in enumerate(shards):
+        tensors = load_file(src / shard)
+        save_file({k: v.to(torch.bfloat16 if i == 0 else torch.float16) for k, v in tensors.items()}, src / shard,
+                  metadata={"format": "pt"})
+    index["weight_map"] = dict(sorted(index["weight_map"].items(), key=lambda kv: kv[1] == shards[0]))
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))  # the first shard named last
+    assert AutoModelForCausalLM.from_pretrained(src).dtype == ligerzoo.from_hf(src).embed.weight.dtype == torch.bfloat16

@@ -192,9 +192,9 @@ def _kl_div_op(
         n_splits = max(1, min(n_blocks, cdiv(want, max(n_rows, 1))))
         split_cols = cdiv(n_blocks, n_splits) * block
         n_splits = cdiv(n_cols, split_cols) if n_cols else 1
-        partial = torch.empty((n_rows, n_splits), dtype=torch.float32, device=input.device)
         if not input.numel():
-            return partial.sum() * scale
+            return input.new_zeros((), dtype=torch.float32) * scale
+        partial = torch.empty((n_rows, n_splits), dtype=torch.float32, device=input.device)
         with device_guard(input):
             _kl_div_sum_kernel[(n_rows, n_splits)](
                 input, input.stride(0), target, target.stride(0), partial,

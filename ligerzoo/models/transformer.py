@@ -772,9 +772,10 @@ class CausalLM(nn.Module):
             eos_token_id: int, list of ints or int tensor; a row stops at its first one.
                 Default: generation_config.json's (``self.generation_config``; none when that
                 file has none), else, without that file, config.json's; ``[]`` never stops early.
-            pad_token_id: int that fills a stopped row's later positions, while other rows go
-                on. Default, as transformers: taken from the same file as the eos default, else
-                the first eos id.
+            pad_token_id: int (or one-element int tensor) in [0, vocab_size) that fills a
+                stopped row's later positions, while other rows go on. Default, as
+                transformers: taken from the same file as the eos default, else (or when that
+                one is outside the vocabulary) the first eos id.
             temperature: 0 for greedy decoding, > 0 (finite) to sample from
                 softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
@@ -797,7 +798,7 @@ class CausalLM(nn.Module):
                 attention_mask not shaped like input_ids, a row with no real token, right
                 padding (a row whose last prompt position is padding), an
                 ``eos_token_id`` that is not an int or ints, a ``pad_token_id`` that is not an
-                int, or (synced ranks) a
+                int in [0, vocab_size), or (synced ranks) a
                 ``max_new_tokens`` that differs between ranks (on every rank).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -830,12 +831,18 @@ class CausalLM(nn.Module):
         if pad_token_id is None:
             pad_token_id = self.generation_config.get("pad_token_id") if self.generation_config \
                 else self.config.pad_token_id
-            if pad_token_id is None and eos.numel():
-                pad_token_id = int(eos[0])
+            if not (is_int(pad_token_id) and 0 <= pad_token_id < self.config.vocab_size):
+                # none, or a stored one outside the vocabulary (some configs hold -1), which
+                # transformers would feed back and fail on once a row stops early
+                pad_token_id = int(eos[0]) if eos.numel() else None
+        if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1:
+            pad_token_id = pad_token_id.reshape(())  # a one-element tensor, as transformers takes it
         if pad_token_id is not None:
             if not is_int(pad_token_id):
                 raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
             pad_token_id = int(pad_token_id)
+            if eos.numel() and not 0 <= pad_token_id < self.config.vocab_size:  # it is fed back as an input
+                raise ValueError(f"pad_token_id {pad_token_id} is outside [0, vocab_size={self.config.vocab_size})")
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()

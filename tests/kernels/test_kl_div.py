@@ -209,6 +209,14 @@ def test_zero_subnormal_and_negative_targets_as_torch():
     assert torch.isnan(kl_div(x, t, reduction="batchmean"))
 
 
+def test_reduced_op_over_zero_columns_is_zero():
+    from ligerzoo.kernels._utils import ops
+
+    for reduced in (True, False):
+        out = ops.kl_div(torch.randn(4, 0), torch.rand(4, 0), reduced, 1.0, False, None)
+        assert (out.shape, float(out.sum())) == (((), 0.0) if reduced else ((4, 0), 0.0))
+
+
 def test_single_block(monkeypatch):
     monkeypatch.setattr(kl_mod, "MAX_BLOCK_SIZE", 4096)       # V=1000 in one masked block of 1024
     compare(kl_div, torch.float32, "batchmean", False)

@@ -241,6 +241,13 @@ def test_generate_fills_a_stopped_row_with_the_pad_id_as_transformers(tmp_path):
         assert model.generate(ids, 8, pad_token_id=torch.tensor(0)).tolist() == ref.tolist()
     with pytest.raises(ValueError, match="pad_token_id must be an int"):
         model.generate(ids, 3, pad_token_id=1.0)
+    for bad in (-1, V):
+        with pytest.raises(ValueError, match=rf"pad_token_id {bad} is outside \[0, vocab_size={V}\)"):
+            model.generate(ids, 3, pad_token_id=bad)
+    assert model.generate(ids, 8, pad_token_id=torch.tensor([0])).tolist() == ref.tolist()  # one-element 1-D
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": stop, "pad_token_id": -1}))
+    stored = ligerzoo.from_hf(src, dtype=torch.float32)  # a stored pad outside the vocabulary: the first eos id
+    assert stored.generate(ids, 8)[0, 5 + new0.index(stop) + 1:].eq(stop).all()
 
 
 def test_generate_refuses_bad_arguments(tmp_path):
