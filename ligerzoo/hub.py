@@ -616,11 +616,11 @@ def _target_problem(given: Path, overwrite: bool) -> Exception | None:
         return FileExistsError(f"{existing} is a file, so {target} cannot be a directory under it; choose another path")
     if not target.exists():
         return None
+    if not any(target.iterdir()):  # filled from inside (a mount point, an unwritable parent, the cwd are fine)
+        return None
     cwd, resolved = Path.cwd().resolve(), target.resolve()
     if cwd == resolved or resolved in cwd.parents:  # the directory is replaced: not under a running process
         return FileExistsError(f"{resolved} is the working directory or holds it; save to another directory")
-    if not any(target.iterdir()):  # filled from inside (a mount point, an unwritable parent are fine)
-        return None
     if os.path.ismount(resolved):  # save_hf renames the directory it replaces: a mount point refuses (EBUSY)
         return PermissionError(f"{resolved} is a non-empty mount point, which save_hf cannot replace (it writes "
                                f"a new directory and renames it into place); empty it, or save to a new directory "

@@ -387,11 +387,6 @@ def test_save_refuses_the_working_directory_and_paths_under_a_file(tmp_path, mon
     for where in (".", tmp_path / "ckpt", tmp_path):  # the working directory, or one above it
         with pytest.raises(FileExistsError, match="working directory|holds more"):
             ligerzoo.save_hf(model, where, overwrite=True)
-    (tmp_path / "empty").mkdir()
-    monkeypatch.chdir(tmp_path / "empty")                # empty, but still the working directory
-    with pytest.raises(FileExistsError, match="working directory"):
-        ligerzoo.save_hf(model, ".")
-    assert Path.cwd() == tmp_path / "empty" and not any((tmp_path / "empty").iterdir())
     (tmp_path / "afile").write_text("x")
     with pytest.raises(FileExistsError, match="afile is a file, so .* cannot be a directory under it"):
         ligerzoo.save_hf(model, tmp_path / "afile" / "sub" / "out")
@@ -589,6 +584,13 @@ def test_an_empty_mount_point_is_filled_from_inside_a_full_one_refused(tmp_path,
         with pytest.raises(PermissionError, match="is a non-empty mount point"):
             call()
     ligerzoo.save_hf(model, mount / "ckpt")  # a new directory inside it is fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    ligerzoo.save_hf(model, ".")  # an empty working directory is filled from inside too
+    assert (empty / "config.json").is_file() and not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match="working directory"):
+        ligerzoo.save_hf(model, ".", overwrite=True)  # replacing it would pull it from under the process
 
 
 def test_hub_id_brings_named_chat_templates_offline(tmp_path):
