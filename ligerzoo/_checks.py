@@ -24,6 +24,15 @@ def any_dtensor(tensors) -> bool:
     return any(isinstance(t, DTensor) for t in tensors)
 
 
+def fsdp_modules(model) -> list:
+    """The FSDP2 units (``fully_shard``-ed modules) in ``model``; [] without torch.distributed."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def is_real(v) -> bool:
     """Whether ``v`` is a real number and not a bool: a Python or numpy int or float
     (``numbers.Real``) or a 0-dim real tensor."""

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ligerzoo._checks import any_dtensor
+from ligerzoo._checks import any_dtensor, fsdp_modules
 from ligerzoo.models import CausalLM, family
 from ligerzoo.models.config import ModelConfig, dtype_from_str, with_dtype
 from ligerzoo.models.keymap import KeyMap, Slot
@@ -440,6 +440,8 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     if not isinstance(getattr(model, "config", None), ModelConfig):
         raise TypeError(f"save_hf expects a ligerzoo CausalLM (plain, compiled, checkpointed or FSDP2-sharded), got "
                         f"{type(model).__name__}" + (" (pass its .module)" if hasattr(model, "module") else ""))
+    for unit in fsdp_modules(model):  # gathered parameters left by a forward (reshard_after_forward=False) are
+        unit.reshard()                # compute-dtype copies, not DTensors: back to the sharded fp32 weights
     params = _named_params(model)
     _check_params_fit_config(model.config, params)  # before anything is written
     sharded = any_dtensor(params.values())  # then every rank gathers each full tensor; rank 0 writes

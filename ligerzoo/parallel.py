@@ -70,6 +70,7 @@ def apply_fsdp(model: nn.Module, mesh=None, *, mp_dtype: torch.dtype | None = to
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    # generate() reaches the root's parameters outside forward(): it gathers them too
+    # generate() and hidden_states() reach the root's parameters outside forward(): they gather them too
     register_fsdp_forward_method(model, "generate")
+    register_fsdp_forward_method(model, "hidden_states")
     return model

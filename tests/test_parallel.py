@@ -203,3 +203,63 @@ def test_fsdp_refuses_a_non_float_mp_dtype_before_sharding(bad):
                                                    intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="mp_dtype must be a floating torch.dtype"):
         apply_fsdp(model, mp_dtype=bad)
+
+
+def _ddp_and_fsdp_gathered_worker(rank, world, port, src, out, results):
+    """One rank of test_ddp_static_graph_and_fsdp_without_resharding (gloo on the CPU)."""
+    import copy
+    import datetime
+
+    import torch.distributed as dist
+
+    from ligerzoo.parallel import apply_fsdp
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = ligerzoo.from_hf(src)
+        ids = torch.randint(3, model.config.vocab_size, (2 * world, 9), generator=torch.Generator().manual_seed(1))
+        ref = copy.deepcopy(model)
+        ref(ids, labels=ids).loss.backward()  # one process, the whole batch
+        ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model), static_graph=True)
+        ddp(ids[2 * rank: 2 * rank + 2], labels=ids[2 * rank: 2 * rank + 2]).loss.backward()
+        ddp_err = max((p.grad - q.grad).abs().max().item() for p, q in zip(ddp.module.parameters(), ref.parameters()))
+        with torch.no_grad():  # FSDP's bf16 compute is the bf16 model's on one process
+            plain_h = copy.deepcopy(model).to(torch.bfloat16).hidden_states(ids[:2]).float()
+        apply_fsdp(model, mp_dtype=torch.bfloat16, reshard_after_forward=False)
+        model.generate(ids[:1, :4], 2, eos_token_id=[])  # leaves the root's parameters gathered, in bf16
+        with torch.no_grad():
+            sharded_h = model.hidden_states(ids[:2])  # registered as an FSDP forward method
+        ligerzoo.save_hf(model, out)
+        torch.save(dict(ddp_err=ddp_err, h_err=((sharded_h.float() - plain_h).norm() / plain_h.norm()).item()),
+                   f"{results}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_static_graph_and_fsdp_without_resharding(tmp_path):
+    """DDP with static_graph=True finds the loss inside CausalLMOutput (a pytree node) and
+    all-reduces: the gradients equal one process's on the whole batch (they used to stay each
+    rank's own). With reshard_after_forward=False a forward leaves bf16 gathered parameters
+    behind; save_hf reshards first and writes the fp32 weights once, bit for bit (every rank
+    used to write bf16 copies, one failing). hidden_states runs on the sharded model."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from tests.helpers import make_hf_llama, read_safetensors_dir
+
+    make_hf_llama(tmp_path / "src")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "results").mkdir()
+    mp.spawn(_ddp_and_fsdp_gathered_worker,
+             args=(2, port, str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "results")),
+             nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / "results" / f"{r}.pt")
+        assert res["ddp_err"] < 1e-6, res
+        assert res["h_err"] < 1e-3, res  # against the bf16 model on one process (norm-wise)
+    src, out = read_safetensors_dir(tmp_path / "src"), read_safetensors_dir(tmp_path / "out")
+    assert sorted(src) == sorted(out) and all(torch.equal(src[k], out[k]) for k in src)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ligerzoo._checks import any_dtensor, is_int, is_real
+from ligerzoo._checks import any_dtensor, fsdp_modules, is_int, is_real
 from ligerzoo.kernels.cross_entropy import TargetCheck, _cross_entropy
 from ligerzoo.kernels.fused_linear_cross_entropy import default_chunk_size
 from ligerzoo.kernels.rope import rope_cos_sin
@@ -130,6 +130,11 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+# a pytree node, as transformers' ModelOutput: DDP (static_graph), torch.compile and tree utilities
+# find the tensors inside (DDP with static_graph=True silently skipped its all-reduce otherwise)
+torch.utils._pytree.register_dataclass(CausalLMOutput)
 
 
 class KVCache:
@@ -586,6 +591,11 @@ class CausalLM(nn.Module):
         Unlike :meth:`forward` it checks nothing: out-of-range ids fail in the embedding
         lookup (IndexError on CPU, a device-side assert on CUDA).
         """
+        return self._final_hidden(input_ids, position_ids, attention_mask, cache)
+
+    def _final_hidden(self, input_ids, position_ids=None, attention_mask=None, cache: KVCache | None = None):
+        """:meth:`hidden_states` without its FSDP forward-method wrapper, for ``generate`` (a
+        nested wrapper would reshard the root's parameters before generate's own LM head)."""
         return add_norm(self.norm, *self._trunk(input_ids, position_ids, attention_mask, cache))[0]
 
     def _embed(self, input_ids):
@@ -660,7 +670,9 @@ class CausalLM(nn.Module):
             num_items_in_batch: the number of target tokens in the whole optimizer step
                 (int or 0-d tensor), for gradient accumulation: loss = summed token loss /
                 num_items_in_batch. Default: this batch's number of non-ignored targets.
-                Values below 1 count as 1 (a step without targets has loss 0 anyway).
+                Values below 1 count as 1 (a step without targets has loss 0 anyway). Under DDP
+                or FSDP, which average gradients over ranks, pass the global count divided by
+                the world size (or multiply the loss by the world size, as transformers' Trainer).
 
         Returns:
             ``CausalLMOutput(loss, logits, aux_loss)``: loss a 0-d float32 tensor (float64 for a
@@ -783,7 +795,8 @@ class CausalLM(nn.Module):
             synced_ranks: keep every rank of the default process group stepping until all
                 of them are done (a rank whose rows all reached eos runs the remaining forwards
                 without adding tokens, as transformers' ``synced_gpus``), for a model whose
-                forward is a collective. None: when the parameters are DTensors (FSDP2) and
+                forward is a collective. None: when the model is FSDP2-sharded (DTensor parameters
+                or fully_shard units) and
                 torch.distributed is initialised. Every rank must then call generate with the
                 same ``max_new_tokens``.
 
@@ -821,7 +834,8 @@ class CausalLM(nn.Module):
         device = input_ids.device
         if synced_ranks is None:
             synced_ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1 and any_dtensor(self.parameters())
+                and torch.distributed.get_world_size() > 1 \
+                and (any_dtensor(self.parameters()) or bool(fsdp_modules(self)))
         if synced_ranks:  # 0 too: a rank returning at once would leave the others waiting
             _same_on_every_rank(max_new_tokens, device)
         if eos_token_id is None:  # as transformers: generation_config.json decides when there is one
@@ -860,7 +874,7 @@ class CausalLM(nn.Module):
             long_rope_at = self.config.rope_scaling["original_max_position_embeddings"] + 1
         if max_new_tokens == 0:
             return tokens
-        h = self.hidden_states(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
+        h = self._final_hidden(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
         finished = False  # this rank's rows all stopped (later forwards only keep the ranks in step)
         for step in range(max_new_tokens):
             if not finished:
@@ -888,9 +902,9 @@ class CausalLM(nn.Module):
                 mask = torch.cat([attention_mask, torch.ones_like(tokens[:, T:], dtype=torch.bool)], dim=1)
                 cache = KVCache(self.config, B, T + max_new_tokens, device, self.embed.weight.dtype)
                 pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-                h = self.hidden_states(tokens, pos, mask if padded else None, cache)[:, -1]
+                h = self._final_hidden(tokens, pos, mask if padded else None, cache)[:, -1]
                 long_rope_at = None
             else:
-                h = self.hidden_states(nxt[:, None], next_pos, None, cache)[:, -1]
+                h = self._final_hidden(nxt[:, None], next_pos, None, cache)[:, -1]
             next_pos = next_pos + 1
         return tokens
