@@ -132,8 +132,8 @@ def test_generate_runs_one_forward_per_new_token(tmp_path, max_new_tokens):
     forward, and none runs after the last (one extra forward used to run and be dropped)."""
     _, ours = _pair(tmp_path, {})
     ids = torch.randint(3, ours.config.vocab_size, (2, 5))
-    shapes, forward = [], ours.hidden_states
-    ours.hidden_states = lambda x, *a, **k: (shapes.append(tuple(x.shape)), forward(x, *a, **k))[1]
+    shapes, forward = [], ours._final_hidden
+    ours._final_hidden = lambda x, *a, **k: (shapes.append(tuple(x.shape)), forward(x, *a, **k))[1]
     out = ours.generate(ids, max_new_tokens, eos_token_id=[])
     assert out.shape == (2, 5 + max_new_tokens) and torch.equal(out[:, :5], ids)
     assert shapes == ([(2, 5)] + [(2, 1)] * (max_new_tokens - 1) if max_new_tokens else [])
