@@ -14,7 +14,7 @@ from torch import nn
 
 from ligerzoo._checks import is_int
 from ligerzoo.kernels.cross_entropy import check_loss_options, cross_entropy
-from ligerzoo.kernels.embedding import embedding
+from ligerzoo.kernels.embedding import embedding, padding_row
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from ligerzoo.kernels.fused_linear_jsd import fused_linear_jsd
 from ligerzoo.kernels.geglu import geglu_fused
@@ -453,11 +453,7 @@ class Embedding(nn.Module):
         super().__init__()
         _positive_ints("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
-        if padding_idx is not None:
-            if not (is_int(padding_idx) and -num_embeddings <= padding_idx < num_embeddings):
-                raise ValueError(f"padding_idx must be an int within [-{num_embeddings}, {num_embeddings}), "
-                                 f"got {padding_idx!r}")
-            padding_idx = int(padding_idx) % num_embeddings
+        padding_idx = padding_row(padding_idx, num_embeddings)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()

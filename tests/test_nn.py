@@ -194,7 +194,7 @@ def test_embedding_negative_padding_idx_counts_from_the_end():
     F.embedding(ids, w64, padding_idx=9).sum().backward()
     torch.testing.assert_close(e.weight.grad, w64.grad.float())
     for bad in (-11, 10):
-        with pytest.raises(ValueError, match=r"padding_idx must be an int within \[-10, 10\)"):
+        with pytest.raises(ValueError, match=r"padding_idx must be an integer row index within \[-10, 10\)"):
             lnn.Embedding(10, 6, padding_idx=bad)
 
 

@@ -578,14 +578,23 @@ def _check_args(input_ids: torch.Tensor, weight: torch.Tensor, padding_idx: Opti
     if input_ids.device != weight.device:
         raise ValueError(f"input_ids ({input_ids.device}) and weight ({weight.device}) must share a device")
     n_rows_w = weight.shape[0]
+    row = padding_row(padding_idx, n_rows_w)
+    return -1 if row is None else row
+
+
+def padding_row(padding_idx, n_rows: int) -> Optional[int]:
+    """``padding_idx`` (an int, numpy int or 0-d int tensor; negative counts from the end, as
+    torch) as a row in [0, n_rows), or None for None.
+
+    Raises:
+        ValueError: not an integer (a float, a bool, ...) or outside [-n_rows, n_rows).
+    """
     if padding_idx is None:
-        return -1
-    if not is_int(padding_idx):
-        raise ValueError(f"padding_idx must be an integer row index or None, got {padding_idx!r}")
-    padding_idx = int(padding_idx)
-    if not -n_rows_w <= padding_idx < n_rows_w:
-        raise ValueError(f"padding_idx {padding_idx} must be within [-{n_rows_w}, {n_rows_w})")
-    return padding_idx % n_rows_w
+        return None
+    if not (is_int(padding_idx) and -n_rows <= padding_idx < n_rows):
+        raise ValueError(f"padding_idx must be an integer row index within [-{n_rows}, {n_rows}) or None, "
+                         f"got {padding_idx!r}")
+    return int(padding_idx) % n_rows
 
 
 def _check_ids_in_range(input_ids: torch.Tensor, n_rows_w: int) -> None:

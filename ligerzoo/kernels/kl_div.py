@@ -153,20 +153,17 @@ if HAS_TRITON:
             tl.store(DY + row * stride_dy + cols, (dy * go).to(DY.dtype.element_ty), mask=mask)
 
 
-def _block_settings(n_cols: int) -> tuple[int, int]:
-    block = min(next_power_of_2(n_cols), next_power_of_2(MAX_BLOCK_SIZE))
-    return block, (8 if block >= 2048 else 4)
+def _block_settings(n_cols: int, limit: int | None = None) -> tuple[int, int]:
+    """(columns per block, warps): the row's power of two, at most ``limit`` (default
+    ``MAX_BLOCK_SIZE``)."""
+    block = min(next_power_of_2(max(n_cols, 1)), next_power_of_2(MAX_BLOCK_SIZE if limit is None else limit))
+    return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 
 # The reduced forward's programs loop over SUM_BLOCK_SIZE columns at a time; at least
 # SUM_PROGRAMS_PER_SM programs per SM (rows split into parts when there are fewer rows).
 SUM_BLOCK_SIZE = 8192
 SUM_PROGRAMS_PER_SM = 8
-
-
-def _sum_settings(n_cols: int) -> tuple[int, int]:
-    block = min(next_power_of_2(max(n_cols, 1)), next_power_of_2(SUM_BLOCK_SIZE))
-    return block, (16 if block >= 8192 else 8 if block >= 2048 else 4)
 
 
 # ------------------------------------------------------------------ ops (torch.library + eager path)
@@ -186,7 +183,7 @@ def _kl_div_op(
     if reduced:
         # one program per row, or per part of a row when there are too few rows to fill the
         # GPU: (N, n_splits) fp32 partial sums, summed in one pass (deterministic)
-        block, warps = _sum_settings(n_cols)
+        block, warps = _block_settings(n_cols, SUM_BLOCK_SIZE)
         n_blocks = cdiv(n_cols, block)
         want = SUM_PROGRAMS_PER_SM * _utils.multiprocessor_count(input.device)
         n_splits = max(1, min(n_blocks, cdiv(want, max(n_rows, 1))))
