@@ -14,6 +14,9 @@ Usage:
   python scripts/bench_e2e.py                              # the default suite
   python scripts/bench_e2e.py --models llama3-8b-8l --shapes 8x4096 --variants ligerzoo,liger
   python scripts/bench_e2e.py --longest llama3-8b-8l       # longest seq_len at batch 1 (doubling from 4096)
+  python scripts/bench_e2e.py --packed 1024 --shapes 8x4096 --variants ligerzoo,ligerzoo-dense,liger
+      # packed documents (lengths uniform in 1..2047, position_ids restarting, the first token of
+      # each document unlabelled): writes e2e_packed.csv; ligerzoo-dense = the dense-mask SDPA path
 """
 from __future__ import annotations
 
@@ -59,19 +62,37 @@ def matmul_rate() -> float:
     return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
 
 
-def model_flops(cfg, B: int, T: int) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3x forward)."""
+def packed_positions(B: int, T: int, mean: int) -> torch.Tensor:
+    """(B, T) position_ids of rows packed with documents of lengths uniform in 1..2 mean - 1
+    (seeded: every variant gets the same rows)."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(B):
+        row = []
+        while len(row) < T:
+            row.extend(range(int(torch.randint(1, 2 * mean, (), generator=g))))
+        rows.append(row[:T])
+    return torch.tensor(rows)
+
+
+def model_flops(cfg, B: int, T: int, pos: torch.Tensor | None = None) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward); attention within
+    each document when packed ``pos`` (B, T) are given."""
     H, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     experts = getattr(cfg, "num_experts_per_tok", 1) if getattr(cfg, "num_local_experts", 0) else 1
     per_layer = H * (q + 2 * kv) + q * H + 3 * H * cfg.intermediate_size * experts
     linear = L * per_layer + V * H  # the LM head; the embedding is a lookup
-    attention = 2 * L * q * T  # forward FLOPs per token: QK^T and PV, causal half of 2*T*q each
-    return 6 * linear * B * T + 3 * attention * B * T
+    attention = 2 * L * q * T * B * T  # forward: QK^T and PV, the causal half of 2*T*q each per token
+    if pos is not None:  # per document: 2 * L * q * length^2
+        starts = [(row == 0).nonzero().flatten().tolist() + [T] for row in pos]
+        attention = 2 * L * q * sum((b - a) ** 2 for st in starts for a, b in zip(st[:-1], st[1:]))
+    return 6 * linear * B * T + 3 * attention
 
 
-def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int, warmup: int) -> dict:
+def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int, warmup: int,
+                packed: int = 0) -> dict:
     import transformers
 
     model_type, fields = MODELS[model]
@@ -79,7 +100,8 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
     cfg = getattr(transformers, cfg_cls)(**fields)
     cfg._attn_implementation = "eager" if model_type == "gemma2" and variant != "ligerzoo" else "sdpa"
     torch.manual_seed(0)
-    if variant == "ligerzoo":
+    pos = packed_positions(B, T, packed).cuda() if packed else None
+    if variant.startswith("ligerzoo"):
         sys.path.insert(0, str(ROOT))
         import ligerzoo
         from ligerzoo.parallel import apply_activation_checkpointing
@@ -98,12 +120,16 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
             import ligerzoo.models.fused
 
             ligerzoo.models.fused.ENABLED = False
+        if variant == "ligerzoo-dense":  # packed documents / windows as dense SDPA masks
+            import ligerzoo.models.flex
+
+            ligerzoo.models.flex.ENABLED = False
         config = ligerzoo.models.config_from_hf(cfg.to_dict())
         with torch.device("cuda"):
             m = ligerzoo.CausalLM(config).to(torch.bfloat16)
         if ckpt:
             apply_activation_checkpointing(m)
-        fwd = lambda ids: m(ids, labels=ids).loss  # noqa: E731
+        fwd = lambda ids, labels: m(ids, labels=labels, position_ids=pos).loss  # noqa: E731
     else:
         if variant == "liger":
             from liger_kernel.transformers import _apply_liger_kernel
@@ -114,12 +140,13 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
         if ckpt:
             m.gradient_checkpointing_enable()
         call = torch.compile(m) if variant == "compile" else m
-        fwd = lambda ids: call(input_ids=ids, labels=ids).loss  # noqa: E731
+        fwd = lambda ids, labels: call(input_ids=ids, labels=labels, position_ids=pos, use_cache=False).loss  # noqa: E731
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    labels = ids if pos is None else ids.masked_fill(pos == 0, -100)  # no target across documents
 
     def step():
-        loss = fwd(ids)
+        loss = fwd(ids, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -162,7 +189,7 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
         hot_rate = matmul_rate()
     except torch.OutOfMemoryError:
         hot_rate = None
-    return dict(tokens_per_s=B * T / dt, tflops=model_flops(cfg, B, T) / dt / 1e12,
+    return dict(tokens_per_s=B * T / dt, tflops=model_flops(cfg, B, T, pos) / dt / 1e12,
                 peak_gib=peak, loss=loss.item(), hot_rate=hot_rate)
 
 
@@ -231,16 +258,19 @@ def print_gaps(prof, wall_ms: float, top: int = 12) -> None:
 
 def child(args) -> int:
     try:
-        r = run_variant(args.model, args.variant, args.batch, args.seq_len, args.ckpt, args.steps, args.warmup)
+        r = run_variant(args.model, args.variant, args.batch, args.seq_len, args.ckpt, args.steps, args.warmup,
+                        args.packed)
     except torch.OutOfMemoryError:
         r = {"oom": True}
     print("RESULT " + json.dumps(r), flush=True)
     return 0
 
 
-def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=int(os.environ.get("SPAWN_TIMEOUT", 900))) -> dict:
+def spawn(model, variant, B, T, ckpt, steps, warmup, timeout=int(os.environ.get("SPAWN_TIMEOUT", 900)),
+          packed: int = 0) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--variant", variant, "--batch", str(B),
-           "--seq-len", str(T), "--steps", str(steps), "--warmup", str(warmup)] + (["--ckpt"] if ckpt else [])
+           "--seq-len", str(T), "--steps", str(steps), "--warmup", str(warmup), "--packed", str(packed)] + (
+        ["--ckpt"] if ckpt else [])
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -293,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpointing", default="off,on")
     ap.add_argument("--longest", default=None, help="model to search the longest batch-1 sequence for")
     ap.add_argument("--longest-from", type=int, default=4096, help="first seq_len of the doubling search")
+    ap.add_argument("--packed", type=int, default=0, metavar="MEAN",
+                    help="pack rows with documents of mean length MEAN (0: one sequence per row)")
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 10)))
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("WARMUP", 3)))
     ap.add_argument("--out", default="benchmarks")
@@ -311,6 +343,7 @@ def main(argv=None) -> int:
 
     def record(model, B, T, variant, ckpt, r):
         row = dict(model=model, batch=B, seq_len=T, variant=variant, checkpointing=ckpt,
+                   **({"packed_mean": args.packed} if args.packed else {}),
                    tokens_per_s=round(r.get("tokens_per_s", 0)), tflops=round(r.get("tflops", 0), 1),
                    mfu=round(r.get("tflops", 0) / rate, 3), peak_gib=round(r.get("peak_gib", 0), 2), gpu=gpu, date=date)
         rows.append(row)
@@ -326,7 +359,7 @@ def main(argv=None) -> int:
         for variant in args.variants.split(","):
             T = args.longest_from
             while True:
-                r = spawn(args.longest, variant, 1, T, False, 2, 1)
+                r = spawn(args.longest, variant, 1, T, False, 2, 1, packed=args.packed)
                 record(args.longest, 1, T, variant, False, r)
                 if "tokens_per_s" not in r or T >= 1 << 20:
                     break
@@ -337,10 +370,11 @@ def main(argv=None) -> int:
                 B, T = map(int, shape.split("x"))
                 for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
                     for variant in args.variants.split(","):
-                        record(model, B, T, variant, ckpt, spawn(model, variant, B, T, ckpt, args.steps, args.warmup))
+                        record(model, B, T, variant, ckpt, spawn(model, variant, B, T, ckpt, args.steps, args.warmup,
+                                                                 packed=args.packed))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("e2e_longest.csv" if args.longest else "e2e.csv")
+    path = out / (("e2e_longest" if args.longest else "e2e") + ("_packed" if args.packed else "") + ".csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

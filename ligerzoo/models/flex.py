@@ -1,15 +1,36 @@
-"""Attention-logit softcapping on CUDA through ``torch.nn.attention.flex_attention``
-(compiled once; the scores never reach device memory as a (T, S) matrix).
+"""Attention through ``torch.nn.attention.flex_attention`` on CUDA, for what SDPA can only take
+as a dense (B, 1, T, S) bool mask, and for attention-logit softcapping (Gemma2).
 
-Semantics equal ``transformer.eager_attention``: scores ``scale * q k^T``, then
-``softcap * tanh(scores / softcap)``, masked (causal, or the given bool mask), softmax.
+- Packed documents and a sliding window shorter than the sequence: :func:`block_mask` builds
+  flex's block-sparse mask straight from the document index of each position, so neither the
+  (B, T, T) bool mask nor the skipped (query block, key block) tiles are ever touched. SDPA
+  with a dense mask runs a kernel that reads the mask and computes every tile.
+- Softcapping: ``softcap * tanh(scores / softcap)`` as a score modification; the scores never
+  reach device memory as a (T, S) matrix.
+
+Semantics equal ``transformer.eager_attention`` with ``transformer.attention_mask_for``'s
+mask: scores ``scale * q k^T``, softcapped when asked, masked, softmax over keys. The block
+layout follows the flex_attention paper's ``BlockMask`` (He et al. 2024, arXiv 2412.05496):
+per (query block, key block) tile "empty" (skipped), "full" (computed without the mask
+function) or "partial" (computed with it).
 """
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+# False: packed documents and sliding windows go to SDPA as dense bool masks (the benchmark's
+# baseline, scripts/bench_e2e.py --packed); softcapping keeps using flex_attention.
+ENABLED = True
+BLOCK = 128  # tile edge of the block mask, in positions (flex_attention's default)
+
+# compiled forms of flex_attention kept per process (torch.compile's default limit is 8 per
+# function; each dtype, head layout, score modification and grad mode takes one, and past the
+# limit flex_attention falls back to its eager form, which materialises the (T, S) scores)
+RECOMPILE_LIMIT = 64
 
 _compiled = None
-_last: tuple | None = None  # (mask object, B, T, S, block mask): one per forward and layer type
+_last: tuple | None = None  # (dense mask, B, T, S, block mask): one per forward and layer type
 
 
 def _flex():
@@ -17,17 +38,117 @@ def _flex():
     if _compiled is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        # torch.compile's default shape handling: static first, dynamic once a length changes
+        # (a fixed dynamic=False would recompile per sequence length up to the recompile limit)
+        _compiled = torch.compile(flex_attention)
     return _compiled
 
 
-def _block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device):
+def applies(device: torch.device, cached: bool, key_valid, head_dim: int) -> bool:
+    """Whether the model's masks go through :func:`block_mask`: CUDA, no KV cache, no padding
+    mask (``key_valid``), a head_dim flex_attention's kernels take (a multiple of 16 up to
+    256), not inside the caller's torch.compile (there the block mask's flex_attention call
+    failed to lower in torch 2.11's inductor: compiled models keep the dense mask), and
+    :data:`ENABLED`."""
+    return (ENABLED and device.type == "cuda" and not cached and key_valid is None
+            and head_dim % 16 == 0 and 16 <= head_dim <= 256 and not torch.compiler.is_compiling())
+
+
+def needed(T: int, document: torch.Tensor | None, window: int | None) -> bool:
+    """Whether causal attention over T positions needs more than SDPA's ``is_causal``:
+    packed documents, or a window that excludes some earlier position (T > window)."""
+    return document is not None or (window is not None and T > window)
+
+
+def block_classes(T: int, document: torch.Tensor | None, window: int | None,
+                  block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tiles of causal self-attention over T positions hold visible pairs.
+
+    A query q sees key s when ``s <= q``, ``s > q - window`` (when given) and both lie in one
+    document (``document`` (B, T) int, nondecreasing along each row, as
+    ``transformer.packed_documents`` returns it). Positions are cut into ``n = ceil(T / block)``
+    blocks. Returns ``(partial, full)``, bool (B or 1, n, n) indexed [query block, key block]:
+    ``full`` where every pair is visible, ``partial`` where some may be (the mask function
+    decides each pair); a tile in neither holds no visible pair. Exact per tile from its
+    corners, since the document index is monotone: a tile is full when both blocks lie in one
+    document and every pair passes the causal and window tests. ``block``: :data:`BLOCK` when None."""
+    block = block or BLOCK
+    n = -(-T // block)
+    start = torch.arange(n, device=document.device if document is not None else None) * block
+    end = torch.clamp(start + block, max=T) - 1  # last position of each block
+    qs, qe, ks, ke = start[:, None], end[:, None], start[None, :], end[None, :]  # (n, 1), (1, n)
+    some = ks <= qe  # (n, n): the tile's earliest key is not after its last query
+    full = ke <= qs  # (n, n): the tile's last key is not after its first query
+    if window is not None:
+        some = some & (ke > qs - window)
+        full = full & (ks > qe - window)
+    some, full = some[None], full[None]  # (1, n, n)
+    if document is not None:
+        d_first, d_last = document[:, start], document[:, end]  # (B, n): documents at block edges
+        some = some & (d_first[:, None, :] <= d_last[:, :, None]) & (d_last[:, None, :] >= d_first[:, :, None])
+        one = d_first == d_last  # (B, n): the block lies in one document
+        full = full & one[:, :, None] & one[:, None, :] & (d_first[:, :, None] == d_first[:, None, :])
+    return some & ~full, full
+
+
+def _as_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, n) bool -> BlockMask's (B, 1, n) int32 counts and (B, 1, n, n) int32 key-block
+    indices, the selected ones first in increasing order."""
+    n = tiles.shape[-1]
+    counts = tiles.sum(-1, dtype=torch.int32)[:, None]
+    # distinct keys (selected j -> j, others n + j): every sort, stable or not, gives one order
+    keys = torch.where(tiles, 0, n) + torch.arange(n, device=tiles.device)
+    return counts, torch.argsort(keys, dim=-1).to(torch.int32)[:, None]
+
+
+def _visible(doc: torch.Tensor, window: torch.Tensor):
+    """The per-pair mask function. One code object for every mask, with its variation in the
+    captured tensors (``doc`` (B|1, n block) int64, ``window`` 0-d int64), so that the compiled
+    flex_attention meets the same function each forward (a Python constant or a branch taken
+    per mask would recompile it, until torch.compile's recompile limit sends it to the eager
+    fallback, which materialises the (T, S) scores)."""
+    def mask_mod(b, h, q, s):
+        return (s <= q) & (s > q - window) & (doc[b, q] == doc[b, s])
+    return mask_mod
+
+
+def block_mask(T: int, document: torch.Tensor | None, window: int | None, device,
+               block: int | None = None) -> BlockMask:
+    """flex_attention's mask for causal self-attention over T positions, within packed
+    documents (``document`` (B, T) int64, or None) and the last ``window`` positions (or
+    None): the tiles from :func:`block_classes` and, for partial tiles, the per-pair mask
+    function ``s <= q and s > q - window and document[b, q] == document[b, s]``."""
+    block = block or BLOCK
+    partial, full = block_classes(T, document, window, block)
+    n = partial.shape[-1]
+    # padded to whole blocks (the mask function may read past T); one document when none given
+    doc = torch.zeros((1 if document is None else document.shape[0], n * block), dtype=torch.int64, device=device)
+    if document is not None:
+        doc[:, T:] = -1
+        doc[:, :T] = document
+    reach = torch.tensor(T if window is None else min(window, T), dtype=torch.int64, device=device)
+    counts, indices = _as_indices(partial.to(device))
+    full_counts, full_indices = _as_indices(full.to(device))
+    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=block,
+                                    mask_mod=_visible(doc, reach), seq_lengths=(T, T))
+
+
+def _softcap(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+    return score_mod
+
+
+def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device) -> BlockMask:
+    """A block mask from a dense bool mask (B|1, 1, T, S), or causal (offset S - T) for None."""
     global _last
     if _last is not None and _last[0] is mask and _last[1:4] == (B, T, S):
         return _last[4]
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if mask is None:
+    if mask is None and S == T:
+        block = block_mask(T, None, None, device)
+    elif mask is None:
         offset = S - T
 
         def mask_mod(b, h, q, kv):
@@ -44,15 +165,18 @@ def _block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device):
     return block
 
 
-def softcap_attention(q, k, v, mask, scale: float, softcap: float):
-    """q (B, nh, T, hd), k/v (B, nkv, S, hd), mask bool (B|1, 1, T, S) or None (causal).
-    Returns (B, nh, T, hd)."""
+def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """q (B, nh, T, hd), k/v (B, nkv, S, hd); mask a :class:`BlockMask`, a bool (B|1, 1, T, S)
+    tensor, or None (causal). Returns (B, nh, T, hd) in q's dtype. ``softcap``: scores become
+    ``softcap * tanh(scores / softcap)`` before masking (None: plain softmax attention)."""
     B, _, T, _ = q.shape
     S = k.shape[2]
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
-
-    block = _block_mask(mask, B, T, S, q.device)
-    return _flex()(q, k, v, score_mod=score_mod, block_mask=block, scale=scale,
+    block = mask if isinstance(mask, BlockMask) else _dense_block_mask(mask, B, T, S, q.device)
+    options = dict(score_mod=None if softcap is None else _softcap(softcap), block_mask=block, scale=scale,
                    enable_gqa=k.shape[1] != q.shape[1])
+    if torch.compiler.is_compiling():  # inside the caller's torch.compile (Gemma2's softcap)
+        return _flex()(q, k, v, **options)
+    from torch._dynamo import config
+
+    with config.patch(recompile_limit=max(RECOMPILE_LIMIT, config.recompile_limit)):
+        return _flex()(q, k, v, **options)

@@ -42,6 +42,7 @@ from ligerzoo._checks import any_dtensor, fsdp_modules, is_int, is_real
 from ligerzoo.kernels.cross_entropy import TargetCheck, _cross_entropy
 from ligerzoo.kernels.fused_linear_cross_entropy import default_chunk_size
 from ligerzoo.kernels.rope import rope_cos_sin
+from ligerzoo.models import flex
 from ligerzoo.models.config import ModelConfig
 from ligerzoo.models.fused import add_norm, gated_down, norm_linear, norm_linear_cross_entropy, plain_linear, rope_qkv_
 from ligerzoo.models.moe import MoE, load_balancing_loss
@@ -172,6 +173,8 @@ def attention_mask_for(q_start: int, T: int, S: int, key_valid: torch.Tensor | N
     document (``document`` (B or 1, T), without a cache: S == T). A query always sees itself,
     so padding queries never get an empty (NaN) softmax row. None when plain causal attention
     (or, for one query after a cache, attention to everything) says it all."""
+    if window is not None and S <= window:  # no query is more than S - 1 past a key
+        window = None
     if window is None and key_valid is None and document is None and (q_start == 0 or T == 1):
         return None
     q_pos = torch.arange(q_start, q_start + T, device=device)[:, None]  # (T, 1)
@@ -223,8 +226,10 @@ class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA; MQA when nkv = 1), RoPE,
     optional sliding window and attention-logit softcap.
 
-    Runs ``F.scaled_dot_product_attention``; with a softcap (Gemma2) it runs
-    ``torch.nn.attention.flex_attention`` on CUDA and ``eager_attention`` elsewhere.
+    Runs ``F.scaled_dot_product_attention``. On CUDA it runs ``torch.nn.attention.flex_attention``
+    (models/flex.py) for a block mask (packed documents, a sliding window shorter than the
+    sequence) and for a softcap (Gemma2); a softcap elsewhere runs ``eager_attention``.
+    ``attn_mask``: None (causal), a bool (B|1, 1, T, S) tensor, or a flex ``BlockMask``.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -250,13 +255,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        if self.softcap is not None:
-            if q.is_cuda and cache is None:
-                from ligerzoo.models.flex import softcap_attention
-
-                y = softcap_attention(q, k, v, attn_mask, self.scale, self.softcap)
-            else:
-                y = eager_attention(q, k, v, attn_mask, self.scale, self.softcap)
+        if isinstance(attn_mask, flex.BlockMask) or (self.softcap is not None and q.is_cuda and cache is None):
+            y = flex.attention(q, k, v, attn_mask, self.scale, self.softcap)
+        elif self.softcap is not None:
+            y = eager_attention(q, k, v, attn_mask, self.scale, self.softcap)
         else:
             y = F.scaled_dot_product_attention(
                 # causal without a cache (any T, so no shape-dependent bool under torch.compile's
@@ -628,9 +630,14 @@ class CausalLM(nn.Module):
             cache.mask[:, start:S] = True
         elif attention_mask is not None:
             key_valid = attention_mask
-        masks = {t: attention_mask_for(start, T, S, key_valid, self.config.sliding_window if t == "sliding_attention"
-                                       else None, input_ids.device, document)
-                 for t in {layer.layer_type for layer in self.layers}}
+        masks = {}
+        for t in {layer.layer_type for layer in self.layers}:
+            window = self.config.sliding_window if t == "sliding_attention" else None
+            if flex.applies(input_ids.device, cache is not None, key_valid, self.config.head_dim):  # block-sparse, never dense
+                masks[t] = flex.block_mask(T, document, window, input_ids.device) if flex.needed(
+                    T, document, window) else None
+            else:
+                masks[t] = attention_mask_for(start, T, S, key_valid, window, input_ids.device, document)
         x = self._embed(input_ids)  # (B, T, H)
         delta = None  # each block hands its last branch output to the next block's fused add
         for i, layer in enumerate(self.layers):

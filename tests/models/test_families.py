@@ -487,3 +487,104 @@ def test_phi3_longrope_compiles_whole_and_picks_the_regime_per_call(tmp_path):
         torch.testing.assert_close(compiled(ids, labels=ids, position_ids=pos).loss, want, atol=1e-6, rtol=1e-6)
         losses.append(want)
     assert not torch.allclose(losses[0], losses[1])
+
+
+def _as_the_kernel_sees_it(block_mask, T, S):
+    """(B, T, S) bool: what flex_attention's kernel computes for a BlockMask, tile by tile:
+    a full tile every pair, a partial tile the pairs its mask function allows, others none."""
+    bq, bk = block_mask.BLOCK_SIZE
+    counts, idx = block_mask.kv_num_blocks[:, 0], block_mask.kv_indices[:, 0]
+    full_counts, full_idx = block_mask.full_kv_num_blocks[:, 0], block_mask.full_kv_indices[:, 0]
+    B, n_q = counts.shape
+    n_k = idx.shape[-1]
+    b, q, s = torch.arange(B)[:, None, None], torch.arange(n_q * bq)[None, :, None], torch.arange(n_k * bk)
+    allowed = block_mask.mask_mod(b, 0, q, s[None, None, :]).expand(B, n_q * bq, n_k * bk)
+    seen = torch.zeros_like(allowed)
+    for i in range(B):
+        for r in range(n_q):
+            rows = slice(r * bq, (r + 1) * bq)
+            for c in idx[i, r, :counts[i, r]].tolist():
+                seen[i, rows, c * bk:(c + 1) * bk] = allowed[i, rows, c * bk:(c + 1) * bk]
+            for c in full_idx[i, r, :full_counts[i, r]].tolist():
+                seen[i, rows, c * bk:(c + 1) * bk] = True
+    return seen[:, :T, :S]
+
+
+def _flex_as_its_kernel(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False):
+    """flex_attention written out over :func:`_as_the_kernel_sees_it`'s pairs (fp32 softmax)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ k.transpose(2, 3) * scale  # (B, nh, T, S)
+    if score_mod is not None:
+        scores = score_mod(scores, None, None, None, None)
+    seen = _as_the_kernel_sees_it(block_mask, q.shape[2], k.shape[2])[:, None]
+    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_block_masks_give_transformers_attention(tmp_path, name, monkeypatch):
+    """The CUDA path for packed documents and sliding windows (flex_attention over a block
+    mask built from the document index, never a dense mask), run on the CPU with flex's
+    kernel written out tile by tile (8-position tiles, so a 21-token row spans partial, full
+    and skipped tiles): logits, loss and gradients equal transformers(use_cache=False), packed
+    and not, and the dense path is not taken."""
+    from ligerzoo.models import flex, transformer
+
+    monkeypatch.setattr(flex, "BLOCK", 8)
+    monkeypatch.setattr(flex, "applies", lambda device, cached, key_valid, head_dim: not cached and key_valid is None)
+    monkeypatch.setattr(flex, "_flex", lambda: _flex_as_its_kernel)
+    monkeypatch.setattr(transformer, "attention_mask_for", None)  # calling it would fail the test
+    hf = make_hf(name, tmp_path / "hf")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    T = 21
+    ids = torch.randint(3, BASE["vocab_size"], (2, T))
+    packed = torch.stack([torch.cat([torch.arange(5), torch.arange(11), torch.arange(5)]), torch.arange(T)])
+    for pos in (packed, torch.arange(T).expand(2, T)):
+        labels = ids.clone()
+        labels[0, [5, 16]] = -100
+        ours.zero_grad()
+        hf.zero_grad()
+        ref = hf(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+        ref.loss.backward()
+        out = ours(ids, labels=labels, position_ids=pos)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+        if name == "mixtral":
+            _fused_expert_grads_match(hf, ours)
+        assert _grads_match(hf, ours) > 0
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids, position_ids=pos).logits, ref.logits, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5, 16, 30])
+def test_block_tiles_cover_exactly_the_dense_mask(window):
+    """flex.block_classes against attention_mask_for's dense mask: every full tile is all
+    visible, every skipped tile all hidden, and full tiles plus the mask function on partial
+    tiles give the dense mask pair for pair; with documents of 1-39 positions, T not a
+    multiple of the tile edge, and windows shorter and longer than the documents."""
+    from ligerzoo.models import flex
+    from ligerzoo.models.transformer import attention_mask_for, packed_documents
+
+    torch.manual_seed(0)
+    T, block = 100, 16
+    pos = []
+    for _ in range(3):
+        row = []
+        while len(row) < T:
+            row += range(int(torch.randint(1, 40, ())))
+        pos.append(row[:T])
+    for document in (packed_documents(torch.tensor(pos)), None):
+        dense = attention_mask_for(0, T, T, None, window, "cpu", document)
+        if dense is None:  # plain causal
+            dense = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+        dense = dense[:, 0]  # (B|1, T, T)
+        seen = _as_the_kernel_sees_it(flex.block_mask(T, document, window, "cpu", block), T, T)
+        assert torch.equal(seen, dense.expand_as(seen))
+        partial, full = flex.block_classes(T, document, window, block)
+        for i in range(partial.shape[-2]):
+            for j in range(partial.shape[-1]):
+                tile = dense[:, i * block:(i + 1) * block, j * block:(j + 1) * block]
+                assert bool(tile[full[:, i, j]].all()) and not bool(tile[~(full | partial)[:, i, j]].any())
+        if window is None:  # (a window under two tile edges leaves no tile wholly inside it)
+            assert int(full.sum()) > 0
