@@ -36,6 +36,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -154,19 +155,24 @@ def load_text_corpus(*, install: bool = True) -> str:
 def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
     """Encode ``text`` in one call and return its ids as a 1-D ``torch.long`` tensor ``(n_tokens,)``.
 
-    ``encode`` is any callable mapping a string to ints: a list, a tensor or numpy array
-    (flattened) or a ``tokenizers.Encoding`` (its ``ids``), e.g. a tokenizer's ``encode`` (whether it adds
-    special tokens is its own business). Errors are ``encode``'s own (``torch.tensor`` raises
-    ValueError for values that are not numbers; floats are truncated, not refused).
+    ``encode`` is any callable mapping a string to integer ids: a list (nested lists are
+    flattened), a tensor or numpy array (flattened), a ``tokenizers.Encoding`` (its ``ids``) or
+    a mapping with ``input_ids`` (a transformers tokenizer called on the text), e.g. a
+    tokenizer's ``encode`` (whether it adds special tokens is its own business).
+
+    Raises:
+        TypeError: ids that are not integers (floats, strings, bools).
     """
     ids = encode(text)
-    if not isinstance(ids, torch.Tensor) and hasattr(ids, "__array__"):
-        ids = torch.as_tensor(ids)  # a numpy array of ids
-    if isinstance(ids, torch.Tensor):
-        return ids.reshape(-1).to(torch.long)
-    if hasattr(ids, "ids"):  # a `tokenizers.Encoding`
+    if isinstance(ids, Mapping) and "input_ids" in ids:  # transformers' BatchEncoding
+        ids = ids["input_ids"]
+    if hasattr(ids, "ids") and not isinstance(ids, torch.Tensor):  # a `tokenizers.Encoding`
         ids = ids.ids
-    return torch.tensor(list(ids), dtype=torch.long)
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(ids if hasattr(ids, "__array__") else list(ids))  # numpy, lists, nested lists
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"encode must return integer token ids, got {ids.dtype} values")
+    return ids.reshape(-1).to(torch.long)
 
 
 def split_tokens(tokens: torch.Tensor, split: str = "train", holdout_fraction: float = 0.1) -> torch.Tensor:
@@ -274,8 +280,8 @@ def token_batches(
 
     Raises:
         ValueError: at the call (not at the first batch): ``seq_len`` not an int >= 2,
-            ``batch_size`` not an int >= 1, ``seed`` not an int, ``epochs`` neither None nor an
-            int >= 1, ids not 1-D or not integers,
+            ``batch_size`` not an int >= 1, ``seed`` not an int, ``shuffle`` not a bool or None,
+            ``epochs`` neither None nor an int >= 1, ids not 1-D or not integers,
             text without ``tokenizer_encode``, an unknown split, ``holdout_fraction`` not in
             (0, 1), or a split too short for a single batch.
     """
@@ -285,6 +291,8 @@ def token_batches(
         raise ValueError(f"epochs must be None (forever) or an int >= 1, got {epochs!r}")
     if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if shuffle is not None and not isinstance(shuffle, bool):
+        raise ValueError(f"shuffle must be True, False or None (True for 'train'), got {shuffle!r}")
     epochs = None if epochs is None else int(epochs)
     seed = int(seed)
     part = split_tokens(_as_tokens(tokenizer_encode, text), split, holdout_fraction)

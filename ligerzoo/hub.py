@@ -43,12 +43,13 @@ TEMPLATE_DIR = "additional_chat_templates"
 SIDE_PATTERNS = ("*.json", *SIDE_FILES, f"{TEMPLATE_DIR}/*.jinja")
 
 
-def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve(id_or_dir: str | os.PathLike, revision: str | None = None, weights: bool = True) -> Path:
     """A local directory holding ``id_or_dir``'s checkpoint.
 
     A path to an existing directory is returned as is. Anything else is a hub repo id,
     fetched with ``huggingface_hub.snapshot_download`` in two steps: the JSON and tokenizer
-    files, then only the weight files that the index (or the single-file layout) names.
+    files, then (when ``weights``) only the weight files that the index (or the single-file
+    layout) names.
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist, or a repo that is
@@ -67,6 +68,8 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
 
     try:
         snap = Path(snapshot_download(text, revision=revision, allow_patterns=list(SIDE_PATTERNS)))
+        if not weights:
+            return snap
         index = snap / INDEX_FILE
         weights = sorted(set(_weight_map(index).values())) if index.exists() else [SINGLE_FILE]
         return Path(snapshot_download(text, revision=revision, allow_patterns=weights))
@@ -80,7 +83,7 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None) -> Path:
 def _read_json(path: Path) -> dict:
     """The JSON object in ``path``; a ValueError naming the file when it is not one."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(value, dict):

@@ -7,6 +7,7 @@ import functools
 import json
 import numbers
 import os
+import sys
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -26,10 +27,15 @@ def _token_text(value) -> str | None:
 class Tokenizer:
     """Encode/decode with ``tokenizer.json`` and render the chat template.
 
-    Usually made by :func:`load_tokenizer`. Args: ``tokenizer``, a ``tokenizers.Tokenizer``;
+    Usually made by :func:`load_tokenizer`. Args: ``tokenizer``, a ``tokenizers.Tokenizer``
+    (truncation and padding stored in its file are switched off, as transformers switches them
+    off for every call that does not ask for them: ``encode`` returns every id of the text);
     ``tokenizer_config``, the tokenizer_config.json dict (special tokens, ``chat_template``);
     ``chat_template``, a template string, a {name: template} dict or tokenizer_config.json's
     list of {"name", "template"} dicts, taking priority over the config's.
+
+    Raises:
+        ValueError: a list of chat templates with an entry that is not a {"name", "template"} dict.
 
     Attributes:
         bos_token / eos_token / pad_token / unk_token: special token strings from
@@ -43,6 +49,8 @@ class Tokenizer:
 
     def __init__(self, tokenizer: _HFTokenizer, tokenizer_config: dict | None = None,
                  chat_template: str | dict | list | None = None):
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self.tokenizer = tokenizer
         cfg = tokenizer_config or {}
         self.special_tokens = {name: text for name in _SPECIAL_TOKENS
@@ -53,6 +61,10 @@ class Tokenizer:
         self.unk_token = self.special_tokens.get("unk_token")
         template = chat_template if chat_template is not None else cfg.get("chat_template")
         if isinstance(template, list):  # tokenizer_config.json: [{"name": "default", "template": ...}, ...]
+            bad = [t for t in template if not (isinstance(t, Mapping) and {"name", "template"} <= set(t))]
+            if bad:
+                raise ValueError(f"a list of chat templates holds {{'name': ..., 'template': ...}} dicts, got "
+                                 f"{bad[0]!r}"[:300])
             template = {t["name"]: t["template"] for t in template}
         self.chat_templates = dict(template) if isinstance(template, dict) else (
             {"default": template} if template else {})
@@ -83,20 +95,38 @@ class Tokenizer:
         etc. when ``add_special_tokens``."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        """Text of token ids (any iterable of ints, e.g. a list or a 1-D tensor, or one id:
-        an int or a 0-d tensor, as transformers' ``decode`` takes); special tokens are kept
-        unless ``skip_special_tokens`` (the default of transformers' ``decode``).
+    def decode(self, ids, skip_special_tokens: bool = False) -> str | list[str]:
+        """Text of token ids, as transformers' ``decode`` takes them: one id (an int, a 0-d
+        tensor or array), a sequence of ids (a list, a 1-D tensor or array) -> a string; a batch
+        of sequences (a 2-D tensor or array, e.g. what ``generate`` returns, or a list of lists)
+        -> a list of strings; a mapping with ``input_ids`` (a tokenizer's output) -> its ids'
+        text. Special tokens are kept unless ``skip_special_tokens`` (transformers' default).
 
         Raises:
-            TypeError: one id that is not an integer (a float, a float tensor).
+            TypeError: ids that are not integers (floats, strings, bools, a float tensor).
+            ValueError: a tensor or array of more than 2 dimensions.
         """
-        if isinstance(ids, numbers.Number) or getattr(ids, "ndim", None) == 0:  # one id: a number, 0-d tensor / array
-            one = ids if isinstance(ids, torch.Tensor) or not hasattr(ids, "item") else ids.item()  # numpy -> Python
-            if not is_int(one):
-                raise TypeError(f"decode takes integer token ids, got {ids!r}")
-            ids = [ids]
-        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+        if isinstance(ids, Mapping) and "input_ids" in ids:
+            ids = ids["input_ids"]
+        if getattr(ids, "ndim", None) is not None:  # a tensor or an array: ints only, up to 2-D
+            integral = (not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+                        if isinstance(ids, torch.Tensor) else ids.dtype.kind in ("i", "u"))
+            if not integral:
+                raise TypeError(f"decode takes integer token ids, got a {ids.dtype} {type(ids).__name__}")
+            if ids.ndim > 2:
+                raise ValueError(f"decode takes one id, a sequence of ids or a batch (2-D) of them, got "
+                                 f"{ids.ndim} dimensions")
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode takes integer token ids, got {type(ids).__name__} {ids!r}")
+        ids = [ids] if isinstance(ids, numbers.Number) else list(ids)
+        if ids and all(isinstance(row, (list, tuple)) or getattr(row, "ndim", 0) == 1 for row in ids):
+            return [self.decode(row, skip_special_tokens) for row in ids]  # a batch, as transformers 5
+        ids = [one.item() if getattr(one, "ndim", None) == 0 else one for one in ids]  # 0-d tensors, numpy ints
+        bad = [one for one in ids if not is_int(one)]
+        if bad:
+            raise TypeError(f"decode takes integer token ids (or rows of them), got {bad[0]!r}")
+        return self.tokenizer.decode([int(one) for one in ids], skip_special_tokens=skip_special_tokens)
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
         """The Jinja source ``apply_chat_template`` renders with, chosen as transformers does:
@@ -178,7 +208,7 @@ class Tokenizer:
                             f"{type(conversation).__name__}")
         if not conversation:
             raise ValueError("cannot apply the chat template to an empty conversation")
-        conversation = _plain([getattr(c, "messages", c) for c in conversation])
+        conversation = _plain([getattr(c, "messages", c) for c in conversation], messages=True)
         if add_generation_prompt and continue_final_message:
             raise ValueError("add_generation_prompt starts a new assistant turn and continue_final_message "
                              "continues the last one: set one of them")
@@ -201,7 +231,7 @@ class Tokenizer:
                     raise TypeError(f"documents must be dicts (e.g. with 'title' and 'text'), got {doc!r}")
             documents = [dict(d) for d in documents]
         batched = isinstance(conversation[0], (list, tuple))
-        context = {**self.special_tokens, **kwargs}
+        context = {**self.special_tokens, **_plain(kwargs)}
         texts = [self._render(template, chat, tools, documents, add_generation_prompt, continue_final_message,
                               context) for chat in (conversation if batched else [conversation])]
         if not tokenize:
@@ -271,19 +301,33 @@ _TOKENIZER_ONLY = frozenset({"padding", "truncation", "max_length", "return_dict
                              "tokenizer_kwargs", "sanitize_control_tokens"})
 
 
-def _plain(value):
-    """Messages as the template sees them: mappings, dataclasses and pydantic models (anything
-    with ``model_dump``) become dicts and sequences lists, recursively, as transformers 5
-    converts message objects; other values are kept."""
+def _plain(value, messages: bool = False):
+    """What a chat template sees of the caller's data (messages, tools, documents, keyword
+    arguments), rebuilt from plain JSON types as transformers 5 rebuilds it: templates come
+    from the hub and run sandboxed, but the sandbox does not know which methods of arbitrary
+    objects are harmful (an array's ``tofile`` writes a file). None, str, int, float and bool
+    stay; subclasses (str enums, numpy scalars) become their base type; mappings become dicts
+    and lists / tuples lists, recursively; dataclasses and pydantic models (``model_dump``)
+    dicts; anything else (an image, a tensor, an array) a placeholder naming its type,
+    ``"<Tensor>"``. With ``messages`` (the conversation level), an object that is not one of
+    those is kept, for apply_chat_template's error to name it."""
+    numpy = sys.modules.get("numpy")
+    if value is None or type(value) in (str, int, float, bool):
+        return value
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {_plain(key): _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [_plain(item, messages) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
         return _plain(value.model_dump())
-    return value
+    if numpy is not None and isinstance(value, numpy.generic):
+        return _plain(value.item())
+    for base in (bool, str, int, float):
+        if isinstance(value, base):
+            return base(value) if base is not bool else bool(value)
+    return value if messages else f"<{type(value).__name__}>"
 
 
 # Names a message's reasoning text goes by (the first one present wins); templates read
@@ -306,8 +350,9 @@ def _compile(template: str):
 @functools.lru_cache(maxsize=1)
 def _environment():
     """The sandboxed Jinja environment chat templates render in (as transformers'), built once."""
+    import jinja2.utils
     from jinja2 import nodes
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import SecurityError, TemplateError
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -329,8 +374,32 @@ def _environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    class Namespace(jinja2.utils.Namespace):
+        """``namespace(...)`` refusing underscore-prefixed attributes (no reach into internals)."""
+
+        def __init__(*args, **kwargs):  # noqa: N805 (jinja's own signature: namespace(self=...) works)
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"a chat template may not set the underscore-prefixed attribute {name!r} on a "
+                                    f"namespace")
+
+    def make_dict(*args, **kwargs):  # dict(...) without the type object itself
+        return dict(*args, **kwargs)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.globals["namespace"] = Namespace
+    env.globals["dict"] = make_dict
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -351,14 +420,14 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
             :func:`ligerzoo.hub.resolve`) no such directory or reachable repo.
         ValueError: tokenizer_config.json or chat_template.json that is not valid JSON.
     """
-    from ligerzoo.hub import TEMPLATE_DIR, resolve
+    from ligerzoo.hub import TEMPLATE_DIR, _read_json, resolve
 
-    directory = Path(resolve(id_or_dir, revision))
+    directory = Path(resolve(id_or_dir, revision, weights=False))
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
     cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
     templates = {}
     if (directory / "chat_template.jinja").is_file():
         templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
@@ -366,10 +435,36 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
         templates[extra.name.removesuffix(".jinja")] = extra.read_text(encoding="utf-8")
     template = templates or None
     if template is None and not cfg.get("chat_template") and (directory / "chat_template.json").is_file():
-        template = json.loads((directory / "chat_template.json").read_text()).get("chat_template")
+        template = _read_json(directory / "chat_template.json").get("chat_template")
     tokenizer = _HFTokenizer.from_file(str(path))
     _add_config_tokens(tokenizer, cfg.get("added_tokens_decoder") or {})
+    _add_special_tokens(tokenizer, cfg)
     return Tokenizer(tokenizer, cfg, template)
+
+
+def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
+    """Make the config's named special tokens (``bos_token``, ``eos_token``, ...) and its extra
+    ones (``extra_special_tokens`` / ``additional_special_tokens``, a list or a {name: token}
+    dict) special added tokens, as transformers 5 does when it loads a tokenizer: one that
+    tokenizer.json does not list as added is matched whole and skipped by
+    ``skip_special_tokens``; a word of the vocabulary keeps its id, a new one takes the next
+    free id (which the model's embedding may not have: the model then refuses the id)."""
+    from tokenizers import AddedToken
+
+    extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+    specs = [cfg.get(name) for name in _SPECIAL_TOKENS] + list(extra.values() if isinstance(extra, Mapping) else extra)
+    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    new = []
+    for spec in specs:
+        content = _token_text(spec)
+        if not isinstance(content, str) or content in have:
+            continue
+        options = {k: spec[k] for k in ("single_word", "lstrip", "rstrip") if k in spec} if isinstance(spec, dict) else {}
+        new.append(AddedToken(content, special=True, normalized=spec.get("normalized", False)
+                              if isinstance(spec, dict) else False, **options))
+        have.add(content)
+    if new:
+        tokenizer.add_special_tokens(new)
 
 
 def _add_config_tokens(tokenizer: _HFTokenizer, added: dict) -> None:

@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     for name, least in (("steps", 1), ("batch_size", 1), ("seq_len", 2)):  # a row of 1 token has no target
         if getattr(args, name) < least:
             ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    if not 0.0 <= args.lr < float("inf"):
-        ap.error(f"--lr must be a finite number >= 0, got {args.lr}")
+    if not 0.0 < args.lr < float("inf"):  # the demo checks that fine-tuning lowers the held-out loss
+        ap.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.out:  # refused now, not after the run
         try:
             ligerzoo.hub.check_save_target(args.out, overwrite=args.overwrite)
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
         diff = (ours_logits - hf_logits).abs().max().item()
         scale = hf_logits.abs().max().item()
     summary["logit_diff"] = diff
-    print(f"[4] save_hf -> {out_dir} in {t_save:.2f} s; transformers reloads it: max |logit diff| on "
+    where = out_dir if args.out else "a temporary directory (removed; --out DIR keeps it)"
+    print(f"[4] save_hf -> {where} in {t_save:.2f} s; transformers reloads it: max |logit diff| on "
           f"{CHECK_PROMPT!r} = {diff:.2e}")
     # fp32: the two implementations agree to rounding. bf16: two bf16 pipelines differ by a few
     # bf16 steps of the largest logits (one step at 32 is 0.125), so the bound is relative to them.

@@ -4,14 +4,15 @@
 # (this project's machines hold a CPU build of it on disk; elsewhere set PIP_INDEX_URL or
 # PIP_EXTRA_INDEX_URL to a CPU wheel index first, or pip takes PyPI's larger CUDA build). On a
 # machine that already has torch (e.g. a GPU image), set LIGERZOO_SYSTEM_PYTHON=1 to use it.
+# The caller's working directory is left as it was (relative paths in the arguments keep
+# their meaning); the install runs in a subshell at the repository root.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
 if [ "${LIGERZOO_SYSTEM_PYTHON:-0}" = "1" ]; then
   PY=python3
 else
-  if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+  if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    python3 -m venv "$ROOT/.venv"
   fi
   PY="$ROOT/.venv/bin/python"
   if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -23,7 +24,7 @@ else
     fi
   fi
   if ! "$PY" -c "import ligerzoo, transformers, gguf, pytest" 2>/dev/null; then
-    "$PY" -m pip install -q -e ".[test]"
+    (cd "$ROOT" && "$PY" -m pip install -q -e ".[test]")
   fi
 fi
-export PY
+export PY ROOT

@@ -3,4 +3,5 @@
 # transformers, checkpoint round trips, the real SmolLM2 checkpoint. Extra args go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+cd "$ROOT"
 exec "$PY" -m pytest -q "$@"

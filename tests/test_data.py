@@ -100,6 +100,11 @@ def test_tokenize():
     assert tokenize(lambda s: torch.tensor([[1, 2]], dtype=torch.int32), "x").tolist() == [1, 2]
     two_d = tokenize(lambda s: np.array([[1, 2, 3]]), "x")  # a numpy array is flattened like a tensor (was 2-D)
     assert two_d.shape == (3,) and two_d.dtype == torch.long
+    assert tokenize(lambda s: [[1, 2], [3, 4]], "x").tolist() == [1, 2, 3, 4]  # nested lists too (were 2-D)
+    assert tokenize(lambda s: {"input_ids": [[5, 6]], "attention_mask": [[1, 1]]}, "x").tolist() == [5, 6]
+    for bad in ([1.5, 2.0], np.array([0.5]), [True, False]):  # not truncated to ids
+        with pytest.raises(TypeError, match="integer token ids"):
+            tokenize(lambda s: bad, "x")
 
 
 def test_split_tokens_is_contiguous_and_complete():
@@ -198,6 +203,8 @@ def test_bad_arguments_raise_at_the_call():
         token_batches(None, torch.arange(64) + 0.7, 2, 1)            # not truncated silently
     with pytest.raises(ValueError, match="epochs must be"):
         token_batches(None, torch.arange(64), 2, 1, epochs=-1)       # not an empty iterator
+    with pytest.raises(ValueError, match="shuffle must be"):
+        token_batches(None, torch.arange(64), 2, 1, shuffle="no")    # a truthy string would shuffle
     with pytest.raises(ValueError, match="seq_len must be an int"):
         token_batches(None, torch.arange(64), 2.5, 1)
     with pytest.raises(ValueError, match="n_tokens must be an int >= 0"):

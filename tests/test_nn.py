@@ -296,3 +296,17 @@ def test_modules_run_on_the_meta_device():
         assert L.Embedding(10, 8)(ids).shape == (2, 3, 8)
         assert L.CrossEntropyLoss()(torch.randn(4, 10), t).shape == ()
         assert L.FusedLinearCrossEntropyLoss()(torch.randn(10, 8), torch.randn(4, 8), t).shape == ()
+
+
+def test_a_model_runs_on_the_meta_device():
+    """A CausalLM built on meta runs a forward (shape inference, FLOP counting): the RoPE
+    tables skip autocast, which meta does not have; with labels, the loss is a 0-d meta tensor."""
+    import ligerzoo
+
+    cfg = ligerzoo.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = ligerzoo.CausalLM(cfg)
+        ids = torch.zeros(2, 5, dtype=torch.long)
+        assert model(ids).logits.shape == (2, 5, 64)
+        assert model(ids, labels=ids).loss.shape == ()

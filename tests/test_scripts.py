@@ -30,8 +30,20 @@ def test_demo_never_replaces_a_non_empty_out_unasked(tmp_path, capsys):
     assert (tmp_path / "important.txt").read_text() == "keep"
     _refused(demo.main, ["--steps", "0"], capsys, "--steps must be at least 1")
     _refused(demo.main, ["--seq-len", "1"], capsys, "--seq-len must be at least 2")
-    _refused(demo.main, ["--lr", "-1"], capsys, "--lr must be a finite number >= 0")
-    _refused(demo.main, ["--lr", "nan"], capsys, "--lr must be a finite number >= 0")
+    for lr in ("-1", "nan", "0"):  # 0 cannot lower the held-out loss, which the demo checks
+        _refused(demo.main, ["--lr", lr], capsys, "--lr must be a finite number > 0")
+
+
+def test_demo_sh_reads_out_relative_to_the_callers_directory(tmp_path):
+    """scripts/demo.sh run from another directory: a relative --out names a directory there
+    (here a non-empty one, refused), not under the repository."""
+    import subprocess
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "notes.txt").write_text("keep")
+    r = subprocess.run(["bash", str(SCRIPTS / "demo.sh"), "--out", "ckpt", "--device", "tpu"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and f"{tmp_path / 'ckpt'} exists and is not empty" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -275,3 +275,123 @@ def test_continue_final_message_on_reasoning_read_as_thinking(make_dir):
     conv = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "", "reasoning_content": "let me think"}]
     kwargs = {"continue_final_message": "reasoning_content"}
     assert render(ours, conv, **kwargs) == render(ref, conv, **kwargs) == "Hello||let me think"
+
+
+def test_truncation_and_padding_stored_in_tokenizer_json_are_off_as_in_transformers(smol, tmp_path):
+    """A tokenizer saved by transformers after a truncating, padding call keeps those settings in
+    tokenizer.json; transformers switches them off for calls that do not ask for them, and so
+    does load_tokenizer: encode and the chat template return every id, unpadded."""
+    from transformers import AutoTokenizer
+
+    for call, name in ((dict(truncation=True, max_length=16), "trunc"), (dict(padding="max_length", max_length=64),
+                                                                          "pad")):
+        tok = AutoTokenizer.from_pretrained(smol)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        tok(["some text", "x"], **call)
+        tok.save_pretrained(tmp_path / name)
+        assert json.loads((tmp_path / name / "tokenizer.json").read_text())["truncation" if name == "trunc" else
+                                                                             "padding"] is not None
+        ref, ours = both(tmp_path / name)
+        text = "To be, or not to be, that is the question. " * 8
+        assert len(ref.encode(text)) > 64
+        assert ours.encode(text) == ref.encode(text)
+        assert ours.encode("Hi") == ref.encode("Hi")
+        assert ours.apply_chat_template(CONV) == ref.apply_chat_template(CONV, tokenize=True, return_dict=False)
+
+
+def test_load_tokenizer_of_a_hub_id_fetches_no_weights(smol, tmp_path, monkeypatch):
+    """load_tokenizer("org/name") asks the hub for the tokenizer and config files only; from_hf
+    asks for the weight shards the index names as well."""
+    import huggingface_hub
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol / name, snap / name)
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append(allow_patterns)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert ligerzoo.load_tokenizer("org/name").encode("Hi", add_special_tokens=False)
+    assert calls == [list(ligerzoo.hub.SIDE_PATTERNS)]
+    calls.clear()
+    assert ligerzoo.hub.resolve("org/name") == snap and calls[-1] == ["model-1.safetensors"]
+
+
+def test_templates_see_plain_data_as_in_transformers(make_dir, tmp_path):
+    """What a template sees is rebuilt from JSON types as transformers 5 rebuilds it: an array
+    in a message becomes "<ndarray>" (its methods, tofile among them, out of the template's
+    reach), numpy scalars become numbers in tool arguments and keyword arguments, a tensor
+    "<Tensor>"; namespace() refuses underscore-prefixed attributes."""
+    import jinja2
+
+    target = tmp_path / "written"
+    evil = ("{% for m in messages %}{% for p in m.content %}{% if p.type == 'image' %}"
+            "{{ p.image.tofile('" + str(target) + "') }}{% endif %}{% endfor %}{% endfor %}ok")
+    ref, ours = both(make_dir({"chat_template": SIMPLE}))
+    conv = [{"role": "user", "content": [{"type": "image", "image": np.zeros(4, np.uint8)}, {"type": "text",
+                                                                                              "text": "?"}]}]
+    with pytest.raises(jinja2.exceptions.UndefinedError):
+        render(ours, conv, chat_template=evil)
+    assert not target.exists()
+    show = "{{ messages[0].content[0].image }}|{{ n | tojson }}|{{ flag | tojson }}|{{ t }}|{{ messages[1].a | tojson }}"
+    conv = conv + [{"role": "assistant", "content": "x", "a": {"n": np.int64(3), "f": np.float32(0.5)}}]
+    kwargs = dict(chat_template=show, n=np.int64(3), flag=np.bool_(False), t=torch.tensor(3))
+    assert render(ours, conv, **kwargs) == render(ref, conv, **kwargs) == '<ndarray>|3|false|<Tensor>|{"n": 3, "f": 0.5}'
+    for template in ("{% set ns = namespace(_x=1) %}{{ ns._x }}", "{% set ns = namespace(a=1) %}{% set ns._b = 2 %}"):
+        with pytest.raises(jinja2.exceptions.SecurityError):
+            render(ref, CONV, chat_template=template)
+        with pytest.raises(jinja2.exceptions.SecurityError):
+            render(ours, CONV, chat_template=template)
+    ok = "{% set ns = namespace(a=1) %}{% set ns.a = 2 %}{{ ns.a }}{{ dict(b=3).b }}"
+    assert render(ours, CONV, chat_template=ok) == render(ref, CONV, chat_template=ok) == "23"
+
+
+def test_decode_takes_what_transformers_decode_takes(make_dir):
+    """One id, a sequence, a 2-D batch (what generate returns: a list of strings, as
+    transformers 5), a list of rows, a tokenizer's output mapping; floats, strings, bools and
+    float tensors are refused rather than truncated to ids."""
+    ref, ours = both(make_dir())
+    ids = ref.encode("Hello world, again", add_special_tokens=False)
+    batch = torch.tensor([ids[:3], ids[1:4]])
+    for value in (ids, torch.tensor(ids), np.array(ids), batch, batch.numpy(), batch.tolist(), [torch.tensor(ids)],
+                  ids[0], torch.tensor(ids[0]), ref("Hello world")):
+        assert ours.decode(value) == ref.decode(value), value
+    assert isinstance(ours.decode(batch), list) and len(ours.decode(batch)) == 2
+    for bad in ([9.5, 1.0], torch.tensor([1.0, 2.0]), np.array([1.0]), ["12"], "12", [True], [1, [2]]):
+        with pytest.raises(TypeError, match="integer token ids"):
+            ours.decode(bad)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        ours.decode(torch.zeros(1, 1, 2, dtype=torch.long))
+
+
+def test_named_and_extra_special_tokens_are_special_as_in_transformers(smol, make_dir):
+    """Special tokens named in tokenizer_config.json but not listed as added in tokenizer.json
+    are made special added tokens, as transformers 5 does: one in the vocabulary keeps its id
+    and is matched whole and skipped by skip_special_tokens; a new one (an eos or an extra
+    special token the vocabulary lacks) takes the next id."""
+    d = make_dir({"eos_token": "</s>", "extra_special_tokens": ["<|tool|>"], "pad_token": "<|pad|>"})
+    data = json.loads((d / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_end|>"]
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = "<|im_end|>"  # in the vocabulary, no longer an added token
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref, ours = both(d)
+    for text in ("Hello<|im_end|> there</s><|tool|><|pad|>", "x <|im_end|>"):
+        ids = ref.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_special_tokens=False) == ids, text
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                        ref.pad_token_id)
+    assert ours.vocab_size == len(ref) and ours.eos_token_id is not None
+
+
+def test_a_template_list_entry_without_a_name_is_a_clear_error(make_dir):
+    with pytest.raises(ValueError, match="'name'"):
+        ligerzoo.load_tokenizer(make_dir({"chat_template": [{"template": "x"}]}))

@@ -67,6 +67,14 @@ def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(kind)
 
 
+def no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or a no-op context for a device type
+    autocast does not take (meta: torch raises for it)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of ints on the host (``triton.cdiv`` is a JIT callable there, and
     costs microseconds per call)."""

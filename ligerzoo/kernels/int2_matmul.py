@@ -155,9 +155,9 @@ def pack_int2(w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"K = {K} must be divisible by 4 (four 2-bit weights per byte)")
     if w.is_floating_point() and not torch.equal(w, w.round()):
         raise ValueError("w must hold integers in {-1, 0, 1}")
-    codes = w.to(torch.int16) + 1
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2):
+    if not bool(((w >= -1) & (w <= 1)).all()):  # in w's own dtype: a cast first would wrap 65536 to 0
         raise ValueError("w must hold ternary values in {-1, 0, 1}")
+    codes = w.to(torch.int16) + 1
     planes = codes.view(N, 4, K // 4)                                       # plane i = w[:, i*K4:(i+1)*K4]
     packed = planes[:, 0] | (planes[:, 1] << 2) | (planes[:, 2] << 4) | (planes[:, 3] << 6)
     return packed.to(torch.uint8)

@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from ligerzoo._checks import is_int
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
@@ -146,8 +147,8 @@ def _check_args(position_ids, inv_freq, mrope_section):
         raise ValueError(f"inv_freq must be 1-D (R/2,), got shape {tuple(inv_freq.shape)}")
     if not inv_freq.is_floating_point():
         raise ValueError(f"inv_freq must be floating point, got {inv_freq.dtype}")
-    section = [int(s) for s in mrope_section]
-    if len(section) != 3 or min(section) < 0 or sum(section) != inv_freq.shape[0]:
+    section = [int(s) for s in mrope_section] if all(is_int(s) for s in mrope_section) else None
+    if section is None or len(section) != 3 or min(section) < 0 or sum(section) != inv_freq.shape[0]:
         raise ValueError(
             f"mrope_section must be 3 non-negative sizes [t, h, w] summing to len(inv_freq) = R/2 = "
             f"{inv_freq.shape[0]}; got {list(mrope_section)}"
@@ -165,7 +166,7 @@ def mrope_cos_sin_reference(
     ``Qwen2VLRotaryEmbedding`` (fp32, autocast off); arguments, shapes, dtypes and errors as
     :func:`mrope_cos_sin`."""
     position_ids, inv_freq, section = _check_args(position_ids, inv_freq, mrope_section)
-    with torch.autocast(device_type=position_ids.device.type, enabled=False):
+    with _utils.no_autocast(position_ids.device.type):
         freqs = position_ids.float()[..., None] * inv_freq.float()         # (3, B, T, R/2)
         cos = freqs.cos() * attention_scaling
         sin = freqs.sin() * attention_scaling

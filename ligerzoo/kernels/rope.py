@@ -330,8 +330,7 @@ def rope_cos_sin(
         raise ValueError(f"position_ids must be (B, T) or (T,), got shape {tuple(position_ids.shape)}")
     if inv_freq.dim() != 1:
         raise ValueError(f"inv_freq must be 1-D (R/2,), got shape {tuple(inv_freq.shape)}")
-    device_type = position_ids.device.type
-    with torch.autocast(device_type=device_type, enabled=False):
+    with _utils.no_autocast(position_ids.device.type):
         inv = inv_freq.to(device=position_ids.device, dtype=torch.float32)
         freqs = position_ids.float()[..., None] * inv[None, None, :]      # (B, T, R/2)
         emb = torch.cat((freqs, freqs), dim=-1)                           # (B, T, R)
@@ -389,8 +388,11 @@ def rope(
             between them, not under tracing; else as usual) and returns them as the
             gradients of q and k, instead of allocating new ones (what Liger Kernel's rope
             always does: one (q + k)-sized buffer less at the backward's peak). Only for
-            callers whose output gradients are not read again, e.g. q and k feeding
-            attention; never when they are tensors you passed to ``backward`` yourself.
+            outputs whose gradient tensors nothing else reads: q and k going straight into
+            attention, whose backward makes fresh gradients. Never when q_out or k_out also
+            feeds an add, a subtraction or a residual (autograd hands the same gradient
+            tensor to every input of an add, so another branch would read the rotated
+            values), nor when the gradients are tensors you passed to ``backward`` yourself.
 
     Returns:
         ``(q_out, k_out)``: new contiguous tensors shaped and typed like q and k.

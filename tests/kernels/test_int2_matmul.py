@@ -163,3 +163,12 @@ def test_gpu_int2_matmul_exact(M, N, K):
     assert out.dtype == torch.int32
     assert torch.equal(out.long(), exp)
     assert torch.equal(unpack_int2(pack_int2(w)), w)
+
+
+def test_pack_refuses_values_a_cast_would_wrap_into_range():
+    """65536 (int16 wraps it to 0), +-inf and 1e10 (an int16 cast makes them 0) are not ternary:
+    refused, not packed as 0 or +-1."""
+    for bad in ([[65536, 65537, 65535, 0]], [[float("inf"), 0.0, 0.0, 0.0]], [[float("-inf"), 0.0, 0.0, 0.0]],
+                [[1e10, 0.0, 0.0, 0.0]]):
+        with pytest.raises(ValueError, match="ternary"):
+            pack_int2(torch.tensor(bad))

@@ -312,3 +312,14 @@ def test_gpu_mrope_rotation(dtype):
     assert_close_ulps(ko, ko64, dtype, u)
     assert_close_ulps(dq, q64.grad, dtype, u)
     assert_close_ulps(dk, k64.grad, dtype, u)
+
+
+def test_mrope_section_must_hold_integers_and_tables_run_on_meta():
+    """A float or string section is refused (was truncated by int()); the tables, like
+    rope_cos_sin's, take meta tensors (shape inference), where autocast does not exist."""
+    for section in ([1.5, 1, 1.5], "112", [1.0, 1, 2]):
+        with pytest.raises(ValueError, match="mrope_section"):
+            mrope_cos_sin(torch.arange(3), torch.ones(4), section)
+    pos, inv = torch.arange(5, device="meta"), torch.ones(4, device="meta")
+    for cos, sin in (mrope_cos_sin(pos, inv, [1, 1, 2]), rope_cos_sin(pos, inv)):
+        assert cos.shape == sin.shape == (1, 5, 8) and cos.device.type == "meta"
