@@ -80,6 +80,22 @@ def _fused_expert_grads_match(hf, ours):
         torch.testing.assert_close(layer.mlp.router.weight.grad, m.gate.weight.grad, atol=2e-5, rtol=1e-4)
 
 
+def _step_matches_transformers(hf, ours, name, ids, pos, labels, atol=1e-6, rtol=1e-5):
+    """One forward + backward of both models on the same batch (transformers with
+    use_cache=False): the losses and every parameter gradient equal. Returns transformers' output."""
+    hf.zero_grad()
+    ours.zero_grad()
+    ref = hf(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
+    ref.loss.backward()
+    out = ours(ids, labels=labels, position_ids=pos)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=atol, rtol=rtol)
+    if name == "mixtral":
+        _fused_expert_grads_match(hf, ours)
+    assert _grads_match(hf, ours) > 0
+    return ref
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_matches_transformers(tmp_path, name):
     hf = make_hf(name, tmp_path / "hf")
@@ -462,14 +478,7 @@ def test_packed_documents_attend_within_themselves_as_transformers(tmp_path, nam
         for a, b in ((0, 5), (5, 13)):  # each document alone
             torch.testing.assert_close(got[0, a:b], ours(ids[:1, a:b]).logits[0], atol=2e-5, rtol=2e-5)
         assert (got[0, 5:] - ours(ids[:1]).logits[0, 5:]).abs().max() > 1e-3  # the mask changes something
-    ref = hf(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
-    ref.loss.backward()
-    out = ours(ids, labels=labels, position_ids=pos)
-    out.loss.backward()
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
-    if name == "mixtral":
-        _fused_expert_grads_match(hf, ours)
-    assert _grads_match(hf, ours) > 0
+    _step_matches_transformers(hf, ours, name, ids, pos, labels)
 
 
 def test_phi3_longrope_compiles_whole_and_picks_the_regime_per_call(tmp_path):
@@ -543,16 +552,7 @@ def test_block_masks_give_transformers_attention(tmp_path, name, monkeypatch):
     for pos in (packed, torch.arange(T).expand(2, T)):
         labels = ids.clone()
         labels[0, [5, 16]] = -100
-        ours.zero_grad()
-        hf.zero_grad()
-        ref = hf(input_ids=ids, position_ids=pos, labels=labels, use_cache=False)
-        ref.loss.backward()
-        out = ours(ids, labels=labels, position_ids=pos)
-        out.loss.backward()
-        torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
-        if name == "mixtral":
-            _fused_expert_grads_match(hf, ours)
-        assert _grads_match(hf, ours) > 0
+        ref = _step_matches_transformers(hf, ours, name, ids, pos, labels)
         with torch.no_grad():
             torch.testing.assert_close(ours(ids, position_ids=pos).logits, ref.logits, atol=2e-5, rtol=2e-5)
 
