@@ -170,6 +170,8 @@ def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
         ids = ids.ids
     if not isinstance(ids, torch.Tensor):
         ids = torch.as_tensor(ids if hasattr(ids, "__array__") else list(ids))  # numpy, lists, nested lists
+    if ids.numel() == 0:  # an empty text ([] becomes a float tensor)
+        return torch.empty(0, dtype=torch.long)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"encode must return integer token ids, got {ids.dtype} values")
     return ids.reshape(-1).to(torch.long)

@@ -306,8 +306,8 @@ def _plain(value, messages: bool = False):
     arguments), rebuilt from plain JSON types as transformers 5 rebuilds it: templates come
     from the hub and run sandboxed, but the sandbox does not know which methods of arbitrary
     objects are harmful (an array's ``tofile`` writes a file). None, str, int, float and bool
-    stay; subclasses (str enums, numpy scalars) become their base type; mappings become dicts
-    and lists / tuples lists, recursively; dataclasses and pydantic models (``model_dump``)
+    stay; subclasses (str enums, numpy scalars) become their base type's value; mappings become
+    dicts, lists lists and tuples tuples, recursively; dataclasses and pydantic models (``model_dump``)
     dicts; anything else (an image, a tensor, an array) a placeholder naming its type,
     ``"<Tensor>"``. With ``messages`` (the conversation level), an object that is not one of
     those is kept, for apply_chat_template's error to name it."""
@@ -316,17 +316,19 @@ def _plain(value, messages: bool = False):
         return value
     if isinstance(value, Mapping):
         return {_plain(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         return [_plain(item, messages) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(item, messages) for item in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
         return _plain(value.model_dump())
     if numpy is not None and isinstance(value, numpy.generic):
         return _plain(value.item())
-    for base in (bool, str, int, float):
+    for base in (str, int, float):  # the base type's own conversion: a str enum's value, not its str()
         if isinstance(value, base):
-            return base(value) if base is not bool else bool(value)
+            return getattr(base, f"__{base.__name__}__")(value)
     return value if messages else f"<{type(value).__name__}>"
 
 
@@ -446,14 +448,14 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     """Make the config's named special tokens (``bos_token``, ``eos_token``, ...) and its extra
     ones (``extra_special_tokens`` / ``additional_special_tokens``, a list or a {name: token}
     dict) special added tokens, as transformers 5 does when it loads a tokenizer: one that
-    tokenizer.json does not list as added is matched whole and skipped by
-    ``skip_special_tokens``; a word of the vocabulary keeps its id, a new one takes the next
+    tokenizer.json does not list as an added token is matched whole and skipped by
+    ``skip_special_tokens`` (one it lists keeps its flags, as in transformers); a word of the vocabulary keeps its id, a new one takes the next
     free id (which the model's embedding may not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
     extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
     specs = [cfg.get(name) for name in _SPECIAL_TOKENS] + list(extra.values() if isinstance(extra, Mapping) else extra)
-    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}  # as transformers: added ones stay
     new = []
     for spec in specs:
         content = _token_text(spec)

@@ -4,8 +4,8 @@
 # (this project's machines hold a CPU build of it on disk; elsewhere set PIP_INDEX_URL or
 # PIP_EXTRA_INDEX_URL to a CPU wheel index first, or pip takes PyPI's larger CUDA build). On a
 # machine that already has torch (e.g. a GPU image), set LIGERZOO_SYSTEM_PYTHON=1 to use it.
-# The caller's working directory is left as it was (relative paths in the arguments keep
-# their meaning); the install runs in a subshell at the repository root.
+# The caller's working directory is left as it was (demo.sh's relative --out keeps its meaning;
+# test.sh then runs pytest from the repository root); the install runs in a subshell there.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${LIGERZOO_SYSTEM_PYTHON:-0}" = "1" ]; then

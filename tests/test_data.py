@@ -102,6 +102,8 @@ def test_tokenize():
     assert two_d.shape == (3,) and two_d.dtype == torch.long
     assert tokenize(lambda s: [[1, 2], [3, 4]], "x").tolist() == [1, 2, 3, 4]  # nested lists too (were 2-D)
     assert tokenize(lambda s: {"input_ids": [[5, 6]], "attention_mask": [[1, 1]]}, "x").tolist() == [5, 6]
+    for empty in ([], np.array([]), torch.tensor([])):  # an empty text: no ids, still long
+        assert tokenize(lambda s: empty, "").dtype == torch.long and tokenize(lambda s: empty, "").numel() == 0
     for bad in ([1.5, 2.0], np.array([0.5]), [True, False]):  # not truncated to ids
         with pytest.raises(TypeError, match="integer token ids"):
             tokenize(lambda s: bad, "x")

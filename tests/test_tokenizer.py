@@ -322,6 +322,22 @@ def test_load_tokenizer_of_a_hub_id_fetches_no_weights(smol, tmp_path, monkeypat
     assert ligerzoo.hub.resolve("org/name") == snap and calls[-1] == ["model-1.safetensors"]
 
 
+def test_str_enums_and_tuples_reach_templates_as_in_transformers(make_dir):
+    """A (str, Enum) role is its value ("user"), not "Role.USER" (which silently dropped the
+    turn from templates comparing roles); tuples stay tuples, as transformers 5 renders them."""
+    import enum
+
+    class Role(str, enum.Enum):
+        USER = "user"
+
+    template = ("{% for m in messages %}{% if m.role == 'user' %}[user]{{ m.content }}{% endif %}{% endfor %}"
+                "|{{ x }}|{{ x | tojson }}|{{ pair }}")
+    ref, ours = both(make_dir({"chat_template": template}))
+    conv = [{"role": Role.USER, "content": "Hi"}]
+    kwargs = dict(x=Role.USER, pair=(1, 2))
+    assert render(ours, conv, **kwargs) == render(ref, conv, **kwargs) == '[user]Hi|user|"user"|(1, 2)'
+
+
 def test_templates_see_plain_data_as_in_transformers(make_dir, tmp_path):
     """What a template sees is rebuilt from JSON types as transformers 5 rebuilds it: an array
     in a message becomes "<ndarray>" (its methods, tofile among them, out of the template's
@@ -374,15 +390,17 @@ def test_named_and_extra_special_tokens_are_special_as_in_transformers(smol, mak
     are made special added tokens, as transformers 5 does: one in the vocabulary keeps its id
     and is matched whole and skipped by skip_special_tokens; a new one (an eos or an extra
     special token the vocabulary lacks) takes the next id."""
-    d = make_dir({"eos_token": "</s>", "extra_special_tokens": ["<|tool|>"], "pad_token": "<|pad|>"})
+    d = make_dir({"eos_token": "</s>", "extra_special_tokens": ["<|tool|>", "<tool_call>"], "pad_token": "<|pad|>"})
     data = json.loads((d / "tokenizer.json").read_text())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_end|>"]
+    data["added_tokens"].append(dict(data["added_tokens"][-1], id=len(data["model"]["vocab"]) + 50,
+                                     content="<tool_call>", special=False))  # added, not special: stays so
     (d / "tokenizer.json").write_text(json.dumps(data))
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg["bos_token"] = "<|im_end|>"  # in the vocabulary, no longer an added token
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     ref, ours = both(d)
-    for text in ("Hello<|im_end|> there</s><|tool|><|pad|>", "x <|im_end|>"):
+    for text in ("Hello<|im_end|> there</s><|tool|><|pad|>", "x <|im_end|>", "a <tool_call>{}</tool_call>"):
         ids = ref.encode(text, add_special_tokens=False)
         assert ours.encode(text, add_special_tokens=False) == ids, text
         for skip in (False, True):

@@ -155,7 +155,8 @@ def pack_int2(w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"K = {K} must be divisible by 4 (four 2-bit weights per byte)")
     if w.is_floating_point() and not torch.equal(w, w.round()):
         raise ValueError("w must hold integers in {-1, 0, 1}")
-    if not bool(((w >= -1) & (w <= 1)).all()):  # in w's own dtype: a cast first would wrap 65536 to 0
+    wide = w if w.is_floating_point() else w.to(torch.int64)  # uint8 has no -1; int16 would wrap 65536 to 0
+    if not bool(((wide >= -1) & (wide <= 1)).all()):
         raise ValueError("w must hold ternary values in {-1, 0, 1}")
     codes = w.to(torch.int16) + 1
     planes = codes.view(N, 4, K // 4)                                       # plane i = w[:, i*K4:(i+1)*K4]

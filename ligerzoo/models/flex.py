@@ -47,9 +47,9 @@ def _flex():
 def applies(device: torch.device, cached: bool, key_valid, head_dim: int) -> bool:
     """Whether the model's masks go through :func:`block_mask`: CUDA, no KV cache, no padding
     mask (``key_valid``), a head_dim flex_attention's kernels take (a multiple of 16 up to
-    256), not inside the caller's torch.compile (there the block mask's flex_attention call
-    failed to lower in torch 2.11's inductor: compiled models keep the dense mask), and
-    :data:`ENABLED`."""
+    256), not inside the caller's torch.compile (there, on the H200 machine's torch 2.11, the
+    block mask's flex_attention call failed to lower in inductor: compiled models keep the
+    dense mask), and :data:`ENABLED`."""
     return (ENABLED and device.type == "cuda" and not cached and key_valid is None
             and head_dim % 16 == 0 and 16 <= head_dim <= 256 and not torch.compiler.is_compiling())
 
@@ -107,8 +107,11 @@ def _visible(doc: torch.Tensor, window: torch.Tensor):
     flex_attention meets the same function each forward (a Python constant or a branch taken
     per mask would recompile it, until torch.compile's recompile limit sends it to the eager
     fallback, which materialises the (T, S) scores)."""
+    rows = doc.shape[0]  # 1 without documents: every batch row reads row 0
+
     def mask_mod(b, h, q, s):
-        return (s <= q) & (s > q - window) & (doc[b, q] == doc[b, s])
+        r = b % rows
+        return (s <= q) & (s > q - window) & (doc[r, q] == doc[r, s])
     return mask_mod
 
 
@@ -146,9 +149,7 @@ def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device)
         return _last[4]
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if mask is None and S == T:
-        block = block_mask(T, None, None, device)
-    elif mask is None:
+    if mask is None:  # (a mask function capturing no tensor: lowers inside a caller's torch.compile)
         offset = S - T
 
         def mask_mod(b, h, q, kv):

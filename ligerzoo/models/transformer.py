@@ -228,7 +228,9 @@ class Attention(nn.Module):
 
     Runs ``F.scaled_dot_product_attention``. On CUDA it runs ``torch.nn.attention.flex_attention``
     (models/flex.py) for a block mask (packed documents, a sliding window shorter than the
-    sequence) and for a softcap (Gemma2); a softcap elsewhere runs ``eager_attention``.
+    sequence) and for a softcap (Gemma2); a softcap elsewhere, and inside the caller's
+    torch.compile (where the flex call gave a loss unlike eager's on the H200 and once an illegal
+    memory access), runs ``eager_attention``, which holds the (B, nh, T, S) scores.
     ``attn_mask``: None (causal), a bool (B|1, 1, T, S) tensor, or a flex ``BlockMask``.
     """
 
@@ -255,7 +257,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        if isinstance(attn_mask, flex.BlockMask) or (self.softcap is not None and q.is_cuda and cache is None):
+        if isinstance(attn_mask, flex.BlockMask) or (self.softcap is not None and q.is_cuda and cache is None
+                                                     and not torch.compiler.is_compiling()):
             y = flex.attention(q, k, v, attn_mask, self.scale, self.softcap)
         elif self.softcap is not None:
             y = eager_attention(q, k, v, attn_mask, self.scale, self.softcap)

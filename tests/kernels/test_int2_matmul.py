@@ -172,3 +172,5 @@ def test_pack_refuses_values_a_cast_would_wrap_into_range():
                 [[1e10, 0.0, 0.0, 0.0]]):
         with pytest.raises(ValueError, match="ternary"):
             pack_int2(torch.tensor(bad))
+    codes = torch.tensor([[0, 1, 1, 0]])  # unsigned storage of {0, 1} is ternary too
+    assert torch.equal(pack_int2(codes.to(torch.uint8)), pack_int2(codes))

@@ -498,24 +498,28 @@ def test_phi3_longrope_compiles_whole_and_picks_the_regime_per_call(tmp_path):
     assert not torch.allclose(losses[0], losses[1])
 
 
-def _as_the_kernel_sees_it(block_mask, T, S):
+def _as_the_kernel_sees_it(block_mask, T, S, B=None):
     """(B, T, S) bool: what flex_attention's kernel computes for a BlockMask, tile by tile:
-    a full tile every pair, a partial tile the pairs its mask function allows, others none."""
+    a full tile every pair, a partial tile the pairs its mask function allows, others none.
+    B: the batch of the attention call (default the mask's own; a mask of batch 1 serves
+    every row, its tiles read at row b % 1 and its mask function called with the real b)."""
     bq, bk = block_mask.BLOCK_SIZE
     counts, idx = block_mask.kv_num_blocks[:, 0], block_mask.kv_indices[:, 0]
     full_counts, full_idx = block_mask.full_kv_num_blocks[:, 0], block_mask.full_kv_indices[:, 0]
-    B, n_q = counts.shape
+    rows, n_q = counts.shape
+    B = B or rows
     n_k = idx.shape[-1]
     b, q, s = torch.arange(B)[:, None, None], torch.arange(n_q * bq)[None, :, None], torch.arange(n_k * bk)
     allowed = block_mask.mask_mod(b, 0, q, s[None, None, :]).expand(B, n_q * bq, n_k * bk)
     seen = torch.zeros_like(allowed)
-    for i in range(B):
+    for b in range(B):
+        i = b % rows
         for r in range(n_q):
-            rows = slice(r * bq, (r + 1) * bq)
+            qs = slice(r * bq, (r + 1) * bq)
             for c in idx[i, r, :counts[i, r]].tolist():
-                seen[i, rows, c * bk:(c + 1) * bk] = allowed[i, rows, c * bk:(c + 1) * bk]
+                seen[b, qs, c * bk:(c + 1) * bk] = allowed[b, qs, c * bk:(c + 1) * bk]
             for c in full_idx[i, r, :full_counts[i, r]].tolist():
-                seen[i, rows, c * bk:(c + 1) * bk] = True
+                seen[b, qs, c * bk:(c + 1) * bk] = True
     return seen[:, :T, :S]
 
 
@@ -526,7 +530,7 @@ def _flex_as_its_kernel(q, k, v, score_mod=None, block_mask=None, scale=None, en
     scores = q @ k.transpose(2, 3) * scale  # (B, nh, T, S)
     if score_mod is not None:
         scores = score_mod(scores, None, None, None, None)
-    seen = _as_the_kernel_sees_it(block_mask, q.shape[2], k.shape[2])[:, None]
+    seen = _as_the_kernel_sees_it(block_mask, q.shape[2], k.shape[2], q.shape[0])[:, None]
     probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
     return probs @ v
 
