@@ -136,6 +136,17 @@ def block_mask(T: int, document: torch.Tensor | None, window: int | None, device
                                     mask_mod=_visible(doc, reach), seq_lengths=(T, T))
 
 
+def dense(mask: BlockMask, B: int) -> torch.Tensor:
+    """The (B, 1, T, T) bool mask a :func:`block_mask` stands for, from its mask function
+    (which alone decides every pair). For code compiled apart from the model's mask building
+    (a block compiled on its own), where the mask arrives built but flex_attention's call
+    inside the compiled graph is not trusted (see :func:`applies`)."""
+    T = mask.seq_lengths[0]
+    pos = torch.arange(T, device=mask.kv_num_blocks.device)
+    b = torch.arange(B, device=pos.device)[:, None, None, None]
+    return mask.mask_mod(b, 0, pos[None, None, :, None], pos[None, None, None, :])  # (B, 1, T, T)
+
+
 def _softcap(softcap: float):
     def score_mod(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)

@@ -231,7 +231,8 @@ class Attention(nn.Module):
     sequence) and for a softcap (Gemma2); a softcap elsewhere, and inside the caller's
     torch.compile (where the flex call gave a loss unlike eager's on the H200 and once an illegal
     memory access), runs ``eager_attention``, which holds the (B, nh, T, S) scores.
-    ``attn_mask``: None (causal), a bool (B|1, 1, T, S) tensor, or a flex ``BlockMask``.
+    ``attn_mask``: None (causal), a bool (B|1, 1, T, S) tensor, or a flex ``BlockMask`` (inside
+    a block compiled on its own, turned into its dense equivalent for the dense path).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -257,6 +258,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        if isinstance(attn_mask, flex.BlockMask) and torch.compiler.is_compiling():
+            attn_mask = flex.dense(attn_mask, B)  # a block compiled on its own: the dense path below
         if isinstance(attn_mask, flex.BlockMask) or (self.softcap is not None and q.is_cuda and cache is None
                                                      and not torch.compiler.is_compiling()):
             y = flex.attention(q, k, v, attn_mask, self.scale, self.softcap)

@@ -561,6 +561,28 @@ def test_block_masks_give_transformers_attention(tmp_path, name, monkeypatch):
             torch.testing.assert_close(ours(ids, position_ids=pos).logits, ref.logits, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["gemma2", "mistral"])
+def test_blocks_compiled_apart_take_the_block_mask_as_a_dense_one(tmp_path, name, monkeypatch):
+    """Blocks compiled one by one (as torchtitan compiles them) while the model builds its
+    block masks eagerly: inside the compiled block the mask becomes its dense equivalent and
+    runs the dense path; loss and gradients equal transformers', packed and plain rows."""
+    from ligerzoo.models import flex
+
+    monkeypatch.setattr(flex, "BLOCK", 8)
+    monkeypatch.setattr(flex, "applies", lambda device, cached, key_valid, head_dim: not cached and key_valid is None
+                        and not torch.compiler.is_compiling())
+    monkeypatch.setattr(flex, "_flex", lambda: pytest.fail("flex_attention called inside a compiled block"))
+    hf = make_hf(name, tmp_path / "hf")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    for layer in ours.layers:
+        layer.compile(backend="aot_eager", fullgraph=True)
+    T = 21
+    ids = torch.randint(3, BASE["vocab_size"], (2, T))
+    packed = torch.stack([torch.cat([torch.arange(5), torch.arange(11), torch.arange(5)]), torch.arange(T)])
+    for pos in (packed, torch.arange(T).expand(2, T)):
+        _step_matches_transformers(hf, ours, name, ids, pos, ids.masked_fill(pos == 0, -100))
+
+
 @pytest.mark.parametrize("window", [None, 5, 16, 30])
 def test_block_tiles_cover_exactly_the_dense_mask(window):
     """flex.block_classes against attention_mask_for's dense mask: every full tile is all
