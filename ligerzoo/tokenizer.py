@@ -449,8 +449,9 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     ones (``extra_special_tokens`` / ``additional_special_tokens``, a list or a {name: token}
     dict) special added tokens, as transformers 5 does when it loads a tokenizer: one that
     tokenizer.json does not list as an added token is matched whole and skipped by
-    ``skip_special_tokens`` (one it lists keeps its flags, as in transformers); a word of the vocabulary keeps its id, a new one takes the next
-    free id (which the model's embedding may not have: the model then refuses the id)."""
+    ``skip_special_tokens`` (one it lists keeps its flags, as in transformers); a word of the
+    vocabulary keeps its id, a new one takes the next free id (which the model's embedding may
+    not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
     extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []

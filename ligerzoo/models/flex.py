@@ -160,7 +160,7 @@ def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device)
         return _last[4]
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if mask is None:  # (a mask function capturing no tensor: lowers inside a caller's torch.compile)
+    if mask is None:
         offset = S - T
 
         def mask_mod(b, h, q, kv):
@@ -186,7 +186,7 @@ def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tenso
     block = mask if isinstance(mask, BlockMask) else _dense_block_mask(mask, B, T, S, q.device)
     options = dict(score_mod=None if softcap is None else _softcap(softcap), block_mask=block, scale=scale,
                    enable_gqa=k.shape[1] != q.shape[1])
-    if torch.compiler.is_compiling():  # inside the caller's torch.compile (Gemma2's softcap)
+    if torch.compiler.is_compiling():  # (the model does not call it there: it takes the dense path)
         return _flex()(q, k, v, **options)
     from torch._dynamo import config
 

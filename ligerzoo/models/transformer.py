@@ -639,7 +639,7 @@ class CausalLM(nn.Module):
         masks = {}
         for t in {layer.layer_type for layer in self.layers}:
             window = self.config.sliding_window if t == "sliding_attention" else None
-            if flex.applies(input_ids.device, cache is not None, key_valid, self.config.head_dim):  # block-sparse, never dense
+            if flex.applies(input_ids.device, cache is not None, key_valid, self.config.head_dim):  # never dense
                 masks[t] = flex.block_mask(T, document, window, input_ids.device) if flex.needed(
                     T, document, window) else None
             else:
