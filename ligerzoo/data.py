@@ -24,6 +24,9 @@ and yields ``(input_ids, labels)`` batches of shape ``(batch_size, seq_len)``::
     tokens = tokenize(tok.encode, text)          # once; reuse for both splits
     for input_ids, labels in token_batches(None, tokens, seq_len=256, batch_size=8):
         loss = model(input_ids, labels=labels).loss   # the model shifts labels itself
+
+:func:`pack_documents` packs separate documents into rows whose ``position_ids`` restart at
+each document, for the model's packed-document path (each document attends only to itself).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import subprocess
 import sys
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -324,3 +327,76 @@ def _batches(windows, batch_size, per_epoch, shuffle, seed, epochs):
             input_ids = windows[order[b * batch_size : (b + 1) * batch_size]]  # a copy
             yield input_ids, input_ids.clone()
         epoch += 1
+
+
+def pack_documents(
+    documents: Iterable[Sequence[int] | torch.Tensor],
+    seq_len: int,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack documents into rows of ``seq_len`` tokens for the model's packed-document path.
+
+    Documents (1-D integer id sequences, each followed by ``eos_token_id`` when given) are
+    laid end to end, in order, and cut into rows of ``seq_len`` tokens; a document that does
+    not fit in what is left of a row continues at the start of the next one as a new piece.
+    Every piece starts its ``position_ids`` at 0, so ``model(input_ids, labels=labels,
+    position_ids=position_ids)`` makes each piece attend only within itself (as transformers
+    does for restarting positions without a cache), and the first token of each piece has no
+    label (it would be predicted from the previous piece). Nothing is padded inside a row.
+    The stream's last partial row is dropped, or, with ``pad_token_id``, filled with that id
+    (a piece of its own, without labels).
+
+    Args:
+        documents: an iterable of token id sequences (lists, tuples, 1-D tensors or arrays of
+            ints); empty ones are skipped.
+        seq_len: tokens per row, an int >= 2.
+        eos_token_id / pad_token_id: ints, or None.
+
+    Returns:
+        ``(input_ids, labels, position_ids)``, each ``torch.long`` ``(n_rows, seq_len)``;
+        ``labels`` is ``input_ids`` with -100 at each piece's first token and on padding.
+
+    Raises:
+        ValueError: ``seq_len`` not an int >= 2, ids that are not 1-D integers, an eos or pad
+            id that is not an int, or documents too short for one row (without ``pad_token_id``).
+    """
+    _check_sizes(seq_len, 1, min_seq_len=2)
+    seq_len = int(seq_len)
+    for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if v is not None and not is_int(v):
+            raise ValueError(f"{name} must be an int or None, got {v!r}")
+    tail = torch.tensor([] if eos_token_id is None else [int(eos_token_id)], dtype=torch.long)
+    rows_ids, rows_pos, ids, pos, room = [], [], [], [], seq_len
+    for i, doc in enumerate(documents):
+        doc = torch.as_tensor(doc) if not isinstance(doc, torch.Tensor) else doc
+        if doc.numel() and (doc.dim() != 1 or doc.is_floating_point() or doc.is_complex() or doc.dtype == torch.bool):
+            raise ValueError(f"document {i} must be 1-D integer ids, got {doc.dtype} of shape {tuple(doc.shape)}")
+        if not doc.numel():
+            continue
+        rest = torch.cat([doc.reshape(-1).to(torch.long).cpu(), tail])
+        while rest.numel():  # one piece per row it reaches, its positions from 0
+            take = min(room, rest.numel())
+            ids.append(rest[:take])
+            pos.append(torch.arange(take))
+            rest, room = rest[take:], room - take
+            if room == 0:
+                rows_ids.append(torch.cat(ids))
+                rows_pos.append(torch.cat(pos))
+                ids, pos, room = [], [], seq_len
+    padded = torch.zeros(0, dtype=torch.bool)
+    if ids and pad_token_id is not None:  # the last partial row, filled with a padding piece
+        ids.append(torch.full((room,), int(pad_token_id), dtype=torch.long))
+        pos.append(torch.arange(room))
+        rows_ids.append(torch.cat(ids))
+        rows_pos.append(torch.cat(pos))
+        padded = torch.arange(seq_len) >= seq_len - room
+    if not rows_ids:
+        raise ValueError(f"the documents hold fewer than seq_len = {seq_len} tokens: no full row (pass "
+                         f"pad_token_id to pad the last one)")
+    input_ids, position_ids = torch.stack(rows_ids), torch.stack(rows_pos)  # (n_rows, seq_len)
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    if padded.any():
+        labels[-1, padded] = -100
+    return input_ids, labels, position_ids

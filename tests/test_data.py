@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ligerzoo.data import (
+    pack_documents,
     load_text_corpus,
     markdown_play_to_text,
     num_batches,
@@ -231,3 +232,55 @@ def test_largest_seed_runs_every_epoch():
     assert len(batches) == 9
     first_of_epoch_1 = list(token_batches(None, torch.arange(64), 8, 2, seed=0, epochs=1))
     assert torch.equal(batches[3][0], first_of_epoch_1[0][0])  # epoch 1 of seed 2**64-1 is seed 0's order
+
+
+def test_pack_documents_rows_pieces_and_labels():
+    """Documents (+ eos) laid end to end in rows; a document cut by a row's end continues as a
+    new piece with positions from 0; labels drop each piece's first token and the padding."""
+    docs = [[1, 2, 3], torch.tensor([4, 5, 6, 7, 8], dtype=torch.int32), [], np.array([9, 10])]
+    ids, labels, pos = pack_documents(docs, 4, eos_token_id=0)
+    assert ids.dtype == labels.dtype == pos.dtype == torch.long and ids.shape == (3, 4)
+    assert ids.flatten().tolist() == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 9, 10]  # the trailing eos row is dropped
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]
+    assert labels.tolist() == [[-100, 2, 3, 0], [-100, 5, 6, 7], [-100, 0, -100, 10]]
+    ids, labels, pos = pack_documents(docs, 5, pad_token_id=99)  # 10 ids: two rows, no pad
+    assert ids.shape == (2, 5) and pos.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]
+    ids, labels, pos = pack_documents([[1, 2, 3]], 5, pad_token_id=99)
+    assert ids.tolist() == [[1, 2, 3, 99, 99]] and labels.tolist() == [[-100, 2, 3, -100, -100]]
+    assert pos.tolist() == [[0, 1, 2, 0, 1]]
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        pack_documents([[1, 2, 3]], 5)
+    for bad, match in (([[1.5, 2.0]], "integer ids"), ([[[1, 2]]], "1-D"), ([[True]], "integer ids")):
+        with pytest.raises(ValueError, match=match):
+            pack_documents(bad, 4)
+    with pytest.raises(ValueError, match="seq_len must be"):
+        pack_documents([[1, 2]], 1)
+    with pytest.raises(ValueError, match="eos_token_id must be"):
+        pack_documents([[1, 2]], 2, eos_token_id=1.0)
+
+
+def test_packed_rows_train_each_piece_as_if_alone():
+    """Through the model, each piece of a packed row gives the logits it gives alone, and the
+    row's loss is the mean over every labelled token of the pieces' own losses."""
+    import ligerzoo
+
+    cfg = ligerzoo.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(cfg)
+    docs = [torch.randint(1, 50, (n,)).tolist() for n in (5, 9, 3, 7)]
+    ids, labels, pos = pack_documents(docs, 8, eos_token_id=0, pad_token_id=49)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        logits = model(ids, position_ids=pos).logits
+        for r in range(ids.shape[0]):
+            starts = (pos[r] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+            for a, b in zip(starts[:-1], starts[1:]):
+                alone = model(ids[r:r + 1, a:b]).logits[0]
+                torch.testing.assert_close(logits[r, a:b], alone, atol=1e-5, rtol=1e-5)
+                keep = labels[r, a + 1:b] != -100
+                if keep.any():
+                    nll = torch.nn.functional.cross_entropy(alone[:-1].double(), ids[r, a + 1:b], reduction="none")
+                    total, count = total + nll[keep].sum().item(), count + int(keep.sum())
+        loss = model(ids, labels=labels, position_ids=pos).loss
+    torch.testing.assert_close(loss.double(), torch.tensor(total / count, dtype=torch.float64), atol=1e-5, rtol=1e-5)
