@@ -447,6 +447,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         unit.reshard()                # compute-dtype copies, not DTensors: back to the sharded fp32 weights
     params = _named_params(model)
     _check_params_fit_config(model.config, params)  # before anything is written
+    _check_model_follows_config(model)
     sharded = any_dtensor(params.values())  # then every rank gathers each full tensor; rank 0 writes
     writer = not sharded or torch.distributed.get_rank() == 0
     given = Path(save_directory).expanduser().absolute()
@@ -519,6 +520,37 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
             shutil.rmtree(tmp, ignore_errors=True)
         raise problem
     return given
+
+
+def _check_model_follows_config(model) -> None:
+    """ValueError when ``model.config`` was edited after the model was built in a way the model
+    does not follow: the RoPE tables, each attention's scale and softcap, each block's layer
+    type (sliding or full) and the MLP activation are fixed when the model is built, so
+    config.json would describe a model other than the one trained (e.g. ``rope_theta`` or a
+    YaRN ``rope_scaling`` set on a loaded model for long-context fine-tuning)."""
+    from ligerzoo.models.transformer import MLP, rope_inv_freq
+
+    config, problems = model.config, []
+    want = {False: rope_inv_freq(config)}
+    if (config.rope_scaling or {}).get("rope_type") == "longrope":
+        want[True] = rope_inv_freq(config, long=True)
+    have = model._inv_freq
+    if set(have) != set(want) or any(not torch.equal(have[k][0].cpu(), want[k][0]) or have[k][1] != want[k][1]
+                                     for k in want):
+        problems.append("the RoPE frequencies (rope_theta, rope_scaling, partial_rotary_factor)")
+    scale = config.attn_scale if config.attn_scale is not None else config.head_dim ** -0.5
+    for i, layer in enumerate(model.layers):
+        if (layer.attn.scale, layer.attn.softcap) != (scale, config.attn_softcap):
+            problems.append(f"layer {i}'s attention scale or softcap")
+        if layer.layer_type != config.layer_type(i):
+            problems.append(f"layer {i}'s attention type ({layer.layer_type}; the config: {config.layer_type(i)})")
+        if isinstance(layer.mlp, MLP) and layer.mlp.activation != config.activation:
+            problems.append(f"layer {i}'s activation ({layer.mlp.activation}; the config: {config.activation})")
+    if problems:
+        raise ValueError("save_hf: model.config was changed after the model was built, and the model does not "
+                         f"follow the change in {_listing(problems, 4)}: config.json would describe another model "
+                         "than this one. Build a model from the edited config (ligerzoo.CausalLM(config)), load "
+                         "these weights into it (load_state_dict), and save that; or undo the edit.")
 
 
 def _check_params_fit_config(config, params: dict[str, torch.Tensor]) -> None:

@@ -1,4 +1,5 @@
 """Checkpoint contract: from_hf / save_hf round trips, sharding, hub cache, bad input."""
+import dataclasses
 import json
 import re
 import os
@@ -829,3 +830,64 @@ def test_default_dtype_of_a_checkpoint_without_one_is_the_first_shards_as_transf
     index["weight_map"] = dict(sorted(index["weight_map"].items(), key=lambda kv: kv[1] == shards[0]))
     (src / "model.safetensors.index.json").write_text(json.dumps(index))  # the first shard named last
     assert AutoModelForCausalLM.from_pretrained(src).dtype == ligerzoo.from_hf(src).embed.weight.dtype == torch.bfloat16
+
+
+def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
+    """RoPE tables, attention scale and softcap, layer types and the activation are fixed when
+    the model is built: a later edit of model.config (rope_theta, a YaRN rope_scaling for a
+    long-context fine-tune) would make config.json describe another model, so save_hf refuses
+    it; a model built from the edited config saves, and transformers runs it as ligerzoo does."""
+    import transformers
+
+    from ligerzoo.models.config import ModelConfig
+
+    kw = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(ModelConfig(**kw))
+    for field, value, match in (("rope_theta", 1e6, "RoPE"),
+                                ("rope_scaling", {"rope_type": "yarn", "factor": 4.0,
+                                                  "original_max_position_embeddings": 16}, "RoPE"),
+                                ("hidden_act", "gelu_pytorch_tanh", "activation")):
+        before = getattr(model.config, field)
+        setattr(model.config, field, value)
+        with pytest.raises(ValueError, match=f"changed after the model was built.*{match}"):
+            ligerzoo.save_hf(model, tmp_path / field)
+        assert not (tmp_path / field).exists()
+        setattr(model.config, field, before)
+    config = dataclasses.replace(model.config, rope_theta=1e6)
+    rebuilt = ligerzoo.CausalLM(config)
+    rebuilt.load_state_dict(model.state_dict())
+    ligerzoo.save_hf(rebuilt, tmp_path / "rebuilt")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt", attn_implementation="eager")
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, rebuilt(ids).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_configs_built_in_code_name_their_rope_type_and_activation_as_transformers(tmp_path):
+    """A rope_scaling copied from a 4.x config.json ("type") is read as its rope_type (it used
+    to run the default RoPE silently); one without a type is refused; "gelu_tanh" is stored as
+    transformers' "gelu_pytorch_tanh", so the saved config.json loads in transformers."""
+    import transformers
+
+    from ligerzoo.models.config import ModelConfig
+    from ligerzoo.models.transformer import rope_inv_freq
+
+    kw = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4)
+    legacy = ModelConfig(**kw, rope_scaling={"type": "linear", "factor": 4.0})
+    named = ModelConfig(**kw, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert legacy.rope_scaling == named.rope_scaling
+    assert torch.equal(rope_inv_freq(legacy)[0], rope_inv_freq(named)[0])
+    assert not torch.equal(rope_inv_freq(legacy)[0], rope_inv_freq(ModelConfig(**kw))[0])
+    with pytest.raises(ValueError, match="needs a 'rope_type'"):
+        ModelConfig(**kw, rope_scaling={"factor": 4.0})
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(ModelConfig(**kw, hidden_act="gelu_tanh"))
+    assert model.config.hidden_act == "gelu_pytorch_tanh"
+    ligerzoo.save_hf(model, tmp_path / "g")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", attn_implementation="eager")
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)

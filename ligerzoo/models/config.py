@@ -91,14 +91,14 @@ class ModelConfig:
         head_dim: per-head size; not necessarily ``hidden_size // num_attention_heads``.
         rms_norm_eps: epsilon of every RMSNorm (a finite number >= 0).
         rope_theta: RoPE base.
-        rope_scaling: None or a dict with ``rope_type`` and that type's parameters
-            (e.g. llama3: ``factor``, ``low_freq_factor``, ``high_freq_factor``,
-            ``original_max_position_embeddings``).
+        rope_scaling: None or a dict with ``rope_type`` (4.x's key ``type`` is renamed) and
+            that type's parameters (e.g. llama3: ``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``).
         max_position_embeddings: context length the checkpoint was trained for.
         qkv_bias / o_bias / mlp_bias: bias on the q/k/v, o and MLP projections.
         tie_word_embeddings: the LM head shares the embedding matrix.
-        hidden_act: gated-MLP activation: "silu" / "swish" (SwiGLU) or "gelu_pytorch_tanh" /
-            "gelu_tanh" (GeGLU).
+        hidden_act: gated-MLP activation: "silu" / "swish" (SwiGLU) or "gelu_pytorch_tanh"
+            (GeGLU; "gelu_tanh" is taken as an alias and stored as "gelu_pytorch_tanh").
         layer_types: per layer "full_attention" or "sliding_attention" (None: all full).
         sliding_window: W for sliding layers; a key is visible iff q - W < k <= q (HF).
         attn_softcap: attention-logit softcap c: scores -> c * tanh(scores / c) (Gemma2).
@@ -126,7 +126,7 @@ class ModelConfig:
             unsupported dtype or ``hidden_act``; ``layer_types`` of the wrong length or
             with unknown entries, or sliding layers without ``sliding_window``;
             ``num_experts_per_tok`` outside [1, num_local_experts] in an MoE config; an
-            unsupported rope type, its required ``rope_scaling`` fields missing, or
+            unsupported or missing rope type, its required ``rope_scaling`` fields missing, or
             LongRoPE factor lists not of length ``rotary_dim / 2``.
     """
 
@@ -200,6 +200,8 @@ class ModelConfig:
         self.dtype = dtype_from_str(self.dtype)
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(HIDDEN_ACTS)}")
+        if self.hidden_act == "gelu_tanh":  # an alias: transformers knows it as gelu_pytorch_tanh
+            self.hidden_act = "gelu_pytorch_tanh"
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
                 raise ValueError(f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, "
@@ -210,6 +212,11 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
                              f"[1, num_local_experts={self.num_local_experts}]")
         if self.rope_scaling is not None:
+            if "rope_type" not in self.rope_scaling:  # a dict copied from a 4.x config.json names it "type"
+                if "type" not in self.rope_scaling:
+                    raise ValueError(f"rope_scaling needs a 'rope_type' (one of {', '.join(SUPPORTED_ROPE_TYPES)}), "
+                                     f"got {self.rope_scaling}")
+                self.rope_scaling = {("rope_type" if k == "type" else k): v for k, v in self.rope_scaling.items()}
             rope_type = self.rope_scaling.get("rope_type", "default")
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise ValueError(
