@@ -713,11 +713,12 @@ def hf_config_for(config) -> dict:
             express (the fields are named; e.g. Llama with ``qkv_bias != o_bias``).
     """
     fam = family(config.model_type)
-    generated = fam.config_to_hf(config)
     original = config.hf_config
+    if original is not None and (dataclasses.replace(fam.config_from_hf(original), dtype=None)
+                                 == dataclasses.replace(config, dtype=None)):
+        return original  # (before generating: a layout the family's writer cannot produce still saves)
+    generated = fam.config_to_hf(config)
     if original is not None:
-        if dataclasses.replace(fam.config_from_hf(original), dtype=None) == dataclasses.replace(config, dtype=None):
-            return original
         generated = {k: v for k, v in original.items() if k not in generated and k not in _OWNED_KEYS} | generated
     _check_expressible(config, fam.config_from_hf(generated))
     return generated

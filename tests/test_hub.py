@@ -891,3 +891,24 @@ def test_configs_built_in_code_name_their_rope_type_and_activation_as_transforme
     ids = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_an_unedited_qwen2_with_any_sliding_layers_saves_its_own_config(tmp_path):
+    """A Qwen2 config.json whose layer_types slide on layers that are not a suffix (which the
+    family's writer cannot produce from max_window_layers) loads as transformers runs it, and an
+    unedited model saves the original file back (save_hf used to generate first and refuse)."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=7, layer_types=["sliding_attention", "full_attention"])
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    model = ligerzoo.from_hf(tmp_path / "src", dtype=torch.float32)
+    ligerzoo.save_hf(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == cfg.layer_types
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    ids = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, back(ids).logits, atol=2e-5, rtol=2e-5)
