@@ -149,6 +149,19 @@ def test_missing_shard(tmp_path):
         ligerzoo.from_hf(tmp_path / "hf")
 
 
+def _saved_runs_in_transformers(model, directory: Path, seq_len: int) -> None:
+    """save_hf(model, directory) unless already saved there, then transformers' reload of
+    the directory gives the model's logits (fp32, eager attention)."""
+    import transformers
+
+    if not (directory / "config.json").exists():
+        ligerzoo.save_hf(model, directory)
+    back = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
+
+
 def _rewrite(directory: Path, edit):
     f = directory / "model.safetensors"
     tensors = load_file(f)
@@ -837,8 +850,6 @@ def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
     the model is built: a later edit of model.config (rope_theta, a YaRN rope_scaling for a
     long-context fine-tune) would make config.json describe another model, so save_hf refuses
     it; a model built from the edited config saves, and transformers runs it as ligerzoo does."""
-    import transformers
-
     from ligerzoo.models.config import ModelConfig
 
     kw = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -858,19 +869,13 @@ def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
     config = dataclasses.replace(model.config, rope_theta=1e6)
     rebuilt = ligerzoo.CausalLM(config)
     rebuilt.load_state_dict(model.state_dict())
-    ligerzoo.save_hf(rebuilt, tmp_path / "rebuilt")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "rebuilt", attn_implementation="eager")
-    ids = torch.randint(0, 64, (1, 40))
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, rebuilt(ids).logits, atol=2e-5, rtol=2e-5)
+    _saved_runs_in_transformers(rebuilt, tmp_path / "rebuilt", 40)
 
 
 def test_configs_built_in_code_name_their_rope_type_and_activation_as_transformers(tmp_path):
     """A rope_scaling copied from a 4.x config.json ("type") is read as its rope_type (it used
     to run the default RoPE silently); one without a type is refused; "gelu_tanh" is stored as
     transformers' "gelu_pytorch_tanh", so the saved config.json loads in transformers."""
-    import transformers
-
     from ligerzoo.models.config import ModelConfig
     from ligerzoo.models.transformer import rope_inv_freq
 
@@ -886,11 +891,7 @@ def test_configs_built_in_code_name_their_rope_type_and_activation_as_transforme
     torch.manual_seed(0)
     model = ligerzoo.CausalLM(ModelConfig(**kw, hidden_act="gelu_tanh"))
     assert model.config.hidden_act == "gelu_pytorch_tanh"
-    ligerzoo.save_hf(model, tmp_path / "g")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", attn_implementation="eager")
-    ids = torch.randint(0, 64, (1, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
+    _saved_runs_in_transformers(model, tmp_path / "g", 9)
 
 
 def test_an_unedited_qwen2_with_any_sliding_layers_saves_its_own_config(tmp_path):
@@ -908,7 +909,4 @@ def test_an_unedited_qwen2_with_any_sliding_layers_saves_its_own_config(tmp_path
     model = ligerzoo.from_hf(tmp_path / "src", dtype=torch.float32)
     ligerzoo.save_hf(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == cfg.layer_types
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
-    ids = torch.randint(0, 100, (1, 20))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, back(ids).logits, atol=2e-5, rtol=2e-5)
+    _saved_runs_in_transformers(model, tmp_path / "out", 20)
