@@ -155,7 +155,9 @@ if HAS_TRITON:
         if LSE_GIVEN:
             lse = tl.load(LSE + row)
         else:
-            m = tl.full([], float("-inf"), tl.float32)
+            # m starts at the lowest finite fp32: a block of -inf logits (a masked vocabulary)
+            # then adds exp(-inf) = 0 to d instead of exp(-inf - -inf) = NaN
+            m = tl.full([], -3.4028234663852886e38, tl.float32)
             d = tl.zeros([], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_SIZE):
                 cols = start + offs

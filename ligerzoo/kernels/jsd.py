@@ -384,13 +384,9 @@ def jsd(
     if not _utils.triton_ok(student_logp, teacher_logp):
         return jsd_reference(student_logp, teacher_logp, labels, beta, ignore_index)
 
-    def rows(t):
-        t2 = t.reshape(-1, n_cols)
-        return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
     grad_on = torch.is_grad_enabled()
     loss, _, _ = ops.jsd(
-        rows(student_logp), rows(teacher_logp), labels, beta, int(ignore_index),
+        _utils.as_rows(student_logp, n_cols), _utils.as_rows(teacher_logp, n_cols), labels, beta, int(ignore_index),
         grad_on and student_logp.requires_grad, grad_on and teacher_logp.requires_grad,
     )
     return loss

@@ -29,8 +29,9 @@ per row (per part of a row when there are fewer rows than 8 programs per SM), ad
 block's sum to an fp32 total, into an (N, parts) buffer summed afterwards (deterministic, no
 atomics). ``"none"`` and the backward run a 2-D grid of (row, block of columns) programs;
 ``"none"`` writes ``l`` rounded once to the output dtype. On an H200 the reduced forward is bound
-by fp32 ``log``'s instructions, not by bytes: Liger Kernel's clamp ``log(max(p, 1e-10))`` is
-faster but changes targets below 1e-10 (benchmarks/NOTES.md, session 21).
+by the instructions of fp32 ``log`` (libdevice's ``logf``), not by bytes: PTX's ``lg2.approx``
+runs it at the copy rate but came out 0.7% off on a KL of 5e-5, and our own degree-7
+polynomial log was no faster than ``logf`` (benchmarks/NOTES.md, sessions 21 and 23).
 """
 from __future__ import annotations
 
@@ -109,7 +110,9 @@ if HAS_TRITON:
             mask = cols < end
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-            total += tl.sum(tl.where(mask, _kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS), 0.0), axis=0)
+            # masked columns load x = y = 0, whose loss is 0 in every mode: no select (measured
+            # 4-8% faster on an H200, benchmarks/NOTES.md session 23)
+            total += tl.sum(_kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS), axis=0)
         tl.store(PARTIAL + row * n_splits + split, total)
 
     @jit
@@ -337,12 +340,6 @@ def _check(input: torch.Tensor, target: torch.Tensor, reduction: str, eps: Optio
         raise ValueError(f"eps must be > 0 (or None), got {eps}")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (N, V) with unit column stride (a view when the strides allow)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def kl_div(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -388,5 +385,6 @@ def kl_div(
     shape = input.shape
     reduced = reduction != "none"
     scale = _reduction_scale(reduction, shape, input.numel())
-    out = ops.kl_div(_rows(input), _rows(target), reduced, scale, bool(log_target), eps)
+    rows_in, rows_t = _utils.as_rows(input, shape[-1]), _utils.as_rows(target, shape[-1])  # (N, V)
+    out = ops.kl_div(rows_in, rows_t, reduced, scale, bool(log_target), eps)
     return out if reduced else out.view(shape)

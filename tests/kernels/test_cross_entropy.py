@@ -645,3 +645,23 @@ def test_ignored_row_of_minus_inf_contributes_nothing(reduction, dispatch, monke
     expected = ref if reduction != "none" else torch.zeros(len(target), dtype=torch.float64).masked_scatter(keep, ref)
     torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(x.grad).all() and not x.grad[1].any()
+
+
+@pytest.mark.parametrize("opt", ["plain", "softcap", "all"])
+def test_leading_blocks_of_minus_inf_logits(opt):
+    """Rows whose first blocks of logits are all -inf (a vocabulary masked down to a few
+    allowed tokens): torch's loss and gradient, never NaN. The running max used to start at
+    -inf, and a whole block of -inf then gave exp(-inf - -inf) = NaN."""
+    logits, target, weight = make_inputs(torch.float32, n_ignored=2)
+    logits[:, :600] = float("-inf")            # blocks 0-1 of 256 and part of block 2
+    logits[3, :999] = float("-inf")            # one row keeps only its last column
+    target[target >= 0] = torch.randint(600, V, (int((target >= 0).sum()),))
+    target[3] = 999
+    kwargs = resolve(OPTIONS[opt], weight)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, **kwargs)
+    loss.backward()
+    want, _, gx = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64), **kwargs)
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), gx, rtol=1e-5, atol=1e-6)

@@ -417,3 +417,26 @@ def test_autocast_casts_the_inputs_as_a_linear_layer():
         bf = torch.bfloat16
         want = K.fused_linear_jsd(s.to(bf), head.weight.to(bf), te.to(bf), (head.weight * 0.5).to(bf))
     assert loss.dtype == torch.float32 and torch.equal(loss, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bias_of_minus_inf_over_the_leading_blocks(reduction):
+    """A bias of -inf over the first 600 tokens (blocks of 256: two whole blocks masked):
+    torch's loss and gradients, never NaN."""
+    torch.manual_seed(0)
+    x, w = torch.randn(N, H), torch.randn(V, H) * 0.1
+    b = torch.zeros(V)
+    b[:600] = float("-inf")
+    target = torch.randint(600, V, (N,))
+    target[5] = -100
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(xs, ws, target, b, reduction=reduction)
+    go = torch.randn(N) if reduction == "none" else torch.tensor(1.0)
+    loss.backward(go)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(F.linear(x64, w64, b.double()), target, reduction=reduction)
+    ref.backward(go.double())
+    assert torch.isfinite(loss).all() and torch.isfinite(xs.grad).all() and torch.isfinite(ws.grad).all()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ws.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)

@@ -327,3 +327,13 @@ def test_gpu_compile_matches_eager():
         return jsd(a, b, labels, beta=0.3) * 0.5
 
     assert_compiled_matches_eager(f, (s, t))
+
+
+def test_empty_last_dim():
+    """Rows of zero classes: every row's divergence is 0 (an empty sum), gradients empty."""
+    s = torch.zeros(3, 0, requires_grad=True)
+    t = torch.zeros(3, 0, requires_grad=True)
+    loss = jsd(s, t)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert s.grad.shape == s.shape and t.grad.shape == t.shape

@@ -190,13 +190,11 @@ def test_reduced_rows_split_across_programs(monkeypatch, rows, programs, splits)
     assert launched and all(g == (rows, splits) for g in launched), launched
 
 
-def test_zero_subnormal_and_negative_targets_as_torch():
-    """The kernels' log takes subnormal targets exactly (scaled by 2**24 first), gives 0 for
-    a zero target and NaN for a negative one, as torch's xlogy (float64 torch on the same
-    fp32 values)."""
-    x = torch.log_softmax(torch.randn(3, V), -1)
+def _zero_subnormal_and_negative_targets(device):
+    x = torch.log_softmax(torch.randn(3, V), -1).to(device)
     t = torch.softmax(torch.randn(3, V), -1)
     t[0, :6] = torch.tensor([0.0, 1e-40, 3e-39, 1e-45, 2.0 ** -126, 1e-30])
+    t = t.to(device)
     got = kl_div(x, t, reduction="none")
     want = F.kl_div(x.double(), t.double(), reduction="none")
     t64, x64 = t.double(), x.double()
@@ -204,9 +202,21 @@ def test_zero_subnormal_and_negative_targets_as_torch():
     assert ((got.double() - want).abs() <= 1e-6 * size + 1e-44).all()
     assert got[0, 0] == 0 and got[0, 1] != 0
     torch.testing.assert_close(kl_div(x, t, reduction="sum").double(), want.sum(), rtol=1e-5, atol=0)
+    tg = t.clone().requires_grad_()
+    kl_div(x, tg, reduction="sum").backward()  # d/dp = log p + 1 - x, subnormal p included
+    gwant = torch.log(t64[:, 1:]) + 1 - x64[:, 1:]
+    assert ((tg.grad[:, 1:].double() - gwant).abs() <= 1e-6 * gwant.abs() + 1e-6).all()
+    assert tg.grad[0, 0] == float("-inf")
     t[2, 7] = -0.25
     assert torch.isnan(kl_div(x, t, reduction="none")[2, 7]) and torch.isnan(F.kl_div(x, t, reduction="none")[2, 7])
     assert torch.isnan(kl_div(x, t, reduction="batchmean"))
+
+
+def test_zero_subnormal_and_negative_targets_as_torch():
+    """The kernels' log keeps subnormal targets (no flush to zero), gives 0 for a zero target
+    and NaN for a negative one, as torch's xlogy (float64 torch on the same fp32 values); the
+    target gradient's log too."""
+    _zero_subnormal_and_negative_targets("cpu")
 
 
 def test_reduced_op_over_zero_columns_is_zero():
@@ -393,3 +403,23 @@ def test_gpu_compile_and_target_grad():
     check(outs[1][0], ref, torch.float32, scale=mag)
     check(outs[1][1], gx, torch.bfloat16)
     check(outs[1][2], gt, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_zero_subnormal_and_negative_targets():
+    """The same on the GPU (libdevice's logf, not the interpreter's numpy log)."""
+    _zero_subnormal_and_negative_targets("cuda")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_last_dim(reduction):
+    """A (..., 0) input, as torch: 0 for sum / batchmean, NaN for mean, an empty "none"."""
+    x = torch.zeros(3, 2, 0, requires_grad=True)
+    t = torch.zeros(3, 2, 0)
+    got = kl_div(x, t, reduction=reduction)
+    want = F.kl_div(x.detach(), t, reduction=reduction)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, equal_nan=True)
+    got.sum().backward()
+    assert x.grad.shape == x.shape
