@@ -772,12 +772,12 @@ class CausalLM(nn.Module):
                                    attention_mask)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
-        """ValueError for non-integer ids or ids outside [0, vocab_size), which the embedding
-        lookup would report as an index error (on CUDA a device-side assert that ends the
-        process). One host sync, like the loss's label check; the range is not checked under
-        torch.compile or on the meta device."""
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        """ValueError for ids that are not int64 / int32 (the dtypes an embedding lookup takes)
+        or lie outside [0, vocab_size), which the lookup would report as an index error (on
+        CUDA a device-side assert that ends the process). One host sync, like the loss's label
+        check; the range is not checked under torch.compile or on the meta device."""
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
         if input_ids.numel() and not input_ids.is_meta and not torch.compiler.is_compiling():
             lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
             if lo < 0 or hi >= self.config.vocab_size:
@@ -824,7 +824,8 @@ class CausalLM(nn.Module):
                 attention_mask not shaped like input_ids, a row with no real token, right
                 padding (a row whose last prompt position is padding), an
                 ``eos_token_id`` that is not an int or ints, a ``pad_token_id`` that is not an
-                int in [0, vocab_size), or (synced ranks) a
+                int, or not in [0, vocab_size) when an eos id is set (a stopped row is then
+                fed it), or (synced ranks) a
                 ``max_new_tokens`` that differs between ranks (on every rank).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -886,7 +887,7 @@ class CausalLM(nn.Module):
                 and T <= self.config.rope_scaling["original_max_position_embeddings"]):
             long_rope_at = self.config.rope_scaling["original_max_position_embeddings"] + 1
         if max_new_tokens == 0:
-            return tokens
+            return input_ids.to(torch.long, copy=True)  # int64 and the caller's own tensor left alone
         h = self._final_hidden(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
         finished = False  # this rank's rows all stopped (later forwards only keep the ranks in step)
         for step in range(max_new_tokens):

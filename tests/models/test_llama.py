@@ -282,8 +282,17 @@ def test_input_ids_out_of_range_or_not_integers_raise(tmp_path):
             ours(ids)
         with pytest.raises(ValueError, match=rf"\[0, vocab_size={V}\)"):
             ours.generate(ids, 2)
-    with pytest.raises(ValueError, match="integer token ids"):
-        ours(torch.zeros(1, 3))
+    for dtype in (torch.float32, torch.uint8, torch.int16, torch.bool):  # the lookup takes int64 / int32
+        with pytest.raises(ValueError, match="int64 or int32 token ids"):
+            ours(torch.zeros(1, 3, dtype=dtype))
+        with pytest.raises(ValueError, match="int64 or int32 token ids"):
+            ours.generate(torch.zeros(1, 3, dtype=dtype), 1)
+    ids = torch.randint(0, V, (2, 5), dtype=torch.int32)
+    for n in (0, 1):  # a new int64 tensor, n = 0 included
+        out = ours.generate(ids, n, eos_token_id=[])
+        assert out.dtype == torch.int64 and out.shape == (2, 5 + n) and torch.equal(out[:, :5], ids.long())
+        out[:, 0] = V - 1 - ids[:, 0]
+        assert not torch.equal(out[:, 0], ids[:, 0].long())  # the caller's ids untouched
 
 
 def test_generation_config_without_eos_save_and_bad_file(tmp_path):
