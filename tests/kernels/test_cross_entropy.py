@@ -537,6 +537,32 @@ def test_gpu_real_size(dtype, reduction, opt):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("grad", [True, False])  # the Hopper kernel (with a gradient) and the portable one
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_leading_minus_inf_logits(grad, dtype):
+    """A vocabulary of 128256 masked to its last 28256 tokens (-inf before them), and one row
+    keeping a single token: torch's loss and gradient, never NaN."""
+    n, v = 256, 128256
+    logits = (torch.randn(n, v, device="cuda") * 3).to(dtype)
+    logits[:, :100000] = float("-inf")
+    logits[7, :-1] = float("-inf")
+    target = torch.randint(100000, v, (n,), device="cuda")
+    target[7] = v - 1
+    target[9] = IGNORE
+    x = logits.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        loss = cross_entropy(x, target)
+    want, _, gx = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64, device="cuda"))
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    if grad:
+        loss.backward()
+        assert torch.isfinite(x.grad).all()
+        assert_close_rel(x.grad, gx, tols(dtype)[1])
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_inplace_and_compile():
     n, v = 4096, 128256
     logits = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)

@@ -440,3 +440,30 @@ def test_bias_of_minus_inf_over_the_leading_blocks(reduction):
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ws.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_bias_of_minus_inf_over_most_of_the_vocabulary(reduction):
+    """bf16, hidden 4096, vocab 128256 with a -inf bias on its first 100000 tokens: torch's
+    loss and gradients (float64 on the same values), never NaN."""
+    torch.manual_seed(0)
+    n, h, v = 512, 4096, 128256
+    x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(v, h, device="cuda") * 0.02).to(torch.bfloat16)
+    b = torch.zeros(v, device="cuda", dtype=torch.bfloat16)
+    b[:100000] = float("-inf")
+    target = torch.randint(100000, v, (n,), device="cuda")
+    target[3] = -100
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(xs, ws, target, b, reduction=reduction)
+    go = torch.rand(n, device="cuda") if reduction == "none" else torch.tensor(1.0, device="cuda")
+    loss.backward(go)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = F.cross_entropy(F.linear(x64, w64, b.double()), target, reduction=reduction)
+    ref.backward(go.double())
+    assert torch.isfinite(loss).all() and torch.isfinite(xs.grad).all() and torch.isfinite(ws.grad).all()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-3, atol=2e-3)
+    assert_close_rel(xs.grad, x64.grad, 2e-2)
+    assert_close_rel(ws.grad, w64.grad, 2e-2)
