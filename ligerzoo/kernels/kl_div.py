@@ -29,9 +29,11 @@ per row (per part of a row when there are fewer rows than 8 programs per SM), ad
 block's sum to an fp32 total, into an (N, parts) buffer summed afterwards (deterministic, no
 atomics). ``"none"`` and the backward run a 2-D grid of (row, block of columns) programs;
 ``"none"`` writes ``l`` rounded once to the output dtype. On an H200 the reduced forward is bound
-by the instructions of fp32 ``log`` (libdevice's ``logf``), not by bytes: PTX's ``lg2.approx``
-runs it at the copy rate but came out 0.7% off on a KL of 5e-5, and our own degree-7
-polynomial log was no faster than ``logf`` (benchmarks/NOTES.md, sessions 21 and 23).
+by the instructions of fp32 ``log`` (libdevice's ``logf``), not by bytes, so for a bf16 target
+it takes the log from a 128-entry table of the mantissa's logs (``_log_of_bf16``, as accurate
+as ``logf``, 7-9% faster than Liger Kernel's clamped log). PTX's ``lg2.approx`` alone runs at
+the copy rate but came out 0.7% off on a KL of 5e-5, and our own degree-7 polynomial log was
+no faster than ``logf`` (benchmarks/NOTES.md, sessions 21 and 23).
 """
 from __future__ import annotations
 
@@ -69,6 +71,33 @@ if HAS_TRITON:
             # xlogy(y, y) - y * x: 0 at y == 0 (NaN when x is -inf, as torch), NaN for y < 0
             return y * (tl.log(tl.where(y == 0.0, 1.0, y)) - x)
 
+    @triton.jit
+    def _log_of_bf16(y, LOG_TABLE, APPROX_SPECIALS: tl.constexpr):
+        """fp32 natural log of fp32 ``y`` holding bf16 values (7 mantissa bits), from a table.
+
+        A positive normal finite ``y = 2**e * (1 + k/128)`` has ``log y = e' ln 2 + T[k]`` with
+        ``T[k] = log(1 + k/128)`` and ``e' = e`` for k < 64, ``T[k] = log((1 + k/128) / 2)`` and
+        ``e' = e + 1`` for k >= 64 (so the mantissa's part lies in [log 0.75, log 1.5) and ``e' ln 2``
+        never cancels it), ``T`` correctly rounded (:func:`_bf16_log_table`), one FMA: within
+        1.05 ulp of the exact log on every positive normal bf16 value (a CPU test checks them
+        all), in about half the instructions of libdevice's ``logf``. Zero, subnormal,
+        inf, negative and NaN ``y`` go through ``lg2.approx.f32`` (``APPROX_SPECIALS``, NVIDIA
+        GPUs: 0 -> -inf, subnormals kept, whose logs are large enough that its 2**-22 absolute
+        error is under half an ulp) or ``tl.log`` (the CPU interpreter)."""
+        bits = y.to(tl.int32, bitcast=True)
+        expo = bits >> 23                                     # sign and biased exponent
+        normal = (expo - 1).to(tl.uint32, bitcast=True) < 254  # 1 <= expo <= 254, sign 0
+        k = (bits >> 16) & 127                                # the 7 mantissa bits
+        # e' - 127 + 1.5 * 2**23 in the low mantissa bits: float(e') without a conversion
+        ef = (expo + (k >> 6) + (0x4B400000 - 127)).to(tl.float32, bitcast=True) - 12582912.0
+        r = ef * 0.6931471805599453 + tl.load(LOG_TABLE + k)
+        if APPROX_SPECIALS:
+            special = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [y], dtype=tl.float32,
+                                                is_pure=True, pack=1) * 0.6931471805599453
+        else:
+            special = tl.log(y)
+        return tl.where(normal, r, special)
+
     @jit
     def _kl_div_fwd_kernel(
         X, stride_x,            # (N, V) input: log q
@@ -92,9 +121,12 @@ if HAS_TRITON:
         X, stride_x,            # (N, V) input: log q
         Y, stride_y,            # (N, V) target: p, or log p when LOG_TARGET
         PARTIAL,                # (N, n_splits) fp32: the sum of each row's split
+        LOG_TABLE,              # (128,) fp32, read when TABLE_LOG (see _log_of_bf16)
         n_cols, split_cols, n_splits, eps,
         LOG_TARGET: tl.constexpr,
         HAS_EPS: tl.constexpr,
+        TABLE_LOG: tl.constexpr,        # Y is bf16 (plain target, no eps): log from the table
+        APPROX_SPECIALS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
     ):
         """Program (row, split) sums the loss over columns [split * split_cols, + split_cols)
@@ -112,7 +144,11 @@ if HAS_TRITON:
             y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
             # masked columns load x = y = 0, whose loss is 0 in every mode: no select (measured
             # 4-8% faster on an H200, benchmarks/NOTES.md session 23)
-            total += tl.sum(_kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS), axis=0)
+            if TABLE_LOG:
+                loss = y * (_log_of_bf16(tl.where(y == 0.0, 1.0, y), LOG_TABLE, APPROX_SPECIALS) - x)
+            else:
+                loss = _kl_elementwise(x, y, eps, LOG_TARGET, HAS_EPS)
+            total += tl.sum(loss, axis=0)
         tl.store(PARTIAL + row * n_splits + split, total)
 
     @jit
@@ -168,6 +204,24 @@ def _block_settings(n_cols: int, limit: int | None = None) -> tuple[int, int]:
 SUM_BLOCK_SIZE = 8192
 SUM_PROGRAMS_PER_SM = 8
 
+# The reduced forward takes the log of a bf16 target from a 128-entry table (_log_of_bf16).
+TABLE_LOG = True
+_LOG_TABLES: dict = {}
+
+
+def _bf16_log_table(device: torch.device) -> torch.Tensor:
+    """(128,) fp32 on ``device``: ``log(1 + k/128)`` for k < 64, ``log((1 + k/128) / 2)`` for
+    k >= 64, each computed in float64 and rounded once (cached per device)."""
+    t = _LOG_TABLES.get(device)
+    if t is None:
+        # built on the device (no host copy, so a CUDA graph can capture it), cached unless
+        # captured (memory of a graph's private pool must not outlive it)
+        m = 1 + torch.arange(128, dtype=torch.float64, device=device) / 128
+        t = torch.log(torch.where(m >= 1.5, m / 2, m)).to(torch.float32)
+        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _LOG_TABLES[device] = t
+    return t
+
 
 # ------------------------------------------------------------------ ops (torch.library + eager path)
 @kernel_op("kl_div", mutates_args=())
@@ -196,10 +250,14 @@ def _kl_div_op(
             return input.new_zeros((), dtype=torch.float32) * scale
         partial = torch.empty((n_rows, n_splits), dtype=torch.float32, device=input.device)
         with device_guard(input):
+            table = target.dtype == torch.bfloat16 and not log_target and eps is None and TABLE_LOG
             _kl_div_sum_kernel[(n_rows, n_splits)](
                 input, input.stride(0), target, target.stride(0), partial,
+                _bf16_log_table(input.device) if table else partial,
                 n_cols, split_cols, n_splits, eps_value,
-                LOG_TARGET=log_target, HAS_EPS=eps is not None, BLOCK_SIZE=block, num_warps=warps,
+                LOG_TARGET=log_target, HAS_EPS=eps is not None, TABLE_LOG=table,
+                APPROX_SPECIALS=input.is_cuda and torch.version.hip is None and not _utils.interpreter_enabled(),
+                BLOCK_SIZE=block, num_warps=warps,
             )
         return partial.sum() * scale
     block, warps = _block_settings(n_cols)

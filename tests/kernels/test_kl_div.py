@@ -408,8 +408,10 @@ def test_gpu_compile_and_target_grad():
 @pytest.mark.gpu
 @gpu
 def test_gpu_zero_subnormal_and_negative_targets():
-    """The same on the GPU (libdevice's logf, not the interpreter's numpy log)."""
+    """The same on the GPU (libdevice's logf, not the interpreter's numpy log), and the
+    table log of bf16 targets with lg2.approx for the special values."""
     _zero_subnormal_and_negative_targets("cuda")
+    _check_bf16_log_table("cuda")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -423,3 +425,36 @@ def test_empty_last_dim(reduction):
     torch.testing.assert_close(got.float(), want, equal_nan=True)
     got.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def _check_bf16_log_table(device):
+    """The table log of the reduced forward (_log_of_bf16) on every bf16 bit pattern: within
+    1.5 ulp of float64 torch's log for positive finite values (subnormals included), and
+    -inf / inf / NaN where torch gives them. On the CPU, bf16 subnormals are left out: the
+    Triton interpreter's bf16 -> fp32 conversion does not keep them (9.2e-41 loads as 0)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def log_kernel(Y, OUT, T, n, APPROX_SPECIALS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        y = tl.load(Y + offs, mask=offs < n, other=1.0).to(tl.float32)
+        tl.store(OUT + offs, kl_mod._log_of_bf16(y, T, APPROX_SPECIALS), mask=offs < n)
+
+    y = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(device)
+    if device == "cpu":
+        y = y[(y.float().abs() >= 2.0 ** -126) | (y == 0) | y.isnan()]
+    out = torch.empty(y.shape, dtype=torch.float32, device=device)
+    log_kernel[(triton.cdiv(y.numel(), 1024),)](y, out, kl_mod._bf16_log_table(y.device), y.numel(),
+                                                 APPROX_SPECIALS=y.is_cuda, BLOCK=1024)
+    want = torch.log(y.double())
+    finite = torch.isfinite(want)
+    w = want[finite]
+    ulp = torch.exp2((torch.floor(torch.log2(w.abs().clamp_min(2.0 ** -126))) - 23))  # fp32's, at want
+    err = ((out[finite].double() - w).abs() / ulp).where(w != 0, out[finite].double().abs())
+    assert err.max() <= 1.5, (err.max(), y[finite][err.argmax()])
+    torch.testing.assert_close(out[~finite].double(), want[~finite], equal_nan=True)
+
+
+def test_bf16_log_table_on_every_bf16_value():
+    _check_bf16_log_table("cpu")
