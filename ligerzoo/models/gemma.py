@@ -43,8 +43,10 @@ def gemma_fields(hf: dict) -> dict:
     if hf.get("use_bidirectional_attention"):
         raise ValueError("config.json sets use_bidirectional_attention=true (an encoder such as EmbeddingGemma): "
                          "ligerzoo's Gemma is a causal decoder only")
-    # GemmaConfig / Gemma2Config defaults for keys config.json may omit
-    common = read_common(hf, {"head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 8192})
+    # GemmaConfig / Gemma2Config defaults for keys config.json may omit (pad_token_id: the
+    # embedding row transformers gives no gradient; generate pads only with a stated one)
+    common = read_common(hf, {"head_dim": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 8192,
+                              "pad_token_id": 0})
     bias = bool(hf.get("attention_bias", False))
     return common | dict(hidden_act="gelu_pytorch_tanh", tie_word_embeddings=hf.get("tie_word_embeddings", True),
                          norm_offset=1.0, norm_casting="gemma", embed_scale=True, qkv_bias=bias, o_bias=bias)

@@ -21,7 +21,9 @@ from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types
 from ligerzoo.models.keymap import KeyMap, decoder_key_map
 
 ARCHITECTURES = ["Phi3ForCausalLM"]
-DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096}  # Phi3Config
+# Phi3Config's defaults for keys config.json may omit (pad_token_id: the embedding row
+# transformers gives no gradient; generate pads only with a stated one)
+DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "pad_token_id": 32000}
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

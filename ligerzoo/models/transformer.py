@@ -857,8 +857,11 @@ class CausalLM(nn.Module):
                 else self.config.eos_token_id
         eos = torch.tensor(_eos_list(eos_token_id), device=device, dtype=torch.long)
         if pad_token_id is None:
+            # as transformers: generation_config.json's, else the one config.json states (a
+            # family's class default, e.g. Gemma's 0, sets the embedding's padding_idx only)
             pad_token_id = self.generation_config.get("pad_token_id") if self.generation_config \
-                else self.config.pad_token_id
+                else (self.config.hf_config.get("pad_token_id") if self.config.hf_config is not None
+                      else self.config.pad_token_id)
             if not (is_int(pad_token_id) and 0 <= pad_token_id < self.config.vocab_size):
                 # none, or a stored one outside the vocabulary (some configs hold -1), which
                 # transformers would feed back and fail on once a row stops early

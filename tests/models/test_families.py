@@ -408,6 +408,36 @@ def test_omitted_max_position_embeddings_takes_the_transformers_default(tmp_path
     assert ligerzoo.from_hf(tmp_path / "hf").config.max_position_embeddings == expected
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_omitted_pad_token_id_takes_the_transformers_default(tmp_path, name):
+    """A config.json without pad_token_id: the family's class default (Gemma's 0, Phi3's
+    32000, else none), whose embedding row gets no gradient, as in transformers; generate
+    pads only with a stated pad id, as transformers' generation config."""
+    import transformers
+
+    make_hf(name, tmp_path / "hf", **({"vocab_size": 32064} if name == "phi3" else {}))
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del cfg["pad_token_id"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "hf" / "generation_config.json").unlink(missing_ok=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert ours.config.pad_token_id == hf.config.pad_token_id
+    assert ours.embed.padding_idx == hf.model.embed_tokens.padding_idx
+    if name in ("gemma", "gemma2", "phi3"):
+        pad = ours.embed.padding_idx
+        assert pad == {"phi3": 32000}.get(name, 0)
+        ids = torch.tensor([[5, pad, 7, pad, 9, 11]])
+        ours(ids, labels=ids).loss.backward()
+        hf(input_ids=ids, labels=ids).loss.backward()
+        g_hf = hf.model.embed_tokens.weight.grad
+        torch.testing.assert_close(ours.embed.weight.grad[[pad, 5]], g_hf[[pad, 5]], rtol=1e-3, atol=1e-5)
+        if not ours.config.tie_word_embeddings:  # a tied head's gradient reaches the row too
+            assert not ours.embed.weight.grad[pad].any()
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    torch.testing.assert_close(ours.generate(ids, 3), hf.generate(ids, max_new_tokens=3, do_sample=False), rtol=0, atol=0)
+
+
 def test_yarn_without_factor_is_refused(tmp_path):
     """transformers refuses a YaRN dict without ``factor`` (KeyError); we loaded it."""
     make_hf("qwen2", tmp_path / "hf")
