@@ -225,6 +225,10 @@ def _base_model_prefix(keys: list[str], km: KeyMap) -> str:
 @torch.no_grad()
 def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
     params = _named_params(model)
+    if model.config.tie_word_embeddings and "lm_head.weight" in params:
+        raise ValueError("model.config.tie_word_embeddings is True, but lm_head.weight is a separate tensor from "
+                         "embed.weight (as after to_empty, which replaces Parameters one module at a time): call "
+                         "model.tie_weights() before loading")
     _check_coverage(params, km)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -299,7 +303,8 @@ def load_weights(model: CausalLM, directory: Path, km: KeyMap | None = None) -> 
             both shapes), a non-float tensor, tensors the config does not expect, expected
             tensors that no shard holds (naming them), two layouts of the same weights, a
             stored tied head that differs from the embedding, an index without a valid
-            ``weight_map``, or a shard that is not readable safetensors.
+            ``weight_map``, a shard that is not readable safetensors, or a model whose config
+            ties the head but whose head is untied (call ``model.tie_weights()`` first).
         FileNotFoundError: no weights, or a shard the index names is missing.
     """
     km = km or family(model.config.model_type).key_map(model.config)
