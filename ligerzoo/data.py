@@ -172,7 +172,10 @@ def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
     if hasattr(ids, "ids") and not isinstance(ids, torch.Tensor):  # a `tokenizers.Encoding`
         ids = ids.ids
     if not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(ids if hasattr(ids, "__array__") else list(ids))  # numpy, lists, nested lists
+        try:
+            ids = torch.as_tensor(ids if hasattr(ids, "__array__") else list(ids))  # numpy, lists, nested lists
+        except (TypeError, ValueError) as e:  # strings, ragged lists, objects
+            raise TypeError(f"encode must return integer token ids, got {type(ids).__name__} {str(ids)[:80]}") from e
     if ids.numel() == 0:  # an empty text ([] becomes a float tensor)
         return torch.empty(0, dtype=torch.long)
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -370,7 +373,12 @@ def pack_documents(
     tail = torch.tensor([] if eos_token_id is None else [int(eos_token_id)], dtype=torch.long)
     rows_ids, rows_pos, ids, pos, room = [], [], [], [], seq_len
     for i, doc in enumerate(documents):
-        doc = torch.as_tensor(doc) if not isinstance(doc, torch.Tensor) else doc
+        if not isinstance(doc, torch.Tensor):
+            try:
+                doc = torch.as_tensor(doc)
+            except (TypeError, ValueError, RuntimeError) as e:  # a string, ragged lists
+                raise ValueError(f"document {i} must be 1-D integer ids, got {type(doc).__name__} "
+                                 f"{str(doc)[:80]}") from e
         if doc.numel() and (doc.dim() != 1 or doc.is_floating_point() or doc.is_complex() or doc.dtype == torch.bool):
             raise ValueError(f"document {i} must be 1-D integer ids, got {doc.dtype} of shape {tuple(doc.shape)}")
         if not doc.numel():
@@ -393,7 +401,8 @@ def pack_documents(
         rows_pos.append(torch.cat(pos))
         padded = torch.arange(seq_len) >= seq_len - room
     if not rows_ids:
-        raise ValueError(f"the documents hold fewer than seq_len = {seq_len} tokens: no full row (pass "
+        raise ValueError("the documents hold no tokens" if pad_token_id is not None else
+                         f"the documents hold fewer than seq_len = {seq_len} tokens: no full row (pass "
                          f"pad_token_id to pad the last one)")
     input_ids, position_ids = torch.stack(rows_ids), torch.stack(rows_pos)  # (n_rows, seq_len)
     labels = input_ids.masked_fill(position_ids == 0, -100)

@@ -96,6 +96,10 @@ def _weight_map(index: Path) -> dict:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no \"weight_map\" object (tensor name -> shard file)")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(f"{index}: \"weight_map\" must map tensor names to shard file names, got "
+                         f"{bad[0][0]!r}: {bad[0][1]!r}")
     return weight_map
 
 
@@ -129,7 +133,7 @@ def weight_files(directory: Path) -> list[str]:
     Raises:
         FileNotFoundError: no model.safetensors and no index, or a shard the index names is
             absent (or a link to a missing file).
-        ValueError: an index that is not valid JSON or has no ``weight_map``.
+        ValueError: an index that is not valid JSON or has no ``weight_map`` of file names.
     """
     directory = Path(directory)
     index = directory / INDEX_FILE

@@ -420,7 +420,8 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     Raises:
         FileNotFoundError: no tokenizer.json in the checkpoint, or (from
             :func:`ligerzoo.hub.resolve`) no such directory or reachable repo.
-        ValueError: tokenizer_config.json or chat_template.json that is not valid JSON.
+        ValueError: tokenizer_config.json or chat_template.json that is not valid JSON, or a
+            tokenizer.json the tokenizers library cannot read.
     """
     from ligerzoo.hub import TEMPLATE_DIR, _read_json, resolve
 
@@ -438,7 +439,10 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     template = templates or None
     if template is None and not cfg.get("chat_template") and (directory / "chat_template.json").is_file():
         template = _read_json(directory / "chat_template.json").get("chat_template")
-    tokenizer = _HFTokenizer.from_file(str(path))
+    try:
+        tokenizer = _HFTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read: {e}") from e
     _add_config_tokens(tokenizer, cfg.get("added_tokens_decoder") or {})
     _add_special_tokens(tokenizer, cfg)
     return Tokenizer(tokenizer, cfg, template)

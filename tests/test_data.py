@@ -105,7 +105,7 @@ def test_tokenize():
     assert tokenize(lambda s: {"input_ids": [[5, 6]], "attention_mask": [[1, 1]]}, "x").tolist() == [5, 6]
     for empty in ([], np.array([]), torch.tensor([])):  # an empty text: no ids, still long
         assert tokenize(lambda s: empty, "").dtype == torch.long and tokenize(lambda s: empty, "").numel() == 0
-    for bad in ([1.5, 2.0], np.array([0.5]), [True, False]):  # not truncated to ids
+    for bad in ([1.5, 2.0], np.array([0.5]), [True, False], ["a", "b"], "ab", [[1, 2], [3]]):  # not ids
         with pytest.raises(TypeError, match="integer token ids"):
             tokenize(lambda s: bad, "x")
 
@@ -250,9 +250,12 @@ def test_pack_documents_rows_pieces_and_labels():
     assert pos.tolist() == [[0, 1, 2, 0, 1]]
     with pytest.raises(ValueError, match="fewer than seq_len"):
         pack_documents([[1, 2, 3]], 5)
-    for bad, match in (([[1.5, 2.0]], "integer ids"), ([[[1, 2]]], "1-D"), ([[True]], "integer ids")):
+    for bad, match in (([[1.5, 2.0]], "integer ids"), ([[[1, 2]]], "1-D"), ([[True]], "integer ids"),
+                       (["abc"], "document 0 must be 1-D integer ids, got str"), ([[[1, 2], [3]]], "integer ids")):
         with pytest.raises(ValueError, match=match):
             pack_documents(bad, 4)
+    with pytest.raises(ValueError, match="the documents hold no tokens$"):  # padding cannot help
+        pack_documents([[], []], 4, eos_token_id=None, pad_token_id=9)
     with pytest.raises(ValueError, match="seq_len must be"):
         pack_documents([[1, 2]], 1)
     with pytest.raises(ValueError, match="eos_token_id must be"):

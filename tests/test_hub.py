@@ -207,6 +207,9 @@ def test_unknown_model_type_lists_supported(tmp_path):
     cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"model_type": "gpt_neox"}))
     with pytest.raises(ValueError, match=r"unknown model_type 'gpt_neox'.*llama"):
         ligerzoo.from_hf(tmp_path / "hf")
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"model_type": ["llama"]}))
+    with pytest.raises(ValueError, match=r"unknown model_type \['llama'\].*llama"):
+        ligerzoo.from_hf(tmp_path / "hf")
 
 
 def test_missing_directory_and_config(tmp_path):
@@ -468,6 +471,11 @@ def test_unreadable_files_are_named(tmp_path):
         ligerzoo.from_hf(d)
     index.write_text("{not json")
     with pytest.raises(ValueError, match="index.json is not valid JSON"):
+        ligerzoo.from_hf(d)
+    bad = json.loads(good)
+    bad["weight_map"][next(iter(bad["weight_map"]))] = 5
+    index.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="must map tensor names to shard file names, got .*: 5"):
         ligerzoo.from_hf(d)
     index.write_text(good)
     shard = sorted(d.glob("model-*.safetensors"))[0]

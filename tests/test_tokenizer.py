@@ -413,3 +413,12 @@ def test_named_and_extra_special_tokens_are_special_as_in_transformers(smol, mak
 def test_a_template_list_entry_without_a_name_is_a_clear_error(make_dir):
     with pytest.raises(ValueError, match="'name'"):
         ligerzoo.load_tokenizer(make_dir({"chat_template": [{"template": "x"}]}))
+
+
+def test_unreadable_tokenizer_json_is_named(make_dir):
+    """A tokenizer.json the tokenizers library cannot parse: a ValueError naming the file (the
+    library raises a bare Exception that names nothing)."""
+    d = make_dir()
+    (d / "tokenizer.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"tokenizer\.json is not a tokenizer\.json the tokenizers library can read"):
+        ligerzoo.load_tokenizer(d)
