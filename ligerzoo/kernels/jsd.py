@@ -289,8 +289,8 @@ def jsd_reference(
     _check_beta(beta)
     cdt = torch.promote_types(torch.promote_types(student_logp.dtype, teacher_logp.dtype), torch.float32)
     n_cols = student_logp.shape[-1]
-    x = student_logp.reshape(-1, n_cols).to(cdt).clamp(min=-1e30)                # (N, V)
-    y = teacher_logp.reshape(-1, n_cols).to(cdt).clamp(min=-1e30)
+    x = _utils.as_rows(student_logp, n_cols).to(cdt).clamp(min=-1e30)            # (N, V)
+    y = _utils.as_rows(teacher_logp, n_cols).to(cdt).clamp(min=-1e30)
     mode = jsd_mode(beta)
     if mode == MODE_FORWARD_KL:
         rows = (torch.exp(y) * (y - x)).sum(-1)                                   # (N,)

@@ -206,21 +206,33 @@ SUM_PROGRAMS_PER_SM = 8
 
 # The reduced forward takes the log of a bf16 target from a 128-entry table (_log_of_bf16).
 TABLE_LOG = True
-_LOG_TABLES: dict = {}
+_LOG_TABLES: dict = {}  # device -> table, for CPU devices; "pinned" -> the pinned host table
+
+def _host_log_table() -> torch.Tensor:
+    """(128,) fp32 on the CPU: ``log(1 + k/128)`` for k < 64, ``log((1 + k/128) / 2)`` for
+    k >= 64, each computed in float64 and rounded once."""
+    m = 1 + torch.arange(128, dtype=torch.float64) / 128
+    return torch.log(torch.where(m >= 1.5, m / 2, m)).to(torch.float32)
 
 
 def _bf16_log_table(device: torch.device) -> torch.Tensor:
-    """(128,) fp32 on ``device``: ``log(1 + k/128)`` for k < 64, ``log((1 + k/128) / 2)`` for
-    k >= 64, each computed in float64 and rounded once (cached per device)."""
-    t = _LOG_TABLES.get(device)
-    if t is None:
-        # built on the device (no host copy, so a CUDA graph can capture it), cached unless
-        # captured (memory of a graph's private pool must not outlive it)
+    """:func:`_host_log_table` on ``device``. On a GPU no copy is kept: a device tensor held
+    across calls could sit in a CUDA graph's private pool (torch.compile's cudagraph trees
+    route allocations there during their warmup, when no capture runs: a cached table made
+    its pool check fail on the H200). Each call copies the table from pinned host memory
+    (one asynchronous 512-byte copy), or, inside a capture, builds it with captured kernels."""
+    if device.type != "cuda":
+        t = _LOG_TABLES.get(device)
+        if t is None:
+            t = _LOG_TABLES[device] = _host_log_table().to(device)
+        return t
+    if torch.cuda.is_current_stream_capturing():
         m = 1 + torch.arange(128, dtype=torch.float64, device=device) / 128
-        t = torch.log(torch.where(m >= 1.5, m / 2, m)).to(torch.float32)
-        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
-            _LOG_TABLES[device] = t
-    return t
+        return torch.log(torch.where(m >= 1.5, m / 2, m)).to(torch.float32)
+    pinned = _LOG_TABLES.get("pinned")
+    if pinned is None:
+        pinned = _LOG_TABLES["pinned"] = _host_log_table().pin_memory()
+    return torch.empty(128, dtype=torch.float32, device=device).copy_(pinned, non_blocking=True)
 
 
 # ------------------------------------------------------------------ ops (torch.library + eager path)
@@ -236,7 +248,9 @@ def _kl_div_op(
     """input, target: (N, V) with unit column stride. -> fp32 () when ``reduced`` (the sum
     times ``scale``), else the elementwise (N, V) loss in promote(input, target) dtype."""
     n_rows, n_cols = input.shape
-    eps_value = float(eps) if eps is not None else 0.0
+    # the kernels take eps as fp32: below its smallest subnormal, max(p, eps) equals max(p, 2**-149)
+    # for every fp32 p (and eps no longer rounds to 0, whose log would make 0 * log 0 = NaN)
+    eps_value = max(float(eps), 2.0 ** -149) if eps is not None else 0.0
     if reduced:
         # one program per row, or per part of a row when there are too few rows to fill the
         # GPU: (N, n_splits) fp32 partial sums, summed in one pass (deterministic)
@@ -394,8 +408,8 @@ def _check(input: torch.Tensor, target: torch.Tensor, reduction: str, eps: Optio
         raise ValueError(f"input and target must be float tensors, got {input.dtype} and {target.dtype}")
     if input.device != target.device:
         raise ValueError(f"input is on {input.device} but target is on {target.device}")
-    if eps is not None and not float(eps) > 0.0:
-        raise ValueError(f"eps must be > 0 (or None), got {eps}")
+    if eps is not None and not 0.0 < float(eps) <= torch.finfo(torch.float32).max:
+        raise ValueError(f"eps must be > 0 and at most fp32's largest value 3.4e38 (or None), got {eps}")
 
 
 def kl_div(
@@ -434,7 +448,7 @@ def kl_div(
 
     Raises:
         ValueError: shapes, devices differ, non-float or 0-dim tensors, unknown reduction,
-            eps <= 0.
+            eps <= 0 or above 3.4e38.
     """
     _check(input, target, reduction, eps)
     eps = float(eps) if eps is not None else None

@@ -697,7 +697,7 @@ class CausalLM(nn.Module):
         logits, and hands them out once).
 
         Raises:
-            ValueError: input_ids not 2-D, not integers or outside [0, vocab_size), labels or
+            ValueError: input_ids not 2-D, not int64 / int32 or outside [0, vocab_size), labels or
                 attention_mask shaped unlike input_ids, position_ids neither (B, T) nor (1, T),
                 label ids outside [0, vocab_size) other than -100, labels with T = 0, or a
                 num_items_in_batch that is neither a number nor a one-element tensor. The id

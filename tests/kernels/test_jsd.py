@@ -337,3 +337,8 @@ def test_empty_last_dim():
     assert loss.item() == 0.0
     loss.backward()
     assert s.grad.shape == s.shape and t.grad.shape == t.shape
+
+
+def test_jsd_reference_takes_an_empty_last_dim():
+    for dtype in (torch.float64, torch.float32):
+        assert jsd_reference(torch.zeros(3, 0, dtype=dtype), torch.zeros(3, 0, dtype=dtype)).item() == 0.0

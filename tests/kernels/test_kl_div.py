@@ -458,3 +458,35 @@ def _check_bf16_log_table(device):
 
 def test_bf16_log_table_on_every_bf16_value():
     _check_bf16_log_table("cpu")
+
+
+def test_eps_outside_fp32_range():
+    """An eps below fp32's smallest subnormal means max(p, 2**-149) for every fp32 p (it used
+    to round to 0 in the kernel, whose log made 0 * log 0 = NaN); one above fp32's largest
+    value is refused."""
+    x = torch.log_softmax(torch.randn(2, 100), -1)
+    t = torch.softmax(torch.randn(2, 100), -1)
+    t[0, 3] = 0.0
+    for eps in (1e-46, 1e-50):
+        got = kl_div(x, t, "sum", eps=eps)
+        want = (t.double() * (torch.log(t.double().clamp(min=eps)) - x.double())).sum()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="at most fp32's largest value"):
+        kl_div(x, t, "sum", eps=1e39)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_table_under_cudagraph_trees(monkeypatch):
+    """torch.compile(mode="reduce-overhead") on a fresh table cache: no table outlives a call
+    in the cudagraph trees' pool (a device table cached during their warmup failed their pool
+    check), and every replay gives eager's value."""
+    monkeypatch.setattr(kl_mod, "_LOG_TABLES", {})
+    x = torch.log_softmax(torch.randn(64, 4096, device="cuda"), -1)
+    t = torch.softmax(torch.randn(64, 4096, device="cuda"), -1).to(torch.bfloat16)
+    f = torch.compile(lambda a, b: kl_div(a, b, reduction="batchmean"), mode="reduce-overhead")
+    outs = [f(x, t).clone() for _ in range(4)]
+    want = kl_div(x, t)
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
