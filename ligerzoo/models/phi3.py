@@ -29,6 +29,11 @@ DEFAULTS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "pad_token_id
 def config_from_hf(hf: dict) -> ModelConfig:
     common = read_common(hf, DEFAULTS, partial_rotary=True)
     scaling = common["rope_scaling"]
+    if scaling is not None and scaling.get("rope_type") != "longrope":
+        # transformers' Phi3Config refuses them too: no such checkpoint loads there, and save_hf
+        # would write a config.json transformers cannot read
+        raise ValueError(f"config.json sets a {scaling.get('rope_type')!r} RoPE for phi3; Phi3 (as transformers' "
+                         f"Phi3Config) takes only 'longrope' (legacy 'su' / 'yarn' with short and long factors) or none")
     if scaling is not None and scaling.get("rope_type") == "longrope":
         # Phi3Config's top-level value (class default 4096) takes priority over rope_scaling's
         scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", 4096)

@@ -644,3 +644,23 @@ def test_block_tiles_cover_exactly_the_dense_mask(window):
                 assert bool(tile[full[:, i, j]].all()) and not bool(tile[~(full | partial)[:, i, j]].any())
         if window is None:  # (a window under two tile edges leaves no tile wholly inside it)
             assert int(full.sum()) > 0
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "linear", "factor": 2.0}, "a 'linear' RoPE for phi3.*only 'longrope'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16}, "a 'llama3' RoPE for phi3.*only 'longrope'"),
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}, "short_factor must list"),
+])
+def test_phi3_refuses_rope_types_transformers_refuses(rope, message):
+    """transformers' Phi3Config takes only longrope (legacy su / yarn with factors, which a yarn
+    without them lacks) or none."""
+    import transformers
+
+    hf = dict(model_type="phi3", vocab_size=151, hidden_size=48, intermediate_size=72, num_hidden_layers=1,
+              num_attention_heads=4, max_position_embeddings=64, original_max_position_embeddings=16,
+              rope_scaling=rope)
+    with pytest.raises(Exception, match="longrope"):
+        transformers.Phi3Config(**{k: v for k, v in hf.items() if k != "model_type"})
+    with pytest.raises(ValueError, match=message):
+        ligerzoo.models.config_from_hf(hf)
