@@ -1,7 +1,10 @@
 """End-to-end training step benchmark (GPU): ligerzoo vs transformers eager (SDPA) vs
 transformers + Liger Kernel vs transformers + torch.compile, each variant in its own process.
 
-A step = forward, backward, fused AdamW step, bf16 weights, same random weights and batch.
+A step = forward, backward, fused AdamW step, bf16 weights, the same batch for every variant;
+the transformers variants share their random weights, ligerzoo draws its own (same shapes and
+distribution, another order), which dense models' step times do not depend on. The step time is
+the mean of the timed steps (one timer around them).
 Reports tokens/s, model TFLOP/s (matmul FLOPs of the linear layers and attention, not the
 embedding lookup: 6 * N_matmul * tokens + 12 * layers * hidden_q * T * tokens / 2 for causal
 attention), MFU against the bf16 matmul rate measured in the same run (8192^3, median, when
