@@ -134,31 +134,46 @@ def op_specs(dtype):
         # backward_inplace: rotate the output gradients over themselves, as Liger's rope does
         v = {"ligerzoo": lambda q, k: K.rope(q, k, cos, sin, backward_inplace=True),
              "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
-        if lf:  # Liger takes (B, H, T, D) and rotates in place: give it transposed copies
-            v["liger"] = lambda q, k: lf.liger_rope(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
-                                                     cos.to(dtype), sin.to(dtype))
+        if lf:  # Liger takes (B, H, T, D): transposed views of (B, T, H, D), as transformers hands it
+            # (no copies; it rotates them in place, which changes the values, not the timing)
+            v["liger"] = lambda q, k: lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos.to(dtype), sin.to(dtype))
         return (q, k), v
     specs["rope"] = ("tokens", rope)
 
     def glu(act):
         def make(n):
-            gu = rnd(n, 2 * I)
-            ours = K.swiglu_fused if act == "silu" else importlib.import_module("ligerzoo.kernels.geglu").geglu_fused
+            # gate and up as two contiguous tensors for every variant, as transformers' MLP makes
+            # them (slices of one fused tensor, ligerzoo's model layout, cost Liger copies: NOTES,
+            # session 23's benchmark review)
+            g, u = rnd(n, I), rnd(n, I)
+            ours = K.swiglu if act == "silu" else importlib.import_module("ligerzoo.kernels.geglu").geglu
             tf = F.silu if act == "silu" else (lambda a: F.gelu(a, approximate="tanh"))
-            v = {"ligerzoo": ours, "torch": lambda gu: tf(gu[:, :I]) * gu[:, I:]}
+            v = {"ligerzoo": ours, "torch": lambda g, u: tf(g) * u}
             if lf:
-                f = lf.liger_swiglu if act == "silu" else lf.liger_geglu
-                v["liger"] = lambda gu: f(gu[:, :I], gu[:, I:])
-            return (gu,), v
+                v["liger"] = lf.liger_swiglu if act == "silu" else lf.liger_geglu
+            return (g, u), v
         return make
     specs["swiglu"] = ("tokens", glu("silu"))
     specs["geglu"] = ("tokens", glu("gelu"))
+
+    def swiglu_fused(n):
+        # gate and up concatenated in one (n, 2I) tensor (ligerzoo's fused projection), against
+        # Liger's op for that layout (LigerFusedGateUpSiLUMulFunction, no copies either)
+        gu = rnd(n, 2 * I)
+        v = {"ligerzoo": K.swiglu_fused, "torch": lambda gu: F.silu(gu[:, :I]) * gu[:, I:]}
+        lops = _liger("liger_kernel.ops.swiglu")
+        if lops is not None and hasattr(lops, "LigerFusedGateUpSiLUMulFunction"):
+            v["liger"] = lambda gu: lops.LigerFusedGateUpSiLUMulFunction.apply(gu)
+        return (gu,), v
+    specs["swiglu_fused"] = ("tokens", swiglu_fused)
 
     def ce(n):
         logits, t = rnd(n, V), torch.randint(0, V, (n,), device=dev)
         v = {"ligerzoo": lambda z: K.cross_entropy(z, t), "torch": lambda z: F.cross_entropy(z.float(), t)}
         if lf:
-            v["liger"] = lambda z: lf.liger_cross_entropy(z.clone(), t)  # Liger overwrites its input
+            # Liger writes the gradient over its input, as it does in a training loss: no clone
+            # (later calls see gradients as logits, which changes the values, not the timing)
+            v["liger"] = lambda z: lf.liger_cross_entropy(z, t)
         return (logits,), v
     specs["cross_entropy"] = ("tokens", ce)
 
