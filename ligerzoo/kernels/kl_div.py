@@ -206,7 +206,8 @@ SUM_PROGRAMS_PER_SM = 8
 
 # The reduced forward takes the log of a bf16 target from a 128-entry table (_log_of_bf16).
 TABLE_LOG = True
-_LOG_TABLES: dict = {}  # device -> table, for CPU devices; "pinned" -> the pinned host table
+_LOG_TABLES: dict = {}  # CPU device -> its table (GPU tables are copied per call, see below)
+_PINNED_TABLE: list = []  # the pinned host table GPU calls copy from, once made
 
 def _host_log_table() -> torch.Tensor:
     """(128,) fp32 on the CPU: ``log(1 + k/128)`` for k < 64, ``log((1 + k/128) / 2)`` for
@@ -229,10 +230,9 @@ def _bf16_log_table(device: torch.device) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         m = 1 + torch.arange(128, dtype=torch.float64, device=device) / 128
         return torch.log(torch.where(m >= 1.5, m / 2, m)).to(torch.float32)
-    pinned = _LOG_TABLES.get("pinned")
-    if pinned is None:
-        pinned = _LOG_TABLES["pinned"] = _host_log_table().pin_memory()
-    return torch.empty(128, dtype=torch.float32, device=device).copy_(pinned, non_blocking=True)
+    if not _PINNED_TABLE:
+        _PINNED_TABLE.append(_host_log_table().pin_memory())
+    return torch.empty(128, dtype=torch.float32, device=device).copy_(_PINNED_TABLE[0], non_blocking=True)
 
 
 # ------------------------------------------------------------------ ops (torch.library + eager path)

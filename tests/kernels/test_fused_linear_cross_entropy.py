@@ -449,7 +449,7 @@ def test_bias_of_minus_inf_over_the_leading_blocks(reduction):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@gpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gpu_bias_of_minus_inf_over_most_of_the_vocabulary(reduction):
     """bf16, hidden 4096, vocab 128256, the first 100000 tokens masked."""
