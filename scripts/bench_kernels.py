@@ -131,8 +131,10 @@ def op_specs(dtype):
         pos = torch.arange(n, device=dev)[None]
         inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
         cos, sin = K.rope_cos_sin(pos, inv)
-        # backward_inplace: rotate the output gradients over themselves, as Liger's rope does
-        v = {"ligerzoo": lambda q, k: K.rope(q, k, cos, sin, backward_inplace=True),
+        hcos, hsin = K.rope_cos_sin(pos, inv, half_table=True)  # the first halves (the model's layout)
+        # backward_inplace: rotate the output gradients over themselves, as Liger's rope does;
+        # half_table: read only the first half of the tables, which Liger's kernel also does
+        v = {"ligerzoo": lambda q, k: K.rope(q, k, hcos, hsin, backward_inplace=True, half_table=True),
              "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
         if lf:  # Liger takes (B, H, T, D): transposed views of (B, T, H, D), as transformers hands it
             # (no copies; it rotates them in place, which changes the values, not the timing)
@@ -148,7 +150,8 @@ def op_specs(dtype):
             g, u = rnd(n, I), rnd(n, I)
             ours = K.swiglu if act == "silu" else importlib.import_module("ligerzoo.kernels.geglu").geglu
             tf = F.silu if act == "silu" else (lambda a: F.gelu(a, approximate="tanh"))
-            v = {"ligerzoo": ours, "torch": lambda g, u: tf(g) * u}
+            # inplace: the backward writes the gradients over gate and up, as Liger's always does
+            v = {"ligerzoo": lambda g, u: ours(g, u, inplace=True), "torch": lambda g, u: tf(g) * u}
             if lf:
                 v["liger"] = lf.liger_swiglu if act == "silu" else lf.liger_geglu
             return (g, u), v
@@ -160,6 +163,7 @@ def op_specs(dtype):
         # gate and up concatenated in one (n, 2I) tensor (ligerzoo's fused projection), against
         # Liger's op for that layout (LigerFusedGateUpSiLUMulFunction, no copies either)
         gu = rnd(n, 2 * I)
+        # both out of place (Liger's fused op defaults to in_place=False)
         v = {"ligerzoo": K.swiglu_fused, "torch": lambda gu: F.silu(gu[:, :I]) * gu[:, I:]}
         lops = _liger("liger_kernel.ops.swiglu")
         if lops is not None and hasattr(lops, "LigerFusedGateUpSiLUMulFunction"):

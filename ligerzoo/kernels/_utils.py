@@ -152,16 +152,60 @@ def non_overlapping(t: torch.Tensor) -> bool:
     return True
 
 
+def _span(t: torch.Tensor, dims) -> int:
+    """Elements from the first to the last of ``t`` over ``dims`` (the others held fixed)."""
+    return sum((t.shape[d] - 1) * t.stride(d) for d in dims) + 1
+
+
 def disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of ``a`` and ``b`` (first to last element) do not meet, so
-    writing one cannot change the other. Conservative: interleaved views count as meeting.
-    Needs real tensors (data pointers)."""
+    """Whether ``a`` and ``b`` share no element, so writing one cannot change the other.
+    True when their memory spans (first to last element) do not meet, or when they are
+    interleaved slices of one buffer: equal strides and leading sizes, and over the last
+    one or two dims spans that do not meet within a period that every leading step moves
+    past (e.g. the q and k heads of a fused qkv projection, or the gate and up halves of a
+    fused gate_up). Conservative otherwise. Needs real tensors (data pointers)."""
     if a.numel() == 0 or b.numel() == 0:
         return True
     pa, pb = a.data_ptr(), b.data_ptr()
-    ea = pa + (sum((sz - 1) * st for sz, st in zip(a.shape, a.stride())) + 1) * a.element_size()
-    eb = pb + (sum((sz - 1) * st for sz, st in zip(b.shape, b.stride())) + 1) * b.element_size()
-    return ea <= pb or eb <= pa
+    ea = pa + _span(a, range(a.dim())) * a.element_size()
+    eb = pb + _span(b, range(b.dim())) * b.element_size()
+    if ea <= pb or eb <= pa:
+        return True
+    if a.dim() != b.dim() or a.stride() != b.stride() or a.dtype != b.dtype:
+        return False
+    size = a.element_size()
+    if (pb - pa) % size:
+        return False
+    shift = (pb - pa) // size                          # b's start, in elements from a's
+    for inner in (1, 2):
+        lead = a.dim() - inner
+        if lead < 0 or a.shape[:lead] != b.shape[:lead]:
+            continue
+        ia, ib = _span(a, range(lead, a.dim())), _span(b, range(lead, b.dim()))
+        if not (shift >= ia or -shift >= ib):          # the inner spans meet
+            continue
+        period = max(ia, shift + ib) - min(0, shift)   # their union
+        extent, ok = period, True
+        for stride, sz in sorted((a.stride(d), a.shape[d]) for d in range(lead) if a.shape[d] > 1):
+            if stride < extent:
+                ok = False
+                break
+            extent += (sz - 1) * stride
+        if ok:
+            return True
+    return False
+
+
+def overwritable(*ts: torch.Tensor) -> bool:
+    """Whether a kernel may write over every tensor in ``ts`` in place: real tensors (not
+    traced: compiled graphs get the out-of-place ops), unit last-dim strides, no element
+    shared within any of them or between any two."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    for t in ts:
+        if type(t) is not torch.Tensor or (t.numel() and t.stride(-1) != 1) or not non_overlapping(t):
+            return False
+    return all(disjoint(a, b) for i, a in enumerate(ts) for b in ts[i + 1:])
 
 
 def multiprocessor_count(device: torch.device) -> int:

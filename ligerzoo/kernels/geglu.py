@@ -59,7 +59,7 @@ def geglu_fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- public API
-def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def geglu(gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """GeGLU: ``gelu_tanh(gate) * up`` (Shazeer 2020, arXiv 2002.05202), computed in fp32.
 
     GELU (Hendrycks & Gimpel, arXiv 1606.08415) is the tanh approximation,
@@ -70,6 +70,14 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate: (..., I) fp32 / bf16 / fp16 (float64 runs the torch reference). Strided
             views with a unit last-dim stride are read in place (e.g. ``gu[..., :I]``).
         up: same shape, dtype and device as ``gate``.
+        inplace: the backward writes the gradients of ``gate`` and ``up`` over ``gate`` and
+            ``up`` themselves (saved for it) and returns them, instead of allocating two new
+            tensors: one (gate + up)-sized buffer less at the backward's peak (what Liger
+            Kernel's ``LigerSiLUMulFunction`` always does). Only for inputs nothing reads after
+            this op's backward, such as the outputs of an MLP's gate and up projections (a
+            matmul saves its input, not its output); their values are lost. Falls back to new
+            tensors where it cannot (memory shared within or between them, rows that would
+            need a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
@@ -83,10 +91,10 @@ def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_pair(gate, up, "geglu")
     if not _utils.triton_ok(gate):
         return geglu_reference(gate, up)
-    return ops.geglu(gate, up)
+    return ops.geglu(gate, up, bool(inplace))
 
 
-def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+def geglu_fused(gate_up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """GeGLU on a fused projection: ``gelu_tanh(gate_up[..., :I]) * gate_up[..., I:]``.
 
     One matmul produces ``gate_up`` (gate first) and the backward writes its gradient as
@@ -95,6 +103,11 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     Args:
         gate_up: (..., 2I) fp32 / bf16 / fp16; rows with a unit last-dim stride are read
             in place.
+        inplace: the backward writes the gradient over ``gate_up`` itself (saved for it)
+            and returns it, instead of allocating a new (..., 2I) tensor. Only for an input
+            nothing reads after this op's backward (e.g. the fused projection's output); its
+            values are lost. Falls back to a new tensor where it cannot (overlapping memory,
+            rows that would need a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate_up.dtype``, contiguous on the Triton path.
@@ -105,4 +118,4 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     _check_fused(gate_up)
     if not _utils.triton_ok(gate_up):
         return geglu_fused_reference(gate_up)
-    return ops.geglu_fused(gate_up)
+    return ops.geglu_fused(gate_up, bool(inplace))

@@ -39,13 +39,22 @@ if HAS_TRITON:
 
 __all__ = ["swiglu", "swiglu_fused", "swiglu_reference", "swiglu_fused_reference"]
 
-# Columns per program (shared by every gated activation). Module-level so tests can
-# shrink it below the row length.
-_MAX_BLOCK = 2048
-
 # Activation codes of the gated kernels (the ACT constexpr).
 ACT_SILU = 0
 ACT_GELU_TANH = 1
+
+# Columns per program: at most _MAX_BLOCK (module-level so tests can shrink it below the row
+# length) and the cap of _TILES[(activation, backward)] = (cap, columns per warp). From
+# session 24's sweep on the H200 (bf16, 8192 x 14336, benchmarks/NOTES.md): SiLU gains from
+# long blocks (forward 170.7 -> 164.7 us, backward 285.9 -> 280.4), GELU's heavier math
+# does best at 2048 columns under 8 warps.
+_MAX_BLOCK = 16384
+_TILES = {
+    (ACT_SILU, False): (16384, 512),
+    (ACT_SILU, True): (8192, 256),
+    (ACT_GELU_TANH, False): (2048, 256),
+    (ACT_GELU_TANH, True): (2048, 256),
+}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -137,10 +146,11 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _settings(n_cols: int) -> tuple[int, int]:
-    block = min(next_power_of_2(n_cols), _MAX_BLOCK)
-    num_warps = 8 if block >= 2048 else 4
-    return block, num_warps
+def _settings(n_cols: int, act: int = ACT_SILU, backward: bool = False) -> tuple[int, int]:
+    """(columns per program, num_warps) of the gated kernels for rows of ``n_cols``."""
+    cap, per_warp = _TILES[(act, backward)]
+    block = min(next_power_of_2(n_cols), cap, _MAX_BLOCK)
+    return block, max(4, min(32, block // per_warp))
 
 
 def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int) -> torch.Tensor:
@@ -149,7 +159,7 @@ def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int) -> torch.Tensor:
     y = torch.empty((n_rows, n_cols), dtype=a2.dtype, device=a2.device)
     if y.numel() == 0:
         return y
-    block, num_warps = _settings(n_cols)
+    block, num_warps = _settings(n_cols, act)
     with device_guard(a2):
         _gated_fwd_kernel[(n_rows, cdiv(n_cols, block))](
             a2, a2.stride(0), b2, b2.stride(0), y, y.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=num_warps
@@ -163,7 +173,7 @@ def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
     n_rows, n_cols = a2.shape
     if a2.numel() == 0:
         return
-    block, num_warps = _settings(n_cols)
+    block, num_warps = _settings(n_cols, act, backward=True)
     y_arg = y2 if y2 is not None else da2
     with device_guard(a2):
         _gated_bwd_kernel[(n_rows, cdiv(n_cols, block))](
@@ -171,6 +181,15 @@ def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
             da2, da2.stride(0), db2, db2.stride(0), y_arg, y_arg.stride(0), n_cols,
             ACT=act, STORE_Y=y2 is not None, BLOCK=block, num_warps=num_warps,
         )
+
+
+def _rows_overwritable(dy: torch.Tensor, *ts: torch.Tensor) -> bool:
+    """Whether the backward may write its gradients over ``ts`` (the saved inputs) while it
+    reads ``dy``: :func:`ligerzoo.kernels._utils.overwritable` for ``ts``, ``dy`` apart from
+    each, and every ``t``'s (N, cols) row view a view of ``t`` (not a copy)."""
+    if not (_utils.overwritable(*ts) and all(_utils.disjoint(dy, t) for t in ts)):
+        return False
+    return all(t.numel() == 0 or as_rows(t, t.shape[-1]).data_ptr() == t.data_ptr() for t in ts)
 
 
 def _row_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -185,11 +204,12 @@ def _register_gated_ops(name: str, act: int) -> None:
     (with their ``*_backward`` ops, fake implementations and autograd) computing
     ``act(gate) * up`` with the gated kernels above."""
 
-    def split_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def split_op(gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
+        # ``inplace`` only changes the backward (see swiglu's docstring)
         n_cols = gate.shape[-1]
         return _forward(as_rows(gate, n_cols), as_rows(up, n_cols), act).view(gate.shape)
 
-    def split_fake(gate, up):
+    def split_fake(gate, up, inplace):
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
     def split_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,22 +224,33 @@ def _register_gated_ops(name: str, act: int) -> None:
         return (torch.empty_like(gate, memory_format=torch.contiguous_format),
                 torch.empty_like(up, memory_format=torch.contiguous_format))
 
+    def split_backward_inplace_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+        # gate and up become their gradients (row views of them: checked by the caller)
+        n_cols = gate.shape[-1]
+        g2, u2 = as_rows(gate, n_cols), as_rows(up, n_cols)
+        _backward(as_rows(dy, n_cols), g2, u2, g2, u2, act)
+
     def split_setup_context(ctx, inputs, output):
-        gate, up = inputs
+        gate, up, inplace = inputs
         ctx.save_for_backward(gate, up)
+        ctx.inplace = inplace
 
     def split_autograd(ctx, dy):
         gate, up = ctx.saved_tensors
-        return getattr(ops, f"{name}_backward")(dy, gate, up)
+        if ctx.inplace and _rows_overwritable(dy, gate, up):
+            getattr(ops, f"{name}_backward_")(dy, gate, up)
+            # fresh views: autograd takes them as the gradients instead of copying
+            return gate.view(gate.shape), up.view(up.shape), None
+        return (*getattr(ops, f"{name}_backward")(dy, gate, up), None)
 
-    def fused_op(gate_up: torch.Tensor) -> torch.Tensor:
+    def fused_op(gate_up: torch.Tensor, inplace: bool) -> torch.Tensor:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
         gu2 = as_rows(gate_up, two_i)                                     # (N, 2I)
         y = _forward(gu2[:, :n_cols], gu2[:, n_cols:], act)               # (N, I)
         return y.view(*gate_up.shape[:-1], n_cols)
 
-    def fused_fake(gate_up):
+    def fused_fake(gate_up, inplace):
         return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
     def fused_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
@@ -239,7 +270,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         # gradient (each element is read before the same thread overwrites it).
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
-        gu2 = _row_view(gate_up, two_i)
+        gu2 = as_rows(gate_up, two_i)  # a view (the callers check)
         _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act)
 
     def recompute_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
@@ -268,12 +299,16 @@ def _register_gated_ops(name: str, act: int) -> None:
         return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
 
     def fused_setup_context(ctx, inputs, output):
-        (gate_up,) = inputs
+        gate_up, inplace = inputs
         ctx.save_for_backward(gate_up)
+        ctx.inplace = inplace
 
     def fused_autograd(ctx, dy):
         (gate_up,) = ctx.saved_tensors
-        return getattr(ops, f"{name}_fused_backward")(dy, gate_up)
+        if ctx.inplace and _rows_overwritable(dy, gate_up):
+            getattr(ops, f"{name}_fused_backward_")(dy, gate_up)
+            return gate_up.view(gate_up.shape), None
+        return getattr(ops, f"{name}_fused_backward")(dy, gate_up), None
 
     for op_name, fn, fake in (
         (name, split_op, split_fake),
@@ -282,6 +317,8 @@ def _register_gated_ops(name: str, act: int) -> None:
         (f"{name}_fused_backward", fused_backward_op, fused_backward_fake),
     ):
         KernelOp(op_name, fn).register_fake(fake)
+    KernelOp(f"{name}_backward_", split_backward_inplace_op,
+             mutates_args=("gate", "up")).register_fake(lambda dy, gate, up: None)
     KernelOp(f"{name}_fused_backward_", fused_backward_inplace_op,
              mutates_args=("gate_up",)).register_fake(recompute_backward_fake)
     KernelOp(f"{name}_fused_backward_recompute_", recompute_backward_op,
@@ -337,7 +374,7 @@ def _check_fused(gate_up: torch.Tensor) -> None:
 
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """SwiGLU: ``silu(gate) * up`` (Shazeer 2020, arXiv 2002.05202), computed in fp32.
 
     ``silu(a) = a * sigmoid(a)`` (``torch.nn.functional.silu``); HF ``LlamaMLP``'s
@@ -347,6 +384,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate: (..., I) fp32 / bf16 / fp16 (float64 runs the torch reference). Strided
             views with a unit last-dim stride are read in place (e.g. ``gu[..., :I]``).
         up: same shape, dtype and device as ``gate``.
+        inplace: the backward writes the gradients of ``gate`` and ``up`` over ``gate`` and
+            ``up`` themselves (saved for it) and returns them, instead of allocating two new
+            tensors: one (gate + up)-sized buffer less at the backward's peak (what Liger
+            Kernel's ``LigerSiLUMulFunction`` always does). Only for inputs nothing reads after
+            this op's backward, such as the outputs of an MLP's gate and up projections (a
+            matmul saves its input, not its output); their values are lost. Falls back to new
+            tensors where it cannot (memory shared within or between them, rows that would
+            need a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
@@ -360,10 +405,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_pair(gate, up)
     if not _utils.triton_ok(gate):
         return swiglu_reference(gate, up)
-    return ops.swiglu(gate, up)
+    return ops.swiglu(gate, up, bool(inplace))
 
 
-def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_fused(gate_up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """SwiGLU on a fused projection: ``silu(gate_up[..., :I]) * gate_up[..., I:]``.
 
     The layout of Phi-3's ``gate_up_proj`` (gate rows first): one matmul produces
@@ -372,6 +417,11 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     Args:
         gate_up: (..., 2I) fp32 / bf16 / fp16; rows with a unit last-dim stride are read
             in place.
+        inplace: the backward writes the gradient over ``gate_up`` itself (saved for it)
+            and returns it, instead of allocating a new (..., 2I) tensor. Only for an input
+            nothing reads after this op's backward (e.g. the fused projection's output); its
+            values are lost. Falls back to a new tensor where it cannot (overlapping memory,
+            rows that would need a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate_up.dtype``, contiguous on the Triton path.
@@ -382,4 +432,4 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     _check_fused(gate_up)
     if not _utils.triton_ok(gate_up):
         return swiglu_fused_reference(gate_up)
-    return ops.swiglu_fused(gate_up)
+    return ops.swiglu_fused(gate_up, bool(inplace))

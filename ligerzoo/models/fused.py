@@ -275,11 +275,12 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
 
 class _RopeQKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, n_q_heads, n_kv_heads, backward_inplace):
-        ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False)
+    def forward(ctx, qkv, cos, sin, n_q_heads, n_kv_heads, backward_inplace, half_table):
+        ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False, half_table)
         ctx.mark_dirty(qkv)
         ctx.save_for_backward(cos, sin)
         ctx.heads = (n_q_heads, n_kv_heads)
+        ctx.half_table = half_table
         ctx.backward_inplace, ctx.dtype = backward_inplace, qkv.dtype
         return qkv
 
@@ -289,21 +290,22 @@ class _RopeQKV(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         if ctx.backward_inplace and dqkv.is_contiguous() and dqkv.dtype == ctx.dtype:
             # the caller guarantees that this gradient buffer is ours (see rope_qkv_)
-            ops.rope_qkv_(dqkv, cos, sin, *ctx.heads, True)
-            return dqkv, None, None, None, None, None
+            ops.rope_qkv_(dqkv, cos, sin, *ctx.heads, True, ctx.half_table)
+            return dqkv, None, None, None, None, None, None
         # Out of place: autograd may hand the same gradient buffer to other consumers.
-        return ops.rope_qkv(dqkv, cos, sin, *ctx.heads, True), None, None, None, None, None
+        return ops.rope_qkv(dqkv, cos, sin, *ctx.heads, True, ctx.half_table), None, None, None, None, None, None
 
 
 def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads: int,
-              n_kv_heads: int, inplace: bool = True,
-              backward_inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              n_kv_heads: int, inplace: bool = True, backward_inplace: bool = False, *,
+              half_table: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RoPE on the q and k heads of a fused projection, in place when the kernels run.
 
     Args:
         qkv: (B, T, (nh + 2 nkv) hd), rows q | k | v (the output of the fused projection,
             owned by the caller: when contiguous it is overwritten).
-        cos, sin: (B or 1, T, R) fp32 from :func:`ligerzoo.kernels.rope.rope_cos_sin`.
+        cos, sin: (B or 1, T, R) fp32 from :func:`ligerzoo.kernels.rope.rope_cos_sin`;
+            (B or 1, T, R/2) with ``half_table`` (as :func:`ligerzoo.kernels.rope.rope`).
         n_q_heads, n_kv_heads: nh and nkv.
         inplace: False rotates into new tensors (for a ``qkv`` someone else may hold).
         backward_inplace: with ``inplace``, the backward also rotates the incoming gradient
@@ -311,6 +313,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
             use nothing but the returned q, k, v afterwards (not ``qkv`` itself): the gradient
             then arrives as the fresh concatenation of dq, dk, dv that no one else holds.
             The model's attention does this; by default the backward is out of place.
+        half_table: cos and sin hold only the first half of HF's tables (the model's layout).
 
     Returns:
         ``(q, k, v)``: (B, T, nh, hd), (B, T, nkv, hd), (B, T, nkv, hd); views of ``qkv``
@@ -318,7 +321,7 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
 
     Raises:
         ValueError: ``qkv`` not 3-D or its width not a multiple of nh + 2 nkv, or cos/sin
-            shaped unlike (B or 1, T, R) with R even and <= hd.
+            shaped unlike (B or 1, T, R) with R even and <= hd (R/2 with ``half_table``).
     """
     if qkv.dim() != 3 or qkv.shape[-1] % (n_q_heads + 2 * n_kv_heads):
         raise ValueError(f"qkv must be (B, T, (nh + 2 nkv) hd) with nh={n_q_heads}, nkv={n_kv_heads}, "
@@ -329,21 +332,21 @@ def rope_qkv_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_heads
     q, k, v = qkv.split(sizes, dim=-1)
     q, k, v = q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
     if inplace and _fusable(qkv) and qkv.is_contiguous():
-        cos, sin = _check_rope_args(q, k, cos, sin)
+        cos, sin = _check_rope_args(q, k, cos, sin, half_table)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, cos, sin)):
-            qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads, bool(backward_inplace))
+            qkv = _RopeQKV.apply(qkv, cos, sin, n_q_heads, n_kv_heads, bool(backward_inplace), bool(half_table))
         else:  # no autograd node (torch.compile cannot trace mark_dirty without one)
-            ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False)
+            ops.rope_qkv_(qkv, cos, sin, n_q_heads, n_kv_heads, False, bool(half_table))
         q, k, v = qkv.split(sizes, dim=-1)
         return q.view(B, T, n_q_heads, hd), k.view(B, T, n_kv_heads, hd), v.view(B, T, n_kv_heads, hd)
-    q, k = rope(q, k, cos, sin)
+    q, k = rope(q, k, cos, sin, half_table=half_table)
     return q, k, v
 
 
 class _GatedDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up, weight, bias, op, inplace):
-        c = getattr(ops, f"{op}_fused")(gate_up)              # (..., I)
+        c = getattr(ops, f"{op}_fused")(gate_up, False)       # (..., I)
         y = _linear(c, weight, bias)                                         # (..., H)
         ctx.save_for_backward(gate_up, weight)
         ctx.op, ctx.has_bias, ctx.inplace = op, bias is not None, inplace
@@ -373,7 +376,7 @@ class _GatedActInplaceBackward(torch.autograd.Function):
     def forward(ctx, gate_up, op):
         ctx.save_for_backward(gate_up)
         ctx.op = op
-        return getattr(ops, f"{op}_fused")(gate_up)                          # (..., I)
+        return getattr(ops, f"{op}_fused")(gate_up, False)                   # (..., I)
 
     @staticmethod
     def backward(ctx, dc):

@@ -248,13 +248,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, qkv=None):
         """x: (B, T, H) normalised input, or None when ``qkv`` (B, T, (nh + 2 nkv) hd), its
-        projection, is given (the block fuses the norm into it). Returns (B, T, H)."""
+        projection, is given (the block fuses the norm into it); cos, sin: (B or 1, T,
+        rotary_dim / 2) float32 half tables. Returns (B, T, H)."""
         if qkv is None:
             qkv = self.wqkv(x)
         B, T, _ = qkv.shape
         # in place only on a buffer nothing else holds (a hooked or wrapped projection's output may be)
         q, k, v = rope_qkv_(qkv, cos, sin, self.num_heads, self.num_kv_heads, inplace=plain_linear(self.wqkv),
-                            backward_inplace=True)  # (B, T, nh|nkv|nkv, hd); qkv is not used again
+                            backward_inplace=True, half_table=True)  # (B, T, nh|nkv|nkv, hd); qkv is not used again
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
@@ -327,6 +328,7 @@ class Block(nn.Module):
         Args:
             x: (B, T, H) residual stream; delta: (B, T, H) the previous block's last branch
                 output, still to be added to ``x`` (None for the first block).
+            cos, sin: (B or 1, T, rotary_dim / 2) float32, from :meth:`CausalLM.rope_cos_sin`.
         Returns:
             ``(h, m)``: the residual stream after the attention branch and this block's MLP
             branch output; the block's output is ``h + m``, which the next norm computes in
@@ -564,7 +566,8 @@ class CausalLM(nn.Module):
             self.embed.weight[self.embed.padding_idx].zero_()
 
     def rope_cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, rotary_dim) float32 for ``position_ids`` (B, T).
+        """cos, sin (B, T, rotary_dim / 2) float32 for ``position_ids`` (B, T): the first half
+        of HF's tables (whose halves are equal), as the attention's RoPE takes them.
 
         LongRoPE picks its long factors when ``max(position_ids) + 1`` exceeds
         ``original_max_position_embeddings``, per call, like HF (so keys cached by an earlier
@@ -575,11 +578,11 @@ class CausalLM(nn.Module):
             original = self.config.rope_scaling["original_max_position_embeddings"]
             if torch.compiler.is_compiling():  # no data-dependent branch: both tables, picked on the device
                 longer = position_ids.max() + 1 > original  # 0-d bool
-                short_cs, long_cs = (rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, k))
+                short_cs, long_cs = (rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, k), half_table=True)
                                      for k in (False, True))
                 return torch.where(longer, long_cs[0], short_cs[0]), torch.where(longer, long_cs[1], short_cs[1])
             long = int(position_ids.max()) + 1 > original
-        return rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, long))
+        return rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, long), half_table=True)
 
     def _inv_freq_for(self, device, long: bool):
         """(inv_freq on ``device``, attention scale) of the short or long RoPE table, cached."""
@@ -624,7 +627,7 @@ class CausalLM(nn.Module):
             position_ids is not None and attention_mask is None and cache is None and T > 1) else None
         if position_ids is None:
             position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)
-        cos, sin = self.rope_cos_sin(position_ids)  # (B, T, rotary_dim) each
+        cos, sin = self.rope_cos_sin(position_ids)  # (B, T, rotary_dim / 2) each
         key_valid = None
         if cache is not None and (attention_mask is not None or not bool(cache.mask[:, :start].all())):
             if attention_mask is not None:

@@ -234,13 +234,77 @@ def test_empty_inputs(op, lead, inter):
     assert getattr(lib, f"{op.name}_fused_backward_recompute")(dy.clone(), gu).shape == gu.shape
 
 
+@pytest.mark.usefixtures("path")
+@parametrize_dtype
+def test_inplace_backward(op, dtype):
+    """inplace=True: the same gradients bit for bit, written over the saved inputs (gate and
+    up, or gate_up) and returned as views of them; out of place (inputs untouched) when the
+    memory cannot be overwritten: the two halves of one tensor, rows that need a copy, an
+    incoming gradient that shares memory with an input."""
+    torch.manual_seed(5)
+    triton_path = swiglu_mod._utils.triton_ok(torch.empty(1, dtype=dtype))
+    # the kernels give bit-equal results; torch's CPU math may round strided views differently
+    same = torch.equal if triton_path else (lambda a, b: torch.allclose(a, b, rtol=2 ** -7, atol=1e-6))
+    gu = (3 * torch.randn(6, 2 * I)).to(dtype)
+    dy = torch.randn(6, I).to(dtype)
+    want_y, want = op.fused(gu.clone().requires_grad_()), None
+    leaf = gu.clone().requires_grad_()
+    want = torch.autograd.grad(op.fused(leaf), leaf, dy)[0]
+    y64, dgu64 = op.ref64(gu, dy)
+    assert_close_ulps(want, dgu64, dtype, ULPS[dtype])
+
+    # separate gate and up, as an MLP's two projections make them
+    gate = gu[:, :I].clone().requires_grad_()
+    up = gu[:, I:].clone().requires_grad_()
+    g_in, u_in = gate * 1, up * 1  # non-leaves the op may overwrite
+    y = op.split(g_in, u_in, inplace=True)
+    assert same(y, want_y)
+    dgate, dup = torch.autograd.grad(y, (g_in, u_in), dy)
+    assert same(dgate, want[:, :I]) and same(dup, want[:, I:])
+    if triton_path:
+        assert dgate.data_ptr() == g_in.data_ptr() and dup.data_ptr() == u_in.data_ptr()
+        assert same(g_in.detach(), want[:, :I])  # the inputs now hold their gradients
+    # the fused tensor
+    g_in = gu.clone().requires_grad_() * 1
+    y = op.fused(g_in, inplace=True)
+    (dgu,) = torch.autograd.grad(y, g_in, dy)
+    assert same(dgu, want)
+    if triton_path:
+        assert dgu.data_ptr() == g_in.data_ptr()
+        # a second backward would read gradients as inputs: autograd's version check refuses it
+        x = gu.clone().requires_grad_()
+        y = op.fused(x * 1, inplace=True)
+        torch.autograd.grad(y, x, dy, retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y, x, dy)
+    # cannot overwrite: halves of one tensor (interleaved), rows that need a copy, dy aliasing
+    src = gu.clone()
+    halves = src.clone().requires_grad_() * 1
+    dgate, dup = torch.autograd.grad(op.split(halves[:, :I], halves[:, I:], inplace=True), (halves,), dy)[0].split(I, -1)
+    assert same(dgate, want[:, :I]) and same(dup, want[:, I:])
+    padded = torch.zeros(3, 2, 2 * I + 3).to(dtype)
+    padded[..., : 2 * I] = gu.view(2, 3, 2 * I).transpose(0, 1)
+    wide = padded.requires_grad_() * 1                          # (3, 2, 2I + 3)
+    unmergeable = wide[..., : 2 * I].transpose(0, 1)            # (2, 3, 2I) = gu's rows, which need a copy
+    (d,) = torch.autograd.grad(op.fused(unmergeable, inplace=True), wide, dy.view(2, 3, I))
+    assert same(d[..., : 2 * I].transpose(0, 1).reshape(6, 2 * I), want)
+    assert same(wide.detach()[..., : 2 * I], padded.detach()[..., : 2 * I])  # not written
+    both = torch.cat((gu, dy), -1).requires_grad_() * 1         # dy shares gate_up's buffer
+    g_view, dy_view = both[:, : 2 * I], both[:, 2 * I:]
+    y = op.fused(g_view, inplace=True)
+    (d,) = torch.autograd.grad(y, both, dy_view)
+    assert same(d[:, : 2 * I], want)
+
+
 def test_opcheck_and_compile(op):
     from torch.library import opcheck
 
     lib = torch.ops.ligerzoo
     gu = torch.randn(4, 10, requires_grad=True)
-    opcheck(getattr(lib, op.name), (gu[:, :5], gu[:, 5:]))
-    opcheck(getattr(lib, f"{op.name}_fused"), (gu,))
+    for inplace in (False, True):
+        opcheck(getattr(lib, op.name), (gu[:, :5], gu[:, 5:], inplace))
+        opcheck(getattr(lib, f"{op.name}_fused"), (gu, inplace))
+    opcheck(getattr(lib, f"{op.name}_backward_"), (torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)))
     opcheck(getattr(lib, f"{op.name}_backward"), (torch.randn(4, 5), gu.detach()[:, :5], gu.detach()[:, 5:]))
     opcheck(getattr(lib, f"{op.name}_fused_backward"), (torch.randn(4, 5), gu.detach()))
 
@@ -279,6 +343,13 @@ def test_gpu_gated(op, dtype):
     torch.testing.assert_close(dg, dgu[:, :inter], rtol=0, atol=0)
     torch.testing.assert_close(du, dgu[:, inter:], rtol=0, atol=0)
     assert torch.equal(leaf.detach(), gu)
+    # inplace=True on separate gate and up (an MLP's two projections): the same bits
+    g_in, u_in = gu[:, :inter].clone().requires_grad_(), gu[:, inter:].clone().requires_grad_()
+    yi = op.split(g_in * 1, u_in * 1, inplace=True)
+    dgi, dui = torch.autograd.grad(yi, (g_in, u_in), dy)
+    torch.testing.assert_close(yi, y, rtol=0, atol=0)
+    torch.testing.assert_close(dgi, dgu[:, :inter], rtol=0, atol=0)
+    torch.testing.assert_close(dui, dgu[:, inter:], rtol=0, atol=0)
     if op.name == "geglu":
         # torch's own tanh GELU in the same dtype: one extra rounding (gelu before the product)
         ref = F.gelu(gu[:, :inter], approximate="tanh") * gu[:, inter:]

@@ -34,19 +34,19 @@ def _positions(B, T):
     return torch.stack([torch.arange(T) + s for s in starts])
 
 
-def _check(q, k, cos, sin, dtype, q_ref=None, k_ref=None):
+def _check(q, k, cos, sin, dtype, q_ref=None, k_ref=None, half_table=False):
     """rope(q, k) and its gradients against the float64 reference of the same values.
 
     q_ref / k_ref: contiguous copies with the same values (when q/k are strided views)."""
     q_ref = q if q_ref is None else q_ref
     k_ref = k if k_ref is None else k_ref
-    qo, ko = rope(q, k, cos, sin)
+    qo, ko = rope(q, k, cos, sin, half_table=half_table)
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype and ko.dtype == dtype
     gq, gk = torch.randn_like(qo), torch.randn_like(ko)
     dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
 
     q64, k64 = q_ref.detach().double().requires_grad_(), k_ref.detach().double().requires_grad_()
-    qo64, ko64 = rope_reference(q64, k64, cos.double(), sin.double())
+    qo64, ko64 = rope_reference(q64, k64, cos.double(), sin.double(), half_table=half_table)
     torch.autograd.backward((qo64, ko64), (gq.double(), gk.double()))
     ulps = ULPS[dtype]
     assert_close_ulps(qo, qo64, dtype, ulps)
@@ -109,9 +109,13 @@ def test_rope_fused_qkv_views(path, dtype):
     assert torch.equal(qkv.detach(), qkv0)
 
 
-def test_rope_head_blocks_and_cos_layouts(monkeypatch):
-    """Several head blocks per token; cos/sin as (1, T, R) and (T, R) broadcast over batch."""
-    monkeypatch.setattr(rope_mod, "_MAX_BLOCK_HEADS", 2)
+@pytest.mark.parametrize("one_tile", [True, False])
+def test_rope_head_blocks_and_cos_layouts(monkeypatch, one_tile):
+    """All heads in one tile, or several head blocks per token (a tile limit below the heads'
+    size); cos/sin as (1, T, R) and (T, R) broadcast over batch."""
+    if not one_tile:
+        monkeypatch.setattr(rope_mod, "_MAX_BLOCK_HEADS", 2)
+        monkeypatch.setattr(rope_mod, "_TILE_ELEMS", 16)
     B, T, Hq, Hk, D = 3, 4, 5, 3, 12
     cos3, sin3 = rope_cos_sin(torch.arange(T) + 9000, _inv_freq(D))   # (1, T, R)
     for cos, sin in ((cos3, sin3), (cos3[0], sin3[0]), (cos3.expand(B, T, D), sin3.expand(B, T, D))):
@@ -210,6 +214,52 @@ def test_rope_errors():
         rope_cos_sin(torch.zeros(1, 2, 3), _inv_freq(8))
 
 
+@parametrize_dtype
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("one_tile", [True, False])
+def test_half_table_equals_the_full_table(path, dtype, name, one_tile, monkeypatch):
+    """half_table=True with the first half of HF's tables gives the full tables' results bit
+    for bit (the same products), forward and backward, in place and not, and matches float64."""
+    if not one_tile:
+        monkeypatch.setattr(rope_mod, "_MAX_BLOCK_HEADS", 1)
+        monkeypatch.setattr(rope_mod, "_TILE_ELEMS", 8)
+    B, T, Hq, Hk, D, R = CONFIGS[name]
+    pos, inv = _positions(B, T), _inv_freq(R, 500000.0)
+    cos, sin = rope_cos_sin(pos, inv)
+    hcos, hsin = rope_cos_sin(pos, inv, half_table=True)
+    assert hcos.shape == (B, T, R // 2)
+    assert torch.equal(hcos, cos[..., : R // 2]) and torch.equal(hsin, sin[..., : R // 2])
+    q = torch.randn(B, T, Hq, D).to(dtype).requires_grad_()
+    k = torch.randn(B, T, Hk, D).to(dtype).requires_grad_()
+    gq, gk = torch.randn(B, T, Hq, D).to(dtype), torch.randn(B, T, Hk, D).to(dtype)
+    full = rope(q, k, cos, sin)
+    dfull = torch.autograd.grad(full, (q, k), (gq, gk))
+    for backward_inplace in (False, True):
+        half = rope(q, k, hcos, hsin, backward_inplace, half_table=True)
+        dhalf = torch.autograd.grad(half, (q, k), (gq.clone(), gk.clone()))
+        for a, b in zip(full + dfull, half + dhalf):
+            assert torch.equal(a, b)
+    # and against float64 on its own (the reference expands the half table)
+    q64, k64 = q.detach().double(), k.detach().double()
+    want = rope_reference(q64, k64, cos.double(), sin.double())
+    got = rope_reference(q64, k64, hcos.double(), hsin.double(), half_table=True)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert_close_ulps(full[0], want[0], dtype, ULPS[dtype])
+
+
+def test_half_table_argument_errors():
+    q, k = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 1, 8)
+    cos, sin = rope_cos_sin(torch.arange(3), _inv_freq(8), half_table=True)   # (1, 3, 4)
+    with pytest.raises(ValueError, match="half_table"):
+        rope(q, k, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1), half_table=True)  # R = 16 > 8
+    with pytest.raises(ValueError, match="half_table"):
+        rope(q, k, cos[..., :0], sin[..., :0], half_table=True)
+    qo, ko = rope(q, k, cos[..., :3], sin[..., :3], half_table=True)  # R = 6 < 8: partial rotary
+    want = rope_reference(q, k, torch.cat((cos[..., :3],) * 2, -1), torch.cat((sin[..., :3],) * 2, -1))
+    torch.testing.assert_close(qo, want[0])
+    torch.testing.assert_close(ko, want[1])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded", "shared"])
 def test_rope_backward_inplace(layout):
     """backward_inplace=True: the same gradients, written over the incoming output
@@ -240,6 +290,63 @@ def test_rope_backward_inplace(layout):
         assert dq.data_ptr() == gq.data_ptr() and dk.data_ptr() == gk.data_ptr()
 
 
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("half_table", [False, True])
+def test_rope_inplace(half_table):
+    """inplace=True: q and k (here head views of one fused projection, as a model makes them)
+    rotated over themselves and returned, with the out-of-place op's bits and gradients;
+    refused for leaves that require grad and for overlapping memory."""
+    torch.manual_seed(4)
+    B, T, Hq, Hk, D, R = 2, 5, 4, 2, 16, 12
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(R), half_table=half_table)
+    qkv0 = torch.randn(B, T, (Hq + 2 * Hk) * D)
+    gq, gk = torch.randn(B, T, Hq, D), torch.randn(B, T, Hk, D)
+
+    def heads(t):
+        h = t.view(B, T, Hq + 2 * Hk, D)
+        return h[:, :, :Hq], h[:, :, Hq:Hq + Hk]
+
+    leaf = qkv0.clone().requires_grad_()
+    want = rope(*heads(leaf), cos, sin, half_table=half_table)
+    (dwant,) = torch.autograd.grad(want, leaf, (gq, gk))
+    triton_path = rope_mod._utils.triton_ok(leaf)
+    for backward_inplace in (False, True):
+        leaf = qkv0.clone().requires_grad_()
+        proj = leaf * 1                                    # a projection's fresh output
+        q, k = heads(proj)
+        qo, ko = rope(q, k, cos, sin, backward_inplace, half_table=half_table, inplace=True)
+        assert torch.equal(qo, want[0]) and torch.equal(ko, want[1])
+        if triton_path:
+            assert qo.data_ptr() == q.data_ptr() and ko.data_ptr() == k.data_ptr()
+            assert torch.equal(heads(proj)[0], want[0])      # written into the projection itself
+        (d,) = torch.autograd.grad((qo, ko), leaf, (gq.clone(), gk.clone()))
+        assert torch.equal(d, dwant)
+    # separate q and k (not views): one Function and one launch for both
+    q_leaf, k_leaf = (h.detach().clone().requires_grad_() for h in heads(qkv0))
+    q, k = q_leaf * 1, k_leaf * 1
+    qo, ko = rope(q, k, cos, sin, half_table=half_table, inplace=True)
+    assert torch.equal(qo, want[0]) and torch.equal(ko, want[1])
+    dq, dk = torch.autograd.grad((qo, ko), (q_leaf, k_leaf), (gq, gk))
+    dheads = dwant.view(B, T, Hq + 2 * Hk, D)
+    assert torch.equal(dq, dheads[:, :, :Hq]) and torch.equal(dk, dheads[:, :, Hq:Hq + Hk])
+    if triton_path:
+        assert qo.data_ptr() == q.data_ptr() and type(qo.grad_fn).__name__.startswith("_RopeInplace")
+    with torch.no_grad():                                  # no autograd: the plain op
+        q, k = heads(qkv0.clone())
+        qo, ko = rope(q, k, cos, sin, half_table=half_table, inplace=True)
+        assert torch.equal(qo, want[0]) and torch.equal(ko, want[1])
+    if triton_path:
+        with pytest.raises(RuntimeError, match="leaf"):
+            rope(*[torch.randn(B, T, h, D, requires_grad=True) for h in (Hq, Hk)], cos, sin,
+                 half_table=half_table, inplace=True)
+        shared = torch.randn(B, T, Hq, D)
+        with pytest.raises(ValueError, match="no memory shared"):
+            rope(shared, shared[:, :, :Hk], cos, sin, half_table=half_table, inplace=True)
+        with pytest.raises(ValueError, match="unit last-dim"):
+            rope(torch.randn(B, T, Hq, 2 * D)[..., ::2], torch.randn(B, T, Hk, D), cos, sin,
+                 half_table=half_table, inplace=True)
+
+
 def test_non_overlapping():
     from ligerzoo.kernels._utils import non_overlapping
 
@@ -255,7 +362,28 @@ def test_disjoint():
 
     t = torch.randn(4, 6)
     assert disjoint(t[:2], t[2:]) and disjoint(t, torch.randn(3)) and disjoint(t[:0], t)
-    assert not disjoint(t, t.view(24)) and not disjoint(t[:, :3], t[:, 3:])  # interleaved: conservative
+    assert not disjoint(t, t.view(24))
+    # interleaved slices of one buffer: the column halves, or the q and k heads of a fused qkv
+    assert disjoint(t[:, :3], t[:, 3:]) and disjoint(t[:, 3:], t[:, :3]) and not disjoint(t[:, :4], t[:, 3:])
+    B, T, Hq, Hk, D = 2, 3, 4, 2, 5
+    heads = torch.randn(B, T, (Hq + 2 * Hk) * D).view(B, T, Hq + 2 * Hk, D)
+    q, k, v = heads[:, :, :Hq], heads[:, :, Hq:Hq + Hk], heads[:, :, Hq + Hk:]
+    assert disjoint(q, k) and disjoint(k, v) and disjoint(q, v)
+    assert not disjoint(heads[:, :, :Hq + 1], k) and not disjoint(q, heads[:, :, 1:Hq + 1])
+    # equal strides whose leading step does not move past both spans: elements 3 and 6 shared
+    x = torch.randn(20)
+    assert not disjoint(x.as_strided((3, 2), (3, 1)), x.as_strided((3, 2), (3, 1), 2))
+    assert disjoint(x.as_strided((3, 2), (4, 1)), x.as_strided((3, 2), (4, 1), 2))
+    # brute force over small strided pairs of one buffer: disjoint() never says True wrongly
+    torch.manual_seed(0)
+    buf = torch.arange(64.0)
+    for _ in range(500):
+        shape = tuple(int(v) for v in torch.randint(1, 4, (2,)))
+        stride = tuple(int(v) for v in torch.randint(1, 6, (2,)))
+        offs = [int(v) for v in torch.randint(0, 20, (2,))]
+        a, b = (buf.as_strided(shape, stride, o) for o in offs)
+        shared = bool(set(a.flatten().tolist()) & set(b.flatten().tolist()))
+        assert not (disjoint(a, b) and shared), (shape, stride, offs)
 
 
 def test_rope_opcheck_and_compile():
@@ -264,9 +392,13 @@ def test_rope_opcheck_and_compile():
     q = torch.randn(2, 3, 4, 8, requires_grad=True)
     k = torch.randn(2, 3, 1, 8, requires_grad=True)
     cos, sin = rope_cos_sin(_positions(2, 3), _inv_freq(6))
-    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin, False))
-    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin, True))
-    opcheck(torch.ops.ligerzoo.rope_backward, (q.detach(), k.detach(), cos, sin))
+    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin, False, False))
+    opcheck(torch.ops.ligerzoo.rope, (q, k, cos, sin, True, False))
+    opcheck(torch.ops.ligerzoo.rope_backward, (q.detach(), k.detach(), cos, sin, False))
+    half = (cos[..., :3].contiguous(), sin[..., :3].contiguous())
+    opcheck(torch.ops.ligerzoo.rope, (q, k, *half, True, True))
+    opcheck(torch.ops.ligerzoo.rope_backward, (q.detach(), k.detach(), *half, True))
+    opcheck(torch.ops.ligerzoo.rope_, (q.detach().clone(), k.detach().clone(), *half, True))
 
     def f(q, k):
         qo, ko = rope(q, k, cos, sin)
@@ -282,16 +414,31 @@ def test_rope_opcheck_and_compile():
 # ----------------------------------------------------------------------------- GPU
 @parametrize_dtype
 @pytest.mark.parametrize("rotary_dim", [128, 96])
+@pytest.mark.parametrize("half_table", [False, True])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_rope(dtype, rotary_dim):
+def test_gpu_rope(dtype, rotary_dim, half_table):
     torch.manual_seed(0)
     B, T, Hq, Hk, D = 2, 8192, 32, 8, 128
     pos = torch.stack([torch.arange(T), torch.arange(T) + 100_000]).cuda()
-    cos, sin = rope_cos_sin(pos, _inv_freq(rotary_dim, 500000.0))
+    cos, sin = rope_cos_sin(pos, _inv_freq(rotary_dim, 500000.0), half_table=half_table)
     q = torch.randn(B, T, Hq, D, device="cuda").to(dtype).requires_grad_()
     k = torch.randn(B, T, Hk, D, device="cuda").to(dtype).requires_grad_()
-    _check(q, k, cos, sin, dtype)
+    _check(q, k, cos, sin, dtype, half_table=half_table)
+
+
+@pytest.mark.parametrize("half_table", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rope_head_blocks(half_table):
+    """128 query heads of 128 (Llama-3-405B's shape): more than one tile, the heads in blocks."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, D = 1, 1024, 128, 8, 128
+    assert Hq * D // 2 > rope_mod._TILE_ELEMS
+    cos, sin = rope_cos_sin(torch.arange(T, device="cuda") + 7, _inv_freq(D, 500000.0), half_table=half_table)
+    q = torch.randn(B, T, Hq, D, device="cuda").bfloat16().requires_grad_()
+    k = torch.randn(B, T, Hk, D, device="cuda").bfloat16().requires_grad_()
+    _check(q, k, cos, sin, torch.bfloat16, half_table=half_table)
 
 
 @pytest.mark.gpu
