@@ -133,7 +133,9 @@ def op_specs(dtype):
         cos, sin = K.rope_cos_sin(pos, inv)
         hcos, hsin = K.rope_cos_sin(pos, inv, half_table=True)  # the first halves (the model's layout)
         # backward_inplace: rotate the output gradients over themselves, as Liger's rope does;
-        # half_table: read only the first half of the tables, which Liger's kernel also does
+        # half_table: read only the first half of the tables, which Liger's kernel also does.
+        # The forward is out of place: inplace=True refuses leaves (Liger rotates them in
+        # place regardless; on a projection's output inplace=True has Liger's peak: NOTES)
         v = {"ligerzoo": lambda q, k: K.rope(q, k, hcos, hsin, backward_inplace=True, half_table=True),
              "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
         if lf:  # Liger takes (B, H, T, D): transposed views of (B, T, H, D), as transformers hands it
@@ -150,8 +152,10 @@ def op_specs(dtype):
             g, u = rnd(n, I), rnd(n, I)
             ours = K.swiglu if act == "silu" else importlib.import_module("ligerzoo.kernels.geglu").geglu
             tf = F.silu if act == "silu" else (lambda a: F.gelu(a, approximate="tanh"))
-            # inplace: the backward writes the gradients over gate and up, as Liger's always does
-            v = {"ligerzoo": lambda g, u: ours(g, u, inplace=True), "torch": lambda g, u: tf(g) * u}
+            # ours out of place: these inputs are leaves, which inplace=True leaves alone (Liger's
+            # backward writes over them regardless; for a projection's output, inplace=True has
+            # Liger's peak: NOTES, session 24)
+            v = {"ligerzoo": ours, "torch": lambda g, u: tf(g) * u}
             if lf:
                 v["liger"] = lf.liger_swiglu if act == "silu" else lf.liger_geglu
             return (g, u), v
@@ -173,7 +177,8 @@ def op_specs(dtype):
 
     def ce(n):
         logits, t = rnd(n, V), torch.randint(0, V, (n,), device=dev)
-        v = {"ligerzoo": lambda z: K.cross_entropy(z, t), "torch": lambda z: F.cross_entropy(z.float(), t)}
+        # inplace: ours writes the gradient over the logits too, as Liger's always does
+        v = {"ligerzoo": lambda z: K.cross_entropy(z, t, inplace=True), "torch": lambda z: F.cross_entropy(z.float(), t)}
         if lf:
             # Liger writes the gradient over its input, as it does in a training loss: no clone
             # (later calls see gradients as logits, which changes the values, not the timing)

@@ -157,13 +157,13 @@ def _span(t: torch.Tensor, dims) -> int:
     return sum((t.shape[d] - 1) * t.stride(d) for d in dims) + 1
 
 
-def disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
+def disjoint(a: torch.Tensor, b: torch.Tensor, interleaved: bool = True) -> bool:
     """Whether ``a`` and ``b`` share no element, so writing one cannot change the other.
-    True when their memory spans (first to last element) do not meet, or when they are
-    interleaved slices of one buffer: equal strides and leading sizes, and over the last
-    one or two dims spans that do not meet within a period that every leading step moves
-    past (e.g. the q and k heads of a fused qkv projection, or the gate and up halves of a
-    fused gate_up). Conservative otherwise. Needs real tensors (data pointers)."""
+    True when their memory spans (first to last element) do not meet, or (``interleaved``)
+    when they are interleaved slices of one buffer: equal strides and leading sizes, and
+    over the last one or two dims spans that do not meet within a period that every leading
+    step moves past (e.g. the q and k heads of a fused qkv projection, or the gate and up
+    halves of a fused gate_up). Conservative otherwise. Needs real tensors (data pointers)."""
     if a.numel() == 0 or b.numel() == 0:
         return True
     pa, pb = a.data_ptr(), b.data_ptr()
@@ -171,7 +171,7 @@ def disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
     eb = pb + _span(b, range(b.dim())) * b.element_size()
     if ea <= pb or eb <= pa:
         return True
-    if a.dim() != b.dim() or a.stride() != b.stride() or a.dtype != b.dtype:
+    if not interleaved or a.dim() != b.dim() or a.stride() != b.stride() or a.dtype != b.dtype:
         return False
     size = a.element_size()
     if (pb - pa) % size:
@@ -196,16 +196,16 @@ def disjoint(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
-def overwritable(*ts: torch.Tensor) -> bool:
+def overwritable(*ts: torch.Tensor, interleaved: bool = True) -> bool:
     """Whether a kernel may write over every tensor in ``ts`` in place: real tensors (not
     traced: compiled graphs get the out-of-place ops), unit last-dim strides, no element
-    shared within any of them or between any two."""
+    shared within any of them or between any two (:func:`disjoint`, ``interleaved``)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
     for t in ts:
         if type(t) is not torch.Tensor or (t.numel() and t.stride(-1) != 1) or not non_overlapping(t):
             return False
-    return all(disjoint(a, b) for i, a in enumerate(ts) for b in ts[i + 1:])
+    return all(disjoint(a, b, interleaved) for i, a in enumerate(ts) for b in ts[i + 1:])
 
 
 def multiprocessor_count(device: torch.device) -> int:

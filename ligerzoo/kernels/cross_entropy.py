@@ -766,7 +766,9 @@ class _CrossEntropyInplaceFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _gz, _glse):
         claim_saved_grads(ctx, "cross_entropy")
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_loss, ctx.per_row), None, None, None, None, None, None, None
+        # a fresh alias: for leaf logits, autograd would copy the leaf itself before making it
+        # the leaf's .grad (a second (N, V) buffer and a copy kernel; session 24)
+        return scale_saved_grad(grad, grad_loss, ctx.per_row).detach(), None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------- reference

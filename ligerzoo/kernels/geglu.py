@@ -73,11 +73,12 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch.
         inplace: the backward writes the gradients of ``gate`` and ``up`` over ``gate`` and
             ``up`` themselves (saved for it) and returns them, instead of allocating two new
             tensors: one (gate + up)-sized buffer less at the backward's peak (what Liger
-            Kernel's ``LigerSiLUMulFunction`` always does). Only for inputs nothing reads after
+            Kernel's ``LigerGELUMulFunction`` always does). Only for inputs nothing reads after
             this op's backward, such as the outputs of an MLP's gate and up projections (a
             matmul saves its input, not its output); their values are lost. Falls back to new
-            tensors where it cannot (memory shared within or between them, rows that would
-            need a copy, under tracing) and on the torch reference path.
+            tensors for leaves and views of leaves (a parameter or a tensor you made), for
+            inputs that need no gradient, where it cannot (memory shared within or between
+            them, rows that would need a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
@@ -106,8 +107,9 @@ def geglu_fused(gate_up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         inplace: the backward writes the gradient over ``gate_up`` itself (saved for it)
             and returns it, instead of allocating a new (..., 2I) tensor. Only for an input
             nothing reads after this op's backward (e.g. the fused projection's output); its
-            values are lost. Falls back to a new tensor where it cannot (overlapping memory,
-            rows that would need a copy, under tracing) and on the torch reference path.
+            values are lost. Falls back to a new tensor for a leaf or a view of one, an input
+            that needs no gradient, where it cannot (overlapping memory, rows that would need
+            a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate_up.dtype``, contiguous on the Triton path.

@@ -45,8 +45,9 @@ ACT_GELU_TANH = 1
 
 # Columns per program: at most _MAX_BLOCK (module-level so tests can shrink it below the row
 # length) and the cap of _TILES[(activation, backward)] = (cap, columns per warp). From
-# session 24's sweep on the H200 (bf16, 8192 x 14336, benchmarks/NOTES.md): SiLU gains from
-# long blocks (forward 170.7 -> 164.7 us, backward 285.9 -> 280.4), GELU's heavier math
+# session 24's sweep on the H200 (bf16, 8192 x 14336): SiLU gains from
+# long blocks (forward 170.7 -> 164.7 us, backward 285.9 -> 280.4; run 2 of
+# benchmarks/kernels_h200_s24.log), GELU's heavier math
 # does best at 2048 columns under 8 warps.
 _MAX_BLOCK = 16384
 _TILES = {
@@ -183,6 +184,13 @@ def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
         )
 
 
+def _owned(*ts: torch.Tensor) -> bool:
+    """Whether ``inplace`` may write gradients over the inputs ``ts``: each needs a gradient
+    and is an intermediate result (not a leaf, nor a view of one: a parameter or a tensor the
+    caller made would be lost)."""
+    return all(t.requires_grad and not (t if t._base is None else t._base).is_leaf for t in ts)
+
+
 def _rows_overwritable(dy: torch.Tensor, *ts: torch.Tensor) -> bool:
     """Whether the backward may write its gradients over ``ts`` (the saved inputs) while it
     reads ``dy``: :func:`ligerzoo.kernels._utils.overwritable` for ``ts``, ``dy`` apart from
@@ -233,7 +241,7 @@ def _register_gated_ops(name: str, act: int) -> None:
     def split_setup_context(ctx, inputs, output):
         gate, up, inplace = inputs
         ctx.save_for_backward(gate, up)
-        ctx.inplace = inplace
+        ctx.inplace = inplace and _owned(gate, up)
 
     def split_autograd(ctx, dy):
         gate, up = ctx.saved_tensors
@@ -301,7 +309,7 @@ def _register_gated_ops(name: str, act: int) -> None:
     def fused_setup_context(ctx, inputs, output):
         gate_up, inplace = inputs
         ctx.save_for_backward(gate_up)
-        ctx.inplace = inplace
+        ctx.inplace = inplace and _owned(gate_up)
 
     def fused_autograd(ctx, dy):
         (gate_up,) = ctx.saved_tensors
@@ -390,8 +398,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch
             Kernel's ``LigerSiLUMulFunction`` always does). Only for inputs nothing reads after
             this op's backward, such as the outputs of an MLP's gate and up projections (a
             matmul saves its input, not its output); their values are lost. Falls back to new
-            tensors where it cannot (memory shared within or between them, rows that would
-            need a copy, under tracing) and on the torch reference path.
+            tensors for leaves and views of leaves (a parameter or a tensor you made), for
+            inputs that need no gradient, where it cannot (memory shared within or between
+            them, rows that would need a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
@@ -420,8 +429,9 @@ def swiglu_fused(gate_up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         inplace: the backward writes the gradient over ``gate_up`` itself (saved for it)
             and returns it, instead of allocating a new (..., 2I) tensor. Only for an input
             nothing reads after this op's backward (e.g. the fused projection's output); its
-            values are lost. Falls back to a new tensor where it cannot (overlapping memory,
-            rows that would need a copy, under tracing) and on the torch reference path.
+            values are lost. Falls back to a new tensor for a leaf or a view of one, an input
+            that needs no gradient, where it cannot (overlapping memory, rows that would need
+            a copy, under tracing) and on the torch reference path.
 
     Returns:
         (..., I) in ``gate_up.dtype``, contiguous on the Triton path.

@@ -347,11 +347,12 @@ def test_inplace_writes_gradient_over_logits(reduction):
     loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
     assert_close_rel(base.grad, ref_grad, 1e-5)
     assert_close_rel(x.detach(), ref_grad, 1e-5)                # the buffer now holds the gradient
-    # a leaf that requires grad works too
+    # a leaf that requires grad works too, its .grad in its own buffer (not a copy)
     leaf = logits.clone().requires_grad_()
     loss = cross_entropy(leaf, target, reduction=reduction, inplace=True, **opts)
     loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
     assert_close_rel(leaf.grad, ref_grad, 1e-5)
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
 
 
 @pytest.mark.parametrize("layout", ["expanded", "overlapping_rows"])

@@ -238,9 +238,10 @@ def test_empty_inputs(op, lead, inter):
 @parametrize_dtype
 def test_inplace_backward(op, dtype):
     """inplace=True: the same gradients bit for bit, written over the saved inputs (gate and
-    up, or gate_up) and returned as views of them; out of place (inputs untouched) when the
-    memory cannot be overwritten: the two halves of one tensor, rows that need a copy, an
-    incoming gradient that shares memory with an input."""
+    up, also as the two halves of one tensor, or gate_up) and returned as views of them; out
+    of place (inputs untouched) for leaves, views of leaves and inputs that need no gradient,
+    and when the memory cannot be overwritten: rows that need a copy, an incoming gradient
+    that shares memory with an input."""
     torch.manual_seed(5)
     triton_path = swiglu_mod._utils.triton_ok(torch.empty(1, dtype=dtype))
     # the kernels give bit-equal results; torch's CPU math may round strided views differently
@@ -277,11 +278,27 @@ def test_inplace_backward(op, dtype):
         torch.autograd.grad(y, x, dy, retain_graph=True)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             torch.autograd.grad(y, x, dy)
-    # cannot overwrite: halves of one tensor (interleaved), rows that need a copy, dy aliasing
-    src = gu.clone()
-    halves = src.clone().requires_grad_() * 1
+    # the halves of one tensor (interleaved, disjoint): overwritten too
+    halves = gu.clone().requires_grad_() * 1
     dgate, dup = torch.autograd.grad(op.split(halves[:, :I], halves[:, I:], inplace=True), (halves,), dy)[0].split(I, -1)
     assert same(dgate, want[:, :I]) and same(dup, want[:, I:])
+    if triton_path:
+        assert same(halves.detach(), want)
+    # not overwritten: leaves, views of leaves, inputs that need no gradient
+    gate, up = gu[:, :I].clone().requires_grad_(), gu[:, I:].clone().requires_grad_()
+    dgate, dup = torch.autograd.grad(op.split(gate, up, inplace=True), (gate, up), dy)
+    assert same(dgate, want[:, :I]) and same(dup, want[:, I:])
+    assert torch.equal(gate.detach(), gu[:, :I]) and torch.equal(up.detach(), gu[:, I:])
+    leaf = gu.clone().requires_grad_()
+    (d,) = torch.autograd.grad(op.split(leaf[:, :I], leaf[:, I:], inplace=True), leaf, dy)
+    assert same(d, want) and torch.equal(leaf.detach(), gu)
+    (d,) = torch.autograd.grad(op.fused(leaf, inplace=True), leaf, dy)
+    assert same(d, want) and torch.equal(leaf.detach(), gu)
+    const_up = gu[:, I:].clone()
+    g_in = gu[:, :I].clone().requires_grad_() * 1
+    (dgate,) = torch.autograd.grad(op.split(g_in, const_up, inplace=True), g_in, dy)
+    assert same(dgate, want[:, :I]) and torch.equal(const_up, gu[:, I:])
+    # cannot overwrite: rows that need a copy, dy aliasing an input
     padded = torch.zeros(3, 2, 2 * I + 3).to(dtype)
     padded[..., : 2 * I] = gu.view(2, 3, 2 * I).transpose(0, 1)
     wide = padded.requires_grad_() * 1                          # (3, 2, 2I + 3)

@@ -260,6 +260,26 @@ def test_half_table_argument_errors():
     torch.testing.assert_close(ko, want[1])
 
 
+def test_rope_backward_inplace_leaves_a_shared_gradient_alone():
+    """backward_inplace with q and k concatenated and added to another tensor: the add hands
+    one gradient buffer to the cat (whose backward splits it into interleaved dq and dk) and
+    to the other input, so it must not be rotated in place."""
+    B, T, Hq, Hk, D = 2, 3, 4, 2, 8
+    cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(D))
+    q = torch.randn(B, T, Hq, D, requires_grad=True)
+    k = torch.randn(B, T, Hk, D, requires_grad=True)
+    other = torch.randn(B, T, Hq + Hk, D, requires_grad=True)
+    w = torch.randn(B, T, Hq + Hk, D)
+
+    def grads(backward_inplace):  # the add's gradient buffer is autograd's own (from the * w)
+        y = torch.cat(rope(q, k, cos, sin, backward_inplace=backward_inplace), 2) + other
+        return torch.autograd.grad((y * w).sum(), (q, k, other))
+
+    want, got = grads(False), grads(True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded", "shared"])
 def test_rope_backward_inplace(layout):
     """backward_inplace=True: the same gradients, written over the incoming output
@@ -336,9 +356,21 @@ def test_rope_inplace(half_table):
         qo, ko = rope(q, k, cos, sin, half_table=half_table, inplace=True)
         assert torch.equal(qo, want[0]) and torch.equal(ko, want[1])
     if triton_path:
-        with pytest.raises(RuntimeError, match="leaf"):
-            rope(*[torch.randn(B, T, h, D, requires_grad=True) for h in (Hq, Hk)], cos, sin,
-                 half_table=half_table, inplace=True)
+        q, k = torch.randn(B, T, Hq, D, requires_grad=True), torch.randn(B, T, Hk, D)
+        q0, k0 = q.detach().clone(), k.clone()
+        with pytest.raises(RuntimeError, match="leaf"):  # refused before any write
+            rope(q, k, cos, sin, half_table=half_table, inplace=True)
+        assert torch.equal(q.detach(), q0) and torch.equal(k, k0)
+        leaf = qkv0.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="leaf"):  # views of a leaf too
+            rope(*heads(leaf), cos, sin, half_table=half_table, inplace=True)
+        assert torch.equal(leaf.detach(), qkv0)
+        for separate in (False, True):  # one Function per view, or one for both
+            leaf = qkv0.clone().requires_grad_()
+            q, k = heads(leaf * 1) if not separate else (h * 1 for h in heads(leaf))
+            qo, ko = rope(q, k, cos, sin, half_table=half_table, inplace=True)
+            with pytest.raises(RuntimeError, match="second-order"):
+                torch.autograd.grad((qo, ko), leaf, (gq, gk), create_graph=True)
         shared = torch.randn(B, T, Hq, D)
         with pytest.raises(ValueError, match="no memory shared"):
             rope(shared, shared[:, :, :Hk], cos, sin, half_table=half_table, inplace=True)
