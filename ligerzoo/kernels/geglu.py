@@ -70,15 +70,10 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, inplace: bool = False) -> torch.
         gate: (..., I) fp32 / bf16 / fp16 (float64 runs the torch reference). Strided
             views with a unit last-dim stride are read in place (e.g. ``gu[..., :I]``).
         up: same shape, dtype and device as ``gate``.
-        inplace: the backward writes the gradients of ``gate`` and ``up`` over ``gate`` and
-            ``up`` themselves (saved for it) and returns them, instead of allocating two new
-            tensors: one (gate + up)-sized buffer less at the backward's peak (what Liger
-            Kernel's ``LigerGELUMulFunction`` always does). Only for inputs nothing reads after
-            this op's backward, such as the outputs of an MLP's gate and up projections (a
-            matmul saves its input, not its output); their values are lost. Falls back to new
-            tensors for leaves and views of leaves (a parameter or a tensor you made), for
-            inputs that need no gradient, where it cannot (memory shared within or between
-            them, rows that would need a copy, under tracing) and on the torch reference path.
+        inplace: the backward writes the gradients over ``gate`` and ``up`` (one (gate +
+            up)-sized buffer less at its peak, what Liger Kernel's ``LigerGELUMulFunction``
+            always does); when it may and when it falls back: as
+            :func:`ligerzoo.kernels.swiglu.swiglu`.
 
     Returns:
         (..., I) in ``gate.dtype``, contiguous on the Triton path (the torch reference may
@@ -104,12 +99,8 @@ def geglu_fused(gate_up: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     Args:
         gate_up: (..., 2I) fp32 / bf16 / fp16; rows with a unit last-dim stride are read
             in place.
-        inplace: the backward writes the gradient over ``gate_up`` itself (saved for it)
-            and returns it, instead of allocating a new (..., 2I) tensor. Only for an input
-            nothing reads after this op's backward (e.g. the fused projection's output); its
-            values are lost. Falls back to a new tensor for a leaf or a view of one, an input
-            that needs no gradient, where it cannot (overlapping memory, rows that would need
-            a copy, under tracing) and on the torch reference path.
+        inplace: the backward writes the gradient over ``gate_up`` itself, as
+            :func:`ligerzoo.kernels.swiglu.swiglu_fused`'s (same conditions).
 
     Returns:
         (..., I) in ``gate_up.dtype``, contiguous on the Triton path.

@@ -235,26 +235,14 @@ def _(dq, dk, cos, sin, half_table):
 
 
 @kernel_op("rope_", mutates_args=("q", "k"))
-def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
                      half_table: bool) -> None:
-    # rotates q and k over themselves (unit last-dim strides)
-    _launch(q, k, cos, sin, backward=False, half_table=half_table, inplace=True)
+    # rotates q and k (or, with ``backward``, their gradients) over themselves (unit last-dim strides)
+    _launch(q, k, cos, sin, backward=backward, half_table=half_table, inplace=True)
 
 
 @_rope_inplace_op.register_fake
-def _(q, k, cos, sin, half_table):
-    return None
-
-
-@kernel_op("rope_backward_", mutates_args=("dq", "dk"))
-def _rope_backward_inplace_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                              half_table: bool) -> None:
-    # rotates the gradients back over themselves (unit last-dim strides)
-    _launch(dq, dk, cos, sin, backward=True, half_table=half_table, inplace=True)
-
-
-@_rope_backward_inplace_op.register_fake
-def _(dq, dk, cos, sin, half_table):
+def _(q, k, cos, sin, backward, half_table):
     return None
 
 
@@ -328,7 +316,7 @@ def _rope_backward(ctx, dq, dk):
     if dk is None:
         dk = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
     if ctx.backward_inplace and _can_overwrite(dq, dk):
-        ops.rope_backward_(dq, dk, cos, sin, ctx.half_table)
+        ops.rope_(dq, dk, cos, sin, True, ctx.half_table)
         # fresh views: the caller may still hold dq / dk (autograd would copy a gradient
         # that is referenced elsewhere before making it a leaf's .grad)
         return dq.view(dq.shape), dk.view(dk.shape), None, None, None, None
@@ -345,7 +333,7 @@ class _RopeInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, backward_inplace, half_table):
-        ops.rope_(q, k, cos, sin, half_table)
+        ops.rope_(q, k, cos, sin, False, half_table)
         ctx.mark_dirty(q, k)
         _rope_setup_context(ctx, (q, k, cos, sin, backward_inplace, half_table), None)
         return q, k
@@ -368,7 +356,7 @@ class _RopeInplaceOne(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, backward_inplace, half_table):
         none = x.new_empty((x.shape[0], x.shape[1], 0, x.shape[3]))     # (B, T, 0, D)
-        ops.rope_(x, none, cos, sin, half_table)
+        ops.rope_(x, none, cos, sin, False, half_table)
         ctx.mark_dirty(x)
         _rope_setup_context(ctx, (x, none, cos, sin, backward_inplace, half_table), None)
         return x
@@ -382,7 +370,7 @@ class _RopeInplaceOne(torch.autograd.Function):
 def _rope_inplace(q, k, cos, sin, backward_inplace: bool, half_table: bool):
     """rope(..., inplace=True) on the Triton path, q and k checked."""
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        ops.rope_(q, k, cos, sin, half_table)
+        ops.rope_(q, k, cos, sin, False, half_table)
         return q, k
     for x in (q, k):  # refused before anything is written, as torch's in-place ops do
         base = x if x._base is None else x._base
@@ -397,7 +385,7 @@ def _rope_inplace(q, k, cos, sin, backward_inplace: bool, half_table: bool):
         if x.requires_grad:
             out.append(_RopeInplaceOne.apply(x, cos, sin, backward_inplace, half_table))
         else:
-            ops.rope_(x, x.new_empty((x.shape[0], x.shape[1], 0, x.shape[3])), cos, sin, half_table)
+            ops.rope_(x, x.new_empty((x.shape[0], x.shape[1], 0, x.shape[3])), cos, sin, False, half_table)
             out.append(x)
     return tuple(out)
 

@@ -430,7 +430,8 @@ def test_rope_opcheck_and_compile():
     half = (cos[..., :3].contiguous(), sin[..., :3].contiguous())
     opcheck(torch.ops.ligerzoo.rope, (q, k, *half, True, True))
     opcheck(torch.ops.ligerzoo.rope_backward, (q.detach(), k.detach(), *half, True))
-    opcheck(torch.ops.ligerzoo.rope_, (q.detach().clone(), k.detach().clone(), *half, True))
+    opcheck(torch.ops.ligerzoo.rope_, (q.detach().clone(), k.detach().clone(), *half, False, True))
+    opcheck(torch.ops.ligerzoo.rope_, (q.detach().clone(), k.detach().clone(), cos, sin, True, False))
 
     def f(q, k):
         qo, ko = rope(q, k, cos, sin)
