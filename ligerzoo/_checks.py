@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+from torch import nn
 
 
 def is_int(v) -> bool:
@@ -47,3 +48,18 @@ def check_real(name: str, v) -> float:
     if not is_real(v):
         raise ValueError(f"{name} must be a real number, got {v!r}")
     return float(v)
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """Whether no forward (pre-)hook, the module's own or a global one, sees ``module``'s call."""
+    return not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly an ``nn.Linear`` with no hooks, so that calling it is the
+    same as ``x W^T + b`` and its output is not seen by anyone else; anything else (a LoRA or
+    quantised wrapper, a forward hook, a ``forward`` replaced on the instance, as accelerate's
+    hooks do) is called as a module instead of being fused, and its output is never
+    overwritten."""
+    return type(module) is nn.Linear and _no_hooks(module) and "forward" not in module.__dict__

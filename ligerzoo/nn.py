@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ligerzoo._checks import is_int
+from ligerzoo._checks import is_int, plain_linear
 from ligerzoo.kernels.cross_entropy import check_loss_options, cross_entropy
 from ligerzoo.kernels.embedding import embedding, padding_row
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -230,7 +230,10 @@ class _GatedMLP(nn.Module):
         self.w_down = nn.Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(self._act(self.w_gate_up(x)))  # (.., H) -> (.., 2I) -> (.., I) -> (.., H)
+        gate_up = self.w_gate_up(x)                                        # (.., H) -> (.., 2I)
+        # the projection's fresh output, seen by no one else when it is a plain nn.Linear: the
+        # activation's backward writes d(gate_up) over it (no second (.., 2I) buffer)
+        return self.w_down(self._act(gate_up, inplace=plain_linear(self.w_gate_up)))  # -> (.., I) -> (.., H)
 
     def extra_repr(self) -> str:
         return _options(self, ("hidden_size", "intermediate_size"))
@@ -245,6 +248,8 @@ class SwiGLUMLP(_GatedMLP):
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
     Raises: ValueError at construction for sizes that are not positive ints; RuntimeError
     (from ``nn.Linear``) for x whose last dim is not H or whose dtype is not the parameters'.
+    Memory: while ``w_gate_up`` is a plain ``nn.Linear`` (no hooks), the backward writes
+    d(gate_up) over its output (``inplace=True``) instead of allocating a second (..., 2I).
     """
 
 
@@ -258,6 +263,8 @@ class GeGLUMLP(_GatedMLP):
     Shapes and dtypes: x (..., H) -> (..., H), in the parameters' dtype (as ``nn.Linear``).
     Raises: ValueError at construction for sizes that are not positive ints; RuntimeError
     (from ``nn.Linear``) for x whose last dim is not H or whose dtype is not the parameters'.
+    Memory: while ``w_gate_up`` is a plain ``nn.Linear`` (no hooks), the backward writes
+    d(gate_up) over its output (``inplace=True``) instead of allocating a second (..., 2I).
     """
 
     _act = staticmethod(geglu_fused)

@@ -37,6 +37,34 @@ def test_gated_mlps_match_torch(cls, act):
     torch.testing.assert_close(m(x), m.w_down(act(gate) * up), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cls,act,name", [(lnn.SwiGLUMLP, F.silu, "swiglu"),
+                                          (lnn.GeGLUMLP, lambda a: F.gelu(a, approximate="tanh"), "geglu")])
+def test_gated_mlps_backward_over_the_projection_output(cls, act, name, monkeypatch):
+    """The gradients match torch's; the activation's backward writes d(gate_up) over the plain
+    projection's output (the in-place op runs), but not over an output a forward hook has seen."""
+    from ligerzoo.kernels._utils import ops, triton_ok
+
+    torch.manual_seed(0)
+    m = cls(24, 40)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    calls = []
+    real = getattr(ops, f"{name}_fused_backward_")
+    monkeypatch.setattr(ops, f"{name}_fused_backward_", lambda *a: (calls.append(1), real(*a))[1], raising=False)
+    seen = []
+    for hooked in (False, True):
+        if hooked:
+            m.w_gate_up.register_forward_hook(lambda mod, i, o: seen.append((o, o.detach().clone())))
+        m.zero_grad()
+        got = torch.autograd.grad(m(x).square().sum(), (x, m.w_gate_up.weight, m.w_down.weight))
+        gate, up = m.w_gate_up(x).split(40, dim=-1)
+        want = torch.autograd.grad(m.w_down(act(gate) * up).square().sum(), (x, m.w_gate_up.weight, m.w_down.weight))
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+        assert len(calls) == (1 if triton_ok(x) else 0)  # only the unhooked call ran in place
+    out, copy = seen[0]
+    assert torch.equal(out, copy)
+
+
 def test_losses_match_torch():
     logits, target = torch.randn(9, 50), torch.randint(0, 50, (9,))
     target[2] = -100

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ligerzoo._checks import _no_hooks, plain_linear  # noqa: F401 (re-exported for the models)
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import ops
 from ligerzoo.kernels.cross_entropy import claim_saved_grads, scale_saved_grad
@@ -63,20 +64,6 @@ def _fusable(*tensors: torch.Tensor) -> bool:
     per-op casts they would bypass: there the plain composition runs instead)."""
     return (ENABLED and _utils.triton_ok(*tensors)
             and not torch.is_autocast_enabled(tensors[0].device.type))
-
-
-def _no_hooks(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
-
-
-def plain_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly an ``nn.Linear`` with no hooks, so that calling it is the
-    same as ``x W^T + b`` and its output is not seen by anyone else; anything else (a LoRA or
-    quantised wrapper, a forward hook, a ``forward`` replaced on the instance, as accelerate's
-    hooks do) is called as a module instead of being fused, and its output is never
-    overwritten."""
-    return type(module) is nn.Linear and _no_hooks(module) and "forward" not in module.__dict__
 
 
 def _refuse_second_order(name: str) -> None:
