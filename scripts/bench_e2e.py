@@ -78,19 +78,45 @@ def packed_positions(B: int, T: int, mean: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def _attention_pairs(length: int, window: int | None) -> float:
+    """(query, key) pairs of causal attention over ``length`` tokens, counted as half the square
+    (the usual convention); with a sliding ``window``, each query sees at most ``window`` keys
+    (HF's sliding window: keys t - window < s <= t), so past the window the count grows linearly."""
+    if window is None or length <= window:
+        return length * length / 2
+    return window * window / 2 + (length - window) * window
+
+
+def _layer_windows(cfg) -> list:
+    """Each layer's sliding window (None: full attention), from transformers' ``layer_types``
+    (Gemma2 alternates, sliding first) or, in configs without them, ``sliding_window`` on every
+    layer unless ``use_sliding_window`` is False."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" else None for t in types[:cfg.num_hidden_layers]]
+    if not getattr(cfg, "use_sliding_window", True):
+        window = None
+    return [window] * cfg.num_hidden_layers
+
+
 def model_flops(cfg, B: int, T: int, pos: torch.Tensor | None = None) -> float:
     """Matmul FLOPs of one training step (forward + backward = 3x forward); attention within
-    each document when packed ``pos`` (B, T) are given."""
+    each document when packed ``pos`` (B, T) are given, and within each layer's sliding window
+    (Gemma2's every other layer; past the window, fewer keys than the causal half)."""
     H, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     hd = getattr(cfg, "head_dim", None) or H // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
     experts = getattr(cfg, "num_experts_per_tok", 1) if getattr(cfg, "num_local_experts", 0) else 1
     per_layer = H * (q + 2 * kv) + q * H + 3 * H * cfg.intermediate_size * experts
     linear = L * per_layer + V * H  # the LM head; the embedding is a lookup
-    attention = 2 * L * q * T * B * T  # forward: QK^T and PV, the causal half of 2*T*q each per token
-    if pos is not None:  # per document: 2 * L * q * length^2
+    if pos is None:
+        lengths = [T] * B
+    else:  # per document
         starts = [(row == 0).nonzero().flatten().tolist() + [T] for row in pos]
-        attention = 2 * L * q * sum((b - a) ** 2 for st in starts for a, b in zip(st[:-1], st[1:]))
+        lengths = [b - a for st in starts for a, b in zip(st[:-1], st[1:])]
+    # forward: QK^T and PV, 2 * q FLOPs each per (query, key) pair
+    attention = 4 * q * sum(_attention_pairs(n, w) for w in _layer_windows(cfg) for n in lengths)
     return 6 * linear * B * T + 3 * attention
 
 

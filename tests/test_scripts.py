@@ -97,3 +97,35 @@ def test_prepare_refuses_a_directory_holding_another_model(tmp_path):
     assert prepare_smollm2(other) == other
     with pytest.raises(FileExistsError, match=r"holds another model \(\[.LlamaForCausalLM.\]\)"):
         prepare_qwen2_coder(other)
+
+
+def test_model_flops_counts_sliding_windows_and_documents():
+    """bench_e2e's model FLOPs: 6 x linear weights per token + 3 x the causal attention forward
+    (4 q FLOPs per (query, key) pair, half the square), within each document, and within each
+    layer's sliding window (a hand count)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    flops = _load("bench_e2e").model_flops
+    H, L, V, I, nh, nkv, hd = 64, 4, 100, 96, 4, 2, 16
+    q = nh * hd
+    linear = L * (H * (q + 2 * nkv * hd) + q * H + 3 * H * I) + V * H
+    base = dict(hidden_size=H, num_hidden_layers=L, vocab_size=V, intermediate_size=I,
+                num_attention_heads=nh, num_key_value_heads=nkv, head_dim=hd)
+    B, T, W = 2, 10, 4
+    full = SimpleNamespace(**base)
+    assert flops(full, B, T) == 6 * linear * B * T + 3 * 4 * q * L * B * T * T / 2
+    # Gemma2's layout: every other layer slides over W = 4 keys: W^2/2 + (T - W) W pairs
+    gemma2 = SimpleNamespace(**base, sliding_window=W,
+                             layer_types=["sliding_attention", "full_attention"] * (L // 2))
+    pairs = L // 2 * (T * T / 2) + L // 2 * (W * W / 2 + (T - W) * W)
+    assert flops(gemma2, B, T) == 6 * linear * B * T + 3 * 4 * q * B * pairs
+    # no layer_types: the window on every layer, unless use_sliding_window is False (Qwen2)
+    assert flops(SimpleNamespace(**base, sliding_window=W), B, T) == \
+        6 * linear * B * T + 3 * 4 * q * B * L * (W * W / 2 + (T - W) * W)
+    assert flops(SimpleNamespace(**base, sliding_window=W, use_sliding_window=False), B, T) == flops(full, B, T)
+    assert flops(SimpleNamespace(**base, sliding_window=T), B, T) == flops(full, B, T)  # a window past T
+    # packed documents of 3 and 7 tokens in one row, 10 in the other
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6], list(range(10))])
+    assert flops(full, B, T, pos) == 6 * linear * B * T + 3 * 4 * q * L * (9 + 49 + 100) / 2
