@@ -177,8 +177,9 @@ def op_specs(dtype):
 
     def ce(n):
         logits, t = rnd(n, V), torch.randint(0, V, (n,), device=dev)
-        # inplace: ours writes the gradient over the logits too, as Liger's always does
-        v = {"ligerzoo": lambda z: K.cross_entropy(z, t, inplace=True), "torch": lambda z: F.cross_entropy(z.float(), t)}
+        # ours out of place: these logits are a leaf, which inplace=True leaves alone (Liger
+        # writes its gradient over them regardless; on the LM head's output inplace=True does)
+        v = {"ligerzoo": lambda z: K.cross_entropy(z, t), "torch": lambda z: F.cross_entropy(z.float(), t)}
         if lf:
             # Liger writes the gradient over its input, as it does in a training loss: no clone
             # (later calls see gradients as logits, which changes the values, not the timing)

@@ -196,6 +196,12 @@ def disjoint(a: torch.Tensor, b: torch.Tensor, interleaved: bool = True) -> bool
     return False
 
 
+def of_leaf(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a leaf or a view of one: a tensor the caller made (or a parameter),
+    whose memory an ``inplace`` option must not take over as an op's gradient buffer."""
+    return (t if t._base is None else t._base).is_leaf
+
+
 def overwritable(*ts: torch.Tensor, interleaved: bool = True) -> bool:
     """Whether a kernel may write over every tensor in ``ts`` in place: real tensors (not
     traced: compiled graphs get the out-of-place ops), unit last-dim strides, no element

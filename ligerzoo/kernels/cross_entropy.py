@@ -766,9 +766,7 @@ class _CrossEntropyInplaceFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _gz, _glse):
         claim_saved_grads(ctx, "cross_entropy")
         (grad,) = ctx.saved_tensors
-        # a fresh alias: for leaf logits, autograd would copy the leaf itself before making it
-        # the leaf's .grad (a second (N, V) buffer and a copy kernel; session 24)
-        return scale_saved_grad(grad, grad_loss, ctx.per_row).detach(), None, None, None, None, None, None, None
+        return scale_saved_grad(grad, grad_loss, ctx.per_row), None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------- reference
@@ -1003,8 +1001,10 @@ def cross_entropy(
         return_z_loss: also return the z-loss part (detached, already in ``loss``).
         inplace: allow the gradient to be written over ``logits`` (saves one (N, V)
             buffer; the caller must not read ``logits`` after the forward). Ignored
-            (a fresh gradient buffer is used, as without it) under torch.compile and for
-            logits whose elements share memory (e.g. an ``expand``ed row, stride 0).
+            (a fresh gradient buffer is used, as without it) under torch.compile, for
+            logits whose elements share memory (e.g. an ``expand``ed row, stride 0) and for
+            a leaf or a view of one (its memory would become its own ``.grad``, which its
+            next use would overwrite): for the output of the LM head, not for a tensor you made.
 
     Returns:
         ``loss`` (fp32, float64 for float64 logits; shape () or (N,) for "none"), or
@@ -1056,8 +1056,10 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         weight = weight.contiguous()
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     args = (target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
-    # rows that share memory (stride 0, ...) would be overwritten while later rows still read them
-    if inplace and need_grad and not torch.compiler.is_compiling() and _utils.non_overlapping(logits):
+    # rows that share memory (stride 0, ...) would be overwritten while later rows still read them;
+    # a leaf's memory would become its own .grad, which its next use would overwrite
+    if (inplace and need_grad and not torch.compiler.is_compiling() and _utils.non_overlapping(logits)
+            and not _utils.of_leaf(logits)):
         target_check.wait()  # before the caller's logits are overwritten
         loss, z_loss, _ = _CrossEntropyInplaceFunction.apply(logits, *args)
     else:

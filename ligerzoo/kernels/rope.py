@@ -373,8 +373,7 @@ def _rope_inplace(q, k, cos, sin, backward_inplace: bool, half_table: bool):
         ops.rope_(q, k, cos, sin, False, half_table)
         return q, k
     for x in (q, k):  # refused before anything is written, as torch's in-place ops do
-        base = x if x._base is None else x._base
-        if base.is_leaf and base.requires_grad:
+        if _utils.of_leaf(x) and (x if x._base is None else x._base).requires_grad:
             raise RuntimeError("rope(inplace=True): q or k is a leaf that requires grad (or a view of one), "
                                "which autograd does not let an operation change in place")
     if q._base is None and k._base is None:  # one launch for both

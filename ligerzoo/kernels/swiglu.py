@@ -188,7 +188,7 @@ def _owned(*ts: torch.Tensor) -> bool:
     """Whether ``inplace`` may write gradients over the inputs ``ts``: each needs a gradient
     and is an intermediate result (not a leaf, nor a view of one: a parameter or a tensor the
     caller made would be lost)."""
-    return all(t.requires_grad and not (t if t._base is None else t._base).is_leaf for t in ts)
+    return all(t.requires_grad and not _utils.of_leaf(t) for t in ts)
 
 
 def _rows_overwritable(dy: torch.Tensor, *ts: torch.Tensor) -> bool:

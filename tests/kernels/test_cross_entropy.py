@@ -347,12 +347,24 @@ def test_inplace_writes_gradient_over_logits(reduction):
     loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
     assert_close_rel(base.grad, ref_grad, 1e-5)
     assert_close_rel(x.detach(), ref_grad, 1e-5)                # the buffer now holds the gradient
-    # a leaf that requires grad works too, its .grad in its own buffer (not a copy)
-    leaf = logits.clone().requires_grad_()
-    loss = cross_entropy(leaf, target, reduction=reduction, inplace=True, **opts)
-    loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
-    assert_close_rel(leaf.grad, ref_grad, 1e-5)
-    assert leaf.grad.data_ptr() == leaf.data_ptr()
+    # a leaf (or a view of one) is left alone: its memory would become its own .grad, which
+    # its next use would overwrite (two accumulated steps then gave 2 g1 instead of g0 + g1)
+    for view in (False, True):
+        leaf = logits.clone().requires_grad_()
+        x = leaf.view(logits.shape) if view else leaf
+        loss = cross_entropy(x, target, reduction=reduction, inplace=True, **opts)
+        loss.backward(go.float() if reduction == "none" else go.float().reshape(()))
+        assert_close_rel(leaf.grad, ref_grad, 1e-5)
+        assert torch.equal(leaf.detach(), logits) and leaf.grad.data_ptr() != leaf.data_ptr()
+    leaf = torch.empty_like(logits).requires_grad_()   # one buffer refilled for two micro-batches
+    grads = []
+    for step in range(2):
+        with torch.no_grad():
+            leaf.copy_(logits * (1 + step))
+        cross_entropy(leaf, target, reduction=reduction, inplace=True, **opts).backward(
+            go.float() if reduction == "none" else go.float().reshape(()))
+        grads.append(oracle(logits * (1 + step), target, reduction=reduction, grad_out=go, **opts)[2])
+    assert_close_rel(leaf.grad, grads[0] + grads[1], 1e-5)
 
 
 @pytest.mark.parametrize("layout", ["expanded", "overlapping_rows"])
@@ -571,10 +583,12 @@ def test_gpu_inplace_and_compile():
     go = torch.tensor(1.0, dtype=torch.float64, device="cuda")
     ref_loss, _, ref_grad = oracle(logits, target, grad_out=go)
     x = logits.clone().requires_grad_()
-    loss = cross_entropy(x, target, inplace=True)
+    z = x * 1                                        # a non-leaf, as the LM head's output
+    loss = cross_entropy(z, target, inplace=True)
     loss.backward()
     assert_close_rel(loss.detach(), ref_loss, 1e-5)
     assert_close_rel(x.grad, ref_grad, 8e-3)
+    assert_close_rel(z.detach(), ref_grad, 8e-3)    # written over the logits
     y = logits.clone().requires_grad_()
     loss = torch.compile(cross_entropy, fullgraph=True)(y, target)
     loss.backward()
@@ -602,9 +616,10 @@ def test_gpu_target_check_raises_after_the_launch():
     with pytest.raises(ValueError, match=match):
         cross_entropy(x, bad)
     assert x.grad is None
+    z = logits.clone().requires_grad_() * 1          # a non-leaf: inplace=True would write over it
     with pytest.raises(ValueError, match=match):
-        cross_entropy(x, bad, inplace=True)
-    assert torch.equal(x.detach(), logits)
+        cross_entropy(z, bad, inplace=True)
+    assert torch.equal(z.detach(), logits)
     hx = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
     with pytest.raises(ValueError, match=match):

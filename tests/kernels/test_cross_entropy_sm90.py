@@ -186,14 +186,16 @@ def test_inplace_padding_all_ignored_and_deterministic():
     ref_loss, _, ref_grad = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64, device="cuda"))
     grads = []
     for _ in range(2):
-        b = buf.clone()
-        x = b[:, :v].requires_grad_()
+        leaf = buf.clone().requires_grad_()
+        b = leaf * 1                                # a non-leaf padded buffer (inplace leaves leaves alone)
+        x = b[:, :v]
         loss = cross_entropy(x, target, inplace=True)
         loss.backward()
         assert_close_rel(loss.detach(), ref_loss, 1e-5)
-        assert_close_rel(x.grad, ref_grad, 8e-3)
-        assert torch.equal(b[:, v:], pad)          # columns past the vocabulary untouched
-        grads.append(x.grad.clone())
+        assert_close_rel(leaf.grad[:, :v], ref_grad, 8e-3)
+        assert_close_rel(b.detach()[:, :v], ref_grad, 8e-3)   # written over the logits
+        assert torch.equal(b.detach()[:, v:], pad)  # columns past the vocabulary untouched
+        grads.append(leaf.grad[:, :v].clone())
     assert torch.equal(grads[0], grads[1])         # one row per CTA at a time: bit-reproducible
     x = logits.clone().requires_grad_()
     loss = cross_entropy(x, torch.full((n,), IGNORE, device="cuda"))
