@@ -161,9 +161,10 @@ def disjoint(a: torch.Tensor, b: torch.Tensor, interleaved: bool = True) -> bool
     """Whether ``a`` and ``b`` share no element, so writing one cannot change the other.
     True when their memory spans (first to last element) do not meet, or (``interleaved``)
     when they are interleaved slices of one buffer: equal strides and leading sizes, and
-    over the last one or two dims spans that do not meet within a period that every leading
-    step moves past (e.g. the q and k heads of a fused qkv projection, or the gate and up
-    halves of a fused gate_up). Conservative otherwise. Needs real tensors (data pointers)."""
+    over some trailing dims spans that do not meet within a period that every leading step
+    moves past (e.g. the q and k heads of a fused qkv projection, or of a (B, H, T, D) buffer
+    seen as (B, T, H, D), or the gate and up halves of a fused gate_up). Conservative
+    otherwise. Needs real tensors (data pointers)."""
     if a.numel() == 0 or b.numel() == 0:
         return True
     pa, pb = a.data_ptr(), b.data_ptr()
@@ -177,9 +178,9 @@ def disjoint(a: torch.Tensor, b: torch.Tensor, interleaved: bool = True) -> bool
     if (pb - pa) % size:
         return False
     shift = (pb - pa) // size                          # b's start, in elements from a's
-    for inner in (1, 2):
+    for inner in range(1, a.dim()):                    # the last `inner` dims, by position
         lead = a.dim() - inner
-        if lead < 0 or a.shape[:lead] != b.shape[:lead]:
+        if a.shape[:lead] != b.shape[:lead]:
             continue
         ia, ib = _span(a, range(lead, a.dim())), _span(b, range(lead, b.dim()))
         if not (shift >= ia or -shift >= ib):          # the inner spans meet

@@ -536,11 +536,11 @@ def rope(
             within or between them, and must not be leaves that require grad (autograd
             refuses in-place changes to those; checked before any write). Views under
             autograd (e.g. head views of a fused projection) take one launch each for q and
-            k, others one for both. The memory check is conservative (q and k as head slices
-            of one (B, H, T, D) buffer are refused) and needs real tensors: under
-            torch.compile it is skipped. First-order gradients only. On the torch reference
-            path (no check) new tensors are returned and q and k are left alone, so always
-            use the returned tensors.
+            k, others one for both. The memory check is conservative (it accepts head slices
+            of one buffer, e.g. of a fused qkv or of a (B, H, T, D) tensor, but may refuse
+            other exotic layouts) and needs real tensors: under torch.compile it is skipped.
+            First-order gradients only. On the torch reference path (no check) new tensors
+            are returned and q and k are left alone, so always use the returned tensors.
 
     Returns:
         ``(q_out, k_out)``: new contiguous tensors shaped and typed like q and k (q and k

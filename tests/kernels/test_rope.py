@@ -371,6 +371,11 @@ def test_rope_inplace(half_table):
             qo, ko = rope(q, k, cos, sin, half_table=half_table, inplace=True)
             with pytest.raises(RuntimeError, match="second-order"):
                 torch.autograd.grad((qo, ko), leaf, (gq, gk), create_graph=True)
+        bhtd = torch.randn(B, Hq + Hk, T, D)   # head slices of one (B, H, T, D) buffer
+        q, k = bhtd[:, :Hq].transpose(1, 2), bhtd[:, Hq:].transpose(1, 2)
+        ref = rope(q, k, cos, sin, half_table=half_table)
+        qo, ko = rope(q, k, cos, sin, half_table=half_table, inplace=True)
+        assert torch.equal(qo, ref[0]) and torch.equal(ko, ref[1]) and qo.data_ptr() == q.data_ptr()
         shared = torch.randn(B, T, Hq, D)
         with pytest.raises(ValueError, match="no memory shared"):
             rope(shared, shared[:, :, :Hk], cos, sin, half_table=half_table, inplace=True)
@@ -402,6 +407,10 @@ def test_disjoint():
     q, k, v = heads[:, :, :Hq], heads[:, :, Hq:Hq + Hk], heads[:, :, Hq + Hk:]
     assert disjoint(q, k) and disjoint(k, v) and disjoint(q, v)
     assert not disjoint(heads[:, :, :Hq + 1], k) and not disjoint(q, heads[:, :, 1:Hq + 1])
+    # head slices of one (B, H, T, D) buffer seen as (B, T, H, D): the heads interleave with T
+    bhtd = torch.randn(B, Hq + Hk, T, D)
+    assert disjoint(bhtd[:, :Hq].transpose(1, 2), bhtd[:, Hq:].transpose(1, 2))
+    assert not disjoint(bhtd[:, :Hq + 1].transpose(1, 2), bhtd[:, Hq:].transpose(1, 2))
     # equal strides whose leading step does not move past both spans: elements 3 and 6 shared
     x = torch.randn(20)
     assert not disjoint(x.as_strided((3, 2), (3, 1)), x.as_strided((3, 2), (3, 1), 2))
@@ -409,13 +418,20 @@ def test_disjoint():
     # brute force over small strided pairs of one buffer: disjoint() never says True wrongly
     torch.manual_seed(0)
     buf = torch.arange(64.0)
-    for _ in range(500):
-        shape = tuple(int(v) for v in torch.randint(1, 4, (2,)))
-        stride = tuple(int(v) for v in torch.randint(1, 6, (2,)))
+    interleaved_found = 0
+    for i in range(1500):
+        dims = 2 + i % 3                                                # 2-D to 4-D
+        shape = tuple(int(v) for v in torch.randint(1, 4, (dims,)))
+        stride = tuple(int(v) for v in torch.randint(1, 6, (dims,)))
         offs = [int(v) for v in torch.randint(0, 20, (2,))]
-        a, b = (buf.as_strided(shape, stride, o) for o in offs)
+        other = list(shape)
+        other[i % dims] = 1 + i % 3                                     # sizes may differ in one dim
+        a, b = buf.as_strided(shape, stride, offs[0]), buf.as_strided(other, stride, offs[1])
         shared = bool(set(a.flatten().tolist()) & set(b.flatten().tolist()))
         assert not (disjoint(a, b) and shared), (shape, stride, offs)
+        spans_meet = not disjoint(a, b, interleaved=False)
+        interleaved_found += spans_meet and disjoint(a, b)
+    assert interleaved_found >= 10  # the interleaved test is exercised (17 pairs), not only the span test
 
 
 def test_rope_opcheck_and_compile():
