@@ -89,15 +89,17 @@ def _attention_pairs(length: int, window: int | None) -> float:
 
 def _layer_windows(cfg) -> list:
     """Each layer's sliding window (None: full attention), from transformers' ``layer_types``
-    (Gemma2 alternates, sliding first) or, in configs without them, ``sliding_window`` on every
-    layer unless ``use_sliding_window`` is False."""
+    (Gemma2 alternates, sliding first) or, in configs without them (transformers 4.x),
+    ``sliding_window`` on every layer unless ``use_sliding_window`` is False, and then only
+    from layer ``max_window_layers`` on (Qwen2's rule)."""
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if types is not None:
         return [window if t == "sliding_attention" else None for t in types[:cfg.num_hidden_layers]]
     if not getattr(cfg, "use_sliding_window", True):
         window = None
-    return [window] * cfg.num_hidden_layers
+    first = getattr(cfg, "max_window_layers", 0) if hasattr(cfg, "use_sliding_window") else 0
+    return [window if i >= first else None for i in range(cfg.num_hidden_layers)]
 
 
 def model_flops(cfg, B: int, T: int, pos: torch.Tensor | None = None) -> float:

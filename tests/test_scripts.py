@@ -126,6 +126,9 @@ def test_model_flops_counts_sliding_windows_and_documents():
         6 * linear * B * T + 3 * 4 * q * B * L * (W * W / 2 + (T - W) * W)
     assert flops(SimpleNamespace(**base, sliding_window=W, use_sliding_window=False), B, T) == flops(full, B, T)
     assert flops(SimpleNamespace(**base, sliding_window=T), B, T) == flops(full, B, T)  # a window past T
+    # Qwen2 on transformers 4.x: the window only from layer max_window_layers on
+    qwen2 = SimpleNamespace(**base, sliding_window=W, use_sliding_window=True, max_window_layers=3)
+    assert flops(qwen2, B, T) == 6 * linear * B * T + 3 * 4 * q * B * (3 * T * T / 2 + (W * W / 2 + (T - W) * W))
     # packed documents of 3 and 7 tokens in one row, 10 in the other
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6], list(range(10))])
     assert flops(full, B, T, pos) == 6 * linear * B * T + 3 * 4 * q * L * (9 + 49 + 100) / 2
