@@ -328,7 +328,9 @@ def test_opcheck_and_compile(op):
     w = torch.randn(10, 6)
 
     def f(x):
-        return op.fused(x @ w.t()).sum() + op.split(x[:, :3], x[:, 3:]).sum()
+        return (op.fused(x @ w.t()).sum() + op.split(x[:, :3], x[:, 3:]).sum()
+                + op.fused(x @ w.t(), inplace=True).square().sum()    # traced: out of place
+                + op.split(x[:, :3] * 1, x[:, 3:] * 1, inplace=True).square().sum())
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 6, requires_grad=True)

@@ -459,6 +459,18 @@ def test_rope_opcheck_and_compile():
     for a, e in zip(gc, ge):
         torch.testing.assert_close(a, e)
 
+    # half tables and the in-place forward on a projection's head views, traced whole
+    hcos, hsin = rope_cos_sin(_positions(2, 3), _inv_freq(6), half_table=True)
+    qkv = torch.randn(2, 3, 6 * 8, requires_grad=True)
+
+    def g(qkv):
+        heads = (qkv * 1).view(2, 3, 6, 8)                 # a fresh (non-leaf) projection output
+        qo, ko = rope(heads[:, :, :4], heads[:, :, 4:5], hcos, hsin, True, half_table=True, inplace=True)
+        return (qo * 2).square().sum() + (ko * 3).sum() + heads[:, :, 5:].sum()
+
+    gc = torch.autograd.grad(torch.compile(g, fullgraph=True, backend="aot_eager")(qkv), qkv)[0]
+    torch.testing.assert_close(gc, torch.autograd.grad(g(qkv), qkv)[0])
+
 
 # ----------------------------------------------------------------------------- GPU
 @parametrize_dtype
