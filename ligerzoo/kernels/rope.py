@@ -349,13 +349,18 @@ def _refuse_second_order() -> None:
         raise RuntimeError("rope(inplace=True) does not support second-order gradients (create_graph=True)")
 
 
+def _no_heads(x: torch.Tensor) -> torch.Tensor:
+    """An empty (B, T, 0, D) partner for rotating x alone."""
+    return x.new_empty((x.shape[0], x.shape[1], 0, x.shape[3]))
+
+
 class _RopeInplaceOne(torch.autograd.Function):
     """As :class:`_RopeInplace` for one of q and k (autograd lets a Function that writes into
     a view return only one tensor): x rotated over itself, with an empty partner."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, backward_inplace, half_table):
-        none = x.new_empty((x.shape[0], x.shape[1], 0, x.shape[3]))     # (B, T, 0, D)
+        none = _no_heads(x)
         ops.rope_(x, none, cos, sin, False, half_table)
         ctx.mark_dirty(x)
         _rope_setup_context(ctx, (x, none, cos, sin, backward_inplace, half_table), None)
@@ -384,7 +389,7 @@ def _rope_inplace(q, k, cos, sin, backward_inplace: bool, half_table: bool):
         if x.requires_grad:
             out.append(_RopeInplaceOne.apply(x, cos, sin, backward_inplace, half_table))
         else:
-            ops.rope_(x, x.new_empty((x.shape[0], x.shape[1], 0, x.shape[3])), cos, sin, False, half_table)
+            ops.rope_(x, _no_heads(x), cos, sin, False, half_table)
             out.append(x)
     return tuple(out)
 
