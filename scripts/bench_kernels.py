@@ -35,6 +35,37 @@ def _liger(name):
         return None
 
 
+class _Upstream(torch.autograd.Function):
+    """Stands for the op that made an activation (a projection, the LM head): returns its
+    input's memory as a new non-leaf tensor and drops the gradient it gets, as a projection's
+    backward consumes its output's gradient. It costs no kernel.
+
+    Why: a training step hands rope, the GLUs and cross entropy such activations, never leaves.
+    Liger's kernels write over their inputs either way. ``inplace=True`` in ours does so only
+    for non-leaves; on the harness's leaves it would allocate. Every variant of the ops in
+    ``UPSTREAM`` gets its inputs through this function."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()  # the same memory, a tensor that is no leaf once autograd records it
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+# ops whose inputs are activations in a model (see _Upstream)
+UPSTREAM = frozenset({"rope", "swiglu", "geglu", "cross_entropy"})
+
+
+def _after_upstream(fn):
+    """``fn`` called on ``_Upstream`` outputs of its grad-requiring tensor inputs."""
+    def call(*inputs):
+        return fn(*(_Upstream.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad else t
+                    for t in inputs))
+    return call
+
+
 def _torch_rms(x, w, eps=1e-6):
     x32 = x.float()
     return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -132,11 +163,11 @@ def op_specs(dtype):
         inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
         cos, sin = K.rope_cos_sin(pos, inv)
         hcos, hsin = K.rope_cos_sin(pos, inv, half_table=True)  # the first halves (the model's layout)
-        # backward_inplace: rotate the output gradients over themselves, as Liger's rope does;
-        # half_table: read only the first half of the tables, which Liger's kernel also does.
-        # The forward is out of place: inplace=True refuses leaves (Liger rotates them in
-        # place regardless; on a projection's output inplace=True has Liger's peak: NOTES)
-        v = {"ligerzoo": lambda q, k: K.rope(q, k, hcos, hsin, backward_inplace=True, half_table=True),
+        # in place both ways, as Liger's rope always is (q and k come through _Upstream, as a
+        # projection's output); half_table: read only the first half of the tables, which
+        # Liger's kernel also does
+        v = {"ligerzoo": lambda q, k: K.rope(q, k, hcos, hsin, inplace=True, backward_inplace=True,
+                                             half_table=True),
              "torch": lambda q, k: _torch_rope(q, k, cos, sin)}
         if lf:  # Liger takes (B, H, T, D): transposed views of (B, T, H, D), as transformers hands it
             # (no copies; it rotates them in place, which changes the values, not the timing)
@@ -152,10 +183,9 @@ def op_specs(dtype):
             g, u = rnd(n, I), rnd(n, I)
             ours = K.swiglu if act == "silu" else importlib.import_module("ligerzoo.kernels.geglu").geglu
             tf = F.silu if act == "silu" else (lambda a: F.gelu(a, approximate="tanh"))
-            # ours out of place: these inputs are leaves, which inplace=True leaves alone (Liger's
-            # backward writes over them regardless; for a projection's output, inplace=True has
-            # Liger's peak: NOTES, session 24)
-            v = {"ligerzoo": ours, "torch": lambda g, u: tf(g) * u}
+            # ours with the backward over its inputs, as Liger's always is (gate and up come
+            # through _Upstream, as a projection's output)
+            v = {"ligerzoo": lambda g, u: ours(g, u, inplace=True), "torch": lambda g, u: tf(g) * u}
             if lf:
                 v["liger"] = lf.liger_swiglu if act == "silu" else lf.liger_geglu
             return (g, u), v
@@ -177,9 +207,9 @@ def op_specs(dtype):
 
     def ce(n):
         logits, t = rnd(n, V), torch.randint(0, V, (n,), device=dev)
-        # ours out of place: these logits are a leaf, which inplace=True leaves alone (Liger
-        # writes its gradient over them regardless; on the LM head's output inplace=True does)
-        v = {"ligerzoo": lambda z: K.cross_entropy(z, t), "torch": lambda z: F.cross_entropy(z.float(), t)}
+        # ours with the gradient written over the logits, as Liger's always is (the logits come
+        # through _Upstream, as the LM head's output)
+        v = {"ligerzoo": lambda z: K.cross_entropy(z, t, inplace=True), "torch": lambda z: F.cross_entropy(z.float(), t)}
         if lf:
             # Liger writes the gradient over its input, as it does in a training loss: no clone
             # (later calls see gradients as logits, which changes the values, not the timing)
@@ -412,6 +442,8 @@ def main(argv=None):
                 if "compile" in args.variants.split(","):
                     variants["compile"] = torch.compile(variants["torch"])
                 chosen = {v: fn for v, fn in variants.items() if v in args.variants.split(",")}
+                if op in UPSTREAM:
+                    chosen = {v: _after_upstream(fn) for v, fn in chosen.items()}
                 # Timings in ROUNDS interleaved rounds (every variant once per round), the
                 # fastest round's median kept: the small ops are bound by the host CPU,
                 # whose speed drifts during a run.

@@ -132,3 +132,51 @@ def test_model_flops_counts_sliding_windows_and_documents():
     # packed documents of 3 and 7 tokens in one row, 10 in the other
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6], list(range(10))])
     assert flops(full, B, T, pos) == 6 * linear * B * T + 3 * 4 * q * L * (9 + 49 + 100) / 2
+
+
+def test_bench_kernels_hands_in_place_ops_activations():
+    """bench_kernels' rope, GLU and cross-entropy rows hand every variant its inputs as an
+    upstream op's output (``_Upstream``: the leaf's memory, no leaf): ours with
+    ``inplace=True`` then writes over them, as Liger's kernels do, and the leaf gets no
+    gradient. Checked on the values against float64 torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from ligerzoo import kernels as K
+
+    bk = _load("bench_kernels")
+    assert bk.UPSTREAM == {"rope", "swiglu", "geglu", "cross_entropy"}
+    torch.manual_seed(0)
+    # cross entropy: the gradient lands in the logits' memory
+    z, t = torch.randn(3, 37, requires_grad=True), torch.tensor([1, 5, 36])
+    z0 = z.detach().clone().double().requires_grad_()
+    bk._after_upstream(lambda z: K.cross_entropy(z, t, inplace=True))(z).backward()
+    F.cross_entropy(z0, t).backward()
+    assert z.grad is None
+    torch.testing.assert_close(z.detach().double(), z0.grad, rtol=1e-5, atol=1e-7)
+    # rope: q and k rotated over themselves
+    q, k = torch.randn(1, 5, 4, 8, requires_grad=True), torch.randn(1, 5, 2, 8, requires_grad=True)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).double() / 8)
+    cos, sin = K.rope_cos_sin(torch.arange(5)[None], inv.float(), half_table=True)
+    q0, k0 = q.detach().double(), k.detach().double()
+    ang = torch.arange(5).double()[:, None] * inv  # (T, D/2)
+    c, s = torch.cat([ang.cos()] * 2, -1)[None, :, None], torch.cat([ang.sin()] * 2, -1)[None, :, None]
+
+    def rot(x):
+        x1, x2 = x.chunk(2, -1)
+        return x * c + torch.cat([-x2, x1], -1) * s
+    ref_q, ref_k = rot(q0), rot(k0)
+    oq, ok = bk._after_upstream(lambda q, k: K.rope(q, k, cos, sin, inplace=True, half_table=True))(q, k)
+    assert oq.data_ptr() == q.data_ptr() and ok.data_ptr() == k.data_ptr()
+    torch.testing.assert_close(q.detach().double(), ref_q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k.detach().double(), ref_k, rtol=1e-5, atol=1e-6)
+    # swiglu: the backward writes d(gate), d(up) over gate and up
+    g, u = torch.randn(4, 19, requires_grad=True), torch.randn(4, 19, requires_grad=True)
+    g0, u0 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    y = bk._after_upstream(lambda g, u: K.swiglu(g, u, inplace=True))(g, u)
+    dy = torch.randn(4, 19)
+    y.backward(dy)
+    (F.silu(g0) * u0).backward(dy.double())
+    assert g.grad is None and u.grad is None
+    torch.testing.assert_close(g.detach().double(), g0.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(u.detach().double(), u0.grad, rtol=1e-5, atol=1e-6)
