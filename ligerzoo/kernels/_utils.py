@@ -144,6 +144,8 @@ def non_overlapping(t: torch.Tensor) -> bool:
     """Whether no two elements of ``t`` share memory (so a kernel may write it in place):
     sorted by stride, every dim of size > 1 steps past the whole extent of the smaller ones.
     (A sufficient test: False for some exotic non-overlapping layouts.)"""
+    if t.is_contiguous():  # the common case, a flag torch keeps: no Python loop on the host
+        return True
     extent = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
         if stride < extent:
@@ -157,6 +159,11 @@ def _span(t: torch.Tensor, dims) -> int:
     return sum((t.shape[d] - 1) * t.stride(d) for d in dims) + 1
 
 
+def _extent(t: torch.Tensor) -> int:
+    """Elements from the first to the last of a non-empty ``t`` (its numel when contiguous)."""
+    return t.numel() if t.is_contiguous() else _span(t, range(t.dim()))
+
+
 def disjoint(a: torch.Tensor, b: torch.Tensor, interleaved: bool = True) -> bool:
     """Whether ``a`` and ``b`` share no element, so writing one cannot change the other.
     True when their memory spans (first to last element) do not meet, or (``interleaved``)
@@ -168,8 +175,8 @@ def disjoint(a: torch.Tensor, b: torch.Tensor, interleaved: bool = True) -> bool
     if a.numel() == 0 or b.numel() == 0:
         return True
     pa, pb = a.data_ptr(), b.data_ptr()
-    ea = pa + _span(a, range(a.dim())) * a.element_size()
-    eb = pb + _span(b, range(b.dim())) * b.element_size()
+    ea = pa + _extent(a) * a.element_size()
+    eb = pb + _extent(b) * b.element_size()
     if ea <= pb or eb <= pa:
         return True
     if not interleaved or a.dim() != b.dim() or a.stride() != b.stride() or a.dtype != b.dtype:
@@ -209,9 +216,21 @@ def overwritable(*ts: torch.Tensor, interleaved: bool = True) -> bool:
     shared within any of them or between any two (:func:`disjoint`, ``interleaved``)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
+    spans = []  # (first byte, end byte) of each non-empty tensor, while all are contiguous
     for t in ts:
-        if type(t) is not torch.Tensor or (t.numel() and t.stride(-1) != 1) or not non_overlapping(t):
+        if type(t) is not torch.Tensor:
             return False
+        if spans is not None and t.is_contiguous():
+            if t.numel():
+                p = t.data_ptr()
+                spans.append((p, p + t.numel() * t.element_size()))
+            continue
+        spans = None
+        if (t.numel() and t.stride(-1) != 1) or not non_overlapping(t):
+            return False
+    if spans is not None:  # all contiguous (the common case): their byte ranges must not meet
+        spans.sort()
+        return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     return all(disjoint(a, b, interleaved) for i, a in enumerate(ts) for b in ts[i + 1:])
 
 

@@ -154,16 +154,17 @@ def _settings(n_cols: int, act: int = ACT_SILU, backward: bool = False) -> tuple
     return block, max(4, min(32, block // per_warp))
 
 
-def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int) -> torch.Tensor:
-    """a2, b2: (N, I) row views. Returns y (N, I) contiguous."""
+def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int, shape=None) -> torch.Tensor:
+    """a2, b2: (N, I) row views. Returns y contiguous, shaped ``shape`` (N * I elements;
+    default (N, I)): a tensor of its own, not a view (autograd then has no view to track)."""
     n_rows, n_cols = a2.shape
-    y = torch.empty((n_rows, n_cols), dtype=a2.dtype, device=a2.device)
+    y = a2.new_empty(shape if shape is not None else (n_rows, n_cols))
     if y.numel() == 0:
         return y
     block, num_warps = _settings(n_cols, act)
     with device_guard(a2):
         _gated_fwd_kernel[(n_rows, cdiv(n_cols, block))](
-            a2, a2.stride(0), b2, b2.stride(0), y, y.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=num_warps
+            a2, a2.stride(0), b2, b2.stride(0), y, n_cols, n_cols, ACT=act, BLOCK=block, num_warps=num_warps
         )
     return y
 
@@ -195,9 +196,11 @@ def _rows_overwritable(dy: torch.Tensor, *ts: torch.Tensor) -> bool:
     """Whether the backward may write its gradients over ``ts`` (the saved inputs) while it
     reads ``dy``: :func:`ligerzoo.kernels._utils.overwritable` for ``ts``, ``dy`` apart from
     each, and every ``t``'s (N, cols) row view a view of ``t`` (not a copy)."""
-    if not (_utils.overwritable(*ts) and all(_utils.disjoint(dy, t) for t in ts)):
+    if not (_utils.overwritable(*ts, dy) if dy.is_contiguous() else
+            (_utils.overwritable(*ts) and all(_utils.disjoint(dy, t) for t in ts))):
         return False
-    return all(t.numel() == 0 or as_rows(t, t.shape[-1]).data_ptr() == t.data_ptr() for t in ts)
+    return all(t.is_contiguous() or t.numel() == 0 or as_rows(t, t.shape[-1]).data_ptr() == t.data_ptr()
+               for t in ts)
 
 
 def _row_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -215,15 +218,15 @@ def _register_gated_ops(name: str, act: int) -> None:
     def split_op(gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
         # ``inplace`` only changes the backward (see swiglu's docstring)
         n_cols = gate.shape[-1]
-        return _forward(as_rows(gate, n_cols), as_rows(up, n_cols), act).view(gate.shape)
+        return _forward(as_rows(gate, n_cols), as_rows(up, n_cols), act, gate.shape)
 
     def split_fake(gate, up, inplace):
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
     def split_backward_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_cols = gate.shape[-1]
-        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
+        dup = torch.empty_like(up, memory_format=torch.contiguous_format)
         _backward(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols),
                   _row_view(dgate, n_cols), _row_view(dup, n_cols), act)
         return dgate, dup
@@ -247,16 +250,16 @@ def _register_gated_ops(name: str, act: int) -> None:
         gate, up = ctx.saved_tensors
         if ctx.inplace and _rows_overwritable(dy, gate, up):
             getattr(ops, f"{name}_backward_")(dy, gate, up)
-            # fresh views: autograd takes them as the gradients instead of copying
-            return gate.view(gate.shape), up.view(up.shape), None
+            # fresh tensors over the same memory: autograd takes them as the gradients
+            # instead of copying
+            return gate.detach(), up.detach(), None
         return (*getattr(ops, f"{name}_backward")(dy, gate, up), None)
 
     def fused_op(gate_up: torch.Tensor, inplace: bool) -> torch.Tensor:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
         gu2 = as_rows(gate_up, two_i)                                     # (N, 2I)
-        y = _forward(gu2[:, :n_cols], gu2[:, n_cols:], act)               # (N, I)
-        return y.view(*gate_up.shape[:-1], n_cols)
+        return _forward(gu2[:, :n_cols], gu2[:, n_cols:], act, (*gate_up.shape[:-1], n_cols))  # (..., I)
 
     def fused_fake(gate_up, inplace):
         return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
@@ -265,7 +268,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
         gu2 = as_rows(gate_up, two_i)
-        dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        dgu = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
         dgu2 = _row_view(dgu, two_i)
         _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act)
         return dgu
@@ -298,7 +301,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
         gu2, dy2 = as_rows(gate_up, two_i), _row_view(dy, n_cols)
-        dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        dgu = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
         dgu2 = _row_view(dgu, two_i)
         _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act, y2=dy2)
         return dgu
@@ -315,7 +318,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         (gate_up,) = ctx.saved_tensors
         if ctx.inplace and _rows_overwritable(dy, gate_up):
             getattr(ops, f"{name}_fused_backward_")(dy, gate_up)
-            return gate_up.view(gate_up.shape), None
+            return gate_up.detach(), None
         return getattr(ops, f"{name}_fused_backward")(dy, gate_up), None
 
     for op_name, fn, fake in (
