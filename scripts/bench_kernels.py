@@ -5,11 +5,14 @@ of 128) and a sweep of token counts: median time (``triton.testing.do_bench``) o
 forward and of forward + backward (backward = the difference), the best of ``ROUNDS``
 (default 3) rounds that interleave the variants (``PAIRED=1``: their calls interleaved
 within each round, see ``paired_ms``), and the peak memory of one forward +
-backward above what the inputs already hold. Writes ``benchmarks/kernels.csv``
+backward above what the inputs already hold. rope, the GLUs and cross entropy get their
+inputs as the output of an upstream op (``_Upstream``), as in a model, so that Liger's
+kernels and ours with ``inplace=True`` both write over them. Writes ``benchmarks/kernels.csv``
 (op, mode, variant, x_name, x, ms, peak_mib, gpu, date) and ``benchmarks/kernels_<op>.png``.
 
 Usage (GPU): python scripts/bench_kernels.py [--ops rms_norm,cross_entropy] [--tokens 4096,8192,16384]
              [--dtype bfloat16] [--out benchmarks]
+       [--graph]   # also device time under a CUDA graph (mode full_graph)
        (CPU): python scripts/bench_kernels.py --plot benchmarks/kernels.csv   # PNGs from a CSV
 """
 from __future__ import annotations
@@ -364,6 +367,16 @@ def paired_ms(chosen, inputs, mode, reps=200, warmup=20):
     return {v: statistics.median(a.elapsed_time(b) for a, b in events[v]) for v in names}
 
 
+def graph_ms(fn, inputs):
+    """Device time of one forward + backward (ms): ``triton.testing.do_bench_cudagraph``'s
+    median over replays of a CUDA graph of unrolled calls. The host's launch cost, which
+    bounds the plain timings of small steps on a slow host, is gone; the L2 is not flushed
+    between calls."""
+    from triton.testing import do_bench_cudagraph
+
+    return do_bench_cudagraph(full_step(fn, inputs), rep=100, return_mode="median")
+
+
 def peak_mib(fn, inputs, mode):
     """MiB allocated at the call's peak above what was allocated before it."""
     f = _step(fn, inputs, mode)
@@ -418,6 +431,9 @@ def main(argv=None):
     ap.add_argument("--variants", default="ligerzoo,torch,compile,compile_chunked,liger")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--plot", metavar="CSV", help="only draw the PNGs from an existing kernels.csv (no GPU needed)")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time forward + backward under a CUDA graph (rows of mode full_graph: device "
+                         "time without the host's launch cost; a variant that cannot be captured is skipped)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -465,14 +481,21 @@ def main(argv=None):
                 for v in chosen:
                     r = res[v]
                     r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
+                    if args.graph:
+                        try:
+                            r["full_graph"] = (graph_ms(chosen[v], inputs), r["full"][1])
+                        except Exception as e:  # host syncs, compiled graphs: not capturable
+                            print(f"{op:28s} {v:9s} {n:6d}  no CUDA graph: {type(e).__name__}: {str(e)[:80]}")
+                            torch.cuda.synchronize()
                     for mode, (ms, mib) in r.items():
                         row = dict(op=op, mode=mode, variant=v, x_name=x_name, x=n, ms=round(ms, 4),
                                    peak_mib=round(mib, 2), gpu=gpu, date=date)
                         rows.append(row)
                         writer.writerow(row)
                     f.flush()
+                    graph = f"  graph {r['full_graph'][0]:8.3f} ms" if "full_graph" in r else ""
                     print(f"{op:28s} {v:9s} {n:6d}  fwd {r['forward'][0]:8.3f} ms  full {r['full'][0]:8.3f} ms"
-                          f"  peak {r['full'][1]:9.2f} MiB", flush=True)
+                          f"{graph}  peak {r['full'][1]:9.2f} MiB", flush=True)
                 del inputs, variants
                 torch.cuda.empty_cache()
     plot(rows, ops, out)
