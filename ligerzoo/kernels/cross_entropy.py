@@ -843,7 +843,9 @@ class TargetCheck:
     outside the row is touched), and an op that raises returns nothing; but buffers it
     writes in place are written: ops that overwrite a caller's tensor (the in-place
     ``cross_entropy``) wait before launching. Off CUDA (CPU, the interpreter) the check
-    runs at construction; under torch.compile it is skipped (graphs cannot raise on data).
+    runs at construction; under torch.compile and while the current stream is capturing a
+    CUDA graph (``torch.cuda.graph``, ``make_graphed_callables``) it is skipped: graphs cannot
+    raise on data, and the wait's host sync would break the capture.
     """
 
     __slots__ = ("target", "n_cols", "ignore_index", "_first", "_event")
@@ -854,6 +856,8 @@ class TargetCheck:
         if torch.compiler.is_compiling() or target.numel() == 0 or target.is_meta:  # no values to check
             return
         with device_guard(target):  # the target's device and its current stream
+            if target.is_cuda and torch.cuda.is_current_stream_capturing():  # no host sync in a graph
+                return
             first = _first_bad_row(target.reshape(-1), n_cols, ignore_index)       # (1,) int64
             if not target.is_cuda:  # CPU or the interpreter: already done
                 self._raise_if_bad(int(first[0]))

@@ -598,6 +598,57 @@ def test_gpu_inplace_and_compile():
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_cuda_graph_capture():
+    """cross_entropy (in place on a non-leaf, and not) and the fused linear loss, forward and
+    backward, captured in one CUDA graph (the target check, a host sync, is skipped while
+    capturing) and replayed on new logits and targets: the replay's loss and gradients are
+    the new inputs' (float64 oracle)."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    n, v, h = 2048, 128256, 256
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    hx = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+
+    def step():
+        a = cross_entropy(x * 1, t, inplace=True)    # on a non-leaf, as on the LM head's output
+        b = cross_entropy(x, t)
+        c = fused_linear_cross_entropy(hx, w, t)
+        (a + 2 * b + c).backward()
+        return a, b, c
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                    # warm-up (compiles the kernels) off the graph
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = hx.grad = w.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        losses = step()
+    with torch.no_grad():                            # new inputs in the captured buffers
+        x.copy_(torch.randn_like(x) * 3)
+        hx.copy_(torch.randn_like(hx))
+        t.copy_(torch.randint(0, v, (n,), device="cuda"))
+        t[::7] = IGNORE
+    graph.replay()
+    torch.cuda.synchronize()
+    one = torch.tensor(1.0, dtype=torch.float64, device="cuda")
+    ref, _, ref_grad = oracle(x.detach(), t, grad_out=one)
+    for loss in losses[:2]:
+        assert_close_rel(loss.detach(), ref, 1e-5)
+    assert_close_rel(x.grad, 3 * ref_grad, 8e-3)
+    z = (hx.detach().double() @ w.detach().double().T).requires_grad_()
+    ref_c = F.cross_entropy(z, t, ignore_index=IGNORE)
+    ref_c.backward()
+    assert_close_rel(losses[2].detach(), ref_c.detach(), 1e-3)
+    assert_close_rel(hx.grad, z.grad @ w.detach().double(), 2e-2)
+    assert_close_rel(w.grad, z.grad.T @ hx.detach().double(), 2e-2)
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_target_check_raises_after_the_launch():
     """On CUDA the label check finishes after the kernels are queued: a bad target still
     raises (naming the first bad value) from cross_entropy, its in-place form (checked before
