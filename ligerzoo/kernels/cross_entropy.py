@@ -115,7 +115,8 @@ if HAS_TRITON:
         LSE,                    # (N,) fp32 out (in when LSE_GIVEN): log-sum-exp of z
         SCALES,                 # (3,) fp32: [ce factor, z-loss factor, sum of class weights]
         ROW_SCALE,              # (N,) fp32 per-row gradient factor (read when HAS_ROW_SCALE)
-        n_cols, ignore_index,
+        GUARD,                  # (1,) int64: the first bad target's row, or N (read when HAS_GUARD)
+        n_rows, n_cols, ignore_index,
         label_smoothing, lse_square_scale, softcap,
         HAS_WEIGHT: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
@@ -125,8 +126,12 @@ if HAS_TRITON:
         COMPUTE_LOSS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
         HAS_ROW_SCALE: tl.constexpr,
+        HAS_GUARD: tl.constexpr,        # write nothing when GUARD names a row (a bad target)
         BLOCK_SIZE: tl.constexpr,
     ):
+        if HAS_GUARD:
+            if tl.load(GUARD) < n_rows:
+                return
         row = tl.program_id(0).to(tl.int64)
         X += row * stride_x
         DX += row * stride_dx
@@ -450,10 +455,14 @@ def launch_cross_entropy_rows(
     lse_square_scale: float,
     softcap: Optional[float],
     lse_given: bool = False,
+    guard: Optional[torch.Tensor] = None,  # (1,) int64 on the device, from TargetCheck.first_bad_row
 ) -> None:
     """Run the Triton row kernel (see the module docstring) on ``logits``; on sm_90, rows of
     96 KB or more with a gradient to write run :mod:`ligerzoo.kernels.cross_entropy_sm90`
-    instead (the same results to rounding; up to 224 KB of each row is read from DRAM once)."""
+    instead (the same results to rounding; up to 224 KB of each row is read from DRAM once).
+    With ``guard``, the kernels read it on the device and write nothing at all when it names
+    a row (``guard[0] < N``: a target out of range), so an in-place call can leave the logits
+    intact on bad targets without the host waiting for the check before the launch."""
     n_rows, n_cols = logits.shape
     if n_rows == 0:
         return
@@ -461,7 +470,7 @@ def launch_cross_entropy_rows(
     sm90 = _sm90()
     if sm90 is not None and sm90.supported(logits, grad, lse_given):
         sm90.launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
-                    ignore_index, label_smoothing, lse_square_scale, softcap)
+                    ignore_index, label_smoothing, lse_square_scale, softcap, guard=guard)
         return
     block, warps = _block_settings(n_cols)
     compute_loss = loss_rows is not None
@@ -477,7 +486,8 @@ def launch_cross_entropy_rows(
             lse,
             scales,
             row_scale if row_scale is not None else dummy,
-            n_cols, ignore_index,
+            guard if guard is not None else target,
+            n_rows, n_cols, ignore_index,
             float(label_smoothing), float(lse_square_scale), float(softcap) if softcap is not None else 1.0,
             HAS_WEIGHT=weight is not None,
             HAS_SOFTCAP=softcap is not None,
@@ -487,6 +497,7 @@ def launch_cross_entropy_rows(
             COMPUTE_LOSS=compute_loss,
             COMPUTE_GRAD=grad is not None,
             HAS_ROW_SCALE=row_scale is not None,
+            HAS_GUARD=guard is not None,
             BLOCK_SIZE=block,
             num_warps=warps,
         )
@@ -577,8 +588,9 @@ def _reduce(loss_rows: torch.Tensor, z_rows: Optional[torch.Tensor], scales: tor
 
 # ------------------------------------------------------------------ ops (torch.library + eager path)
 def _forward_impl(logits, target, weight, ignore_index, reduction, label_smoothing,
-                  lse_square_scale, softcap, grad):
-    """Loss (and, when ``grad`` is given, the gradient written into it). -> (loss, z, lse)."""
+                  lse_square_scale, softcap, grad, guard=None):
+    """Loss (and, when ``grad`` is given, the gradient written into it). -> (loss, z, lse).
+    ``guard``: see :func:`launch_cross_entropy_rows`."""
     n_rows = logits.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
     scales = reduction_scales(target, weight, ignore_index, reduction, logits.shape[1])
@@ -587,7 +599,7 @@ def _forward_impl(logits, target, weight, ignore_index, reduction, label_smoothi
     lse = torch.empty(n_rows, **f32)
     launch_cross_entropy_rows(
         logits, target, weight, scales, lse, loss_rows, z_rows, grad, None,
-        ignore_index, label_smoothing, lse_square_scale, softcap,
+        ignore_index, label_smoothing, lse_square_scale, softcap, guard=guard,
     )
     loss, z_loss = _reduce(loss_rows, z_rows, scales, reduction)
     return loss, z_loss, lse
@@ -642,15 +654,18 @@ def _cross_entropy_inplace_op(
     label_smoothing: float,
     lse_square_scale: float,
     softcap: Optional[float],
+    guard: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss, z_loss, lse); the gradient overwrites ``logits`` (the caller opted in)."""
+    """-> (loss, z_loss, lse); the gradient overwrites ``logits`` (the caller opted in), unless
+    ``guard`` (the label check's device answer) names a bad row: then nothing is written."""
     return _forward_impl(
-        logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logits
+        logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, logits,
+        guard,
     )
 
 
 @_cross_entropy_inplace_op.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap):
+def _(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, guard=None):
     return _fake_outputs(logits, reduction)
 
 
@@ -753,9 +768,9 @@ class _CrossEntropyInplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing,
-                lse_square_scale, softcap):
+                lse_square_scale, softcap, guard):
         loss, z_loss, lse = ops.cross_entropy_inplace(
-            logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+            logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, guard
         )
         ctx.mark_non_differentiable(z_loss, lse)
         ctx.per_row = reduction == "none"
@@ -766,7 +781,7 @@ class _CrossEntropyInplaceFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _gz, _glse):
         claim_saved_grads(ctx, "cross_entropy")
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_loss, ctx.per_row), None, None, None, None, None, None, None
+        return scale_saved_grad(grad, grad_loss, ctx.per_row), None, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------- reference
@@ -842,17 +857,20 @@ class TargetCheck:
     The kernels run safely on out-of-range targets (the row's loss is NaN, no memory
     outside the row is touched), and an op that raises returns nothing; but buffers it
     writes in place are written: ops that overwrite a caller's tensor (the in-place
-    ``cross_entropy``) wait before launching. Off CUDA (CPU, the interpreter) the check
+    ``cross_entropy``) hand :attr:`first_bad_row`, the check's answer on the device, to their
+    kernels, which then write nothing when it names a row. Off CUDA (CPU, the interpreter) the check
     runs at construction; under torch.compile and while the current stream is capturing a
     CUDA graph (``torch.cuda.graph``, ``make_graphed_callables``) it is skipped: graphs cannot
     raise on data, and the wait's host sync would break the capture.
     """
 
-    __slots__ = ("target", "n_cols", "ignore_index", "_first", "_event")
+    __slots__ = ("target", "n_cols", "ignore_index", "_first", "_event", "first_bad_row")
 
     def __init__(self, target: torch.Tensor, n_cols: int, ignore_index: int):
         self.target, self.n_cols, self.ignore_index = target, n_cols, ignore_index
         self._first, self._event = None, None
+        # (1,) int64 on the target's device while the check runs there: the first bad row, or N
+        self.first_bad_row: Optional[torch.Tensor] = None
         if torch.compiler.is_compiling() or target.numel() == 0 or target.is_meta:  # no values to check
             return
         with device_guard(target):  # the target's device and its current stream
@@ -862,6 +880,7 @@ class TargetCheck:
             if not target.is_cuda:  # CPU or the interpreter: already done
                 self._raise_if_bad(int(first[0]))
                 return
+            self.first_bad_row = first
             self._first = torch.empty(1, dtype=torch.int64, pin_memory=True)
             self._first.copy_(first, non_blocking=True)
             self._event = torch.cuda.Event()
@@ -1064,8 +1083,10 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     # a leaf's memory would become its own .grad, which its next use would overwrite
     if (inplace and need_grad and not torch.compiler.is_compiling() and _utils.non_overlapping(logits)
             and not _utils.of_leaf(logits)):
-        target_check.wait()  # before the caller's logits are overwritten
-        loss, z_loss, _ = _CrossEntropyInplaceFunction.apply(logits, *args)
+        # the kernels read the check's answer on the device and leave the logits intact on a bad
+        # target; the host waits for it only once they are queued
+        loss, z_loss, _ = _CrossEntropyInplaceFunction.apply(logits, *args, target_check.first_bad_row)
+        target_check.wait()
     else:
         loss, z_loss, _, _ = ops.cross_entropy(logits, *args, need_grad)
         target_check.wait()

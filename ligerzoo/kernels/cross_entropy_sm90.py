@@ -219,11 +219,13 @@ if HAS_GLUON:
         LOSS, ZLOSS, LSE,       # (N,) fp32 out, as in the portable kernel
         SCALES,                 # (3,) fp32: [ce factor, z-loss factor, sum of class weights]
         ROW_SCALE,              # (N,) fp32 per-row gradient factor (read when HAS_ROW_SCALE)
+        GUARD,                  # (1,) int64: the first bad target's row, or N (read when HAS_GUARD)
         n_rows, n_cols, ignore_index,
         label_smoothing, lse_square_scale, softcap,
         HAS_WEIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
         HAS_ZLOSS: gl.constexpr, COMPUTE_LOSS: gl.constexpr,
         HAS_ROW_SCALE: gl.constexpr,
+        HAS_GUARD: gl.constexpr,        # no rows at all when GUARD names a row (a bad target)
         NCH: gl.constexpr, NS: gl.constexpr, NBOX: gl.constexpr, BOX_: gl.constexpr, VEC_: gl.constexpr,
     ):
         NW: gl.constexpr = gl.num_warps()
@@ -240,6 +242,8 @@ if HAS_GLUON:
         pid = gl.program_id(0)
         n_prog = gl.num_programs(0)
         my_rows = (n_rows - pid + n_prog - 1) // n_prog
+        if HAS_GUARD:
+            my_rows = my_rows * (gl.load(GUARD) >= n_rows).to(gl.int32)
         total = my_rows * LPR
 
         smem = gl.allocate_shared_memory(desc.dtype, [NS, 1, NBOX, BOX_], desc.layout)   # the ring
@@ -389,7 +393,8 @@ if HAS_GLUON:
 
 
 def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
-           ignore_index, label_smoothing, lse_square_scale, softcap, n_programs: Optional[int] = None) -> None:
+           ignore_index, label_smoothing, lse_square_scale, softcap, n_programs: Optional[int] = None,
+           guard: Optional[torch.Tensor] = None) -> None:
     """Run the resident-row kernel; arguments as ``launch_cross_entropy_rows`` (``lse`` is
     always written, ``grad`` must be given). Call only where :func:`supported` is True. ``n_programs``: CTAs to
     launch (default: one per SM)."""
@@ -412,6 +417,7 @@ def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_sca
             z_rows if z_rows is not None else dummy,
             lse, scales,
             row_scale if row_scale is not None else dummy,
+            guard if guard is not None else target,
             n_rows, n_cols, ignore_index,
             float(label_smoothing), float(lse_square_scale), float(softcap) if softcap is not None else 1.0,
             HAS_WEIGHT=weight is not None,
@@ -420,6 +426,7 @@ def launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_sca
             HAS_ZLOSS=lse_square_scale != 0.0,
             COMPUTE_LOSS=loss_rows is not None,
             HAS_ROW_SCALE=row_scale is not None,
+            HAS_GUARD=guard is not None,
             NCH=nch, NS=ns, NBOX=nbox, BOX_=BOX, VEC_=VEC,
             num_warps=NUM_WARPS,
         )

@@ -334,6 +334,26 @@ def test_ignore_index_as_a_0d_tensor():
 
 
 @triton_only
+def test_inplace_guard_writes_nothing_on_a_bad_target():
+    """The in-place op's ``guard`` (the label check's answer on the device: the first bad row,
+    or N) makes the kernel write nothing when it names a row, so the logits stay intact
+    without the host waiting for the check before the launch; with N it writes the gradient
+    (float64 oracle)."""
+    from ligerzoo.kernels._utils import ops
+
+    n, v = 5, 37
+    logits, target = torch.randn(n, v), torch.randint(0, v, (n,))
+    _, _, ref_grad = oracle(logits, target, grad_out=torch.tensor(1.0, dtype=torch.float64))
+    for first, writes in ((0, False), (3, False), (n, True)):
+        x = logits.clone()
+        ops.cross_entropy_inplace(x, target, None, IGNORE, "mean", 0.0, 0.0, None, torch.tensor([first]))
+        if writes:
+            assert_close_rel(x, ref_grad, 1e-5)
+        else:
+            assert torch.equal(x, logits)
+
+
+@triton_only
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_inplace_writes_gradient_over_logits(reduction):
     logits, target, weight = make_inputs(torch.float32)
