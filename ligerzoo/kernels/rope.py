@@ -529,7 +529,8 @@ def rope(
             attention, whose backward makes fresh gradients. Never when q_out or k_out also
             feeds an add, a subtraction or a residual (autograd hands the same gradient
             tensor to every input of an add, so another branch would read the rotated
-            values), nor when the gradients are tensors you passed to ``backward`` yourself.
+            values), nor when the gradients are tensors you passed to ``backward`` yourself
+            or that a hook on q_out or k_out keeps (it would see them rotated).
         half_table: cos and sin are (B|1, T, R/2) (or (T, R/2)): the first half of HF's
             tables, whose two halves are equal (``cat(freqs, freqs)``), e.g. from
             ``rope_cos_sin(..., half_table=True)``; flash-attn's layout. The kernel then reads
