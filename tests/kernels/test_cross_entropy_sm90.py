@@ -21,7 +21,7 @@ from ligerzoo.kernels.cross_entropy import cross_entropy, launch_cross_entropy_r
 from tests.kernels.helpers import assert_close_rel
 from tests.kernels.test_cross_entropy import IGNORE, OPTIONS, grad_output_for, oracle, resolve, tols
 
-FLAGS = ("HAS_WEIGHT", "HAS_SOFTCAP", "HAS_SMOOTHING", "HAS_ZLOSS", "COMPUTE_LOSS", "HAS_ROW_SCALE")
+FLAGS = ("HAS_WEIGHT", "HAS_SOFTCAP", "HAS_SMOOTHING", "HAS_ZLOSS", "COMPUTE_LOSS", "HAS_ROW_SCALE", "HAS_GUARD")
 SM90_SHARED_LIMIT = 227 * 1024
 
 
@@ -37,7 +37,7 @@ def compile_for_sm90(dtype: str, n_cols: int, **flags):
     layout = (f"NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth={eb * 8}, rank=3, transposed=False, "
               "fp4_padded=False, cga_layout=[])")
     ptrs = dict(X=dtype, DX=dtype, TARGET="i64", CLASS_W="fp32", LOSS="fp32", ZLOSS="fp32", LSE="fp32",
-                SCALES="fp32", ROW_SCALE="fp32")
+                SCALES="fp32", ROW_SCALE="fp32", GUARD="i64")
     consts = dict(NCH=nch, NS=ns, NBOX=nbox, BOX_=sm90.BOX, VEC_=sm90.VEC, **{f: flags.get(f, True) for f in FLAGS})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -65,7 +65,7 @@ def compile_variants() -> None:
         flags = {f: True for f in FLAGS}
         if options != "all":
             flags.update(HAS_WEIGHT=False, HAS_SOFTCAP=False, HAS_SMOOTHING=False, HAS_ZLOSS=False,
-                         HAS_ROW_SCALE=False)
+                         HAS_ROW_SCALE=False, HAS_GUARD=False)
         if options == "grad_only":  # no loss rows wanted
             flags["COMPUTE_LOSS"] = False
         kernel = compile_for_sm90(dtype, n_cols, **flags)
