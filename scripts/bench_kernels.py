@@ -13,6 +13,8 @@ kernels and ours with ``inplace=True`` both write over them. Writes ``benchmarks
 Usage (GPU): python scripts/bench_kernels.py [--ops rms_norm,cross_entropy] [--tokens 4096,8192,16384]
              [--dtype bfloat16] [--out benchmarks]
        [--graph]   # also device time under a CUDA graph (mode full_graph)
+       [--graph-only]   # only peak memory and the full_graph rows (no plain timings: quick sweeps
+                        # of device time, e.g. of ops whose steps take seconds)
        (CPU): python scripts/bench_kernels.py --plot benchmarks/kernels.csv   # PNGs from a CSV
 """
 from __future__ import annotations
@@ -434,6 +436,8 @@ def main(argv=None):
     ap.add_argument("--graph", action="store_true",
                     help="also time forward + backward under a CUDA graph (rows of mode full_graph: device "
                          "time without the host's launch cost; a variant that cannot be captured is skipped)")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="only the full_graph rows and peak memory, no plain do_bench timings")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -472,7 +476,7 @@ def main(argv=None):
                         print(f"{op:28s} {v:9s} {n:6d}  failed: {type(e).__name__}: {str(e)[:80]}")
                         torch.cuda.empty_cache()
                         del chosen[v], res[v]
-                for _ in range(ROUNDS):
+                for _ in range(0 if args.graph_only else ROUNDS):
                     for m in ("forward", "full"):
                         times = (paired_ms(chosen, inputs, m) if PAIRED
                                  else {v: time_ms(fn, inputs, m) for v, fn in chosen.items()})
@@ -480,25 +484,31 @@ def main(argv=None):
                             res[v][m][0] = min(res[v][m][0], ms)
                 for v in chosen:
                     r = res[v]
-                    r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
-                    if args.graph:
+                    if args.graph_only:  # no plain rows: the peak rides on the full_graph row
+                        r = res[v] = {"full": (float("nan"), r["full"][1])}
+                    else:
+                        r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
+                    if args.graph or args.graph_only:
                         try:
                             r["full_graph"] = (graph_ms(chosen[v], inputs), r["full"][1])
                         except Exception as e:  # host syncs, compiled graphs: not capturable
                             print(f"{op:28s} {v:9s} {n:6d}  no CUDA graph: {type(e).__name__}: {str(e)[:80]}")
                             torch.cuda.synchronize()
                     for mode, (ms, mib) in r.items():
+                        if args.graph_only and mode != "full_graph":
+                            continue
                         row = dict(op=op, mode=mode, variant=v, x_name=x_name, x=n, ms=round(ms, 4),
                                    peak_mib=round(mib, 2), gpu=gpu, date=date)
                         rows.append(row)
                         writer.writerow(row)
                     f.flush()
                     graph = f"  graph {r['full_graph'][0]:8.3f} ms" if "full_graph" in r else ""
-                    print(f"{op:28s} {v:9s} {n:6d}  fwd {r['forward'][0]:8.3f} ms  full {r['full'][0]:8.3f} ms"
-                          f"{graph}  peak {r['full'][1]:9.2f} MiB", flush=True)
+                    plain = "" if args.graph_only else f"  fwd {r['forward'][0]:8.3f} ms  full {r['full'][0]:8.3f} ms"
+                    print(f"{op:28s} {v:9s} {n:6d}{plain}{graph}  peak {r['full'][1]:9.2f} MiB", flush=True)
                 del inputs, variants
                 torch.cuda.empty_cache()
-    plot(rows, ops, out)
+    if not args.graph_only:  # the PNGs draw the plain full rows
+        plot(rows, ops, out)
     print(f"wrote {path}")
 
 
