@@ -343,7 +343,14 @@ def paired_ms(chosen, inputs, mode, reps=200, warmup=20):
     """Median milliseconds of one call of each variant, their calls interleaved (A B C, B C
     A, ... with the L2 flushed before each, as ``do_bench`` does for one): steps bound by
     the host CPU, whose speed drifts within a run, then meet the same drift, where
-    back-to-back ``do_bench`` calls each meet their own. {variant: ms}."""
+    back-to-back ``do_bench`` calls each meet their own. {variant: ms}.
+
+    Each call starts on an idle GPU (a synchronize before its flush). Without it, a variant
+    whose device time exceeds its host time (torch eager's rope: 2.1 ms of kernels) leaves
+    queued work behind, and the host-bound variant timed next issues its launches while the
+    GPU is still busy, so its events read only its device time (session 26: Liger's rope at
+    16384 tokens, timed after torch's in three of four orders, read 0.243 ms against ours at
+    0.552, while Liger's host issued a step in 0.73-0.82 ms and ours in 0.64-0.70)."""
     import statistics
 
     from triton import runtime
@@ -360,6 +367,7 @@ def paired_ms(chosen, inputs, mode, reps=200, warmup=20):
     for r in range(reps):
         k = r % len(names)
         for v in names[k:] + names[:k]:
+            torch.cuda.synchronize()
             runtime.driver.active.clear_cache(cache)
             start, end = events[v][r]
             start.record()
