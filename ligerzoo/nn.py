@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ligerzoo._checks import is_int, plain_linear
+from ligerzoo._checks import check_real, is_int, plain_linear
 from ligerzoo.kernels.cross_entropy import check_loss_options, cross_entropy
 from ligerzoo.kernels.embedding import embedding, padding_row
 from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -388,13 +388,13 @@ class JSD(nn.Module):
     input), averaged over counted rows.
 
     Raises:
-        ValueError: beta outside [0, 1] (at construction, and at the call for a value
-            assigned later); shapes, dtypes or labels that do not match (at the call).
+        ValueError: beta outside [0, 1] or not a number (at construction, and at the call for
+            a value assigned later); shapes, dtypes or labels that do not match (at the call).
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100):
         super().__init__()
-        if not 0.0 <= float(beta) <= 1.0:
+        if not 0.0 <= check_real("beta", beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.beta, self.ignore_index = beta, ignore_index
 
@@ -417,17 +417,17 @@ class FusedLinearJSD(nn.Module):
     loss ().
 
     Raises:
-        ValueError: beta outside [0, 1] or a temperature <= 0 (at construction, and at the
-            call for values assigned later); shapes or dtypes that do not match (at the call).
+        ValueError: beta outside [0, 1] or not a number, a temperature that is not a finite
+            number > 0 (at construction, and at the call for values assigned later); shapes or dtypes that do not match (at the call).
     """
 
     def __init__(self, beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
                  chunk_size: int | None = None):
         super().__init__()
-        if not 0.0 <= float(beta) <= 1.0:
+        if not 0.0 <= check_real("beta", beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if not float(temperature) > 0.0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 < check_real("temperature", temperature) < float("inf"):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         self.beta, self.ignore_index, self.temperature, self.chunk_size = beta, ignore_index, temperature, chunk_size
 
     def forward(self, student_x, student_weight, teacher_x, teacher_weight, labels=None) -> torch.Tensor:

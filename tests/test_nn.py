@@ -105,6 +105,10 @@ def test_modules_refuse_bad_options_at_construction():
         (lambda: lnn.KLDivLoss(reduction="avg"), "reduction"),
         (lambda: lnn.JSD(beta=1.5), "beta"),
         (lambda: lnn.FusedLinearJSD(temperature=0.0), "temperature"),
+        (lambda: lnn.JSD(beta=None), "beta must be a real number"),                  # was a TypeError
+        (lambda: lnn.FusedLinearJSD(beta="x"), "beta must be a real number"),
+        (lambda: lnn.FusedLinearJSD(temperature=None), "temperature must be a real number"),
+        (lambda: lnn.FusedLinearJSD(temperature=float("inf")), "finite"),           # was accepted: loss 0
         (lambda: lnn.Embedding(10, 4, padding_idx=10), "padding_idx"),
         (lambda: lnn.Embedding(2.5, 4), "num_embeddings must be a positive int"),
         (lambda: lnn.SwiGLUMLP(0, 4), "hidden_size must be a positive int"),            # used to build

@@ -28,7 +28,10 @@ The gradient with respect to ``z`` (then times ``dz/dx = 1 - (z / c) ** 2``) is:
 
 Kernel (after the online-softmax idea of Milakov & Gimelshein, 2018): one program per row
 loops over ``V`` in blocks twice: pass 1 keeps a running (max, sum of exp) to get
-``lse``; pass 2 writes ``d(loss)/d(logits)`` in fp32 math, cast to the logits dtype. The
+``lse``; pass 2 writes ``d(loss)/d(logits)`` in fp32 math, cast to the logits dtype. Both
+take ``log p_c = (z_c - max) - log(d)`` with the max and ``log(d)`` apart, as torch's
+``log_softmax`` does, never ``z_c - lse`` with ``lse`` rounded to fp32 first: at logits
+near 40 that rounding (up to 2e-6) is more than a confident row's loss. The
 gradient is produced in the forward (the logits are never needed again), and the
 backward only rescales it by the incoming gradient (a no-op when that is exactly 1).
 With ``inplace=True`` the gradient is written over the caller's logits buffer, so no
@@ -112,7 +115,7 @@ if HAS_TRITON:
         CLASS_W,                # (V,) class weights (read only when HAS_WEIGHT)
         LOSS,                   # (N,) fp32 out: unreduced ce per row
         ZLOSS,                  # (N,) fp32 out: unreduced z-loss per row (only when HAS_ZLOSS)
-        LSE,                    # (N,) fp32 out (in when LSE_GIVEN): log-sum-exp of z
+        LSE,                    # (N,) fp32 out: log-sum-exp of z
         SCALES,                 # (3,) fp32: [ce factor, z-loss factor, sum of class weights]
         ROW_SCALE,              # (N,) fp32 per-row gradient factor (read when HAS_ROW_SCALE)
         GUARD,                  # (1,) int64: the first bad target's row, or N (read when HAS_GUARD)
@@ -122,7 +125,6 @@ if HAS_TRITON:
         HAS_SOFTCAP: tl.constexpr,
         HAS_SMOOTHING: tl.constexpr,
         HAS_ZLOSS: tl.constexpr,
-        LSE_GIVEN: tl.constexpr,
         COMPUTE_LOSS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
         HAS_ROW_SCALE: tl.constexpr,
@@ -142,8 +144,7 @@ if HAS_TRITON:
             if COMPUTE_LOSS:
                 tl.store(LOSS + row, 0.0)
                 tl.store(ZLOSS + row, 0.0)
-            if not LSE_GIVEN:
-                tl.store(LSE + row, 0.0)
+            tl.store(LSE + row, 0.0)
             if COMPUTE_GRAD:
                 zeros = tl.zeros([BLOCK_SIZE], dtype=DX.dtype.element_ty)
                 for start in range(0, n_cols, BLOCK_SIZE):
@@ -156,26 +157,26 @@ if HAS_TRITON:
         valid = (target >= 0) & (target < n_cols)
         safe_t = tl.where(valid, target, 0)
 
-        # ---- pass 1: lse = m + log(d) with a running max m and rescaled sum d
-        if LSE_GIVEN:
-            lse = tl.load(LSE + row)
-        else:
-            # m starts at the lowest finite fp32: a block of -inf logits (a masked vocabulary)
-            # then adds exp(-inf) = 0 to d instead of exp(-inf - -inf) = NaN
-            m = tl.full([], -3.4028234663852886e38, tl.float32)
-            d = tl.zeros([], dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK_SIZE):
-                cols = start + offs
-                mask = cols < n_cols
-                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    x = softcap * _tanh_f32(x / softcap)
-                x = tl.where(mask, x, float("-inf"))
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-                m = m_new
-            lse = m + tl.log(d)
-            tl.store(LSE + row, lse)
+        # ---- pass 1: lse = m + log(d) with a running max m and rescaled sum d. The loss and
+        # the gradient use m and log(d) apart, as torch's log_softmax does: lse rounded to fp32
+        # at |m| ~ 40 is off by up to 2e-6, more than a confident row's whole loss (session 26)
+        # m starts at the lowest finite fp32: a block of -inf logits (a masked vocabulary)
+        # then adds exp(-inf) = 0 to d instead of exp(-inf - -inf) = NaN
+        m = tl.full([], -3.4028234663852886e38, tl.float32)
+        d = tl.zeros([], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = softcap * _tanh_f32(x / softcap)
+            x = tl.where(mask, x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        log_d = tl.log(d)
+        lse = m + log_d
+        tl.store(LSE + row, lse)
 
         if HAS_WEIGHT:
             w_t = tl.load(CLASS_W + safe_t).to(tl.float32)
@@ -214,11 +215,11 @@ if HAS_TRITON:
                     w_c = tl.load(CLASS_W + cols, mask=mask, other=0.0).to(tl.float32)
                 if COMPUTE_LOSS and HAS_SMOOTHING:
                     if HAS_WEIGHT:
-                        smooth += tl.sum(tl.where(mask, w_c * (lse - z), 0.0), axis=0)
+                        smooth += tl.sum(tl.where(mask, w_c * ((m - z) + log_d), 0.0), axis=0)
                     else:
-                        smooth += tl.sum(tl.where(mask, lse - z, 0.0), axis=0)
+                        smooth += tl.sum(tl.where(mask, (m - z) + log_d, 0.0), axis=0)
                 if COMPUTE_GRAD:
-                    g = coef_p * tl.exp(z - lse)
+                    g = coef_p * tl.exp((z - m) - log_d)   # p_c
                     if HAS_SMOOTHING:
                         if HAS_WEIGHT:
                             g -= (ce_f * eps_v) * w_c
@@ -230,7 +231,7 @@ if HAS_TRITON:
                     tl.store(DX + cols, g.to(DX.dtype.element_ty), mask=mask)
 
         if COMPUTE_LOSS:
-            ce = keep * w_t * (lse - z_t)
+            ce = keep * w_t * ((m - z_t) + log_d)     # -log p_t
             if HAS_SMOOTHING:
                 ce += eps_v * smooth
             ce = tl.where(valid, ce, float("nan"))
@@ -445,7 +446,7 @@ def launch_cross_entropy_rows(
     target: torch.Tensor,               # (N,) int64 contiguous
     weight: Optional[torch.Tensor],     # (V,) or None
     scales: torch.Tensor,               # (3,) fp32 from reduction_scales
-    lse: torch.Tensor,                  # (N,) fp32: written, or read when lse_given
+    lse: torch.Tensor,                  # (N,) fp32 out
     loss_rows: Optional[torch.Tensor],  # (N,) fp32 out, or None (no loss)
     z_rows: Optional[torch.Tensor],     # (N,) fp32 out, or None (needed only with the z-loss)
     grad: Optional[torch.Tensor],       # (N, V) out (may be logits itself), or None
@@ -454,7 +455,6 @@ def launch_cross_entropy_rows(
     label_smoothing: float,
     lse_square_scale: float,
     softcap: Optional[float],
-    lse_given: bool = False,
     guard: Optional[torch.Tensor] = None,  # (1,) int64 on the device, from TargetCheck.first_bad_row
 ) -> None:
     """Run the Triton row kernel (see the module docstring) on ``logits``; on sm_90, rows of
@@ -468,7 +468,7 @@ def launch_cross_entropy_rows(
         return
     assert (logits.stride(1) == 1 or n_cols <= 1) and (grad is None or grad.stride(1) == 1 or n_cols <= 1)
     sm90 = _sm90()
-    if sm90 is not None and sm90.supported(logits, grad, lse_given):
+    if sm90 is not None and sm90.supported(logits, grad):
         sm90.launch(logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
                     ignore_index, label_smoothing, lse_square_scale, softcap, guard=guard)
         return
@@ -493,7 +493,6 @@ def launch_cross_entropy_rows(
             HAS_SOFTCAP=softcap is not None,
             HAS_SMOOTHING=label_smoothing > 0.0,
             HAS_ZLOSS=lse_square_scale != 0.0,
-            LSE_GIVEN=lse_given,
             COMPUTE_LOSS=compute_loss,
             COMPUTE_GRAD=grad is not None,
             HAS_ROW_SCALE=row_scale is not None,
@@ -514,7 +513,7 @@ def _sm90():
 
 def torch_cross_entropy_rows(
     logits, target, weight, scales, lse, loss_rows, z_rows, grad, row_scale,
-    ignore_index, label_smoothing, lse_square_scale, softcap, lse_given=False,
+    ignore_index, label_smoothing, lse_square_scale, softcap,
 ) -> None:
     """Plain-torch twin of :func:`launch_cross_entropy_rows` (same arguments, same outputs).
 
@@ -523,6 +522,13 @@ def torch_cross_entropy_rows(
     """
     n_rows, n_cols = logits.shape
     if n_rows == 0:
+        return
+    if n_cols == 0:  # no classes: an ignored row adds 0, any other has no valid target (NaN)
+        lse.zero_()
+        if loss_rows is not None:
+            loss_rows.copy_(torch.where(target == ignore_index, 0.0, float("nan")))
+            if z_rows is not None:
+                z_rows.zero_()
         return
     x = logits.to(torch.float32)                                    # (N, V)
     if softcap is not None:
@@ -534,11 +540,9 @@ def torch_cross_entropy_rows(
     z = torch.where(mask[:, None], z, 0.0)  # ignored rows: finite values (-inf - -inf would be nan)
     valid = mask & (target >= 0) & (target < n_cols)
     safe_t = torch.where(valid, target, 0)
-    if lse_given:
-        lse_v = lse
-    else:
-        lse_v = torch.where(mask, torch.logsumexp(z, dim=-1), 0.0)   # (N,)
-        lse.copy_(lse_v)
+    lse_v = torch.where(mask, torch.logsumexp(z, dim=-1), 0.0)       # (N,)
+    lse.copy_(lse_v)
+    logp = torch.log_softmax(z, dim=-1)  # (z - m) - log(d): as exact as the kernel's  (N, V)
     if weight is not None:
         wf = weight.to(torch.float32)
         w_t = wf[safe_t]
@@ -549,11 +553,9 @@ def torch_cross_entropy_rows(
     eps_v = label_smoothing / n_cols
     maskf = mask.to(torch.float32)
     if loss_rows is not None:
-        z_t = z.gather(1, safe_t[:, None]).squeeze(1)
-        ce = keep * w_t * (lse_v - z_t)
+        ce = keep * w_t * -logp.gather(1, safe_t[:, None]).squeeze(1)
         if label_smoothing > 0.0:
-            diff = lse_v[:, None] - z
-            ce = ce + eps_v * (diff * wf if wf is not None else diff).sum(-1)
+            ce = ce - eps_v * (logp * wf if wf is not None else logp).sum(-1)
         ce = torch.where(valid | ~mask, ce * maskf, float("nan"))
         loss_rows.copy_(ce)
         if z_rows is not None:
@@ -564,7 +566,7 @@ def torch_cross_entropy_rows(
         ce_f = ce_f * r                                              # (N,)
         z_f = z_f * r
         coef_p = ce_f * keep * w_t + ce_f * eps_v * w_all + z_f * 2.0 * lse_square_scale * lse_v
-        g = coef_p[:, None] * torch.exp(z - lse_v[:, None])
+        g = coef_p[:, None] * torch.exp(logp)
         if label_smoothing > 0.0:
             g = g - ce_f[:, None] * eps_v * (wf[None, :] if wf is not None else 1.0)
         g.scatter_add_(1, safe_t[:, None], -(ce_f * keep * w_t * valid)[:, None])
@@ -817,15 +819,19 @@ def cross_entropy_reference(
     # ignored rows contribute nothing: give them finite values (all -inf would make nan * 0)
     z = torch.where(mask[:, None], z, 0.0)
     safe_t = torch.where(mask, target, 0)
-    lse = torch.logsumexp(z, dim=-1)                                 # (N,)
-    z_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    # ignored rows: lse 0 (with no classes at all, where every row must be ignored, it is -inf)
+    lse = torch.where(mask, torch.logsumexp(z, dim=-1), 0.0)         # (N,)
+    # log p = (z - max) - log(sum exp(z - max)): rounding lse first would cost a confident
+    # row its whole loss at |z| ~ 40 (and the target's gradient with it)
+    logp = torch.log_softmax(z, dim=-1)                              # (N, V)
+    logp_t = logp.gather(1, safe_t[:, None]).squeeze(1) if n_cols else torch.zeros_like(lse)
     w_t = weight.to(cdt)[safe_t] * maskf if weight is not None else maskf
-    ce = (1.0 - label_smoothing) * w_t * (lse - z_t)
-    if label_smoothing > 0.0:
-        diff = lse[:, None] - z
+    ce = (1.0 - label_smoothing) * w_t * -logp_t
+    if label_smoothing > 0.0 and n_cols:
+        neg = -logp
         if weight is not None:
-            diff = diff * weight.to(cdt)
-        ce = ce + (label_smoothing / n_cols) * diff.sum(-1) * maskf
+            neg = neg * weight.to(cdt)
+        ce = ce + (label_smoothing / n_cols) * neg.sum(-1) * maskf
     z_rows = lse_square_scale * lse.square() * maskf
     if reduction == "none":
         loss, z_loss = ce + z_rows, z_rows

@@ -27,7 +27,7 @@ Layout of the work:
 
 Used by ``launch_cross_entropy_rows`` when :func:`supported` says so (CUDA capability
 9.x, bf16 / fp16 / fp32, 16-byte aligned, non-overlapping rows of at least 96 KB, a
-gradient to write, ``lse`` not given); everything else runs the portable kernel.
+gradient to write); everything else runs the portable kernel.
 Differences from it: ignored rows are read like the others (their loads are in flight
 before the target is known), and a non-ignored row whose logits are all -inf gets lse
 -inf (the portable kernel: nan; the loss and gradient are nan in both; an ignored one gets
@@ -86,17 +86,16 @@ def settings(n_cols: int, elem_bytes: int) -> tuple[int, int, int]:
     return nbox, nch, ns
 
 
-def supported(logits: torch.Tensor, grad: Optional[torch.Tensor], lse_given: bool) -> bool:
+def supported(logits: torch.Tensor, grad: Optional[torch.Tensor]) -> bool:
     """Whether :func:`launch` can take these rows (else the portable kernel runs).
 
     Args:
         logits: (N, V) logits the kernel would read.
         grad: the (N, V) buffer the gradient would be written to (may be ``logits``), or
             None when only the loss is wanted (then False: the portable kernel reads once).
-        lse_given: whether ``lse`` is an input (then False: this kernel always computes it).
     Returns False, never raises, for CPU tensors, other GPUs, other dtypes or layouts.
     """
-    if not (ENABLED and HAS_GLUON and logits.is_cuda) or lse_given or interpreter_enabled():
+    if not (ENABLED and HAS_GLUON and logits.is_cuda) or interpreter_enabled():
         return False
     if logits.dtype not in _DTYPES or logits.dim() != 2 or logits.shape[0] == 0:
         return False
@@ -183,7 +182,7 @@ if HAS_GLUON:
         return m_new, d_v, zsum_v
 
     @gluon.jit
-    def _grad_chunk(x, offs, col0, n_full, t_local, DXROW, CLASS_W, lse, coef_p, sm_c, coef_t, softcap,
+    def _grad_chunk(x, offs, col0, n_full, t_local, DXROW, CLASS_W, m, log_d, coef_p, sm_c, coef_t, softcap,
                     HAS_WEIGHT: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SMOOTHING: gl.constexpr,
                     MASKED: gl.constexpr, WITH_T: gl.constexpr):
         """Store d(loss)/d(logits) of an (R, LANES) chunk at ``DXROW + col0 + offs``."""
@@ -193,7 +192,7 @@ if HAS_GLUON:
             z = softcap * th
         else:
             z = x
-        g = coef_p * gl.exp2((z - lse) * LOG2E)
+        g = coef_p * gl.exp2((z - m) * LOG2E - log_d * LOG2E)   # p_c, lse never rounded (see below)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 g -= sm_c * _class_weights(CLASS_W, col0, offs, mask, MASKED)
@@ -320,8 +319,11 @@ if HAS_GLUON:
             m = gl.where(m == float("-inf"), 0.0, m)
             d = gl.sum(d_v * gl.exp2((m_v - m) * LOG2E), axis=0) + gl.sum(gl.exp2((xt - m) * LOG2E), axis=0)
             # the row's true lse even when it is ignored: exp(z - 0) could overflow to inf, and
-            # the zero coefficients below would turn it into nan
-            lse = m + gl.log(d)
+            # the zero coefficients below would turn it into nan. The loss and the gradient use
+            # m and log(d) apart (log p = (z - m) - log d, as the portable kernel does): lse
+            # rounded to fp32 is off by more than a confident row's loss at |m| ~ 40
+            log_d = gl.log(d)
+            lse = m + log_d
             gl.store(LSE + row, gl.where(ignored, 0.0, lse))
             ce_f = gl.where(ignored, 0.0, ce_f0)      # ignored rows: a zero gradient
             z_f = gl.where(ignored, 0.0, z_f0)
@@ -352,18 +354,18 @@ if HAS_GLUON:
                 x = smem.index(q % NS).reshape([R, LANES]).load(layout).to(gl.float32)
                 col0 = c * CHUNK
                 if c == NCH - 1:
-                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, m, log_d, coef_p, sm_c,
                                 coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, True, True)
                 elif c == t_chunk:
-                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, m, log_d, coef_p, sm_c,
                                 coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, True)
                 else:
-                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, lse, coef_p, sm_c,
+                    _grad_chunk(x, offs, col0, n_full, t_cmp - col0, DXROW, CLASS_W, m, log_d, coef_p, sm_c,
                                 coef_t, softcap, HAS_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, False, False)
                 _cta_barrier()       # every warp is done with the slot before it is refilled
                 _issue(desc, smem, bars, q + NS, total, pid, n_prog, LPR, NCH, NS, NBOX)
 
-            gt = coef_p * gl.exp2((xt - lse) * LOG2E)
+            gt = coef_p * gl.exp2((xt - m) * LOG2E - log_d * LOG2E)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     gt -= sm_c * wt_c
@@ -377,7 +379,7 @@ if HAS_GLUON:
             if COMPUTE_LOSS:
                 if HAS_SOFTCAP:
                     z_t = softcap * _tanh_f32(z_t / softcap)
-                ce = keep * w_t * (lse - z_t)
+                ce = keep * w_t * ((m - z_t) + log_d)
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
                         ce += eps_v * (lse * w_all - zsum)

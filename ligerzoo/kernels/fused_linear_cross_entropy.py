@@ -19,8 +19,9 @@ For "mean" and "sum" the gradients are complete after the forward (the reduction
 are computed from the targets first, on the device) and the backward only multiplies them
 by the scalar incoming gradient, skipping that when it is exactly 1. For "none" a
 per-token incoming gradient cannot be folded into ``dW`` afterwards, so the forward only
-computes the loss and the per-row ``lse``, and the backward recomputes each chunk's logits
-and runs the gradient pass with the per-row factors (no second online-softmax pass).
+computes the loss, and the backward recomputes each chunk's logits and runs the row kernel
+again with the per-row factors (both of its passes: the gradient needs the row's max and
+``log(d)`` apart, not a saved ``lse`` rounded to fp32).
 Peak extra memory is one (C, V) chunk plus the gradients themselves.
 
 Without Triton (CPU without the interpreter) the same chunked loop runs with a plain-torch
@@ -155,7 +156,7 @@ class _WeightGradAccumulator:
 def _chunk_loop(
     x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, row_scale,
     ignore_index, label_smoothing, lse_square_scale, softcap,
-    accum_dtype, chunk_size, need_x, need_w, need_b, lse_given, grad_x_out=None,
+    accum_dtype, chunk_size, need_x, need_w, need_b, grad_x_out=None,
 ):
     """Run the chunked forward (and/or gradient) pass. -> (grad_x, grad_w, grad_b) or Nones.
     ``grad_x_out``: an (N, H) buffer for grad_x, which may be ``x`` itself (each chunk's rows
@@ -187,7 +188,7 @@ def _chunk_loop(
             z_rows[start:end] if z_rows is not None else None,
             logits if compute_grad else None,                  # dlogits over the chunk buffer
             row_scale[start:end] if row_scale is not None else None,
-            ignore_index, label_smoothing, lse_square_scale, softcap, lse_given,
+            ignore_index, label_smoothing, lse_square_scale, softcap,
         )
         if compute_grad:
             if need_w:  # before dx: dx may be written over x_c
@@ -214,7 +215,7 @@ def _forward(x, weight, target, bias, ce_weight, ignore_index, reduction, label_
     gx, gw, gb = _chunk_loop(
         x, weight, target, bias, ce_weight, scales, lse, loss_rows, z_rows, None,
         ignore_index, label_smoothing, lse_square_scale, softcap,
-        accum_dtype, chunk_size, need_x and in_fwd, need_w and in_fwd, need_b and in_fwd, False,
+        accum_dtype, chunk_size, need_x and in_fwd, need_w and in_fwd, need_b and in_fwd,
         grad_x_out=grad_x_out,
     )
     loss, z_loss = _reduce(loss_rows, z_rows, scales, reduction)
@@ -273,7 +274,6 @@ def _flce_backward_op(
     target: torch.Tensor,
     bias: Optional[torch.Tensor],
     ce_weight: Optional[torch.Tensor],
-    lse: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
     lse_square_scale: float,
@@ -284,13 +284,16 @@ def _flce_backward_op(
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients for reduction="none": recompute each chunk's logits, reuse the saved lse."""
+    """Gradients for reduction="none": recompute each chunk's logits and run the row kernel's
+    both passes again (log p = (z - max) - log(d) needs the max and log(d) apart, which an
+    lse saved in fp32 would not give: see cross_entropy's module docstring)."""
     scales = reduction_scales(target, ce_weight, ignore_index, "none", weight.shape[0])
     row_scale = grad_loss.to(torch.float32).contiguous()                          # (N,)
+    lse = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)            # rewritten, unused
     gx, gw, gb = _chunk_loop(
         x, weight, target, bias, ce_weight, scales, lse, None, None, row_scale,
         ignore_index, label_smoothing, lse_square_scale, softcap,
-        accum_dtype, chunk_size, need_x, need_w, need_b, True,
+        accum_dtype, chunk_size, need_x, need_w, need_b,
     )
     gx = gx if gx is not None else x.new_empty(0)
     gw = gw if gw is not None else weight.new_empty(0)  # already in weight.dtype
@@ -299,7 +302,7 @@ def _flce_backward_op(
 
 
 @_flce_backward_op.register_fake
-def _(grad_loss, x, weight, target, bias, ce_weight, lse, ignore_index, label_smoothing,
+def _(grad_loss, x, weight, target, bias, ce_weight, ignore_index, label_smoothing,
       lse_square_scale, softcap, accum_dtype, chunk_size, need_x, need_w, need_b):
     gx = torch.empty_like(x) if need_x else x.new_empty(0)
     gw = torch.empty_like(weight) if need_w else weight.new_empty(0)
@@ -317,7 +320,7 @@ def _setup_context(ctx, inputs, output):
     ctx.need = (need_x, need_w, need_b)
     if reduction == "none":
         ctx.opts = (ignore_index, label_smoothing, lse_square_scale, softcap, accum_dtype, chunk_size)
-        ctx.save_for_backward(x, weight, target, bias, ce_weight, lse)
+        ctx.save_for_backward(x, weight, target, bias, ce_weight)
     else:
         ctx.save_for_backward(gx, gw, gb)
 
@@ -332,9 +335,9 @@ def _backward(ctx, grad_loss, _gz, _glse, _ggx, _ggw, _ggb):
                 "fused_linear_cross_entropy: a gradient was requested that the forward did not prepare"
             )
     if ctx.reduction == "none":
-        x, weight, target, bias, ce_weight, lse = ctx.saved_tensors
+        x, weight, target, bias, ce_weight = ctx.saved_tensors
         gx, gw, gb = ops.fused_linear_cross_entropy_backward(
-            grad_loss, x, weight, target, bias, ce_weight, lse, *ctx.opts, *want
+            grad_loss, x, weight, target, bias, ce_weight, *ctx.opts, *want
         )
     else:
         claim_saved_grads(ctx, "fused_linear_cross_entropy")

@@ -280,8 +280,12 @@ def jsd_reference(
     """Plain-PyTorch :func:`jsd` (same semantics), differentiable by torch autograd with
     respect to both inputs. Math in ``promote(inputs, float32)``; returns that dtype.
 
-    Log-probabilities below -1e30 (i.e. ``-inf``) are clamped there, which gives the
-    ``0 log 0 = 0`` convention of the kernel with finite gradients.
+    ``-inf`` log-probabilities follow the kernel's ``0 log 0 = 0`` convention: a term whose
+    weight (``exp`` of the log-probability it is taken under) is 0 adds nothing, with zero
+    gradients; under the KL modes (beta 0 or 1) a zero probability where the other
+    distribution has mass gives ``inf``, as the kernel does (d/dx of ``p (y - x)`` stays
+    ``-p``). For 0 < beta < 1 (finite for any inputs) they are clamped to -1e30, which gives
+    the same values with finite gradients.
 
     Arguments, shapes and dtypes as :func:`jsd`; it checks ``beta`` only (other bad
     input fails in torch's own ops).
@@ -289,14 +293,18 @@ def jsd_reference(
     _check_beta(beta)
     cdt = torch.promote_types(torch.promote_types(student_logp.dtype, teacher_logp.dtype), torch.float32)
     n_cols = student_logp.shape[-1]
-    x = _utils.as_rows(student_logp, n_cols).to(cdt).clamp(min=-1e30)            # (N, V)
-    y = _utils.as_rows(teacher_logp, n_cols).to(cdt).clamp(min=-1e30)
+    x = _utils.as_rows(student_logp, n_cols).to(cdt)                             # (N, V)
+    y = _utils.as_rows(teacher_logp, n_cols).to(cdt)
     mode = jsd_mode(beta)
-    if mode == MODE_FORWARD_KL:
-        rows = (torch.exp(y) * (y - x)).sum(-1)                                   # (N,)
-    elif mode == MODE_REVERSE_KL:
-        rows = (torch.exp(x) * (x - y)).sum(-1)
+    if mode in (MODE_FORWARD_KL, MODE_REVERSE_KL):
+        # KL(P || Q) = sum p (a - b) with (p, a, b) = (e^y, y, x) forward, (e^x, x, y) reverse;
+        # both log-probs are replaced where p == 0, so that no inf or NaN reaches autograd
+        a, b = (y, x) if mode == MODE_FORWARD_KL else (x, y)
+        p = torch.exp(a)
+        has = p > 0
+        rows = torch.where(has, p * (torch.where(has, a, 0.0) - torch.where(has, b, 0.0)), 0.0).sum(-1)  # (N,)
     else:
+        x, y = x.clamp(min=-1e30), y.clamp(min=-1e30)
         xm, ym = mixture_log_ratios(x, y, beta)
         rows = (beta * torch.exp(y) * ym + (1.0 - beta) * torch.exp(x) * xm).sum(-1)
     if labels is None:

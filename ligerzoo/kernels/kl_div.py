@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from ligerzoo._checks import check_real
 from ligerzoo.kernels import _utils
 from ligerzoo.kernels._utils import cdiv, jit, kernel_op, ops
 from ligerzoo.kernels._utils import HAS_TRITON, device_guard, next_power_of_2
@@ -408,7 +409,7 @@ def _check(input: torch.Tensor, target: torch.Tensor, reduction: str, eps: Optio
         raise ValueError(f"input and target must be float tensors, got {input.dtype} and {target.dtype}")
     if input.device != target.device:
         raise ValueError(f"input is on {input.device} but target is on {target.device}")
-    if eps is not None and not 0.0 < float(eps) <= torch.finfo(torch.float32).max:
+    if eps is not None and not 0.0 < check_real("eps", eps) <= torch.finfo(torch.float32).max:
         raise ValueError(f"eps must be > 0 and at most fp32's largest value 3.4e38 (or None), got {eps}")
 
 

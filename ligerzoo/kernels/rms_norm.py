@@ -446,7 +446,10 @@ def rms_norm(
             ``dy`` instead of allocating (one (N, H) buffer less). Only safe when no other
             consumer of that gradient buffer exists, e.g. *not* when ``y`` is added to a
             residual stream whose gradient autograd passes through unchanged (Gemma2's
-            post-norms). ``x`` itself is never modified.
+            post-norms), nor when the gradient is a tensor you pass to ``backward`` yourself
+            (``y.backward(g)``: ``g`` then holds ``dx``, and a second ``retain_graph``
+            backward with it is wrong) or that a hook on ``y`` keeps. ``x`` itself is never
+            modified.
 
     Returns:
         y: same shape and dtype as ``x``; contiguous on the Triton path (the torch

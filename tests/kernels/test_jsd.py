@@ -194,6 +194,33 @@ def test_masked_vocab_minus_inf(monkeypatch, path, beta):
     assert float(ss.grad[:, cut].abs().sum()) == 0.0 and float(ts.grad[:, cut].abs().sum()) == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # -inf - -inf in unselected lanes
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("path", ["triton", "reference", "reference64"])
+def test_kl_of_a_missing_class_is_inf(monkeypatch, path, beta):
+    """beta 0 (KL(teacher || student)) with a student log-prob of -inf where the teacher has
+    mass, and beta 1 mirrored: the loss is inf on every path, and the gradient of the
+    zero-probability side there is -p of the other (d/dx of p (y - x)), never 0 or NaN; the
+    finite rows' gradients are the oracle's. (The reference path used to clamp -inf to -1e30:
+    a finite 3e29 loss and a zero gradient.)"""
+    if path != "triton":
+        monkeypatch.setattr(_utils, "use_triton", lambda t: False)
+    dt = torch.float64 if path == "reference64" else torch.float32
+    s, t, _ = make_inputs(dt, n_ignored=0)
+    zero, other = (s, t) if beta == 0.0 else (t, s)   # the side given a zero probability, the other
+    zero[0, 7] = float("-inf")
+    zero[0] = torch.log_softmax(zero[0], -1)           # still a distribution
+    ss, ts = s.clone().requires_grad_(), t.clone().requires_grad_()
+    loss = jsd(ss, ts, None, beta)
+    loss.backward()
+    assert float(loss) == float("inf")
+    g_zero = (ss if beta == 0.0 else ts).grad
+    torch.testing.assert_close(g_zero[0, 7], -other[0, 7].exp() / N)
+    _, _, gs, gt = oracle(s[1:], t[1:], None, beta)
+    torch.testing.assert_close(ss.grad[1:].double(), gs * (N - 1) / N, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ts.grad[1:].double(), gt * (N - 1) / N, rtol=1e-5, atol=1e-9)
+
+
 def test_grad_output_scaling_and_second_backward():
     compare(jsd, torch.float32, 0.3, need_teacher=True, grad_out=0.7)
     s, t, labels = make_inputs(torch.float32)

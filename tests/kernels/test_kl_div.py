@@ -320,6 +320,8 @@ def test_bad_arguments_raise():
         kl_div(x, (t > 0).long())
     with pytest.raises(ValueError, match="eps"):
         kl_div(x, t, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a real number"):  # was float()'s bare message
+        kl_div(x, t, eps="a")
     with pytest.raises(ValueError, match="at least one dimension"):
         kl_div(x[0, 0], t[0, 0])
 
