@@ -157,13 +157,14 @@ def test_matches_float64(dtype, shape, opt, reduction):
 @pytest.mark.gpu
 @hopper
 def test_confident_rows_keep_their_loss():
-    """fp32 rows of 128256 columns, confident at |z| ~ 1000 (the target 20 above the rest):
+    """fp32 rows of 128256 columns, confident at |z| ~ 1000 (the target 17 above the rest):
     each row's loss and gradient within 1e-4 (relative) of float64, from this kernel. It takes
     log p = (z - m) - log(d); with an lse rounded to fp32 first (until session 26) the losses
-    of about 2.6e-4 were off by up to ulp(1000) / 2 = 3e-5."""
+    of about 5.3e-3 were off by up to ulp(1000) / 2 = 3e-5 (0.6%). (fp32 holds d = 1.0053
+    to 1.2e-7, 2e-5 of log(d): a smaller loss could not be held to 1e-4 by any fp32 sum.)"""
     n, v = 16, 128256
     z_t = 1000.0 + 0.37 * torch.arange(n, dtype=torch.float64, device="cuda")
-    logits = (z_t[:, None] - 20.0).expand(n, v).contiguous()
+    logits = (z_t[:, None] - 17.0).expand(n, v).contiguous()
     target = torch.arange(n, device="cuda") * 7919
     logits[torch.arange(n, device="cuda"), target] = z_t
     logits = logits.float()
