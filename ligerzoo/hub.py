@@ -442,7 +442,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         ValueError: ``dtype`` is not float64 / float32 / bfloat16 / float16, the family's
             config.json cannot express the model's config (a config built in code; the
             fields are named), the parameters do not match ``model.config`` (named), or
-            ``max_shard_size`` is not a size.
+            ``max_shard_size`` is not a positive size (checked before anything else).
         PermissionError: as :func:`check_save_target`: an existing non-empty mount point
             with ``overwrite``, or no directory can be created where the save goes.
         TypeError: ``model`` is not a ligerzoo ``CausalLM``.
@@ -454,6 +454,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                         f"{type(model).__name__}" + (" (pass its .module)" if hasattr(model, "module") else ""))
     for unit in fsdp_modules(model):  # gathered parameters left by a forward (reshard_after_forward=False) are
         unit.reshard()                # compute-dtype copies, not DTensors: back to the sharded fp32 weights
+    _check_shard_size(max_shard_size)
     params = _named_params(model)
     _check_params_fit_config(model.config, params)  # before anything is written
     _check_model_follows_config(model)
@@ -472,11 +473,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     hf_config = with_dtype(hf_config_for(model.config), dtype or model.embed.weight.dtype)  # checked before writing
     plan = {k: torch.empty(s.view(params[s.param]).shape, dtype=dtype or params[s.param].dtype, device="meta")
             for k, s in km.slots.items()}
-    try:
-        split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
-    except ValueError as e:
-        raise ValueError(f"max_shard_size must be a byte count or a size such as \"5GB\" or \"500MB\", got "
-                         f"{max_shard_size!r}") from e
+    split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
     tmp, file_mode = None, _file_mode()
     if writer:
@@ -531,12 +528,30 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     return given
 
 
+def _check_shard_size(max_shard_size) -> None:
+    """ValueError unless ``max_shard_size`` is a positive byte count (an int) or a size string
+    huggingface_hub reads ("5GB", "500MB") of at least one byte."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    problem = f"max_shard_size must be a positive byte count or a size such as \"5GB\" or \"500MB\", got {max_shard_size!r}"
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
+        raise ValueError(problem)
+    try:
+        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    except ValueError as e:
+        raise ValueError(problem) from e
+    if size < 1:
+        raise ValueError(problem)
+
+
 def _check_model_follows_config(model) -> None:
     """ValueError when ``model.config`` was edited after the model was built in a way the model
     does not follow: the RoPE tables, each attention's scale and softcap, each block's layer
-    type (sliding or full) and the MLP activation are fixed when the model is built, so
+    type (sliding or full), the MLP activation, every RMSNorm's eps, offset and casting, and
+    the experts' top-k, router jitter and activation are fixed when the model is built, so
     config.json would describe a model other than the one trained (e.g. ``rope_theta`` or a
     YaRN ``rope_scaling`` set on a loaded model for long-context fine-tuning)."""
+    from ligerzoo.models.moe import MoE
     from ligerzoo.models.transformer import MLP, rope_inv_freq
 
     config, problems = model.config, []
@@ -555,6 +570,19 @@ def _check_model_follows_config(model) -> None:
             problems.append(f"layer {i}'s attention type ({layer.layer_type}; the config: {config.layer_type(i)})")
         if isinstance(layer.mlp, MLP) and layer.mlp.activation != config.activation:
             problems.append(f"layer {i}'s activation ({layer.mlp.activation}; the config: {config.activation})")
+        if isinstance(layer.mlp, MoE):
+            have = (layer.mlp.top_k, layer.mlp.jitter, layer.mlp.activation)
+            want = (config.num_experts_per_tok, config.router_jitter_noise, config.activation)
+            if have != want:
+                problems.append(f"layer {i}'s experts (num_experts_per_tok, router_jitter_noise, activation: "
+                                f"{have}; the config: {want})")
+    norm = (config.rms_norm_eps, config.norm_offset, config.norm_casting)
+    norms = [model.norm] + [n for layer in model.layers for n in (layer.attn_norm, layer.mlp_norm,
+                                                                  layer.attn_post_norm, layer.mlp_post_norm)
+                            if n is not None]
+    if any((n.eps, n.offset, n.casting_mode) != norm for n in norms):
+        problems.append(f"the RMSNorms (rms_norm_eps, norm_offset, norm casting: the config gives {norm}; "
+                        f"the model has {(model.norm.eps, model.norm.offset, model.norm.casting_mode)})")
     if problems:
         raise ValueError("save_hf: model.config was changed after the model was built, and the model does not "
                          f"follow the change in {_listing(problems, 4)}: config.json would describe another model "

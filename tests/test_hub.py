@@ -726,9 +726,12 @@ def test_pickled_weights_and_bad_shard_sizes_are_named(tmp_path):
         ligerzoo.from_hf(tmp_path / "hf")
     assert "pickled PyTorch weights" not in str(err.value)
     model = ligerzoo.CausalLM(ligerzoo.ModelConfig(**SMALL))
-    with pytest.raises(ValueError, match="max_shard_size must be a byte count.*'lots'"):
-        ligerzoo.save_hf(model, tmp_path / "out", max_shard_size="lots")
-    assert not (tmp_path / "out").exists()
+    # None used to raise a TypeError; 0, -1, "0KB" and 1.5 were taken as one tensor per shard
+    for bad in ("lots", None, 0, -1, 1.5, True, "0KB"):
+        with pytest.raises(ValueError, match=f"max_shard_size must be a positive byte count.*{bad!r}"):
+            ligerzoo.save_hf(model, tmp_path / "out", max_shard_size=bad)
+        assert not (tmp_path / "out").exists()
+    ligerzoo.save_hf(model, tmp_path / "out", max_shard_size=10**6)                 # an int is a byte count
 
 
 def test_numpy_and_tensor_scalars_in_configs_and_modules():
@@ -860,8 +863,8 @@ def test_default_dtype_of_a_checkpoint_without_one_is_the_first_shards_as_transf
 
 
 def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
-    """RoPE tables, attention scale and softcap, layer types and the activation are fixed when
-    the model is built: a later edit of model.config (rope_theta, a YaRN rope_scaling for a
+    """RoPE tables, attention scale and softcap, layer types, the activation, the RMSNorms' eps
+    and offset and the experts' top-k and jitter are fixed when the model is built: a later edit of model.config (rope_theta, a YaRN rope_scaling for a
     long-context fine-tune) would make config.json describe another model, so save_hf refuses
     it; a model built from the edited config saves, and transformers runs it as ligerzoo does."""
     from ligerzoo.models.config import ModelConfig
@@ -873,7 +876,9 @@ def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
     for field, value, match in (("rope_theta", 1e6, "RoPE"),
                                 ("rope_scaling", {"rope_type": "yarn", "factor": 4.0,
                                                   "original_max_position_embeddings": 16}, "RoPE"),
-                                ("hidden_act", "gelu_pytorch_tanh", "activation")):
+                                ("hidden_act", "gelu_pytorch_tanh", "activation"),
+                                ("rms_norm_eps", 0.5, "RMSNorms"),      # (session 26: were saved)
+                                ("norm_offset", 1.0, "RMSNorms")):
         before = getattr(model.config, field)
         setattr(model.config, field, value)
         with pytest.raises(ValueError, match=f"changed after the model was built.*{match}"):
@@ -884,6 +889,13 @@ def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
     rebuilt = ligerzoo.CausalLM(config)
     rebuilt.load_state_dict(model.state_dict())
     _saved_runs_in_transformers(rebuilt, tmp_path / "rebuilt", 40)
+    moe = ligerzoo.CausalLM(ModelConfig(**{**kw, "model_type": "mixtral"}, num_local_experts=4))
+    for field, value in (("num_experts_per_tok", 1), ("router_jitter_noise", 0.1)):
+        before = getattr(moe.config, field)
+        setattr(moe.config, field, value)
+        with pytest.raises(ValueError, match="changed after the model was built.*experts"):
+            ligerzoo.save_hf(moe, tmp_path / field)
+        setattr(moe.config, field, before)
 
 
 def test_configs_built_in_code_name_their_rope_type_and_activation_as_transformers(tmp_path):

@@ -371,8 +371,8 @@ def read_common(hf: dict, defaults: dict | None = None, partial_rotary: bool = F
 
 
 def uniform_layer_types(num_layers: int, window: int | None) -> list[str] | None:
-    """``layer_types`` for families whose window (if any) applies to every layer (Mistral,
-    Mixtral, Phi3: transformers ignores a ``layer_types`` key in their configs)."""
+    """``layer_types`` for families whose window (if any) applies to every layer (Mixtral and
+    Phi3, where transformers ignores a ``layer_types`` key; Mistral without one)."""
     return ["sliding_attention"] * num_layers if window else None
 
 

@@ -1,6 +1,8 @@
 """Qwen2 / Qwen2.5 (HF ``model_type`` "qwen2"): the Llama decoder with q/k/v biases (always;
 o_proj has none) and optional sliding windows on layers ``i >= max_window_layers`` when
-``use_sliding_window`` (false in every release); transformers 5.x writes ``layer_types``.
+``use_sliding_window`` (false in every release); transformers 5.x writes ``layer_types``
+(read when present, and written when the sliding layers are not the last ones, which only it
+can say).
 Small models (0.5B-3B) tie the head."""
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def config_to_hf(config: ModelConfig) -> dict:
     types = config.layer_types or ["full_attention"] * config.num_hidden_layers
     sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    if sliding and sliding != list(range(sliding[0], config.num_hidden_layers)):
-        raise ValueError("Qwen2 configs can only slide on the layers from max_window_layers on")
-    return write_common(config, ARCHITECTURES) | {
+    out = write_common(config, ARCHITECTURES) | {
         "use_sliding_window": bool(sliding), "sliding_window": config.sliding_window,
         "max_window_layers": sliding[0] if sliding else config.num_hidden_layers}
+    if sliding and sliding != list(range(sliding[0], config.num_hidden_layers)):
+        # not the layers from max_window_layers on: only transformers 5.x's layer_types says it
+        out["layer_types"] = list(types)
+    return out
 
 
 def key_map(config: ModelConfig) -> KeyMap:

@@ -664,3 +664,37 @@ def test_phi3_refuses_rope_types_transformers_refuses(rope, message):
         transformers.Phi3Config(**{k: v for k, v in hf.items() if k != "model_type"})
     with pytest.raises(ValueError, match=message):
         ligerzoo.models.config_from_hf(hf)
+
+
+@pytest.mark.parametrize("name,layer_types", [
+    ("mistral", ["full_attention", "sliding_attention"]),    # transformers reads it as Ministral
+    ("mistral", ["full_attention", "full_attention"]),       # a window no layer uses
+    ("qwen2", ["sliding_attention", "full_attention"]),      # not the layers from max_window_layers on
+])
+def test_explicit_layer_types_load_and_save_as_transformers(tmp_path, name, layer_types):
+    """A config.json with ``layer_types`` that the family's older keys cannot say: from_hf runs
+    what transformers' AutoModelForCausalLM runs (logits and loss), and save_hf, after an edit of
+    an unrelated field, writes a config.json that transformers loads to the same model. Until
+    session 26 a Mistral config's layer_types were ignored (every layer slid; 0.47 apart in the
+    logits), and a Qwen2 one could not be saved."""
+    from transformers import AutoModelForCausalLM
+
+    make_hf(name, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["layer_types"] = layer_types
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    sliding = [ours.config.layer_type(i) == "sliding_attention" for i in range(2)]
+    assert sliding == [t == "sliding_attention" for t in layer_types]
+    ids = torch.randint(3, BASE["vocab_size"], (2, 13))  # longer than the window (4)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=ids)
+        out = ours(ids, labels=ids)
+        torch.testing.assert_close(ours(ids).logits, ref.logits, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+    ours.config.pad_token_id = 3                            # any edit: config.json is written anew
+    ligerzoo.save_hf(ours, tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, ref.logits, atol=2e-5, rtol=2e-5)
