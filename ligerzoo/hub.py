@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ligerzoo._checks import any_dtensor, fsdp_modules
+from ligerzoo._checks import any_dtensor, fsdp_modules, is_int
 from ligerzoo.models import CausalLM, family
 from ligerzoo.models.config import ModelConfig, dtype_from_str, with_dtype
 from ligerzoo.models.keymap import KeyMap, Slot
@@ -454,7 +454,7 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                         f"{type(model).__name__}" + (" (pass its .module)" if hasattr(model, "module") else ""))
     for unit in fsdp_modules(model):  # gathered parameters left by a forward (reshard_after_forward=False) are
         unit.reshard()                # compute-dtype copies, not DTensors: back to the sharded fp32 weights
-    _check_shard_size(max_shard_size)
+    max_shard_size = _check_shard_size(max_shard_size)
     params = _named_params(model)
     _check_params_fit_config(model.config, params)  # before anything is written
     _check_model_follows_config(model)
@@ -528,20 +528,25 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
     return given
 
 
-def _check_shard_size(max_shard_size) -> None:
-    """ValueError unless ``max_shard_size`` is a positive byte count (an int) or a size string
-    huggingface_hub reads ("5GB", "500MB") of at least one byte."""
+def _check_shard_size(max_shard_size) -> int | str:
+    """``max_shard_size`` as huggingface_hub takes it (an int or a size string); ValueError
+    unless it is a positive byte count (an int, a numpy int or a whole float such as 5e9) or a
+    size string huggingface_hub reads ("5GB", "500MB") of at least one byte."""
     from huggingface_hub.serialization._base import parse_size_to_int
 
     problem = f"max_shard_size must be a positive byte count or a size such as \"5GB\" or \"500MB\", got {max_shard_size!r}"
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
+    v = max_shard_size
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not (isinstance(v, str) or is_int(v)):
         raise ValueError(problem)
     try:
-        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+        size = parse_size_to_int(v) if isinstance(v, str) else int(v)
     except ValueError as e:
         raise ValueError(problem) from e
     if size < 1:
         raise ValueError(problem)
+    return v if isinstance(v, str) else size
 
 
 def _check_model_follows_config(model) -> None:

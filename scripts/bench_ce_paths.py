@@ -44,7 +44,7 @@ def _time_paths(n: int, v: int, dt: torch.dtype, copy_bw: float) -> str:
     try:
         for name, enabled in (("portable", False), ("hopper", True)):
             sm90.ENABLED = enabled
-            if enabled and not sm90.supported(logits, logits, False):
+            if enabled and not sm90.supported(logits, logits):
                 out.append("hopper: not dispatched")
                 continue
             t = triton.testing.do_bench(lambda: ce.launch_cross_entropy_rows(

@@ -731,7 +731,10 @@ def test_pickled_weights_and_bad_shard_sizes_are_named(tmp_path):
         with pytest.raises(ValueError, match=f"max_shard_size must be a positive byte count.*{bad!r}"):
             ligerzoo.save_hf(model, tmp_path / "out", max_shard_size=bad)
         assert not (tmp_path / "out").exists()
-    ligerzoo.save_hf(model, tmp_path / "out", max_shard_size=10**6)                 # an int is a byte count
+    import numpy as np
+
+    for i, good in enumerate((10**6, np.int64(10**6), 1e6, "1MB")):            # byte counts, whole floats
+        ligerzoo.save_hf(model, tmp_path / f"out{i}", max_shard_size=good)
 
 
 def test_numpy_and_tensor_scalars_in_configs_and_modules():

@@ -430,7 +430,8 @@ def reduction_scales_reference(
         w_all = torch.full((), float(n_cols), dtype=torch.float32, device=target.device)
     else:
         wf = weight.to(torch.float32)
-        w_sum = torch.where(mask, wf[target.clamp(0, n_cols - 1)], 0.0).sum()
+        w_t = wf[target.clamp(0, n_cols - 1)] if n_cols else torch.zeros_like(target, dtype=torch.float32)
+        w_sum = torch.where(mask, w_t, 0.0).sum()
         w_all = wf.sum()
     if reduction == "mean":
         ce_f = torch.where(w_sum != 0, 1.0 / w_sum, 0.0)
@@ -825,7 +826,7 @@ def cross_entropy_reference(
     # row its whole loss at |z| ~ 40 (and the target's gradient with it)
     logp = torch.log_softmax(z, dim=-1)                              # (N, V)
     logp_t = logp.gather(1, safe_t[:, None]).squeeze(1) if n_cols else torch.zeros_like(lse)
-    w_t = weight.to(cdt)[safe_t] * maskf if weight is not None else maskf
+    w_t = weight.to(cdt)[safe_t] * maskf if weight is not None and n_cols else maskf
     ce = (1.0 - label_smoothing) * w_t * -logp_t
     if label_smoothing > 0.0 and n_cols:
         neg = -logp

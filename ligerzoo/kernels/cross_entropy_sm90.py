@@ -29,9 +29,8 @@ Used by ``launch_cross_entropy_rows`` when :func:`supported` says so (CUDA capab
 9.x, bf16 / fp16 / fp32, 16-byte aligned, non-overlapping rows of at least 96 KB, a
 gradient to write); everything else runs the portable kernel.
 Differences from it: ignored rows are read like the others (their loads are in flight
-before the target is known), and a non-ignored row whose logits are all -inf gets lse
--inf (the portable kernel: nan; the loss and gradient are nan in both; an ignored one gets
-loss 0 and a zero gradient in both). ``ENABLED = False`` turns it
+before the target is known). A non-ignored row whose logits are all -inf gets lse -inf and
+a nan loss and gradient in both; an ignored one gets loss 0 and a zero gradient in both. ``ENABLED = False`` turns it
 off. Triton's CPU interpreter cannot run Gluon, so the CPU tests compile this kernel for
 sm_90 (no GPU needed) and the GPU tests check its values against float64 torch.
 """
@@ -318,11 +317,12 @@ if HAS_GLUON:
             m = gl.maximum(gl.max(m_v, axis=0), gl.max(xt, axis=0))
             m = gl.where(m == float("-inf"), 0.0, m)
             d = gl.sum(d_v * gl.exp2((m_v - m) * LOG2E), axis=0) + gl.sum(gl.exp2((xt - m) * LOG2E), axis=0)
-            # the row's true lse even when it is ignored: exp(z - 0) could overflow to inf, and
-            # the zero coefficients below would turn it into nan. The loss and the gradient use
-            # m and log(d) apart (log p = (z - m) - log d, as the portable kernel does): lse
-            # rounded to fp32 is off by more than a confident row's loss at |m| ~ 40
-            log_d = gl.log(d)
+            # The loss and the gradient use m and log(d) apart (log p = (z - m) - log d, as the
+            # portable kernel does): lse rounded to fp32 is off by more than a confident row's
+            # loss at |m| ~ 40. An ignored row keeps its true max, since exp(z - 0) could
+            # overflow to inf and the zero coefficients below would turn it into nan, and log(d)
+            # 0: an all -inf one has d = 0, and exp2(-inf + inf) would be nan too
+            log_d = gl.where(ignored, 0.0, gl.log(d))
             lse = m + log_d
             gl.store(LSE + row, gl.where(ignored, 0.0, lse))
             ce_f = gl.where(ignored, 0.0, ce_f0)      # ignored rows: a zero gradient

@@ -295,23 +295,23 @@ def jsd_reference(
     n_cols = student_logp.shape[-1]
     x = _utils.as_rows(student_logp, n_cols).to(cdt)                             # (N, V)
     y = _utils.as_rows(teacher_logp, n_cols).to(cdt)
+    keep = None if labels is None else labels.reshape(-1) != ignore_index                  # (N,)
     mode = jsd_mode(beta)
     if mode in (MODE_FORWARD_KL, MODE_REVERSE_KL):
         # KL(P || Q) = sum p (a - b) with (p, a, b) = (e^y, y, x) forward, (e^x, x, y) reverse;
-        # both log-probs are replaced where p == 0, so that no inf or NaN reaches autograd
+        # both log-probs are replaced where p == 0 and in ignored rows, so that no inf (an
+        # infinite KL's gradient) or NaN reaches autograd
         a, b = (y, x) if mode == MODE_FORWARD_KL else (x, y)
         p = torch.exp(a)
-        has = p > 0
+        has = p > 0 if keep is None else (p > 0) & keep[:, None]
         rows = torch.where(has, p * (torch.where(has, a, 0.0) - torch.where(has, b, 0.0)), 0.0).sum(-1)  # (N,)
     else:
         x, y = x.clamp(min=-1e30), y.clamp(min=-1e30)
         xm, ym = mixture_log_ratios(x, y, beta)
         rows = (beta * torch.exp(y) * ym + (1.0 - beta) * torch.exp(x) * xm).sum(-1)
-    if labels is None:
+    if keep is None:
         return rows.sum() / max(rows.shape[0], 1)
-    keep = labels.reshape(-1) != ignore_index
-    count = keep.sum()
-    return torch.where(keep, rows, 0.0).sum() / count.clamp(min=1)
+    return torch.where(keep, rows, 0.0).sum() / keep.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- public

@@ -156,15 +156,16 @@ def test_no_classes_every_row_ignored(monkeypatch, path, reduction):
         monkeypatch.setattr(_utils, "use_triton", lambda t: False)
     target = torch.full((4,), IGNORE)
     opts = dict(reduction=reduction, label_smoothing=0.1, lse_square_scale=0.1)
-    z = torch.randn(4, 0, requires_grad=True)
-    loss = cross_entropy(z, target, **opts)
-    loss.sum().backward()
-    assert torch.equal(loss.detach(), torch.zeros_like(loss)) and z.grad.shape == (4, 0)
-    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(0, 8, requires_grad=True)
-    loss = fused_linear_cross_entropy(x, w, target, **opts)
-    loss.sum().backward()
-    assert torch.equal(loss.detach(), torch.zeros_like(loss))
-    assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 8)
+    for class_weight in (None, torch.zeros(0)):                 # a (0,) class weight too
+        z = torch.randn(4, 0, requires_grad=True)
+        loss = cross_entropy(z, target, weight=class_weight, **opts)
+        loss.sum().backward()
+        assert torch.equal(loss.detach(), torch.zeros_like(loss)) and z.grad.shape == (4, 0)
+        x, w = torch.randn(4, 8, requires_grad=True), torch.randn(0, 8, requires_grad=True)
+        loss = fused_linear_cross_entropy(x, w, target, ce_weight=class_weight, **opts)
+        loss.sum().backward()
+        assert torch.equal(loss.detach(), torch.zeros_like(loss))
+        assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 8)
 
 
 def confident_rows(n=16, v=100):

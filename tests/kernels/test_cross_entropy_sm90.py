@@ -182,6 +182,30 @@ def test_confident_rows_keep_their_loss():
 
 @pytest.mark.gpu
 @hopper
+@pytest.mark.parametrize("zloss", [0.0, 1e-4])
+def test_ignored_row_of_minus_inf_gets_a_zero_gradient(zloss):
+    """An ignored row whose 128256 logits are all -inf (a masked-out position), through this
+    kernel: loss over the other rows as float64 torch, a zero gradient there and no nan
+    anywhere. (Its d is 0: exp2(-inf + inf) was nan, times a zero coefficient still nan,
+    until session 26's review.)"""
+    n, v = 8, 128256
+    logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, v, (n,), device="cuda")
+    logits[2] = float("-inf")
+    target[2] = IGNORE
+    assert sm90.supported(logits, logits)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, target, lse_square_scale=zloss)
+    loss.backward()
+    keep = target != IGNORE
+    z = logits[keep].double()
+    ref = torch.nn.functional.cross_entropy(z, target[keep]) + zloss * torch.logsumexp(z, -1).square().mean()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and not x.grad[2].any()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.gpu
+@hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_same_as_portable_kernel_with_row_scale(dtype, monkeypatch):
     """Through the engine the fused linear cross entropy uses (per-row factor, gradient over

@@ -202,7 +202,7 @@ def test_kl_of_a_missing_class_is_inf(monkeypatch, path, beta):
     mass, and beta 1 mirrored: the loss is inf on every path, and the gradient of the
     zero-probability side there is -p of the other (d/dx of p (y - x)), never 0 or NaN; the
     finite rows' gradients are the oracle's. (The reference path used to clamp -inf to -1e30:
-    a finite 3e29 loss and a zero gradient.)"""
+    a finite 3e29 loss and a zero gradient.) With that row ignored, it gets zero gradients."""
     if path != "triton":
         monkeypatch.setattr(_utils, "use_triton", lambda t: False)
     dt = torch.float64 if path == "reference64" else torch.float32
@@ -219,6 +219,19 @@ def test_kl_of_a_missing_class_is_inf(monkeypatch, path, beta):
     _, _, gs, gt = oracle(s[1:], t[1:], None, beta)
     torch.testing.assert_close(ss.grad[1:].double(), gs * (N - 1) / N, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(ts.grad[1:].double(), gt * (N - 1) / N, rtol=1e-5, atol=1e-9)
+    # the same row ignored: it adds nothing and gets zero gradients (not 0 * inf = NaN), and
+    # the others are the oracle's
+    labels = torch.arange(N) % V
+    labels[0] = IGNORE
+    ss, ts = s.clone().requires_grad_(), t.clone().requires_grad_()
+    loss = jsd(ss, ts, labels, beta)
+    loss.backward()
+    ref, _, gs, gt = oracle(s[1:], t[1:], labels[1:], beta)      # the same count of rows
+    assert torch.isfinite(loss.detach()) and torch.isfinite(ss.grad).all() and torch.isfinite(ts.grad).all()
+    assert float(ss.grad[0].abs().sum()) == 0.0 and float(ts.grad[0].abs().sum()) == 0.0
+    torch.testing.assert_close(loss.detach().double(), ref, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(ss.grad[1:].double(), gs, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(ts.grad[1:].double(), gt, rtol=1e-5, atol=1e-9)
 
 
 def test_grad_output_scaling_and_second_backward():
