@@ -3,7 +3,8 @@ every layer when ``sliding_window`` is set (7B v0.1: 4096; null from v0.2), and 
 read from the config (Mistral-Nemo: 128 with hidden 5120 / 32 heads). A config.json with
 ``layer_types`` (Ministral's alternating sliding and full layers) follows them, as
 transformers 5.x does: its ``AutoConfig`` reads such a "mistral" config as "ministral",
-whose weights have the same names; they are written back when they are not uniform."""
+whose weights have the same names; they are written back when some layers slide and
+others do not."""
 from __future__ import annotations
 
 from ligerzoo.models.config import ModelConfig, read_common, uniform_layer_types, write_common
@@ -27,8 +28,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig) -> dict:
     out = write_common(config, ARCHITECTURES) | {"sliding_window": config.sliding_window}
-    if config.layer_types != uniform_layer_types(config.num_hidden_layers, config.sliding_window):
-        out["layer_types"] = list(config.layer_types or ["full_attention"] * config.num_hidden_layers)
+    types = config.layer_types
+    if types and "sliding_attention" in types and types != uniform_layer_types(len(types), config.sliding_window):
+        # some layers slide, not all: only transformers 5.x's layer_types (Ministral) says so. A
+        # window that no layer uses is not written this way: transformers 4.x would slide every
+        # layer (save_hf's read-back check refuses such a config built in code)
+        out["layer_types"] = list(types)
     return out
 
 
