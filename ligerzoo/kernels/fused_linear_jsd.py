@@ -111,7 +111,8 @@ if HAS_TRITON:
             m_s = new_s
             m_t = new_t
         # log-probs are (z - m) - log(d), as torch's log_softmax: subtracting an lse rounded to
-        # fp32 first costs ulp(m) of every log-ratio (1.7% of the gradient at logits near 60)
+        # fp32 first shifts every log-ratio by up to ulp(m) (at logits near 60 with a student
+        # 1e-2 from its teacher, the KL modes' gradient error was 5.7e-4 of its largest element)
         ld_s = tl.log(d_s)
         ld_t = tl.log(d_t)
 
