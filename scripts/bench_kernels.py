@@ -349,7 +349,7 @@ def paired_ms(chosen, inputs, mode, reps=200, warmup=20):
     whose device time exceeds its host time (torch eager's rope: 2.1 ms of kernels) leaves
     queued work behind, and the host-bound variant timed next issues its launches while the
     GPU is still busy, so its events read only its device time (session 26: Liger's rope at
-    16384 tokens, timed after torch's in three of four orders, read 0.243 ms against ours at
+    16384 tokens, timed right after torch's in three of every four calls, read 0.243 ms against ours at
     0.552, while Liger's host issued a step in 0.73-0.82 ms and ours in 0.64-0.70)."""
     import statistics
 
@@ -447,6 +447,7 @@ def main(argv=None):
     ap.add_argument("--graph-only", action="store_true",
                     help="only the full_graph rows and peak memory, no plain do_bench timings")
     args = ap.parse_args(argv)
+    args.graph = args.graph or args.graph_only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.plot:
@@ -492,18 +493,15 @@ def main(argv=None):
                             res[v][m][0] = min(res[v][m][0], ms)
                 for v in chosen:
                     r = res[v]
-                    if args.graph_only:  # no plain rows: the peak rides on the full_graph row
-                        r = res[v] = {"full": (float("nan"), r["full"][1])}
-                    else:
-                        r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
-                    if args.graph or args.graph_only:
+                    r["backward"] = (r["full"][0] - r["forward"][0], float("nan"))
+                    if args.graph:
                         try:
                             r["full_graph"] = (graph_ms(chosen[v], inputs), r["full"][1])
                         except Exception as e:  # host syncs, compiled graphs: not capturable
                             print(f"{op:28s} {v:9s} {n:6d}  no CUDA graph: {type(e).__name__}: {str(e)[:80]}")
                             torch.cuda.synchronize()
                     for mode, (ms, mib) in r.items():
-                        if args.graph_only and mode != "full_graph":
+                        if args.graph_only and mode != "full_graph":  # no plain timings taken
                             continue
                         row = dict(op=op, mode=mode, variant=v, x_name=x_name, x=n, ms=round(ms, 4),
                                    peak_mib=round(mib, 2), gpu=gpu, date=date)
