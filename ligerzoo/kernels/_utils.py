@@ -411,10 +411,11 @@ class DirectLaunch:
 
 
 def _launch_hooked() -> bool:
-    """Whether a Triton launch hook is installed (recent Tritons keep an empty HookChain
-    where older ones had None)."""
+    """Whether a Triton launch hook is installed (recent Tritons keep a HookChain, empty or
+    not, where older ones had None or the hook itself)."""
     rt = _knobs.runtime
-    return any(h is not None and getattr(h, "calls", True) != [] for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(exit_, "calls", exit_))
 
 
 def jit(fn):

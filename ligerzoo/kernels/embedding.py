@@ -403,21 +403,42 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+# Launch settings by sizes (and the module-level knobs, which tests change): the step is
+# bound by the host's time at training sizes, and working them out took more of it than a
+# dict lookup. Cleared when it grows past _PLAN_CACHE_MAX entries.
+_PLANS: dict = {}
+_PLAN_CACHE_MAX = 256
+
+
+def _cached(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLAN_CACHE_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
 def _forward(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n_rows_w, n_cols = weight.shape
-    ids1 = ids.reshape(-1).contiguous()
-    n_ids = ids1.numel()
-    out = torch.empty((n_ids, n_cols), dtype=weight.dtype, device=weight.device)
+    out = weight.new_empty((*ids.shape, n_cols))   # (..., H), written as (N, H) rows
+    n_ids = ids.numel()
     if n_ids and n_cols:
+        ids1 = _contiguous(ids)                     # read as (N,) in memory order
         w = _rows(weight)
-        block_n, block_h, num_warps = _tiles(n_ids, n_cols)
+        block_n, block_h, num_warps = _cached(("fwd", n_ids, n_cols, _TILE_ELEMS, _MAX_BLOCK_H),
+                                              lambda: _tiles(n_ids, n_cols))
         grid = (cdiv(n_ids, block_n), cdiv(n_cols, block_h))
         with device_guard(weight):
             _embedding_fwd_kernel[grid](
-                ids1, w, w.stride(0), out, out.stride(0), n_ids, n_rows_w, n_cols,
+                ids1, w, w.stride(0), out, n_cols, n_ids, n_rows_w, n_cols,
                 BLOCK_N=block_n, BLOCK_H=block_h, num_warps=num_warps,
             )
-    return out.view(*ids.shape, n_cols)
+    return out
 
 
 def _bwd_tiles(n_cols: int, n_ids: int, n_rows_w: int) -> tuple[int, int, int]:
@@ -439,25 +460,82 @@ def _int32_keys(n_rows_w: int, chunk: int) -> bool:
     return n_rows_w * chunk < 2**31 - 1
 
 
-def _scratch(dw: torch.Tensor, need: int, block_r: int):
+def _scratch_place(n_rows_w: int, n_cols: int, elem_size: int, need: int, block_r: int) -> tuple[bool, int, int, int]:
     """Where the backward keeps ``need`` bytes of sort keys, block starts and hot list:
-    ``(base, byte offset, b0, b1)``, the scratch overlapping dW's row blocks [b0, b1) of
+    ``(in_dw, byte offset, b0, b1)``, the scratch overlapping dW's row blocks [b0, b1) of
     ``block_r`` rows. In dW when it takes at most half of it (or as forced by
     ``_SCRATCH_IN_DW``), from the start of the row block nearest the middle of the table
     (8-byte aligned; pushed back from the end when it would not fit): tokenizers put their
     special and padding tokens, often the most repeated ids, at either end of the table,
     and the ids of the scratch rows are summed by the slower scan kernel. Else a new byte
-    buffer (b0 == b1 == 0). The kernels address it through pointer casts: no host-side views."""
-    total = dw.numel() * dw.element_size()
+    buffer: ``(False, 0, 0, 0)``. The kernels address it through pointer casts: no
+    host-side views."""
+    total = n_rows_w * n_cols * elem_size
     in_dw = _SCRATCH_IN_DW if _SCRATCH_IN_DW is not None else 2 * need <= total
     if not in_dw or need > total:
-        return torch.empty(need, dtype=torch.uint8, device=dw.device), 0, 0, 0
-    row_bytes = dw.shape[1] * dw.element_size()
-    mid = dw.shape[0] // 2 // block_r * block_r * row_bytes
+        return False, 0, 0, 0
+    row_bytes = n_cols * elem_size
+    mid = n_rows_w // 2 // block_r * block_r * row_bytes
     byte0 = min((mid + 7) // 8 * 8, (total - need) // 8 * 8)
     b0 = byte0 // row_bytes // block_r
-    b1 = min(cdiv(cdiv(byte0 + need, row_bytes), block_r), cdiv(dw.shape[0], block_r))
-    return dw, byte0, b0, b1
+    b1 = min(cdiv(cdiv(byte0 + need, row_bytes), block_r), cdiv(n_rows_w, block_r))
+    return True, byte0, b0, b1
+
+
+class _BwdPlan:
+    """The backward's launch settings for one (ids, H, V, dtype size, device) — see
+    :func:`_bwd_plan`."""
+    __slots__ = ("block_r", "block_h", "warps", "n_blocks", "chunk", "n_chunks", "starts_n", "max_hot",
+                 "hot_b", "chunked", "sort_grid", "tile", "key32", "need", "in_dw", "byte0", "b0", "b1",
+                 "writer_grid", "nc_p2", "hot_h", "hot_grid", "scan", "starts_grid")
+
+
+def _bwd_plan(n_ids: int, n_cols: int, n_rows_w: int, elem_size: int, interp: bool, device) -> _BwdPlan:
+    """Every size-derived setting of :func:`_backward`'s launches (``n_ids``, ``n_cols`` and
+    ``n_rows_w`` all positive; ``interp``: the CPU interpreter, whose sort is slow enough to
+    shrink the chunks to the batch; ``device``: where the hot kernel's persistent grid is
+    sized)."""
+    p = _BwdPlan()
+    p.block_r, p.block_h, p.warps = _bwd_tiles(n_cols, n_ids, n_rows_w)
+    p.n_blocks = n_blocks = cdiv(n_rows_w, p.block_r)
+    chunk = _SORT_CHUNK
+    if interp:  # its sort: ~2 ms per element, no padding to 1024
+        chunk = min(chunk, next_power_of_2(n_ids))
+    n_chunks = cdiv(n_ids, chunk)
+    # the hot list: a count, then room for every tile that can hold _HOT_MIN ids
+    p.max_hot = min(n_blocks, n_ids // _HOT_MIN)
+    p.hot_b = 4 * (1 + p.max_hot)
+    p.chunked = n_chunks <= _MAX_SORT_CHUNKS
+    if p.chunked:
+        p.starts_n = (n_blocks + 1) * n_chunks
+        p.need = n_chunks * chunk * 8 + p.starts_n * 4 + p.hot_b
+        p.in_dw, p.byte0, p.b0, p.b1 = _scratch_place(n_rows_w, n_cols, elem_size, p.need, p.block_r)
+        p.tile = min(_STARTS_TILE, next_power_of_2(n_blocks + 1))
+        p.sort_grid = (1 + cdiv(n_blocks + 1, p.tile), n_chunks)
+        p.key32 = _int32_keys(n_rows_w, chunk)
+    else:  # the same keys, all ids as one chunk sorted by torch.sort, in a new buffer
+        chunk, n_chunks = n_ids, 1
+        p.starts_n = n_blocks + 1
+        p.need = n_ids * 8 + p.starts_n * 4 + p.hot_b
+        p.in_dw, p.byte0, p.b0, p.b1 = False, 0, 0, 0
+        p.starts_grid = (cdiv(p.starts_n, 1024),)
+    p.chunk, p.n_chunks = chunk, n_chunks
+    n_cb = cdiv(n_cols, p.block_h)
+    sorted_blocks = n_blocks - (p.b1 - p.b0)  # the row blocks outside the scratch
+    p.writer_grid = (sorted_blocks, n_cb) if sorted_blocks else None
+    p.nc_p2 = next_power_of_2(n_chunks)
+    p.hot_h = min(p.block_h, _HOT_BLOCK_H)
+    p.hot_grid = None
+    if sorted_blocks and p.max_hot:
+        items = min(p.max_hot, sorted_blocks) * cdiv(n_cols, p.hot_h)
+        p.hot_grid = (persistent_programs(device, items, _HOT_PROGRAMS_PER_SM, 4),)
+    p.scan = None
+    if p.b1 > p.b0:
+        scan_h = min(p.block_h, _SCAN_BLOCK_H)
+        scan_r = max(1, _SCAN_TILE_ELEMS // scan_h)
+        row0, row_end = p.b0 * p.block_r, min(p.b1 * p.block_r, n_rows_w)
+        p.scan = ((cdiv(row_end - row0, scan_r), cdiv(n_cols, scan_h)), row0, row_end, scan_r, scan_h)
+    return p
 
 
 def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx: int,
@@ -465,61 +543,53 @@ def _backward(grad: torch.Tensor, ids: torch.Tensor, n_rows_w: int, padding_idx:
     n_cols = grad.shape[-1]
     n_ids = ids.numel()
     if n_ids == 0 or n_cols == 0 or n_rows_w == 0:
-        return torch.zeros((n_rows_w, n_cols), dtype=dtype, device=grad.device)
-    dw = torch.empty((n_rows_w, n_cols), dtype=dtype, device=grad.device)
-    g = _rows(grad.reshape(n_ids, n_cols))
-    ids1 = ids.reshape(-1)
-    ids1 = ids1 if ids1.is_contiguous() else ids1.contiguous()
-    block_r, block_h, warps = _bwd_tiles(n_cols, n_ids, n_rows_w)
-    n_blocks = cdiv(n_rows_w, block_r)
-    chunk = _SORT_CHUNK
-    if not grad.is_cuda and _utils.interpreter_enabled():  # its sort: ~2 ms per element, no padding to 1024
-        chunk = min(chunk, next_power_of_2(n_ids))
-    n_chunks = cdiv(n_ids, chunk)
-    starts_n = (n_blocks + 1) * n_chunks
-    # the hot list: a count, then room for every tile that can hold _HOT_MIN ids
-    max_hot = min(n_blocks, n_ids // _HOT_MIN)
-    hot_b = 4 * (1 + max_hot)
+        return grad.new_zeros((n_rows_w, n_cols), dtype=dtype)
+    dw = grad.new_empty((n_rows_w, n_cols), dtype=dtype)
+    # (N, H) rows, unit column stride: a contiguous (..., H) gradient as it is
+    if grad.is_contiguous():
+        g, stride_g = grad, n_cols
+    else:
+        g = _rows(grad.reshape(n_ids, n_cols))
+        stride_g = g.stride(0)
+    ids1 = _contiguous(ids)                         # read as (N,) in memory order
+    interp = not grad.is_cuda and _utils.interpreter_enabled()
+    elem = dw.element_size()
+    p = _cached(("bwd", n_ids, n_cols, n_rows_w, elem, interp, grad.get_device(), _ACC_TILE_ELEMS, _ACC_BLOCK_H,
+                 _WIDE_TILE_ELEMS, _WIDE_BLOCK_H, _WIDE_TILES, _SORT_CHUNK, _MAX_SORT_CHUNKS, _STARTS_TILE,
+                 _HOT_MIN, _HOT_BLOCK_H, _HOT_PROGRAMS_PER_SM, _SCAN_BLOCK_H, _SCAN_TILE_ELEMS, _SCRATCH_IN_DW),
+                lambda: _bwd_plan(n_ids, n_cols, n_rows_w, elem, interp, grad.device))
+    chunk, n_chunks, starts_n, byte0 = p.chunk, p.n_chunks, p.starts_n, p.byte0
     with device_guard(grad):
-        if n_chunks <= _MAX_SORT_CHUNKS:
-            scr, byte0, b0, b1 = _scratch(dw, n_chunks * chunk * 8 + starts_n * 4 + hot_b, block_r)
-            tile = min(_STARTS_TILE, next_power_of_2(n_blocks + 1))
-            _chunk_sort_starts_kernel[(1 + cdiv(n_blocks + 1, tile), n_chunks)](
-                ids1, scr, byte0, n_ids, n_rows_w, padding_idx, n_chunks, starts_n, block_r,
-                CHUNK=chunk, CHUNK_BITS=chunk.bit_length() - 1, KEY32=_int32_keys(n_rows_w, chunk),
-                TILE=tile, num_warps=4,
+        if p.chunked:
+            scr = dw if p.in_dw else torch.empty(p.need, dtype=torch.uint8, device=grad.device)
+            _chunk_sort_starts_kernel[p.sort_grid](
+                ids1, scr, byte0, n_ids, n_rows_w, padding_idx, n_chunks, starts_n, p.block_r,
+                CHUNK=chunk, CHUNK_BITS=chunk.bit_length() - 1, KEY32=p.key32, TILE=p.tile, num_warps=4,
             )
         else:  # the same keys, all ids as one chunk sorted by torch.sort, in a new buffer
-            keys = ids1.to(torch.int64) << 31
+            flat = ids1.reshape(-1)
+            keys = flat.to(torch.int64) << 31
             keys |= torch.arange(n_ids, device=grad.device)
-            keys.masked_fill_((ids1 < 0) | (ids1 >= n_rows_w) | (ids1 == padding_idx), torch.iinfo(torch.int64).max)
-            chunk, n_chunks, byte0, b0, b1 = n_ids, 1, 0, 0, 0
-            starts_n = n_blocks + 1
-            scr = torch.empty(n_ids * 8 + starts_n * 4 + hot_b, dtype=torch.uint8, device=grad.device)
+            keys.masked_fill_((flat < 0) | (flat >= n_rows_w) | (flat == padding_idx), torch.iinfo(torch.int64).max)
+            scr = torch.empty(p.need, dtype=torch.uint8, device=grad.device)
             scr[: n_ids * 8].view(torch.int64).copy_(torch.sort(keys).values)
-            _sorted_starts_kernel[(cdiv(starts_n, 1024),)](
-                scr, byte0, starts_n, n_chunks, chunk, block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
+            _sorted_starts_kernel[p.starts_grid](
+                scr, byte0, starts_n, n_chunks, chunk, p.block_r, N_STEPS=chunk.bit_length(), BLOCK=1024, num_warps=4,
             )
-        # the row blocks outside the scratch: all of them when it is not in dW
-        sorted_blocks = n_blocks - (b1 - b0)
-        if sorted_blocks:
-            _embedding_bwd_chunks_kernel[(sorted_blocks, cdiv(n_cols, block_h))](
-                scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n, _HOT_MIN, b0, b1 - b0,
-                NC_P2=next_power_of_2(n_chunks), BLOCK_R=block_r, BLOCK_H=block_h, num_warps=warps,
+        if p.writer_grid is not None:
+            _embedding_bwd_chunks_kernel[p.writer_grid](
+                scr, byte0, g, stride_g, dw, n_rows_w, n_cols, n_chunks, chunk, starts_n, _HOT_MIN, p.b0, p.b1 - p.b0,
+                NC_P2=p.nc_p2, BLOCK_R=p.block_r, BLOCK_H=p.block_h, num_warps=p.warps,
             )
-            if max_hot:  # the tiles the writer left (none, usually: then each program reads a count)
-                hot_h = min(block_h, _HOT_BLOCK_H)
-                items = min(max_hot, sorted_blocks) * cdiv(n_cols, hot_h)
-                _embedding_bwd_hot_kernel[(persistent_programs(grad.device, items, _HOT_PROGRAMS_PER_SM, 4),)](
-                    scr, byte0, g, g.stride(0), dw, n_rows_w, n_cols, n_chunks, chunk, starts_n,
-                    BLOCK_R=block_r, BLOCK_H=hot_h, SEG=_HOT_SEG, num_warps=_HOT_WARPS,
+            if p.hot_grid is not None:  # the tiles the writer left (none, usually: then each program reads a count)
+                _embedding_bwd_hot_kernel[p.hot_grid](
+                    scr, byte0, g, stride_g, dw, n_rows_w, n_cols, n_chunks, chunk, starts_n,
+                    BLOCK_R=p.block_r, BLOCK_H=p.hot_h, SEG=_HOT_SEG, num_warps=_HOT_WARPS,
                 )
-        if b1 > b0:  # after the writers above: these rows held the scratch
-            scan_h = min(block_h, _SCAN_BLOCK_H)
-            scan_r = max(1, _SCAN_TILE_ELEMS // scan_h)
-            row0, row_end = b0 * block_r, min(b1 * block_r, n_rows_w)
-            _embedding_bwd_scan_kernel[(cdiv(row_end - row0, scan_r), cdiv(n_cols, scan_h))](
-                ids1, g, g.stride(0), dw, n_ids, row_end, n_cols, padding_idx, row0,
+        if p.scan is not None:  # after the writers above: these rows held the scratch
+            grid, row0, row_end, scan_r, scan_h = p.scan
+            _embedding_bwd_scan_kernel[grid](
+                ids1, g, stride_g, dw, n_ids, row_end, n_cols, padding_idx, row0,
                 BLOCK_R=scan_r, BLOCK_H=scan_h, BLOCK_N=_SCAN_BLOCK_N, SEG=_SCAN_SEG, num_warps=4,
             )
     return dw
@@ -559,7 +629,7 @@ def _setup_context(ctx, inputs, output):
 
 def _embedding_backward(ctx, grad):
     (input_ids,) = ctx.saved_tensors
-    dw = ops.embedding_backward(grad, input_ids, ctx.num_weights, ctx.padding_idx, ctx.w_dtype)
+    dw = _embedding_backward_op(grad, input_ids, ctx.num_weights, ctx.padding_idx, ctx.w_dtype)
     return None, dw, None
 
 

@@ -212,18 +212,17 @@ def test_embedding_backward_sorted_chunks(monkeypatch, n_ids, chunk, max_chunks,
         got = emb_mod._backward(g, ids, n_rows, pad, torch.float32)
         assert torch.equal(got, _ordered_sum(g, ids, n_rows, pad))
         assert torch.equal(got, _torch_sort_path(g, ids, n_rows, pad, torch.float32))
-    dw = torch.empty(n_rows, H)
     need, row_b = 64 * 8 + 40 * 4, H * 4
-    base, byte0, b0, b1 = emb_mod._scratch(dw, need, 8)
+    in_dw, byte0, b0, b1 = emb_mod._scratch_place(n_rows, H, 4, need, 8)
     if scratch is False:
-        assert base.dtype == torch.uint8 and base.numel() == need and b0 == b1 == 0
+        assert not in_dw and byte0 == b0 == b1 == 0
     else:         # from the 8-row block nearest the middle (row 40), 8-byte aligned
-        assert base is dw and byte0 == 40 * row_b and (b0, b1) == (5, 6)
+        assert in_dw and byte0 == 40 * row_b and (b0, b1) == (5, 6)
         assert b0 * 8 * row_b <= byte0 and byte0 + need <= b1 * 8 * row_b
     if scratch:   # forced in, over half of dW: pushed back from the end
-        need = dw.numel() * 4 - 100
-        base, byte0, b0, b1 = emb_mod._scratch(dw, need, 8)
-        assert base is dw and byte0 == 96 and (b0, b1) == (0, 12)
+        need = n_rows * H * 4 - 100
+        in_dw, byte0, b0, b1 = emb_mod._scratch_place(n_rows, H, 4, need, 8)
+        assert in_dw and byte0 == 96 and (b0, b1) == (0, 12)
 
 
 @pytest.mark.parametrize("n_rows", [28, 32, 36])
@@ -398,10 +397,15 @@ def test_embedding_strided_inputs(path, dtype):
     g = torch.randn(H, 3, 19).to(dtype).permute(1, 2, 0)        # (3, 19, H), non-contiguous
     _check(ids, sliced, None, dtype, path, g=g)
     _check(ids.to(torch.int32), sliced, 5, dtype, path, g=g)
+    g_cols = torch.randn(3, 19, H + 7).to(dtype)[..., :H]       # rows of H + 7: read in place, row stride kept
+    _check(ids, sliced, None, dtype, path, g=g_cols)
 
     wt = torch.randn(H, V).to(dtype).t().requires_grad_()        # (V, H) view with column stride V
     wt0 = wt.detach().clone()
     out = embedding(ids, wt)
+    assert out.shape == (3, 19, H) and out.is_contiguous()
+    if path == "triton":  # written in its final shape: no view for autograd to track
+        assert not out._is_view()
     out.backward(g)
     out64, dw64 = _expected_f64(ids, wt0, g, None)
     assert torch.equal(out.double(), out64)
