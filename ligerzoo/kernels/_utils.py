@@ -23,6 +23,8 @@ try:  # Triton is optional at import time: without it every op uses its referenc
 
     from triton import knobs as _knobs
 
+    _HookChain = getattr(_knobs, "HookChain", None)  # absent from older Tritons
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on machines without triton
     triton = None
@@ -411,11 +413,14 @@ class DirectLaunch:
 
 
 def _launch_hooked() -> bool:
-    """Whether a Triton launch hook is installed (recent Tritons keep a HookChain, empty or
-    not, where older ones had None or the hook itself)."""
+    """Whether a Triton launch hook is installed: recent Tritons keep a ``HookChain``, empty
+    or not, where older ones had None; a hook object set in place of the chain counts
+    whatever its attributes."""
     rt = _knobs.runtime
-    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
-    return bool(getattr(enter, "calls", enter)) or bool(getattr(exit_, "calls", exit_))
+    for h in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if h is not None and (type(h) is not _HookChain or h.calls):
+            return True
+    return False
 
 
 def jit(fn):

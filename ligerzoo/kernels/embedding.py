@@ -79,7 +79,7 @@ _MAX_BLOCK_H = 1024
 # The backward sorts the ids in chunks of _SORT_CHUNK positions (in registers), up to
 # _MAX_SORT_CHUNKS chunks (32768 ids); larger batches sort the same keys with torch.sort
 # (into a new buffer) and use the same kernels. The sorted keys and the block starts are
-# kept in rows of the dW being written (see _scratch) when they take at most half of it (None),
+# kept in rows of the dW being written (see _scratch_place) when they take at most half of it (None),
 # or there whenever they fit / in a new byte buffer (True / False: tests).
 _SORT_CHUNK = 1024
 _MAX_SORT_CHUNKS = 32
@@ -483,8 +483,8 @@ def _scratch_place(n_rows_w: int, n_cols: int, elem_size: int, need: int, block_
 
 
 class _BwdPlan:
-    """The backward's launch settings for one (ids, H, V, dtype size, device) — see
-    :func:`_bwd_plan`."""
+    """The backward's launch settings (:func:`_bwd_plan`), cached by :func:`_backward` per
+    (ids, H, V, dtype size, interpreter or not, device, module-level knobs)."""
     __slots__ = ("block_r", "block_h", "warps", "n_blocks", "chunk", "n_chunks", "starts_n", "max_hot",
                  "hot_b", "chunked", "sort_grid", "tile", "key32", "need", "in_dw", "byte0", "b0", "b1",
                  "writer_grid", "nc_p2", "hot_h", "hot_grid", "scan", "starts_grid")
@@ -629,7 +629,7 @@ def _setup_context(ctx, inputs, output):
 
 def _embedding_backward(ctx, grad):
     (input_ids,) = ctx.saved_tensors
-    dw = _embedding_backward_op(grad, input_ids, ctx.num_weights, ctx.padding_idx, ctx.w_dtype)
+    dw = ops.embedding_backward(grad, input_ids, ctx.num_weights, ctx.padding_idx, ctx.w_dtype)
     return None, dw, None
 
 

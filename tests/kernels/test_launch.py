@@ -141,6 +141,34 @@ def test_launch_hook_and_partial_kwargs_use_triton(fake, monkeypatch):
     assert len(jit_fn.triton_launches) == 4
 
 
+@pytest.mark.parametrize("which", ["launch_enter_hook", "launch_exit_hook"])
+def test_launch_hooked_sees_every_kind_of_hook(monkeypatch, which):
+    """Empty hook chains are no hook; a hook added to a chain, a plain function, or any hook
+    object set in the chain's place (even one with a falsy ``calls`` attribute) is."""
+    rt = _utils._knobs.runtime
+    chain_type = getattr(_utils._knobs, "HookChain", None)
+    if chain_type is None or not isinstance(getattr(rt, which), chain_type):
+        pytest.skip("this Triton has no HookChain")
+    assert not _utils._launch_hooked()
+    chain = chain_type()
+    chain.add(lambda meta: None)
+    monkeypatch.setattr(rt, which, chain)
+    assert _utils._launch_hooked()
+
+    class Counter:  # a user's hook that counts its calls in an attribute named "calls"
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, meta):
+            self.calls += 1
+
+    for hook in (Counter(), lambda meta: None):
+        monkeypatch.setattr(rt, which, hook)
+        assert _utils._launch_hooked()
+    monkeypatch.setattr(rt, which, None)
+    assert not _utils._launch_hooked()
+
+
 def test_constexpr_by_position_or_tensor_by_keyword(fake):
     k, jit_fn = fake
     x = torch.zeros(64)
