@@ -129,13 +129,14 @@ class _CompiledChunkedCE(torch.autograd.Function):
         return dx * g.to(dx.dtype), dw * g.to(dw.dtype), None, None
 
 
-def op_specs(dtype):
-    """op -> (x_name, make(n_tokens) -> (inputs, {variant: fn(*inputs) -> output or tensors}))."""
+def op_specs(dtype, device="cuda"):
+    """op -> (x_name, make(n_tokens) -> (inputs, {variant: fn(*inputs) -> output or tensors})),
+    the inputs made on ``device`` (a CPU host-overhead probe uses "cpu")."""
     from ligerzoo import kernels as K
 
     fl = importlib.import_module("ligerzoo.kernels.fused_linear_cross_entropy")
     lf = _liger("liger_kernel.transformers.functional")
-    dev = "cuda"
+    dev = device
 
     def rnd(*shape, grad=True, scale=1.0):
         return (torch.randn(*shape, device=dev, dtype=dtype) * scale).requires_grad_(grad)

@@ -180,3 +180,17 @@ def test_bench_kernels_hands_in_place_ops_activations():
     assert g.grad is None and u.grad is None
     torch.testing.assert_close(g.detach().double(), g0.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(u.detach().double(), u0.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_kernels_specs_on_another_device():
+    """op_specs(device=...) makes the inputs there (the CPU host-overhead probe's use), and its
+    variants compute the op: rms_norm at 3 tokens, ours and the torch variant against float64."""
+    import torch
+
+    bk = _load("bench_kernels")
+    (x, w), variants = bk.op_specs(torch.float32, device="cpu")["rms_norm"][1](3)
+    assert x.device.type == "cpu" and x.shape == (3, 4096) and w.shape == (4096,)
+    x64, w64 = x.detach().double(), w.detach().double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    for v in ("ligerzoo", "torch"):
+        torch.testing.assert_close(variants[v](x, w).detach().double(), want, rtol=1e-5, atol=1e-5)
