@@ -45,15 +45,14 @@ ACT_GELU_TANH = 1
 
 # Columns per program: at most _MAX_BLOCK (module-level so tests can shrink it below the row
 # length) and the cap of _TILES[(activation, backward)] = (cap, columns per warp). From
-# session 24's sweep on the H200 (bf16, 8192 x 14336): SiLU gains from
-# long blocks (forward 170.7 -> 164.7 us, backward 285.9 -> 280.4; run 2 of
-# benchmarks/kernels_h200_s24.log), GELU's heavier math
-# does best at 2048 columns under 8 warps.
+# session 28's sweep on the H200 (bf16, 4096-16384 x 14336, the 1-D grid; run 2 of
+# benchmarks/kernels_h200_s28.log), the fastest tile of each pass at every size: forwards
+# 4096 columns (SiLU under 16 warps, GELU under 8), backwards 2048 under 8.
 _MAX_BLOCK = 16384
 _TILES = {
-    (ACT_SILU, False): (16384, 512),
-    (ACT_SILU, True): (8192, 256),
-    (ACT_GELU_TANH, False): (2048, 256),
+    (ACT_SILU, False): (4096, 256),
+    (ACT_SILU, True): (2048, 256),
+    (ACT_GELU_TANH, False): (4096, 512),
     (ACT_GELU_TANH, True): (2048, 256),
 }
 
@@ -104,12 +103,15 @@ if HAS_TRITON:
         A, stride_a,      # (N, I) gate rows
         B, stride_b,      # (N, I) up rows
         Y, stride_y,      # (N, I) out
-        n_cols,
+        n_cols, n_blocks,  # n_blocks = cdiv(n_cols, BLOCK)
         ACT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        # One program per BLOCK columns of a row, a row's blocks on neighbouring programs
+        # (a 1-D grid: no 65535 limit on rows).
+        pid = tl.program_id(0)
+        row = (pid // n_blocks).to(tl.int64)
+        cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
@@ -124,15 +126,17 @@ if HAS_TRITON:
         DA, stride_da,    # (N, I) out: gradient of gate
         DB, stride_db,    # (N, I) out: gradient of up
         Y, stride_y,      # (N, I) out: act(gate) * up, recomputed (written only when STORE_Y)
-        n_cols,
+        n_cols, n_blocks,  # n_blocks = cdiv(n_cols, BLOCK)
         ACT: tl.constexpr,
         STORE_Y: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # Every element is read before it is written, by the same program, so the outputs may
         # alias the inputs (DA, DB over A, B and Y over DY: the in-place recompute variant).
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        # Grid as the forward's.
+        pid = tl.program_id(0)
+        row = (pid // n_blocks).to(tl.int64)
+        cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
@@ -162,9 +166,11 @@ def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int, shape=None) -> torch.
     if y.numel() == 0:
         return y
     block, num_warps = _settings(n_cols, act)
+    n_blocks = cdiv(n_cols, block)
     with device_guard(a2):
-        _gated_fwd_kernel[(n_rows, cdiv(n_cols, block))](
-            a2, a2.stride(0), b2, b2.stride(0), y, n_cols, n_cols, ACT=act, BLOCK=block, num_warps=num_warps
+        _gated_fwd_kernel[(n_rows * n_blocks,)](
+            a2, a2.stride(0), b2, b2.stride(0), y, n_cols, n_cols, n_blocks, ACT=act, BLOCK=block,
+            num_warps=num_warps,
         )
     return y
 
@@ -176,11 +182,12 @@ def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
     if a2.numel() == 0:
         return
     block, num_warps = _settings(n_cols, act, backward=True)
+    n_blocks = cdiv(n_cols, block)
     y_arg = y2 if y2 is not None else da2
     with device_guard(a2):
-        _gated_bwd_kernel[(n_rows, cdiv(n_cols, block))](
+        _gated_bwd_kernel[(n_rows * n_blocks,)](
             dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-            da2, da2.stride(0), db2, db2.stride(0), y_arg, y_arg.stride(0), n_cols,
+            da2, da2.stride(0), db2, db2.stride(0), y_arg, y_arg.stride(0), n_cols, n_blocks,
             ACT=act, STORE_Y=y2 is not None, BLOCK=block, num_warps=num_warps,
         )
 

@@ -533,3 +533,25 @@ def test_gpu_rope_past_2_31_elements():
     qo64, ko64 = rope_reference(q[:, tail].double(), k[:, tail].double(), cos[:, tail].double(), sin[:, tail].double())
     assert_close_ulps(qo[:, tail], qo64, torch.bfloat16, 2)
     assert_close_ulps(ko[:, tail], ko64, torch.bfloat16, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_rope_head_offsets_past_2_31():
+    """A (B, H, T, D) buffer viewed as (B, T, H, D), whose last heads start past element 2^31
+    (head offsets need 64 bits), rotated out of place and in place."""
+    Hq, Hk, D = 16, 2, 128
+    T = (1 << 31) // ((Hq - 1) * D) + 8
+    q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # (1, T, Hq, D)
+    k = torch.randn(1, Hk, T, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    cos, sin = rope_cos_sin(torch.arange(T, device="cuda"), _inv_freq(D), half_table=True)
+    rows = torch.tensor([0, 1, T // 2, T - 2, T - 1], device="cuda")
+    want = rope_reference(q[:, rows].double(), k[:, rows].double(), *(torch.cat((c, c), -1)[:, rows].double()
+                                                                     for c in (cos, sin)))
+    qo, ko = rope(q, k, cos, sin, half_table=True)
+    assert_close_ulps(qo[:, rows], want[0], torch.bfloat16, 2)
+    assert_close_ulps(ko[:, rows], want[1], torch.bfloat16, 2)
+    del qo, ko
+    rope(q, k, cos, sin, half_table=True, inplace=True)
+    assert_close_ulps(q[:, rows], want[0], torch.bfloat16, 2)
+    assert_close_ulps(k[:, rows], want[1], torch.bfloat16, 2)
