@@ -23,7 +23,7 @@ else
       "$PY" -m pip install -q "torch==2.13.0"
     fi
   fi
-  if ! "$PY" -c "import ligerzoo, transformers, gguf, pytest" 2>/dev/null; then
+  if ! "$PY" -c "import ligerzoo, transformers, gguf, pytest, xdist" 2>/dev/null; then
     (cd "$ROOT" && "$PY" -m pip install -q -e ".[test]")
   fi
 fi

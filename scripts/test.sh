@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite (CPU tier): Triton kernels under the interpreter, model parity against
 # transformers, checkpoint round trips, the real SmolLM2 checkpoint. Extra args go to pytest.
+# Tests run in LIGERZOO_TEST_WORKERS processes (pytest-xdist; default 2, the CI machine's
+# cores; 0 runs them in this process).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$ROOT"
-exec "$PY" -m pytest -q "$@"
+exec "$PY" -m pytest -q -n "${LIGERZOO_TEST_WORKERS:-2}" "$@"

@@ -101,7 +101,7 @@ if HAS_TRITON:
     @jit
     def _gated_fwd_kernel(
         A, stride_a,      # (N, I) gate rows
-        B, stride_b,      # (N, I) up rows
+        B, stride_b, b_off,  # (N, I) up rows, from column b_off of B's rows (I for a fused (N, 2I))
         Y, stride_y,      # (N, I) out
         n_cols, n_blocks,  # n_blocks = cdiv(n_cols, BLOCK)
         ACT: tl.constexpr,
@@ -114,7 +114,7 @@ if HAS_TRITON:
         cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + row * stride_b + b_off + cols, mask=mask, other=0.0).to(tl.float32)
         y = _gated_act(a, ACT) * b
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -122,9 +122,9 @@ if HAS_TRITON:
     def _gated_bwd_kernel(
         DY, stride_dy,    # (N, I)
         A, stride_a,      # (N, I) gate
-        B, stride_b,      # (N, I) up
+        B, stride_b, b_off,  # (N, I) up, from column b_off
         DA, stride_da,    # (N, I) out: gradient of gate
-        DB, stride_db,    # (N, I) out: gradient of up
+        DB, stride_db, db_off,  # (N, I) out: gradient of up, from column db_off
         Y, stride_y,      # (N, I) out: act(gate) * up, recomputed (written only when STORE_Y)
         n_cols, n_blocks,  # n_blocks = cdiv(n_cols, BLOCK)
         ACT: tl.constexpr,
@@ -140,12 +140,12 @@ if HAS_TRITON:
         mask = cols < n_cols
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         a = tl.load(A + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + row * stride_b + b_off + cols, mask=mask, other=0.0).to(tl.float32)
         act, dact = _gated_act_and_grad(a, ACT)
         db = dy * act
         da = dy * b * dact
         tl.store(DA + row * stride_da + cols, da.to(DA.dtype.element_ty), mask=mask)
-        tl.store(DB + row * stride_db + cols, db.to(DB.dtype.element_ty), mask=mask)
+        tl.store(DB + row * stride_db + db_off + cols, db.to(DB.dtype.element_ty), mask=mask)
         if STORE_Y:
             tl.store(Y + row * stride_y + cols, (act * b).to(Y.dtype.element_ty), mask=mask)
 
@@ -158,36 +158,40 @@ def _settings(n_cols: int, act: int = ACT_SILU, backward: bool = False) -> tuple
     return block, max(4, min(32, block // per_warp))
 
 
-def _forward(a2: torch.Tensor, b2: torch.Tensor, act: int, shape=None) -> torch.Tensor:
-    """a2, b2: (N, I) row views. Returns y contiguous, shaped ``shape`` (N * I elements;
-    default (N, I)): a tensor of its own, not a view (autograd then has no view to track)."""
-    n_rows, n_cols = a2.shape
-    y = a2.new_empty(shape if shape is not None else (n_rows, n_cols))
+def _forward(a2: torch.Tensor, b2: torch.Tensor, n_cols: int, act: int, shape, b_off: int = 0) -> torch.Tensor:
+    """Gate rows ``a2[:, :n_cols]`` and up rows ``b2[:, b_off:b_off + n_cols]`` (2-D, unit column
+    stride; a fused (N, 2I) tensor is passed as both, with ``b_off = I``, so no slice is made).
+    Returns y contiguous, shaped ``shape`` (N * I elements): a tensor of its own, not a view
+    (autograd then has no view to track)."""
+    n_rows = a2.shape[0]
+    y = a2.new_empty(shape)
     if y.numel() == 0:
         return y
     block, num_warps = _settings(n_cols, act)
     n_blocks = cdiv(n_cols, block)
     with device_guard(a2):
         _gated_fwd_kernel[(n_rows * n_blocks,)](
-            a2, a2.stride(0), b2, b2.stride(0), y, n_cols, n_cols, n_blocks, ACT=act, BLOCK=block,
+            a2, a2.stride(0), b2, b2.stride(0), b_off, y, n_cols, n_cols, n_blocks, ACT=act, BLOCK=block,
             num_warps=num_warps,
         )
     return y
 
 
-def _backward(dy2, a2, b2, da2, db2, act: int, y2=None) -> None:
-    """Writes the gate / up gradients into the (N, I) views da2 / db2 (and, when ``y2`` is
-    given, the recomputed forward output ``act(a) * b`` into it)."""
-    n_rows, n_cols = a2.shape
-    if a2.numel() == 0:
+def _backward(dy2, a2, b2, da2, db2, n_cols: int, act: int, y2=None, b_off: int = 0, db_off: int = 0) -> None:
+    """Writes the gate / up gradients into ``da2[:, :n_cols]`` / ``db2[:, db_off:db_off + n_cols]``
+    (and, when ``y2`` is given, the recomputed forward output ``act(a) * b`` into it), reading
+    ``dy2``, ``a2[:, :n_cols]`` and ``b2[:, b_off:b_off + n_cols]``: 2-D tensors of N rows with
+    unit column stride (a fused (N, 2I) tensor goes in twice, with offsets I)."""
+    n_rows = a2.shape[0]
+    if n_rows * n_cols == 0:
         return
     block, num_warps = _settings(n_cols, act, backward=True)
     n_blocks = cdiv(n_cols, block)
     y_arg = y2 if y2 is not None else da2
     with device_guard(a2):
         _gated_bwd_kernel[(n_rows * n_blocks,)](
-            dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0),
-            da2, da2.stride(0), db2, db2.stride(0), y_arg, y_arg.stride(0), n_cols, n_blocks,
+            dy2, dy2.stride(0), a2, a2.stride(0), b2, b2.stride(0), b_off,
+            da2, da2.stride(0), db2, db2.stride(0), db_off, y_arg, y_arg.stride(0), n_cols, n_blocks,
             ACT=act, STORE_Y=y2 is not None, BLOCK=block, num_warps=num_warps,
         )
 
@@ -225,7 +229,7 @@ def _register_gated_ops(name: str, act: int) -> None:
     def split_op(gate: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
         # ``inplace`` only changes the backward (see swiglu's docstring)
         n_cols = gate.shape[-1]
-        return _forward(as_rows(gate, n_cols), as_rows(up, n_cols), act, gate.shape)
+        return _forward(as_rows(gate, n_cols), as_rows(up, n_cols), n_cols, act, gate.shape)
 
     def split_fake(gate, up, inplace):
         return torch.empty_like(gate, memory_format=torch.contiguous_format)
@@ -235,7 +239,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
         dup = torch.empty_like(up, memory_format=torch.contiguous_format)
         _backward(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols),
-                  _row_view(dgate, n_cols), _row_view(dup, n_cols), act)
+                  _row_view(dgate, n_cols), _row_view(dup, n_cols), n_cols, act)
         return dgate, dup
 
     def split_backward_fake(dy, gate, up):
@@ -246,7 +250,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         # gate and up become their gradients (row views of them: checked by the caller)
         n_cols = gate.shape[-1]
         g2, u2 = as_rows(gate, n_cols), as_rows(up, n_cols)
-        _backward(as_rows(dy, n_cols), g2, u2, g2, u2, act)
+        _backward(as_rows(dy, n_cols), g2, u2, g2, u2, n_cols, act)
 
     def split_setup_context(ctx, inputs, output):
         gate, up, inplace = inputs
@@ -265,8 +269,8 @@ def _register_gated_ops(name: str, act: int) -> None:
     def fused_op(gate_up: torch.Tensor, inplace: bool) -> torch.Tensor:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
-        gu2 = as_rows(gate_up, two_i)                                     # (N, 2I)
-        return _forward(gu2[:, :n_cols], gu2[:, n_cols:], act, (*gate_up.shape[:-1], n_cols))  # (..., I)
+        gu2 = as_rows(gate_up, two_i)                                     # (N, 2I): gate | up
+        return _forward(gu2, gu2, n_cols, act, (*gate_up.shape[:-1], n_cols), b_off=n_cols)  # (..., I)
 
     def fused_fake(gate_up, inplace):
         return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
@@ -277,7 +281,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         gu2 = as_rows(gate_up, two_i)
         dgu = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
         dgu2 = _row_view(dgu, two_i)
-        _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act)
+        _backward(as_rows(dy, n_cols), gu2, gu2, dgu2, dgu2, n_cols, act, b_off=n_cols, db_off=n_cols)
         return dgu
 
     def fused_backward_fake(dy, gate_up):
@@ -289,7 +293,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
         gu2 = as_rows(gate_up, two_i)  # a view (the callers check)
-        _backward(as_rows(dy, n_cols), gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act)
+        _backward(as_rows(dy, n_cols), gu2, gu2, gu2, gu2, n_cols, act, b_off=n_cols, db_off=n_cols)
 
     def recompute_backward_op(dy: torch.Tensor, gate_up: torch.Tensor) -> None:
         # In place, for a caller that owns both buffers: gate_up (..., 2I) becomes its
@@ -297,7 +301,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         two_i = gate_up.shape[-1]
         n_cols = two_i // 2
         gu2, dy2 = _row_view(gate_up, two_i), _row_view(dy, n_cols)
-        _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], gu2[:, :n_cols], gu2[:, n_cols:], act, y2=dy2)
+        _backward(dy2, gu2, gu2, gu2, gu2, n_cols, act, y2=dy2, b_off=n_cols, db_off=n_cols)
 
     def recompute_backward_fake(dy, gate_up):
         return None
@@ -310,7 +314,7 @@ def _register_gated_ops(name: str, act: int) -> None:
         gu2, dy2 = as_rows(gate_up, two_i), _row_view(dy, n_cols)
         dgu = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
         dgu2 = _row_view(dgu, two_i)
-        _backward(dy2, gu2[:, :n_cols], gu2[:, n_cols:], dgu2[:, :n_cols], dgu2[:, n_cols:], act, y2=dy2)
+        _backward(dy2, gu2, gu2, dgu2, dgu2, n_cols, act, y2=dy2, b_off=n_cols, db_off=n_cols)
         return dgu
 
     def recompute_backward_out_fake(dy, gate_up):
