@@ -155,6 +155,24 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _num_warps(n_qh: int, n_kh: int, block_hq: int, block_hk: int, half: int, block_r: int, half_table: bool,
+               one_tile: bool) -> int:
+    """num_warps of the rope kernel for tiles of BLOCK_HQ / BLOCK_HK heads (n_qh / n_kh of them
+    used) x BLOCK_R features (``half`` of them used)."""
+    if one_tile:
+        if not half_table:  # session 24's sweep (H200, bf16, Llama-3 heads): 4 warps with full tables
+            return 4
+        # Session 28's sweep (H200, bf16, the families' head shapes at 4096 and 8192 tokens,
+        # run 5 of benchmarks/kernels_h200_s28.log): 8 warps pay only when every lane of the
+        # tiles holds a feature (head_dim 128, head counts powers of two) and they hold 32 heads
+        # or more (Llama-3 at 8192 tokens: 86.9 us against 89.3 under 2); elsewhere 2 warps are
+        # the fastest or within 1% of it (SmolLM2's 9/3 heads of 64: 14.6 us against 21.5 under
+        # the rule before; Phi-3-medium's 40/10: 111.2 against 125.0).
+        full_lanes = half == block_r == 64 and (n_qh, n_kh) == (block_hq, block_hk)
+        return 8 if full_lanes and block_hq + block_hk >= 32 else 2
+    return 8 if block_hq * block_r >= 2048 else 4
+
+
 def _launch(q, k, cos, sin, backward: bool, half_table: bool = False, inplace: bool = False, out=None):
     """Rotates q (B,T,Hq,D) and k (B,T,Hk,D) into new contiguous tensors, over themselves
     with ``inplace``, or into the given ``out = (qo, ko)`` views (then every tensor must have
@@ -178,13 +196,10 @@ def _launch(q, k, cos, sin, backward: bool, half_table: bool = False, inplace: b
     block_p = next_power_of_2(n_pass) if n_pass > 0 else 1
     block_hq, block_hk = next_power_of_2(n_qh), next_power_of_2(n_kh)
     one_tile = max(block_hq, block_hk) * block_r <= _TILE_ELEMS
-    if one_tile:
-        # session 24's sweep (H200, bf16): 8 warps only pay with the half table
-        num_warps = 8 if half_table and (block_hq + block_hk) * block_r >= 2048 else 4
-    else:
+    if not one_tile:
         cap = min(_MAX_BLOCK_HEADS, max(1, _TILE_ELEMS // block_r))
         block_hq, block_hk = min(block_hq, cap), min(block_hk, cap)
-        num_warps = 8 if block_hq * block_r >= 2048 else 4
+    num_warps = _num_warps(n_qh, n_kh, block_hq, block_hk, half, block_r, half_table, one_tile)
     sq, sk, sqo, sko, sc, ss = q.stride(), k.stride(), qo.stride(), ko.stride(), cos.stride(), sin.stride()
     cos_sb = sc[0] if cos.shape[0] == B and B > 1 else 0
     sin_sb = ss[0] if sin.shape[0] == B and B > 1 else 0
