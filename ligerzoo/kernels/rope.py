@@ -166,7 +166,7 @@ def _num_warps(n_qh: int, n_kh: int, block_hq: int, block_hk: int, half: int, bl
         # run 5 of benchmarks/kernels_h200_s28.log): 8 warps pay only when every lane of the
         # tiles holds a feature (head_dim 128, head counts powers of two) and they hold 32 heads
         # or more (Llama-3 at 8192 tokens: 86.9 us against 89.3 under 2); elsewhere 2 warps are
-        # the fastest or within 1% of it (SmolLM2's 9/3 heads of 64: 14.6 us against 21.5 under
+        # the fastest or within 1.1% of it (SmolLM2's 9/3 heads of 64: 14.6 us against 21.5 under
         # the rule before; Phi-3-medium's 40/10: 111.2 against 125.0).
         full_lanes = half == block_r == 64 and (n_qh, n_kh) == (block_hq, block_hk)
         return 8 if full_lanes and block_hq + block_hk >= 32 else 2
