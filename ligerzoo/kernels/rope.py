@@ -36,85 +36,105 @@ __all__ = ["rope", "rope_reference", "rope_cos_sin"]
 # A program rotates one token. When every q head fits one tile of at most _TILE_ELEMS
 # elements per half, and every k head another, it loads all four half-tiles before its first
 # store (the most bytes in flight); past that it walks the heads in blocks of at most
-# _MAX_BLOCK_HEADS. Module-level so tests can shrink them.
+# _MAX_BLOCK_HEADS. Head and feature counts are compile-time constants (one compile per head
+# shape, and a model has one), so masks that cover a whole tile fold away. Offsets within a
+# token are 32-bit unless one reaches _WIDE_AT elements (a (B, H, T, D) buffer seen as
+# (B, T, H, D) can put its last heads past 2^31). All three are module-level so tests can
+# shrink them (a small _WIDE_AT runs the 64-bit branch on small tensors).
 _MAX_BLOCK_HEADS = 16
 _TILE_ELEMS = 4096
+_WIDE_AT = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------- kernels
 if HAS_TRITON:
 
     @triton.jit
-    def _load_halves(X, sx_h, h0, n_heads, half, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-        """Heads [h0, h0 + BLOCK_H) of one token, masked to n_heads: (x1, x2), each
-        (BLOCK_H, BLOCK_R) fp32, the features [0, half) and [half, 2 half)."""
+    def _head_offsets(S_H: tl.constexpr, h0, N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_W: tl.constexpr, WIDE: tl.constexpr):
+        """(offsets, mask) of features [0, WIDTH) of heads [h0, h0 + BLOCK_H) of one token
+        (head stride S_H), each (BLOCK_H, BLOCK_W), masked to N_HEADS heads; int64 offsets iff
+        WIDE."""
         heads = h0 + tl.arange(0, BLOCK_H)
-        offs_r = tl.arange(0, BLOCK_R)
-        mask = (heads < n_heads)[:, None] & (offs_r < half)[None, :]
-        # int64: head strides can be large (e.g. a (B, H, T, D) buffer)
-        ptr = X + heads.to(tl.int64)[:, None] * sx_h + offs_r[None, :]
-        x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(ptr + half, mask=mask, other=0.0).to(tl.float32)
+        offs = tl.arange(0, BLOCK_W)
+        mask = (heads < N_HEADS)[:, None] & (offs < WIDTH)[None, :]
+        if WIDE:
+            ptr_offs = heads.to(tl.int64)[:, None] * S_H + offs[None, :]
+        else:
+            ptr_offs = heads[:, None] * S_H + offs[None, :]
+        return ptr_offs, mask
+
+    @triton.jit
+    def _load_halves(X, SX_H: tl.constexpr, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
+        """Heads [h0, h0 + BLOCK_H) of one token, masked to N_HEADS: (x1, x2), each
+        (BLOCK_H, BLOCK_R) fp32, the features [0, HALF) and [HALF, 2 HALF)."""
+        offs, mask = _head_offsets(SX_H, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
+        x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + offs + HALF, mask=mask, other=0.0).to(tl.float32)
         return x1, x2
 
     @triton.jit
-    def _store_rotated(O, so_h, h0, n_heads, half, x1, x2, c1, c2, sa, sb,
-                       BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _store_rotated(O, SO_H: tl.constexpr, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, x1, x2, c1, c2, sa, sb,
+                       BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
         """Stores ``x1 c1 - x2 sa`` and ``x2 c2 + x1 sb`` (one rounding each) at features
-        [0, half) and [half, 2 half) of heads [h0, h0 + BLOCK_H), masked to n_heads."""
-        heads = h0 + tl.arange(0, BLOCK_H)
-        offs_r = tl.arange(0, BLOCK_R)
-        mask = (heads < n_heads)[:, None] & (offs_r < half)[None, :]
-        ptr = O + heads.to(tl.int64)[:, None] * so_h + offs_r[None, :]
-        tl.store(ptr, (x1 * c1[None, :] - x2 * sa[None, :]).to(O.dtype.element_ty), mask=mask)
-        tl.store(ptr + half, (x2 * c2[None, :] + x1 * sb[None, :]).to(O.dtype.element_ty), mask=mask)
+        [0, HALF) and [HALF, 2 HALF) of heads [h0, h0 + BLOCK_H), masked to N_HEADS."""
+        offs, mask = _head_offsets(SO_H, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
+        tl.store(O + offs, (x1 * c1[None, :] - x2 * sa[None, :]).to(O.dtype.element_ty), mask=mask)
+        tl.store(O + offs + HALF, (x2 * c2[None, :] + x1 * sb[None, :]).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _copy_pass(X, sx_h, O, so_h, h0, n_heads, start, n_pass, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Copies features [start, start + n_pass) of heads [h0, h0 + BLOCK_H), masked to
-        n_heads (partial rotary's pass-through)."""
-        heads = h0 + tl.arange(0, BLOCK_H)
-        h_mask = heads < n_heads
-        heads = heads.to(tl.int64)
-        offs_p = tl.arange(0, BLOCK_P)
-        mask = h_mask[:, None] & (offs_p < n_pass)[None, :]
-        p = tl.load(X + heads[:, None] * sx_h + start + offs_p[None, :], mask=mask, other=0.0)
-        tl.store(O + heads[:, None] * so_h + start + offs_p[None, :], p.to(O.dtype.element_ty), mask=mask)
+    def _copy_pass(X, SX_H: tl.constexpr, O, SO_H: tl.constexpr, h0, N_HEADS: tl.constexpr, START: tl.constexpr, N_PASS: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
+        """Copies features [START, START + N_PASS) of heads [h0, h0 + BLOCK_H), masked to
+        N_HEADS (partial rotary's pass-through)."""
+        offs_x, mask = _head_offsets(SX_H, h0, N_HEADS, N_PASS, BLOCK_H, BLOCK_P, WIDE)
+        offs_o, _ = _head_offsets(SO_H, h0, N_HEADS, N_PASS, BLOCK_H, BLOCK_P, WIDE)
+        p = tl.load(X + START + offs_x, mask=mask, other=0.0)
+        tl.store(O + START + offs_o, p.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_heads(X, sx_h, O, so_h, n_heads, half, n_pass, c1, c2, sa, sb,
-                    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                    HAS_PASS: tl.constexpr):
-        """Rotates heads [0, n_heads) of one token in blocks of BLOCK_H heads."""
-        for h0 in range(0, n_heads, BLOCK_H):
-            x1, x2 = _load_halves(X, sx_h, h0, n_heads, half, BLOCK_H, BLOCK_R)
-            _store_rotated(O, so_h, h0, n_heads, half, x1, x2, c1, c2, sa, sb, BLOCK_H, BLOCK_R)
+    def _rope_heads(X, SX_H: tl.constexpr, O, SO_H: tl.constexpr, N_HEADS: tl.constexpr, HALF: tl.constexpr, N_PASS: tl.constexpr,
+                    c1, c2, sa, sb, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+                    HAS_PASS: tl.constexpr, WIDE: tl.constexpr):
+        """Rotates heads [0, N_HEADS) of one token in blocks of BLOCK_H heads."""
+        for h0 in range(0, N_HEADS, BLOCK_H):
+            x1, x2 = _load_halves(X, SX_H, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
+            _store_rotated(O, SO_H, h0, N_HEADS, HALF, x1, x2, c1, c2, sa, sb, BLOCK_H, BLOCK_R, WIDE)
             if HAS_PASS:
-                _copy_pass(X, sx_h, O, so_h, h0, n_heads, 2 * half, n_pass, BLOCK_H, BLOCK_P)
+                _copy_pass(X, SX_H, O, SO_H, h0, N_HEADS, 2 * HALF, N_PASS, BLOCK_H, BLOCK_P, WIDE)
 
     @jit
     def _rope_kernel(
-        Q, sq_b, sq_t, sq_h,          # (B, T, Hq, D) input (or output gradient)
-        K, sk_b, sk_t, sk_h,          # (B, T, Hk, D)
-        QO, sqo_b, sqo_t, sqo_h,      # (B, T, Hq, D) out
-        KO, sko_b, sko_t, sko_h,      # (B, T, Hk, D) out
+        Q, sq_b, sq_t,                # (B, T, Hq, D) input (or output gradient)
+        K, sk_b, sk_t,                # (B, T, Hk, D)
+        QO, sqo_b, sqo_t,             # (B, T, Hq, D) out
+        KO, sko_b, sko_t,             # (B, T, Hk, D) out
         COS, sc_b, sc_t,              # (B or 1, T, R), or (B or 1, T, R/2) with HALF_TABLE;
         SIN, ss_b, ss_t,              #   sc_b == 0 broadcasts over batch
-        seq_len, n_qh, n_kh, half, n_pass,
+        seq_len,
+        # Compile-time constants from here on (the launcher passes them by keyword, which
+        # DirectLaunch's fast relaunch needs). Head strides: a model has one layout.
+        SQ_H: tl.constexpr, SK_H: tl.constexpr, SQO_H: tl.constexpr, SKO_H: tl.constexpr,
+        N_QH: tl.constexpr,           # Hq
+        N_KH: tl.constexpr,           # Hk
+        HALF: tl.constexpr,           # R / 2
+        N_PASS: tl.constexpr,         # D - R: features passed through
         BACKWARD: tl.constexpr,
         HALF_TABLE: tl.constexpr,     # cos/sin hold only their first half (the halves are equal)
-        ONE_TILE: tl.constexpr,       # BLOCK_HQ >= n_qh and BLOCK_HK >= n_kh
+        ONE_TILE: tl.constexpr,       # BLOCK_HQ >= N_QH and BLOCK_HK >= N_KH
         BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_P: tl.constexpr,
         HAS_PASS: tl.constexpr,
+        WIDE: tl.constexpr,           # some head's offset within its token needs 64 bits
     ):
-        pid = tl.program_id(0).to(tl.int64)                              # one token per program
-        b = pid // seq_len
-        t = pid % seq_len
+        pid = tl.program_id(0)                                           # one token per program (B T < 2^31)
+        b = (pid // seq_len).to(tl.int64)
+        t = (pid % seq_len).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < half
+        r_mask = offs_r < HALF
         cos_ptr = COS + b * sc_b + t * sc_t + offs_r
         sin_ptr = SIN + b * ss_b + t * ss_t + offs_r
         c1 = tl.load(cos_ptr, mask=r_mask, other=0.0).to(tl.float32)
@@ -123,8 +143,8 @@ if HAS_TRITON:
             c2 = c1
             s2 = s1
         else:
-            c2 = tl.load(cos_ptr + half, mask=r_mask, other=0.0).to(tl.float32)
-            s2 = tl.load(sin_ptr + half, mask=r_mask, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + HALF, mask=r_mask, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + HALF, mask=r_mask, other=0.0).to(tl.float32)
         if BACKWARD:  # transpose of the forward map
             sa = -s2
             sb = -s1
@@ -136,18 +156,18 @@ if HAS_TRITON:
         q_out = QO + b * sqo_b + t * sqo_t
         k_out = KO + b * sko_b + t * sko_t
         if ONE_TILE:
-            q1, q2 = _load_halves(q_in, sq_h, 0, n_qh, half, BLOCK_HQ, BLOCK_R)  # (BLOCK_HQ, BLOCK_R) each
-            k1, k2 = _load_halves(k_in, sk_h, 0, n_kh, half, BLOCK_HK, BLOCK_R)  # (BLOCK_HK, BLOCK_R) each
-            _store_rotated(q_out, sqo_h, 0, n_qh, half, q1, q2, c1, c2, sa, sb, BLOCK_HQ, BLOCK_R)
-            _store_rotated(k_out, sko_h, 0, n_kh, half, k1, k2, c1, c2, sa, sb, BLOCK_HK, BLOCK_R)
+            q1, q2 = _load_halves(q_in, SQ_H, 0, N_QH, HALF, BLOCK_HQ, BLOCK_R, WIDE)  # (BLOCK_HQ, BLOCK_R) each
+            k1, k2 = _load_halves(k_in, SK_H, 0, N_KH, HALF, BLOCK_HK, BLOCK_R, WIDE)  # (BLOCK_HK, BLOCK_R) each
+            _store_rotated(q_out, SQO_H, 0, N_QH, HALF, q1, q2, c1, c2, sa, sb, BLOCK_HQ, BLOCK_R, WIDE)
+            _store_rotated(k_out, SKO_H, 0, N_KH, HALF, k1, k2, c1, c2, sa, sb, BLOCK_HK, BLOCK_R, WIDE)
             if HAS_PASS:
-                _copy_pass(q_in, sq_h, q_out, sqo_h, 0, n_qh, 2 * half, n_pass, BLOCK_HQ, BLOCK_P)
-                _copy_pass(k_in, sk_h, k_out, sko_h, 0, n_kh, 2 * half, n_pass, BLOCK_HK, BLOCK_P)
+                _copy_pass(q_in, SQ_H, q_out, SQO_H, 0, N_QH, 2 * HALF, N_PASS, BLOCK_HQ, BLOCK_P, WIDE)
+                _copy_pass(k_in, SK_H, k_out, SKO_H, 0, N_KH, 2 * HALF, N_PASS, BLOCK_HK, BLOCK_P, WIDE)
         else:
-            _rope_heads(q_in, sq_h, q_out, sqo_h, n_qh, half, n_pass, c1, c2, sa, sb,
-                        BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS)
-            _rope_heads(k_in, sk_h, k_out, sko_h, n_kh, half, n_pass, c1, c2, sa, sb,
-                        BLOCK_HK, BLOCK_R, BLOCK_P, HAS_PASS)
+            _rope_heads(q_in, SQ_H, q_out, SQO_H, N_QH, HALF, N_PASS, c1, c2, sa, sb,
+                        BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
+            _rope_heads(k_in, SK_H, k_out, SKO_H, N_KH, HALF, N_PASS, c1, c2, sa, sb,
+                        BLOCK_HK, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -162,14 +182,21 @@ def _num_warps(n_qh: int, n_kh: int, block_hq: int, block_hk: int, half: int, bl
     if one_tile:
         if not half_table:  # session 24's sweep (H200, bf16, Llama-3 heads): 4 warps with full tables
             return 4
-        # Session 28's sweep (H200, bf16, the families' head shapes at 4096 and 8192 tokens,
-        # run 5 of benchmarks/kernels_h200_s28.log): 8 warps pay only when every lane of the
-        # tiles holds a feature (head_dim 128, head counts powers of two) and they hold 32 heads
-        # or more (Llama-3 at 8192 tokens: 86.9 us against 89.3 under 2); elsewhere 2 warps are
-        # the fastest or within 1.1% of it (SmolLM2's 9/3 heads of 64: 14.6 us against 21.5 under
-        # the rule before; Phi-3-medium's 40/10: 111.2 against 125.0).
-        full_lanes = half == block_r == 64 and (n_qh, n_kh) == (block_hq, block_hk)
-        return 8 if full_lanes and block_hq + block_hk >= 32 else 2
+        # Session 29's sweep of this kernel (H200, bf16, forward + backward in place, the
+        # families' head shapes at 4096 and 8192 tokens; runs 2 and 3 of
+        # benchmarks/kernels_h200_s29.log):
+        # - features padded (head_dim 96: Phi-3-mini, phi-4-mini's rotary 96): 2 warps
+        #   (1 warp: 4-7% slower);
+        # - every lane used and 64 heads or more (Llama-2's 32/32): 8 warps (2: 2.5% slower);
+        # - else one warp while the tiles hold at most 4096 features per half (Llama-3's 32/8:
+        #   88.6-88.8 us at 8192 tokens against 89.3-89.5 under 2 warps; SmolLM2's 9/3 of 64:
+        #   12.8-12.9 against 13.2; Gemma's 16/16 of 256: 1% faster), 2 warps past it, where one
+        #   warp holds too many values (Phi-3-medium's 40/10, padded to 64/16: 1% slower under 1).
+        if half != block_r:
+            return 2
+        if (n_qh, n_kh) == (block_hq, block_hk) and block_hq + block_hk >= 64:
+            return 8
+        return 1 if (block_hq + block_hk) * block_r <= 4096 else 2
     return 8 if block_hq * block_r >= 2048 else 4
 
 
@@ -201,21 +228,26 @@ def _launch(q, k, cos, sin, backward: bool, half_table: bool = False, inplace: b
         block_hq, block_hk = min(block_hq, cap), min(block_hk, cap)
     num_warps = _num_warps(n_qh, n_kh, block_hq, block_hk, half, block_r, half_table, one_tile)
     sq, sk, sqo, sko, sc, ss = q.stride(), k.stride(), qo.stride(), ko.stride(), cos.stride(), sin.stride()
+    # the largest offset within a token any lane forms, masked lanes included (heads padded
+    # up to whole blocks)
+    pad_q, pad_k = -(-n_qh // block_hq) * block_hq - 1, -(-n_kh // block_hk) * block_hk - 1
+    reach = max(pad_q * max(sq[2], sqo[2]), pad_k * max(sk[2], sko[2])) + D + max(block_r, block_p)
     cos_sb = sc[0] if cos.shape[0] == B and B > 1 else 0
     sin_sb = ss[0] if sin.shape[0] == B and B > 1 else 0
     with device_guard(q):
         _rope_kernel[(B * T,)](
-            q, sq[0], sq[1], sq[2],
-            k, sk[0], sk[1], sk[2],
-            qo, sqo[0], sqo[1], sqo[2],
-            ko, sko[0], sko[1], sko[2],
+            q, sq[0], sq[1],
+            k, sk[0], sk[1],
+            qo, sqo[0], sqo[1],
+            ko, sko[0], sko[1],
             cos, cos_sb, sc[1],
             sin, sin_sb, ss[1],
-            T, n_qh, n_kh, half, n_pass,
+            T, SQ_H=sq[2], SK_H=sk[2], SQO_H=sqo[2], SKO_H=sko[2], N_QH=n_qh, N_KH=n_kh, HALF=half, N_PASS=n_pass,
             BACKWARD=backward, HALF_TABLE=half_table, ONE_TILE=one_tile,
             BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r, BLOCK_P=block_p,
             # rotated over themselves, the pass-through features are already in place
             HAS_PASS=n_pass > 0 and not inplace,
+            WIDE=reach >= _WIDE_AT,
             num_warps=num_warps,
         )
     return qo, ko

@@ -183,6 +183,37 @@ def test_constexpr_by_position_or_tensor_by_keyword(fake):
         k[(1,)](x, 128, eps=x, BLOCK=64, FLAG=True)
 
 
+def _package_kernels():
+    """(module name, kernel name, Python function) of every DirectLaunch kernel in ligerzoo.kernels."""
+    import importlib
+    import pkgutil
+    import ligerzoo.kernels as kernels
+    found = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"ligerzoo.kernels.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, _utils.DirectLaunch):
+                fn = obj.fn
+                while hasattr(fn, "fn"):  # JITFunction / InterpretedFunction -> the Python function
+                    fn = fn.fn
+                found.append((info.name, name, fn))
+    return found
+
+
+def test_package_kernels_put_constexprs_last():
+    """A constexpr parameter before a runtime one makes every launch that passes it by position
+    take Triton's slow path (DirectLaunch relaunches only when the constexprs come by keyword,
+    after all runtime values): so in session 29 rope's plain benchmark step went from 10-13% under
+    Liger's to 10-17% over it."""
+    import inspect
+    kernels = _package_kernels()
+    assert len(kernels) > 20  # the search finds the package's kernels
+    for module, name, fn in kernels:
+        is_constexpr = ["constexpr" in str(p.annotation) for p in inspect.signature(fn).parameters.values()]
+        first = is_constexpr.index(True) if True in is_constexpr else len(is_constexpr)
+        assert all(is_constexpr[first:]), f"{module}.{name}: a runtime parameter after a constexpr one"
+
+
 def test_interpreter_kernels_keep_triton_launch():
     k = _utils.DirectLaunch(object())
     assert k._direct is False

@@ -109,23 +109,49 @@ def test_rope_fused_qkv_views(path, dtype):
     assert torch.equal(qkv.detach(), qkv0)
 
 
+class _LaunchSpy:
+    """Stands in for a kernel and records the keyword arguments of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("one_tile", [True, False])
-def test_rope_head_blocks_and_cos_layouts(monkeypatch, one_tile):
+def test_rope_head_blocks_and_cos_layouts(monkeypatch, one_tile, wide):
     """All heads in one tile, or several head blocks per token (a tile limit below the heads'
-    size); cos/sin as (1, T, R) and (T, R) broadcast over batch."""
+    size); cos/sin as (1, T, R) and (T, R) broadcast over batch; 32-bit offsets within a token,
+    or the 64-bit ones that heads past element 2^31 of their token need (forced here)."""
     if not one_tile:
         monkeypatch.setattr(rope_mod, "_MAX_BLOCK_HEADS", 2)
         monkeypatch.setattr(rope_mod, "_TILE_ELEMS", 16)
+    if wide:
+        monkeypatch.setattr(rope_mod, "_WIDE_AT", 1)
+    if rope_mod.HAS_TRITON:
+        spy = _LaunchSpy(rope_mod._rope_kernel)
+        monkeypatch.setattr(rope_mod, "_rope_kernel", spy)
     B, T, Hq, Hk, D = 3, 4, 5, 3, 12
     cos3, sin3 = rope_cos_sin(torch.arange(T) + 9000, _inv_freq(D))   # (1, T, R)
     for cos, sin in ((cos3, sin3), (cos3[0], sin3[0]), (cos3.expand(B, T, D), sin3.expand(B, T, D))):
         q = torch.randn(B, T, Hq, D, requires_grad=True)
         k = torch.randn(B, T, Hk, D, requires_grad=True)
         _check(q, k, cos, sin, torch.float32)
+    # partial rotary (R = 8 of D = 12): the pass-through copy
+    pcos, psin = rope_cos_sin(torch.arange(T), _inv_freq(8))
+    _check(torch.randn(B, T, Hq, D, requires_grad=True), torch.randn(B, T, Hk, D, requires_grad=True), pcos, psin,
+           torch.float32)
     # BHTD buffers viewed as BTHD (head stride T*D): strides honoured
     q = torch.randn(B, Hq, T, D, requires_grad=True).transpose(1, 2)
     k = torch.randn(B, Hk, T, D, requires_grad=True).transpose(1, 2)
     _check(q, k, cos3, sin3, torch.float32)
+    if rope_mod.HAS_TRITON:
+        assert spy.kwargs and all(kw["WIDE"] is wide and kw["ONE_TILE"] is one_tile for kw in spy.kwargs)
 
 
 def test_rope_grad_of_unused_output(path):
