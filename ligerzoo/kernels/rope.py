@@ -37,10 +37,13 @@ __all__ = ["rope", "rope_reference", "rope_cos_sin"]
 # elements per half, and every k head another, it loads all four half-tiles before its first
 # store (the most bytes in flight); past that it walks the heads in blocks of at most
 # _MAX_BLOCK_HEADS. Head and feature counts are compile-time constants (one compile per head
-# shape, and a model has one), so masks that cover a whole tile fold away. Offsets within a
-# token are 32-bit unless one reaches _WIDE_AT elements (a (B, H, T, D) buffer seen as
-# (B, T, H, D) can put its last heads past 2^31). All three are module-level so tests can
-# shrink them (a small _WIDE_AT runs the 64-bit branch on small tensors).
+# shape, and a model has one), so masks that cover a whole tile fold away. So are the head
+# strides when every one is D (heads contiguous within a token: a model's layouts), which makes
+# every offset within a token a constant; other head strides (a (B, H, T, D) buffer seen as
+# (B, T, H, D): T D, a new value per sequence length) are read at run time. Offsets within a
+# token are 32-bit unless one reaches _WIDE_AT elements (such a buffer can put its last heads
+# past 2^31). All three are module-level so tests can shrink them (a small _WIDE_AT runs the
+# 64-bit branch on small tensors).
 _MAX_BLOCK_HEADS = 16
 _TILE_ELEMS = 4096
 _WIDE_AT = 2**31 - 1
@@ -50,11 +53,11 @@ _WIDE_AT = 2**31 - 1
 if HAS_TRITON:
 
     @triton.jit
-    def _head_offsets(S_H: tl.constexpr, h0, N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _head_offsets(S_H, h0, N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_W: tl.constexpr, WIDE: tl.constexpr):
         """(offsets, mask) of features [0, WIDTH) of heads [h0, h0 + BLOCK_H) of one token
-        (head stride S_H), each (BLOCK_H, BLOCK_W), masked to N_HEADS heads; int64 offsets iff
-        WIDE."""
+        (head stride S_H: a run-time value, or a constant the offsets fold into), each
+        (BLOCK_H, BLOCK_W), masked to N_HEADS heads; int64 offsets iff WIDE."""
         heads = h0 + tl.arange(0, BLOCK_H)
         offs = tl.arange(0, BLOCK_W)
         mask = (heads < N_HEADS)[:, None] & (offs < WIDTH)[None, :]
@@ -65,7 +68,7 @@ if HAS_TRITON:
         return ptr_offs, mask
 
     @triton.jit
-    def _load_halves(X, SX_H: tl.constexpr, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _load_halves(X, SX_H, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
         """Heads [h0, h0 + BLOCK_H) of one token, masked to N_HEADS: (x1, x2), each
         (BLOCK_H, BLOCK_R) fp32, the features [0, HALF) and [HALF, 2 HALF)."""
@@ -75,7 +78,7 @@ if HAS_TRITON:
         return x1, x2
 
     @triton.jit
-    def _store_rotated(O, SO_H: tl.constexpr, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, x1, x2, c1, c2, sa, sb,
+    def _store_rotated(O, SO_H, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, x1, x2, c1, c2, sa, sb,
                        BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
         """Stores ``x1 c1 - x2 sa`` and ``x2 c2 + x1 sb`` (one rounding each) at features
         [0, HALF) and [HALF, 2 HALF) of heads [h0, h0 + BLOCK_H), masked to N_HEADS."""
@@ -84,7 +87,7 @@ if HAS_TRITON:
         tl.store(O + offs + HALF, (x2 * c2[None, :] + x1 * sb[None, :]).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _copy_pass(X, SX_H: tl.constexpr, O, SO_H: tl.constexpr, h0, N_HEADS: tl.constexpr, START: tl.constexpr, N_PASS: tl.constexpr,
+    def _copy_pass(X, SX_H, O, SO_H, h0, N_HEADS: tl.constexpr, START: tl.constexpr, N_PASS: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
         """Copies features [START, START + N_PASS) of heads [h0, h0 + BLOCK_H), masked to
         N_HEADS (partial rotary's pass-through)."""
@@ -94,7 +97,7 @@ if HAS_TRITON:
         tl.store(O + START + offs_o, p.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_heads(X, SX_H: tl.constexpr, O, SO_H: tl.constexpr, N_HEADS: tl.constexpr, HALF: tl.constexpr, N_PASS: tl.constexpr,
+    def _rope_heads(X, SX_H, O, SO_H, N_HEADS: tl.constexpr, HALF: tl.constexpr, N_PASS: tl.constexpr,
                     c1, c2, sa, sb, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                     HAS_PASS: tl.constexpr, WIDE: tl.constexpr):
         """Rotates heads [0, N_HEADS) of one token in blocks of BLOCK_H heads."""
@@ -104,18 +107,39 @@ if HAS_TRITON:
             if HAS_PASS:
                 _copy_pass(X, SX_H, O, SO_H, h0, N_HEADS, 2 * HALF, N_PASS, BLOCK_H, BLOCK_P, WIDE)
 
+    @triton.jit
+    def _rope_token(q_in, sq_h, k_in, sk_h, q_out, sqo_h, k_out, sko_h, c1, c2, sa, sb,
+                    N_QH: tl.constexpr, N_KH: tl.constexpr, HALF: tl.constexpr, N_PASS: tl.constexpr,
+                    ONE_TILE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_P: tl.constexpr, HAS_PASS: tl.constexpr, WIDE: tl.constexpr):
+        """Rotates the q and k heads of one token (pointers at its feature 0, head strides
+        run-time values or constants) into q_out and k_out."""
+        if ONE_TILE:
+            q1, q2 = _load_halves(q_in, sq_h, 0, N_QH, HALF, BLOCK_HQ, BLOCK_R, WIDE)  # (BLOCK_HQ, BLOCK_R) each
+            k1, k2 = _load_halves(k_in, sk_h, 0, N_KH, HALF, BLOCK_HK, BLOCK_R, WIDE)  # (BLOCK_HK, BLOCK_R) each
+            _store_rotated(q_out, sqo_h, 0, N_QH, HALF, q1, q2, c1, c2, sa, sb, BLOCK_HQ, BLOCK_R, WIDE)
+            _store_rotated(k_out, sko_h, 0, N_KH, HALF, k1, k2, c1, c2, sa, sb, BLOCK_HK, BLOCK_R, WIDE)
+            if HAS_PASS:
+                _copy_pass(q_in, sq_h, q_out, sqo_h, 0, N_QH, 2 * HALF, N_PASS, BLOCK_HQ, BLOCK_P, WIDE)
+                _copy_pass(k_in, sk_h, k_out, sko_h, 0, N_KH, 2 * HALF, N_PASS, BLOCK_HK, BLOCK_P, WIDE)
+        else:
+            _rope_heads(q_in, sq_h, q_out, sqo_h, N_QH, HALF, N_PASS, c1, c2, sa, sb,
+                        BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
+            _rope_heads(k_in, sk_h, k_out, sko_h, N_KH, HALF, N_PASS, c1, c2, sa, sb,
+                        BLOCK_HK, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
+
     @jit
     def _rope_kernel(
-        Q, sq_b, sq_t,                # (B, T, Hq, D) input (or output gradient)
-        K, sk_b, sk_t,                # (B, T, Hk, D)
-        QO, sqo_b, sqo_t,             # (B, T, Hq, D) out
-        KO, sko_b, sko_t,             # (B, T, Hk, D) out
+        Q, sq_b, sq_t, sq_h,          # (B, T, Hq, D) input (or output gradient)
+        K, sk_b, sk_t, sk_h,          # (B, T, Hk, D)
+        QO, sqo_b, sqo_t, sqo_h,      # (B, T, Hq, D) out
+        KO, sko_b, sko_t, sko_h,      # (B, T, Hk, D) out
         COS, sc_b, sc_t,              # (B or 1, T, R), or (B or 1, T, R/2) with HALF_TABLE;
         SIN, ss_b, ss_t,              #   sc_b == 0 broadcasts over batch
         seq_len,
         # Compile-time constants from here on (the launcher passes them by keyword, which
-        # DirectLaunch's fast relaunch needs). Head strides: a model has one layout.
-        SQ_H: tl.constexpr, SK_H: tl.constexpr, SQO_H: tl.constexpr, SKO_H: tl.constexpr,
+        # DirectLaunch's fast relaunch needs).
+        DENSE_HEADS: tl.constexpr,    # every head stride is D: the run-time ones are not read
         N_QH: tl.constexpr,           # Hq
         N_KH: tl.constexpr,           # Hk
         HALF: tl.constexpr,           # R / 2
@@ -155,19 +179,13 @@ if HAS_TRITON:
         k_in = K + b * sk_b + t * sk_t
         q_out = QO + b * sqo_b + t * sqo_t
         k_out = KO + b * sko_b + t * sko_t
-        if ONE_TILE:
-            q1, q2 = _load_halves(q_in, SQ_H, 0, N_QH, HALF, BLOCK_HQ, BLOCK_R, WIDE)  # (BLOCK_HQ, BLOCK_R) each
-            k1, k2 = _load_halves(k_in, SK_H, 0, N_KH, HALF, BLOCK_HK, BLOCK_R, WIDE)  # (BLOCK_HK, BLOCK_R) each
-            _store_rotated(q_out, SQO_H, 0, N_QH, HALF, q1, q2, c1, c2, sa, sb, BLOCK_HQ, BLOCK_R, WIDE)
-            _store_rotated(k_out, SKO_H, 0, N_KH, HALF, k1, k2, c1, c2, sa, sb, BLOCK_HK, BLOCK_R, WIDE)
-            if HAS_PASS:
-                _copy_pass(q_in, SQ_H, q_out, SQO_H, 0, N_QH, 2 * HALF, N_PASS, BLOCK_HQ, BLOCK_P, WIDE)
-                _copy_pass(k_in, SK_H, k_out, SKO_H, 0, N_KH, 2 * HALF, N_PASS, BLOCK_HK, BLOCK_P, WIDE)
+        if DENSE_HEADS:  # head stride D, a constant: every offset within the token folds
+            _rope_token(q_in, 2 * HALF + N_PASS, k_in, 2 * HALF + N_PASS, q_out, 2 * HALF + N_PASS,
+                        k_out, 2 * HALF + N_PASS, c1, c2, sa, sb, N_QH, N_KH, HALF, N_PASS, ONE_TILE,
+                        BLOCK_HQ, BLOCK_HK, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
         else:
-            _rope_heads(q_in, SQ_H, q_out, SQO_H, N_QH, HALF, N_PASS, c1, c2, sa, sb,
-                        BLOCK_HQ, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
-            _rope_heads(k_in, SK_H, k_out, SKO_H, N_KH, HALF, N_PASS, c1, c2, sa, sb,
-                        BLOCK_HK, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
+            _rope_token(q_in, sq_h, k_in, sk_h, q_out, sqo_h, k_out, sko_h, c1, c2, sa, sb, N_QH, N_KH, HALF,
+                        N_PASS, ONE_TILE, BLOCK_HQ, BLOCK_HK, BLOCK_R, BLOCK_P, HAS_PASS, WIDE)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -186,7 +204,7 @@ def _num_warps(n_qh: int, n_kh: int, block_hq: int, block_hk: int, half: int, bl
         # families' head shapes at 4096 and 8192 tokens; runs 2 and 3 of
         # benchmarks/kernels_h200_s29.log):
         # - features padded (head_dim 96: Phi-3-mini, phi-4-mini's rotary 96): 2 warps
-        #   (1 warp: 4-7% slower);
+        #   (1 warp: 4-8% slower);
         # - every lane used and 64 heads or more (Llama-2's 32/32): 8 warps (2: 2.5% slower);
         # - else one warp while the tiles hold at most 4096 features per half (Llama-3's 32/8:
         #   88.6-88.8 us at 8192 tokens against 89.3-89.5 under 2 warps; SmolLM2's 9/3 of 64:
@@ -228,21 +246,24 @@ def _launch(q, k, cos, sin, backward: bool, half_table: bool = False, inplace: b
         block_hq, block_hk = min(block_hq, cap), min(block_hk, cap)
     num_warps = _num_warps(n_qh, n_kh, block_hq, block_hk, half, block_r, half_table, one_tile)
     sq, sk, sqo, sko, sc, ss = q.stride(), k.stride(), qo.stride(), ko.stride(), cos.stride(), sin.stride()
-    # the largest offset within a token any lane forms, masked lanes included (heads padded
-    # up to whole blocks)
+    # head strides; a lone head's is never used (any value, e.g. past 2^31, would do): D
+    s_qh, s_qoh = (sq[2], sqo[2]) if n_qh > 1 else (D, D)
+    s_kh, s_koh = (sk[2], sko[2]) if n_kh > 1 else (D, D)
+    # an upper bound on the offsets within a token that any lane forms, masked lanes included
+    # (heads padded up to whole blocks)
     pad_q, pad_k = -(-n_qh // block_hq) * block_hq - 1, -(-n_kh // block_hk) * block_hk - 1
-    reach = max(pad_q * max(sq[2], sqo[2]), pad_k * max(sk[2], sko[2])) + D + max(block_r, block_p)
+    reach = max(pad_q * max(s_qh, s_qoh), pad_k * max(s_kh, s_koh)) + D + max(block_r, block_p)
     cos_sb = sc[0] if cos.shape[0] == B and B > 1 else 0
     sin_sb = ss[0] if sin.shape[0] == B and B > 1 else 0
     with device_guard(q):
         _rope_kernel[(B * T,)](
-            q, sq[0], sq[1],
-            k, sk[0], sk[1],
-            qo, sqo[0], sqo[1],
-            ko, sko[0], sko[1],
+            q, sq[0], sq[1], s_qh,
+            k, sk[0], sk[1], s_kh,
+            qo, sqo[0], sqo[1], s_qoh,
+            ko, sko[0], sko[1], s_koh,
             cos, cos_sb, sc[1],
             sin, sin_sb, ss[1],
-            T, SQ_H=sq[2], SK_H=sk[2], SQO_H=sqo[2], SKO_H=sko[2], N_QH=n_qh, N_KH=n_kh, HALF=half, N_PASS=n_pass,
+            T, DENSE_HEADS=s_qh == s_kh == s_qoh == s_koh == D, N_QH=n_qh, N_KH=n_kh, HALF=half, N_PASS=n_pass,
             BACKWARD=backward, HALF_TABLE=half_table, ONE_TILE=one_tile,
             BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r, BLOCK_P=block_p,
             # rotated over themselves, the pass-through features are already in place

@@ -189,7 +189,7 @@ def _package_kernels():
     import pkgutil
     import ligerzoo.kernels as kernels
     found = []
-    for info in pkgutil.iter_modules(kernels.__path__):
+    for info in pkgutil.walk_packages(kernels.__path__):
         module = importlib.import_module(f"ligerzoo.kernels.{info.name}")
         for name, obj in vars(module).items():
             if isinstance(obj, _utils.DirectLaunch):

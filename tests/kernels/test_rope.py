@@ -154,6 +154,44 @@ def test_rope_head_blocks_and_cos_layouts(monkeypatch, one_tile, wide):
         assert spy.kwargs and all(kw["WIDE"] is wide and kw["ONE_TILE"] is one_tile for kw in spy.kwargs)
 
 
+@pytest.mark.skipif(not rope_mod.HAS_TRITON, reason="the Triton launcher's settings")
+def test_rope_head_strides_compile_time_only_when_dense(monkeypatch):
+    """Heads contiguous within a token (head stride D, a model's layouts): the head strides are
+    compile-time constants. A (B, H, T, D) buffer seen as (B, T, H, D) (head stride T D) has them
+    read at run time, so another sequence length launches with the same constants (no new
+    compile). A lone head's stride is never used: one past 2^31 is fine (a review's case)."""
+    spy = _LaunchSpy(rope_mod._rope_kernel)
+    monkeypatch.setattr(rope_mod, "_rope_kernel", spy)
+    B, Hq, Hk, D = 2, 3, 2, 8
+    for T in (3, 5):
+        cos, sin = rope_cos_sin(torch.arange(T), _inv_freq(D))
+        _check(torch.randn(B, T, Hq, D, requires_grad=True), torch.randn(B, T, Hk, D, requires_grad=True),
+               cos, sin, torch.float32)
+        assert all(kw["DENSE_HEADS"] is True for kw in spy.kwargs)
+        spy.kwargs.clear()
+    constants = []
+    for T in (3, 5):
+        cos, sin = rope_cos_sin(torch.arange(T), _inv_freq(D))
+        q = torch.randn(B, Hq, T, D, requires_grad=True).transpose(1, 2)
+        k = torch.randn(B, Hk, T, D, requires_grad=True).transpose(1, 2)
+        _check(q, k, cos, sin, torch.float32)
+        # the forward reads the strided buffers; the backward gets contiguous gradients
+        assert [kw["DENSE_HEADS"] for kw in spy.kwargs] == [False, True]
+        constants.append([tuple(sorted(kw.items())) for kw in spy.kwargs])
+        spy.kwargs.clear()
+    assert constants[0] == constants[1]
+    # one k head whose stride (never used) is 2^31: (B, 1, T, D) viewed as (B, T, 1, D) with T D >= 2^31
+    T = 3
+    cos, sin = rope_cos_sin(torch.arange(T), _inv_freq(D))
+    q = torch.randn(B, T, Hq, D)
+    k = torch.randn(B * T * D).as_strided((B, T, 1, D), (T * D, D, 1 << 31, 1))
+    qo, ko = rope(q, k, cos, sin)
+    want = rope_reference(q.double(), k.double(), cos.double(), sin.double())
+    assert_close_ulps(qo, want[0], torch.float32, ULPS[torch.float32])
+    assert_close_ulps(ko, want[1], torch.float32, ULPS[torch.float32])
+    assert spy.kwargs[-1]["DENSE_HEADS"] is True and spy.kwargs[-1]["WIDE"] is False
+
+
 def test_rope_grad_of_unused_output(path):
     B, T, Hq, Hk, D = 2, 3, 2, 1, 8
     cos, sin = rope_cos_sin(_positions(B, T), _inv_freq(D))
