@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from tests import launch_check  # noqa: E402
+
+launch_check.install()  # every package kernel launch must take DirectLaunch's fast path
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -53,59 +53,59 @@ _WIDE_AT = 2**31 - 1
 if HAS_TRITON:
 
     @triton.jit
-    def _head_offsets(S_H, h0, N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _head_offsets(s_h, h0, N_HEADS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_W: tl.constexpr, WIDE: tl.constexpr):
         """(offsets, mask) of features [0, WIDTH) of heads [h0, h0 + BLOCK_H) of one token
-        (head stride S_H: a run-time value, or a constant the offsets fold into), each
+        (head stride s_h: a run-time value, or a constant the offsets fold into), each
         (BLOCK_H, BLOCK_W), masked to N_HEADS heads; int64 offsets iff WIDE."""
         heads = h0 + tl.arange(0, BLOCK_H)
         offs = tl.arange(0, BLOCK_W)
         mask = (heads < N_HEADS)[:, None] & (offs < WIDTH)[None, :]
         if WIDE:
-            ptr_offs = heads.to(tl.int64)[:, None] * S_H + offs[None, :]
+            ptr_offs = heads.to(tl.int64)[:, None] * s_h + offs[None, :]
         else:
-            ptr_offs = heads[:, None] * S_H + offs[None, :]
+            ptr_offs = heads[:, None] * s_h + offs[None, :]
         return ptr_offs, mask
 
     @triton.jit
-    def _load_halves(X, SX_H, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _load_halves(X, sx_h, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
         """Heads [h0, h0 + BLOCK_H) of one token, masked to N_HEADS: (x1, x2), each
         (BLOCK_H, BLOCK_R) fp32, the features [0, HALF) and [HALF, 2 HALF)."""
-        offs, mask = _head_offsets(SX_H, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
+        offs, mask = _head_offsets(sx_h, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
         x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(X + offs + HALF, mask=mask, other=0.0).to(tl.float32)
         return x1, x2
 
     @triton.jit
-    def _store_rotated(O, SO_H, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, x1, x2, c1, c2, sa, sb,
+    def _store_rotated(O, so_h, h0, N_HEADS: tl.constexpr, HALF: tl.constexpr, x1, x2, c1, c2, sa, sb,
                        BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
         """Stores ``x1 c1 - x2 sa`` and ``x2 c2 + x1 sb`` (one rounding each) at features
         [0, HALF) and [HALF, 2 HALF) of heads [h0, h0 + BLOCK_H), masked to N_HEADS."""
-        offs, mask = _head_offsets(SO_H, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
+        offs, mask = _head_offsets(so_h, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
         tl.store(O + offs, (x1 * c1[None, :] - x2 * sa[None, :]).to(O.dtype.element_ty), mask=mask)
         tl.store(O + offs + HALF, (x2 * c2[None, :] + x1 * sb[None, :]).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _copy_pass(X, SX_H, O, SO_H, h0, N_HEADS: tl.constexpr, START: tl.constexpr, N_PASS: tl.constexpr,
+    def _copy_pass(X, sx_h, O, so_h, h0, N_HEADS: tl.constexpr, START: tl.constexpr, N_PASS: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, WIDE: tl.constexpr):
         """Copies features [START, START + N_PASS) of heads [h0, h0 + BLOCK_H), masked to
         N_HEADS (partial rotary's pass-through)."""
-        offs_x, mask = _head_offsets(SX_H, h0, N_HEADS, N_PASS, BLOCK_H, BLOCK_P, WIDE)
-        offs_o, _ = _head_offsets(SO_H, h0, N_HEADS, N_PASS, BLOCK_H, BLOCK_P, WIDE)
+        offs_x, mask = _head_offsets(sx_h, h0, N_HEADS, N_PASS, BLOCK_H, BLOCK_P, WIDE)
+        offs_o, _ = _head_offsets(so_h, h0, N_HEADS, N_PASS, BLOCK_H, BLOCK_P, WIDE)
         p = tl.load(X + START + offs_x, mask=mask, other=0.0)
         tl.store(O + START + offs_o, p.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_heads(X, SX_H, O, SO_H, N_HEADS: tl.constexpr, HALF: tl.constexpr, N_PASS: tl.constexpr,
+    def _rope_heads(X, sx_h, O, so_h, N_HEADS: tl.constexpr, HALF: tl.constexpr, N_PASS: tl.constexpr,
                     c1, c2, sa, sb, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                     HAS_PASS: tl.constexpr, WIDE: tl.constexpr):
         """Rotates heads [0, N_HEADS) of one token in blocks of BLOCK_H heads."""
         for h0 in range(0, N_HEADS, BLOCK_H):
-            x1, x2 = _load_halves(X, SX_H, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
-            _store_rotated(O, SO_H, h0, N_HEADS, HALF, x1, x2, c1, c2, sa, sb, BLOCK_H, BLOCK_R, WIDE)
+            x1, x2 = _load_halves(X, sx_h, h0, N_HEADS, HALF, BLOCK_H, BLOCK_R, WIDE)
+            _store_rotated(O, so_h, h0, N_HEADS, HALF, x1, x2, c1, c2, sa, sb, BLOCK_H, BLOCK_R, WIDE)
             if HAS_PASS:
-                _copy_pass(X, SX_H, O, SO_H, h0, N_HEADS, 2 * HALF, N_PASS, BLOCK_H, BLOCK_P, WIDE)
+                _copy_pass(X, sx_h, O, so_h, h0, N_HEADS, 2 * HALF, N_PASS, BLOCK_H, BLOCK_P, WIDE)
 
     @triton.jit
     def _rope_token(q_in, sq_h, k_in, sk_h, q_out, sqo_h, k_out, sko_h, c1, c2, sa, sb,

@@ -214,6 +214,24 @@ def test_package_kernels_put_constexprs_last():
         assert all(is_constexpr[first:]), f"{module}.{name}: a runtime parameter after a constexpr one"
 
 
+def test_launch_check_flags_slow_path_launches():
+    """The suite-wide check (tests/launch_check.py, installed by the root conftest) names a
+    constexpr passed by position and one left to its default, passes a good launch, and stops a
+    package kernel launched so before it runs."""
+    from tests.launch_check import slow_path_reason
+
+    def kernel(X, n, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False):
+        pass
+
+    assert slow_path_reason(kernel, (1, 2), {"BLOCK": 4, "FLAG": True}) is None
+    assert "past its 2 run-time parameters (BLOCK" in slow_path_reason(kernel, (1, 2, 4), {"FLAG": True})
+    assert "['FLAG']" in slow_path_reason(kernel, (1, 2), {"BLOCK": 4})
+    import sys
+    rms_norm_mod = sys.modules["ligerzoo.kernels.rms_norm"]
+    with pytest.raises(AssertionError, match="_rms_norm_fwd_kernel launched off DirectLaunch's fast path"):
+        rms_norm_mod._rms_norm_fwd_kernel[(1,)](*range(40))  # every parameter by position
+
+
 def test_interpreter_kernels_keep_triton_launch():
     k = _utils.DirectLaunch(object())
     assert k._direct is False
