@@ -1,13 +1,16 @@
 """Every launch of a package kernel must be one DirectLaunch can relaunch directly: runtime values
 by position, then every compile-time parameter by keyword (ligerzoo.kernels._utils.DirectLaunch
 hands any other call to Triton's per-call binding, which costs a host-bound step 10-25%). The
-root conftest checks this at every launch of the test suite (the interpreter's included), so a
-launcher that passes a constexpr by position, or leaves one to its default, fails the tests of
-its op."""
+root conftest checks every launch the suite makes in its own process (the interpreter's
+included; not those of workers started with mp.spawn, nor GPU-only paths on a CPU run), so a
+launcher that passes a constexpr by position, leaves one to its default, or passes a tensor by
+keyword fails the tests of its op."""
 from __future__ import annotations
 
 import functools
 import inspect
+
+import torch
 
 _PARAMS: dict = {}
 
@@ -21,13 +24,17 @@ def python_fn(kernel):
 
 
 def slow_path_reason(fn, args: tuple, kwargs: dict) -> str | None:
-    """Why a launch of kernel ``fn`` with these arguments would miss DirectLaunch's relaunch, or None."""
+    """Why a launch of kernel ``fn`` with these arguments would miss DirectLaunch's relaunch (or,
+    for a tensor by keyword, be refused by it on the GPU), or None."""
     if fn not in _PARAMS:
         params = inspect.signature(fn).parameters.values()
         names = [p.name for p in params]
         constexpr = ["constexpr" in str(p.annotation) for p in params]
         _PARAMS[fn] = (names, constexpr.index(True) if True in constexpr else len(names))
     names, n_runtime = _PARAMS[fn]
+    tensors = [n for n, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    if tensors:
+        return f"tensors by keyword (DirectLaunch raises TypeError for them on the GPU): {tensors}"
     if len(args) > n_runtime:
         return f"{len(args)} arguments by position, past its {n_runtime} run-time parameters ({names[n_runtime]} ...)"
     missing = [n for n in names[len(args):] if n not in kwargs]

@@ -40,7 +40,8 @@ __all__ = ["rope", "rope_reference", "rope_cos_sin"]
 # shape, and a model has one), so masks that cover a whole tile fold away. So are the head
 # strides when every one is D (heads contiguous within a token: a model's layouts), which makes
 # every offset within a token a constant; other head strides (a (B, H, T, D) buffer seen as
-# (B, T, H, D): T D, a new value per sequence length) are read at run time. Offsets within a
+# (B, T, H, D): T D, a new value per sequence length) are read at run time (Triton still
+# compiles apart strides that are multiples of 16 or not, and past 2^31 or not). Offsets within a
 # token are 32-bit unless one reaches _WIDE_AT elements (such a buffer can put its last heads
 # past 2^31). All three are module-level so tests can shrink them (a small _WIDE_AT runs the
 # 64-bit branch on small tensors).

@@ -189,8 +189,11 @@ def _package_kernels():
     import pkgutil
     import ligerzoo.kernels as kernels
     found = []
-    for info in pkgutil.walk_packages(kernels.__path__):
-        module = importlib.import_module(f"ligerzoo.kernels.{info.name}")
+    def unimportable(name):
+        raise ImportError(f"could not import {name}")
+
+    for info in pkgutil.walk_packages(kernels.__path__, prefix="ligerzoo.kernels.", onerror=unimportable):
+        module = importlib.import_module(info.name)
         for name, obj in vars(module).items():
             if isinstance(obj, _utils.DirectLaunch):
                 fn = obj.fn
@@ -216,8 +219,8 @@ def test_package_kernels_put_constexprs_last():
 
 def test_launch_check_flags_slow_path_launches():
     """The suite-wide check (tests/launch_check.py, installed by the root conftest) names a
-    constexpr passed by position and one left to its default, passes a good launch, and stops a
-    package kernel launched so before it runs."""
+    constexpr passed by position, one left to its default and a tensor by keyword, passes a good
+    launch, and stops a package kernel launched so before it runs."""
     from tests.launch_check import slow_path_reason
 
     def kernel(X, n, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False):
@@ -226,6 +229,7 @@ def test_launch_check_flags_slow_path_launches():
     assert slow_path_reason(kernel, (1, 2), {"BLOCK": 4, "FLAG": True}) is None
     assert "past its 2 run-time parameters (BLOCK" in slow_path_reason(kernel, (1, 2, 4), {"FLAG": True})
     assert "['FLAG']" in slow_path_reason(kernel, (1, 2), {"BLOCK": 4})
+    assert "tensors by keyword" in slow_path_reason(kernel, (1,), {"n": torch.ones(1), "BLOCK": 4, "FLAG": True})
     import sys
     rms_norm_mod = sys.modules["ligerzoo.kernels.rms_norm"]
     with pytest.raises(AssertionError, match="_rms_norm_fwd_kernel launched off DirectLaunch's fast path"):

@@ -1,5 +1,6 @@
 """Session 29 probe 2 (CPU, no GPU): compile rope's kernel for sm_90 with Triton's own compiler and
-ptxas from the wheel, for eight configurations, and write their PTX to OUT/. With `--compare DIR`,
+ptxas from the wheel, for eight configurations (with the alignment hints a launch on contiguous
+tensors gets), and write their PTX to OUT/. With `--compare DIR`,
 compare each with DIR's PTX of the same name as a multiset of instructions (register numbers and
 parameter indices left out), which tells whether two kernel versions compute the same thing the
 same way up to instruction order. Also compiles the strided path (run-time head strides) in both
@@ -24,19 +25,23 @@ fn = R._rope_kernel.fn
 names = fn.arg_names
 
 
-def build(const, num_warps):
-    sig = {}
-    for n in names:
+def build(const, num_warps, ints):
+    """PTX of the kernel with these constexprs; ``ints``: the run-time integers' values, which
+    (with the pointers, 16-byte aligned) get Triton's divisibility-by-16 hint as a real launch
+    would give them."""
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
         if n in const:
             sig[n] = "constexpr"
-        elif n in ("Q", "K", "QO", "KO"):
-            sig[n] = "*bf16"
-        elif n in ("COS", "SIN"):
-            sig[n] = "*fp32"
+        elif n in ("Q", "K", "QO", "KO", "COS", "SIN"):
+            sig[n] = "*bf16" if n in ("Q", "K", "QO", "KO") else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[n] = "i32"
+            if ints[n] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     const = {k: v for k, v in const.items() if k in names}
-    src = ASTSource(fn, sig, const)
+    src = ASTSource(fn, sig, const, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 
@@ -60,7 +65,7 @@ CASES = {  # name: (n_qh, n_kh, half, n_pass, one_tile, block_hq, block_hk, has_
     "phi3mini_w2": (32, 32, 48, 0, True, 32, 32, False, False, True, 2),
     "phi4_partial_pass_w2": (24, 8, 48, 32, True, 32, 8, True, False, True, 2),
     "full_table_w4": (32, 8, 64, 0, True, 32, 8, False, False, False, 4),
-    "blocks_w8": (128, 8, 64, 0, False, 16, 8, False, False, True, 8),
+    "blocks_w4": (128, 8, 64, 0, False, 16, 8, False, False, True, 4),
 }
 out = sys.argv[1]
 other = sys.argv[sys.argv.index("--compare") + 1] if "--compare" in sys.argv else None
@@ -71,7 +76,11 @@ for name, (nq, nk, half, npass, one, bq, bk, hp, bw, ht, nw) in CASES.items():
                  BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_R=triton.next_power_of_2(half),
                  BLOCK_P=triton.next_power_of_2(npass) if npass else 1, HAS_PASS=hp, WIDE=False,
                  SQ_H=D, SK_H=D, SQO_H=D, SKO_H=D, DENSE_HEADS=True)  # the names this kernel version has
-    ptx = build(const, nw)
+    T = 8192  # one sequence, contiguous (B, T, H, D) tensors, tables (1, T, R or R/2)
+    ints = dict(sq_b=T * nq * D, sq_t=nq * D, sq_h=D, sk_b=T * nk * D, sk_t=nk * D, sk_h=D, sqo_b=T * nq * D,
+                sqo_t=nq * D, sqo_h=D, sko_b=T * nk * D, sko_t=nk * D, sko_h=D, sc_b=0, sc_t=half if ht else 2 * half,
+                ss_b=0, ss_t=half if ht else 2 * half, seq_len=T)
+    ptx = build(const, nw, ints)
     open(f"{out}/{name}.ptx", "w").write(ptx)
     verdict = ""
     if other:
@@ -82,5 +91,9 @@ if "DENSE_HEADS" in names:
     for wide in (False, True):
         const = dict(N_QH=16, N_KH=2, HALF=64, N_PASS=0, BACKWARD=False, HALF_TABLE=True, ONE_TILE=True,
                      BLOCK_HQ=16, BLOCK_HK=2, BLOCK_R=64, BLOCK_P=1, HAS_PASS=False, WIDE=wide, DENSE_HEADS=False)
-        build(const, 1)
+        T = 4096  # a (B, H, T, D) buffer seen as (B, T, H, D)
+        ints = dict(sq_b=16 * T * 128, sq_t=128, sq_h=T * 128, sk_b=2 * T * 128, sk_t=128, sk_h=T * 128,
+                    sqo_b=16 * T * 128, sqo_t=16 * 128, sqo_h=128, sko_b=2 * T * 128, sko_t=2 * 128, sko_h=128,
+                    sc_b=0, sc_t=64, ss_b=0, ss_t=64, seq_len=T)
+        build(const, 1, ints)
         print(f"strided head strides, WIDE={wide}: compiled", flush=True)
