@@ -601,11 +601,19 @@ def test_gpu_rope_past_2_31_elements():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_rope_head_offsets_past_2_31():
+@pytest.mark.parametrize("wide", [True, False])
+def test_gpu_rope_head_offsets_past_2_31(monkeypatch, wide):
     """A (B, H, T, D) buffer viewed as (B, T, H, D), whose last heads start past element 2^31
-    (head offsets need 64 bits), rotated out of place and in place."""
+    (head offsets need 64 bits), rotated out of place and in place; and the 32-bit branch at its
+    edge: the largest T it takes (its last head starts 2048 elements under 2^31)."""
     Hq, Hk, D = 16, 2, 128
-    T = (1 << 31) // ((Hq - 1) * D) + 8
+    if wide:
+        T = (1 << 31) // ((Hq - 1) * D) + 8
+    else:  # the launcher's bound: 15 T D + D + 64 must stay under 2^31 - 1
+        T = (rope_mod._WIDE_AT - D - 64) // ((Hq - 1) * D)
+        assert (Hq - 1) * (T + 1) * D + D + 64 >= rope_mod._WIDE_AT  # one token more would go wide
+    spy = _LaunchSpy(rope_mod._rope_kernel)
+    monkeypatch.setattr(rope_mod, "_rope_kernel", spy)
     q = torch.randn(1, Hq, T, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # (1, T, Hq, D)
     k = torch.randn(1, Hk, T, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     cos, sin = rope_cos_sin(torch.arange(T, device="cuda"), _inv_freq(D), half_table=True)
@@ -617,5 +625,6 @@ def test_gpu_rope_head_offsets_past_2_31():
     assert_close_ulps(ko[:, rows], want[1], torch.bfloat16, 2)
     del qo, ko
     rope(q, k, cos, sin, half_table=True, inplace=True)
+    assert [kw["WIDE"] for kw in spy.kwargs] == [wide, wide]
     assert_close_ulps(q[:, rows], want[0], torch.bfloat16, 2)
     assert_close_ulps(k[:, rows], want[1], torch.bfloat16, 2)
