@@ -1,6 +1,7 @@
 """Every launch of a package kernel must be one DirectLaunch can relaunch directly: runtime values
 by position, then every compile-time parameter by keyword (ligerzoo.kernels._utils.DirectLaunch
-hands any other call to Triton's per-call binding, which costs a host-bound step 10-25%). The
+hands any other call to Triton's per-call binding: in session 29 that made rope's host-bound
+benchmark step about a quarter slower, 1.10-1.17x Liger's instead of 0.87-0.90x). The
 root conftest checks every launch the suite makes in its own process (the interpreter's
 included; not those of workers started with mp.spawn, nor GPU-only paths on a CPU run), so a
 launcher that passes a constexpr by position, leaves one to its default, or passes a tensor by

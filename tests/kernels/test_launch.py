@@ -189,6 +189,7 @@ def _package_kernels():
     import pkgutil
     import ligerzoo.kernels as kernels
     found = []
+
     def unimportable(name):
         raise ImportError(f"could not import {name}")
 
