@@ -4,7 +4,12 @@ its own rule) and Liger's, forward + backward in place with half tables (the mod
 the families' head shapes: device time under CUDA graphs, us (median; best of 2 rounds).
 `PREV=<file>` adds an earlier kernel of this session under 1, 2, 4 and 8 warps: run 2 took run 1's
 (`rope_a.py`: runtime head strides) beside the package's with constexpr head strides; run 3 took
-run 2's (`rope_b.py`: the tables loaded first) beside the package's (the tiles loaded first)."""
+run 2's (`rope_b.py`: the tables loaded first) beside the package's (the tiles loaded first).
+`TABLES=` the tables ours (and session 28's kernel) read: `half` (default: fp32, R/2 columns, the
+model's), `half_bf16` (bf16, R/2 columns: the bytes Liger's kernel reads of its bf16 tables; a
+measurement of what the table bytes cost, not a numerics the package would use), `full` (fp32,
+R columns: the full-table path and its warps). Written in session 29 for a later run; the
+`TABLES` modes have not run yet."""
 import importlib.util
 import os
 import sys
@@ -16,11 +21,13 @@ import liger_kernel.ops.rope as lrope
 spec = importlib.util.spec_from_file_location("rope_s28", "benchmarks/probes/s29/rope_s28.py")
 OLD = importlib.util.module_from_spec(spec); spec.loader.exec_module(OLD)
 PREV = None
+TABLES = os.environ.get("TABLES", "half")
+assert TABLES in ("half", "half_bf16", "full"), TABLES
 if os.environ.get("PREV"):
     spec = importlib.util.spec_from_file_location("rope_prev", os.environ["PREV"])
     PREV = importlib.util.module_from_spec(spec); spec.loader.exec_module(PREV)
 
-print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, f"tables: {TABLES}", flush=True)
 bench = lambda fn: do_bench_cudagraph(fn, rep=40, return_mode="median")
 shipped = R._num_warps
 SHAPES = [  # (batch, q heads, kv heads, head_dim, rotary dim, family)
@@ -43,10 +50,15 @@ for (B, NH, NKV, D, RD, fam) in SHAPES:
         cos, sin = K.rope_cos_sin(pos, inv)
         hcos, hsin = K.rope_cos_sin(pos, inv, half_table=True)
         cosb, sinb = cos.bfloat16(), sin.bfloat16()
+        ht = TABLES != "full"
+        if TABLES == "half_bf16":
+            hcos, hsin = hcos.bfloat16(), hsin.bfloat16()
+        elif TABLES == "full":
+            hcos, hsin = cos, sin
         qt, kt = q.transpose(1, 2), k.transpose(1, 2)
         # the two kernels agree (forward, out of place)
-        a = R._launch(q, k, hcos, hsin, backward=False, half_table=True)
-        b = OLD._launch(q, k, hcos, hsin, backward=False, half_table=True)
+        a = R._launch(q, k, hcos, hsin, backward=False, half_table=ht)
+        b = OLD._launch(q, k, hcos, hsin, backward=False, half_table=ht)
         same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         del a, b
         seen = {}
@@ -56,17 +68,17 @@ for (B, NH, NKV, D, RD, fam) in SHAPES:
             return seen["w"]
 
         def ours():
-            R._launch(q, k, hcos, hsin, backward=False, half_table=True, inplace=True)
-            R._launch(q, k, hcos, hsin, backward=True, half_table=True, inplace=True)
+            R._launch(q, k, hcos, hsin, backward=False, half_table=ht, inplace=True)
+            R._launch(q, k, hcos, hsin, backward=True, half_table=ht, inplace=True)
 
         def old():
-            OLD._launch(q, k, hcos, hsin, backward=False, half_table=True, inplace=True)
-            OLD._launch(q, k, hcos, hsin, backward=True, half_table=True, inplace=True)
+            OLD._launch(q, k, hcos, hsin, backward=False, half_table=ht, inplace=True)
+            OLD._launch(q, k, hcos, hsin, backward=True, half_table=ht, inplace=True)
 
         def prev(nw):
             PREV._num_warps = lambda *a: nw
-            PREV._launch(q, k, hcos, hsin, backward=False, half_table=True, inplace=True)
-            PREV._launch(q, k, hcos, hsin, backward=True, half_table=True, inplace=True)
+            PREV._launch(q, k, hcos, hsin, backward=False, half_table=ht, inplace=True)
+            PREV._launch(q, k, hcos, hsin, backward=True, half_table=ht, inplace=True)
 
         def liger():
             lrope.rope_forward(qt, kt, cosb, sinb)
