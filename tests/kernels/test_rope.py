@@ -154,7 +154,8 @@ def test_rope_head_blocks_and_cos_layouts(monkeypatch, one_tile, wide):
         assert spy.kwargs and all(kw["WIDE"] is wide and kw["ONE_TILE"] is one_tile for kw in spy.kwargs)
 
 
-@pytest.mark.skipif(not rope_mod.HAS_TRITON, reason="the Triton launcher's settings")
+@pytest.mark.skipif(not rope_mod.HAS_TRITON,
+                    reason="checks the flags of the Triton kernel's launches; without Triton rope runs the torch reference")
 def test_rope_head_strides_compile_time_only_when_dense(monkeypatch):
     """Heads contiguous within a token (head stride D, a model's layouts): the head strides are
     compile-time constants. A (B, H, T, D) buffer seen as (B, T, H, D) (head stride T D) has them
