@@ -199,8 +199,6 @@ def _num_warps(n_qh: int, n_kh: int, block_hq: int, block_hk: int, half: int, bl
     """num_warps of the rope kernel for tiles of BLOCK_HQ / BLOCK_HK heads (n_qh / n_kh of them
     used) x BLOCK_R features (``half`` of them used)."""
     if one_tile:
-        if not half_table:  # session 24's sweep (H200, bf16, Llama-3 heads): 4 warps with full tables
-            return 4
         # Session 29's sweep of this kernel (H200, bf16, forward + backward in place, the
         # families' head shapes at 4096 and 8192 tokens; runs 2 and 3 of
         # benchmarks/kernels_h200_s29.log):
@@ -211,11 +209,16 @@ def _num_warps(n_qh: int, n_kh: int, block_hq: int, block_hk: int, half: int, bl
         #   88.6-88.8 us at 8192 tokens against 89.3-89.5 under 2 warps; SmolLM2's 9/3 of 64:
         #   12.8-12.9 against 13.2; Gemma's 16/16 of 256: 1% faster), 2 warps past it, where one
         #   warp holds too many values (Phi-3-medium's 40/10, padded to 64/16: 1% slower under 1).
+        # - full tables (the cos/sin halves loaded apart: twice the table values a program
+        #   holds): the same rule with the one-warp bound halved to 2048 (session 30's sweep,
+        #   benchmarks/kernels_h200_s30.log run 1: the ten shapes' sum 3% under session 24's
+        #   4 warps at 8192 tokens and 4% at 4096; Llama-3's heads 92.3 us at 8192 tokens
+        #   under 2 warps against 94.1 under 1; SmolLM2's 13.5 under 1 against 19.3 under 4).
         if half != block_r:
             return 2
         if (n_qh, n_kh) == (block_hq, block_hk) and block_hq + block_hk >= 64:
             return 8
-        return 1 if (block_hq + block_hk) * block_r <= 4096 else 2
+        return 1 if (block_hq + block_hk) * block_r <= (4096 if half_table else 2048) else 2
     return 8 if block_hq * block_r >= 2048 else 4
 
 
