@@ -344,8 +344,8 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         ``CausalLM`` in eval mode, as transformers' ``from_pretrained`` returns it (call
         ``model.train()`` before training: Mixtral's router jitter noise is the one part that
         depends on the mode), with ``model.config`` read from config.json and
-        ``model.source_dir`` the directory it came from (save_hf copies tokenizer and
-        generation files from it) and ``model.generation_config`` its generation_config.json
+        ``model.source_dir`` the directory it came from, as an absolute path (save_hf copies
+        tokenizer and generation files from it) and ``model.generation_config`` its generation_config.json
         (a dict, {} without one; ``generate``'s default eos ids come from it).
 
     Raises:
@@ -365,7 +365,7 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     model.to(dtype=dtype).to_empty(device=torch.device(device) if device is not None else "cpu")
     model.tie_weights()
     load_weights(model, directory)
-    model.source_dir = directory
+    model.source_dir = Path(os.path.abspath(directory))  # absolute: save_hf may run from another cwd
     model.generation_config = _read_generation_config(Path(directory))
     return model.eval()
 
@@ -501,6 +501,12 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
                 (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
                 source = getattr(model, "source_dir", None)
+                if source is not None and not Path(source).is_dir():
+                    warnings.warn(f"save_hf: model.source_dir {str(source)!r} is no longer a directory, so no "
+                                  "tokenizer or generation files are copied into the checkpoint; copy them "
+                                  "by hand or set model.source_dir to a directory that holds them",
+                                  stacklevel=2)
+                    source = None
                 for name in SIDE_FILES if source is not None else ():
                     if (Path(source) / name).is_file():
                         shutil.copy2(Path(source) / name, tmp / name)

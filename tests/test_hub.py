@@ -939,3 +939,27 @@ def test_an_unedited_qwen2_with_any_sliding_layers_saves_its_own_config(tmp_path
     ligerzoo.save_hf(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == cfg.layer_types
     _saved_runs_in_transformers(model, tmp_path / "out", 20)
+
+
+def test_tokenizer_files_follow_a_relative_source_dir_across_chdir(tmp_path, monkeypatch):
+    """A model loaded from a relative path keeps its source as an absolute path, so save_hf copies
+    the tokenizer files from there even after the working directory changed (a review found
+    them silently left out); a source directory that is gone gets a warning, not silence."""
+    make_hf_llama(tmp_path / "work" / "ckpt")
+    (tmp_path / "work" / "ckpt" / "tokenizer_config.json").write_text('{"model_max_length": 7}\n')
+    (tmp_path / "elsewhere" / "ckpt").mkdir(parents=True)  # a decoy with the same relative name
+    (tmp_path / "elsewhere" / "ckpt" / "tokenizer_config.json").write_text('{"decoy": true}\n')
+    monkeypatch.chdir(tmp_path / "work")
+    model = ligerzoo.from_hf("ckpt")
+    assert model.source_dir == tmp_path / "work" / "ckpt" and model.source_dir.is_absolute()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ligerzoo.save_hf(model, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 7}\n'
+
+    shutil.rmtree(tmp_path / "work" / "ckpt")
+    with pytest.warns(UserWarning, match="no longer a directory, so no tokenizer"):
+        ligerzoo.save_hf(model, tmp_path / "out2")
+    # the generation settings the model holds in memory are still written; the tokenizer files are not
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "out2" / "generation_config.json").read_text()) == model.generation_config
