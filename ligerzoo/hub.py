@@ -46,7 +46,8 @@ SIDE_PATTERNS = ("*.json", *SIDE_FILES, f"{TEMPLATE_DIR}/*.jinja")
 def resolve(id_or_dir: str | os.PathLike, revision: str | None = None, weights: bool = True) -> Path:
     """A local directory holding ``id_or_dir``'s checkpoint.
 
-    A path to an existing directory is returned as is. Anything else is a hub repo id,
+    A path to an existing directory is returned as is (a ``revision`` given with it is ignored,
+    with a warning). Anything else is a hub repo id,
     fetched with ``huggingface_hub.snapshot_download`` in two steps: the JSON and tokenizer
     files, then (when ``weights``) only the weight files that the index (or the single-file
     layout) names.
@@ -59,6 +60,9 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None, weights: 
     """
     path = Path(id_or_dir).expanduser()
     if path.is_dir():
+        if revision is not None:  # also catches a local directory that shadows a repo id of that name
+            warnings.warn(f"revision={revision!r} is ignored: {str(id_or_dir)!r} is a local directory, which "
+                          "is read as it is (a revision selects a version of a hub repo id)", stacklevel=3)
         return path
     text = str(id_or_dir)
     if path.exists() or text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1:
@@ -338,7 +342,8 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
             else the first floating-point tensor's (as transformers' ``dtype="auto"``),
             else float32.
         device: where the parameters live (default CPU).
-        revision: hub revision (branch, tag or commit) when ``id_or_dir`` is a repo id.
+        revision: hub revision (branch, tag or commit) when ``id_or_dir`` is a repo id;
+            ignored, with a warning, for a local directory.
 
     Returns:
         ``CausalLM`` in eval mode, as transformers' ``from_pretrained`` returns it (call

@@ -963,3 +963,17 @@ def test_tokenizer_files_follow_a_relative_source_dir_across_chdir(tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors"]
     assert json.loads((tmp_path / "out2" / "generation_config.json").read_text()) == model.generation_config
+
+
+def test_revision_with_a_local_directory_warns(tmp_path):
+    """A revision only selects a version of a hub repo; given with a local directory (or one that
+    shadows a repo id of the same name) it cannot apply, so the user is told rather than left to
+    believe that version was loaded."""
+    make_hf_llama(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match=r"revision='v2' is ignored: .* is a local directory") as record:
+        ligerzoo.from_hf(tmp_path / "ckpt", revision="v2")
+    assert record[0].filename == __file__  # points at the caller's line
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ligerzoo.from_hf(tmp_path / "ckpt")  # no revision: no warning
