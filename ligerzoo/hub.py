@@ -58,6 +58,12 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None, weights: 
         ValueError: the repo's ``model.safetensors.index.json`` is not valid JSON or has no
             ``weight_map``.
     """
+    return _resolve(id_or_dir, revision, weights)
+
+
+def _resolve(id_or_dir: str | os.PathLike, revision: str | None, weights: bool) -> Path:
+    """:func:`resolve` for it and the public loaders to call: its warning points two frames up,
+    past the caller, at the user's line."""
     path = Path(id_or_dir).expanduser()
     if path.is_dir():
         if revision is not None:  # also catches a local directory that shadows a repo id of that name
@@ -349,7 +355,8 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         ``CausalLM`` in eval mode, as transformers' ``from_pretrained`` returns it (call
         ``model.train()`` before training: Mixtral's router jitter noise is the one part that
         depends on the mode), with ``model.config`` read from config.json and
-        ``model.source_dir`` the directory it came from, as an absolute path (save_hf copies
+        ``model.source_dir`` the directory it came from, made absolute (``..`` kept for the OS
+        to resolve; save_hf copies
         tokenizer and generation files from it) and ``model.generation_config`` its generation_config.json
         (a dict, {} without one; ``generate``'s default eos ids come from it).
 
@@ -361,7 +368,7 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
             or not floating point, or a config.json / index that is not valid JSON.
         FileNotFoundError: no such directory/repo, no config.json, a missing shard.
     """
-    directory = resolve(id_or_dir, revision)
+    directory = _resolve(id_or_dir, revision, True)
     hf = read_config(directory)
     config = family(hf.get("model_type")).config_from_hf(hf)
     dtype = dtype_from_str(dtype) or config.dtype or _stored_dtype(directory) or torch.float32
@@ -370,7 +377,9 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     model.to(dtype=dtype).to_empty(device=torch.device(device) if device is not None else "cpu")
     model.tie_weights()
     load_weights(model, directory)
-    model.source_dir = Path(os.path.abspath(directory))  # absolute: save_hf may run from another cwd
+    # absolute, so save_hf finds it from another working directory; pathlib keeps ".." for the OS
+    # to resolve (after a link, os.path.abspath's textual ".." would name another directory)
+    model.source_dir = Path(directory).absolute()
     model.generation_config = _read_generation_config(Path(directory))
     return model.eval()
 
@@ -451,6 +460,10 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         PermissionError: as :func:`check_save_target`: an existing non-empty mount point
             with ``overwrite``, or no directory can be created where the save goes.
         TypeError: ``model`` is not a ligerzoo ``CausalLM``.
+
+    Warns:
+        UserWarning: ``model.source_dir`` is set but is not a directory (moved or deleted since
+            loading): its tokenizer files cannot be copied.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -507,10 +520,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
                 source = getattr(model, "source_dir", None)
                 if source is not None and not Path(source).is_dir():
-                    warnings.warn(f"save_hf: model.source_dir {str(source)!r} is no longer a directory, so no "
-                                  "tokenizer or generation files are copied into the checkpoint; copy them "
-                                  "by hand or set model.source_dir to a directory that holds them",
-                                  stacklevel=2)
+                    warnings.warn(f"save_hf: model.source_dir {str(source)!r} is not a directory (moved or deleted "
+                                  "since loading?), so its tokenizer and chat-template files are not copied into "
+                                  "the checkpoint (generation settings are still written from "
+                                  "model.generation_config); point model.source_dir at a directory that holds "
+                                  "them, or copy them into the checkpoint afterwards", stacklevel=2)
                     source = None
                 for name in SIDE_FILES if source is not None else ():
                     if (Path(source) / name).is_file():

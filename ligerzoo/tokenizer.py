@@ -423,9 +423,9 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
         ValueError: tokenizer_config.json or chat_template.json that is not valid JSON, or a
             tokenizer.json the tokenizers library cannot read.
     """
-    from ligerzoo.hub import TEMPLATE_DIR, _read_json, resolve
+    from ligerzoo.hub import TEMPLATE_DIR, _read_json, _resolve
 
-    directory = Path(resolve(id_or_dir, revision, weights=False))
+    directory = Path(_resolve(id_or_dir, revision, False))
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory}")

@@ -957,12 +957,29 @@ def test_tokenizer_files_follow_a_relative_source_dir_across_chdir(tmp_path, mon
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 7}\n'
 
     shutil.rmtree(tmp_path / "work" / "ckpt")
-    with pytest.warns(UserWarning, match="no longer a directory, so no tokenizer"):
+    with pytest.warns(UserWarning, match="is not a directory .* so its tokenizer and chat-template files are not copied"):
         ligerzoo.save_hf(model, tmp_path / "out2")
     # the generation settings the model holds in memory are still written; the tokenizer files are not
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors"]
     assert json.loads((tmp_path / "out2" / "generation_config.json").read_text()) == model.generation_config
+
+
+def test_source_dir_after_a_link_and_dotdot_is_where_the_weights_were_read(tmp_path, monkeypatch):
+    """In "link/../ckpt" the OS goes up from the link's target, so the tokenizer files must come
+    from there too, not from the directory a textual ".." removal names (a review's case)."""
+    make_hf_llama(tmp_path / "real" / "ckpt")
+    (tmp_path / "real" / "ckpt" / "tokenizer_config.json").write_text('{"tag": "real"}\n')
+    (tmp_path / "real" / "deep").mkdir()
+    (tmp_path / "work" / "ckpt").mkdir(parents=True)   # what "link/../ckpt" would be as text
+    (tmp_path / "work" / "ckpt" / "tokenizer_config.json").write_text('{"tag": "decoy"}\n')
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "real" / "deep")
+    monkeypatch.chdir(tmp_path / "work")
+    model = ligerzoo.from_hf("link/../ckpt")
+    assert model.source_dir.is_absolute() and model.source_dir.resolve() == (tmp_path / "real" / "ckpt").resolve()
+    monkeypatch.chdir(tmp_path)
+    ligerzoo.save_hf(model, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"tag": "real"}\n'
 
 
 def test_revision_with_a_local_directory_warns(tmp_path):
@@ -973,6 +990,9 @@ def test_revision_with_a_local_directory_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"revision='v2' is ignored: .* is a local directory") as record:
         ligerzoo.from_hf(tmp_path / "ckpt", revision="v2")
     assert record[0].filename == __file__  # points at the caller's line
+    with pytest.warns(UserWarning, match="is ignored") as record:
+        ligerzoo.hub.resolve(tmp_path / "ckpt", "v2")   # the public helper itself, too
+    assert record[0].filename == __file__
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
