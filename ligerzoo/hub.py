@@ -356,9 +356,9 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         ``model.train()`` before training: Mixtral's router jitter noise is the one part that
         depends on the mode), with ``model.config`` read from config.json and
         ``model.source_dir`` the directory it came from, made absolute (``..`` kept for the OS
-        to resolve; save_hf copies
-        tokenizer and generation files from it) and ``model.generation_config`` its generation_config.json
-        (a dict, {} without one; ``generate``'s default eos ids come from it).
+        to resolve; save_hf copies tokenizer and generation files from it) and
+        ``model.generation_config`` its generation_config.json (a dict, {} without one;
+        ``generate``'s default eos ids come from it).
 
     Raises:
         ValueError: unknown ``model_type`` (listing the supported ones), a config field the

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -993,7 +994,6 @@ def test_revision_with_a_local_directory_warns(tmp_path):
     with pytest.warns(UserWarning, match="is ignored") as record:
         ligerzoo.hub.resolve(tmp_path / "ckpt", "v2")   # the public helper itself, too
     assert record[0].filename == __file__
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ligerzoo.from_hf(tmp_path / "ckpt")  # no revision: no warning
