@@ -92,7 +92,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids (a list of ints) of ``text``; the tokenizer's post-processor adds BOS
-        etc. when ``add_special_tokens``."""
+        etc. when ``add_special_tokens``.
+
+        Raises:
+            TypeError: ``text`` is not a ``str`` (a batch is encoded one text at a time).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes one str, got {type(text).__name__}; encode a batch one text at a time")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str | list[str]:

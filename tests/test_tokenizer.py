@@ -422,3 +422,15 @@ def test_unreadable_tokenizer_json_is_named(make_dir):
     (d / "tokenizer.json").write_text("{oops")
     with pytest.raises(ValueError, match=r"tokenizer\.json is not a tokenizer\.json the tokenizers library can read"):
         ligerzoo.load_tokenizer(d)
+
+
+def test_encode_takes_one_str_and_matches_transformers(make_dir):
+    """encode gives transformers' ids for a text, and anything but a str (a batch, bytes, None) is
+    refused by name instead of with the tokenizers library's "TextInputSequence must be str"."""
+    hf, ours = both(make_dir())
+    text = "The capital of France is Paris."
+    assert ours.encode(text) == hf.encode(text)
+    assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    for bad in (["a", "b"], b"ab", None):
+        with pytest.raises(TypeError, match=f"encode takes one str, got {type(bad).__name__}"):
+            ours.encode(bad)
