@@ -151,6 +151,10 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
             import ligerzoo.models.fused
 
             ligerzoo.models.fused.ENABLED = False
+        if os.environ.get("LZ_FLEX_DEFAULTS"):  # experiment: torch's own flex_attention tiles everywhere
+            import ligerzoo.models.flex
+
+            ligerzoo.models.flex.SM90_HEAD256_OPTIONS = None
         if variant == "ligerzoo-dense":  # packed documents / windows as dense SDPA masks
             import ligerzoo.models.flex
 

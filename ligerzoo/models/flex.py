@@ -29,6 +29,17 @@ BLOCK = 128  # tile edge of the block mask, in positions (flex_attention's defau
 # limit flex_attention falls back to its eager form, which materialises the (T, S) scores)
 RECOMPILE_LIMIT = 64
 
+# flex_attention's tiles for 16-bit heads of 256 features on sm90 (H100 / H200). torch's defaults
+# there (forward 64 queries x 32 keys, 3 stages, 4 warps; backward 64 x 64, 2 stages, 4 warps) ran
+# Gemma2-9B's heads (16 q / 8 kv heads, softcap 50, causal, 4 x 2048 tokens, bf16) at 146 and 85
+# TFLOP/s. Forward tiles of 128 x 64 under 8 warps (2 stages) and the backward's under 8 warps: 602
+# against 942 us forward, 3144 against 4034 backward; 3 stages or 128-wide backward tiles exceed
+# the shared memory (session 31, benchmarks/probes/s31/flex_d256.py, benchmarks/e2e_h200_s31.log
+# runs 4 and 5; the Gemma2 4 x 2048 step: 48,577 against 47,337 tokens/s). Other head sizes keep
+# torch's defaults, which torch tunes per size.
+SM90_HEAD256_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8,
+                        "bwd_num_warps": 8}
+
 _compiled = None
 _last: tuple | None = None  # (dense mask, B, T, S, block mask): one per forward and layer type
 
@@ -177,6 +188,14 @@ def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device)
     return block
 
 
+def _kernel_options(q: torch.Tensor) -> dict | None:
+    """flex_attention's ``kernel_options`` for q's head size, dtype and GPU (None: torch's own)."""
+    if (q.shape[-1] == 256 and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda
+            and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return SM90_HEAD256_OPTIONS
+    return None
+
+
 def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
     """q (B, nh, T, hd), k/v (B, nkv, S, hd); mask a :class:`BlockMask`, a bool (B|1, 1, T, S)
     tensor, or None (causal). Returns (B, nh, T, hd) in q's dtype. ``softcap``: scores become
@@ -185,7 +204,7 @@ def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tenso
     S = k.shape[2]
     block = mask if isinstance(mask, BlockMask) else _dense_block_mask(mask, B, T, S, q.device)
     options = dict(score_mod=None if softcap is None else _softcap(softcap), block_mask=block, scale=scale,
-                   enable_gqa=k.shape[1] != q.shape[1])
+                   enable_gqa=k.shape[1] != q.shape[1], kernel_options=_kernel_options(q))
     if torch.compiler.is_compiling():  # (the model does not call it there: it takes the dense path)
         return _flex()(q, k, v, **options)
     from torch._dynamo import config

@@ -164,3 +164,41 @@ def test_gemma2_under_torch_compile_gives_the_eager_loss(tmp_path, no_tf32):
             want = model(ids, labels=ids, position_ids=pos)
             got = compiled(ids, labels=ids, position_ids=pos)
         torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+
+
+def _attention_f64(q, k, v, scale, softcap):
+    """Causal softcapped GQA attention in float64 from its definition (the reference)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, T, T)
+    s = softcap * torch.tanh(s / softcap)
+    T = q.shape[2]
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_head256_tiles_are_as_exact_as_torchs(monkeypatch, dtype):
+    """Heads of 256 features (Gemma2), 16-bit, softcap 50, causal GQA 4/2 over 2 x 700 tokens:
+    the output and every gradient under the tiles flex.py passes on sm90 (SM90_HEAD256_OPTIONS)
+    are as close to float64 attention as under torch's default tiles (within 2x of their error)."""
+    B, H, KV, T, D = 2, 4, 2, 700, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, n, T, D, device="cuda", generator=g).to(dtype) for n in (H, KV, KV, H))
+    scale, cap = D ** -0.5 * 4, 50.0  # scores of a few tens: the softcap bends them
+    want = _attention_f64(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), scale, cap)
+    want_grads = torch.autograd.grad(want, (q, k, v), do.double())
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert flex._kernel_options(q) is flex.SM90_HEAD256_OPTIONS
+
+    def errors():
+        out = flex.attention(q, k, v, None, scale, cap)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        return [((a.double() - b).norm() / b.norm()).item() for a, b in zip((out, *grads), (want, *want_grads))]
+    tuned = errors()
+    monkeypatch.setattr(flex, "SM90_HEAD256_OPTIONS", None)
+    default = errors()
+    print(f"relative errors (out, dq, dk, dv): tuned {tuned}, torch's tiles {default}")
+    assert all(e < 0.02 for e in tuned), tuned
+    assert all(a <= 2 * b + 1e-4 for a, b in zip(tuned, default)), (tuned, default)
