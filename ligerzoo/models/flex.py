@@ -29,14 +29,15 @@ BLOCK = 128  # tile edge of the block mask, in positions (flex_attention's defau
 # limit flex_attention falls back to its eager form, which materialises the (T, S) scores)
 RECOMPILE_LIMIT = 64
 
-# flex_attention's tiles for 16-bit heads of 256 features on sm90 (H100 / H200). torch's defaults
-# there (forward 64 queries x 32 keys, 3 stages, 4 warps; backward 64 x 64, 2 stages, 4 warps) ran
-# Gemma2-9B's heads (16 q / 8 kv heads, softcap 50, causal, 4 x 2048 tokens, bf16) at 146 and 85
-# TFLOP/s. Forward tiles of 128 x 64 under 8 warps (2 stages) and the backward's under 8 warps: 602
-# against 942 us forward, 3144 against 4034 backward; 3 stages or 128-wide backward tiles exceed
-# the shared memory (session 31, benchmarks/probes/s31/flex_d256.py, benchmarks/e2e_h200_s31.log
-# runs 4 and 5; the Gemma2 4 x 2048 step: 48,577 against 47,337 tokens/s). Other head sizes keep
-# torch's defaults, which torch tunes per size.
+# flex_attention's tiles for 16-bit heads of 256 features on NVIDIA sm90 (H100 / H200). torch's
+# defaults there (forward 64 queries x 32 keys, 3 stages, 4 warps; backward 64 x 64, 2 stages, 4
+# warps) ran Gemma2-9B's heads (16 q / 8 kv heads, softcap 50, causal, 4 x 2048 tokens, bf16) at 146
+# and 85 TFLOP/s (counting the causal half of the scores). Forward tiles of 128 x 64 under 8 warps
+# (2 stages) and the backward's under 8 warps: 602 against 942 us forward, 3144 against 4034
+# backward; with 3 stages (128 x 64 forward, 64 x 64 backward) or 64 x 128 tiles under 2 the
+# kernels exceed the shared memory (session 31, benchmarks/probes/s31/flex_d256.py,
+# benchmarks/e2e_h200_s31.log runs 4 and 5; the Gemma2 4 x 2048 step, one run each: 48,577 against
+# 47,337 tokens/s). Other head sizes keep torch's defaults, which torch tunes per size.
 SM90_HEAD256_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8,
                         "bwd_num_warps": 8}
 
@@ -188,12 +189,22 @@ def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device)
     return block
 
 
-def _kernel_options(q: torch.Tensor) -> dict | None:
-    """flex_attention's ``kernel_options`` for q's head size, dtype and GPU (None: torch's own)."""
-    if (q.shape[-1] == 256 and q.dtype in (torch.bfloat16, torch.float16) and q.is_cuda
-            and torch.cuda.get_device_capability(q.device) == (9, 0)):
-        return SM90_HEAD256_OPTIONS
-    return None
+def _kernel_options(q: torch.Tensor, block_size: tuple[int, int], capability=None) -> dict | None:
+    """flex_attention's ``kernel_options`` for q (B, nh, T, hd) under a block mask of
+    ``block_size`` (query, key) positions per tile; None leaves torch's own tiles.
+
+    :data:`SM90_HEAD256_OPTIONS` for 16-bit heads of 256 on an NVIDIA sm90 GPU (``capability``,
+    read from q's device when None), when T >= 128 (shorter queries go to inductor's decoding
+    kernel, whose bounds checks assume its own tile) and the mask's tiles are multiples of the
+    options' (128 queries, 64 keys); None elsewhere (ROCm included)."""
+    if (SM90_HEAD256_OPTIONS is None or q.shape[-1] != 256 or q.dtype not in (torch.bfloat16, torch.float16)
+            or q.shape[-2] < 128 or block_size[0] % 128 or block_size[1] % 64 or torch.version.hip is not None):
+        return None
+    if capability is None:
+        if q.device.type != "cuda":
+            return None
+        capability = torch.cuda.get_device_capability(q.device)
+    return SM90_HEAD256_OPTIONS if tuple(capability) == (9, 0) else None
 
 
 def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
@@ -204,7 +215,7 @@ def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tenso
     S = k.shape[2]
     block = mask if isinstance(mask, BlockMask) else _dense_block_mask(mask, B, T, S, q.device)
     options = dict(score_mod=None if softcap is None else _softcap(softcap), block_mask=block, scale=scale,
-                   enable_gqa=k.shape[1] != q.shape[1], kernel_options=_kernel_options(q))
+                   enable_gqa=k.shape[1] != q.shape[1], kernel_options=_kernel_options(q, block.BLOCK_SIZE))
     if torch.compiler.is_compiling():  # (the model does not call it there: it takes the dense path)
         return _flex()(q, k, v, **options)
     from torch._dynamo import config

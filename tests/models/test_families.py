@@ -553,8 +553,9 @@ def _as_the_kernel_sees_it(block_mask, T, S, B=None):
     return seen[:, :T, :S]
 
 
-def _flex_as_its_kernel(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False):
+def _flex_as_its_kernel(q, k, v, score_mod=None, block_mask=None, scale=None, enable_gqa=False, kernel_options=None):
     """flex_attention written out over :func:`_as_the_kernel_sees_it`'s pairs (fp32 softmax)."""
+    assert kernel_options is None  # tiles are chosen only for CUDA tensors
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = q @ k.transpose(2, 3) * scale  # (B, nh, T, S)
@@ -589,6 +590,27 @@ def test_block_masks_give_transformers_attention(tmp_path, name, monkeypatch):
         ref = _step_matches_transformers(hf, ours, name, ids, pos, labels)
         with torch.no_grad():
             torch.testing.assert_close(ours(ids, position_ids=pos).logits, ref.logits, atol=2e-5, rtol=2e-5)
+
+
+def test_flex_tiles_are_chosen_only_where_they_were_measured(monkeypatch):
+    """flex._kernel_options: SM90_HEAD256_OPTIONS for 16-bit heads of 256 on sm90 with at least
+    128 queries and 128-position mask tiles; torch's own tiles (None) for fp32, other head
+    sizes, short queries (inductor's decoding kernel), other tile sizes, other GPUs, CPU tensors."""
+    from ligerzoo.models import flex
+
+    def q(T=2048, hd=256, dtype=torch.bfloat16, device="meta"):
+        return torch.empty(2, 16, T, hd, dtype=dtype, device=device)
+    tiles = flex.SM90_HEAD256_OPTIONS
+    assert flex._kernel_options(q(), (128, 128), (9, 0)) is tiles
+    assert flex._kernel_options(q(dtype=torch.float16), (128, 128), (9, 0)) is tiles
+    assert flex._kernel_options(q(T=128), (256, 128), (9, 0)) is tiles
+    for args in [(q(dtype=torch.float32), (128, 128), (9, 0)), (q(hd=128), (128, 128), (9, 0)),
+                 (q(T=127), (128, 128), (9, 0)), (q(T=64), (128, 128), (9, 0)), (q(), (8, 8), (9, 0)),
+                 (q(), (64, 128), (9, 0)), (q(), (128, 32), (9, 0)), (q(), (128, 128), (8, 0)),
+                 (q(), (128, 128), (10, 0)), (q(device="cpu"), (128, 128), None)]:
+        assert flex._kernel_options(*args) is None, args
+    monkeypatch.setattr(flex, "SM90_HEAD256_OPTIONS", None)
+    assert flex._kernel_options(q(), (128, 128), (9, 0)) is None
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mistral"])

@@ -178,6 +178,8 @@ def _attention_f64(q, k, v, scale, softcap):
     return torch.softmax(s, -1) @ v
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the tiles are chosen for sm90 only (elsewhere both runs would take torch's)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_head256_tiles_are_as_exact_as_torchs(monkeypatch, dtype):
     """Heads of 256 features (Gemma2), 16-bit, softcap 50, causal GQA 4/2 over 2 x 700 tokens:
@@ -186,11 +188,10 @@ def test_head256_tiles_are_as_exact_as_torchs(monkeypatch, dtype):
     B, H, KV, T, D = 2, 4, 2, 700, 256
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, n, T, D, device="cuda", generator=g).to(dtype) for n in (H, KV, KV, H))
-    scale, cap = D ** -0.5 * 4, 50.0  # scores of a few tens: the softcap bends them
+    scale, cap = D ** -0.5 * 4, 50.0  # scores of standard deviation 4, up to about 15 (bent by about 3%)
     want = _attention_f64(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), scale, cap)
     want_grads = torch.autograd.grad(want, (q, k, v), do.double())
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert flex._kernel_options(q) is flex.SM90_HEAD256_OPTIONS
+    assert flex._kernel_options(q, (128, 128)) is flex.SM90_HEAD256_OPTIONS
 
     def errors():
         out = flex.attention(q, k, v, None, scale, cap)
