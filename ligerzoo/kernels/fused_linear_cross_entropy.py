@@ -79,20 +79,30 @@ def default_chunk_size(n_rows: int, hidden: int, vocab: int) -> int:
 _OUT_DTYPE_MM: Optional[bool] = None  # whether torch.addmm(..., out_dtype=) works on CUDA
 
 
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` where ``acc`` may be fp32 while ``a``, ``b`` are bf16/fp16."""
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool = False) -> None:
+    """``acc += a @ b`` where ``acc`` may be fp32 while ``a``, ``b`` are bf16/fp16 (the
+    product then leaves the GEMM in fp32). ``write``: ``acc = a @ b`` instead, the same values
+    as adding to zeros, without reading ``acc`` (which may hold anything: the first chunk's
+    GEMM neither needs a zero-filled buffer nor reads one)."""
     global _OUT_DTYPE_MM
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        torch.mm(a, b, out=acc) if write else acc.addmm_(a, b)
         return
     if a.is_cuda and _OUT_DTYPE_MM is not False:
         try:  # fp32 output straight from the GEMM's fp32 accumulator (torch >= 2.8)
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _OUT_DTYPE_MM = True
+            if write:
+                torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+            else:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+                _OUT_DTYPE_MM = True
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_MM = False
-    if a.is_cuda:
+            if not write:
+                _OUT_DTYPE_MM = False
+    if write:  # the accumulating forms below, onto zeros
+        acc.zero_()
+        _accumulate_mm(acc, a, b)
+    elif a.is_cuda:
         acc.add_(torch.mm(a, b))  # product rounded once per chunk, sum kept in acc.dtype
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
@@ -116,24 +126,30 @@ class _WeightGradAccumulator:
         self.shape, self.out_dtype = (vocab, hidden), out_dtype
         ratio = torch.empty(0, dtype=accum_dtype).element_size() // max(1, torch.empty(0, dtype=out_dtype).element_size())
         self.split = ratio == 2 and torch.empty(0, dtype=accum_dtype).element_size() == 4 and vocab >= 2
+        # uninitialised: the first add_mm writes every element (no fill, and its GEMMs read nothing)
+        self.written = False
         if not self.split:
-            self.parts = [torch.zeros((vocab, hidden), dtype=accum_dtype, device=device)]
+            self.parts = [torch.empty((vocab, hidden), dtype=accum_dtype, device=device)]
             self.rows = [(0, vocab)]
             return
         r1 = vocab // 2
         # first allocation: room for all V*H results of the narrow dtype (= ceil(V*H / 2) wide elements)
-        self.storage = torch.zeros(-(-vocab * hidden // 2), dtype=accum_dtype, device=device)
+        self.storage = torch.empty(-(-vocab * hidden // 2), dtype=accum_dtype, device=device)
         self.parts = [self.storage[: r1 * hidden].view(r1, hidden),
-                      torch.zeros((vocab - r1, hidden), dtype=accum_dtype, device=device)]
+                      torch.empty((vocab - r1, hidden), dtype=accum_dtype, device=device)]
         self.rows = [(0, r1), (r1, vocab)]
 
     def add_mm(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """``dW += a @ b`` for ``a`` (V, C) (any strides), ``b`` (C, H)."""
         for part, (lo, hi) in zip(self.parts, self.rows):
-            _accumulate_mm(part, a[lo:hi], b)
+            _accumulate_mm(part, a[lo:hi], b, write=not self.written)
+        self.written = True
 
     def finish(self) -> torch.Tensor:
         """The accumulated (V, H) gradient in ``out_dtype`` (the accumulator is consumed)."""
+        if not self.written:  # nothing added: zeros
+            for part in self.parts:
+                part.zero_()
         if not self.split:
             out = self.parts[0]
             return out if out.dtype == self.out_dtype else out.to(self.out_dtype)

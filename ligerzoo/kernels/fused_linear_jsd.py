@@ -188,9 +188,9 @@ def _chunk_loop(xs, ws, xt, wt, labels, scale, beta, ignore_index, temperature, 
     compute_grad = need_x or need_w
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=xs.device)
     grad_x = torch.empty_like(xs) if need_x else None                                # (N, Hs)
-    grad_w = torch.zeros((vocab, hidden), dtype=torch.float32, device=xs.device) if need_w else None
+    grad_w = torch.empty((vocab, hidden), dtype=torch.float32, device=xs.device) if need_w else None
     if n_rows == 0:
-        return loss_rows, grad_x, grad_w
+        return loss_rows, grad_x, grad_w.zero_() if need_w else None
     chunk = max(1, min(int(chunk_size), n_rows))
     buf_s = torch.empty((chunk, vocab), dtype=xs.dtype, device=xs.device)           # (C, V)
     buf_t = torch.empty((chunk, vocab), dtype=xt.dtype, device=xt.device)           # (C, V)
@@ -207,7 +207,7 @@ def _chunk_loop(xs, ws, xt, wt, labels, scale, beta, ignore_index, temperature, 
         if need_x:
             torch.mm(s, ws, out=grad_x[start:end])
         if need_w:
-            _accumulate_mm(grad_w, s.t(), xs_c)
+            _accumulate_mm(grad_w, s.t(), xs_c, write=start == 0)  # the first chunk writes: no zero fill
     return loss_rows, grad_x, grad_w
 
 

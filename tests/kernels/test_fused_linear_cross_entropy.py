@@ -366,6 +366,43 @@ def test_weight_grad_accumulator_narrows_in_place_exactly(vocab, hidden, out_dty
         assert got.untyped_storage().nbytes() <= vocab * hidden * got.element_size() + 4
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_weight_grad_accumulator_never_reads_its_uninitialised_buffer(out_dtype):
+    """The accumulator is allocated without a fill: the first add_mm writes every element
+    (garbage in the buffer never reaches the result), and with nothing added finish() gives
+    zeros."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import _WeightGradAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden = 37, 11
+    acc = _WeightGradAccumulator(vocab, hidden, torch.float32, out_dtype, "cpu")
+    for part in acc.parts:
+        part.fill_(float("nan"))
+    a, b = torch.randn(4, vocab, generator=g).t(), torch.randn(4, hidden, generator=g)
+    acc.add_mm(a, b)
+    acc.add_mm(a, b)
+    torch.testing.assert_close(acc.finish(), (2 * (a @ b)).to(out_dtype), atol=1e-5, rtol=1e-5)
+    empty = _WeightGradAccumulator(vocab, hidden, torch.float32, out_dtype, "cpu")
+    for part in empty.parts:
+        part.fill_(float("nan"))
+    assert torch.equal(empty.finish(), torch.zeros(vocab, hidden, dtype=out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_accumulate_mm_write_equals_adding_to_zeros(dtype):
+    """_accumulate_mm(write=True) into a NaN-filled fp32 buffer gives exactly what adding the
+    product to zeros gives."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(6, 9, generator=g).to(dtype).t(), torch.randn(6, 5, generator=g).to(dtype)
+    want = torch.zeros(9, 5)
+    _accumulate_mm(want, a, b)
+    got = torch.full((9, 5), float("nan"))
+    _accumulate_mm(got, a, b, write=True)
+    assert torch.equal(got, want)
+
+
 def test_sum_variant_writes_dx_over_x_and_matches_the_op():
     from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_sum_
 

@@ -1,8 +1,10 @@
-# Prepared in session 31 for a later session (not run yet; about 9 minutes of device time):
+# Prepared in session 31 for a later session (not run yet; under 9 minutes of device time):
 # (1) every flex GPU test (run 5's 150 s limit cut them after 3 passes; the new head-256 test ran
-# alone in run 6); (2) the Mixtral-8x7B 2-layer 4 x 2048 rows e2e.csv lacks: transformers eager and
-# + torch.compile (Liger's Mixtral process took about 320 s in session 15, most before its first step).
+# alone in run 6) and the fused-linear loss GPU tests (the accumulator's first chunk now written
+# with beta = 0: NOTES session 31 item 4); (2) that change's effect on the step: Gemma2 and
+# Qwen2.5 at 4 x 2048, ligerzoo then Liger (predicted: Gemma2 +0.8%, Qwen2.5 less).
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu3/whl/*.whl 2>&1 | grep -v "already exists" | tail -1
 export PYTHONPATH="$PWD:/tmp/site" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 SPAWN_TIMEOUT=330
 timeout 200 python3 -m pytest -q -m gpu tests/models/test_flex_gpu.py --tb=short -p no:cacheprovider 2>&1 | grep -v Warn | tail -5 | tee $OUT/r7_tests.log
-timeout 340 python3 scripts/bench_e2e.py --models mixtral-8x7b-2l --shapes 4x2048 --checkpointing off --variants hf,compile --out $OUT/mix 2>&1 | grep -v Warn | tail -8 | tee $OUT/r7_mixtral.log
+timeout 150 python3 -m pytest -q -m gpu tests/kernels/test_fused_linear_cross_entropy.py tests/kernels/test_fused_linear_jsd.py --tb=short -p no:cacheprovider 2>&1 | grep -v Warn | tail -5 | tee -a $OUT/r7_tests.log
+timeout 150 python3 scripts/bench_e2e.py --models gemma2-9b-4l,qwen2.5-7b-4l --shapes 4x2048 --checkpointing off --variants ligerzoo,liger --out $OUT/fam 2>&1 | grep "tok/s\|rate" | tee $OUT/r7_e2e.log
