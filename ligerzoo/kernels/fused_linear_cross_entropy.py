@@ -219,12 +219,16 @@ def _chunk_loop(
 
 # ------------------------------------------------------------------ ops (torch.library + eager path)
 def _forward(x, weight, target, bias, ce_weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-             softcap, accum_dtype, chunk_size, need_x, need_w, need_b, grad_x_out=None):
+             softcap, accum_dtype, chunk_size, need_x, need_w, need_b, grad_x_out=None, scale=None):
     """The forward pass shared by the ops: -> (loss, z_loss, lse, grad_x, grad_w, grad_b),
-    gradients (None where not computed) only for "mean"/"sum"."""
+    gradients (None where not computed) only for "mean"/"sum". ``scale``: an optional 0-d fp32
+    tensor on x's device multiplying the loss and every gradient (folded into the kernels'
+    reduction factors, so it costs no pass of its own)."""
     n_rows = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     scales = reduction_scales(target, ce_weight, ignore_index, reduction, weight.shape[0])
+    if scale is not None:
+        scales[:2] *= scale  # [ce factor, z-loss factor]
     loss_rows, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
     z_rows = torch.empty(n_rows, **f32) if lse_square_scale != 0.0 else None  # only with the z-loss
     in_fwd = reduction != "none"
@@ -371,34 +375,38 @@ ops.fused_linear_cross_entropy.register_autograd(_backward, setup_context=_setup
 @kernel_op("fused_linear_cross_entropy_sum_", mutates_args=("x",))
 def _flce_sum_inplace_op(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int, softcap: Optional[float],
-    accum_dtype: torch.dtype, chunk_size: int, need_w: bool,
+    accum_dtype: torch.dtype, chunk_size: int, need_w: bool, scale: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # For callers that own x (N, H) and fold the loss into their own autograd function:
-    # reduction="sum" loss, d(loss)/dx written over x, and d(loss)/dW (empty unless need_w).
+    # reduction="sum" loss (times scale), d(loss)/dx written over x, and d(loss)/dW (empty unless need_w).
     loss, _, _, _, gw, _ = _forward(x, weight, target, None, None, ignore_index, "sum", 0.0, 0.0, softcap,
-                                    accum_dtype, chunk_size, True, need_w, False, grad_x_out=x)
+                                    accum_dtype, chunk_size, True, need_w, False, grad_x_out=x, scale=scale)
     return loss, gw if gw is not None else weight.new_empty(0)
 
 
 @_flce_sum_inplace_op.register_fake
-def _(x, weight, target, ignore_index, softcap, accum_dtype, chunk_size, need_w):
+def _(x, weight, target, ignore_index, softcap, accum_dtype, chunk_size, need_w, scale):
     return x.new_empty((), dtype=torch.float32), (torch.empty_like(weight) if need_w else weight.new_empty(0))
 
 
 def fused_linear_cross_entropy_sum_(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
     softcap: Optional[float] = None, accum_dtype: torch.dtype = torch.float32, need_w: bool = True,
+    scale: Optional[float | torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross entropy of ``x @ weight.T`` with its gradients, for fused callers.
 
     Not differentiable itself: it returns ``(loss, grad_w)`` (fp32 0-d; (V, H) in
     ``weight.dtype`` with fp32 accumulation, empty unless ``need_w``) and writes
     ``d(loss)/dx`` over ``x``, which the caller must own (e.g. the output of its own norm).
-    Same math as :func:`fused_linear_cross_entropy` with ``reduction="sum"``.
+    Same math as :func:`fused_linear_cross_entropy` with ``reduction="sum"``, times ``scale``.
 
     Args:
         x: (N, H) contiguous; weight: (V, H), same dtype; target: (N,) int64 with
             ``ignore_index`` entries allowed; softcap: final-logit soft-cap or None.
+        scale: None, a float or a one-element tensor (a caller's ``1 / count``, read on the
+            device, never on the host): the loss and both gradients are multiplied by it inside
+            the kernels (where a later ``* scale`` would cost a pass over each gradient).
 
     Raises:
         ValueError: as :func:`fused_linear_cross_entropy` (shapes, dtypes, targets out of range).
@@ -415,9 +423,14 @@ def fused_linear_cross_entropy_sum_(
     target = check_target_shape(target, x.shape[0], x.device)
     target_check = TargetCheck(target, weight.shape[0], ignore_index)  # waited on once the chunks are queued
     chunk = default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
+    if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+        raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
+    if scale is not None:  # a 0-d fp32 tensor on x's device (a float: filled there, no copy from the host)
+        scale = (scale.to(device=x.device, dtype=torch.float32).reshape(()) if isinstance(scale, torch.Tensor)
+                 else torch.full((), float(scale), dtype=torch.float32, device=x.device))
     out = ops.fused_linear_cross_entropy_sum_(
         x, weight.contiguous(), target, ignore_index, float(softcap) if softcap is not None else None,
-        accum_dtype, chunk, need_w)
+        accum_dtype, chunk, need_w, scale)
     target_check.wait()
     return out
 

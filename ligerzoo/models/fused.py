@@ -23,9 +23,9 @@ Four autograd functions, each built from our kernels and cuBLAS matmuls:
 
 Per Llama-3-8B layer at 32k tokens (bf16) that is 18.25 H -> 11.5 H of saved activations
 per token. The math is the unfused composition's: the block functions run the same kernels
-with the same roundings (bitwise equal); :func:`norm_linear_cross_entropy` scales the
-gradients by the incoming one after the norm's backward rather than before, so its results
-differ from the plain composition's in rounding order only. Each function falls back to that
+with the same roundings (bitwise equal); :func:`norm_linear_cross_entropy` applies its
+``scale`` inside the loss kernel and any other incoming gradient after the norm's backward,
+so its results differ from the plain composition's in rounding order only. Each function falls back to that
 plain composition without Triton (CPU with no interpreter, float64), under autocast, and
 when a projection is anything but a plain, hook-free ``nn.Linear`` (an adapter, a quantised
 layer, a hooked module is called, never bypassed). Second-order gradients are refused.
@@ -193,7 +193,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, linear) ->
 
 class _NormLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, norm_weight, weight, target, eps, offset, casting, ignore_index, softcap):
+    def forward(ctx, x, residual, norm_weight, weight, target, eps, offset, casting, ignore_index, softcap, scale):
         if residual is not None:
             n, s, rstd = ops.fused_add_rms_norm(x, residual, norm_weight, eps, offset, casting)
         else:
@@ -201,7 +201,8 @@ class _NormLinearCE(torch.autograd.Function):
             s = x
         H = n.shape[-1]
         loss, gw = fused_linear_cross_entropy_sum_(n.view(-1, H), weight, target.reshape(-1), ignore_index,
-                                                   softcap, need_w=ctx.needs_input_grad[3])  # n <- d loss / d n
+                                                   softcap, need_w=ctx.needs_input_grad[3],
+                                                   scale=scale)  # n <- d loss / d n
         dnw = ops.rms_norm_backward_inplace(n, s, norm_weight, rstd, offset, casting, None)  # n <- d s
         ctx.save_for_backward(n, dnw, gw)
         ctx.has_residual = residual is not None
@@ -215,22 +216,26 @@ class _NormLinearCE(torch.autograd.Function):
         ds = scale_saved_grad(ds, g, False)
         gw = scale_saved_grad(gw, g, False) if ctx.needs_input_grad[3] else None
         dnw = (dnw.float() * g.float()).to(dnw.dtype) if ctx.needs_input_grad[2] else None
-        return ds, (ds if ctx.has_residual else None), dnw, gw, None, None, None, None, None, None
+        return ds, (ds if ctx.has_residual else None), dnw, gw, None, None, None, None, None, None, None
 
 
 def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, norm, weight: torch.Tensor,
                               target: torch.Tensor, ignore_index: int = -100,
-                              softcap: float | None = None) -> torch.Tensor:
-    """Summed cross entropy of ``norm(x + residual) @ weight.T`` (the final norm and LM head).
+                              softcap: float | None = None, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross entropy of ``norm(x + residual) @ weight.T`` (the final norm and LM head),
+    times ``scale``.
 
     Args:
         x: (..., H) residual stream; residual: (..., H) or None (as :func:`norm_linear`).
         norm: the final :class:`ligerzoo.nn.RMSNorm`; weight: (V, H) LM-head weight.
         target: (...) int64 targets, ``ignore_index`` entries skipped; softcap: final-logit
             soft-cap or None.
+        scale: None, a float or a one-element tensor (no gradient flows to it), e.g. the
+            model's ``1 / num_items_in_batch``. Fused, it is folded into the kernels' gradients,
+            so ``backward()`` of the result moves no bytes to rescale them.
 
     Returns:
-        0-d fp32 loss summed over the counted targets.
+        0-d fp32 loss summed over the counted targets, times ``scale``.
 
     Fused (Triton, grad mode on and something to differentiate, contiguous bf16/fp32 ``x``,
     a hook-free norm, outside autocast): :func:`ligerzoo.kernels.fused_linear_cross_entropy`'s
@@ -252,12 +257,14 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
     if not (wants_grad and _fusable(x, norm.weight, weight) and x.is_contiguous() and _no_hooks(norm)
             and x.dtype != torch.float16):
         n, _ = add_norm(norm, x, residual)
-        return fused_linear_cross_entropy(n.reshape(-1, n.shape[-1]), weight, target.reshape(-1),
+        loss = fused_linear_cross_entropy(n.reshape(-1, n.shape[-1]), weight, target.reshape(-1),
                                           ignore_index=ignore_index, reduction="sum", softcap=softcap)
+        return loss if scale is None else loss * (scale.detach() if isinstance(scale, torch.Tensor) else scale)
     _check_norm_args(x, norm.weight, norm.casting_mode)
     row_settings(x.shape[-1])
     return _NormLinearCE.apply(x, residual, norm.weight, weight, target, float(norm.eps), float(norm.offset),
-                               norm.casting_mode, int(ignore_index), softcap)
+                               norm.casting_mode, int(ignore_index), softcap,
+                               scale.detach() if isinstance(scale, torch.Tensor) else scale)
 
 
 class _RopeQKV(torch.autograd.Function):

@@ -742,22 +742,22 @@ class CausalLM(nn.Module):
                 logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
             return CausalLMOutput(logits=logits, aux_loss=aux)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): targets[t] = labels[t + 1]
-        if plain_linear(self.lm_head) and self.lm_head.bias is None:
-            # final norm + LM head + summed cross entropy, without materialising the logits
-            loss_sum = norm_linear_cross_entropy(x, delta, self.norm, self.lm_head.weight, targets,
-                                                 IGNORE_INDEX, self.config.final_softcap)
-        else:
-            # a head that is not a bare weight (a LoRA or quantised wrapper, a forward hook, a
-            # bias): called as a module, a chunk of rows at a time
-            loss_sum = head_cross_entropy(self.lm_head, add_norm(self.norm, x, delta)[0], targets,
-                                          self.config.vocab_size, self.config.final_softcap)
         if num_items_in_batch is None:
             num_items_in_batch = (targets != IGNORE_INDEX).sum()
         if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss_sum.device).clamp(min=1)
+            num_items_in_batch = num_items_in_batch.to(x.device, torch.float32).clamp(min=1)
         else:
             num_items_in_batch = max(num_items_in_batch, 1)
-        loss = loss_sum / num_items_in_batch
+        if plain_linear(self.lm_head) and self.lm_head.bias is None:
+            # final norm + LM head + summed cross entropy over num_items_in_batch, without
+            # materialising the logits (the 1 / count is folded into the gradients it precomputes)
+            loss = norm_linear_cross_entropy(x, delta, self.norm, self.lm_head.weight, targets, IGNORE_INDEX,
+                                             self.config.final_softcap, scale=1 / num_items_in_batch)
+        else:
+            # a head that is not a bare weight (a LoRA or quantised wrapper, a forward hook, a
+            # bias): called as a module, a chunk of rows at a time
+            loss = head_cross_entropy(self.lm_head, add_norm(self.norm, x, delta)[0], targets,
+                                      self.config.vocab_size, self.config.final_softcap) / num_items_in_batch
         if aux is not None:
             loss = loss + self.config.router_aux_loss_coef * aux
         return CausalLMOutput(loss=loss, aux_loss=aux)

@@ -425,6 +425,33 @@ def test_sum_variant_writes_dx_over_x_and_matches_the_op():
         fused_linear_cross_entropy_sum_(x.clone(), w, torch.full((37,), 53))
 
 
+@pytest.mark.parametrize("scale", [0.25, "tensor", "tensor_1"])
+def test_sum_variant_folds_a_scale_into_the_loss_and_both_gradients(scale):
+    """``scale`` (a float, a 0-d or a one-element tensor: a caller's 1 / count) multiplies the
+    loss, dx and dW exactly as multiplying the summed loss would (float64 reference); a
+    tensor of more than one element is refused."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_sum_
+
+    torch.manual_seed(4)
+    x, w = torch.randn(29, 24), torch.randn(41, 24) * 0.3
+    t = torch.randint(0, 41, (29,))
+    t[::5] = IGNORE
+    factor = 1 / 23
+    s = {"tensor": torch.tensor(factor), "tensor_1": torch.tensor([factor])}.get(scale, scale)
+    factor = s if isinstance(s, float) else float(s)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(torch.tanh(xd @ wd.t() / 4.0) * 4.0, t, ignore_index=IGNORE,
+                                            reduction="sum") * factor
+    ref.backward()
+    buf = x.clone()
+    loss, gw = fused_linear_cross_entropy_sum_(buf, w, t, softcap=4.0, scale=s)
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(buf.double(), xd.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw.double(), wd.grad, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="one-element"):
+        fused_linear_cross_entropy_sum_(x.clone(), w, t, scale=torch.ones(2))
+
+
 def test_autocast_casts_the_inputs_as_a_linear_layer():
     """Mixed precision (fp32 weights, bf16 activations under torch.autocast): the loss and the
     fp32 weight's gradient are those of torch's linear + cross entropy under the same

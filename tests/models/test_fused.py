@@ -397,6 +397,51 @@ def test_norm_linear_cross_entropy_matches_float64(dtype, residual, softcap):
         torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype])
 
 
+@pytest.mark.parametrize("scale", [1 / 7, "tensor"])
+def test_norm_linear_cross_entropy_scale_matches_float64(scale):
+    """``scale`` (float or 0-d tensor) multiplies the loss and every gradient, with a further
+    incoming gradient of 0.5, against float64."""
+    torch.manual_seed(7)
+    H, V = 40, 75
+    norm = RMSNorm(H, 1e-5)
+    w = (torch.randn(V, H) * 0.3).requires_grad_()
+    x, r = (torch.randn(2, 9, H, requires_grad=True) for _ in range(2))
+    target = torch.randint(0, V, (2, 9))
+    target[:, ::4] = -100
+    s = torch.tensor(1 / 7) if scale == "tensor" else scale
+    loss = fused.norm_linear_cross_entropy(x, r, norm, w, target, -100, None, scale=s)
+    leaves = [x, r, norm.weight, w]
+    got = torch.autograd.grad(loss * 0.5, leaves)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    logits = F.linear(_rms(l64[0] + l64[1], l64[2], 1e-5, 0.0), l64[3])
+    loss64 = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), reduction="sum") / 7
+    want = torch.autograd.grad(loss64 * 0.5, l64)
+    torch.testing.assert_close(loss.double(), loss64, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_models_loss_backward_rescales_nothing(monkeypatch):
+    """The model divides its summed loss by the target count inside the fused loss (its
+    ``scale``), so a plain ``loss.backward()`` hands the precomputed gradients a factor of
+    exactly 1 (a kernel that returns at once) instead of 1 / count (a pass over dx and dW)."""
+    factors = []
+    real = fused.scale_saved_grad
+    monkeypatch.setattr(fused, "scale_saved_grad", lambda g, go, per_row: factors.append(float(go)) or real(g, go, per_row))
+    model, ids = _tiny_model()
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    assert factors and all(f == 1.0 for f in factors), factors
+    with torch.no_grad():  # the value: the mean over the 10 counted targets, from the logits
+        logits = model(ids).logits
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    assert int((targets != -100).sum()) == 10
+    want = F.cross_entropy(logits.reshape(-1, 64).double(), targets.reshape(-1), reduction="sum") / 10
+    torch.testing.assert_close(out.loss.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_norm_linear_cross_entropy_keeps_one_buffer_and_leaves_a_frozen_head_alone():
     torch.manual_seed(6)
     H, V = 64, 96
