@@ -81,9 +81,9 @@ _OUT_DTYPE_MM: Optional[bool] = None  # whether torch.addmm(..., out_dtype=) wor
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, write: bool = False) -> None:
     """``acc += a @ b`` where ``acc`` may be fp32 while ``a``, ``b`` are bf16/fp16 (the
-    product then leaves the GEMM in fp32). ``write``: ``acc = a @ b`` instead, the same values
-    as adding to zeros, without reading ``acc`` (which may hold anything: the first chunk's
-    GEMM neither needs a zero-filled buffer nor reads one)."""
+    product then leaves the GEMM in fp32). ``write``: ``acc = a @ b`` instead, the values of
+    adding to zeros; ``acc``'s prior contents are ignored (it may hold anything), and on CUDA
+    the GEMM does not read it (beta = 0: the first chunk needs no zero-filled buffer)."""
     global _OUT_DTYPE_MM
     if acc.dtype == a.dtype:
         torch.mm(a, b, out=acc) if write else acc.addmm_(a, b)
@@ -404,9 +404,12 @@ def fused_linear_cross_entropy_sum_(
     Args:
         x: (N, H) contiguous; weight: (V, H), same dtype; target: (N,) int64 with
             ``ignore_index`` entries allowed; softcap: final-logit soft-cap or None.
-        scale: None, a float or a one-element tensor (a caller's ``1 / count``, read on the
-            device, never on the host): the loss and both gradients are multiplied by it inside
-            the kernels (where a later ``* scale`` would cost a pass over each gradient).
+        scale: None, a float or a one-element tensor (a caller's ``1 / count``; a constant, no
+            gradient flows to it), read on the device, never on the host (a CPU tensor with a
+            CUDA ``x`` is copied over first): the loss and both gradients are multiplied by it
+            inside the kernels, where a later ``* scale`` would cost a pass over each gradient.
+            For fp16 ``x`` the products are taken afterwards instead (scaled before rounding
+            to fp16, the small per-row gradients of a large count would underflow).
 
     Raises:
         ValueError: as :func:`fused_linear_cross_entropy` (shapes, dtypes, targets out of range).
@@ -426,13 +429,18 @@ def fused_linear_cross_entropy_sum_(
     if isinstance(scale, torch.Tensor) and scale.numel() != 1:
         raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
     if scale is not None:  # a 0-d fp32 tensor on x's device (a float: filled there, no copy from the host)
-        scale = (scale.to(device=x.device, dtype=torch.float32).reshape(()) if isinstance(scale, torch.Tensor)
-                 else torch.full((), float(scale), dtype=torch.float32, device=x.device))
-    out = ops.fused_linear_cross_entropy_sum_(
+        scale = (scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
+                 if isinstance(scale, torch.Tensor) else torch.full((), float(scale), dtype=torch.float32, device=x.device))
+    after = scale if x.dtype == torch.float16 else None  # fp16: scaled after the kernels
+    loss, gw = ops.fused_linear_cross_entropy_sum_(
         x, weight.contiguous(), target, ignore_index, float(softcap) if softcap is not None else None,
-        accum_dtype, chunk, need_w, scale)
+        accum_dtype, chunk, need_w, None if after is not None else scale)
     target_check.wait()
-    return out
+    if after is not None:
+        loss = loss * after
+        x.mul_(after)
+        gw.mul_(after)
+    return loss, gw
 
 
 # ------------------------------------------------------------------------- reference

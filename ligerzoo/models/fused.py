@@ -232,7 +232,8 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
             soft-cap or None.
         scale: None, a float or a one-element tensor (no gradient flows to it), e.g. the
             model's ``1 / num_items_in_batch``. Fused, it is folded into the kernels' gradients,
-            so ``backward()`` of the result moves no bytes to rescale them.
+            so ``backward()`` of the result moves no bytes to rescale them; the plain
+            composition multiplies the loss by it.
 
     Returns:
         0-d fp32 loss summed over the counted targets, times ``scale``.
@@ -247,11 +248,16 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
     scaling keeps the norm weight's gradient in range). Otherwise the plain composition.
 
     Raises:
-        ValueError: as :func:`norm_linear` and :func:`ligerzoo.kernels.fused_linear_cross_entropy`.
+        ValueError: as :func:`norm_linear` and :func:`ligerzoo.kernels.fused_linear_cross_entropy`;
+            a ``scale`` tensor of more than one element.
     """
     if residual is not None:
         x, residual = _promote(x, residual)
         _check_residual(x, residual)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
+        scale = scale.detach().reshape(())  # a constant: no gradient flows to it
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, norm.weight, weight))
     if not (wants_grad and _fusable(x, norm.weight, weight) and x.is_contiguous() and _no_hooks(norm)
@@ -259,12 +265,12 @@ def norm_linear_cross_entropy(x: torch.Tensor, residual: torch.Tensor | None, no
         n, _ = add_norm(norm, x, residual)
         loss = fused_linear_cross_entropy(n.reshape(-1, n.shape[-1]), weight, target.reshape(-1),
                                           ignore_index=ignore_index, reduction="sum", softcap=softcap)
-        return loss if scale is None else loss * (scale.detach() if isinstance(scale, torch.Tensor) else scale)
+        # the plain composition multiplies afterwards (the loss's backward then rescales the gradients)
+        return loss if scale is None else loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale)
     _check_norm_args(x, norm.weight, norm.casting_mode)
     row_settings(x.shape[-1])
     return _NormLinearCE.apply(x, residual, norm.weight, weight, target, float(norm.eps), float(norm.offset),
-                               norm.casting_mode, int(ignore_index), softcap,
-                               scale.detach() if isinstance(scale, torch.Tensor) else scale)
+                               norm.casting_mode, int(ignore_index), softcap, scale)
 
 
 class _RopeQKV(torch.autograd.Function):

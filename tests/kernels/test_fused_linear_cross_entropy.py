@@ -452,6 +452,48 @@ def test_sum_variant_folds_a_scale_into_the_loss_and_both_gradients(scale):
         fused_linear_cross_entropy_sum_(x.clone(), w, t, scale=torch.ones(2))
 
 
+def test_sum_variant_scale_in_fp16_does_not_underflow_and_is_a_constant():
+    """fp16 with a large count's scale (1/65536): the scale is applied after the kernels, so the
+    per-row gradients are not flushed to zero before they are summed into dW (float64
+    reference); a scale that requires grad is taken as a constant (no graph on the loss)."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_sum_
+
+    torch.manual_seed(8)
+    n, h, v = 64, 32, 512
+    x, w = torch.randn(n, h), torch.randn(v, h) * 0.2
+    t = torch.randint(0, v, (n,))
+    scale = torch.tensor(1 / 65536, requires_grad=True)
+    buf = x.half()
+    loss, gw = fused_linear_cross_entropy_sum_(buf, w.half(), t, scale=scale)
+    assert not loss.requires_grad
+    xd, wd = x.half().double().requires_grad_(), w.half().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(xd @ wd.t(), t, reduction="sum") / 65536
+    ref.backward()
+    assert ((gw.double() - wd.grad).norm() / wd.grad.norm()).item() < 5e-3
+    # dx itself is about 1e-6, among fp16's subnormals (spaced 6e-8): 2e-2 is their resolution
+    # (scaled inside the kernels this was about 1e-1)
+    assert ((buf.double() - xd.grad).norm() / xd.grad.norm()).item() < 2e-2
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_accumulator_write_equals_adding_to_zeros():
+    """On CUDA the first chunk's GEMM writes the fp32 accumulator (mm with out_dtype, beta = 0):
+    the same values as adding the product to zeros (within fp32 rounding, should cuBLAS pick
+    another algorithm), with nothing read from the uninitialised buffer."""
+    from ligerzoo.kernels.fused_linear_cross_entropy import _accumulate_mm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(2048, 4000, device="cuda", generator=g).bfloat16().t()  # (V, C), transposed as in the loop
+    b = torch.randn(2048, 1024, device="cuda", generator=g).bfloat16()
+    want = torch.zeros(4000, 1024, device="cuda")
+    _accumulate_mm(want, a, b)
+    got = torch.full((4000, 1024), float("nan"), device="cuda")
+    _accumulate_mm(got, a, b, write=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 def test_autocast_casts_the_inputs_as_a_linear_layer():
     """Mixed precision (fp32 weights, bf16 activations under torch.autocast): the loss and the
     fp32 weight's gradient are those of torch's linear + cross entropy under the same

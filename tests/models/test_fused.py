@@ -397,10 +397,13 @@ def test_norm_linear_cross_entropy_matches_float64(dtype, residual, softcap):
         torch.testing.assert_close(a.double() / scale, b / scale, **TOL[dtype])
 
 
-@pytest.mark.parametrize("scale", [1 / 7, "tensor"])
-def test_norm_linear_cross_entropy_scale_matches_float64(scale):
-    """``scale`` (float or 0-d tensor) multiplies the loss and every gradient, with a further
-    incoming gradient of 0.5, against float64."""
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("scale", [1 / 7, "tensor", "tensor_1"])
+def test_norm_linear_cross_entropy_scale_matches_float64(scale, enabled, monkeypatch):
+    """``scale`` (float, 0-d or one-element tensor) multiplies the loss and every gradient, with
+    a further incoming gradient of 0.5, against float64, fused and in the plain composition
+    (0-d fp32 loss either way); a tensor of more elements is refused."""
+    monkeypatch.setattr(fused, "ENABLED", enabled)
     torch.manual_seed(7)
     H, V = 40, 75
     norm = RMSNorm(H, 1e-5)
@@ -408,8 +411,11 @@ def test_norm_linear_cross_entropy_scale_matches_float64(scale):
     x, r = (torch.randn(2, 9, H, requires_grad=True) for _ in range(2))
     target = torch.randint(0, V, (2, 9))
     target[:, ::4] = -100
-    s = torch.tensor(1 / 7) if scale == "tensor" else scale
+    s = {"tensor": torch.tensor(1 / 7, dtype=torch.float64), "tensor_1": torch.tensor([1 / 7])}.get(scale, scale)
     loss = fused.norm_linear_cross_entropy(x, r, norm, w, target, -100, None, scale=s)
+    assert loss.shape == () and loss.dtype == torch.float32
+    with pytest.raises(ValueError, match="one-element"):
+        fused.norm_linear_cross_entropy(x, r, norm, w, target, -100, None, scale=torch.ones(3))
     leaves = [x, r, norm.weight, w]
     got = torch.autograd.grad(loss * 0.5, leaves)
     l64 = [t.detach().double().requires_grad_() for t in leaves]
@@ -440,6 +446,22 @@ def test_the_models_loss_backward_rescales_nothing(monkeypatch):
     assert int((targets != -100).sum()) == 10
     want = F.cross_entropy(logits.reshape(-1, 64).double(), targets.reshape(-1), reduction="sum") / 10
     torch.testing.assert_close(out.loss.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_float64_models_loss_keeps_float64_precision():
+    """float64 (the plain composition): the 1 / count the loss is scaled by is taken in float64,
+    so the loss equals the float64 mean over the counted targets to float64 rounding."""
+    model, ids = _tiny_model()
+    model = model.double()
+    labels = ids.clone()
+    labels[0, :2] = -100
+    loss = model(ids, labels=labels).loss
+    with torch.no_grad():
+        logits = model(ids).logits
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    want = F.cross_entropy(logits.reshape(-1, 64), targets.reshape(-1), reduction="sum") / (targets != -100).sum()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want, atol=0, rtol=1e-14)
 
 
 def test_norm_linear_cross_entropy_keeps_one_buffer_and_leaves_a_frozen_head_alone():
