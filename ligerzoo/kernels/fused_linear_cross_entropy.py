@@ -429,8 +429,9 @@ def fused_linear_cross_entropy_sum_(
     if isinstance(scale, torch.Tensor) and scale.numel() != 1:
         raise ValueError(f"scale must be a number or a one-element tensor, got shape {tuple(scale.shape)}")
     if scale is not None:  # a 0-d fp32 tensor on x's device (a float: filled there, no copy from the host)
-        scale = (scale.detach().to(device=x.device, dtype=torch.float32).reshape(())
-                 if isinstance(scale, torch.Tensor) else torch.full((), float(scale), dtype=torch.float32, device=x.device))
+        f32 = dict(dtype=torch.float32, device=x.device)
+        scale = (scale.detach().to(**f32).reshape(()) if isinstance(scale, torch.Tensor)
+                 else torch.full((), float(scale), **f32))
     after = scale if x.dtype == torch.float16 else None  # fp16: scaled after the kernels
     loss, gw = ops.fused_linear_cross_entropy_sum_(
         x, weight.contiguous(), target, ignore_index, float(softcap) if softcap is not None else None,

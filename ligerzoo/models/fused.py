@@ -25,10 +25,11 @@ Per Llama-3-8B layer at 32k tokens (bf16) that is 18.25 H -> 11.5 H of saved act
 per token. The math is the unfused composition's: the block functions run the same kernels
 with the same roundings (bitwise equal); :func:`norm_linear_cross_entropy` applies its
 ``scale`` inside the loss kernel and any other incoming gradient after the norm's backward,
-so its results differ from the plain composition's in rounding order only. Each function falls back to that
-plain composition without Triton (CPU with no interpreter, float64), under autocast, and
-when a projection is anything but a plain, hook-free ``nn.Linear`` (an adapter, a quantised
-layer, a hooked module is called, never bypassed). Second-order gradients are refused.
+so its results differ from the plain composition's in rounding order only. Each function
+falls back to that plain composition without Triton (CPU with no interpreter, float64),
+under autocast, and when a projection is anything but a plain, hook-free ``nn.Linear`` (an
+adapter, a quantised layer, a hooked module is called, never bypassed). Second-order
+gradients are refused.
 
 Recompute in backward follows the selective-recomputation idea of Korthikanti et al. 2022
 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198), here

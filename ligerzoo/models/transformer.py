@@ -746,7 +746,8 @@ class CausalLM(nn.Module):
             num_items_in_batch = (targets != IGNORE_INDEX).sum()
         if isinstance(num_items_in_batch, torch.Tensor):
             # float32 at least (float64 for a float64 model): the 1 / count below is taken in it
-            num_items_in_batch = num_items_in_batch.to(x.device, torch.promote_types(x.dtype, torch.float32)).clamp(min=1)
+            count_dtype = torch.promote_types(x.dtype, torch.float32)
+            num_items_in_batch = num_items_in_batch.to(x.device, count_dtype).clamp(min=1)
         else:
             num_items_in_batch = max(num_items_in_batch, 1)
         if plain_linear(self.lm_head) and self.lm_head.bias is None:

@@ -433,7 +433,8 @@ def test_the_models_loss_backward_rescales_nothing(monkeypatch):
     exactly 1 (a kernel that returns at once) instead of 1 / count (a pass over dx and dW)."""
     factors = []
     real = fused.scale_saved_grad
-    monkeypatch.setattr(fused, "scale_saved_grad", lambda g, go, per_row: factors.append(float(go)) or real(g, go, per_row))
+    monkeypatch.setattr(fused, "scale_saved_grad",
+                        lambda g, go, per_row: factors.append(float(go)) or real(g, go, per_row))
     model, ids = _tiny_model()
     labels = ids.clone()
     labels[:, :3] = -100
