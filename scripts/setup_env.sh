@@ -15,6 +15,9 @@ else
     python3 -m venv "$ROOT/.venv"
   fi
   PY="$ROOT/.venv/bin/python"
+  # large wheels (triton's is ~290 MB) over a connection that drops: pip resumes them instead of
+  # failing the install (pip >= 25.1; older pips ignore the setting)
+  export PIP_RESUME_RETRIES="${PIP_RESUME_RETRIES:-30}" PIP_RETRIES="${PIP_RETRIES:-10}"
   if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q --upgrade pip
     if command -v nvidia-smi >/dev/null 2>&1; then
