@@ -7,5 +7,6 @@ P="timeout 200 python3 -m pytest -q -m gpu --tb=line -p no:cacheprovider tests/m
 $P -k "head256" > $OUT/r3_alone.log 2>&1 &
 $P -k "gemma2_under or head256" > $OUT/r3_gemma2.log 2>&1 &
 $P -k "bf16_block or head256" > $OUT/r3_bf16.log 2>&1 &
+timeout 200 python3 benchmarks/probes/s32/flex_lengths.py > $OUT/r3_lengths.log 2>&1 &
 wait
 for f in $OUT/r3_*.log; do echo "== $f"; grep -v "DEBUG\|^  warn\|Deprecat" $f | grep -i "graph break\|recompil\|passed\|failed\|Error\|reason\|triggered" | cut -c1-400 | head -40; done
