@@ -9,4 +9,4 @@ $P -k "gemma2_under or head256" > $OUT/r3_gemma2.log 2>&1 &
 $P -k "bf16_block or head256" > $OUT/r3_bf16.log 2>&1 &
 timeout 200 python3 benchmarks/probes/s32/flex_lengths.py > $OUT/r3_lengths.log 2>&1 &
 wait
-for f in $OUT/r3_*.log; do echo "== $f"; grep -v "DEBUG\|^  warn\|Deprecat" $f | grep -i "graph break\|recompil\|passed\|failed\|Error\|reason\|triggered" | cut -c1-400 | head -40; done
+for f in $OUT/r3_*.log; do echo "== $f"; grep -v "DEBUG\|^  warn\|Deprecat" $f | grep -i ": ok$\|Error:\|graph break\|recompil\|passed\|failed\|Error\|reason\|triggered" | cut -c1-400 | head -40; done
