@@ -42,7 +42,7 @@ SM90_HEAD256_OPTIONS = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages":
                         "bwd_num_warps": 8}
 
 _compiled = None
-_last: tuple | None = None  # (dense mask, B, T, S, block mask): one per forward and layer type
+_last: tuple | None = None  # (dense mask, B, T, S, device, block mask): one per forward and layer type
 
 
 def _flex():
@@ -166,10 +166,17 @@ def _softcap(softcap: float):
 
 
 def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device) -> BlockMask:
-    """A block mask from a dense bool mask (B|1, 1, T, S), or causal (offset S - T) for None."""
+    """A block mask from a dense bool mask (B|1, 1, T, S), or causal (offset S - T) for None.
+
+    Eager calls keep the last mask built (one per forward and layer type). Calls traced by
+    torch.compile neither read nor write that cache: a block mask dynamo rebuilds from a traced
+    region after the graph ran can carry traced state into a later eager call (on the H200 a
+    Gemma2 model compiled at 2 x 700 tokens broke the next eager flex call at that length with a
+    data-dependent graph break inside flex_attention; session 32, benchmarks/probes/s32/r3.sh)."""
     global _last
-    if _last is not None and _last[0] is mask and _last[1:4] == (B, T, S):
-        return _last[4]
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _last is not None and _last[0] is mask and _last[1:5] == (B, T, S, device):
+        return _last[5]
     from torch.nn.attention.flex_attention import create_block_mask
 
     if mask is None:
@@ -185,7 +192,8 @@ def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device)
         def mask_mod(b, h, q, kv):
             return dense[b if per_batch else 0, q, kv]
         block = create_block_mask(mask_mod, B if per_batch else None, None, T, S, device=device)
-    _last = (mask, B, T, S, block)
+    if not compiling:
+        _last = (mask, B, T, S, device, block)
     return block
 
 

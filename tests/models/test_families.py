@@ -613,6 +613,34 @@ def test_flex_tiles_are_chosen_only_where_they_were_measured(monkeypatch):
     assert flex._kernel_options(q(), (128, 128), (9, 0)) is None
 
 
+def test_the_block_mask_cache_is_eager_only(monkeypatch):
+    """flex._dense_block_mask keeps the last eager mask (same dense mask object, B, T, S and
+    device: the same block back) and never one built while torch.compile traces: a compiled call
+    neither returns the eager entry nor replaces it (a traced block carried into a later eager
+    call broke flex_attention on the H200, session 32)."""
+    from ligerzoo.models import flex
+
+    cpu = torch.device("cpu")
+    seen = []
+
+    def traced(x):
+        seen.append(flex._dense_block_mask(None, 2, 300, 300, cpu))  # the traced block
+        return x + seen[-1].kv_num_blocks.sum()
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)
+    monkeypatch.setattr(flex, "_last", None)
+    compiled(torch.ones(3))
+    assert flex._last is None
+    first = flex._dense_block_mask(None, 2, 300, 300, cpu)
+    assert flex._dense_block_mask(None, 2, 300, 300, cpu) is first
+    assert flex._dense_block_mask(None, 2, 300, 301, cpu) is not first  # another key length
+    first = flex._dense_block_mask(None, 2, 300, 300, cpu)
+    compiled(torch.ones(3))
+    assert seen[-1] is not first
+    assert flex._last[-1] is first and flex._dense_block_mask(None, 2, 300, 300, cpu) is first
+    for block in seen:
+        torch.testing.assert_close(block.to_dense(), first.to_dense())
+
+
 @pytest.mark.parametrize("name", ["gemma2", "mistral"])
 def test_blocks_compiled_apart_take_the_block_mask_as_a_dense_one(tmp_path, name, monkeypatch):
     """Blocks compiled one by one (as torchtitan compiles them) while the model builds its
