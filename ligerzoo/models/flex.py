@@ -167,15 +167,10 @@ def _softcap(softcap: float):
 
 def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device) -> BlockMask:
     """A block mask from a dense bool mask (B|1, 1, T, S), or causal (offset S - T) for None.
-
-    Eager calls keep the last mask built (one per forward and layer type). Calls traced by
-    torch.compile neither read nor write that cache: a block mask dynamo rebuilds from a traced
-    region after the graph ran can carry traced state into a later eager call (on the H200 a
-    Gemma2 model compiled at 2 x 700 tokens broke the next eager flex call at that length with a
-    data-dependent graph break inside flex_attention; session 32, benchmarks/probes/s32/r3.sh)."""
+    The last one built is kept for the next call with the same mask object, B, T, S and device
+    (one per forward and layer type)."""
     global _last
-    compiling = torch.compiler.is_compiling()
-    if not compiling and _last is not None and _last[0] is mask and _last[1:5] == (B, T, S, device):
+    if _last is not None and _last[0] is mask and _last[1:5] == (B, T, S, device):
         return _last[5]
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -192,8 +187,7 @@ def _dense_block_mask(mask: torch.Tensor | None, B: int, T: int, S: int, device)
         def mask_mod(b, h, q, kv):
             return dense[b if per_batch else 0, q, kv]
         block = create_block_mask(mask_mod, B if per_batch else None, None, T, S, device=device)
-    if not compiling:
-        _last = (mask, B, T, S, device, block)
+    _last = (mask, B, T, S, device, block)
     return block
 
 
@@ -228,5 +222,10 @@ def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tenso
         return _flex()(q, k, v, **options)
     from torch._dynamo import config
 
-    with config.patch(recompile_limit=max(RECOMPILE_LIMIT, config.recompile_limit)):
+    # specialize_float: scale and softcap stay constants of each compiled form (one form per
+    # value). Otherwise dynamo turns a float that changed between calls (a second model's softcap)
+    # into a traced tensor, which flex_attention reads back on the host: a graph break at its
+    # call, whose eager fallback fails in the backward (H200, torch 2.11; session 32) or, on the
+    # CPU, an inductor error
+    with config.patch(recompile_limit=max(RECOMPILE_LIMIT, config.recompile_limit), specialize_float=True):
         return _flex()(q, k, v, **options)

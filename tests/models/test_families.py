@@ -613,32 +613,45 @@ def test_flex_tiles_are_chosen_only_where_they_were_measured(monkeypatch):
     assert flex._kernel_options(q(), (128, 128), (9, 0)) is None
 
 
-def test_the_block_mask_cache_is_eager_only(monkeypatch):
-    """flex._dense_block_mask keeps the last eager mask (same dense mask object, B, T, S and
-    device: the same block back) and never one built while torch.compile traces: a compiled call
-    neither returns the eager entry nor replaces it (a traced block carried into a later eager
-    call broke flex_attention on the H200, session 32)."""
+def test_the_block_mask_cache_is_keyed_by_shape_and_device(monkeypatch):
+    """flex._dense_block_mask hands back the last block for the same mask object, B, T, S and
+    device, and builds a new one when any of them differs (a mask of another device included)."""
     from ligerzoo.models import flex
 
-    cpu = torch.device("cpu")
-    seen = []
-
-    def traced(x):
-        seen.append(flex._dense_block_mask(None, 2, 300, 300, cpu))  # the traced block
-        return x + seen[-1].kv_num_blocks.sum()
-    compiled = torch.compile(traced, backend="eager", fullgraph=True)
     monkeypatch.setattr(flex, "_last", None)
-    compiled(torch.ones(3))
-    assert flex._last is None
+    cpu, meta = torch.device("cpu"), torch.device("meta")
     first = flex._dense_block_mask(None, 2, 300, 300, cpu)
     assert flex._dense_block_mask(None, 2, 300, 300, cpu) is first
-    assert flex._dense_block_mask(None, 2, 300, 301, cpu) is not first  # another key length
+    for args in [(None, 1, 300, 300, cpu), (None, 2, 300, 301, cpu), (None, 2, 299, 300, cpu),
+                 (torch.ones(1, 1, 300, 300, dtype=torch.bool), 2, 300, 300, cpu)]:
+        assert flex._dense_block_mask(*args) is not first, args[1:4]
     first = flex._dense_block_mask(None, 2, 300, 300, cpu)
-    compiled(torch.ones(3))
-    assert seen[-1] is not first
-    assert flex._last[-1] is first and flex._dense_block_mask(None, 2, 300, 300, cpu) is first
-    for block in seen:
-        torch.testing.assert_close(block.to_dense(), first.to_dense())
+    other = flex._dense_block_mask(None, 2, 300, 300, meta)
+    assert other.kv_num_blocks.device == meta and first.kv_num_blocks.device == cpu
+
+
+def test_flex_keeps_serving_after_a_softcap_or_scale_changes():
+    """One process, flex_attention (inductor, CPU, no grad: flex has no CPU backward) called with
+    changing scales and softcaps, as a second model would: every call equals causal softcapped
+    GQA attention in float64 and none breaks the graph. Before specialize_float, the fourth call
+    (a new softcap) failed in inductor here, and on the H200 fell back to an eager flex whose
+    backward raised (session 32)."""
+    from torch._dynamo.utils import counters
+    from ligerzoo.models import flex
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 200, 32, generator=g) for n in (4, 2, 2))
+    counters.clear()
+    for scale, cap in ((0.125, None), (0.25, None), (0.5, 5.0), (0.3, 3.0), (0.3, 5.0)):
+        with torch.no_grad():
+            got = flex.attention(q, k, v, None, scale, cap)
+        s = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * scale  # (B, H, T, T)
+        if cap is not None:
+            s = cap * torch.tanh(s / cap)
+        s = s.masked_fill(~torch.ones(200, 200, dtype=torch.bool).tril(), float("-inf"))
+        want = torch.softmax(s, -1) @ v.double().repeat_interleave(2, 1)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mistral"])
