@@ -222,10 +222,11 @@ def attention(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tenso
         return _flex()(q, k, v, **options)
     from torch._dynamo import config
 
-    # specialize_float: scale and softcap stay constants of each compiled form (one form per
-    # value). Otherwise dynamo turns a float that changed between calls (a second model's softcap)
-    # into a traced tensor, which flex_attention reads back on the host: a graph break at its
-    # call, whose eager fallback fails in the backward (H200, torch 2.11; session 32) or, on the
-    # CPU, an inductor error
+    # specialize_float: scale and softcap stay constants of each compiled form. Otherwise dynamo
+    # turns a float that changed between calls (a second model's softcap) into a traced tensor,
+    # which flex_attention reads back on the host: a graph break at its call, whose eager fallback
+    # failed in the backward (H200, torch 2.11; session 32) or, on the CPU, an inductor error.
+    # The cost: one compile per distinct value (a model has one scale and one softcap; a value new
+    # on every call would reach RECOMPILE_LIMIT and then run torch's eager flex_attention)
     with config.patch(recompile_limit=max(RECOMPILE_LIMIT, config.recompile_limit), specialize_float=True):
         return _flex()(q, k, v, **options)
