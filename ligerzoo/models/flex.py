@@ -50,9 +50,15 @@ def _flex():
     if _compiled is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        def flex(q, k, v, **options):
+            # dynamo keeps compiled forms per code object: through this frame ours stay apart from
+            # those of a caller's own torch.compile(flex_attention) (its limit is 8, ours
+            # RECOMPILE_LIMIT; sharing flex_attention's would push the caller's to eager)
+            return flex_attention(q, k, v, **options)
+
         # torch.compile's default shape handling: static first, dynamic once a length changes
         # (a fixed dynamic=False would recompile per sequence length up to the recompile limit)
-        _compiled = torch.compile(flex_attention)
+        _compiled = torch.compile(flex)
     return _compiled
 
 

@@ -635,10 +635,14 @@ def test_flex_keeps_serving_after_a_softcap_or_scale_changes():
     changing scales and softcaps, as a second model would: every call equals causal softcapped
     GQA attention in float64 and none breaks the graph. Before specialize_float, the fourth call
     (a new softcap) failed in inductor here, and on the H200 fell back to an eager flex whose
-    backward raised (session 32)."""
+    backward raised (session 32). The compiled forms are kept on flex.py's own frame, not on
+    flex_attention's, where a caller's own torch.compile(flex_attention) keeps its."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
     from ligerzoo.models import flex
 
+    theirs = len(_debug_get_cache_entry_list(flex_attention.__code__))  # a caller's own compiled forms
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, n, 200, 32, generator=g) for n in (4, 2, 2))
     counters.clear()
@@ -652,6 +656,9 @@ def test_flex_keeps_serving_after_a_softcap_or_scale_changes():
         want = torch.softmax(s, -1) @ v.double().repeat_interleave(2, 1)
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    # ours live on flex's own frame: none added to flex_attention's (the caller's limit of 8)
+    assert len(_debug_get_cache_entry_list(flex._flex()._torchdynamo_orig_callable.__code__)) >= 4
+    assert len(_debug_get_cache_entry_list(flex_attention.__code__)) == theirs
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mistral"])
