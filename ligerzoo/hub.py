@@ -474,8 +474,8 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
         unit.reshard()                # compute-dtype copies, not DTensors: back to the sharded fp32 weights
     max_shard_size = _check_shard_size(max_shard_size)
     params = _named_params(model)
-    _check_params_fit_config(model.config, params)  # before anything is written
-    _check_model_follows_config(model)
+    _check_model_follows_config(model)  # before anything is written (first: it builds nothing
+    _check_params_fit_config(model.config, params)  # from a config whose RoPE fields no longer fit)
     sharded = any_dtensor(params.values())  # then every rank gathers each full tensor; rank 0 writes
     writer = not sharded or torch.distributed.get_rank() == 0
     given = Path(save_directory).expanduser().absolute()
@@ -585,13 +585,17 @@ def _check_model_follows_config(model) -> None:
     from ligerzoo.models.transformer import MLP, rope_inv_freq
 
     config, problems = model.config, []
-    want = {False: rope_inv_freq(config)}
-    if (config.rope_scaling or {}).get("rope_type") == "longrope":
-        want[True] = rope_inv_freq(config, long=True)
     have = model._inv_freq
-    if set(have) != set(want) or any(not torch.equal(have[k][0].cpu(), want[k][0]) or have[k][1] != want[k][1]
-                                     for k in want):
-        problems.append("the RoPE frequencies (rope_theta, rope_scaling, partial_rotary_factor)")
+    try:
+        want = {False: rope_inv_freq(config)}
+        if (config.rope_scaling or {}).get("rope_type") == "longrope":
+            want[True] = rope_inv_freq(config, long=True)
+        same = set(have) == set(want) and all(have[k][0].shape == want[k][0].shape and torch.equal(
+            have[k][0].cpu(), want[k][0]) and have[k][1] == want[k][1] for k in want)
+    except (KeyError, TypeError, ValueError, RuntimeError, ZeroDivisionError):  # tables the edit cannot make
+        same = False
+    if not same:
+        problems.append("the RoPE frequencies (rope_theta, rope_scaling, partial_rotary_factor, head_dim)")
     scale = config.attn_scale if config.attn_scale is not None else config.head_dim ** -0.5
     for i, layer in enumerate(model.layers):
         if (layer.attn.scale, layer.attn.softcap) != (scale, config.attn_softcap):

@@ -902,6 +902,36 @@ def test_save_refuses_a_config_edited_after_the_model_was_built(tmp_path):
         setattr(moe.config, field, before)
 
 
+def test_a_longrope_model_keeps_its_built_tables_when_its_config_is_edited(tmp_path):
+    """Phi3's LongRoPE: the forward picks its table by the length fixed at build, not by a
+    later config.rope_scaling (cleared, it used to raise a bare TypeError); save_hf refuses such
+    an edit, and a partial_rotary_factor edit (whose factor lists no longer fit: a raw
+    broadcasting error before), with its ValueError; an empty sequence gives (B, 0, V) logits
+    like every other family (max() of no positions raised)."""
+    from ligerzoo.models.config import ModelConfig
+
+    config = ModelConfig(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, partial_rotary_factor=0.5,
+                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5],
+                                       "long_factor": [2.0, 4.0], "original_max_position_embeddings": 16})
+    torch.manual_seed(0)
+    model = ligerzoo.CausalLM(config)
+    ids = torch.randint(0, 64, (2, 20))  # past 16 positions: the long table
+    with torch.no_grad():
+        want = model(ids).logits
+        assert model(ids[:, :0]).logits.shape == (2, 0, 64)
+        scaling = model.config.rope_scaling
+        model.config.rope_scaling = None
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+    for field, value in (("rope_scaling", None), ("partial_rotary_factor", 1.0)):
+        model.config.rope_scaling, model.config.partial_rotary_factor = scaling, 0.5
+        setattr(model.config, field, value)
+        with pytest.raises(ValueError, match="changed after the model was built.*RoPE"):
+            ligerzoo.save_hf(model, tmp_path / field)
+        assert not (tmp_path / field).exists()
+
+
 def test_configs_built_in_code_name_their_rope_type_and_activation_as_transformers(tmp_path):
     """A rope_scaling copied from a 4.x config.json ("type") is read as its rope_type (it used
     to run the default RoPE silently); one without a type is refused; "gelu_tanh" is stored as

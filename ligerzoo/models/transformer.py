@@ -537,8 +537,12 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self._inv_freq = {False: rope_inv_freq(config)}
+        # LongRoPE: the long table serves positions past this length (fixed at build, like the
+        # tables: a later edit of config.rope_scaling is refused by save_hf, never half-followed)
+        self._longrope_original: int | None = None
         if (config.rope_scaling or {}).get("rope_type") == "longrope":
             self._inv_freq[True] = rope_inv_freq(config, long=True)
+            self._longrope_original = int(config.rope_scaling["original_max_position_embeddings"])
         self._inv_freq_on: dict = {}
         if not self.embed.weight.is_meta:
             self.init_weights()
@@ -574,8 +578,8 @@ class CausalLM(nn.Module):
         short call keep their short-factor rotation). Under torch.compile both tables are made
         and the pick happens on the device (no host read of the positions)."""
         long = False
-        if True in self._inv_freq:
-            original = self.config.rope_scaling["original_max_position_embeddings"]
+        original = self._longrope_original
+        if original is not None and position_ids.numel():  # (no positions: no table to pick)
             if torch.compiler.is_compiling():  # no data-dependent branch: both tables, picked on the device
                 longer = position_ids.max() + 1 > original  # 0-d bool
                 short_cs, long_cs = (rope_cos_sin(position_ids, *self._inv_freq_for(position_ids.device, k), half_table=True)
@@ -891,9 +895,8 @@ class CausalLM(nn.Module):
         # when the sequence (padding included) first grows past original_max_position_embeddings,
         # and recomputes it; other families with LongRoPE keep their cache.
         long_rope_at = None  # that length
-        if (True in self._inv_freq and self.config.model_type == "phi3"
-                and T <= self.config.rope_scaling["original_max_position_embeddings"]):
-            long_rope_at = self.config.rope_scaling["original_max_position_embeddings"] + 1
+        if self._longrope_original is not None and self.config.model_type == "phi3" and T <= self._longrope_original:
+            long_rope_at = self._longrope_original + 1
         if max_new_tokens == 0:
             return input_ids.to(torch.long, copy=True)  # int64 and the caller's own tensor left alone
         h = self._final_hidden(input_ids, positions, attention_mask if padded else None, cache)[:, -1]  # (B, H)
