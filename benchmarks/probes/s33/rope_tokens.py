@@ -80,7 +80,10 @@ def qkv_views(qkv, nq, nk, D):
 
 
 def check(dev, shapes, T, dtype):
-    """The probe's kernel against the package's, both directions, every BLOCK_T (bitwise)."""
+    """The probe's kernel against the package's, both directions, every BLOCK_T (bitwise on the CPU;
+    on the GPU the compiler may contract other products into FMAs: within one bf16 rounding)."""
+    same = (lambda a, b: torch.equal(a, b)) if dev == "cpu" else (
+        lambda a, b: torch.allclose(a.float(), b.float(), rtol=2**-7, atol=2**-14))
     for NH, NKV, D, fam in shapes:
         q = torch.randn(1, T, NH, D, device=dev, dtype=dtype)
         k = torch.randn(1, T, NKV, D, device=dev, dtype=dtype)
@@ -92,13 +95,13 @@ def check(dev, shapes, T, dtype):
             for bt in (1, 2, 4):
                 qp, kp = q.clone(), k.clone()
                 launch(qp, kp, hcos, hsin, backward, bt, 2)
-                assert torch.equal(qp, qr) and torch.equal(kp, kr), (fam, backward, bt)
+                assert same(qp, qr) and same(kp, kr), (fam, backward, bt)
                 qkv = torch.randn(1, T, (NH + 2 * NKV) * D, device=dev, dtype=dtype)
                 ref = qkv.clone()
                 R._launch(*qkv_views(ref, NH, NKV, D), hcos, hsin, backward=backward, half_table=True, inplace=True)
                 launch_joint(qkv, NH, NKV, D, hcos, hsin, backward, bt, 2)
-                assert torch.equal(qkv, ref), (fam, backward, bt, "joint")
-    print("probe kernel equals the package's:", [s[-1] for s in shapes], T, dtype, flush=True)
+                assert same(qkv, ref), (fam, backward, bt, "joint")
+    print("probe kernel matches the package's:", [s[-1] for s in shapes], T, dtype, flush=True)
 
 
 if __name__ == "__main__" and not torch.cuda.is_available():  # CPU, interpreter: correctness only
