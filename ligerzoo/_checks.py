@@ -1,7 +1,11 @@
-"""Argument checks shared by the data pipeline, the models and the kernels."""
+"""Argument checks shared by the data pipeline, the models and the kernels, and the one way
+the package warns its user."""
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
 
 import torch
 from torch import nn
@@ -13,6 +17,19 @@ def is_int(v) -> bool:
     if isinstance(v, torch.Tensor):
         return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside the ligerzoo package: the user's
+    line that called into it, however deep inside the package the warning is raised (Python
+    3.12's ``skip_file_prefixes``, for 3.11)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn_user's caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def any_dtensor(tensors) -> bool:

@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ligerzoo._checks import any_dtensor, fsdp_modules, is_int
+from ligerzoo._checks import any_dtensor, fsdp_modules, is_int, warn_user
 from ligerzoo.models import CausalLM, family
 from ligerzoo.models.config import ModelConfig, dtype_from_str, with_dtype
 from ligerzoo.models.keymap import KeyMap, Slot
@@ -62,13 +61,12 @@ def resolve(id_or_dir: str | os.PathLike, revision: str | None = None, weights: 
 
 
 def _resolve(id_or_dir: str | os.PathLike, revision: str | None, weights: bool) -> Path:
-    """:func:`resolve` for it and the public loaders to call: its warning points two frames up,
-    past the caller, at the user's line."""
+    """:func:`resolve`'s body, for it and the public loaders to call."""
     path = Path(id_or_dir).expanduser()
     if path.is_dir():
         if revision is not None:  # also catches a local directory that shadows a repo id of that name
-            warnings.warn(f"revision={revision!r} is ignored: {str(id_or_dir)!r} is a local directory, which "
-                          "is read as it is (a revision selects a version of a hub repo id)", stacklevel=3)
+            warn_user(f"revision={revision!r} is ignored: {str(id_or_dir)!r} is a local directory, which "
+                      "is read as it is (a revision selects a version of a hub repo id)")
         return path
     text = str(id_or_dir)
     if path.exists() or text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1:
@@ -408,7 +406,7 @@ def _read_generation_config(directory: Path, warn: bool = True) -> dict:
         return _read_json(path)
     except ValueError as e:
         if warn:
-            warnings.warn(f"ignoring {path}: {e}", stacklevel=3)
+            warn_user(f"ignoring {path}: {e}")
         return {}
 
 
@@ -520,11 +518,11 @@ def save_hf(model: CausalLM, save_directory: str | os.PathLike, *, max_shard_siz
                 (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
                 source = getattr(model, "source_dir", None)
                 if source is not None and not Path(source).is_dir():
-                    warnings.warn(f"save_hf: model.source_dir {str(source)!r} is not a directory (moved or deleted "
-                                  "since loading?), so its tokenizer and chat-template files are not copied into "
-                                  "the checkpoint (generation settings are still written from "
-                                  "model.generation_config); point model.source_dir at a directory that holds "
-                                  "them, or copy them into the checkpoint afterwards", stacklevel=2)
+                    warn_user(f"save_hf: model.source_dir {str(source)!r} is not a directory (moved or deleted "
+                              "since loading?), so its tokenizer and chat-template files are not copied into "
+                              "the checkpoint (generation settings are still written from "
+                              "model.generation_config); point model.source_dir at a directory that holds "
+                              "them, or copy them into the checkpoint afterwards")
                     source = None
                 for name in SIDE_FILES if source is not None else ():
                     if (Path(source) / name).is_file():

@@ -528,8 +528,9 @@ def test_dropout_in_the_config_is_reported():
 
     base = dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4)
-    with pytest.warns(UserWarning, match="attention_dropout=0.2, resid_pdrop=0.1"):
+    with pytest.warns(UserWarning, match="attention_dropout=0.2, resid_pdrop=0.1") as record:
         ligerzoo.models.config_from_hf(base | {"resid_pdrop": 0.1, "attention_dropout": 0.2})
+    assert record[0].filename == __file__  # the caller's line, not the package's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ligerzoo.models.config_from_hf(base | {"resid_pdrop": 0.0, "attention_dropout": 0.0})
@@ -988,8 +989,10 @@ def test_tokenizer_files_follow_a_relative_source_dir_across_chdir(tmp_path, mon
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"model_max_length": 7}\n'
 
     shutil.rmtree(tmp_path / "work" / "ckpt")
-    with pytest.warns(UserWarning, match="is not a directory .* so its tokenizer and chat-template files are not copied"):
+    with pytest.warns(UserWarning, match="is not a directory .* so its tokenizer and chat-template files are not copied") \
+            as record:
         ligerzoo.save_hf(model, tmp_path / "out2")
+    assert record[0].filename == __file__  # the caller's line, not the package's
     # the generation settings the model holds in memory are still written; the tokenizer files are not
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors"]

@@ -15,11 +15,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ligerzoo._checks import warn_user
 
 _DTYPES = {
     "float64": torch.float64,
@@ -329,13 +330,13 @@ def read_common(hf: dict, defaults: dict | None = None, partial_rotary: bool = F
         if rope_scaling is not None:
             raise ValueError(f"config.json sets partial_rotary_factor={factor} with a {rope_scaling.get('rope_type')!r} "
                              f"RoPE: the {family} family rotates whole heads (transformers cannot run this either)")
-        warnings.warn(f"config.json sets partial_rotary_factor={factor}, which the {family} family ignores: RoPE "
-                      f"rotates the whole head_dim, as in transformers", stacklevel=3)
+        warn_user(f"config.json sets partial_rotary_factor={factor}, which the {family} family ignores: RoPE "
+                  f"rotates the whole head_dim, as in transformers")
         factor = 1.0
     dropout = {k: hf[k] for k in DROPOUT_KEYS if isinstance(hf.get(k), (int, float)) and hf[k] > 0}
     if dropout:
-        warnings.warn(f"config.json sets {', '.join(f'{k}={v}' for k, v in dropout.items())}: ligerzoo models have "
-                      f"no dropout, so training runs without it (transformers would apply it)", stacklevel=3)
+        warn_user(f"config.json sets {', '.join(f'{k}={v}' for k, v in dropout.items())}: ligerzoo models have "
+                  f"no dropout, so training runs without it (transformers would apply it)")
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"

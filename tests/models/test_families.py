@@ -308,8 +308,9 @@ def test_partial_rotary_factor_outside_phi3_is_ignored_as_transformers(tmp_path,
     if name == "llama":
         extra["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     hf = make_hf(name, tmp_path / "hf", **extra)
-    with pytest.warns(UserWarning, match="partial_rotary_factor=0.5, which the .* family ignores"):
+    with pytest.warns(UserWarning, match="partial_rotary_factor=0.5, which the .* family ignores") as record:
         ours = ligerzoo.from_hf(tmp_path / "hf")
+    assert record[0].filename == __file__  # the user's from_hf line, however deep the family's reader
     assert ours.config.rotary_dim == ours.config.head_dim
     _logits_match(hf, ours, torch.randint(3, BASE["vocab_size"], (2, 20)))
     if name == "llama":

@@ -319,8 +319,9 @@ def test_generation_config_without_eos_save_and_bad_file(tmp_path):
     (src / "generation_config.json").unlink()
     assert ligerzoo.from_hf(src, dtype=torch.float32).generate(ids, 6).shape[1] == 6  # config.json's eos
     (src / "generation_config.json").write_text("{not json")
-    with pytest.warns(UserWarning, match="ignoring .*generation_config.json"):
+    with pytest.warns(UserWarning, match="ignoring .*generation_config.json") as record:
         model = ligerzoo.from_hf(src, dtype=torch.float32)
+    assert record[0].filename == __file__
     assert model.generation_config == {}
     model.generation_config = {"eos_token_id": [first], "max_new_tokens": 3}
     out = ligerzoo.save_hf(model, tmp_path / "out")
