@@ -774,8 +774,10 @@ _OWNED_KEYS = {"rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_
 
 def hf_config_for(config) -> dict:
     """The config.json dict for ``config``: the original file's dict when ``config`` still
-    describes it (so its schema, 4.x or 5.x, and every extra key survive), else one generated
-    from the current fields (4.x layout) plus the original's keys the family does not own.
+    describes it (so its schema, 4.x or 5.x, and every extra key survive); after an edit that
+    touches no layout-dependent key (``_OWNED_KEYS``: RoPE, layer types, dtype), such as a new
+    ``eos_token_id``, the original with the edited keys changed; else one generated from the
+    current fields (4.x layout) plus the original's keys the family does not own.
 
     Raises:
         ValueError: an unknown ``model_type``, or a config the family's config.json cannot
@@ -788,9 +790,33 @@ def hf_config_for(config) -> dict:
         return original  # (before generating: a layout the family's writer cannot produce still saves)
     generated = fam.config_to_hf(config)
     if original is not None:
+        edited = _edit_in_place(fam, original, config, generated)
+        if edited is not None:
+            return edited
         generated = {k: v for k, v in original.items() if k not in generated and k not in _OWNED_KEYS} | generated
     _check_expressible(config, fam.config_from_hf(generated))
     return generated
+
+
+def _edit_in_place(fam, original: dict, config, generated: dict) -> dict | None:
+    """``original`` with the keys the edit of ``config`` changed (``generated`` against the
+    original's own fields written the same way), when none of them is layout-dependent and the
+    result reads back as ``config``; else None."""
+    try:
+        before = fam.config_to_hf(dataclasses.replace(fam.config_from_hf(original), dtype=config.dtype))
+    except ValueError:  # a layout the family's writer cannot produce
+        return None
+    missing = object()
+    changed = {k for k in generated.keys() | before.keys() if generated.get(k, missing) != before.get(k, missing)}
+    if changed & _OWNED_KEYS:
+        return None
+    edited = {k: v for k, v in original.items() if k not in changed or k in generated}
+    edited.update({k: generated[k] for k in changed if k in generated})
+    try:
+        read_back = fam.config_from_hf(edited)
+    except ValueError:
+        return None
+    return edited if dataclasses.replace(read_back, dtype=None) == dataclasses.replace(config, dtype=None) else None
 
 
 def _check_expressible(config, read_back) -> None:

@@ -10,7 +10,7 @@ from types import ModuleType
 
 from ligerzoo.models import gemma, gemma2, llama, mistral, mixtral, phi3, qwen2
 from ligerzoo.models.config import MODEL_TYPES, ModelConfig
-from ligerzoo.models.transformer import CausalLM, CausalLMOutput, KVCache
+from ligerzoo.models.transformer import FROM_CHECKPOINT, CausalLM, CausalLMOutput, KVCache
 
 FAMILIES: dict[str, ModuleType] = {
     "llama": llama, "mistral": mistral, "mixtral": mixtral, "gemma": gemma, "gemma2": gemma2, "qwen2": qwen2,

@@ -482,6 +482,19 @@ def _same_on_every_rank(max_new_tokens: int, device) -> None:
                          f"{-int(t[1])} to {int(t[0])}")
 
 
+class _FromCheckpoint:
+    """The type of :data:`FROM_CHECKPOINT`."""
+
+    def __repr__(self) -> str:
+        return "FROM_CHECKPOINT"
+
+
+FROM_CHECKPOINT = _FromCheckpoint()
+"""``generate``'s default for ``eos_token_id`` and ``pad_token_id``: the checkpoint's value. An
+explicit None is not the default: as in transformers' ``generate``, ``eos_token_id=None`` never
+stops early and ``pad_token_id=None`` pads with the first eos id."""
+
+
 def _eos_list(eos) -> list[int]:
     """``generate``'s eos ids as a list: from None, an int, a sequence of ints, or a tensor /
     numpy array or scalar of ints (any shape).
@@ -794,8 +807,8 @@ class CausalLM(nn.Module):
                                  f"[{lo}, {hi}]")
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, eos_token_id=None,
-                 pad_token_id=None, temperature: float = 0.0, top_k: int | None = None, generator=None,
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, eos_token_id=FROM_CHECKPOINT,
+                 pad_token_id=FROM_CHECKPOINT, temperature: float = 0.0, top_k: int | None = None, generator=None,
                  synced_ranks: bool | None = None) -> torch.Tensor:
         """Decode with a KV cache: greedy when ``temperature == 0`` else sampling.
 
@@ -804,12 +817,15 @@ class CausalLM(nn.Module):
             max_new_tokens: tokens to add at most.
             attention_mask: (B, T), 1 for real tokens; None means no padding.
             eos_token_id: int, list of ints or int tensor; a row stops at its first one.
-                Default: generation_config.json's (``self.generation_config``; none when that
-                file has none), else, without that file, config.json's; ``[]`` never stops early.
+                Default (``FROM_CHECKPOINT``): generation_config.json's
+                (``self.generation_config``; none when that file has none), else, without that
+                file, config.json's. None or ``[]`` never stops early (as transformers, where
+                an explicit None overrides the checkpoint's).
             pad_token_id: int (or one-element int tensor) in [0, vocab_size) that fills a
-                stopped row's later positions, while other rows go on. Default, as
-                transformers: taken from the same file as the eos default, else (or when that
-                one is outside the vocabulary) the first eos id.
+                stopped row's later positions, while other rows go on. Default
+                (``FROM_CHECKPOINT``), as transformers: taken from the same file as the eos
+                default, else (or when that one is outside the vocabulary) the first eos id.
+                None: the first eos id (as transformers' explicit None).
             temperature: 0 for greedy decoding, > 0 (finite) to sample from
                 softmax(logits / temperature).
             top_k: when sampling, keep only the k most likely tokens (k >= 1).
@@ -861,11 +877,13 @@ class CausalLM(nn.Module):
                 and (any_dtensor(self.parameters()) or bool(fsdp_modules(self)))
         if synced_ranks:  # 0 too: a rank returning at once would leave the others waiting
             _same_on_every_rank(max_new_tokens, device)
-        if eos_token_id is None:  # as transformers: generation_config.json decides when there is one
+        if eos_token_id is FROM_CHECKPOINT:  # as transformers: generation_config.json decides when there is one
             eos_token_id = self.generation_config.get("eos_token_id") if self.generation_config \
                 else self.config.eos_token_id
         eos = torch.tensor(_eos_list(eos_token_id), device=device, dtype=torch.long)
-        if pad_token_id is None:
+        if pad_token_id is None:  # as transformers' explicit None: the first eos id, if any
+            pad_token_id = int(eos[0]) if eos.numel() else None
+        elif pad_token_id is FROM_CHECKPOINT:
             # as transformers: generation_config.json's, else the one config.json states (a
             # family's class default, e.g. Gemma's 0, sets the embedding's padding_idx only)
             pad_token_id = self.generation_config.get("pad_token_id") if self.generation_config \

@@ -149,6 +149,30 @@ def test_round_trip_bit_exact_and_transformers_loads_ours(tmp_path, name):
         assert torch.equal(back(ids).logits, ref(ids).logits)
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_an_edit_outside_the_layout_keeps_the_source_config(tmp_path, name):
+    """A config edit that no layout-dependent key expresses (here eos_token_id) is saved as the
+    source's config.json with that key changed: its schema (4.x or 5.x RoPE keys, layer_types,
+    dtype key) and extra keys stay; transformers reads it as the model."""
+    import transformers
+
+    make_hf(name, tmp_path / "hf")
+    ours = ligerzoo.from_hf(tmp_path / "hf")
+    ours.config.eos_token_id = 7
+    ligerzoo.save_hf(ours, tmp_path / "out")
+    src = json.loads((tmp_path / "hf" / "config.json").read_text())
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out == src | {"eos_token_id": 7}
+    assert ligerzoo.from_hf(tmp_path / "out").config == ours.config
+    cls = getattr(transformers, FAMILIES[name][1])
+    back = cls.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    ref = cls.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    assert back.config.eos_token_id == 7
+    ids = torch.randint(3, BASE["vocab_size"], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref(ids).logits)
+
+
 def test_model_built_in_code_round_trips_through_transformers(tmp_path):
     """Configs written by config_to_hf (no source config.json) load in transformers."""
     import transformers

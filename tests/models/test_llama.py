@@ -206,7 +206,9 @@ def test_generate_default_eos_from_generation_config(tmp_path):
 def test_generate_fills_a_stopped_row_with_the_pad_id_as_transformers(tmp_path):
     """A row that stops while another goes on is filled with pad_token_id, taken as
     transformers takes it: the argument, else the file the eos default comes from
-    (config.json without generation_config.json), else the first eos id."""
+    (config.json without generation_config.json), else the first eos id. An explicit None
+    overrides the checkpoint's, as in transformers: eos_token_id=None never stops,
+    pad_token_id=None pads with the first eos id."""
     import json
 
     from transformers import AutoModelForCausalLM
@@ -239,6 +241,13 @@ def test_generate_fills_a_stopped_row_with_the_pad_id_as_transformers(tmp_path):
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                           pad_token_id=0)
         assert model.generate(ids, 8, pad_token_id=torch.tensor(0)).tolist() == ref.tolist()
+        never = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+        assert model.generate(ids, 8, eos_token_id=None, pad_token_id=0).tolist() == never.tolist() == free.tolist()
+        by_eos = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=None)
+        got = model.generate(ids, 8, pad_token_id=None)
+        assert got.tolist() == by_eos.tolist() and got[0, 5 + new0.index(stop) + 1:].eq(stop).all(), (pad, gen)
     with pytest.raises(ValueError, match="pad_token_id must be an int"):
         model.generate(ids, 3, pad_token_id=1.0)
     for bad in (-1, V):
