@@ -5,6 +5,7 @@
     out.loss.backward()
     ligerzoo.save_hf(model, "out/")
 """
+from ligerzoo import data, kernels, nn, parallel  # so that ligerzoo.parallel.apply_fsdp etc. resolve
 from ligerzoo.hub import from_hf, save_hf
 from ligerzoo.models import CausalLM, CausalLMOutput, ModelConfig
 from ligerzoo.tokenizer import Tokenizer, load_tokenizer

@@ -363,13 +363,17 @@ def pack_documents(
 
     Raises:
         ValueError: ``seq_len`` not an int >= 2, ids that are not 1-D integers, an eos or pad
-            id that is not an int, or documents too short for one row (without ``pad_token_id``).
+            id that is not an int, a negative id (in a document, or an eos or pad id: -100 is
+            the labels' ignore value, never an input id), or documents too short for one row
+            (without ``pad_token_id``).
     """
     _check_sizes(seq_len, 1, min_seq_len=2)
     seq_len = int(seq_len)
     for name, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         if v is not None and not is_int(v):
             raise ValueError(f"{name} must be an int or None, got {v!r}")
+        if v is not None and v < 0:
+            raise ValueError(f"{name} must be a token id >= 0, got {int(v)} (it is fed to the model as an input id)")
     tail = torch.tensor([] if eos_token_id is None else [int(eos_token_id)], dtype=torch.long)
     rows_ids, rows_pos, ids, pos, room = [], [], [], [], seq_len
     for i, doc in enumerate(documents):
@@ -383,7 +387,10 @@ def pack_documents(
             raise ValueError(f"document {i} must be 1-D integer ids, got {doc.dtype} of shape {tuple(doc.shape)}")
         if not doc.numel():
             continue
-        rest = torch.cat([doc.reshape(-1).to(torch.long).cpu(), tail])
+        doc = doc.reshape(-1).to(torch.long).cpu()
+        if bool((doc < 0).any()):
+            raise ValueError(f"document {i} holds a negative id ({int(doc.min())}): token ids are >= 0")
+        rest = torch.cat([doc, tail])
         while rest.numel():  # one piece per row it reaches, its positions from 0
             take = min(room, rest.numel())
             ids.append(rest[:take])

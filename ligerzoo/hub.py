@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -336,6 +337,18 @@ def load_hf_state_dict(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> 
     _load(model, km, items, "state_dict")
 
 
+def _usable_device(device: torch.device | str | int | None) -> torch.device:
+    """``device`` (default CPU) as a torch.device, checked by allocating nothing on it there:
+    ValueError naming it when torch cannot (no such device type, no GPU, an index past the
+    machine's), before any file is read."""
+    try:
+        device = torch.device("cpu" if device is None else device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:  # torch raises all three, by cause
+        raise ValueError(f"device={str(device)!r} cannot be used on this machine ({type(e).__name__}: {e})") from e
+    return device
+
+
 def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
             device: torch.device | str | None = None, revision: str | None = None) -> CausalLM:
     """Load an HF causal-LM checkpoint (local dir or hub id) into a ligerzoo model.
@@ -363,16 +376,18 @@ def from_hf(id_or_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = N
             family cannot express (an activation, a rope type, a ``quantization_config``)
             or an invalid one (see :class:`ModelConfig`), a ``dtype`` other than float64 /
             float32 / bfloat16 / float16, tensors missing, unexpected, of the wrong shape
-            or not floating point, or a config.json / index that is not valid JSON.
+            or not floating point, a config.json / index that is not valid JSON, or a
+            ``device`` this machine cannot allocate on (e.g. "cuda" without a GPU).
         FileNotFoundError: no such directory/repo, no config.json, a missing shard.
     """
+    device = _usable_device(device)
     directory = _resolve(id_or_dir, revision, True)
     hf = read_config(directory)
     config = family(hf.get("model_type")).config_from_hf(hf)
     dtype = dtype_from_str(dtype) or config.dtype or _stored_dtype(directory) or torch.float32
     with torch.device("meta"):
         model = CausalLM(config)
-    model.to(dtype=dtype).to_empty(device=torch.device(device) if device is not None else "cpu")
+    model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     load_weights(model, directory)
     # absolute, so save_hf finds it from another working directory; pathlib keeps ".." for the OS
@@ -783,6 +798,12 @@ def hf_config_for(config) -> dict:
         ValueError: an unknown ``model_type``, or a config the family's config.json cannot
             express (the fields are named; e.g. Llama with ``qkv_bias != o_bias``).
     """
+    with warnings.catch_warnings():  # the loader's warnings about the original (dropout, ...) were shown
+        warnings.simplefilter("ignore", UserWarning)
+        return _hf_config_for(config)
+
+
+def _hf_config_for(config) -> dict:
     fam = family(config.model_type)
     original = config.hf_config
     if original is not None and (dataclasses.replace(fam.config_from_hf(original), dtype=None)

@@ -42,13 +42,16 @@ def held_out_loss(model, batches) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the module docstring as written, and each option's default
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    ap.add_argument("--steps", type=int, default=30, help="fine-tuning steps (AdamW)")
+    ap.add_argument("--batch-size", type=int, default=4, help="rows per step")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per row")
+    ap.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     ap.add_argument("--out", default=None, help="where save_hf writes (default: a temporary directory); "
                     "an existing non-empty directory is refused unless --overwrite")
     ap.add_argument("--overwrite", action="store_true", help="replace --out's contents")

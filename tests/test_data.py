@@ -260,6 +260,13 @@ def test_pack_documents_rows_pieces_and_labels():
         pack_documents([[1, 2]], 1)
     with pytest.raises(ValueError, match="eos_token_id must be"):
         pack_documents([[1, 2]], 2, eos_token_id=1.0)
+    # negative ids are refused here, not by the model later (-100 is the labels' value, not an id)
+    for kwargs, match in ((dict(eos_token_id=-1), "eos_token_id must be a token id >= 0, got -1"),
+                          (dict(pad_token_id=-100), "pad_token_id must be a token id >= 0, got -100")):
+        with pytest.raises(ValueError, match=match):
+            pack_documents([[5, 6, 7], [8, 9]], 4, **kwargs)
+    with pytest.raises(ValueError, match=r"document 1 holds a negative id \(-6\)"):
+        pack_documents([[5, 6], np.array([7, -6])], 2)
 
 
 def test_packed_rows_train_each_piece_as_if_alone():

@@ -536,6 +536,38 @@ def test_dropout_in_the_config_is_reported():
         ligerzoo.models.config_from_hf(base | {"resid_pdrop": 0.0, "attention_dropout": 0.0})
 
 
+def test_the_dropout_warning_comes_once_at_loading(tmp_path):
+    """save_hf reads the source's config again; the loader's warning is not repeated there."""
+    import warnings
+
+    make_hf_llama(tmp_path / "hf", attention_dropout=0.1)
+    with pytest.warns(UserWarning, match="attention_dropout=0.1"):
+        model = ligerzoo.from_hf(tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ligerzoo.save_hf(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_dropout"] == 0.1
+
+
+def test_from_hf_refuses_a_device_this_machine_lacks(tmp_path):
+    """Checked before any file is read, with the device named (torch's own errors were a bare
+    AssertionError for "cuda" on a CPU build)."""
+    make_hf_llama(tmp_path / "hf")
+    bad = ["no_such_device"] + (["cuda"] if not torch.cuda.is_available() else [f"cuda:{torch.cuda.device_count()}"])
+    for device in bad:
+        with pytest.raises(ValueError, match=f"device='{device}' cannot be used on this machine"):
+            ligerzoo.from_hf(tmp_path / "does-not-exist", device=device)
+    assert ligerzoo.from_hf(tmp_path / "hf", device=torch.device("cpu")).embed.weight.device.type == "cpu"
+
+
+def test_import_ligerzoo_reaches_its_submodules():
+    """The README writes ligerzoo.parallel.apply_fsdp, ligerzoo.data.pack_documents, ... after a
+    plain `import ligerzoo` (a fresh interpreter: this one has imported them already)."""
+    code = ("import ligerzoo; ligerzoo.parallel.apply_fsdp, ligerzoo.data.pack_documents, "
+            "ligerzoo.kernels.rms_norm, ligerzoo.nn.RMSNorm, ligerzoo.models.FROM_CHECKPOINT")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_save_hf_refuses_a_dangling_link(tmp_path):
     """A link to a missing directory is refused (writing through it created its target)."""
     from tests.helpers import make_hf_llama

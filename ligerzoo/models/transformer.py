@@ -725,8 +725,8 @@ class CausalLM(nn.Module):
                 (an out-of-range label there gives a NaN loss).
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}; "
-                             f"add a batch dim with input_ids[None]")
+            hint = "; add a batch dim with input_ids[None]" if input_ids.dim() == 1 else ""
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}{hint}")
         self._check_ids(input_ids)
         if labels is not None and input_ids.shape[1] == 0:
             raise ValueError("labels need sequences of at least one position (T >= 1), got input_ids of shape "
@@ -924,8 +924,9 @@ class CausalLM(nn.Module):
                 logits = self.lm_head(h).float()  # (B, V)
                 if self.config.final_softcap is not None:
                     logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
-                if temperature > 0:
-                    logits = logits / temperature
+                if temperature > 0:  # shifted (<= 0, 0 at the max) and divided in float64, where any
+                    # temperature > 0 is > 0 (1e-300 is 0 in fp32: 0 / 0 gave nan probabilities)
+                    logits = ((logits - logits.amax(-1, keepdim=True)).double() / temperature).float()
                     if top_k is not None:
                         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -277,6 +277,21 @@ def test_generate_refuses_bad_arguments(tmp_path):
     mask[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask have no real token"):
         ours.generate(ids, 3, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"got shape \(1, 2, 5\)$"):  # the [None] hint is for 1-D ids only
+        ours(ids[None])
+    with pytest.raises(ValueError, match=r"add a batch dim with input_ids\[None\]"):
+        ours(ids[0])
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy(tmp_path):
+    """softmax(logits / temperature) tends to the argmax as the temperature falls; logits / 1e-300
+    overflowed to inf and torch.multinomial raised on the nan probabilities."""
+    _, ours = _pair(tmp_path, {})
+    ids = torch.randint(3, ours.config.vocab_size, (2, 5))
+    greedy = ours.generate(ids, 6, eos_token_id=[])
+    for t in (1e-300, 1e-30):
+        got = ours.generate(ids, 6, eos_token_id=[], temperature=t, generator=torch.Generator().manual_seed(0))
+        assert got.tolist() == greedy.tolist(), t
 
 
 def test_input_ids_out_of_range_or_not_integers_raise(tmp_path):
