@@ -236,7 +236,10 @@ def _base_model_prefix(keys: list[str], km: KeyMap) -> str:
 
 
 @torch.no_grad()
-def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
+def _load(model: CausalLM, km: KeyMap, tensors, source: str, missing_hint=None) -> None:
+    """Copy ``tensors`` ((where, key, shape, read) items) into their slots of ``model``;
+    ``missing_hint(missing keys)`` adds to the error for missing tensors (e.g. the index's
+    part in it)."""
     params = _named_params(model)
     if model.config.tie_word_embeddings and "lm_head.weight" in params:
         raise ValueError("model.config.tie_word_embeddings is True, but lm_head.weight is a separate tensor from "
@@ -300,7 +303,7 @@ def _load(model: CausalLM, km: KeyMap, tensors, source: str) -> None:
     if unexpected or missing:
         parts = []
         if missing:
-            parts.append(f"missing tensor(s): {_listing(missing)}")
+            parts.append(f"missing tensor(s): {_listing(missing)}{missing_hint(missing) if missing_hint else ''}")
         if unexpected:
             parts.append(f"unexpected tensor(s) this {model.config.model_type} config does not use: {_listing(unexpected)}")
         raise ValueError(f"{source} does not match its config: " + "; ".join(parts))
@@ -321,7 +324,33 @@ def load_weights(model: CausalLM, directory: Path, km: KeyMap | None = None) -> 
         FileNotFoundError: no weights, or a shard the index names is missing.
     """
     km = km or family(model.config.model_type).key_map(model.config)
-    _load(model, km, _file_tensors(directory, km), f"checkpoint {directory}")
+    _load(model, km, _file_tensors(directory, km), f"checkpoint {directory}",
+          lambda missing: _index_hint(Path(directory), missing))
+
+
+def _index_hint(directory: Path, missing: set[str]) -> str:
+    """Where a sharded checkpoint's index went wrong for ``missing`` tensors: those it puts in
+    a shard that does not hold them, and the safetensors files it does not name (never read,
+    as transformers reads only the named shards); "" when the directory has no index in use."""
+    index = directory / INDEX_FILE
+    if (directory / SINGLE_FILE).is_file() or not index.is_file():
+        return ""
+    weight_map = _weight_map(index)
+    parts = []
+    misplaced = sorted(k for k in missing if k in weight_map)
+    if misplaced:
+        shown = ", ".join(f"{k} in {weight_map[k]}" for k in misplaced[:6])
+        more = f" ... and {len(misplaced) - 6} more" if len(misplaced) > 6 else ""
+        parts.append(f"{INDEX_FILE} lists {shown}{more}, which does not hold it")
+    unlisted = sorted(k for k in missing if k not in weight_map)
+    if unlisted:
+        parts.append(f"{INDEX_FILE} does not list {_listing(unlisted, 6)}")
+    named = set(weight_map.values())
+    unread = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in named)
+    if unread:
+        parts.append(f"{', '.join(unread)} in the directory {'is' if len(unread) == 1 else 'are'} not named by "
+                     f"the index, so {'it was' if len(unread) == 1 else 'they were'} not read")
+    return " (" + "; ".join(parts) + ")" if parts else ""
 
 
 def load_hf_state_dict(model: CausalLM, state_dict: dict[str, torch.Tensor]) -> None:

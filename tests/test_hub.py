@@ -177,6 +177,28 @@ def test_missing_tensor(tmp_path):
         ligerzoo.from_hf(tmp_path / "hf")
 
 
+def test_a_tensor_the_index_misplaces_is_named_with_the_index(tmp_path):
+    """An index that puts a tensor in the wrong shard (so the shard holding it is never read, as
+    in transformers, which would initialise that weight at random) is refused, naming the index's
+    entry and the unread shard rather than only a missing tensor."""
+    make_hf_llama(tmp_path / "hf", save_kwargs=dict(max_shard_size="10KB"))  # down_proj: 15 KB
+    path = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    key = "model.layers.1.mlp.down_proj.weight"
+    home, wrong = index["weight_map"][key], index["weight_map"]["model.embed_tokens.weight"]
+    assert sum(v == home for v in index["weight_map"].values()) == 1  # the tensor has a shard of its own
+    index["weight_map"][key] = wrong
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"missing tensor\(s\): {key} \(model.safetensors.index.json lists {key} in "
+                                         rf"{wrong}, which does not hold it; {home} in the directory is not named by "
+                                         rf"the index, so it was not read\)"):
+        ligerzoo.from_hf(tmp_path / "hf")
+    del index["weight_map"][key]
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json does not list {key}; {home} in the"):
+        ligerzoo.from_hf(tmp_path / "hf")
+
+
 def test_untied_head_missing_is_an_error_not_random_init(tmp_path):
     make_hf_llama(tmp_path / "hf")
     _rewrite(tmp_path / "hf", lambda t: t.pop("lm_head.weight"))
