@@ -5,28 +5,42 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ligerzoo._checks import is_int
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Recompute each decoder block's activations in backward instead of storing them
-    (``torch.utils.checkpoint``, non-reentrant): activation memory drops from O(layers) blocks
-    to one block plus the block inputs, for one extra forward of compute (less the last
-    matmul in dense blocks without post-norms: the wrapped blocks are marked
-    ``Block.checkpointed``, which runs their down projection as a plain op, so that the
-    checkpoint's recomputation stops before it; Gemma2's post-norm and MoE layers save
-    tensors after their last matmul, so they recompute the whole block; it
-    also makes the model add the residual before each block, so that one (B, T, H) input per
-    block is kept rather than two). In place; returns model.
 
-    ``model``: a :class:`ligerzoo.CausalLM` (what is used is its ``layers`` ModuleList of
-    decoder blocks). Blocks with Mixtral's router jitter preserve the RNG state, so the
+def apply_activation_checkpointing(model: nn.Module, *, every: int = 1) -> nn.Module:
+    """Recompute decoder blocks' activations in backward instead of storing them
+    (``torch.utils.checkpoint``, non-reentrant). In place; returns ``model``.
+
+    ``every=1`` (full checkpointing) wraps every block: activation memory drops from O(layers)
+    blocks to one block plus the block inputs, for one extra forward of compute. ``every=k``
+    wraps blocks 0, k, 2k, ... only (torchtitan's selective layer checkpointing): about 1/k of
+    the saving for 1/k of the recompute.
+
+    A wrapped block recomputes its forward less its last matmul in dense blocks without
+    post-norms: it is marked ``Block.checkpointed``, which runs its down projection as a plain
+    op, so that the checkpoint's recomputation stops before it (Gemma2's post-norm and MoE
+    layers save tensors after their last matmul, so they recompute the whole block). The mark
+    also makes the model add the residual before the block, which then keeps one (B, T, H)
+    input rather than two. Blocks with Mixtral's router jitter preserve the RNG state, so the
     recomputation draws the same noise.
+
+    Args:
+        model: a :class:`ligerzoo.CausalLM` (what is used is its ``layers`` ModuleList of
+            decoder blocks).
+        every: an int >= 1: checkpoint one block in ``every``.
 
     Raises:
         AttributeError: ``model`` has no ``layers``.
+        ValueError: ``every`` not an int >= 1.
     """
+    if not (is_int(every) and every >= 1):
+        raise ValueError(f"every must be an int >= 1 (1 checkpoints every block), got {every!r}")
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
+        if i % int(every):
+            continue
         block.checkpointed = True
         # The recomputed forward must draw the same random numbers (Mixtral's router jitter).
         random = any(getattr(m, "jitter", 0) > 0 for m in block.modules())

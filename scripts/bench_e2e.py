@@ -162,8 +162,8 @@ def run_variant(model: str, variant: str, B: int, T: int, ckpt: bool, steps: int
         config = ligerzoo.models.config_from_hf(cfg.to_dict())
         with torch.device("cuda"):
             m = ligerzoo.CausalLM(config).to(torch.bfloat16)
-        if ckpt:
-            apply_activation_checkpointing(m)
+        if ckpt:  # LZ_CKPT_EVERY=k (experiment): selective layer checkpointing, one block in k
+            apply_activation_checkpointing(m, every=int(os.environ.get("LZ_CKPT_EVERY", 1)))
         fwd = lambda ids, labels: m(ids, labels=labels, position_ids=pos).loss  # noqa: E731
     else:
         if variant == "liger":

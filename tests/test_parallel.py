@@ -23,6 +23,49 @@ def test_activation_checkpointing_same_loss_and_grads():
         torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("every", [2, 3, 9])
+def test_checkpointing_every_kth_block_same_loss_and_grads_and_recomputes_only_those(every):
+    """every=k wraps blocks 0, k, 2k, ... (mixed with plain blocks: the residual hand-off
+    differs between the two kinds); the loss and gradients equal the plain model's, and backward
+    recomputes 3 matmuls per wrapped block only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mm = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.out}
+
+    class CountMatmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in mm
+            return func(*args, **(kwargs or {}))
+
+    cfg = ligerzoo.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    ids = torch.randint(0, 97, (2, 9))
+    losses, grads, counts = [], [], []
+    for k in (None, every):
+        torch.manual_seed(0)
+        model = ligerzoo.CausalLM(cfg)
+        if k is not None:
+            apply_activation_checkpointing(model, every=k)
+            wrapped = [getattr(layer, "checkpointed", False) for layer in model.layers]
+            assert wrapped == [i % k == 0 for i in range(cfg.num_hidden_layers)]
+        loss = model(ids, labels=ids).loss
+        with CountMatmuls() as c:
+            loss.backward()
+        losses.append(loss)
+        grads.append([(n, p.grad) for n, p in model.named_parameters()])  # wrapping keeps the order
+        counts.append(c.n)
+    torch.testing.assert_close(losses[0], losses[1])
+    for (n, g), (m, h) in zip(*grads, strict=True):
+        assert m.replace("._checkpoint_wrapped_module", "") == n
+        torch.testing.assert_close(h, g, msg=lambda e: f"{n}: {e}")
+    assert counts[1] - counts[0] == 3 * len(range(0, cfg.num_hidden_layers, every))
+    for bad in (0, -1, 1.0, True, None):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            apply_activation_checkpointing(ligerzoo.CausalLM(cfg), every=bad)
+
+
 def test_checkpointed_blocks_skip_the_last_matmul_when_recomputing():
     """In backward, a checkpointed block recomputes its forward up to its last saved tensor.
     The blocks end with a plain down projection whose input is saved before its matmul runs,
