@@ -2,6 +2,8 @@
 the package warns its user."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 import os
 import sys
@@ -20,16 +22,36 @@ def is_int(v) -> bool:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_QUIET = contextvars.ContextVar("ligerzoo_quiet", default=False)
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first frame outside the ligerzoo package: the user's
     line that called into it, however deep inside the package the warning is raised (Python
-    3.12's ``skip_file_prefixes``, for 3.11)."""
+    3.12's ``skip_file_prefixes``, for 3.11). Nothing inside :func:`quiet`."""
+    if _QUIET.get():
+        return
     frame, level = sys._getframe(1), 2  # stacklevel 2: warn_user's caller
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+
+    def inside(f) -> bool:
+        name = f.f_code.co_filename  # "<string>", "<stdin>": never the package's, whatever the cwd
+        return not name.startswith("<") and os.path.abspath(name).startswith(_PACKAGE_DIR)
+
+    while frame is not None and inside(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+@contextlib.contextmanager
+def quiet():
+    """No :func:`warn_user` warnings inside (this thread or task only; the warnings filters,
+    which are process-wide, are left alone): for the package's own second reading of something
+    the user was already warned about."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def any_dtensor(tensors) -> bool:

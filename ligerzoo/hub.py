@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ligerzoo._checks import any_dtensor, fsdp_modules, is_int, warn_user
+from ligerzoo._checks import any_dtensor, fsdp_modules, is_int, quiet, warn_user
 from ligerzoo.models import CausalLM, family
 from ligerzoo.models.config import ModelConfig, dtype_from_str, with_dtype
 from ligerzoo.models.keymap import KeyMap, Slot
@@ -336,19 +335,25 @@ def _index_hint(directory: Path, missing: set[str]) -> str:
     if (directory / SINGLE_FILE).is_file() or not index.is_file():
         return ""
     weight_map = _weight_map(index)
+
+    def entry(key: str) -> str | None:  # the index's name of a missing key (a base model's lacks "model.")
+        base = key[len("model."):] if key.startswith("model.") else None
+        return key if key in weight_map else base if base in weight_map else None
+
     parts = []
-    misplaced = sorted(k for k in missing if k in weight_map)
+    misplaced = sorted((entry(k), k) for k in missing if entry(k) is not None)
     if misplaced:
-        shown = ", ".join(f"{k} in {weight_map[k]}" for k in misplaced[:6])
+        shown = ", ".join(f"{e} in {weight_map[e]}" for e, _ in misplaced[:6])
         more = f" ... and {len(misplaced) - 6} more" if len(misplaced) > 6 else ""
-        parts.append(f"{INDEX_FILE} lists {shown}{more}, which does not hold it")
-    unlisted = sorted(k for k in missing if k not in weight_map)
+        parts.append(f"{INDEX_FILE} lists {shown}{more}, which "
+                     f"{'does not hold it' if len(misplaced) == 1 else 'do not hold them'}")
+    unlisted = sorted(k for k in missing if entry(k) is None)
     if unlisted:
         parts.append(f"{INDEX_FILE} does not list {_listing(unlisted, 6)}")
-    named = set(weight_map.values())
+    named = {os.path.normpath(v) for v in weight_map.values()}  # "./model-00001-of-00002.safetensors" too
     unread = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in named)
     if unread:
-        parts.append(f"{', '.join(unread)} in the directory {'is' if len(unread) == 1 else 'are'} not named by "
+        parts.append(f"{_listing(unread, 6)} in the directory {'is' if len(unread) == 1 else 'are'} not named by "
                      f"the index, so {'it was' if len(unread) == 1 else 'they were'} not read")
     return " (" + "; ".join(parts) + ")" if parts else ""
 
@@ -373,7 +378,7 @@ def _usable_device(device: torch.device | str | int | None) -> torch.device:
     try:
         device = torch.device("cpu" if device is None else device)
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as e:  # torch raises all three, by cause
+    except (RuntimeError, AssertionError, TypeError, ImportError) as e:  # torch raises each, by cause
         raise ValueError(f"device={str(device)!r} cannot be used on this machine ({type(e).__name__}: {e})") from e
     return device
 
@@ -827,8 +832,7 @@ def hf_config_for(config) -> dict:
         ValueError: an unknown ``model_type``, or a config the family's config.json cannot
             express (the fields are named; e.g. Llama with ``qkv_bias != o_bias``).
     """
-    with warnings.catch_warnings():  # the loader's warnings about the original (dropout, ...) were shown
-        warnings.simplefilter("ignore", UserWarning)
+    with quiet():  # the loader's warnings about the original (dropout, ...) were shown
         return _hf_config_for(config)
 
 

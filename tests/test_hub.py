@@ -197,6 +197,19 @@ def test_a_tensor_the_index_misplaces_is_named_with_the_index(tmp_path):
     path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=rf"model.safetensors.index.json does not list {key}; {home} in the"):
         ligerzoo.from_hf(tmp_path / "hf")
+    # entries written "./shard" name the same files; a base model's index (keys without
+    # "model.") lists the tensor under its own name
+    base = {k.removeprefix("model."): "./" + v for k, v in index["weight_map"].items()}
+    base[key.removeprefix("model.")] = "./" + wrong
+    for shard in sorted(set(index["weight_map"].values())) + [home]:
+        save_file({k.removeprefix("model."): t for k, t in load_file(tmp_path / "hf" / shard).items()},
+                  tmp_path / "hf" / shard, metadata={"format": "pt"})
+    path.write_text(json.dumps({"weight_map": base}))
+    short = key.removeprefix("model.")
+    with pytest.raises(ValueError, match=rf"missing tensor\(s\): {key} \(model.safetensors.index.json lists {short} "
+                                         rf"in ./{wrong}, which does not hold it; {home} in the directory is not "
+                                         rf"named by the index, so it was not read\)"):
+        ligerzoo.from_hf(tmp_path / "hf")
 
 
 def test_untied_head_missing_is_an_error_not_random_init(tmp_path):
@@ -569,13 +582,37 @@ def test_the_dropout_warning_comes_once_at_loading(tmp_path):
         warnings.simplefilter("error")
         ligerzoo.save_hf(model, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_dropout"] == 0.1
+    # and without touching the warnings filters: a user's warning shown once (the "default"
+    # action) stays shown once across saves (resetting the filters made Python show it again)
+    def step():
+        warnings.warn("a warning of the user's own training step")
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for i in range(3):
+            step()
+            ligerzoo.save_hf(model, tmp_path / f"again{i}")
+    assert sum("training step" in str(w.message) for w in record) == 1
+
+
+def test_warnings_from_pseudo_files_keep_their_name(tmp_path, monkeypatch):
+    """Code run from "<string>" (python -c, exec) or "<stdin>" is the user's, whatever the
+    working directory: inside the package's directory it was taken for package code, and the
+    warning went to the top of the stack."""
+    import ligerzoo._checks
+
+    monkeypatch.chdir(Path(ligerzoo._checks.__file__).parent)
+    with pytest.warns(UserWarning, match="from exec") as record:
+        exec(compile("ligerzoo._checks.warn_user('from exec')", "<string>", "exec"), {"ligerzoo": ligerzoo})
+    assert record[0].filename == "<string>"
 
 
 def test_from_hf_refuses_a_device_this_machine_lacks(tmp_path):
     """Checked before any file is read, with the device named (torch's own errors were a bare
     AssertionError for "cuda" on a CPU build)."""
     make_hf_llama(tmp_path / "hf")
-    bad = ["no_such_device"] + (["cuda"] if not torch.cuda.is_available() else [f"cuda:{torch.cuda.device_count()}"])
+    bad = ["no_such_device", "privateuseone"] + (
+        ["cuda"] if not torch.cuda.is_available() else [f"cuda:{torch.cuda.device_count()}"])
     for device in bad:
         with pytest.raises(ValueError, match=f"device='{device}' cannot be used on this machine"):
             ligerzoo.from_hf(tmp_path / "does-not-exist", device=device)

@@ -488,6 +488,9 @@ class _FromCheckpoint:
     def __repr__(self) -> str:
         return "FROM_CHECKPOINT"
 
+    def __reduce__(self) -> str:  # copy.deepcopy and pickle give back the one instance
+        return "FROM_CHECKPOINT"
+
 
 FROM_CHECKPOINT = _FromCheckpoint()
 """``generate``'s default for ``eos_token_id`` and ``pad_token_id``: the checkpoint's value. An
@@ -924,12 +927,13 @@ class CausalLM(nn.Module):
                 logits = self.lm_head(h).float()  # (B, V)
                 if self.config.final_softcap is not None:
                     logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
-                if temperature > 0:  # shifted (<= 0, 0 at the max) and divided in float64, where any
-                    # temperature > 0 is > 0 (1e-300 is 0 in fp32: 0 / 0 gave nan probabilities)
-                    logits = ((logits - logits.amax(-1, keepdim=True)).double() / temperature).float()
-                    if top_k is not None:
+                if temperature > 0:
+                    if top_k is not None:  # before the division, which keeps the order (ties aside)
                         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))
+                    # shifted (<= 0, 0 at the max) and divided in float64, where any temperature
+                    # > 0 is > 0 (1e-300 is 0 in fp32: 0 / 0 gave nan probabilities)
+                    logits = (logits - logits.amax(-1, keepdim=True)).double() / temperature
                     nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
                 else:
                     nxt = logits.argmax(-1)

@@ -292,6 +292,22 @@ def test_sampling_at_a_tiny_temperature_is_greedy(tmp_path):
     for t in (1e-300, 1e-30):
         got = ours.generate(ids, 6, eos_token_id=[], temperature=t, generator=torch.Generator().manual_seed(0))
         assert got.tolist() == greedy.tolist(), t
+    for seed in range(4):  # top_k = 1 keeps the argmax alone at any temperature (1e300: all scaled gaps ~0)
+        got = ours.generate(ids, 6, eos_token_id=[], temperature=1e300, top_k=1,
+                            generator=torch.Generator().manual_seed(seed))
+        assert got.tolist() == greedy.tolist(), seed
+
+
+def test_the_default_marker_survives_copies():
+    """generate's FROM_CHECKPOINT default, copied or pickled with a caller's kwargs, is still
+    the default (an equal-looking copy was refused as an eos id)."""
+    import copy
+    import pickle
+
+    from ligerzoo.models import FROM_CHECKPOINT
+
+    assert copy.deepcopy(FROM_CHECKPOINT) is FROM_CHECKPOINT and copy.copy(FROM_CHECKPOINT) is FROM_CHECKPOINT
+    assert pickle.loads(pickle.dumps({"eos_token_id": FROM_CHECKPOINT}))["eos_token_id"] is FROM_CHECKPOINT
 
 
 def test_input_ids_out_of_range_or_not_integers_raise(tmp_path):
