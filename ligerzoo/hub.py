@@ -379,7 +379,8 @@ def _usable_device(device: torch.device | str | int | None) -> torch.device:
         device = torch.device("cpu" if device is None else device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError, ImportError) as e:  # torch raises each, by cause
-        raise ValueError(f"device={str(device)!r} cannot be used on this machine ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # CUDA's errors run on for lines
+        raise ValueError(f"device={str(device)!r} cannot be used on this machine ({type(e).__name__}: {first})") from e
     return device
 
 
