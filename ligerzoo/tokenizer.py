@@ -40,6 +40,9 @@ class Tokenizer:
     Attributes:
         bos_token / eos_token / pad_token / unk_token: special token strings from
             tokenizer_config.json (None when absent).
+        special_tokens: {name: token} of every named special token the config has: those
+            four and sep / cls / mask, then other ``*_token`` keys and ``extra_special_tokens``
+            names, as transformers 5 reads them; chat templates see these names.
         bos_token_id / eos_token_id / pad_token_id: their ids (None when absent).
         chat_template: the default chat template's Jinja source, or None.
         chat_templates: every named template ({"default": ..., "tool_use": ...}); a checkpoint
@@ -52,9 +55,9 @@ class Tokenizer:
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self.tokenizer = tokenizer
-        cfg = tokenizer_config or {}
-        self.special_tokens = {name: text for name in _SPECIAL_TOKENS
-                               if (text := _token_text(cfg.get(name))) is not None}
+        cfg = _as_transformers_reads(tokenizer_config or {})
+        named = {**{name: cfg.get(name) for name in _SPECIAL_TOKENS}, **cfg.get(_MODEL_SPECIFIC, {})}
+        self.special_tokens = {name: text for name, spec in named.items() if (text := _token_text(spec)) is not None}
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
         self.pad_token = self.special_tokens.get("pad_token")
@@ -343,6 +346,38 @@ def _plain(value, messages: bool = False):
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # The named special tokens a template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES).
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# Where _as_transformers_reads keeps a config's other named special tokens ({name: token}).
+_MODEL_SPECIFIC = "model_specific_special_tokens"
+
+
+def _as_transformers_reads(cfg: dict, special_tokens_map: dict | None = None) -> dict:
+    """A copy of tokenizer_config.json's dict with its special tokens arranged as transformers 5
+    arranges them when it loads a tokenizer (``PreTrainedTokenizerBase.from_pretrained``):
+    ``additional_special_tokens`` is ``extra_special_tokens`` when that is absent; other
+    top-level keys ending in ``_token`` with a string value (e.g. ``image_token``) and the
+    entries of an ``extra_special_tokens`` dict are named special tokens, collected under
+    ``_MODEL_SPECIFIC``; and, for a config without ``added_tokens_decoder`` (an older
+    checkpoint), ``special_tokens_map.json``'s entries (``special_tokens_map``) replace the
+    config's, extra lists merged. Applying it twice changes nothing."""
+    cfg = dict(cfg)
+    if "additional_special_tokens" in cfg and not cfg.get("extra_special_tokens"):
+        cfg["extra_special_tokens"] = cfg.pop("additional_special_tokens")
+    named = {key: cfg.pop(key) for key in list(cfg)
+             if key.endswith("_token") and key not in _SPECIAL_TOKENS and isinstance(cfg[key], str)}
+    if isinstance(cfg.get("extra_special_tokens"), Mapping):
+        named.update(cfg.pop("extra_special_tokens"))
+    if special_tokens_map and "added_tokens_decoder" not in cfg:
+        for key, value in special_tokens_map.items():
+            if key == "extra_special_tokens" and isinstance(value, list):
+                existing = list(cfg.get("extra_special_tokens") or [])
+                seen = {_token_text(t) for t in existing}
+                value = existing + [t for t in value if _token_text(t) not in seen]
+            cfg[key] = value
+        if isinstance(cfg.get("extra_special_tokens"), Mapping):
+            named.update(cfg.pop("extra_special_tokens"))
+    if named:
+        cfg[_MODEL_SPECIFIC] = {**cfg.get(_MODEL_SPECIFIC, {}), **named}
+    return cfg
 
 # Appended to the final message's content to find where it ends in the rendered text
 # (transformers does the same).
@@ -421,13 +456,16 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     (the default) and ``additional_chat_templates/<name>.jinja`` take priority over
     ``tokenizer_config.json``'s ``chat_template`` (a string or a list of named templates);
     ``chat_template.json`` (a processor's file, which AutoTokenizer ignores) is used only when
-    none of those exists.
+    none of those exists. Special tokens too: ``special_tokens_map.json`` (an older checkpoint's)
+    replaces the config's entries when the config has no ``added_tokens_decoder``, and other
+    ``*_token`` keys and ``extra_special_tokens`` names are named special tokens the template
+    sees (see :func:`_as_transformers_reads`).
 
     Raises:
         FileNotFoundError: no tokenizer.json in the checkpoint, or (from
             :func:`ligerzoo.hub.resolve`) no such directory or reachable repo.
-        ValueError: tokenizer_config.json or chat_template.json that is not valid JSON, or a
-            tokenizer.json the tokenizers library cannot read.
+        ValueError: tokenizer_config.json, special_tokens_map.json or chat_template.json that
+            is not valid JSON, or a tokenizer.json the tokenizers library cannot read.
     """
     from ligerzoo.hub import TEMPLATE_DIR, _read_json, _resolve
 
@@ -437,6 +475,8 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
     cfg_path = directory / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    map_path = directory / "special_tokens_map.json"  # an older checkpoint's special tokens
+    cfg = _as_transformers_reads(cfg, _read_json(map_path) if map_path.is_file() else None)
     templates = {}
     if (directory / "chat_template.jinja").is_file():
         templates["default"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
@@ -455,17 +495,19 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
 
 
 def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
-    """Make the config's named special tokens (``bos_token``, ``eos_token``, ...) and its extra
-    ones (``extra_special_tokens`` / ``additional_special_tokens``, a list or a {name: token}
-    dict) special added tokens, as transformers 5 does when it loads a tokenizer: one that
+    """Make the config's named special tokens (``bos_token``, ``eos_token``, ..., and the
+    model-specific ones: see :func:`_as_transformers_reads`) and its extra ones
+    (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as transformers 5 does when it loads a tokenizer: one that
     tokenizer.json does not list as an added token is matched whole and skipped by
     ``skip_special_tokens`` (one it lists keeps its flags, as in transformers); a word of the
     vocabulary keeps its id, a new one takes the next free id (which the model's embedding may
     not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
-    extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
-    specs = [cfg.get(name) for name in _SPECIAL_TOKENS] + list(extra.values() if isinstance(extra, Mapping) else extra)
+    cfg = _as_transformers_reads(cfg)
+    extra = cfg.get("extra_special_tokens") or []
+    specs = ([cfg.get(name) for name in _SPECIAL_TOKENS] + list(cfg.get(_MODEL_SPECIFIC, {}).values())
+             + list(extra.values() if isinstance(extra, Mapping) else extra))
     have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}  # as transformers: added ones stay
     new = []
     for spec in specs:

@@ -410,6 +410,41 @@ def test_named_and_extra_special_tokens_are_special_as_in_transformers(smol, mak
     assert ours.vocab_size == len(ref) and ours.eos_token_id is not None
 
 
+def test_model_specific_special_tokens_and_special_tokens_map_as_in_transformers(smol, make_dir):
+    """transformers 5 makes other *_token keys (image_token) and an extra_special_tokens dict's
+    entries named special tokens, which templates see and encode matches whole; and an older
+    checkpoint's special_tokens_map.json (no added_tokens_decoder in the config) sets its
+    special tokens (ours ignored both: empty template variables, no eos id)."""
+    template = "[{{ image_token }}][{{ tool_token }}]{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}" \
+               "{% endfor %}"
+    d = make_dir({"image_token": "<image>", "extra_special_tokens": {"tool_token": "<tool>"}, "chat_template": template})
+    conv = [{"role": "user", "content": "a <image> b <tool>"}]
+    ref, ours = both(d)
+    assert render(ours, conv) == render(ref, conv) and "[<image>][<tool>]" in render(ours, conv)
+    ids = ref.encode("a <image> b <tool>", add_special_tokens=False)
+    assert ours.encode("a <image> b <tool>", add_special_tokens=False) == ids and len(ids) == 6
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+    d = make_dir()
+    cfg = {"chat_template": template}  # an older config: no added_tokens_decoder, no named tokens
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<|im_start|>", "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False}, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}))
+    ref, ours = both(d)
+    conv = [{"role": "user", "content": "hi"}]
+    assert render(ours, conv) == render(ref, conv) == "[][]<|im_start|>hi<|im_end|>"
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                        ref.pad_token_id) == (1, 2, 2)
+    cfg = json.loads((smol / "tokenizer_config.json").read_text())  # with added_tokens_decoder: the map is not read
+    cfg["eos_token"] = "<|endoftext|>"
+    cfg["added_tokens_decoder"] = {"0": {"content": "<|endoftext|>", "lstrip": False, "normalized": False,
+                                         "rstrip": False, "single_word": False, "special": True}}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref, ours = both(d)
+    assert ours.eos_token == ref.eos_token == "<|endoftext|>" and ours.eos_token_id == ref.eos_token_id
+
+
 def test_a_template_list_entry_without_a_name_is_a_clear_error(make_dir):
     with pytest.raises(ValueError, match="'name'"):
         ligerzoo.load_tokenizer(make_dir({"chat_template": [{"template": "x"}]}))
