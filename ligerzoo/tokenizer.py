@@ -206,6 +206,8 @@ class Tokenizer:
             jinja2.TemplateError: the template's own ``raise_exception`` (e.g. a role it
                 does not accept).
         """
+        if kwargs.get("return_dict") is False:  # asks for what this returns anyway
+            del kwargs["return_dict"]
         unsupported = sorted(set(kwargs) & _TOKENIZER_ONLY)
         if unsupported:
             raise TypeError(f"apply_chat_template does not take transformers' tokenizer arguments {unsupported}: "
@@ -226,6 +228,11 @@ class Tokenizer:
         if return_tensors is not None and not tokenize:
             raise ValueError("return_tensors='pt' needs tokenize=True")
         if tools is not None:
+            for tool in tools:
+                if callable(tool) and not isinstance(tool, Mapping):
+                    raise ValueError(f"tools must be JSON-schema dicts, got the function "
+                                     f"{getattr(tool, '__name__', tool)!r}: transformers.utils.get_json_schema turns "
+                                     f"a typed, documented function into one")
             tools = _plain(tools)
             for tool in tools:
                 if not isinstance(tool, Mapping):
@@ -346,6 +353,8 @@ def _plain(value, messages: bool = False):
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 # The named special tokens a template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES).
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# A slow tokenizer's files (named when tokenizer.json is missing).
+_SLOW_TOKENIZER_FILES = frozenset({"tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model"})
 # Where _as_transformers_reads keeps a config's other named special tokens ({name: token}).
 _MODEL_SPECIFIC = "model_specific_special_tokens"
 
@@ -472,7 +481,12 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     directory = Path(_resolve(id_or_dir, revision, False))
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {directory}")
+        legacy = sorted(p.name for p in directory.iterdir() if p.name in _SLOW_TOKENIZER_FILES) \
+            if directory.is_dir() else []
+        hint = (f"; it holds {', '.join(legacy)}: a slow (SentencePiece or vocab/merges) tokenizer's files, which "
+                f"load_tokenizer does not read (transformers' AutoTokenizer.from_pretrained(dir).save_pretrained(dir) "
+                f"writes a tokenizer.json)" if legacy else "")
+        raise FileNotFoundError(f"no tokenizer.json in {directory}{hint}")
     cfg_path = directory / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
     map_path = directory / "special_tokens_map.json"  # an older checkpoint's special tokens

@@ -105,9 +105,19 @@ def test_tokenize():
     assert tokenize(lambda s: {"input_ids": [[5, 6]], "attention_mask": [[1, 1]]}, "x").tolist() == [5, 6]
     for empty in ([], np.array([]), torch.tensor([])):  # an empty text: no ids, still long
         assert tokenize(lambda s: empty, "").dtype == torch.long and tokenize(lambda s: empty, "").numel() == 0
-    for bad in ([1.5, 2.0], np.array([0.5]), [True, False], ["a", "b"], "ab", [[1, 2], [3]]):  # not ids
+    for bad in ([1.5, 2.0], np.array([0.5]), [True, False], ["a", "b"], "ab", [[1, 2], [3]], [1, None]):  # not ids
         with pytest.raises(TypeError, match="integer token ids"):
             tokenize(lambda s: bad, "x")
+
+
+def test_token_batches_names_what_it_was_given_without_an_encoder():
+    import ligerzoo.data
+
+    assert "pack_documents" in ligerzoo.data.__all__
+    with pytest.raises(ValueError, match=r"pre-tokenized ids must be a 1-D tensor or numpy array .* got list"):
+        next(token_batches(None, list(range(100)), 4, 2))
+    with pytest.raises(ValueError, match="text needs an encode callable"):
+        next(token_batches(None, "some text", 4, 2))
 
 
 def test_split_tokens_is_contiguous_and_complete():

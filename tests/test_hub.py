@@ -246,6 +246,11 @@ def test_unknown_model_type_lists_supported(tmp_path):
     cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"model_type": ["llama"]}))
     with pytest.raises(ValueError, match=r"unknown model_type \['llama'\].*llama"):
         ligerzoo.from_hf(tmp_path / "hf")
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["model_type"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r'config.json has no "model_type" key; expected one of: gemma, .*llama'):
+        ligerzoo.from_hf(tmp_path / "hf")
 
 
 def test_missing_directory_and_config(tmp_path):

@@ -263,6 +263,18 @@ def test_message_objects_batches_and_refused_tokenizer_arguments(make_dir):
     for kwargs in ({"truncation": True, "max_length": 5}, {"padding": "max_length"}, {"return_dict": True}):
         with pytest.raises(TypeError, match="tokenizer arguments"):
             ours.apply_chat_template(CONV, **kwargs)
+    # return_dict=False asks for the plain ids this returns anyway
+    assert ours.apply_chat_template(CONV, return_dict=False) == ref.apply_chat_template(CONV, return_dict=False)
+
+    def get_weather(city: str):
+        """Get the weather.
+
+        Args:
+            city: the city
+        """
+
+    with pytest.raises(ValueError, match="got the function 'get_weather': transformers.utils.get_json_schema"):
+        ours.apply_chat_template(CONV, tools=[get_weather])
     with pytest.raises(TypeError, match="must be a list of messages"):
         ours.apply_chat_template({"role": "user", "content": "hi"})
 
@@ -448,6 +460,14 @@ def test_model_specific_special_tokens_and_special_tokens_map_as_in_transformers
 def test_a_template_list_entry_without_a_name_is_a_clear_error(make_dir):
     with pytest.raises(ValueError, match="'name'"):
         ligerzoo.load_tokenizer(make_dir({"chat_template": [{"template": "x"}]}))
+
+
+def test_a_slow_tokenizers_files_are_named_when_tokenizer_json_is_missing(make_dir):
+    d = make_dir()
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json in .*; it holds tokenizer.model: a slow"):
+        ligerzoo.load_tokenizer(d)
 
 
 def test_unreadable_tokenizer_json_is_named(make_dir):

@@ -257,6 +257,14 @@ def test_generate_fills_a_stopped_row_with_the_pad_id_as_transformers(tmp_path):
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": stop, "pad_token_id": -1}))
     stored = ligerzoo.from_hf(src, dtype=torch.float32)  # a stored pad outside the vocabulary: the first eos id
     assert stored.generate(ids, 8)[0, 5 + new0.index(stop) + 1:].eq(stop).all()
+    # bad ids in the checkpoint's files are named as theirs, not as arguments the caller never gave
+    for stored, match in (({"eos_token_id": "2"}, r"eos_token_id must be an int or ints, got '2' \(from "
+                                                   r"generation_config.json\)"),
+                          ({"eos_token_id": -1}, r"the pad id \(the first eos id, from generation_config.json\) -1 "
+                                                 r"is outside \[0, vocab_size=\d+\); pass pad_token_id")):
+        (src / "generation_config.json").write_text(json.dumps(stored))
+        with pytest.raises(ValueError, match=match):
+            ligerzoo.from_hf(src, dtype=torch.float32).generate(ids, 2)
 
 
 def test_generate_refuses_bad_arguments(tmp_path):
