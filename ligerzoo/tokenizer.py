@@ -388,6 +388,7 @@ def _as_transformers_reads(cfg: dict, special_tokens_map: dict | None = None) ->
         cfg[_MODEL_SPECIFIC] = {**cfg.get(_MODEL_SPECIFIC, {}), **named}
     return cfg
 
+
 # Appended to the final message's content to find where it ends in the rendered text
 # (transformers does the same).
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -511,11 +512,11 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
 def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     """Make the config's named special tokens (``bos_token``, ``eos_token``, ..., and the
     model-specific ones: see :func:`_as_transformers_reads`) and its extra ones
-    (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as transformers 5 does when it loads a tokenizer: one that
-    tokenizer.json does not list as an added token is matched whole and skipped by
-    ``skip_special_tokens`` (one it lists keeps its flags, as in transformers); a word of the
-    vocabulary keeps its id, a new one takes the next free id (which the model's embedding may
-    not have: the model then refuses the id)."""
+    (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as
+    transformers 5 does when it loads a tokenizer: one that tokenizer.json does not list as an
+    added token is matched whole and skipped by ``skip_special_tokens`` (one it lists keeps its
+    flags, as in transformers); a word of the vocabulary keeps its id, a new one takes the next
+    free id (which the model's embedding may not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
     cfg = _as_transformers_reads(cfg)
