@@ -8,6 +8,7 @@ import json
 import numbers
 import os
 import sys
+import types
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +43,9 @@ class Tokenizer:
             tokenizer_config.json (None when absent).
         special_tokens: {name: token} of every named special token the config has: those
             four and sep / cls / mask, then other ``*_token`` keys and ``extra_special_tokens``
-            names, as transformers 5 reads them; chat templates see these names.
+            names, as transformers 5 reads them; chat templates see these names. (Making them
+            special added tokens of ``tokenizer`` is :func:`load_tokenizer`'s part: a Tokenizer
+            built directly uses ``tokenizer`` as given.)
         bos_token_id / eos_token_id / pad_token_id: their ids (None when absent).
         chat_template: the default chat template's Jinja source, or None.
         chat_templates: every named template ({"default": ..., "tool_use": ...}); a checkpoint
@@ -206,8 +209,8 @@ class Tokenizer:
             jinja2.TemplateError: the template's own ``raise_exception`` (e.g. a role it
                 does not accept).
         """
-        if kwargs.get("return_dict") is False:  # asks for what this returns anyway
-            del kwargs["return_dict"]
+        if "return_dict" in kwargs and (not kwargs["return_dict"] or not tokenize):
+            del kwargs["return_dict"]  # plain ids, or text (which transformers returns whatever return_dict says)
         unsupported = sorted(set(kwargs) & _TOKENIZER_ONLY)
         if unsupported:
             raise TypeError(f"apply_chat_template does not take transformers' tokenizer arguments {unsupported}: "
@@ -229,7 +232,7 @@ class Tokenizer:
             raise ValueError("return_tensors='pt' needs tokenize=True")
         if tools is not None:
             for tool in tools:
-                if callable(tool) and not isinstance(tool, Mapping):
+                if isinstance(tool, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
                     raise ValueError(f"tools must be JSON-schema dicts, got the function "
                                      f"{getattr(tool, '__name__', tool)!r}: transformers.utils.get_json_schema turns "
                                      f"a typed, documented function into one")
@@ -368,14 +371,20 @@ def _as_transformers_reads(cfg: dict, special_tokens_map: dict | None = None) ->
     ``_MODEL_SPECIFIC``; and, for a config without ``added_tokens_decoder`` (an older
     checkpoint), ``special_tokens_map.json``'s entries (``special_tokens_map``) replace the
     config's, extra lists merged. Applying it twice changes nothing."""
+    def model_specific(d: dict) -> dict:  # other *_token keys holding a token (a string or an AddedToken dict)
+        return {key: d.pop(key) for key in list(d) if key.endswith("_token") and key not in _SPECIAL_TOKENS
+                and isinstance(_token_text(d[key]), str)}
+
     cfg = dict(cfg)
     if "additional_special_tokens" in cfg and not cfg.get("extra_special_tokens"):
         cfg["extra_special_tokens"] = cfg.pop("additional_special_tokens")
-    named = {key: cfg.pop(key) for key in list(cfg)
-             if key.endswith("_token") and key not in _SPECIAL_TOKENS and isinstance(cfg[key], str)}
+    named = {**cfg.pop(_MODEL_SPECIFIC, {}), **model_specific(cfg)}
     if isinstance(cfg.get("extra_special_tokens"), Mapping):
         named.update(cfg.pop("extra_special_tokens"))
     if special_tokens_map and "added_tokens_decoder" not in cfg:
+        special_tokens_map = dict(special_tokens_map)
+        # the config's own named tokens win over the map's (transformers passes them explicitly)
+        named = {**model_specific(special_tokens_map), **named}
         for key, value in special_tokens_map.items():
             if key == "extra_special_tokens" and isinstance(value, list):
                 existing = list(cfg.get("extra_special_tokens") or [])
@@ -384,8 +393,10 @@ def _as_transformers_reads(cfg: dict, special_tokens_map: dict | None = None) ->
             cfg[key] = value
         if isinstance(cfg.get("extra_special_tokens"), Mapping):
             named.update(cfg.pop("extra_special_tokens"))
+        if "additional_special_tokens" in cfg and not cfg.get("extra_special_tokens"):
+            cfg["extra_special_tokens"] = cfg.pop("additional_special_tokens")
     if named:
-        cfg[_MODEL_SPECIFIC] = {**cfg.get(_MODEL_SPECIFIC, {}), **named}
+        cfg[_MODEL_SPECIFIC] = named
     return cfg
 
 
@@ -482,11 +493,12 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
     directory = Path(_resolve(id_or_dir, revision, False))
     path = directory / "tokenizer.json"
     if not path.is_file():
-        legacy = sorted(p.name for p in directory.iterdir() if p.name in _SLOW_TOKENIZER_FILES) \
-            if directory.is_dir() else []
-        hint = (f"; it holds {', '.join(legacy)}: a slow (SentencePiece or vocab/merges) tokenizer's files, which "
-                f"load_tokenizer does not read (transformers' AutoTokenizer.from_pretrained(dir).save_pretrained(dir) "
-                f"writes a tokenizer.json)" if legacy else "")
+        legacy = sorted(p.name for p in directory.iterdir()
+                        if p.name in _SLOW_TOKENIZER_FILES or p.suffix == ".tiktoken") if directory.is_dir() else []
+        hint = (f"; it holds {', '.join(legacy)}: a slow (SentencePiece, vocab/merges or tiktoken) tokenizer's files, "
+                f"which load_tokenizer does not read (transformers' AutoTokenizer.from_pretrained(dir)"
+                f".save_pretrained(other_dir) writes a tokenizer.json into other_dir; copy the checkpoint there, "
+                f"never save into a hub cache's snapshot)" if legacy else "")
         raise FileNotFoundError(f"no tokenizer.json in {directory}{hint}")
     cfg_path = directory / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
@@ -514,8 +526,9 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     model-specific ones: see :func:`_as_transformers_reads`) and its extra ones
     (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as
     transformers 5 does when it loads a tokenizer: one that tokenizer.json does not list as an
-    added token is matched whole and skipped by ``skip_special_tokens`` (one it lists keeps its
-    flags, as in transformers); a word of the vocabulary keeps its id, a new one takes the next
+    added token is matched whole and skipped by ``skip_special_tokens``; one it lists keeps its
+    flags (transformers marks a named one special again, so ``skip_special_tokens`` drops
+    there a named token tokenizer.json lists as not special, which this keeps); a word of the vocabulary keeps its id, a new one takes the next
     free id (which the model's embedding may not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 

@@ -249,7 +249,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     del cfg["model_type"]
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r'config.json has no "model_type" key; expected one of: gemma, .*llama'):
+    with pytest.raises(ValueError, match=r'config.json has no "model_type" \(missing or null\); expected one of: gemma, .*llama'):
         ligerzoo.from_hf(tmp_path / "hf")
 
 

@@ -263,8 +263,10 @@ def test_message_objects_batches_and_refused_tokenizer_arguments(make_dir):
     for kwargs in ({"truncation": True, "max_length": 5}, {"padding": "max_length"}, {"return_dict": True}):
         with pytest.raises(TypeError, match="tokenizer arguments"):
             ours.apply_chat_template(CONV, **kwargs)
-    # return_dict=False asks for the plain ids this returns anyway
+    # return_dict=False asks for the plain ids this returns anyway; without tokenizing it does not apply
     assert ours.apply_chat_template(CONV, return_dict=False) == ref.apply_chat_template(CONV, return_dict=False)
+    for flag in (True, False, None):
+        assert render(ours, CONV, return_dict=flag) == render(ref, CONV, return_dict=flag)
 
     def get_weather(city: str):
         """Get the weather.
@@ -275,6 +277,8 @@ def test_message_objects_batches_and_refused_tokenizer_arguments(make_dir):
 
     with pytest.raises(ValueError, match="got the function 'get_weather': transformers.utils.get_json_schema"):
         ours.apply_chat_template(CONV, tools=[get_weather])
+    with pytest.raises(ValueError, match="tools must be JSON-schema dicts, got str"):  # a class is not "the function"
+        ours.apply_chat_template(CONV, tools=[dict])
     with pytest.raises(TypeError, match="must be a list of messages"):
         ours.apply_chat_template({"role": "user", "content": "hi"})
 
@@ -448,6 +452,18 @@ def test_model_specific_special_tokens_and_special_tokens_map_as_in_transformers
     assert render(ours, conv) == render(ref, conv) == "[][]<|im_start|>hi<|im_end|>"
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
                                                                         ref.pad_token_id) == (1, 2, 2)
+    # AddedToken dicts for model-specific names (the map's plain ones, the config's "__type" ones),
+    # and a name in both files: the config's wins
+    added = {"content": "<image>", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+    for config_extra, stmap in (({}, {"image_token": added}), ({"image_token": {"__type": "AddedToken", **added}}, {}),
+                                ({"image_token": "<image>"}, {"image_token": "<img>", "eos_token": "<|im_end|>"})):
+        (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ image_token }}"} | config_extra))
+        (d / "special_tokens_map.json").write_text(json.dumps(stmap))
+        ref, ours = both(d)
+        assert ours.special_tokens["image_token"] == ref.special_tokens_map["image_token"] == "<image>", stmap
+        ids = ref.encode("a<image> <img>", add_special_tokens=False)
+        assert ours.encode("a<image> <img>", add_special_tokens=False) == ids and ours.vocab_size == len(ref)
+        assert render(ours, conv) == render(ref, conv) == "<image>"
     cfg = json.loads((smol / "tokenizer_config.json").read_text())  # with added_tokens_decoder: the map is not read
     cfg["eos_token"] = "<|endoftext|>"
     cfg["added_tokens_decoder"] = {"0": {"content": "<|endoftext|>", "lstrip": False, "normalized": False,
@@ -455,6 +471,18 @@ def test_model_specific_special_tokens_and_special_tokens_map_as_in_transformers
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     ref, ours = both(d)
     assert ours.eos_token == ref.eos_token == "<|endoftext|>" and ours.eos_token_id == ref.eos_token_id
+
+
+def test_reading_a_config_as_transformers_twice_changes_nothing():
+    from ligerzoo.tokenizer import _as_transformers_reads
+
+    cfg = {"eos_token": "a", "image_token": "<i>", "extra_special_tokens": {"tool_token": "<t>"}}
+    stmap = {"additional_special_tokens": ["<x>"], "image_token": "<img>", "audio_token": {"content": "<a>"}}
+    once = _as_transformers_reads(cfg, stmap)
+    assert _as_transformers_reads(once) == once
+    assert once["model_specific_special_tokens"] == {"audio_token": {"content": "<a>"}, "image_token": "<i>",
+                                                     "tool_token": "<t>"}
+    assert once["extra_special_tokens"] == ["<x>"] and cfg["image_token"] == "<i>"  # the caller's dict untouched
 
 
 def test_a_template_list_entry_without_a_name_is_a_clear_error(make_dir):
@@ -466,7 +494,8 @@ def test_a_slow_tokenizers_files_are_named_when_tokenizer_json_is_missing(make_d
     d = make_dir()
     (d / "tokenizer.json").unlink()
     (d / "tokenizer.model").write_bytes(b"\x00")
-    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json in .*; it holds tokenizer.model: a slow"):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.json in .*; it holds tokenizer.model: a slow .*"
+                                                r"save_pretrained\(other_dir\)"):
         ligerzoo.load_tokenizer(d)
 
 

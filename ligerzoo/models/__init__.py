@@ -26,7 +26,8 @@ def family(model_type: str | None) -> ModuleType:
         ValueError: an unknown ``model_type`` (the message lists the supported ones).
     """
     if model_type is None:
-        raise ValueError(f"config.json has no \"model_type\" key; expected one of: {', '.join(sorted(FAMILIES))}")
+        raise ValueError(f"config.json has no \"model_type\" (missing or null); expected one of: "
+                         f"{', '.join(sorted(FAMILIES))}")
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ValueError(
             f"unknown model_type {model_type!r}; supported model types: {', '.join(sorted(FAMILIES))}")

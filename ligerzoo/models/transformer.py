@@ -882,7 +882,7 @@ class CausalLM(nn.Module):
             _same_on_every_rank(max_new_tokens, device)
         source = "the eos_token_id argument"
         if eos_token_id is FROM_CHECKPOINT:  # as transformers: generation_config.json decides when there is one
-            source = "generation_config.json" if self.generation_config else "config.json"
+            source = "generation_config.json" if self.generation_config else "model.config.eos_token_id"
             eos_token_id = self.generation_config.get("eos_token_id") if self.generation_config \
                 else self.config.eos_token_id
         try:

@@ -265,6 +265,11 @@ def test_generate_fills_a_stopped_row_with_the_pad_id_as_transformers(tmp_path):
         (src / "generation_config.json").write_text(json.dumps(stored))
         with pytest.raises(ValueError, match=match):
             ligerzoo.from_hf(src, dtype=torch.float32).generate(ids, 2)
+    (src / "generation_config.json").unlink()
+    model = ligerzoo.from_hf(src, dtype=torch.float32)
+    model.config.eos_token_id = "2"  # no generation_config.json: the model's config is the source
+    with pytest.raises(ValueError, match=r"got '2' \(from model.config.eos_token_id\)"):
+        model.generate(ids, 2)
 
 
 def test_generate_refuses_bad_arguments(tmp_path):
