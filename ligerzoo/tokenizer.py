@@ -366,11 +366,12 @@ def _as_transformers_reads(cfg: dict, special_tokens_map: dict | None = None) ->
     """A copy of tokenizer_config.json's dict with its special tokens arranged as transformers 5
     arranges them when it loads a tokenizer (``PreTrainedTokenizerBase.from_pretrained``):
     ``additional_special_tokens`` is ``extra_special_tokens`` when that is absent; other
-    top-level keys ending in ``_token`` with a string value (e.g. ``image_token``) and the
-    entries of an ``extra_special_tokens`` dict are named special tokens, collected under
-    ``_MODEL_SPECIFIC``; and, for a config without ``added_tokens_decoder`` (an older
-    checkpoint), ``special_tokens_map.json``'s entries (``special_tokens_map``) replace the
-    config's, extra lists merged. Applying it twice changes nothing."""
+    top-level keys ending in ``_token`` that hold a token (a string or an AddedToken dict, e.g.
+    ``image_token``) and the entries of an ``extra_special_tokens`` dict are named special
+    tokens, collected under ``_MODEL_SPECIFIC``; and, for a config without
+    ``added_tokens_decoder`` (an older checkpoint), ``special_tokens_map.json``'s entries
+    (``special_tokens_map``) replace the config's standard ones and add named ones the config
+    lacks, extra lists merged. Applying it twice changes nothing."""
     def model_specific(d: dict) -> dict:  # other *_token keys holding a token (a string or an AddedToken dict)
         return {key: d.pop(key) for key in list(d) if key.endswith("_token") and key not in _SPECIAL_TOKENS
                 and isinstance(_token_text(d[key]), str)}
