@@ -528,20 +528,28 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as
     transformers 5 does when it loads a tokenizer: one that tokenizer.json does not list as an
     added token is matched whole and skipped by ``skip_special_tokens``; one it lists keeps its
-    flags (transformers marks a named one special again, so ``skip_special_tokens`` drops
-    there a named token tokenizer.json lists as not special, which this keeps); a word of the vocabulary keeps its id, a new one takes the next
-    free id (which the model's embedding may not have: the model then refuses the id)."""
+    flags, except that a named one it lists as not special is marked special (its other flags
+    kept), as transformers marks it; a word of the vocabulary keeps its id, a new one takes the
+    next free id (which the model's embedding may not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
     cfg = _as_transformers_reads(cfg)
     extra = cfg.get("extra_special_tokens") or []
-    specs = ([cfg.get(name) for name in _SPECIAL_TOKENS] + list(cfg.get(_MODEL_SPECIFIC, {}).values())
-             + list(extra.values() if isinstance(extra, Mapping) else extra))
-    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}  # as transformers: added ones stay
-    new = []
-    for spec in specs:
+    named = [cfg.get(name) for name in _SPECIAL_TOKENS] + list(cfg.get(_MODEL_SPECIFIC, {}).values())
+    specs = [(spec, True) for spec in named] + [
+        (spec, False) for spec in (extra.values() if isinstance(extra, Mapping) else extra)]
+    listed = {t.content: t for t in tokenizer.get_added_tokens_decoder().values()}  # as transformers: these stay
+    have, new = set(listed), []
+    for spec, is_named in specs:
         content = _token_text(spec)
-        if not isinstance(content, str) or content in have:
+        if not isinstance(content, str):
+            continue
+        token = listed.get(content)
+        if token is not None and is_named and not token.special:
+            new.append(AddedToken(content, special=True, normalized=token.normalized, lstrip=token.lstrip,
+                                  rstrip=token.rstrip, single_word=token.single_word))
+            listed[content] = new[-1]
+        if content in have:
             continue
         options = {k: spec[k] for k in ("single_word", "lstrip", "rstrip") if k in spec} if isinstance(spec, dict) else {}
         new.append(AddedToken(content, special=True, normalized=spec.get("normalized", False)

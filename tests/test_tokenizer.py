@@ -473,6 +473,27 @@ def test_model_specific_special_tokens_and_special_tokens_map_as_in_transformers
     assert ours.eos_token == ref.eos_token == "<|endoftext|>" and ours.eos_token_id == ref.eos_token_id
 
 
+@pytest.mark.parametrize("name", ["eos_token", "image_token"])
+def test_a_named_token_listed_as_not_special_is_marked_special_as_in_transformers(make_dir, name):
+    """transformers marks every named special token special again, also one tokenizer.json
+    lists as a plain added token: skip_special_tokens drops it (ours kept it)."""
+    d = make_dir({name: "<file_sep>"})
+    data = json.loads((d / "tokenizer.json").read_text())
+    for token in data["added_tokens"]:
+        if token["content"] == "<file_sep>":
+            token["special"] = False
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("added_tokens_decoder", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ref, ours = both(d)
+    ids = ref.encode("a<file_sep>b", add_special_tokens=False)
+    assert ours.encode("a<file_sep>b", add_special_tokens=False) == ids
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert ours.decode(ids, skip_special_tokens=True) == "ab"
+
+
 def test_reading_a_config_as_transformers_twice_changes_nothing():
     from ligerzoo.tokenizer import _as_transformers_reads
 
