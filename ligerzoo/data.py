@@ -218,9 +218,9 @@ def _as_tokens(encode, text_or_tokens) -> torch.Tensor:
         if text_or_tokens.is_floating_point() or text_or_tokens.is_complex() or text_or_tokens.dtype == torch.bool:
             raise ValueError(f"token ids must be an integer tensor, got {text_or_tokens.dtype}")
         return text_or_tokens.to(torch.long)
-    if encode is None and not isinstance(text_or_tokens, str):
-        raise ValueError(f"pre-tokenized ids must be a 1-D tensor or numpy array (e.g. torch.tensor(ids)), got "
-                         f"{type(text_or_tokens).__name__}")
+    if not isinstance(text_or_tokens, str):  # a list of ids, say: encode would take it for text
+        raise ValueError(f"text must be a str, or pre-tokenized ids a 1-D tensor or numpy array (e.g. "
+                         f"torch.tensor(ids)); got {type(text_or_tokens).__name__}")
     if encode is None:
         raise ValueError("text needs an encode callable (e.g. tokenizer.encode), or pass pre-tokenized ids as a tensor")
     return tokenize(encode, text_or_tokens)

@@ -114,8 +114,9 @@ def test_token_batches_names_what_it_was_given_without_an_encoder():
     import ligerzoo.data
 
     assert "pack_documents" in ligerzoo.data.__all__
-    with pytest.raises(ValueError, match=r"pre-tokenized ids must be a 1-D tensor or numpy array .* got list"):
-        next(token_batches(None, list(range(100)), 4, 2))
+    for encode in (None, lambda s: [1, 2, 3]):  # with an encoder the list was encoded as if it were text
+        with pytest.raises(ValueError, match=r"or pre-tokenized ids a 1-D tensor or numpy array .*; got list"):
+            next(token_batches(encode, list(range(100)), 4, 2))
     with pytest.raises(ValueError, match="text needs an encode callable"):
         next(token_batches(None, "some text", 4, 2))
 
