@@ -340,14 +340,15 @@ def _index_hint(directory: Path, missing: set[str]) -> str:
         base = key[len("model."):] if key.startswith("model.") else None
         return key if key in weight_map else base if base in weight_map else None
 
+    entries = {k: entry(k) for k in missing}
     parts = []
-    misplaced = sorted((entry(k), k) for k in missing if entry(k) is not None)
+    misplaced = sorted(e for e in entries.values() if e is not None)
     if misplaced:
-        shown = ", ".join(f"{e} in {weight_map[e]}" for e, _ in misplaced[:6])
+        shown = ", ".join(f"{e} in {weight_map[e]}" for e in misplaced[:6])
         more = f" ... and {len(misplaced) - 6} more" if len(misplaced) > 6 else ""
         parts.append(f"{INDEX_FILE} lists {shown}{more}, which "
                      f"{'does not hold it' if len(misplaced) == 1 else 'do not hold them'}")
-    unlisted = sorted(k for k in missing if entry(k) is None)
+    unlisted = sorted(k for k, e in entries.items() if e is None)
     if unlisted:
         parts.append(f"{INDEX_FILE} does not list {_listing(unlisted, 6)}")
     named = {os.path.normpath(v) for v in weight_map.values()}  # "./model-00001-of-00002.safetensors" too
@@ -379,7 +380,7 @@ def _usable_device(device: torch.device | str | int | None) -> torch.device:
         device = torch.device("cpu" if device is None else device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError, ImportError) as e:  # torch raises each, by cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # CUDA's errors run on for lines
+        first = (str(e).strip().splitlines() or [""])[0]  # CUDA's errors run on for lines
         raise ValueError(f"device={str(device)!r} cannot be used on this machine ({type(e).__name__}: {first})") from e
     return device
 
@@ -840,12 +841,12 @@ def hf_config_for(config) -> dict:
 def _hf_config_for(config) -> dict:
     fam = family(config.model_type)
     original = config.hf_config
-    if original is not None and (dataclasses.replace(fam.config_from_hf(original), dtype=None)
-                                 == dataclasses.replace(config, dtype=None)):
+    read = fam.config_from_hf(original) if original is not None else None  # what the original file describes
+    if read is not None and _same_but_dtype(read, config):
         return original  # (before generating: a layout the family's writer cannot produce still saves)
     generated = fam.config_to_hf(config)
     if original is not None:
-        edited = _edit_in_place(fam, original, config, generated)
+        edited = _edit_in_place(fam, original, read, config, generated)
         if edited is not None:
             return edited
         generated = {k: v for k, v in original.items() if k not in generated and k not in _OWNED_KEYS} | generated
@@ -853,25 +854,29 @@ def _hf_config_for(config) -> dict:
     return generated
 
 
-def _edit_in_place(fam, original: dict, config, generated: dict) -> dict | None:
-    """``original`` with the keys the edit of ``config`` changed (``generated`` against the
-    original's own fields written the same way), when none of them is layout-dependent and the
-    result reads back as ``config``; else None."""
+def _same_but_dtype(a, b) -> bool:
+    """Whether ModelConfigs ``a`` and ``b`` describe the same model up to the dtype."""
+    return dataclasses.replace(a, dtype=None) == dataclasses.replace(b, dtype=None)
+
+
+def _edit_in_place(fam, original: dict, read, config, generated: dict) -> dict | None:
+    """``original`` (whose fields are ``read``) with the keys the edit of ``config`` changed
+    (``generated`` against ``read`` written the same way), when none of them is layout-dependent
+    and the result reads back as ``config``; else None."""
     try:
-        before = fam.config_to_hf(dataclasses.replace(fam.config_from_hf(original), dtype=config.dtype))
+        before = fam.config_to_hf(dataclasses.replace(read, dtype=config.dtype))
     except ValueError:  # a layout the family's writer cannot produce
         return None
     missing = object()
     changed = {k for k in generated.keys() | before.keys() if generated.get(k, missing) != before.get(k, missing)}
     if changed & _OWNED_KEYS:
         return None
-    edited = {k: v for k, v in original.items() if k not in changed or k in generated}
+    edited = {k: v for k, v in original.items() if k not in changed or k in generated}  # the file's key order
     edited.update({k: generated[k] for k in changed if k in generated})
     try:
-        read_back = fam.config_from_hf(edited)
+        return edited if _same_but_dtype(fam.config_from_hf(edited), config) else None
     except ValueError:
         return None
-    return edited if dataclasses.replace(read_back, dtype=None) == dataclasses.replace(config, dtype=None) else None
 
 
 def _check_expressible(config, read_back) -> None:

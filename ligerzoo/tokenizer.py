@@ -523,7 +523,7 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
 
 
 def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
-    """Make the config's named special tokens (``bos_token``, ``eos_token``, ..., and the
+    """Make the config's (``cfg``, read by :func:`_as_transformers_reads`) named special tokens (``bos_token``, ``eos_token``, ..., and the
     model-specific ones: see :func:`_as_transformers_reads`) and its extra ones
     (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as
     transformers 5 does when it loads a tokenizer: one that tokenizer.json does not list as an
@@ -533,8 +533,7 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     next free id (which the model's embedding may not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
-    cfg = _as_transformers_reads(cfg)
-    extra = cfg.get("extra_special_tokens") or []
+    extra = cfg.get("extra_special_tokens") or []  # (cfg as _as_transformers_reads gives it)
     named = [cfg.get(name) for name in _SPECIAL_TOKENS] + list(cfg.get(_MODEL_SPECIFIC, {}).values())
     specs = [(spec, True) for spec in named] + [
         (spec, False) for spec in (extra.values() if isinstance(extra, Mapping) else extra)]

@@ -889,10 +889,9 @@ class CausalLM(nn.Module):
             eos = torch.tensor(_eos_list(eos_token_id), device=device, dtype=torch.long)
         except ValueError as e:
             raise ValueError(f"{e} (from {source})") from None
-        pad_source = "pad_token_id"
-        if pad_token_id is None:  # as transformers' explicit None: the first eos id, if any
+        pad_from_eos = pad_token_id is None  # as transformers' explicit None: the first eos id, if any
+        if pad_from_eos:
             pad_token_id = int(eos[0]) if eos.numel() else None
-            pad_source = f"the pad id (the first eos id, from {source})"
         elif pad_token_id is FROM_CHECKPOINT:
             # as transformers: generation_config.json's, else the one config.json states (a
             # family's class default, e.g. Gemma's 0, sets the embedding's padding_idx only)
@@ -902,8 +901,7 @@ class CausalLM(nn.Module):
             if not (is_int(pad_token_id) and 0 <= pad_token_id < self.config.vocab_size):
                 # none, or a stored one outside the vocabulary (some configs hold -1), which
                 # transformers would feed back and fail on once a row stops early
-                pad_token_id = int(eos[0]) if eos.numel() else None
-                pad_source = f"the pad id (the first eos id, from {source})"
+                pad_token_id, pad_from_eos = (int(eos[0]) if eos.numel() else None), True
         if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1:
             pad_token_id = pad_token_id.reshape(())  # a one-element tensor, as transformers takes it
         if pad_token_id is not None:
@@ -911,8 +909,9 @@ class CausalLM(nn.Module):
                 raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
             pad_token_id = int(pad_token_id)
             if eos.numel() and not 0 <= pad_token_id < self.config.vocab_size:  # it is fed back as an input
-                raise ValueError(f"{pad_source} {pad_token_id} is outside [0, vocab_size={self.config.vocab_size})"
-                                 + ("" if pad_source == "pad_token_id" else "; pass pad_token_id"))
+                what = f"the pad id (the first eos id, from {source})" if pad_from_eos else "pad_token_id"
+                raise ValueError(f"{what} {pad_token_id} is outside [0, vocab_size={self.config.vocab_size})"
+                                 + ("; pass pad_token_id" if pad_from_eos else ""))
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
         attention_mask = attention_mask.bool()
