@@ -26,14 +26,7 @@ def _token_text(value) -> str | None:
 
 
 class Tokenizer:
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Encode/decode with ``tokenizer.json`` and render the chat template.
+    """Encode/decode with ``tokenizer.json`` and render the chat template.
 
     Usually made by :func:`load_tokenizer`. Args: ``tokenizer``, a ``tokenizers.Tokenizer``
     (truncation and padding stored in its file are switched off, as transformers switches them
@@ -58,14 +51,7 @@ class Tokenizer:
         chat_templates: every named template ({"default": ..., "tool_use": ...}); a checkpoint
             with a single template has it under "default".
         vocab_size: ids in the vocabulary, added tokens included.
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""
+    """
 
     def __init__(self, tokenizer: _HFTokenizer, tokenizer_config: dict | None = None,
                  chat_template: str | dict | list | None = None):
@@ -107,50 +93,22 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Size of the vocabulary including added tokens."""
+        """Size of the vocabulary including added tokens."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Token ids (a list of ints) of ``text``; the tokenizer's post-processor adds BOS
+        """Token ids (a list of ints) of ``text``; the tokenizer's post-processor adds BOS
         etc. when ``add_special_tokens``.
 
         Raises:
             TypeError: ``text`` is not a ``str`` (a batch is encoded one text at a time).
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode takes one str, got {type(text).__name__}; encode a batch one text at a time")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str | list[str]:
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Text of token ids, as transformers' ``decode`` takes them: one id (an int, a 0-d
+        """Text of token ids, as transformers' ``decode`` takes them: one id (an int, a 0-d
         tensor or array), a sequence of ids (a list, a 1-D tensor or array) -> a string; a batch
         of sequences (a 2-D tensor or array, e.g. what ``generate`` returns, or a list of lists)
         -> a list of strings; a mapping with ``input_ids`` (a tokenizer's output) -> its ids'
@@ -159,14 +117,7 @@ class Tokenizer:
         Raises:
             TypeError: ids that are not integers (floats, strings, bools, a float tensor).
             ValueError: a tensor or array of more than 2 dimensions.
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""
+        """
         if isinstance(ids, Mapping) and "input_ids" in ids:
             ids = ids["input_ids"]
         if getattr(ids, "ndim", None) is not None:  # a tensor or an array: ints only, up to 2-D
@@ -190,14 +141,7 @@ class Tokenizer:
         return self.tokenizer.decode([int(one) for one in ids], skip_special_tokens=skip_special_tokens)
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""The Jinja source ``apply_chat_template`` renders with, chosen as transformers does:
+        """The Jinja source ``apply_chat_template`` renders with, chosen as transformers does:
         ``chat_template`` names one of :attr:`chat_templates` or is a template itself; by
         default the "tool_use" template when ``tools`` are given and the checkpoint has one,
         else the "default" one.
@@ -205,14 +149,7 @@ class Tokenizer:
         Raises:
             ValueError: no template given and the checkpoint has none, or only named ones
                 without a "default" (the message lists their names).
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""
+        """
         if chat_template is not None:
             return self.chat_templates.get(chat_template, chat_template)
         if tools is not None and "tool_use" in self.chat_templates:
@@ -229,14 +166,7 @@ class Tokenizer:
                             documents: list[dict] | None = None, chat_template: str | None = None,
                             add_generation_prompt: bool = False, continue_final_message: bool | str = False,
                             tokenize: bool = True, return_tensors: str | None = None, **kwargs):
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Render a conversation ([{"role", "content", ...}, ...]) with the chat template.
+        """Render a conversation ([{"role", "content", ...}, ...]) with the chat template.
 
         Rendering follows transformers' ``apply_chat_template`` (5.x): sandboxed Jinja with
         ``trim_blocks``/``lstrip_blocks``, loop controls, ``{% generation %}`` blocks rendered
@@ -278,14 +208,7 @@ class Tokenizer:
                 reach the template unnoticed.
             jinja2.TemplateError: the template's own ``raise_exception`` (e.g. a role it
                 does not accept).
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""
+        """
         if "return_dict" in kwargs and (not kwargs["return_dict"] or not tokenize):
             del kwargs["return_dict"]  # plain ids, or text (which transformers returns whatever return_dict says)
         unsupported = sorted(set(kwargs) & _TOKENIZER_ONLY)
@@ -345,14 +268,7 @@ class Tokenizer:
     @staticmethod
     def _render(template: str, conversation, tools, documents, add_generation_prompt: bool,
                 continue_final_message: bool | str, context: dict) -> str:
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""One conversation's text (see :meth:`apply_chat_template`)."""
+        """One conversation's text (see :meth:`apply_chat_template`)."""
         messages = []
         for m in conversation:
             if not isinstance(m, Mapping):
@@ -405,14 +321,7 @@ _TOKENIZER_ONLY = frozenset({"padding", "truncation", "max_length", "return_dict
 
 
 def _plain(value, messages: bool = False):
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""What a chat template sees of the caller's data (messages, tools, documents, keyword
+    """What a chat template sees of the caller's data (messages, tools, documents, keyword
     arguments), rebuilt from plain JSON types as transformers 5 rebuilds it: templates come
     from the hub and run sandboxed, but the sandbox does not know which methods of arbitrary
     objects are harmful (an array's ``tofile`` writes a file). None, str, int, float and bool
@@ -454,14 +363,7 @@ _MODEL_SPECIFIC = "model_specific_special_tokens"
 
 
 def _as_transformers_reads(cfg: dict, special_tokens_map: dict | None = None) -> dict:
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""A copy of tokenizer_config.json's dict with its special tokens arranged as transformers 5
+    """A copy of tokenizer_config.json's dict with its special tokens arranged as transformers 5
     arranges them when it loads a tokenizer (``PreTrainedTokenizerBase.from_pretrained``):
     ``additional_special_tokens`` is ``extra_special_tokens`` when that is absent; other
     top-level keys ending in ``_token`` that hold a token (a string or an AddedToken dict, e.g.
@@ -506,27 +408,13 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 @functools.lru_cache(maxsize=8)
 def _compile(template: str):
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""The compiled chat template (compiled once per template source)."""
+    """The compiled chat template (compiled once per template source)."""
     return _environment().from_string(template)
 
 
 @functools.lru_cache(maxsize=1)
 def _environment():
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""The sandboxed Jinja environment chat templates render in (as transformers'), built once."""
+    """The sandboxed Jinja environment chat templates render in (as transformers'), built once."""
     import jinja2.utils
     from jinja2 import nodes
     from jinja2.exceptions import SecurityError, TemplateError
@@ -534,14 +422,7 @@ def _environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(Extension):
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""``{% generation %}...{% endgeneration %}`` (marks assistant text for masks): the body."""
+        """``{% generation %}...{% endgeneration %}`` (marks assistant text for masks): the body."""
         tags = {"generation"}
 
         def parse(self, parser):
@@ -559,14 +440,7 @@ def _environment():
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     class Namespace(jinja2.utils.Namespace):
-        """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""``namespace(...)`` refusing underscore-prefixed attributes (no reach into internals)."""
+        """``namespace(...)`` refusing underscore-prefixed attributes (no reach into internals)."""
 
         def __init__(*args, **kwargs):  # noqa: N805 (jinja's own signature: namespace(self=...) works)
             self, attrs = args[0], dict(*args[1:], **kwargs)
@@ -598,14 +472,7 @@ def _environment():
 
 
 def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) -> Tokenizer:
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""The tokenizer of a checkpoint directory or hub repo (``tokenizer.json`` required).
+    """The tokenizer of a checkpoint directory or hub repo (``tokenizer.json`` required).
 
     Chat templates are read as transformers' ``AutoTokenizer`` reads them: ``chat_template.jinja``
     (the default) and ``additional_chat_templates/<name>.jinja`` take priority over
@@ -621,14 +488,7 @@ def load_tokenizer(id_or_dir: str | os.PathLike, revision: str | None = None) ->
             :func:`ligerzoo.hub.resolve`) no such directory or reachable repo.
         ValueError: tokenizer_config.json, special_tokens_map.json or chat_template.json that
             is not valid JSON, or a tokenizer.json the tokenizers library cannot read.
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""
+    """
     from ligerzoo.hub import TEMPLATE_DIR, _read_json, _resolve
 
     directory = Path(_resolve(id_or_dir, revision, False))
@@ -670,14 +530,7 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
     skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
     lists as not special is marked special (its other flags kept), as transformers marks it; a
     word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Make the config's (``cfg``, read by :func:`_as_transformers_reads`) named special tokens (``bos_token``, ``eos_token``, ..., and the
-    model-specific ones: see :func:`_as_transformers_reads`) and its extra ones
-    (``extra_special_tokens`` / ``additional_special_tokens``) special added tokens, as
-    transformers 5 does when it loads a tokenizer: one that tokenizer.json does not list as an
-    added token is matched whole and skipped by ``skip_special_tokens``; one it lists keeps its
-    flags, except that a named one it lists as not special is marked special (its other flags
-    kept), as transformers marks it; a word of the vocabulary keeps its id, a new one takes the
-    next free id (which the model's embedding may not have: the model then refuses the id)."""
+    embedding may not have: the model then refuses the id)."""
     from tokenizers import AddedToken
 
     extra = cfg.get("extra_special_tokens") or []  # (cfg as _as_transformers_reads gives it)
@@ -706,14 +559,7 @@ def _add_special_tokens(tokenizer: _HFTokenizer, cfg: dict) -> None:
 
 
 def _add_config_tokens(tokenizer: _HFTokenizer, added: dict) -> None:
-    """Make the named special tokens of ``cfg`` (a config as :func:`_as_transformers_reads`
-    gives it: ``bos_token``, ``eos_token``, ..., and the model-specific ones) and its extra ones
-    (``extra_special_tokens``) special added tokens, as transformers 5 does when it loads a
-    tokenizer: one that tokenizer.json does not list as an added token is matched whole and
-    skipped by ``skip_special_tokens``; one it lists keeps its flags, except that a named one it
-    lists as not special is marked special (its other flags kept), as transformers marks it; a
-    word of the vocabulary keeps its id, a new one takes the next free id (which the model's
-    embedding may not have: the model then refuses the id)."""Add the ``added_tokens_decoder`` entries of tokenizer_config.json that tokenizer.json
+    """Add the ``added_tokens_decoder`` entries of tokenizer_config.json that tokenizer.json
     does not list as added tokens, in id order, as transformers' AutoTokenizer does: a word
     already in the vocabulary keeps its id (and becomes an added, maybe special, token); a
     new one takes the next free id, whatever id the config gives it (as in transformers)."""
